@@ -1,0 +1,111 @@
+"""render and install: the fleet's systemd units."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from lanectl import config, install as installer, paths, units
+from lanectl.cli.options import CONFIG, JSON, UNIT_DIR
+from lanectl.errors import ExitCode
+from lanectl.fsutil import atomic_write
+from lanectl.output import command, escape, finish, stdout_console
+
+PYTHON = typer.Option(None, "--python", metavar="PATH",
+                      help="Interpreter for the reference runtime (default: python= in lanectl.toml, else this one).")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("render")(render)
+    app.command("install")(install)
+
+
+@command("render")
+def render(
+    out: Optional[str] = typer.Option(None, "--out", metavar="DIR", help="Write the files into DIR."),
+    check: bool = typer.Option(False, "--check", help="Compare with DIR (or the unit dir); exit 8 on drift."),
+    unit_dir: Optional[str] = UNIT_DIR,
+    python: Optional[str] = PYTHON,
+    config_dir: Optional[str] = CONFIG,
+    json_out: bool = JSON,
+) -> None:
+    """Render the fleet's units (to stdout, a directory, or a drift check).
+
+    Without --out or --check, prints every file. --check exits 8 when a file is missing, differs, was edited
+    by hand, or is left over from a removed lane.
+    """
+    fleet = config.load(config_dir)
+    files = units.render(fleet, python)
+    if check:
+        target = Path(out) if out else paths.unit_dir(unit_dir)
+        found = installer.drift(files, target)
+        data = {"dir": str(target), "drift": [d.as_dict() for d in found], "in_sync": not found}
+
+        def human() -> None:
+            con = stdout_console()
+            if not found:
+                con.print(f"[green]in sync[/]: {len(files)} file(s) in {escape(str(target))}")
+            for d in found:
+                con.print(f"[red]{d.state}[/]: {escape(d.path)}")
+
+        finish(["render"], data, json_mode=json_out, human=human,
+               exit_code=ExitCode.UNHEALTHY if found else ExitCode.OK)
+        return
+    if out:
+        written = []
+        for f in files:
+            target_file = Path(out) / f.path
+            if not target_file.exists() or target_file.read_text() != f.text:
+                atomic_write(target_file, f.text, 0o644)
+                written.append(f.path)
+        data = {"dir": out, "files": [f.path for f in files], "written": written, "changed": bool(written)}
+        finish(["render"], data, json_mode=json_out,
+               human=lambda: stdout_console().print(f"{len(written)} of {len(files)} file(s) written to {escape(out)}"))
+        return
+    data = {"files": {f.path: f.text for f in files}}
+
+    def show() -> None:
+        for f in files:
+            print(f"# ---- {f.path}\n{f.text}")
+
+    finish(["render"], data, json_mode=json_out, human=show)
+
+
+@command("install")
+def install(
+    unit_dir: Optional[str] = UNIT_DIR,
+    python: Optional[str] = PYTHON,
+    reload: Optional[bool] = typer.Option(None, "--reload/--no-reload",
+                                          help="daemon-reload after a change (default: when the unit dir is live)."),
+    provision: Optional[bool] = typer.Option(None, "--provision/--no-provision",
+                                             help="Create lane users and workspaces (default: when live and root)."),
+    config_dir: Optional[str] = CONFIG,
+    json_out: bool = JSON,
+) -> None:
+    """Install the fleet's units; changes only what differs.
+
+    Validates everything first and writes nothing on an error (exit 3). Files are replaced atomically; files
+    lanectl wrote for lanes that no longer exist are removed; systemd is reloaded only when something changed.
+    A second install changes nothing and says so (exit 0).
+    """
+    fleet = config.load(config_dir)
+    res = installer.install(fleet, paths.unit_dir(unit_dir), python=python, reload=reload, do_provision=provision)
+    data = {"unit_dir": res.unit_dir, "written": res.written, "removed": res.removed, "unchanged": res.unchanged,
+            "reloaded": res.reloaded, "provisioned": res.provisioned, "changed": res.changed}
+
+    def human() -> None:
+        con = stdout_console()
+        if not res.changed and not res.provisioned:
+            con.print(f"nothing changed: {len(res.unchanged)} file(s) already current in {escape(res.unit_dir)}")
+            return
+        for p in res.provisioned:
+            con.print(f"created {escape(p)}")
+        for p in res.written:
+            con.print(f"wrote {escape(p)}")
+        for p in res.removed:
+            con.print(f"removed {escape(p)}")
+        if res.reloaded:
+            con.print("systemd reloaded")
+
+    finish(["install"], data, json_mode=json_out, human=human, warnings=fleet.warnings)

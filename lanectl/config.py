@@ -1,0 +1,515 @@
+"""Lane definitions (``lanes.d/NAME.toml``) and global settings (``lanectl.toml``).
+
+Every model is frozen and forbids unknown keys, so a typo is an error that names the field. ``load()`` reports
+every problem of every file at once, each with file, field and fix.
+"""
+from __future__ import annotations
+
+import re
+import socket
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from lanectl import paths
+from lanectl.errors import Problem, config_error
+
+CLASSES: tuple[str, ...] = ("interactive", "deadline", "background")
+MissionClass = Literal["interactive", "deadline", "background"]
+NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
+USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Paths go into ReadWritePaths=, WorkingDirectory= and friends unquoted: allow only characters that no unit
+# syntax (quoting, specifiers, whitespace separation, '-'/'+' prefixes) gives a meaning to.
+SAFE_PATH_RE = re.compile(r"^/[A-Za-z0-9._@+/-]*$")
+SIZE_RE = re.compile(r"^(\d+)([KMGT]?)$|^(100|[1-9]?\d)%$|^infinity$")
+CPU_RE = re.compile(r"^[1-9]\d{0,4}%$")
+TAG_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,31}$")
+FORBIDDEN_PATH_ROOTS = ("/proc", "/sys", "/dev", "/run", "/etc", "/usr", "/boot", "/bin", "/sbin", "/lib")
+RESERVED_ENV = ("LANECTL_", "NOTIFY_SOCKET", "WATCHDOG_", "INVOCATION_ID")
+RUNTIME_MODULE = "lanectl.runtime"
+
+
+def check_text(value: str) -> str:
+    """Text that may go into a unit file: any printable character, no control characters."""
+    bad = [c for c in value if ord(c) < 0x20 or ord(c) == 0x7F]
+    if bad:
+        raise ValueError(
+            f"contains the control character {bad[0]!r}; unit files cannot carry it faithfully, remove it"
+        )
+    return value
+
+
+def check_path(value: str) -> str:
+    if not value.startswith("/"):
+        raise ValueError(f"{value!r} is not an absolute path; write it from the root, e.g. /var/lib/lanes/NAME")
+    if not SAFE_PATH_RE.match(value):
+        raise ValueError(f"{value!r} has characters outside A-Z a-z 0-9 . _ @ + - /; rename the directory")
+    parts = PurePosixPath(value).parts
+    if ".." in parts or "." in value.split("/"):
+        raise ValueError(f"{value!r} contains '.' or '..'; write the normalised path")
+    if value.rstrip("/") in ("", "/") or any(value == r or value.startswith(r + "/") for r in FORBIDDEN_PATH_ROOTS):
+        raise ValueError(f"{value!r} is a system location; use a directory of its own, e.g. /var/lib/lanes/NAME")
+    return value.rstrip("/") or "/"
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Resources(Model):
+    """Per-lane (or, in lanectl.toml, box-wide) resource limits, in systemd.resource-control(5) syntax."""
+
+    memory_max: str | None = "512M"
+    cpu_quota: str | None = "100%"
+    tasks_max: Annotated[int, Field(ge=1, le=1_000_000)] | None = 256
+
+    @field_validator("memory_max")
+    @classmethod
+    def _mem(cls, v: str | None) -> str | None:
+        if v is not None and not SIZE_RE.match(v):
+            raise ValueError(f"{v!r} is not a size; use e.g. 512M, 2G, 40% or infinity")
+        return v
+
+    @field_validator("cpu_quota")
+    @classmethod
+    def _cpu(cls, v: str | None) -> str | None:
+        if v is not None and not CPU_RE.match(v):
+            raise ValueError(f"{v!r} is not a CPU quota; use a percentage of one core, e.g. 50% or 200%")
+        return v
+
+
+class SliceResources(Resources):
+    """Box-wide limits for lanectl.slice (no CPU cap unless asked)."""
+
+    memory_max: str | None = "80%"
+    cpu_quota: str | None = None
+    tasks_max: Annotated[int, Field(ge=1, le=1_000_000)] | None = 4096
+
+
+class RestartPolicy(Model):
+    policy: Literal["on-failure", "on-abnormal", "always"] = "on-failure"
+    restart_sec: Annotated[float, Field(ge=0, le=3600)] = 1.0
+    start_limit_burst: Annotated[int, Field(ge=1, le=1000)] = 5
+    start_limit_interval_sec: Annotated[float, Field(ge=1, le=86400)] = 120.0
+    max_restarts: Annotated[int, Field(ge=1, le=10_000)] = 5
+    """Restarts within the supervisor's window after which the lane counts as degraded."""
+
+
+class Quota(Model):
+    rate_per_minute: Annotated[int, Field(ge=1, le=1_000_000)] | None = None
+    daily_budget: Annotated[int, Field(ge=1, le=100_000_000)] | None = None
+
+
+class Lane(Model):
+    """One runtime lane: ``lanes.d/NAME.toml``."""
+
+    name: str | None = None
+    description: str = ""
+    exec: list[str] | None = None
+    port: Annotated[int, Field(ge=1024, le=65535)]
+    workspace: str
+    session_prefix: str | None = None
+    user: str | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    classes: list[MissionClass] = Field(default_factory=lambda: list(CLASSES))
+    capacity: Annotated[int, Field(ge=1, le=1024)] = 4
+    weight: Annotated[int, Field(ge=0, le=10_000)] = 100
+    fallback: str | None = None
+    tags: list[str] = Field(default_factory=list)
+    watchdog_sec: Annotated[float, Field(ge=1, le=3600)] = 10.0
+    health_path: str = "/healthz"
+    enabled: bool = True
+    protect_home: Literal["yes", "read-only", "tmpfs"] = "yes"
+    resources: Resources = Resources()
+    restart: RestartPolicy = RestartPolicy()
+    quotas: dict[MissionClass, Quota] = Field(default_factory=dict)
+
+    @field_validator("name", "session_prefix", "fallback")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        if v is not None and not NAME_RE.match(v):
+            raise ValueError(f"{v!r} is not a lane name; use 1-31 of a-z 0-9 -, starting with a letter")
+        return v
+
+    @field_validator("description")
+    @classmethod
+    def _desc(cls, v: str) -> str:
+        return check_text(v)
+
+    @field_validator("exec")
+    @classmethod
+    def _exec(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("is empty; give the program and its arguments, e.g. ['/usr/bin/mylane', '--x']")
+        for arg in v:
+            check_text(arg)
+        if not v[0].startswith("/"):
+            raise ValueError(f"program {v[0]!r} is not an absolute path; write e.g. /usr/local/bin/{v[0]}")
+        if not SAFE_PATH_RE.match(v[0]):
+            raise ValueError(f"program {v[0]!r} has unusual characters; use a plain path to the executable")
+        return v
+
+    @field_validator("workspace")
+    @classmethod
+    def _ws(cls, v: str) -> str:
+        return check_path(v)
+
+    @field_validator("user")
+    @classmethod
+    def _user(cls, v: str | None) -> str | None:
+        if v is not None and (not USER_RE.match(v) or v == "root"):
+            raise ValueError(f"{v!r} is not a usable lane user; use a system user name like lane-NAME (not root)")
+        return v
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, val in v.items():
+            if not ENV_KEY_RE.match(key):
+                raise ValueError(f"key {key!r} is not a variable name; use letters, digits and _")
+            if key.startswith(RESERVED_ENV):
+                raise ValueError(f"key {key!r} is set by lanectl or systemd; pick another name")
+            check_text(val)
+        return v
+
+    @field_validator("classes")
+    @classmethod
+    def _classes(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("is empty; a lane serves at least one of interactive, deadline, background")
+        if len(set(v)) != len(v):
+            raise ValueError("lists a class twice; list each class once")
+        return v
+
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, v: list[str]) -> list[str]:
+        for t in v:
+            if not TAG_RE.match(t):
+                raise ValueError(f"tag {t!r} is not valid; use 1-32 of a-z 0-9 _ . -")
+        return v
+
+    @field_validator("health_path")
+    @classmethod
+    def _health(cls, v: str) -> str:
+        if not re.match(r"^/[A-Za-z0-9._~/-]*$", v):
+            raise ValueError(f"{v!r} is not a URL path; use e.g. /healthz")
+        return v
+
+    # Resolved views (the file stem is authoritative for the name; see load()).
+    def resolved_user(self, name: str) -> str:
+        return self.user or f"lane-{name}"
+
+    def resolved_prefix(self, name: str) -> str:
+        return self.session_prefix or name
+
+
+class ClassPolicy(Model):
+    max_wait_sec: Annotated[float, Field(gt=0)] = 300.0
+    """A queued mission waiting longer than this is aged up one class (bounded starvation)."""
+    queue_limit: Annotated[int, Field(ge=1)] = 100_000
+    """Admission control: submits beyond this many queued missions of the class are refused."""
+    max_attempts: Annotated[int, Field(ge=1, le=100)] = 3
+
+
+def _default_classes() -> dict[str, ClassPolicy]:
+    return {
+        "interactive": ClassPolicy(max_wait_sec=30, queue_limit=10_000),
+        "deadline": ClassPolicy(max_wait_sec=120, queue_limit=100_000),
+        "background": ClassPolicy(max_wait_sec=600, queue_limit=1_000_000),
+    }
+
+
+class SupervisorSettings(Model):
+    host: Literal["127.0.0.1", "::1", "localhost"] = "127.0.0.1"
+    port: Annotated[int, Field(ge=1024, le=65535)] = 8700
+    tick_sec: Annotated[float, Field(gt=0, le=60)] = 1.0
+    watchdog_sec: Annotated[float, Field(ge=1, le=3600)] = 10.0
+
+
+class LeaseSettings(Model):
+    lease_sec: Annotated[float, Field(gt=0)] = 30.0
+    heartbeat_sec: Annotated[float, Field(gt=0)] = 5.0
+    retry_backoff_sec: Annotated[float, Field(ge=0)] = 1.0
+
+
+class Settings(Model):
+    """Global settings: ``lanectl.toml``."""
+
+    ledger: str | None = None
+    python: str | None = None
+    """Interpreter that runs the reference lane runtime; default: the one running lanectl."""
+    workspace_root: str = str(paths.DEFAULT_WORKSPACE_ROOT)
+    slice: SliceResources = SliceResources()
+    supervisor: SupervisorSettings = SupervisorSettings()
+    leases: LeaseSettings = LeaseSettings()
+    classes: dict[MissionClass, ClassPolicy] = Field(default_factory=_default_classes)
+
+    @field_validator("ledger", "workspace_root", "python")
+    @classmethod
+    def _paths(cls, v: str | None) -> str | None:
+        return None if v is None else check_path(v)
+
+    @model_validator(mode="after")
+    def _all_classes(self) -> Settings:
+        missing = [c for c in CLASSES if c not in self.classes]
+        if missing:
+            merged = {**_default_classes(), **self.classes}
+            object.__setattr__(self, "classes", merged)
+        return self
+
+
+@dataclass(frozen=True)
+class LaneSet:
+    """The validated fleet: lanes by name, the settings, and the warnings found on the way."""
+
+    lanes: dict[str, Lane]
+    settings: Settings
+    config_dir: Path
+    lanes_dir: Path
+    warnings: list[Problem] = field(default_factory=list)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self.lanes.items())
+
+    def get(self, name: str) -> Lane:
+        from lanectl.errors import NotFound
+
+        if name not in self.lanes:
+            known = ", ".join(sorted(self.lanes)) or "none"
+            raise NotFound(f"no lane named {name!r} in {self.lanes_dir}", f"known lanes: {known}", "lane_not_found")
+        return self.lanes[name]
+
+
+def _hint_for(err: dict[str, Any], model: type[BaseModel], loc: tuple[Any, ...]) -> str | None:
+    kind = err.get("type", "")
+    if kind == "extra_forbidden":
+        target: Any = model
+        for part in loc[:-1]:
+            fld = getattr(target, "model_fields", {}).get(part)
+            ann = getattr(fld, "annotation", None) if fld else None
+            target = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+            if target is None:
+                break
+        known = sorted(getattr(target, "model_fields", {})) if target else []
+        return "remove it or fix the spelling" + (f" (known: {', '.join(known)})" if known else "")
+    if kind == "missing":
+        return "add it"
+    if kind.startswith(("int_", "float_", "bool_", "string_", "list_", "dict_")) or kind == "literal_error":
+        return "see docs/lanes.md for the expected type"
+    if kind in ("greater_than_equal", "less_than_equal", "greater_than", "less_than"):
+        return "pick a value in the allowed range"
+    return None
+
+
+def problems_from(exc: ValidationError, file: str, model: type[BaseModel], lane: str | None) -> list[Problem]:
+    out = []
+    for err in exc.errors():
+        loc = tuple(err.get("loc", ()))
+        msg = err.get("msg", "invalid")
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        out.append(
+            Problem(
+                msg,
+                file=file,
+                field=".".join(str(p) for p in loc) or None,
+                hint=_hint_for(err, model, loc),
+                code="config_invalid",
+                lane=lane,
+            )
+        )
+    return out
+
+
+def _read_toml(path: Path, problems: list[Problem]) -> dict[str, Any] | None:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        problems.append(Problem(f"is not valid TOML: {exc}", file=str(path), hint="fix the syntax", code="toml_invalid"))
+    except OSError as exc:
+        problems.append(Problem(f"cannot be read: {exc.strerror}", file=str(path), code="unreadable"))
+    return None
+
+
+def resolve_dirs(path: str | Path | None) -> tuple[Path, Path]:
+    """(config dir, lanes dir) from a config dir, a lanes.d dir, or the default."""
+    base = paths.config_dir(path)
+    if (base / "lanes.d").is_dir() or (base / "lanectl.toml").is_file():
+        return base, base / "lanes.d"
+    if base.name == "lanes.d" or any(base.glob("*.toml")):
+        return base.parent, base
+    return base, base / "lanes.d"
+
+
+def load_settings(config_dir: Path, problems: list[Problem]) -> Settings:
+    path = config_dir / "lanectl.toml"
+    if not path.exists():
+        return Settings()
+    data = _read_toml(path, problems)
+    if data is None:
+        return Settings()
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        problems.extend(problems_from(exc, str(path), Settings, None))
+        return Settings()
+
+
+def load(path: str | Path | None = None, *, check_host_ports: bool = False, require_lanes: bool = True) -> LaneSet:
+    """Load and validate the whole configuration; raise one ConfigError carrying every problem found."""
+    config_dir, lanes_dir = resolve_dirs(path)
+    problems: list[Problem] = []
+    settings = load_settings(config_dir, problems)
+    lanes: dict[str, Lane] = {}
+    if not lanes_dir.is_dir():
+        if require_lanes:
+            problems.append(
+                Problem(
+                    "no lanes directory",
+                    file=str(lanes_dir),
+                    hint="create it with 'lanectl lane add NAME' or point --config at the directory holding lanes.d",
+                    code="no_lanes",
+                )
+            )
+    else:
+        for file in sorted(lanes_dir.glob("*.toml")):
+            lane = load_lane_file(file, problems)
+            if lane is not None:
+                lanes[file.stem] = lane
+    problems.extend(cross_check(lanes, lanes_dir, check_host_ports=check_host_ports))
+    if any(p.severity == "error" for p in problems):
+        raise config_error(problems)
+    return LaneSet(lanes, settings, config_dir, lanes_dir, [p for p in problems if p.severity == "warning"])
+
+
+def load_lane_file(file: Path, problems: list[Problem]) -> Lane | None:
+    stem = file.stem
+    if not NAME_RE.match(stem):
+        problems.append(
+            Problem(
+                f"file name {file.name!r} is not a lane name",
+                file=str(file),
+                hint="rename it to NAME.toml with NAME of 1-31 of a-z 0-9 -, starting with a letter",
+                code="bad_name",
+            )
+        )
+        return None
+    data = _read_toml(file, problems)
+    if data is None:
+        return None
+    try:
+        lane = Lane.model_validate(data)
+    except ValidationError as exc:
+        problems.extend(problems_from(exc, str(file), Lane, stem))
+        return None
+    if lane.name is not None and lane.name != stem:
+        problems.append(
+            Problem(
+                f"name {lane.name!r} differs from the file stem {stem!r}",
+                file=str(file),
+                field="name",
+                hint=f"remove the name field or rename the file to {lane.name}.toml",
+                code="name_mismatch",
+                lane=stem,
+            )
+        )
+        return None
+    return lane
+
+
+def _nested(a: str, b: str) -> bool:
+    return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
+
+
+def cross_check(lanes: dict[str, Lane], lanes_dir: Path, *, check_host_ports: bool = False) -> list[Problem]:
+    out: list[Problem] = []
+
+    def where(name: str) -> str:
+        return str(lanes_dir / f"{name}.toml")
+
+    seen_ports: dict[int, str] = {}
+    seen_prefix: dict[str, str] = {}
+    seen_users: dict[str, str] = {}
+    for name, lane in lanes.items():
+        if lane.port in seen_ports:
+            out.append(Problem(f"port {lane.port} is also used by lane {seen_ports[lane.port]!r}", where(name),
+                               "port", "give each lane its own port ('lanectl lane add' picks a free one)",
+                               "duplicate_port", name))
+        seen_ports.setdefault(lane.port, name)
+        prefix = lane.resolved_prefix(name)
+        if prefix in seen_prefix:
+            out.append(Problem(f"session prefix {prefix!r} is also used by lane {seen_prefix[prefix]!r}",
+                               where(name), "session_prefix", "give each lane its own session namespace",
+                               "duplicate_prefix", name))
+        seen_prefix.setdefault(prefix, name)
+        user = lane.resolved_user(name)
+        if user in seen_users:
+            out.append(Problem(f"user {user!r} is also used by lane {seen_users[user]!r}", where(name), "user",
+                               "lanes with one user can touch each other's workspaces; give each its own user",
+                               "duplicate_user", name))
+        seen_users.setdefault(user, name)
+        for other, olane in lanes.items():
+            if other < name and _nested(lane.workspace, olane.workspace):
+                rel = "equals" if lane.workspace == olane.workspace else "is nested with"
+                out.append(Problem(f"workspace {lane.workspace} {rel} lane {other!r}'s {olane.workspace}",
+                                   where(name), "workspace", "give each lane a separate directory, e.g. "
+                                   f"/var/lib/lanes/{name}", "workspace_overlap", name))
+        if lane.fallback is not None:
+            if lane.fallback == name:
+                out.append(Problem("lane falls back to itself", where(name), "fallback",
+                                   "name another lane or remove the field", "fallback_self", name))
+            elif lane.fallback not in lanes:
+                out.append(Problem(f"fallback {lane.fallback!r} is not a lane", where(name), "fallback",
+                                   f"use one of: {', '.join(sorted(set(lanes) - {name})) or 'none'}",
+                                   "fallback_unknown", name))
+        if check_host_ports and port_taken(lane.port):
+            out.append(Problem(f"port {lane.port} is already taken on this host", where(name), "port",
+                               "if it is not this lane itself, pick a free port", "port_taken", name, "warning"))
+    out.extend(_fallback_cycles(lanes, where))
+    return out
+
+
+def _fallback_cycles(lanes: dict[str, Lane], where: Any) -> list[Problem]:
+    out: list[Problem] = []
+    reported: set[frozenset[str]] = set()
+    for start in sorted(lanes):
+        chain = [start]
+        cur = lanes[start].fallback
+        while cur is not None and cur in lanes and cur != chain[-1]:
+            if cur in chain:
+                cycle = chain[chain.index(cur):]
+                key = frozenset(cycle)
+                if len(cycle) > 1 and key not in reported:
+                    reported.add(key)
+                    out.append(Problem("fallback chain is a cycle: " + " -> ".join(cycle + [cur]), where(start),
+                                       "fallback", "break the cycle: one lane of it must fall back to none",
+                                       "fallback_cycle", start))
+                break
+            chain.append(cur)
+            cur = lanes[cur].fallback
+    return out
+
+
+def port_taken(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def free_port(taken: set[int], start: int = 8701, end: int = 8999) -> int:
+    for port in range(start, end + 1):
+        if port not in taken and not port_taken(port):
+            return port
+    raise RuntimeError(f"no free port between {start} and {end}")

@@ -1,0 +1,195 @@
+"""Write rendered units to a unit directory atomically, detect drift, provision lane users and workspaces."""
+from __future__ import annotations
+
+import grp
+import json
+import os
+import pwd
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lanectl import paths, systemd
+from lanectl.config import LaneSet
+from lanectl.errors import LanectlError
+from lanectl.fsutil import atomic_write, read_text_or_none
+from lanectl.units import UnitFile, parse_generated, render, unit_name
+
+LIVE_UNIT_DIRS = (Path("/etc/systemd/system"), Path("/run/systemd/system"))
+
+
+@dataclass
+class Drift:
+    path: str
+    state: str  # missing | differs | edited | stale
+
+    def as_dict(self) -> dict[str, str]:
+        return {"path": self.path, "state": self.state}
+
+
+@dataclass
+class InstallResult:
+    unit_dir: str
+    written: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    reloaded: bool = False
+    provisioned: list[str] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.written or self.removed)
+
+
+def generated_on_disk(unit_dir: Path) -> list[str]:
+    """Relative paths of every file in unit_dir that lanectl generated (by its header)."""
+    found = []
+    if not unit_dir.is_dir():
+        return found
+    for p in sorted(unit_dir.glob("lanectl*")):
+        cands = sorted(p.glob("*.conf")) if p.is_dir() else [p]
+        for f in cands:
+            text = read_text_or_none(f)
+            if text is not None and parse_generated(text)[0] is not None:
+                found.append(str(f.relative_to(unit_dir)))
+    return found
+
+
+def drift(files: list[UnitFile], unit_dir: Path) -> list[Drift]:
+    out = []
+    wanted = {f.path for f in files}
+    for f in files:
+        text = read_text_or_none(unit_dir / f.path)
+        if text is None:
+            out.append(Drift(f.path, "missing"))
+            continue
+        recorded, body = parse_generated(text)
+        if recorded is not None and UnitFile(f.path, body, "").digest != recorded:
+            out.append(Drift(f.path, "edited"))
+        elif text != f.text:
+            out.append(Drift(f.path, "differs"))
+    out += [Drift(p, "stale") for p in generated_on_disk(unit_dir) if p not in wanted]
+    return out
+
+
+def write_files(files: list[UnitFile], unit_dir: Path, result: InstallResult) -> None:
+    for f in files:
+        target = unit_dir / f.path
+        if read_text_or_none(target) == f.text:
+            result.unchanged.append(f.path)
+            continue
+        atomic_write(target, f.text, 0o644)
+        result.written.append(f.path)
+
+
+def remove_stale(files: list[UnitFile], unit_dir: Path, result: InstallResult) -> None:
+    wanted = {f.path for f in files}
+    for rel in generated_on_disk(unit_dir):
+        if rel in wanted:
+            continue
+        path = unit_dir / rel
+        path.unlink()
+        result.removed.append(rel)
+        if path.parent != unit_dir and not any(path.parent.iterdir()):
+            path.parent.rmdir()
+
+
+def manifest(fleet: LaneSet) -> dict:
+    """The installed fleet in plain JSON, for commands that must start fast (status, probe)."""
+    lanes = {}
+    for name, lane in sorted(fleet.lanes.items()):
+        lanes[name] = {
+            "unit": unit_name(name),
+            "port": lane.port,
+            "health_path": lane.health_path,
+            "workspace": lane.workspace,
+            "enabled": lane.enabled,
+            "capacity": lane.capacity,
+            "classes": list(lane.classes),
+            "weight": lane.weight,
+            "fallback": lane.fallback,
+            "watchdog_sec": lane.watchdog_sec,
+        }
+    return {"lanectl_manifest": 1, "config_dir": str(fleet.config_dir), "lanes": lanes}
+
+
+def ensure_user(name: str, home: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+        return False
+    except KeyError:
+        pass
+    cmd = ["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", home,
+           "--shell", "/usr/sbin/nologin", "--comment", "lanectl lane", name]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise LanectlError(f"cannot create lane user {name}: {proc.stderr.strip()}",
+                           "create it by hand or set user= in the lane file", "user_create_failed")
+    return True
+
+
+def ensure_workspace(path: str, user: str) -> bool:
+    ws = Path(path)
+    created = not ws.exists()
+    ws.mkdir(parents=True, exist_ok=True)
+    uid = pwd.getpwnam(user).pw_uid
+    gid = grp.getgrnam(user).gr_gid if _group_exists(user) else pwd.getpwnam(user).pw_gid
+    st = ws.stat()
+    if (st.st_uid, st.st_gid) != (uid, gid):
+        os.chown(ws, uid, gid)
+        created = True
+    if st.st_mode & 0o777 != 0o700:
+        os.chmod(ws, 0o700)
+        created = True
+    return created
+
+
+def _group_exists(name: str) -> bool:
+    try:
+        grp.getgrnam(name)
+        return True
+    except KeyError:
+        return False
+
+
+def provision(fleet: LaneSet) -> list[str]:
+    """Each lane's own system user, and its workspace owned by that user, mode 0700 (no lane reads another's)."""
+    done = []
+    for name, lane in sorted(fleet.lanes.items()):
+        user = lane.resolved_user(name)
+        if ensure_user(user, lane.workspace):
+            done.append(f"user {user}")
+        if ensure_workspace(lane.workspace, user):
+            done.append(f"workspace {lane.workspace}")
+    return done
+
+
+def install(fleet: LaneSet, unit_dir: Path, *, python: str | None = None, reload: bool | None = None,
+            do_provision: bool | None = None) -> InstallResult:
+    """Render, then write only what changed; remove what lanectl wrote for lanes that are gone; reload once."""
+    files = render(fleet, python)  # validates everything before the first byte is written
+    live = unit_dir.resolve() in [d.resolve() for d in LIVE_UNIT_DIRS if d.exists()] and systemd.available()
+    result = InstallResult(str(unit_dir))
+    if do_provision if do_provision is not None else (live and os.geteuid() == 0):
+        result.provisioned = provision(fleet)
+    write_files(files, unit_dir, result)
+    remove_stale(files, unit_dir, result)
+    data = json.dumps(manifest(fleet), indent=2, sort_keys=True) + "\n"
+    mpath = paths.manifest_path(unit_dir)
+    if read_text_or_none(mpath) != data:
+        atomic_write(mpath, data, 0o644)
+    if result.changed and (reload if reload is not None else live):
+        systemd.daemon_reload()
+        result.reloaded = True
+    return result
+
+
+def read_manifest(unit_dir: Path) -> dict | None:
+    text = read_text_or_none(paths.manifest_path(unit_dir))
+    if text is None:
+        return None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return data if isinstance(data, dict) and data.get("lanectl_manifest") == 1 else None

@@ -1,0 +1,89 @@
+"""Create, show and remove lane files (``lanes.d/NAME.toml``) so that the result is always valid."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from lanectl import config
+from lanectl.config import CLASSES, NAME_RE, Lane, LaneSet
+from lanectl.errors import Conflict, LanectlError, NotFound, Problem, config_error
+from lanectl.fsutil import atomic_write
+
+
+def _existing(config_path: str | Path | None) -> LaneSet:
+    try:
+        return config.load(config_path, require_lanes=False)
+    except LanectlError as exc:
+        raise LanectlError("the existing lane files are invalid; fix them first ('lanectl validate')",
+                           code="config_invalid", exit_code=exc.exit_code, problems=exc.problems) from exc
+
+
+def add(name: str, config_path: str | Path | None = None, *, port: int | None = None,
+        workspace: str | None = None, classes: list[str] | None = None, capacity: int | None = None,
+        weight: int | None = None, fallback: str | None = None, tags: list[str] | None = None,
+        description: str | None = None) -> tuple[Path, dict[str, Any]]:
+    """Write a new, valid lane file with a free port and a workspace of its own picked when not given."""
+    if not NAME_RE.match(name):
+        raise config_error([Problem(f"{name!r} is not a lane name", field="name",
+                                    hint="use 1-31 of a-z 0-9 -, starting with a letter", code="bad_name")])
+    fleet = _existing(config_path)
+    path = fleet.lanes_dir / f"{name}.toml"
+    if path.exists() or name in fleet.lanes:
+        raise Conflict(f"lane {name!r} exists already ({path})", "edit the file, or remove it first", "lane_exists")
+    doc: dict[str, Any] = {}
+    if description:
+        doc["description"] = description
+    doc["port"] = port if port is not None else config.free_port({l.port for l in fleet.lanes.values()})
+    root = fleet.settings.workspace_root
+    doc["workspace"] = workspace or f"{root.rstrip('/')}/{name}"
+    doc["classes"] = classes or list(CLASSES)
+    doc["capacity"] = capacity if capacity is not None else 4
+    doc["weight"] = weight if weight is not None else 100
+    if fallback:
+        doc["fallback"] = fallback
+    if tags:
+        doc["tags"] = tags
+    # validate the new lane alone and together with the fleet before writing anything
+    problems: list[Problem] = []
+    try:
+        lane = Lane.model_validate(doc)
+    except Exception as exc:  # pydantic ValidationError
+        from pydantic import ValidationError
+
+        if not isinstance(exc, ValidationError):
+            raise
+        raise config_error(config.problems_from(exc, str(path), Lane, name)) from exc
+    problems += [p for p in config.cross_check({**fleet.lanes, name: lane}, fleet.lanes_dir) if p.lane == name
+                 or name in p.message]
+    if [p for p in problems if p.severity == "error"]:
+        raise config_error(problems)
+    atomic_write(path, tomli_w.dumps(doc), 0o644)
+    return path, doc
+
+
+def show(name: str, config_path: str | Path | None = None) -> dict[str, Any]:
+    fleet = config.load(config_path)
+    lane = fleet.get(name)
+    return {
+        "name": name,
+        "file": str(fleet.lanes_dir / f"{name}.toml"),
+        "user": lane.resolved_user(name),
+        "session_prefix": lane.resolved_prefix(name),
+        **lane.model_dump(exclude={"name", "user", "session_prefix"}),
+    }
+
+
+def remove(name: str, config_path: str | Path | None = None) -> Path:
+    _, lanes_dir = config.resolve_dirs(config_path)
+    path = lanes_dir / f"{name}.toml"
+    if not path.exists():
+        raise NotFound(f"no lane file {path}", "see 'lanectl lane list'", "lane_not_found")
+    fleet = _existing(config_path)
+    users = [n for n, l in fleet.lanes.items() if l.fallback == name and n != name]
+    if users:
+        raise Conflict(f"lanes {', '.join(users)} fall back to {name!r}",
+                       "change their fallback first, then remove this lane", "lane_in_use")
+    path.unlink()
+    return path

@@ -1,0 +1,81 @@
+"""Start, stop and restart lanes through systemd (idempotent; every result says what changed)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from lanectl import systemd
+from lanectl.errors import NotFound
+from lanectl.units import TARGET
+
+
+@dataclass
+class OpResult:
+    action: str
+    lanes: list[str]
+    changed: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+def select(lanes: dict[str, dict[str, Any]], names: list[str] | None, *, enabled_only: bool) -> list[str]:
+    if names:
+        unknown = [n for n in names if n not in lanes]
+        if unknown:
+            raise NotFound(f"no lane named {unknown[0]!r} is installed",
+                           f"known lanes: {', '.join(sorted(lanes)) or 'none'}; run 'lanectl install' first",
+                           "lane_not_found")
+        return list(dict.fromkeys(names))
+    return [n for n in sorted(lanes) if lanes[n].get("enabled", True) or not enabled_only]
+
+
+def _active(units: list[str]) -> dict[str, str]:
+    return {u: p.get("ActiveState", "unknown") for u, p in systemd.show(units, ("Id", "ActiveState")).items()}
+
+
+def up(lanes: dict[str, dict[str, Any]], names: list[str] | None = None) -> OpResult:
+    """Enable and start lanes (all enabled lanes and lanectl.target when none is named); waits for READY=1."""
+    chosen = select(lanes, names, enabled_only=True)
+    units = [lanes[n]["unit"] for n in chosen]
+    before = _active(units)
+    res = OpResult("up", chosen)
+    extra = [] if names else [TARGET]
+    if units or extra:
+        systemd.run("enable", "--quiet", *extra, *units)
+    for name, unit in zip(chosen, units):
+        if before.get(unit) == "active":
+            continue
+        proc = systemd.run("start", unit, check=False)
+        if proc.returncode != 0:
+            res.failed[name] = (proc.stderr.strip().splitlines() or ["start failed"])[0]
+        else:
+            res.changed.append(name)
+    if extra:
+        systemd.run("start", "--no-block", *extra, check=False)
+    return res
+
+
+def down(lanes: dict[str, dict[str, Any]], names: list[str] | None = None) -> OpResult:
+    """Stop and disable lanes (all of them and lanectl.target when none is named), so they stay down."""
+    chosen = select(lanes, names, enabled_only=False)
+    units = [lanes[n]["unit"] for n in chosen]
+    before = _active(units)
+    res = OpResult("down", chosen)
+    extra = [] if names else [TARGET]
+    systemd.run("disable", "--quiet", *extra, *units, check=False)
+    if units or extra:
+        systemd.run("stop", *extra, *units)
+    res.changed = [n for n, u in zip(chosen, units) if before.get(u) not in ("inactive", "failed", "unknown")]
+    systemd.run("reset-failed", *units, check=False)
+    return res
+
+
+def restart(lanes: dict[str, dict[str, Any]], name: str) -> OpResult:
+    chosen = select(lanes, [name], enabled_only=False)
+    unit = lanes[chosen[0]]["unit"]
+    res = OpResult("restart", chosen)
+    proc = systemd.run("restart", unit, check=False)
+    if proc.returncode != 0:
+        res.failed[name] = (proc.stderr.strip().splitlines() or ["restart failed"])[0]
+    else:
+        res.changed.append(name)
+    return res

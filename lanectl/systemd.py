@@ -1,0 +1,77 @@
+"""systemctl wrapper: the few calls lanectl needs, with errors that say what to do.
+
+The CLI forks ``systemctl`` (one ``show`` call covers every lane). The supervisor, which polls every tick, keeps
+its own connection instead.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from lanectl.errors import LanectlError, Unavailable
+
+SHOW_PROPS = (
+    "Id", "LoadState", "ActiveState", "SubState", "Result", "MainPID", "NRestarts", "StatusText",
+    "InvocationID", "ActiveEnterTimestampMonotonic", "ExecMainStartTimestampMonotonic", "WatchdogUSec",
+    "WatchdogTimestampMonotonic", "ExecMainCode", "ExecMainStatus", "ControlGroup", "UnitFileState",
+)
+
+
+def available() -> bool:
+    """True when a systemd is running that systemctl can talk to."""
+    return Path("/run/systemd/system").is_dir() and shutil.which("systemctl") is not None
+
+
+def run(*args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    if not available():
+        raise Unavailable(
+            "systemd is not running here (no /run/systemd/system)",
+            "run lanectl on a host booted with systemd, or inside the private systemd that scripts/demo boots "
+            "(scripts/sdbox exec lanectl ...)",
+            "systemd_unavailable",
+        )
+    proc = subprocess.run(["systemctl", *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "SYSTEMD_COLORS": "0", "SYSTEMD_PAGER": ""})
+    if check and proc.returncode != 0:
+        msg = (proc.stderr or proc.stdout).strip().splitlines()
+        raise LanectlError(
+            f"systemctl {' '.join(args)} failed: {msg[-1] if msg else f'exit {proc.returncode}'}",
+            "see 'journalctl -u UNIT' and 'lanectl status'",
+            "systemctl_failed",
+        )
+    return proc
+
+
+def parse_show(text: str) -> list[dict[str, str]]:
+    """Blocks of KEY=VALUE lines separated by blank lines, one per unit, in the order asked."""
+    out: list[dict[str, str]] = []
+    cur: dict[str, str] = {}
+    for line in text.split("\n"):
+        if not line:
+            if cur:
+                out.append(cur)
+                cur = {}
+            continue
+        key, _, value = line.partition("=")
+        cur[key] = value
+    if cur:
+        out.append(cur)
+    return out
+
+
+def show(units: list[str], props: tuple[str, ...] = SHOW_PROPS) -> dict[str, dict[str, str]]:
+    if not units:
+        return {}
+    proc = run("show", "-p", ",".join(props), "--", *units)
+    blocks = parse_show(proc.stdout)
+    return {b.get("Id", u): b for u, b in zip(units, blocks)}
+
+
+def daemon_reload() -> None:
+    run("daemon-reload")
+
+
+def monotonic_now_us() -> int:
+    return int(float(Path("/proc/uptime").read_text().split()[0]) * 1e6)
