@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lanectl import paths
 from lanectl.errors import Problem, config_error
@@ -54,6 +54,18 @@ def check_path(value: str) -> str:
     if value.rstrip("/") in ("", "/") or any(value == r or value.startswith(r + "/") for r in FORBIDDEN_PATH_ROOTS):
         raise ValueError(f"{value!r} is a system location; use a directory of its own, e.g. /var/lib/lanes/NAME")
     return value.rstrip("/") or "/"
+
+
+def check_env_key(key: str) -> str:
+    if not ENV_KEY_RE.match(key):
+        raise ValueError(f"key {key!r} is not a variable name; use letters, digits and _")
+    if key.startswith(RESERVED_ENV):
+        raise ValueError(f"key {key!r} is set by lanectl or systemd; pick another name")
+    return key
+
+
+UnitText = Annotated[str, AfterValidator(check_text)]
+EnvKey = Annotated[str, AfterValidator(check_env_key)]
 
 
 class Model(BaseModel):
@@ -109,12 +121,12 @@ class Lane(Model):
 
     name: str | None = None
     description: str = ""
-    exec: list[str] | None = None
+    exec: list[UnitText] | None = None
     port: Annotated[int, Field(ge=1024, le=65535)]
     workspace: str
     session_prefix: str | None = None
     user: str | None = None
-    env: dict[str, str] = Field(default_factory=dict)
+    env: dict[EnvKey, UnitText] = Field(default_factory=dict)
     classes: list[MissionClass] = Field(default_factory=lambda: list(CLASSES))
     capacity: Annotated[int, Field(ge=1, le=1024)] = 4
     weight: Annotated[int, Field(ge=0, le=10_000)] = 100
@@ -147,8 +159,6 @@ class Lane(Model):
             return v
         if not v:
             raise ValueError("is empty; give the program and its arguments, e.g. ['/usr/bin/mylane', '--x']")
-        for arg in v:
-            check_text(arg)
         if not v[0].startswith("/"):
             raise ValueError(f"program {v[0]!r} is not an absolute path; write e.g. /usr/local/bin/{v[0]}")
         if not SAFE_PATH_RE.match(v[0]):
@@ -170,12 +180,6 @@ class Lane(Model):
     @field_validator("env")
     @classmethod
     def _env(cls, v: dict[str, str]) -> dict[str, str]:
-        for key, val in v.items():
-            if not ENV_KEY_RE.match(key):
-                raise ValueError(f"key {key!r} is not a variable name; use letters, digits and _")
-            if key.startswith(RESERVED_ENV):
-                raise ValueError(f"key {key!r} is set by lanectl or systemd; pick another name")
-            check_text(val)
         return v
 
     @field_validator("classes")
@@ -313,14 +317,17 @@ def problems_from(exc: ValidationError, file: str, model: type[BaseModel], lane:
     for err in exc.errors():
         loc = tuple(err.get("loc", ()))
         msg = err.get("msg", "invalid")
+        hint = _hint_for(err, model, loc)
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
+            if "; " in msg:
+                msg, hint = msg.split("; ", 1)
         out.append(
             Problem(
                 msg,
                 file=file,
                 field=".".join(str(p) for p in loc) or None,
-                hint=_hint_for(err, model, loc),
+                hint=hint or "see docs/lanes.md for what the field takes",
                 code="config_invalid",
                 lane=lane,
             )

@@ -45,7 +45,11 @@ def stderr_console():  # type: ignore[no-untyped-def]
 def stdout_console():  # type: ignore[no-untyped-def]
     from rich.console import Console
 
-    return Console(highlight=False)
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        # piped to a file or over a non-tty ssh: do not squeeze tables into 80 columns
+        console = Console(highlight=False, width=200)
+    return console
 
 
 def exit_with(code: int) -> NoReturn:

@@ -155,7 +155,7 @@ def collect(lanes: dict[str, dict[str, Any]], names: list[str] | None = None) ->
         since = _num(props.get("ExecMainStartTimestampMonotonic"))
         if s.running and since:
             s.uptime_s = round((now_us - since) / 1e6, 3)
-        wd = _num(props.get("WatchdogUSec"))
+        wd = systemd.parse_timespan_us(props.get("WatchdogUSec", "")) or 0
         s.watchdog_sec = wd / 1e6 if wd else None
         ping = _num(props.get("WatchdogTimestampMonotonic"))
         if s.running and ping:

@@ -6,6 +6,7 @@ its own connection instead.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -67,6 +68,25 @@ def show(units: list[str], props: tuple[str, ...] = SHOW_PROPS) -> dict[str, dic
     proc = run("show", "-p", ",".join(props), "--", *units)
     blocks = parse_show(proc.stdout)
     return {b.get("Id", u): b for u, b in zip(units, blocks)}
+
+
+_SPAN_UNITS = {"us": 1, "ms": 1_000, "s": 1_000_000, "min": 60_000_000, "h": 3_600_000_000,
+               "d": 86_400_000_000, "w": 604_800_000_000}
+
+
+def parse_timespan_us(text: str) -> int | None:
+    """'1min 30s', '500ms', '5s' or a plain number of microseconds -> microseconds; None for infinity/empty."""
+    text = text.strip()
+    if not text or text == "infinity":
+        return None
+    if text.isdigit():
+        return int(text)
+    total = 0.0
+    for num, unit in re.findall(r"([0-9.]+)\s*([a-z]+)", text):
+        if unit not in _SPAN_UNITS:
+            return None
+        total += float(num) * _SPAN_UNITS[unit]
+    return int(total) or None
 
 
 def daemon_reload() -> None:

@@ -93,10 +93,11 @@ STATE_STYLE = {"up": "green", "degraded": "yellow", "starting": "yellow", "faile
 
 
 def print_table(rows: list) -> None:  # type: ignore[type-arg]
+    from rich import box
     from rich.table import Table
 
-    t = Table("lane", "state", "unit", "pid", "uptime", "restarts", "watchdog", "mem", "cpu", "port", "health",
-              "status")
+    t = Table("lane", "state", "unit", "pid", "up", "restarts", "watchdog", "mem", "cpu", "port", "health",
+              "status", box=box.SIMPLE_HEAD)
     for r in rows:
         style = STATE_STYLE.get(r.state, "")
         wd = "-" if r.watchdog_sec is None else (
@@ -106,7 +107,7 @@ def print_table(rows: list) -> None:  # type: ignore[type-arg]
         if r.health.ok and r.health.latency_ms is not None:
             health = f"ok {r.health.latency_ms:.0f}ms"
         t.add_row(escape(r.name), f"[{style}]{r.state}[/]" if style else r.state,
-                  f"{r.active_state} ({r.sub_state})", str(r.main_pid or "-"), human_duration(r.uptime_s),
+                  f"{r.active_state}/{r.sub_state}", str(r.main_pid or "-"), human_duration(r.uptime_s),
                   str(r.restarts), wd, human_bytes(r.memory_bytes),
                   "-" if r.cpu_percent_avg is None else f"{r.cpu_percent_avg:.1f}%",
                   f"{r.port}" + ("" if r.health.listening else " (closed)"), escape(health),

@@ -1,0 +1,25 @@
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+RUNTIME_PY = "/opt/lanectl/venv/bin/python"
+
+
+@pytest.fixture
+def fleet_dir(tmp_path: Path) -> Path:
+    """A copy of the example fleet (lanectl.toml + lanes.d) that a test may change."""
+    d = tmp_path / "etc"
+    d.mkdir()
+    shutil.copy(ROOT / "lanectl.toml", d / "lanectl.toml")
+    shutil.copytree(ROOT / "lanes.d", d / "lanes.d")
+    return d
+
+
+def write_lane(d: Path, name: str, body: str) -> Path:
+    p = d / "lanes.d" / f"{name}.toml"
+    p.write_text(body)
+    return p
