@@ -182,14 +182,3 @@ def install(fleet: LaneSet, unit_dir: Path, *, python: str | None = None, reload
         systemd.daemon_reload()
         result.reloaded = True
     return result
-
-
-def read_manifest(unit_dir: Path) -> dict | None:
-    text = read_text_or_none(paths.manifest_path(unit_dir))
-    if text is None:
-        return None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
-        return None
-    return data if isinstance(data, dict) and data.get("lanectl_manifest") == 1 else None

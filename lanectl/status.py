@@ -170,9 +170,9 @@ def collect(lanes: dict[str, dict[str, Any]], names: list[str] | None = None) ->
 
 def installed_lanes(unit_dir: Path, config_path: str | None = None) -> dict[str, dict[str, Any]]:
     """The installed fleet (manifest beside the units); falls back to the lane files when nothing is installed."""
-    from lanectl.install import read_manifest
+    from lanectl import manifest as installed
 
-    data = read_manifest(unit_dir)
+    data = installed.read(unit_dir)
     if data is not None:
         return data["lanes"]
     from lanectl import config

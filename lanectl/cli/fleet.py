@@ -8,7 +8,8 @@ import typer
 from lanectl import operate, paths
 from lanectl.cli.options import CONFIG, JSON, UNIT_DIR
 from lanectl.errors import ExitCode
-from lanectl.output import command, escape, finish, human_bytes, human_duration, stderr_console, stdout_console
+from lanectl.cli.statusview import run_status
+from lanectl.output import command, escape, finish, stderr_console, stdout_console
 
 LANES = typer.Argument(None, metavar="[LANE]...", help="Lanes to act on (default: all).")
 
@@ -80,36 +81,3 @@ def status(lanes: Optional[List[str]] = LANES, unit_dir: Optional[str] = UNIT_DI
     from lanectl.status import collect
 
     run_status(collect(_lanes(unit_dir, config_dir), lanes or None), json_out)
-
-
-def run_status(rows: list, json_out: bool) -> None:  # type: ignore[type-arg]
-    code = ExitCode.OK if all(r.ok for r in rows) else ExitCode.UNHEALTHY
-    data = {"lanes": [r.as_dict() for r in rows], "ok": code == ExitCode.OK}
-    finish(["status"], data, json_mode=json_out, human=lambda: print_table(rows), exit_code=code)
-
-
-STATE_STYLE = {"up": "green", "degraded": "yellow", "starting": "yellow", "failed": "bold red", "down": "red",
-               "disabled": "dim"}
-
-
-def print_table(rows: list) -> None:  # type: ignore[type-arg]
-    from rich import box
-    from rich.table import Table
-
-    t = Table("lane", "state", "unit", "pid", "up", "restarts", "watchdog", "mem", "cpu", "port", "health",
-              "status", box=box.SIMPLE_HEAD)
-    for r in rows:
-        style = STATE_STYLE.get(r.state, "")
-        wd = "-" if r.watchdog_sec is None else (
-            f"{r.watchdog_ping_age_s:.1f}/{r.watchdog_sec:g}s" if r.watchdog_ping_age_s is not None
-            else f"{r.watchdog_sec:g}s")
-        health = "ok" if r.health.ok else (r.health.error or "-")
-        if r.health.ok and r.health.latency_ms is not None:
-            health = f"ok {r.health.latency_ms:.0f}ms"
-        t.add_row(escape(r.name), f"[{style}]{r.state}[/]" if style else r.state,
-                  f"{r.active_state}/{r.sub_state}", str(r.main_pid or "-"), human_duration(r.uptime_s),
-                  str(r.restarts), wd, human_bytes(r.memory_bytes),
-                  "-" if r.cpu_percent_avg is None else f"{r.cpu_percent_avg:.1f}%",
-                  f"{r.port}" + ("" if r.health.listening else " (closed)"), escape(health),
-                  escape(r.status_text or "-"))
-    stdout_console().print(t)
