@@ -30,7 +30,7 @@ def render(
     config_dir: Optional[str] = CONFIG,
     json_out: bool = JSON,
 ) -> None:
-    """Render the fleet's units (to stdout, a directory, or a drift check).
+    """Render the units of the fleet (stdout, a dir, or a drift check).
 
     Without --out or --check, prints every file. --check exits 8 when a file is missing, differs, was edited
     by hand, or is left over from a removed lane.
@@ -83,7 +83,7 @@ def install(
     config_dir: Optional[str] = CONFIG,
     json_out: bool = JSON,
 ) -> None:
-    """Install the fleet's units; changes only what differs.
+    """Install the units of the fleet; only what differs.
 
     Validates everything first and writes nothing on an error (exit 3). Files are replaced atomically; files
     lanectl wrote for lanes that no longer exist are removed; systemd is reloaded only when something changed.
