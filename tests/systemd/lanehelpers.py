@@ -1,0 +1,66 @@
+"""Helpers for the real-systemd tests: run lanectl inside the sandbox and wait on real unit state."""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+LANECTL = "/opt/lanectl/venv/bin/lanectl"
+PYTHON = "/opt/lanectl/venv/bin/python"
+ROOT = Path(__file__).resolve().parents[2]
+T = TypeVar("T")
+
+
+def wait_for(pred: Callable[[], T], timeout: float, interval: float = 0.05, what: str = "condition") -> T:
+    """Poll until pred() is truthy (returns it); fail with `what` after `timeout` seconds (monotonic)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class Fleet:
+    """lanectl driven inside one sandbox, against one config dir."""
+
+    def __init__(self, sandbox: Any, config_dir: Path) -> None:
+        self.sb = sandbox
+        self.config_dir = config_dir
+
+    def lanectl(self, *args: str, check: bool = False) -> Any:
+        return self.sb.exec([LANECTL, *args, "-c", str(self.config_dir)], check=check)
+
+    def json(self, *args: str) -> tuple[int, dict[str, Any]]:
+        proc = self.lanectl(*args, "--json")
+        return proc.returncode, json.loads(proc.stdout)
+
+    def status(self, *lanes: str) -> dict[str, dict[str, Any]]:
+        proc = self.sb.exec([LANECTL, "status", *lanes, "--json"])
+        return {l["name"]: l for l in json.loads(proc.stdout)["data"]["lanes"]}
+
+    def show(self, unit: str, *props: str) -> dict[str, str]:
+        out = self.sb.exec(["systemctl", "show", "-p", ",".join(props), unit], check=True).stdout
+        return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+    def main_pid(self, lane: str) -> int:
+        return int(self.show(f"lanectl-lane@{lane}.service", "MainPID")["MainPID"])
+
+    def write_file(self, path: str, text: str, mode: str = "0644") -> None:
+        """Write a file inside the sandbox (its /var and /etc are private overlays)."""
+        self.sb.exec(["install", "-D", "-m", mode, "/dev/stdin", path], input=text, check=True)
+
+    def read_file(self, path: str) -> str:
+        return self.sb.exec(["cat", path], check=True).stdout
+
+
+def copy_example(dest: Path) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy(ROOT / "lanectl.toml", dest / "lanectl.toml")
+    shutil.copytree(ROOT / "lanes.d", dest / "lanes.d", dirs_exist_ok=True)
+    return dest
