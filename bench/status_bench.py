@@ -13,7 +13,8 @@ Run INSIDE a private systemd (bench/run-status-bench boots one with sdsandbox an
      systemctl    `systemctl show -p ActiveState,SubState,MainPID,NRestarts,StatusText -- UNITS` (one call)
      python-floor `python -c pass` (the venv interpreter: the floor for any Python CLI)
    each spawned the same way (subprocess.run, stdout/stderr captured, time.perf_counter around it);
-4. records `python -X importtime lanectl status --json` (median per module over several runs);
+4. records `python -X importtime lanectl status --json` (median per module over several runs) and the time
+   of each step of lanectl.status.collect run in one process (imports, systemctl show, psutil, health checks);
 5. tears down: supervisord by its PID (SIGTERM, wait), `lanectl down -c DIR`.
 
 Prints one JSON document on stdout (progress goes to stderr). Nothing here changes lanectl's code.
@@ -120,12 +121,12 @@ def pct(xs: list[float], q: float) -> float:
     return s[k]
 
 
-def importtime(runs: int) -> dict:
-    """`python -X importtime lanectl status --json`: median self/cumulative per module over `runs` runs."""
+def importtime(cmd: list[str], runs: int) -> dict:
+    """`python -X importtime CMD...`: median self/cumulative per module over `runs` runs."""
     per: dict[str, list[tuple[int, int]]] = {}
     depth: dict[str, int] = {}
     for _ in range(runs):
-        proc = run([PY, "-X", "importtime", LANECTL, "status", "--json"], check=False)
+        proc = run([PY, "-X", "importtime", *cmd], check=False)
         for line in proc.stderr.splitlines():
             if not line.startswith("import time:") or "imported package" in line:
                 continue
@@ -139,9 +140,43 @@ def importtime(runs: int) -> dict:
             for m, vals in per.items()]
     rows.sort(key=lambda r: r["cumulative_us"], reverse=True)
     tops = [r for r in rows if r["depth"] == 0]
-    return {"runs": runs, "top": rows[:8], "top_level": tops,
+    return {"command": " ".join(["python", "-X", "importtime", *cmd]), "runs": runs, "top": rows[:8], "top_level": tops,
             "top_level_total_us": sum(r["cumulative_us"] for r in tops),
             "self_total_us": sum(r["self_us"] for r in rows), "modules": len(rows)}
+
+
+PHASES = r"""
+import json, sys, time
+t = [time.perf_counter()]
+from lanectl import manifest, paths, systemd
+from lanectl.cli.statusview import run_status
+from lanectl.status import _processes, check_health, collect
+t.append(time.perf_counter())
+lanes = manifest.read(paths.unit_dir(None))["lanes"]
+shown = systemd.show([lanes[n]["unit"] for n in sorted(lanes)])
+t.append(time.perf_counter())
+import psutil
+t.append(time.perf_counter())
+for props in shown.values():
+    _processes(int(props["MainPID"]))
+t.append(time.perf_counter())
+from concurrent.futures import ThreadPoolExecutor
+with ThreadPoolExecutor(16) as pool:
+    list(pool.map(lambda n: check_health(lanes[n]["port"], lanes[n].get("health_path", "/healthz")), sorted(lanes)))
+t.append(time.perf_counter())
+names = ["imports (fast path, before psutil)", "manifest + systemctl show (17 props)", "import psutil",
+         "psutil per lane (16)", "16 health checks (threads)"]
+print(json.dumps({k: (b - a) * 1000 for k, a, b in zip(names, t, t[1:])}))
+"""
+
+
+def phases(runs: int) -> dict[str, float]:
+    """Where `lanectl status` spends its time: the steps of lanectl.status.collect, timed in one process."""
+    acc: dict[str, list[float]] = {}
+    for _ in range(runs):
+        for k, v in json.loads(run([PY, "-c", PHASES]).stdout).items():
+            acc.setdefault(k, []).append(v)
+    return {k: round(statistics.median(v), 1) for k, v in acc.items()}
 
 
 def main() -> int:
@@ -226,8 +261,12 @@ def main() -> int:
         lc, sc = out["results"]["lanectl status --json"], out["results"]["supervisorctl status"]
         out["ratio_lanectl_over_supervisorctl"] = {"median": round(lc["median_ms"] / sc["median_ms"], 2),
                                                    "p90": round(lc["p90_ms"] / sc["p90_ms"], 2)}
+        log("phases of lanectl status")
+        out["lanectl_phases_median_ms"] = phases(args.importtime_runs)
         log("importtime")
-        out["importtime"] = importtime(args.importtime_runs)
+        out["importtime"] = importtime([LANECTL, "status", "--json"], args.importtime_runs)
+        sup_it = importtime([SUPERVISORCTL, "-c", str(conf), "status"], args.importtime_runs)
+        out["importtime_supervisorctl"] = {k: sup_it[k] for k in ("command", "runs", "top", "self_total_us")}
     finally:
         if not args.keep:
             if supd is not None and supd.poll() is None:
