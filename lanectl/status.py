@@ -1,10 +1,9 @@
 """What runs: systemd's view of every lane, its processes (psutil), its port and its health endpoint."""
 from __future__ import annotations
 
-import http.client
 import json
+import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ from lanectl import systemd
 from lanectl.errors import NotFound
 
 HEALTH_TIMEOUT_S = 1.0
+MAX_HEALTH_BYTES = 65536
 
 
 @dataclass
@@ -76,35 +76,88 @@ class LaneStatus:
         return d
 
 
-def check_health(port: int, path: str, timeout: float = HEALTH_TIMEOUT_S) -> Health:
-    t0 = time.monotonic()
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+def _parse_response(raw: bytes, latency_ms: float) -> Health:
+    head, sep, body = raw.partition(b"\r\n\r\n")
+    status_line = head.split(b"\r\n", 1)[0].split()
+    if not sep or len(status_line) < 2 or not status_line[0].startswith(b"HTTP/") or not status_line[1].isdigit():
+        return Health(listening=True, error="not an HTTP answer")
+    h = Health(listening=True, http_status=int(status_line[1]), latency_ms=round(latency_ms, 2))
     try:
-        conn.request("GET", path, headers={"Connection": "close"})
-        resp = conn.getresponse()
-        raw = resp.read(65536)
-    except ConnectionRefusedError:
-        return Health(error="connection refused")
-    except (OSError, http.client.HTTPException) as exc:
-        return Health(listening=True, error=f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
-    finally:
-        conn.close()
-    h = Health(listening=True, http_status=resp.status, latency_ms=round((time.monotonic() - t0) * 1000, 2))
-    try:
-        body = json.loads(raw or b"null")
-        h.body = body if isinstance(body, dict) else None
+        doc = json.loads(body or b"null")
+        h.body = doc if isinstance(doc, dict) else None
     except ValueError:
         h.error = "health answer is not JSON"
-    h.ok = resp.status == 200 and h.error is None
-    if resp.status != 200:
-        h.error = f"HTTP {resp.status}"
+    if h.http_status != 200:
+        h.error = f"HTTP {h.http_status}"
+    h.ok = h.error is None
     return h
 
 
+def check_health_many(targets: list[tuple[int, str]], timeout: float = HEALTH_TIMEOUT_S) -> list[Health]:
+    """GET every lane's health endpoint at once (non-blocking sockets, one thread, one deadline)."""
+    import selectors
+    import socket
+
+    results: list[Health | None] = [None] * len(targets)
+    bufs: dict[int, bytearray] = {}
+    started = time.monotonic()
+    sel = selectors.DefaultSelector()
+    for i, (port, path) in enumerate(targets):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        sock.connect_ex(("127.0.0.1", port))
+        req = f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode()
+        sel.register(sock, selectors.EVENT_WRITE, (i, req))
+    deadline = started + timeout
+    try:
+        while len(sel.get_map()):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            for key, events in sel.select(left):
+                sock, (i, req) = key.fileobj, key.data  # type: ignore[misc]
+                if events & selectors.EVENT_WRITE:
+                    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                    if err:
+                        results[i] = Health(error="connection refused" if err == 111 else os.strerror(err))
+                        sel.unregister(sock)
+                        sock.close()
+                        continue
+                    sock.send(req)
+                    bufs[i] = bytearray()
+                    sel.modify(sock, selectors.EVENT_READ, (i, req))
+                    continue
+                try:
+                    chunk = sock.recv(65536)
+                except OSError as exc:
+                    results[i] = Health(listening=True, error=str(exc))
+                    chunk = b""
+                if chunk and len(bufs[i]) < MAX_HEALTH_BYTES:
+                    bufs[i] += chunk
+                    continue
+                if results[i] is None:
+                    results[i] = _parse_response(bytes(bufs[i]), (time.monotonic() - started) * 1000)
+                sel.unregister(sock)
+                sock.close()
+    finally:
+        for key in list(sel.get_map().values()):
+            i = key.data[0]
+            if results[i] is None:
+                results[i] = Health(listening=i in bufs, error=f"no answer within {timeout:g}s")
+            key.fileobj.close()  # type: ignore[union-attr]
+        sel.close()
+    return [r if r is not None else Health(error="no answer") for r in results]
+
+
+def check_health(port: int, path: str, timeout: float = HEALTH_TIMEOUT_S) -> Health:
+    return check_health_many([(port, path)], timeout)[0]
+
+
 def _processes(pid: int | None) -> tuple[int | None, float | None, float | None, int]:
+    """Memory and CPU of a process tree through psutil: the fallback where systemd keeps no accounting."""
     if not pid:
         return None, None, None, 0
-    import psutil  # imported here: only status needs it, and it costs start-up time
+    import psutil  # imported only on the fallback path: it costs start-up time
 
     try:
         main = psutil.Process(pid)
@@ -140,9 +193,14 @@ def collect(lanes: dict[str, dict[str, Any]], names: list[str] | None = None) ->
                            "lane_not_found")
     out = [LaneStatus(n, lanes[n]["unit"], bool(lanes[n].get("enabled", True)), int(lanes[n]["port"]))
            for n in wanted]
-    shown = systemd.show([s.unit for s in out])
+    units = [s.unit for s in out]
+    proc = systemd.show_start(units)
+    # the health checks run while systemctl answers
+    healths = check_health_many([(s.port, lanes[s.name].get("health_path", "/healthz")) for s in out])
+    shown = systemd.show_finish(proc, units)
     now_us = systemd.monotonic_now_us()
-    for s in out:
+    for s, health in zip(out, healths):
+        s.health = health
         props = shown.get(s.unit, {})
         s.load_state = props.get("LoadState", "unknown")
         s.active_state = props.get("ActiveState", "unknown")
@@ -160,12 +218,24 @@ def collect(lanes: dict[str, dict[str, Any]], names: list[str] | None = None) ->
         ping = _num(props.get("WatchdogTimestampMonotonic"))
         if s.running and ping:
             s.watchdog_ping_age_s = round((now_us - ping) / 1e6, 3)
-        s.memory_bytes, s.cpu_seconds, s.cpu_percent_avg, s.processes = _processes(s.main_pid)
-    with ThreadPoolExecutor(max_workers=max(1, min(16, len(out)))) as pool:
-        healths = pool.map(lambda s: check_health(s.port, lanes[s.name].get("health_path", "/healthz")), out)
-        for s, h in zip(out, healths):
-            s.health = h
+        _usage(s, props, since, now_us)
     return out
+
+
+def _usage(s: LaneStatus, props: dict[str, str], since_us: int, now_us: int) -> None:
+    """Memory, CPU and tasks of the lane's whole cgroup as systemd accounts them (what MemoryMax= limits);
+    psutil over the process tree where accounting is off."""
+    mem, cpu_ns, tasks = (_num(props.get(k)) for k in ("MemoryCurrent", "CPUUsageNSec", "TasksCurrent"))
+    if not s.running:
+        return
+    if mem and mem != systemd.UNSET and cpu_ns != systemd.UNSET:
+        s.memory_bytes = mem
+        s.cpu_seconds = round(cpu_ns / 1e9, 3)
+        age = max((now_us - since_us) / 1e6, 1e-3) if since_us else None
+        s.cpu_percent_avg = round(100.0 * s.cpu_seconds / age, 2) if age else None
+        s.processes = tasks if tasks != systemd.UNSET else 0
+        return
+    s.memory_bytes, s.cpu_seconds, s.cpu_percent_avg, s.processes = _processes(s.main_pid)
 
 
 def installed_lanes(unit_dir: Path, config_path: str | None = None) -> dict[str, dict[str, Any]]:

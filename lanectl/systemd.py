@@ -17,7 +17,9 @@ SHOW_PROPS = (
     "Id", "LoadState", "ActiveState", "SubState", "Result", "MainPID", "NRestarts", "StatusText",
     "InvocationID", "ActiveEnterTimestampMonotonic", "ExecMainStartTimestampMonotonic", "WatchdogUSec",
     "WatchdogTimestampMonotonic", "ExecMainCode", "ExecMainStatus", "ControlGroup", "UnitFileState",
+    "MemoryCurrent", "CPUUsageNSec", "TasksCurrent",
 )
+UNSET = 2**64 - 1  # what systemd prints for a counter it does not have (accounting off)
 
 
 def available() -> bool:
@@ -26,13 +28,7 @@ def available() -> bool:
 
 
 def run(*args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    if not available():
-        raise Unavailable(
-            "systemd is not running here (no /run/systemd/system)",
-            "run lanectl on a host booted with systemd, or inside the private systemd that scripts/demo boots "
-            "(scripts/sdbox exec lanectl ...)",
-            "systemd_unavailable",
-        )
+    run_check()
     proc = subprocess.run(["systemctl", *args], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "SYSTEMD_COLORS": "0", "SYSTEMD_PAGER": ""})
     if check and proc.returncode != 0:
@@ -63,11 +59,36 @@ def parse_show(text: str) -> list[dict[str, str]]:
 
 
 def show(units: list[str], props: tuple[str, ...] = SHOW_PROPS) -> dict[str, dict[str, str]]:
+    return show_finish(show_start(units, props), units)
+
+
+def show_start(units: list[str], props: tuple[str, ...] = SHOW_PROPS) -> subprocess.Popen[str] | None:
+    """Start one `systemctl show` for all units; the caller may do other work before show_finish()."""
     if not units:
+        return None
+    run_check()
+    return subprocess.Popen(["systemctl", "show", "-p", ",".join(props), "--", *units], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "SYSTEMD_COLORS": "0"})
+
+
+def show_finish(proc: subprocess.Popen[str] | None, units: list[str]) -> dict[str, dict[str, str]]:
+    if proc is None:
         return {}
-    proc = run("show", "-p", ",".join(props), "--", *units)
-    blocks = parse_show(proc.stdout)
-    return {b.get("Id", u): b for u, b in zip(units, blocks)}
+    out, err = proc.communicate(timeout=60)
+    if proc.returncode != 0:
+        raise LanectlError(f"systemctl show failed: {err.strip() or proc.returncode}",
+                           "see 'systemctl status'", "systemctl_failed")
+    return {b.get("Id", u): b for u, b in zip(units, parse_show(out))}
+
+
+def run_check() -> None:
+    if not available():
+        raise Unavailable(
+            "systemd is not running here (no /run/systemd/system)",
+            "run lanectl on a host booted with systemd, or inside the private systemd that scripts/demo boots "
+            "(scripts/sdbox exec lanectl ...)",
+            "systemd_unavailable",
+        )
 
 
 _SPAN_UNITS = {"us": 1, "ms": 1_000, "s": 1_000_000, "min": 60_000_000, "h": 3_600_000_000,
