@@ -181,7 +181,10 @@ def _validate(fleet: LaneSet, *, cls: str, payload: Any, deadline: float | None,
                       "use e.g. a UUID or 'producer:job-42'", "bad_idempotency_key")
     tags = sorted(set(tags))
     if lane is not None:
-        served = fleet.get(lane)  # NotFound lane_not_found, exit 4
+        if lane not in fleet.lanes:
+            known = ", ".join(sorted(fleet.lanes)) or "none"
+            raise NotFound(f"lane: no lane named {lane!r}", f"use one of: {known}", "lane_not_found")
+        served = fleet.lanes[lane]
         if cls not in served.classes:
             raise invalid("lane", f"lane {lane!r} does not serve the {cls} class",
                           f"it serves {', '.join(served.classes)}; pick another lane or class", "lane_class")
