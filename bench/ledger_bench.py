@@ -1,0 +1,222 @@
+"""Ledger benchmark (issue 3): full mission lifecycle and dispatch-decision latency.
+
+    /opt/lanectl/venv/bin/python bench/ledger_bench.py [--n 3000] [--runs 3] [--sizes 1000,100000,1000000]
+
+Lifecycle = submit -> dispatch decision + assignment -> complete, driven in batches of --batch missions:
+  lanectl/percall  every submit and every completion is its own transaction; one tick per batch
+  lanectl/group    group commit: a batch of submits in one transaction, one tick, completions in one transaction
+  huey             SqliteHuey: enqueue a batch, then dequeue + execute (stores the result) each task
+  raw              the SQLite ceiling: INSERT, claim (UPDATE ... RETURNING), complete; one transaction each
+each at synchronous=NORMAL and FULL (WAL), plus huey at its defaults. Medians of --runs runs, same process.
+Dispatch latency: one interactive mission submitted, then run_once timed (decision + assignment, one
+transaction), with N background missions queued (lanes do not serve them, so they are scanned and skipped)
+and 1M finished missions in history. Performance is measured here, never asserted in tests.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import sqlite3
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from lanectl.config import ClassPolicy, Lane, LaneSet, Settings  # noqa: E402
+from lanectl.ledger import Ledger, tick  # noqa: E402
+from lanectl.ledger import missions as ms  # noqa: E402
+
+BIG = 10**9
+
+
+def fleet(tmp: Path, classes: list[str] | None = None, capacity: int = 1024) -> LaneSet:
+    lane = Lane(port=9001, workspace="/var/lib/lanes/a", capacity=capacity,
+                classes=classes or ["interactive", "deadline", "background"])
+    pol = {c: ClassPolicy(queue_limit=BIG) for c in ("interactive", "deadline", "background")}
+    return LaneSet({"a": lane}, Settings(classes=pol), tmp, tmp)
+
+
+def lanectl_lifecycle(path: Path, n: int, batch: int, sync: str, group: bool) -> float:
+    f = fleet(path.parent)
+    led = Ledger.open(path, synchronous=sync)  # type: ignore[arg-type]
+    t0 = time.perf_counter()
+    for start in range(0, n, batch):
+        now = time.time()
+        if group:
+            with led.transaction():
+                for i in range(start, min(n, start + batch)):
+                    ms.submit(led, f, cls="interactive", payload={"i": i}, now=now)
+        else:
+            for i in range(start, min(n, start + batch)):
+                ms.submit(led, f, cls="interactive", payload={"i": i}, now=now)
+        res = tick.run_once(led, f, now=now)
+        if group:
+            with led.transaction():
+                for d in res.dispatches:
+                    ms.complete(led, d.mission, lane=d.lane, attempt=d.attempt, token=d.token, now=now)
+        else:
+            for d in res.dispatches:
+                ms.complete(led, d.mission, lane=d.lane, attempt=d.attempt, token=d.token, now=now)
+    elapsed = time.perf_counter() - t0
+    done = led.conn.execute("SELECT count(*) FROM missions WHERE state = 'succeeded'").fetchone()[0]
+    assert done == n, (done, n)
+    led.close()
+    return n / elapsed
+
+
+def huey_lifecycle(path: Path, n: int, batch: int, sync: str | None) -> float:
+    from huey import SqliteHuey
+    from huey.storage import SqliteStorage
+
+    class Storage(SqliteStorage):
+        def _create_connection(self):  # type: ignore[no-untyped-def]
+            conn = super()._create_connection()
+            if sync is not None:
+                conn.execute(f"pragma synchronous={sync}")
+            return conn
+
+    class Huey(SqliteHuey):
+        storage_class = Storage
+
+    h = Huey("bench", filename=str(path))
+
+    @h.task()
+    def noop(i: int) -> int:
+        return i
+
+    t0 = time.perf_counter()
+    for start in range(0, n, batch):
+        for i in range(start, min(n, start + batch)):
+            noop(i)
+        for _ in range(min(n, start + batch) - start):
+            h.execute(h.dequeue())
+    elapsed = time.perf_counter() - t0
+    assert len(h) == 0
+    return n / elapsed
+
+
+def raw_lifecycle(path: Path, n: int, batch: int, sync: str) -> float:
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute(f"PRAGMA synchronous = {sync}")
+    conn.execute("CREATE TABLE q (id INTEGER PRIMARY KEY, state INTEGER NOT NULL, payload TEXT, result TEXT)")
+    conn.execute("CREATE INDEX q_queued ON q (id) WHERE state = 0")
+    t0 = time.perf_counter()
+    for start in range(0, n, batch):
+        for i in range(start, min(n, start + batch)):
+            conn.execute("INSERT INTO q (state, payload) VALUES (0, ?)", (f'{{"i": {i}}}',))
+        for _ in range(min(n, start + batch) - start):
+            mid = conn.execute("UPDATE q SET state = 1 WHERE id = (SELECT id FROM q WHERE state = 0 ORDER BY id "
+                               "LIMIT 1) RETURNING id").fetchone()[0]
+            conn.execute("UPDATE q SET state = 2, result = 'ok' WHERE id = ? AND state = 1", (mid,))
+    elapsed = time.perf_counter() - t0
+    conn.close()
+    return n / elapsed
+
+
+def lifecycle(args: argparse.Namespace) -> None:
+    cases = [
+        ("raw 3 statements", "NORMAL", lambda p: raw_lifecycle(p, args.n, args.batch, "NORMAL")),
+        ("huey SqliteHuey", "NORMAL", lambda p: huey_lifecycle(p, args.n, args.batch, "1")),
+        ("lanectl per-call", "NORMAL", lambda p: lanectl_lifecycle(p, args.n, args.batch, "NORMAL", False)),
+        ("lanectl group commit", "NORMAL", lambda p: lanectl_lifecycle(p, args.n, args.batch, "NORMAL", True)),
+        ("raw 3 statements", "FULL", lambda p: raw_lifecycle(p, args.n, args.batch, "FULL")),
+        ("huey SqliteHuey (defaults)", "FULL", lambda p: huey_lifecycle(p, args.n, args.batch, None)),
+        ("lanectl per-call", "FULL", lambda p: lanectl_lifecycle(p, args.n, args.batch, "FULL", False)),
+        ("lanectl group commit", "FULL", lambda p: lanectl_lifecycle(p, args.n, args.batch, "FULL", True)),
+    ]
+    results: dict[tuple[str, str], list[float]] = {}
+    for run in range(args.runs):
+        for name, sync, fn in cases:
+            d = Path(tempfile.mkdtemp(dir=args.dir))
+            results.setdefault((name, sync), []).append(fn(d / "bench.db"))
+            shutil.rmtree(d)
+    print(f"\nlifecycle: {args.n} missions, batches of {args.batch}, median of {args.runs} runs (missions/s)")
+    med = {k: statistics.median(v) for k, v in results.items()}
+    for (name, sync), value in med.items():
+        ratio_h = value / med[("huey SqliteHuey" if sync == "NORMAL" else "huey SqliteHuey (defaults)", sync)]
+        ratio_r = value / med[("raw 3 statements", sync)]
+        print(f"| {name} | WAL+{sync} | {value:,.0f} | {ratio_h:.2f}x | {ratio_r:.2f}x |")
+
+
+def build_ledger(path: Path, history: int, queued: int) -> None:
+    led = Ledger.open(path)
+    now = time.time() - 3600
+    row = ("background", 2, '{"argv":["true"]}', "0" * 64, now, now)
+    with led.transaction() as conn:
+        step = 100_000
+        for start in range(0, history, step):
+            conn.executemany("INSERT INTO missions (class, rank, state, payload, request_hash, max_attempts, "
+                             "attempts, created_at, updated_at) VALUES (?, ?, 'succeeded', ?, ?, 3, 1, ?, ?)",
+                             [row] * min(step, history - start))
+        for start in range(0, queued, step):
+            conn.executemany("INSERT INTO missions (class, rank, state, payload, request_hash, max_attempts, "
+                             "created_at, updated_at) VALUES (?, ?, 'queued', ?, ?, 3, ?, ?)",
+                             [row] * min(step, queued - start))
+    led.conn.execute("ANALYZE")
+    led.close()
+
+
+def latency(args: argparse.Namespace) -> None:
+    base = Path(tempfile.mkdtemp(dir=args.dir))
+    print(f"\ndispatch decision (run_once) for one interactive mission; {args.history:,} finished in history")
+    for size in args.sizes:
+        path = base / f"l{size}.db"
+        t0 = time.perf_counter()
+        build_ledger(path, args.history, size)
+        built = time.perf_counter() - t0
+        f = fleet(base, classes=["interactive"], capacity=4)
+        led = Ledger.open(path)
+        samples = []
+        for i in range(args.samples):
+            now = time.time()
+            ms.submit(led, f, cls="interactive", payload={"i": i}, now=now)
+            t = time.perf_counter()
+            res = tick.run_once(led, f, now=now)
+            samples.append((time.perf_counter() - t) * 1000)
+            d = res.dispatches[0]
+            ms.complete(led, d.mission, lane=d.lane, attempt=d.attempt, token=d.token, now=now)
+        samples.sort()
+        p50 = samples[len(samples) // 2]
+        p99 = samples[min(len(samples) - 1, int(len(samples) * 0.99))]
+        t = time.perf_counter()
+        page = ms.list_missions(led, state="queued", limit=100)
+        list_ms = (time.perf_counter() - t) * 1000
+        t = time.perf_counter()
+        ms.get(led, page[0].id)
+        ms.attempts_of(led, page[0].id)
+        show_ms = (time.perf_counter() - t) * 1000
+        led.close()
+        print(f"| {size:,} queued | {p50:.2f} ms | {p99:.2f} ms | list first page {list_ms:.1f} ms | "
+              f"show {show_ms:.2f} ms | built in {built:.0f} s, {path.stat().st_size / 1e6:.0f} MB |")
+        path.unlink()
+    shutil.rmtree(base)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--n", type=int, default=3000)
+    p.add_argument("--batch", type=int, default=100)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--sizes", default="1000,100000,1000000")
+    p.add_argument("--history", type=int, default=1_000_000)
+    p.add_argument("--samples", type=int, default=300)
+    p.add_argument("--dir", default=None, help="Where the temporary ledgers go (default: $TMPDIR).")
+    p.add_argument("--skip", default="", help="lifecycle or latency")
+    args = p.parse_args()
+    args.sizes = [int(s) for s in args.sizes.split(",") if s]
+    print(f"machine: nproc {os.cpu_count()}, python {platform.python_version()}, sqlite {sqlite3.sqlite_version}, "
+          f"{platform.platform()}")
+    if "lifecycle" not in args.skip:
+        lifecycle(args)
+    if "latency" not in args.skip:
+        latency(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""A small Python API for producers: submit, get, wait, cancel.
+
+    from lanectl.client import Client
+    c = Client()                      # LANECTL_LEDGER / $STATE_DIRECTORY/ledger.db, LANECTL_CONFIG_DIR
+    m = c.submit("interactive", {"argv": ["echo", "hi"]}, idempotency_key="job-42")
+    done = c.wait(m.id, timeout=60)   # raises lanectl.errors.Timeout (exit 7) when it does not finish in time
+
+Errors are ``lanectl.errors.LanectlError`` subclasses with a stable ``code`` (``queue_full`` is backpressure:
+retry later) and the documented ``exit_code``.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from lanectl import config, paths
+from lanectl.errors import Timeout
+from lanectl.ledger import Ledger
+from lanectl.ledger import missions as ms
+
+POLL_S = 0.2
+
+
+class Client:
+    def __init__(self, ledger: str | Path | None = None, config_dir: str | Path | None = None,
+                 fleet: config.LaneSet | None = None) -> None:
+        self._ledger_path = paths.ledger_path(ledger)
+        self._config_dir = config_dir
+        self._fleet = fleet
+        self._ledger: Ledger | None = None
+
+    @property
+    def ledger(self) -> Ledger:
+        if self._ledger is None:
+            self._ledger = Ledger.open(self._ledger_path)
+        return self._ledger
+
+    @property
+    def fleet(self) -> config.LaneSet:
+        if self._fleet is None:
+            self._fleet = config.load(self._config_dir)
+        return self._fleet
+
+    def close(self) -> None:
+        if self._ledger is not None:
+            self._ledger.close()
+            self._ledger = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def submit(self, cls: str, payload: Any, *, deadline: float | None = None, lane: str | None = None,
+               tags: Iterable[str] = (), session: str | None = None, idempotency_key: str | None = None,
+               max_attempts: int | None = None, now: float | None = None) -> ms.Mission:
+        """Queue a mission (or return the one already submitted with this idempotency key)."""
+        return ms.submit(self.ledger, self.fleet, cls=cls, payload=payload, deadline=deadline, lane=lane,
+                         tags=tags, session=session, idempotency_key=idempotency_key, max_attempts=max_attempts,
+                         now=time.time() if now is None else now).mission
+
+    def get(self, mission_id: int) -> ms.Mission:
+        return ms.get(self.ledger, mission_id)
+
+    def wait(self, mission_id: int, timeout: float = 60.0, poll: float = POLL_S) -> ms.Mission:
+        """Poll until the mission is finished; ``Timeout`` (exit 7) when ``timeout`` seconds pass first."""
+        deadline = time.monotonic() + timeout
+        while True:
+            m = self.get(mission_id)
+            if m.state in ms.FINISHED:
+                return m
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise Timeout(f"mission {mission_id} is still {m.state} after {timeout:g}s",
+                              "wait longer (--timeout) or look at 'lanectl mission explain'", "wait_timeout")
+            time.sleep(min(poll, left))
+
+    def cancel(self, mission_id: int, now: float | None = None) -> ms.Mission:
+        return ms.cancel(self.ledger, mission_id, now=time.time() if now is None else now,
+                         reason="cancelled by producer").mission

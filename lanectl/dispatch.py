@@ -1,0 +1,247 @@
+"""The dispatch policy: a pure function from a snapshot (lanes, usage, queue head, SWRR state, now) to assignments.
+
+No I/O and no clock: ``lanectl.ledger.tick`` builds the snapshot inside the write transaction and records the
+result. Rules (DESIGN.md, "Dispatch policy"):
+
+- A lane is eligible for a mission when it is ``active`` and healthy, serves the mission's class, carries every
+  tag the mission asks for, has capacity left and has quota left (per-class rate per minute, daily budget).
+- Order: ``interactive > deadline > background`` strictly; deadline missions earliest-deadline-first; others
+  first in, first out. A mission that has waited longer than its class's ``max_wait_sec`` is *aged*: aged
+  missions go before all fresh work (then by class, then oldest first). "One class up" alone would leave an aged
+  background mission behind interactive work forever under sustained interactive load; this ordering bounds its
+  wait by ``max_wait_sec`` plus one tick, which the property tests check.
+- A queued mission whose deadline has passed is expired instead of dispatched.
+- A mission pinned to a lane (``--lane``, or its session's owner) goes there; when that lane is unavailable (not
+  active or not healthy) it follows the ``fallback`` chain to the first available lane, and a session moves with
+  it (recorded). A session with missions still active on one lane is kept there. With no lane it waits, and the
+  reason is returned (recorded as a ``waiting`` event).
+- Among eligible lanes: smooth weighted round-robin (nginx's SWRR) by ``weight`` over the lanes eligible for this
+  mission, ties broken by least in flight, then name. Lanes of weight 0 are used only when no lane with weight is
+  eligible. The SWRR state is part of the snapshot and of the result, so a plan is deterministic.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Final
+
+CLASSES: Final = ("interactive", "deadline", "background")
+RANK: Final = {c: i for i, c in enumerate(CLASSES)}
+AVAILABLE_STATE: Final = "active"
+
+
+@dataclass(frozen=True)
+class LaneView:
+    name: str
+    capacity: int
+    classes: frozenset[str] = frozenset(CLASSES)
+    state: str = "active"  # active | draining | drained | degraded | disabled
+    healthy: bool = True
+    in_flight: int = 0
+    weight: int = 100
+    fallback: str | None = None
+    tags: frozenset[str] = frozenset()
+    rate_per_minute: Mapping[str, int] = field(default_factory=dict)
+    daily_budget: Mapping[str, int] = field(default_factory=dict)
+    used_minute: Mapping[str, int] = field(default_factory=dict)
+    used_day: Mapping[str, int] = field(default_factory=dict)
+    invocation: str | None = None
+
+    @property
+    def available(self) -> bool:
+        return self.state == AVAILABLE_STATE and self.healthy
+
+
+@dataclass(frozen=True)
+class QueuedMission:
+    id: int
+    cls: str
+    created_at: float
+    deadline: float | None = None
+    lane: str | None = None  # asked for with --lane
+    tags: frozenset[str] = frozenset()
+    session: str | None = None
+    session_lane: str | None = None  # the session's owner lane
+    session_active_lane: str | None = None  # lane where the session has missions in flight
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    lanes: tuple[LaneView, ...]
+    queue: tuple[QueuedMission, ...]
+    max_wait: Mapping[str, float] = field(default_factory=lambda: {"interactive": 30.0, "deadline": 120.0,
+                                                                   "background": 600.0})
+    swrr: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Assignment:
+    mission: int
+    lane: str
+    cls: str
+    aged: bool = False
+    fallback_from: str | None = None
+    session: str | None = None
+    session_move: tuple[str, str] | None = None  # (from lane, to lane)
+
+
+@dataclass
+class Decision:
+    assignments: list[Assignment]
+    expired: list[int]
+    waiting: dict[int, str]
+    swrr: dict[str, int]
+
+
+@dataclass(frozen=True)
+class LaneVerdict:
+    lane: str
+    eligible: bool
+    reason: str
+
+
+def is_aged(m: QueuedMission, max_wait: Mapping[str, float], now: float) -> bool:
+    return now - m.created_at > max_wait.get(m.cls, math.inf)
+
+
+def priority(m: QueuedMission, max_wait: Mapping[str, float], now: float) -> tuple[int, int, float, int]:
+    """Sort key: aged first, then class, then deadline (deadline class, EDF) or age."""
+    if is_aged(m, max_wait, now):
+        return (0, RANK[m.cls], m.created_at, m.id)
+    if m.cls == "deadline" and m.deadline is not None:
+        return (1, RANK[m.cls], m.deadline, m.id)
+    return (1, RANK[m.cls], m.created_at, m.id)
+
+
+def quota_left(lane: LaneView, cls: str) -> str | None:
+    """None when the lane may take one more mission of ``cls`` now, else the reason it may not."""
+    rate = lane.rate_per_minute.get(cls)
+    if rate is not None and lane.used_minute.get(cls, 0) >= rate:
+        return f"rate quota used ({lane.used_minute.get(cls, 0)}/{rate} {cls} per minute)"
+    budget = lane.daily_budget.get(cls)
+    if budget is not None and lane.used_day.get(cls, 0) >= budget:
+        return f"daily budget used ({lane.used_day.get(cls, 0)}/{budget} {cls} today)"
+    return None
+
+
+def route(m: QueuedMission, lanes: Mapping[str, LaneView]) -> tuple[str | None, str | None, str | None]:
+    """(pinned lane or None for any, fallback_from, wait reason). Follows the fallback chain when pinned."""
+    if m.session_active_lane is not None:
+        pin = m.session_active_lane
+        if pin not in lanes or not lanes[pin].available:
+            return None, None, f"session {m.session} still has missions on unavailable lane {pin!r}"
+        return pin, None, None
+    pin = m.session_lane or m.lane
+    if pin is None:
+        return None, None, None
+    seen: list[str] = []
+    current: str | None = pin
+    while current is not None and current not in seen:
+        seen.append(current)
+        view = lanes.get(current)
+        if view is not None and view.available:
+            return current, (pin if current != pin else None), None
+        current = view.fallback if view is not None else None
+    return None, None, f"lane {pin!r} is unavailable and no fallback lane is available (tried {', '.join(seen)})"
+
+
+def verdict(m: QueuedMission, lane: LaneView, pinned: str | None, route_wait: str | None) -> str | None:
+    """None when ``lane`` is eligible for ``m``, else why not."""
+    if route_wait is not None:
+        return route_wait
+    if pinned is not None and lane.name != pinned:
+        return f"mission is bound to lane {pinned!r}"
+    if lane.state != AVAILABLE_STATE:
+        return f"lane is {lane.state}"
+    if not lane.healthy:
+        return "lane is not healthy"
+    if m.cls not in lane.classes:
+        return f"lane does not serve {m.cls}"
+    missing = sorted(m.tags - lane.tags)
+    if missing:
+        return f"lane lacks tag(s) {', '.join(missing)}"
+    if lane.in_flight >= lane.capacity:
+        return f"lane is full ({lane.in_flight}/{lane.capacity} in flight)"
+    return quota_left(lane, m.cls)
+
+
+def swrr_pick(eligible: list[LaneView], state: dict[str, int]) -> LaneView:
+    weighted = [ln for ln in eligible if ln.weight > 0] or eligible
+    total = sum(ln.weight for ln in weighted)
+    for ln in weighted:
+        state[ln.name] = state.get(ln.name, 0) + ln.weight
+    best = max(weighted, key=lambda ln: (state[ln.name], -ln.in_flight, _neg(ln.name)))
+    state[best.name] -= total
+    return best
+
+
+def _neg(name: str) -> tuple[int, ...]:
+    return tuple(-ord(c) for c in name)
+
+
+def decide(snapshot: Snapshot, now: float) -> Decision:
+    """The whole pass: expirations, assignments in priority order, the waits and the new SWRR state."""
+    lanes = {ln.name: ln for ln in snapshot.lanes}
+    swrr = dict(snapshot.swrr)
+    expired = [m.id for m in snapshot.queue if m.deadline is not None and m.deadline <= now]
+    gone = set(expired)
+    queue = sorted((m for m in snapshot.queue if m.id not in gone),
+                   key=lambda m: priority(m, snapshot.max_wait, now))
+    out: list[Assignment] = []
+    waiting: dict[int, str] = {}
+    session_lane: dict[str, str] = {}  # sessions placed during this pass stay on one lane
+    for m in queue:
+        if m.session is not None and m.session in session_lane:
+            m = replace(m, session_active_lane=session_lane[m.session])
+        pinned, fallback_from, wait = route(m, lanes)
+        reasons = {name: verdict(m, ln, pinned, wait) for name, ln in lanes.items()}
+        eligible = [lanes[n] for n, r in reasons.items() if r is None]
+        if not eligible:
+            waiting[m.id] = _summary(m, reasons, wait)
+            continue
+        best = swrr_pick(eligible, swrr)
+        used_min = dict(best.used_minute)
+        used_day = dict(best.used_day)
+        used_min[m.cls] = used_min.get(m.cls, 0) + 1
+        used_day[m.cls] = used_day.get(m.cls, 0) + 1
+        lanes[best.name] = replace(best, in_flight=best.in_flight + 1, used_minute=used_min, used_day=used_day)
+        move = None
+        if m.session is not None:
+            session_lane[m.session] = best.name
+            if m.session_lane is not None and m.session_lane != best.name:
+                move = (m.session_lane, best.name)
+        out.append(Assignment(m.id, best.name, m.cls, is_aged(m, snapshot.max_wait, now), fallback_from,
+                              m.session, move))
+    return Decision(out, expired, waiting, swrr)
+
+
+def _summary(m: QueuedMission, reasons: Mapping[str, str | None], wait: str | None) -> str:
+    if wait is not None:
+        return wait
+    if not reasons:
+        return "no lanes are configured"
+    distinct = sorted({r for r in reasons.values() if r})
+    return "no eligible lane: " + "; ".join(distinct[:4])
+
+
+def plan(snapshot: Snapshot, now: float) -> list[Assignment]:
+    """The assignments of one policy pass (see ``decide`` for expirations, waits and SWRR state)."""
+    return decide(snapshot, now).assignments
+
+
+def explain(mission: QueuedMission, snapshot: Snapshot, now: float) -> list[LaneVerdict]:
+    """Every lane considered for ``mission`` as it stands now, and why it would be skipped."""
+    lanes = {ln.name: ln for ln in snapshot.lanes}
+    if mission.deadline is not None and mission.deadline <= now:
+        return [LaneVerdict(n, False, "deadline passed: the mission expires") for n in sorted(lanes)]
+    pinned, fallback_from, wait = route(mission, lanes)
+    out = []
+    for name in sorted(lanes):
+        reason = verdict(mission, lanes[name], pinned, wait)
+        if reason is None and fallback_from is not None:
+            reason_text = f"eligible (fallback for {fallback_from!r})"
+        else:
+            reason_text = reason or "eligible"
+        out.append(LaneVerdict(name, reason is None, reason_text))
+    return out

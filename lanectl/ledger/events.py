@@ -1,0 +1,137 @@
+"""The append-only event log: every mission transition, refusal, rejection and session move, with its time.
+
+The ``events`` table cannot be updated or deleted (``BEFORE UPDATE/DELETE`` triggers raise ``ABORT``). Every
+transition appends its event in the same transaction as the change, so the log and the state never disagree;
+``replay()`` rebuilds mission states from the log alone (the property tests compare it with the tables).
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+
+class EventKind(StrEnum):
+    """Every event kind the ledger emits (docs/ledger.md lists the same set)."""
+
+    SUBMITTED = "submitted"  #: a new mission entered the queue
+    SUBMIT_REFUSED = "submit_refused"  #: admission control refused a submit (queue_full)
+    DISPATCHED = "dispatched"  #: attempt n assigned to a lane (data: fallback_from, aged, token-less)
+    STARTED = "started"  #: the lane reported that it started the attempt
+    SUCCEEDED = "succeeded"  #: the lane reported success
+    FAILED = "failed"  #: the lane reported a failure that is not retried
+    REQUEUED = "requeued"  #: an attempt was lost (lease expired, lane failed over, retryable failure)
+    DEAD = "dead"  #: an attempt was lost or failed with no attempts left
+    CANCELLED = "cancelled"  #: cancelled by an operator or producer
+    RETRIED = "retried"  #: an operator put a finished mission back in the queue
+    EXPIRED = "expired"  #: its deadline passed before it could run
+    CALLBACK_REJECTED = "callback_rejected"  #: a stale or foreign callback was refused (fencing)
+    WAITING = "waiting"  #: no lane can take it now; data.reason says why (recorded when the reason changes)
+    SESSION_CREATED = "session_created"  #: a session got its owner lane
+    SESSION_MOVED = "session_moved"  #: a session moved to another lane (fallback or reroute)
+    LANE_STATE = "lane_state"  #: a lane's dispatch state or health changed
+    LANE_INVOCATION = "lane_invocation"  #: a lane restarted (new systemd InvocationID)
+
+
+#: Mission state after each mission event kind (None: the kind does not change the mission's state).
+STATE_AFTER: dict[EventKind, str | None] = {
+    EventKind.SUBMITTED: "queued",
+    EventKind.DISPATCHED: "dispatched",
+    EventKind.STARTED: "running",
+    EventKind.SUCCEEDED: "succeeded",
+    EventKind.FAILED: "failed",
+    EventKind.REQUEUED: "queued",
+    EventKind.DEAD: "dead",
+    EventKind.CANCELLED: "cancelled",
+    EventKind.RETRIED: "queued",
+    EventKind.EXPIRED: "expired",
+}
+
+#: Allowed transitions (from state -> event kinds). replay() refuses anything else.
+TRANSITIONS: dict[str | None, set[EventKind]] = {
+    None: {EventKind.SUBMITTED},
+    "queued": {EventKind.DISPATCHED, EventKind.CANCELLED, EventKind.EXPIRED},
+    "dispatched": {EventKind.STARTED, EventKind.SUCCEEDED, EventKind.FAILED, EventKind.REQUEUED, EventKind.DEAD,
+                   EventKind.CANCELLED},
+    "running": {EventKind.SUCCEEDED, EventKind.FAILED, EventKind.REQUEUED, EventKind.DEAD, EventKind.CANCELLED},
+    "succeeded": set(),
+    "failed": {EventKind.RETRIED},
+    "dead": {EventKind.RETRIED},
+    "cancelled": {EventKind.RETRIED},
+    "expired": {EventKind.RETRIED},
+}
+
+
+def append(conn: sqlite3.Connection, kind: EventKind, at: float, *, mission: int | None = None,
+           lane: str | None = None, session: str | None = None, attempt: int | None = None,
+           **data: Any) -> None:
+    """Append one event; call inside the transaction that makes the change it records."""
+    state = STATE_AFTER.get(kind)
+    conn.execute(
+        "INSERT INTO events (at, kind, mission, lane, session, attempt, state, data) VALUES (?,?,?,?,?,?,?,?)",
+        (at, str(kind), mission, lane, session, attempt, state,
+         json.dumps({k: v for k, v in data.items() if v is not None}, sort_keys=True, separators=(",", ":"))),
+    )
+
+
+def query(conn: sqlite3.Connection, *, mission: int | None = None, lane: str | None = None,
+          session: str | None = None, kind: str | None = None, since: float | None = None,
+          until: float | None = None, after_id: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
+    """Events matching every filter given, oldest first."""
+    where, params = ["id > ?"], [after_id]
+    for col, val in (("mission", mission), ("lane", lane), ("session", session), ("kind", kind)):
+        if val is not None:
+            where.append(f"{col} = ?")
+            params.append(val)
+    if since is not None:
+        where.append("at >= ?")
+        params.append(since)
+    if until is not None:
+        where.append("at < ?")
+        params.append(until)
+    cur = conn.execute(f"SELECT id, at, kind, mission, lane, session, attempt, state, data FROM events "
+                       f"WHERE {' AND '.join(where)} ORDER BY id LIMIT ?", (*params, limit))
+    out = []
+    for row in cur.fetchall():
+        ev = dict(zip(("id", "at", "kind", "mission", "lane", "session", "attempt", "state", "data"), row))
+        ev["data"] = json.loads(ev["data"])
+        out.append(ev)
+    return out
+
+
+@dataclass
+class Replayed:
+    state: str | None = None
+    attempts: int = 0
+    lane: str | None = None
+    history: list[str] = field(default_factory=list)
+
+
+class ReplayError(ValueError):
+    """The log holds a transition the state machine does not allow."""
+
+
+def replay(conn: sqlite3.Connection) -> dict[int, Replayed]:
+    """Rebuild every mission's state, attempt count and holding lane from the events alone."""
+    out: dict[int, Replayed] = {}
+    cur = conn.execute("SELECT id, kind, mission, lane, attempt FROM events WHERE mission IS NOT NULL ORDER BY id")
+    for ev_id, kind_s, mission, lane, attempt in cur:
+        try:
+            kind = EventKind(kind_s)
+        except ValueError:
+            continue  # a kind from a newer lanectl: not a transition we know
+        if kind not in STATE_AFTER:
+            continue
+        rec = out.setdefault(mission, Replayed())
+        if kind not in TRANSITIONS[rec.state]:
+            raise ReplayError(f"event {ev_id}: {kind} is not allowed from {rec.state!r} (mission {mission})")
+        rec.state = STATE_AFTER[kind]
+        rec.history.append(str(kind))
+        if kind is EventKind.DISPATCHED:
+            rec.attempts = attempt
+            rec.lane = lane
+        elif rec.state not in ("dispatched", "running"):
+            rec.lane = None
+    return out

@@ -1,0 +1,625 @@
+"""Missions in the ledger: submit (idempotent, admission-controlled), assign, fenced callbacks, recovery.
+
+States: ``queued -> dispatched -> running -> succeeded | failed | cancelled | expired``, ``dead`` when attempts
+run out. Every function here that changes a mission does it in one ``BEGIN IMMEDIATE`` transaction that also
+appends the event (lanectl.ledger.events). Time is always passed in (``now``, seconds since the epoch).
+
+Fencing: each dispatch is attempt ``n`` of a mission, bound to one lane and the lane's systemd invocation, with a
+random token of which only the SHA-256 is stored. A callback must name mission, lane, attempt and token; anything
+else is refused with ``lease_fenced`` (exit 5) and recorded as ``callback_rejected``. A repeated completion of
+the same kind is a no-op (``changed=False``).
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import re
+import secrets
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Final
+
+from lanectl.errors import Conflict, ExitCode, LanectlError, NotFound, Problem
+from lanectl.ledger import Ledger
+from lanectl.ledger.events import EventKind, append
+
+if TYPE_CHECKING:
+    from lanectl.config import LaneSet
+    from lanectl.dispatch import Assignment
+
+CLASSES: Final = ("interactive", "deadline", "background")
+RANK: Final = {c: i for i, c in enumerate(CLASSES)}
+STATES: Final = ("queued", "dispatched", "running", "succeeded", "failed", "cancelled", "expired", "dead")
+ACTIVE: Final = ("dispatched", "running")
+FINISHED: Final = ("succeeded", "failed", "cancelled", "expired", "dead")
+MAX_PAYLOAD_BYTES: Final = 256 * 1024
+"""Largest payload accepted, as canonical JSON (``payload_too_large`` beyond it)."""
+SESSION_RE: Final = re.compile(r"^([a-z][a-z0-9-]{0,30}):([A-Za-z0-9._-]{1,128})$")
+KEY_RE: Final = re.compile(r"^[\x21-\x7e]{1,200}$")
+COLUMNS: Final = ("id, class, state, payload, idempotency_key, lane, tags, session, deadline, max_attempts, "
+                  "attempts, round_start, current_lane, wait_reason, created_at, updated_at, result, error")
+
+
+def iso(ts: float | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+
+
+def canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def invalid(field_: str, message: str, hint: str, code: str = "invalid_input") -> LanectlError:
+    """Bad input from a producer or operator: exit 2 (USAGE), nothing written."""
+    return LanectlError(f"{field_}: {message}", hint, code, ExitCode.USAGE,
+                        [Problem(message, field=field_, hint=hint, code=code)])
+
+
+@dataclass(frozen=True)
+class Mission:
+    id: int
+    cls: str
+    state: str
+    payload: Any
+    idempotency_key: str | None
+    lane: str | None
+    tags: list[str]
+    session: str | None
+    deadline: float | None
+    max_attempts: int
+    attempts: int
+    round_start: int
+    current_lane: str | None
+    wait_reason: str | None
+    created_at: float
+    updated_at: float
+    result: Any = None
+    error: str | None = None
+
+    @classmethod
+    def from_row(cls, row: Sequence[Any]) -> Mission:
+        r = list(row)
+        r[3] = json.loads(r[3])
+        r[6] = json.loads(r[6])
+        r[16] = None if r[16] is None else json.loads(r[16])
+        return cls(*r)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "class": self.cls, "state": self.state, "payload": self.payload,
+            "idempotency_key": self.idempotency_key, "lane": self.lane, "tags": self.tags,
+            "session": self.session, "deadline": iso(self.deadline), "max_attempts": self.max_attempts,
+            "attempts": self.attempts, "current_lane": self.current_lane, "wait_reason": self.wait_reason,
+            "created_at": iso(self.created_at), "updated_at": iso(self.updated_at), "result": self.result,
+            "error": self.error,
+        }
+
+
+@dataclass(frozen=True)
+class SubmitResult:
+    mission: Mission
+    created: bool
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """One recorded assignment: what the supervisor POSTs to the lane after commit (the token is shown once)."""
+
+    mission: int
+    attempt: int
+    lane: str
+    token: str
+    cls: str
+    session: str | None
+    deadline: float | None
+    payload: Any
+    invocation: str | None
+    lease_expires: float
+
+
+@dataclass(frozen=True)
+class CallbackResult:
+    mission: Mission
+    changed: bool
+
+
+# ---------------------------------------------------------------------------------------------------- submit
+
+
+@dataclass
+class _Request:
+    cls: str
+    payload_json: str
+    deadline: float | None
+    lane: str | None
+    tags: list[str]
+    session: str | None
+    session_owner: str | None
+    key: str | None
+    max_attempts: int
+    hash: str = field(default="")
+
+
+def _validate(fleet: LaneSet, *, cls: str, payload: Any, deadline: float | None, lane: str | None,
+              tags: Iterable[str], session: str | None, key: str | None, max_attempts: int | None,
+              now: float, known_sessions: Mapping[str, str]) -> _Request:
+    if cls not in RANK:
+        raise invalid("class", f"{cls!r} is not a mission class", "use interactive, deadline or background",
+                      "unknown_class")
+    if isinstance(payload, (str, bytes)):
+        try:
+            payload = json.loads(payload)
+        except ValueError as exc:
+            raise invalid("payload", f"is not JSON ({exc})", "pass a JSON document, or '-- COMMAND ARGS'",
+                          "payload_not_json") from exc
+    try:
+        payload_json = canonical(payload)
+    except (TypeError, ValueError) as exc:
+        raise invalid("payload", f"cannot be stored as JSON ({exc})", "use only JSON types (no NaN)",
+                      "payload_not_json") from exc
+    size = len(payload_json.encode())
+    if size > MAX_PAYLOAD_BYTES:
+        raise invalid("payload", f"is {size} bytes, more than the {MAX_PAYLOAD_BYTES} allowed",
+                      "store large inputs in the lane's workspace and pass their path", "payload_too_large")
+    if deadline is not None and deadline <= now:
+        raise invalid("deadline", f"{iso(deadline)} is not in the future (now {iso(now)})",
+                      "give a later time, e.g. --deadline +10m", "deadline_past")
+    if cls == "deadline" and deadline is None:
+        raise invalid("deadline", "the deadline class needs a deadline", "add --deadline, or use another class",
+                      "deadline_missing")
+    if max_attempts is None:
+        max_attempts = fleet.settings.classes[cls].max_attempts  # type: ignore[index]
+    if not 1 <= max_attempts <= 100:
+        raise invalid("max_attempts", f"{max_attempts} is out of range", "use 1 to 100", "bad_max_attempts")
+    if key is not None and not KEY_RE.match(key):
+        raise invalid("idempotency_key", "must be 1-200 printable ASCII characters without spaces",
+                      "use e.g. a UUID or 'producer:job-42'", "bad_idempotency_key")
+    tags = sorted(set(tags))
+    if lane is not None:
+        if lane not in fleet.lanes:
+            known = ", ".join(sorted(fleet.lanes)) or "none"
+            raise NotFound(f"lane: no lane named {lane!r}", f"use one of: {known}", "lane_not_found")
+        served = fleet.lanes[lane]
+        if cls not in served.classes:
+            raise invalid("lane", f"lane {lane!r} does not serve the {cls} class",
+                          f"it serves {', '.join(served.classes)}; pick another lane or class", "lane_class")
+    for tag in tags:
+        if not any(tag in ln.tags for ln in fleet.lanes.values()):
+            raise NotFound(f"tag: no lane carries the tag {tag!r}", "check the tags in lanes.d/*.toml",
+                           "tag_not_found")
+    owner = None
+    if session is not None:
+        owner = _session_owner(fleet, session, known_sessions)
+        if lane is not None and lane != owner:
+            raise Conflict(f"session: {session!r} belongs to lane {owner!r}, not {lane!r}",
+                           "drop --lane, or submit without --session", "session_lane_mismatch")
+    req = _Request(cls, payload_json, deadline, lane, tags, session, owner, key, max_attempts)
+    req.hash = hashlib.sha256(canonical([cls, payload_json, deadline, lane, tags, session, max_attempts])
+                              .encode()).hexdigest()
+    return req
+
+
+def _session_owner(fleet: LaneSet, session: str, known: Mapping[str, str]) -> str:
+    if session in known:
+        return known[session]
+    m = SESSION_RE.match(session)
+    if not m:
+        raise invalid("session", f"{session!r} is not a session id", "use PREFIX:ID, e.g. alpha:chat-42",
+                      "bad_session")
+    for name, lane in fleet.lanes.items():
+        if lane.resolved_prefix(name) == m.group(1):
+            return name
+    prefixes = ", ".join(sorted(ln.resolved_prefix(n) for n, ln in fleet.lanes.items())) or "none"
+    raise NotFound(f"session: no lane owns the session prefix {m.group(1)!r}",
+                   f"known prefixes: {prefixes}", "session_not_found")
+
+
+def submit(ledger: Ledger, fleet: LaneSet, *, cls: str, payload: Any, now: float, deadline: float | None = None,
+           lane: str | None = None, tags: Iterable[str] = (), session: str | None = None,
+           idempotency_key: str | None = None, max_attempts: int | None = None) -> SubmitResult:
+    """Queue a mission; the same idempotency key and request returns the existing one (``created=False``)."""
+    known: dict[str, str] = {}
+    if session is not None:
+        row = ledger.conn.execute("SELECT lane FROM sessions WHERE id = ?", (session,)).fetchone()
+        if row:
+            known[session] = row[0]
+    req = _validate(fleet, cls=cls, payload=payload, deadline=deadline, lane=lane, tags=tags, session=session,
+                    key=idempotency_key, max_attempts=max_attempts, now=now, known_sessions=known)
+    refused: LanectlError | None = None
+    with ledger.transaction() as conn:
+        if req.key is not None:
+            row = conn.execute(f"SELECT request_hash, {COLUMNS} FROM missions WHERE idempotency_key = ?",
+                               (req.key,)).fetchone()
+            if row:
+                if row[0] != req.hash:
+                    raise Conflict(f"idempotency_key: {req.key!r} was used for mission {row[1]} with another "
+                                   "request", "use a new key for a new mission, or resend the original request",
+                                   "idempotency_conflict")
+                return SubmitResult(Mission.from_row(row[1:]), False)
+        limit = fleet.settings.classes[req.cls].queue_limit  # type: ignore[index]
+        depth = conn.execute("SELECT n FROM queue_depth WHERE rank = ?", (RANK[req.cls],)).fetchone()[0]
+        if depth >= limit:
+            append(conn, EventKind.SUBMIT_REFUSED, now, lane=req.lane, session=req.session, cls=req.cls,
+                   queued=depth, limit=limit, idempotency_key=req.key)
+            refused = Conflict(f"class: the {req.cls} queue is full ({depth} queued, limit {limit})",
+                               f"retry later (backpressure), or raise classes.{req.cls}.queue_limit in lanectl.toml",
+                               "queue_full")
+        else:
+            if req.session is not None and not known:
+                conn.execute("INSERT INTO sessions (id, lane, created_at, updated_at) VALUES (?, ?, ?, ?)",
+                             (req.session, req.session_owner, now, now))
+                append(conn, EventKind.SESSION_CREATED, now, lane=req.session_owner, session=req.session)
+            row = conn.execute(
+                f"INSERT INTO missions (class, rank, state, payload, request_hash, idempotency_key, lane, tags, "
+                f"session, deadline, max_attempts, created_at, updated_at) "
+                f"VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING {COLUMNS}",
+                (req.cls, RANK[req.cls], req.payload_json, req.hash, req.key, req.lane, canonical(req.tags),
+                 req.session, req.deadline, req.max_attempts, now, now)).fetchone()
+            mission = Mission.from_row(row)
+            append(conn, EventKind.SUBMITTED, now, mission=mission.id, lane=req.lane, session=req.session,
+                   cls=req.cls, deadline=req.deadline)
+    if refused is not None:
+        raise refused
+    return SubmitResult(mission, True)
+
+
+# ---------------------------------------------------------------------------------------------------- reads
+
+
+def get(ledger: Ledger, mission_id: int) -> Mission:
+    row = ledger.conn.execute(f"SELECT {COLUMNS} FROM missions WHERE id = ?", (mission_id,)).fetchone()
+    if row is None:
+        raise NotFound(f"no mission {mission_id} in {ledger.path}", "list them with 'lanectl missions'",
+                       "mission_not_found")
+    return Mission.from_row(row)
+
+
+def list_missions(ledger: Ledger, *, state: str | None = None, lane: str | None = None, cls: str | None = None,
+                  session: str | None = None, limit: int = 100, after_id: int = 0) -> list[Mission]:
+    """Missions matching every filter, oldest first (``after_id`` pages on)."""
+    if state is not None and state not in STATES:
+        raise invalid("state", f"{state!r} is not a mission state", f"use one of {', '.join(STATES)}",
+                      "unknown_state")
+    if cls is not None and cls not in RANK:
+        raise invalid("class", f"{cls!r} is not a mission class", "use interactive, deadline or background",
+                      "unknown_class")
+    where, params = ["id > ?"], [after_id]
+    if state == "queued":
+        where.append("state = 'queued'")  # literal, so the partial index serves it
+    elif state is not None:
+        where.append("state = ?")
+        params.append(state)
+    if cls is not None:
+        where.append("rank = ?")
+        params.append(RANK[cls])
+    if lane is not None:
+        where.append("(current_lane = ? OR lane = ?)")
+        params += [lane, lane]
+    if session is not None:
+        where.append("session = ?")
+        params.append(session)
+    rows = ledger.conn.execute(f"SELECT {COLUMNS} FROM missions WHERE {' AND '.join(where)} ORDER BY id LIMIT ?",
+                               (*params, limit)).fetchall()
+    return [Mission.from_row(r) for r in rows]
+
+
+def attempts_of(ledger: Ledger, mission_id: int) -> list[dict[str, Any]]:
+    rows = ledger.query("SELECT n, lane, class, invocation, state, dispatched_at, started_at, heartbeat_at, "
+                        "lease_expires, finished_at FROM attempts WHERE mission = ? ORDER BY n", (mission_id,))
+    for r in rows:
+        for k in ("dispatched_at", "started_at", "heartbeat_at", "lease_expires", "finished_at"):
+            r[k] = iso(r[k])
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------- assign
+
+
+def assign(ledger: Ledger, assignments: Sequence[Assignment], *, now: float, lease_sec: float,
+           swrr: Mapping[str, int] | None = None, invocations: Mapping[str, str | None] | None = None
+           ) -> list[Dispatch]:
+    """Record a dispatch decision atomically (one transaction: group commit); stale entries are skipped."""
+    with ledger.transaction() as conn:
+        return assign_in(conn, assignments, now=now, lease_sec=lease_sec, swrr=swrr, invocations=invocations)
+
+
+def assign_in(conn: Any, assignments: Sequence[Assignment], *, now: float, lease_sec: float,
+              swrr: Mapping[str, int] | None = None, invocations: Mapping[str, str | None] | None = None
+              ) -> list[Dispatch]:
+    out: list[Dispatch] = []
+    day = int(now // 86400)
+    invocations = invocations or {}
+    for a in assignments:
+        if a.session is not None:
+            owner = conn.execute("SELECT lane FROM sessions WHERE id = ?", (a.session,)).fetchone()
+            busy = conn.execute("SELECT 1 FROM missions WHERE session = ? AND state IN ('dispatched', 'running') "
+                                "AND current_lane <> ? LIMIT 1", (a.session, a.lane)).fetchone()
+            if busy or (owner and owner[0] != a.lane and a.session_move is None):
+                continue  # would put one session on two lanes: the plan was stale
+        row = conn.execute(
+            "UPDATE missions SET state = 'dispatched', attempts = attempts + 1, current_lane = ?, wait_reason = NULL, "
+            "updated_at = ? WHERE id = ? AND state = 'queued' "
+            "RETURNING attempts, class, session, deadline, payload", (a.lane, now, a.mission)).fetchone()
+        if row is None:
+            continue
+        n, cls, session, deadline, payload = row
+        if a.session_move is not None and session is not None:
+            old, new = a.session_move
+            conn.execute("UPDATE sessions SET lane = ?, updated_at = ? WHERE id = ?", (new, now, session))
+            append(conn, EventKind.SESSION_MOVED, now, lane=new, session=session, mission=None, from_lane=old,
+                   reason="fallback" if a.fallback_from else "reroute")
+        token = secrets.token_urlsafe(24)
+        invocation = invocations.get(a.lane)
+        conn.execute("INSERT INTO attempts (mission, n, lane, class, invocation, token_hash, state, dispatched_at, "
+                     "lease_expires) VALUES (?, ?, ?, ?, ?, ?, 'dispatched', ?, ?)",
+                     (a.mission, n, a.lane, cls, invocation, token_hash(token), now, now + lease_sec))
+        conn.execute("INSERT INTO usage_daily (lane, class, day, n) VALUES (?, ?, ?, 1) "
+                     "ON CONFLICT (lane, class, day) DO UPDATE SET n = n + 1", (a.lane, cls, day))
+        append(conn, EventKind.DISPATCHED, now, mission=a.mission, lane=a.lane, session=session, attempt=n,
+               cls=cls, fallback_from=a.fallback_from, aged=a.aged or None)
+        out.append(Dispatch(a.mission, n, a.lane, token, cls, session, deadline, json.loads(payload), invocation,
+                            now + lease_sec))
+    for lane, value in (swrr or {}).items():
+        conn.execute("INSERT INTO lanes (name, swrr, updated_at) VALUES (?, ?, ?) "
+                     "ON CONFLICT (name) DO UPDATE SET swrr = excluded.swrr", (lane, value, now))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- callbacks
+
+_DONE_AS: Final = {"succeeded": "succeeded", "failed": "failed"}
+
+
+def _fence(ledger: Ledger, mission_id: int, lane: str, attempt: int, token: str, kind: str, now: float,
+           lease_sec: float | None, apply: Any) -> CallbackResult:
+    rejected: str | None = None
+    with ledger.transaction() as conn:
+        row = conn.execute("SELECT m.state, m.attempts, a.lane, a.token_hash, a.state FROM missions m "
+                           "LEFT JOIN attempts a ON a.mission = m.id AND a.n = ? WHERE m.id = ?",
+                           (attempt, mission_id)).fetchone()
+        if row is None:
+            rejected = "no such mission"
+        else:
+            m_state, current, a_lane, a_hash, a_state = row
+            if a_lane is None:
+                rejected = f"mission has no attempt {attempt}"
+            elif a_lane != lane:
+                rejected = f"attempt {attempt} belongs to lane {a_lane!r}"
+            elif not hmac.compare_digest(a_hash, token_hash(token)):
+                rejected = "token does not match"
+            elif a_state in ("dispatched", "running") and attempt == current:
+                if lease_sec is not None:
+                    conn.execute("UPDATE attempts SET heartbeat_at = ?, lease_expires = max(lease_expires, ?) "
+                                 "WHERE mission = ? AND n = ?", (now, now + lease_sec, mission_id, attempt))
+                changed = apply(conn, a_state)
+                result = CallbackResult(get(ledger, mission_id), changed)
+            elif _DONE_AS.get(a_state) == kind or (kind in ("started", "heartbeat") and a_state == "succeeded"):
+                result = CallbackResult(get(ledger, mission_id), False)  # a repeat: acknowledge, change nothing
+            else:
+                rejected = f"attempt {attempt} is {a_state} (current attempt {current})"
+        if rejected is not None:
+            append(conn, EventKind.CALLBACK_REJECTED, now, mission=mission_id if row else None, lane=lane,
+                   attempt=attempt, callback=kind, reason=rejected)
+    if rejected is not None:
+        raise Conflict(f"callback {kind} for mission {mission_id} attempt {attempt} from lane {lane!r} refused: "
+                       f"{rejected}", "the lane must drop this attempt; it was re-dispatched or never its own",
+                       "lease_fenced")
+    return result
+
+
+def started(ledger: Ledger, mission_id: int, *, lane: str, attempt: int, token: str, now: float,
+            lease_sec: float) -> CallbackResult:
+    def apply(conn: Any, a_state: str) -> bool:
+        if a_state == "running":
+            return False
+        conn.execute("UPDATE attempts SET state = 'running', started_at = ? WHERE mission = ? AND n = ?",
+                     (now, mission_id, attempt))
+        conn.execute("UPDATE missions SET state = 'running', updated_at = ? WHERE id = ?", (now, mission_id))
+        append(conn, EventKind.STARTED, now, mission=mission_id, lane=lane, attempt=attempt)
+        return True
+
+    return _fence(ledger, mission_id, lane, attempt, token, "started", now, lease_sec, apply)
+
+
+def heartbeat(ledger: Ledger, mission_id: int, *, lane: str, attempt: int, token: str, now: float,
+              lease_sec: float) -> CallbackResult:
+    """Extend the lease (no event: heartbeats are not transitions; the attempt row keeps the last one)."""
+    return _fence(ledger, mission_id, lane, attempt, token, "heartbeat", now, lease_sec, lambda c, s: False)
+
+
+def complete(ledger: Ledger, mission_id: int, *, lane: str, attempt: int, token: str, now: float,
+             result: Any = None) -> CallbackResult:
+    result_json = None if result is None else canonical(result)
+
+    def apply(conn: Any, a_state: str) -> bool:
+        _finish(conn, mission_id, attempt, "succeeded", "succeeded", now, result=result_json)
+        append(conn, EventKind.SUCCEEDED, now, mission=mission_id, lane=lane, attempt=attempt)
+        return True
+
+    return _fence(ledger, mission_id, lane, attempt, token, "succeeded", now, None, apply)
+
+
+def fail(ledger: Ledger, mission_id: int, *, lane: str, attempt: int, token: str, now: float,
+         error: str = "", retry: bool = True) -> CallbackResult:
+    """A failed attempt: re-queued while attempts remain and ``retry``, else ``dead`` (or ``failed``)."""
+
+    def apply(conn: Any, a_state: str) -> bool:
+        if retry:
+            _lose(conn, mission_id, attempt, lane, f"attempt failed: {error}"[:500], now, attempt_state="failed",
+                  error=error)
+        else:
+            _finish(conn, mission_id, attempt, "failed", "failed", now, error=error)
+            append(conn, EventKind.FAILED, now, mission=mission_id, lane=lane, attempt=attempt, error=error[:500])
+        return True
+
+    return _fence(ledger, mission_id, lane, attempt, token, "failed", now, None, apply)
+
+
+def _finish(conn: Any, mission_id: int, attempt: int, m_state: str, a_state: str, now: float, *,
+            result: str | None = None, error: str | None = None) -> None:
+    conn.execute("UPDATE attempts SET state = ?, finished_at = ? WHERE mission = ? AND n = ?",
+                 (a_state, now, mission_id, attempt))
+    cur = conn.execute("UPDATE missions SET state = ?, current_lane = NULL, updated_at = ?, result = ?, error = ? "
+                       "WHERE id = ? AND attempts = ? AND state IN ('dispatched', 'running')",
+                       (m_state, now, result, error, mission_id, attempt))
+    if cur.rowcount != 1:
+        raise RuntimeError(f"mission {mission_id} attempt {attempt} was not active")  # fencing guarantees it
+
+
+def _lose(conn: Any, mission_id: int, attempt: int, lane: str, reason: str, now: float, *,
+          attempt_state: str = "lost", error: str | None = None) -> str:
+    """The attempt is over without a result: re-queue the mission (attempt n+1 next) or declare it dead."""
+    conn.execute("UPDATE attempts SET state = ?, finished_at = ? WHERE mission = ? AND n = ?",
+                 (attempt_state, now, mission_id, attempt))
+    row = conn.execute("SELECT attempts - round_start >= max_attempts FROM missions WHERE id = ?",
+                       (mission_id,)).fetchone()
+    new = "dead" if row[0] else "queued"
+    conn.execute("UPDATE missions SET state = ?, current_lane = NULL, updated_at = ?, error = coalesce(?, error) "
+                 "WHERE id = ? AND attempts = ? AND state IN ('dispatched', 'running')",
+                 (new, now, error, mission_id, attempt))
+    append(conn, EventKind.DEAD if new == "dead" else EventKind.REQUEUED, now, mission=mission_id, lane=lane,
+           attempt=attempt, reason=reason)
+    return new
+
+
+# ---------------------------------------------------------------------------------------------------- recovery
+
+
+def requeue_lane(ledger: Ledger, lane: str, reason: str, *, now: float) -> list[int]:
+    """Failover: every mission active on ``lane`` is re-queued (or dead); returns their ids."""
+    with ledger.transaction() as conn:
+        return requeue_lane_in(conn, lane, reason, now=now)
+
+
+def requeue_lane_in(conn: Any, lane: str, reason: str, *, now: float) -> list[int]:
+    rows = conn.execute("SELECT id, attempts FROM missions WHERE state IN ('dispatched', 'running') "
+                        "AND current_lane = ?", (lane,)).fetchall()
+    for mission_id, attempt in rows:
+        _lose(conn, mission_id, attempt, lane, reason, now)
+    return [r[0] for r in rows]
+
+
+def expire_leases(ledger: Ledger, *, now: float) -> list[int]:
+    """Recovery of abandoned work: attempts whose lease ran out are lost; their missions re-queue or die."""
+    with ledger.transaction() as conn:
+        return expire_leases_in(conn, now=now)
+
+
+def expire_leases_in(conn: Any, *, now: float) -> list[int]:
+    rows = conn.execute("SELECT a.mission, a.n, a.lane FROM attempts a JOIN missions m ON m.id = a.mission "
+                        "AND m.attempts = a.n WHERE a.state IN ('dispatched', 'running') AND a.lease_expires < ?",
+                        (now,)).fetchall()
+    for mission_id, n, lane in rows:
+        _lose(conn, mission_id, n, lane, "lease expired", now)
+    return [r[0] for r in rows]
+
+
+def expire_deadlines_in(conn: Any, *, now: float) -> list[int]:
+    """Queued missions whose deadline passed become ``expired`` rather than run late."""
+    ids: list[int] = []
+    for rank in range(3):
+        ids += [r[0] for r in conn.execute("SELECT id FROM missions WHERE state = 'queued' AND rank = ? "
+                                           "AND deadline IS NOT NULL AND deadline <= ?", (rank, now))]
+    for mission_id in ids:
+        conn.execute("UPDATE missions SET state = 'expired', updated_at = ? WHERE id = ?", (now, mission_id))
+        append(conn, EventKind.EXPIRED, now, mission=mission_id)
+    return ids
+
+
+def record_waits_in(conn: Any, waits: Mapping[int, str], *, now: float) -> int:
+    """Make a wait visible: one ``waiting`` event each time a mission's reason changes (not every tick)."""
+    n = 0
+    for mission_id, reason in waits.items():
+        cur = conn.execute("UPDATE missions SET wait_reason = ? WHERE id = ? AND state = 'queued' "
+                           "AND wait_reason IS NOT ?", (reason, mission_id, reason))
+        if cur.rowcount:
+            append(conn, EventKind.WAITING, now, mission=mission_id, reason=reason)
+            n += 1
+    return n
+
+
+# ---------------------------------------------------------------------------------------------------- operator
+
+
+def cancel(ledger: Ledger, mission_id: int, *, now: float, reason: str = "cancelled by operator") -> CallbackResult:
+    """Cancel a queued or active mission (an active one's lane is told after commit by the supervisor)."""
+    with ledger.transaction() as conn:
+        m = get(ledger, mission_id)
+        if m.state == "cancelled":
+            return CallbackResult(m, False)
+        if m.state in FINISHED:
+            raise Conflict(f"mission {mission_id} is already {m.state}", "nothing to cancel", "mission_finished")
+        if m.state in ACTIVE:
+            _finish(conn, mission_id, m.attempts, "cancelled", "cancelled", now, error=reason)
+        else:
+            conn.execute("UPDATE missions SET state = 'cancelled', updated_at = ?, error = ? WHERE id = ? "
+                         "AND state = 'queued'", (now, reason, mission_id))
+        append(conn, EventKind.CANCELLED, now, mission=mission_id, lane=m.current_lane,
+               attempt=m.attempts if m.state in ACTIVE else None, reason=reason)
+        return CallbackResult(get(ledger, mission_id), True)
+
+
+def retry(ledger: Ledger, mission_id: int, *, now: float, deadline: float | None = None) -> CallbackResult:
+    """Put a failed, dead, cancelled or expired mission back in the queue with a fresh attempt budget."""
+    with ledger.transaction() as conn:
+        m = get(ledger, mission_id)
+        if m.state in ("queued", *ACTIVE):
+            raise Conflict(f"mission {mission_id} is {m.state}", "only a finished mission can be retried",
+                           "mission_active")
+        if m.state == "succeeded":
+            raise Conflict(f"mission {mission_id} succeeded", "submit a new mission to run it again",
+                           "mission_succeeded")
+        new_deadline = deadline if deadline is not None else m.deadline
+        if new_deadline is not None and new_deadline <= now:
+            raise invalid("deadline", f"{iso(new_deadline)} has passed", "retry with a later --deadline",
+                          "deadline_past")
+        conn.execute("UPDATE missions SET state = 'queued', round_start = attempts, deadline = ?, error = NULL, "
+                     "wait_reason = NULL, updated_at = ? WHERE id = ?", (new_deadline, now, mission_id))
+        append(conn, EventKind.RETRIED, now, mission=mission_id, previous=m.state)
+        return CallbackResult(get(ledger, mission_id), True)
+
+
+def move_session(ledger: Ledger, session: str, lane: str, *, now: float, reason: str = "reroute") -> bool:
+    """Move a session to another lane (refused while it has missions active on its current lane)."""
+    with ledger.transaction() as conn:
+        row = conn.execute("SELECT lane FROM sessions WHERE id = ?", (session,)).fetchone()
+        if row is None:
+            raise NotFound(f"no session {session!r}", "sessions appear when a mission is submitted with --session",
+                           "session_not_found")
+        if row[0] == lane:
+            return False
+        if conn.execute("SELECT 1 FROM missions WHERE session = ? AND state IN ('dispatched', 'running') LIMIT 1",
+                        (session,)).fetchone():
+            raise Conflict(f"session {session!r} has missions running on lane {row[0]!r}",
+                           "wait for them or cancel them first", "session_busy")
+        conn.execute("UPDATE sessions SET lane = ?, updated_at = ? WHERE id = ?", (lane, now, session))
+        append(conn, EventKind.SESSION_MOVED, now, lane=lane, session=session, from_lane=row[0], reason=reason)
+        return True
+
+
+def set_lane(ledger: Ledger, name: str, *, now: float, state: str | None = None, healthy: bool | None = None,
+             invocation: str | None = None) -> list[int]:
+    """Record a lane's dispatch state, health or invocation; a new invocation re-queues what the old one held."""
+    with ledger.transaction() as conn:
+        row = conn.execute("SELECT state, healthy, invocation FROM lanes WHERE name = ?", (name,)).fetchone()
+        old_state, old_healthy, old_inv = row if row else ("active", 1, None)
+        new_state = state or old_state
+        new_healthy = int(old_healthy if healthy is None else healthy)
+        new_inv = invocation or old_inv
+        conn.execute("INSERT INTO lanes (name, state, healthy, invocation, updated_at) VALUES (?, ?, ?, ?, ?) "
+                     "ON CONFLICT (name) DO UPDATE SET state = excluded.state, healthy = excluded.healthy, "
+                     "invocation = excluded.invocation, updated_at = excluded.updated_at",
+                     (name, new_state, new_healthy, new_inv, now))
+        if (new_state, new_healthy) != (old_state, old_healthy):
+            append(conn, EventKind.LANE_STATE, now, lane=name, to=new_state, healthy=bool(new_healthy),
+                   previous=old_state)
+        lost: list[int] = []
+        if old_inv is not None and new_inv != old_inv:
+            append(conn, EventKind.LANE_INVOCATION, now, lane=name, invocation=new_inv, previous=old_inv)
+            lost = requeue_lane_in(conn, name, "lane restarted (new invocation)", now=now)
+        return lost

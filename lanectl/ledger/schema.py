@@ -1,0 +1,214 @@
+"""Ordered, named schema migrations for the ledger.
+
+Each step runs in its own ``BEGIN IMMEDIATE`` transaction together with its version record (``PRAGMA
+user_version`` plus a row in ``schema_migrations``), so a crash leaves the ledger at a whole step, never half of
+one. ``pending()`` is read-only. A ledger written by a newer lanectl (``user_version`` beyond the last step we
+know) is refused with ``ledger_too_new`` (exit 3, CONFIG): running older code on it could silently drop what the
+newer schema means, and the supervisor must not restart into that loop (``RestartPreventExitStatus=3``).
+"""
+from __future__ import annotations
+
+import sqlite3
+import time
+from dataclasses import dataclass
+from typing import Final
+
+from lanectl.errors import ExitCode, LanectlError
+
+
+@dataclass(frozen=True)
+class Migration:
+    name: str
+    sql: str
+
+
+_V1: Final = """
+CREATE TABLE schema_migrations (
+    version INTEGER PRIMARY KEY CHECK (version >= 1),
+    name TEXT NOT NULL UNIQUE,
+    applied_at REAL NOT NULL
+) STRICT;
+
+CREATE TABLE missions (
+    id INTEGER PRIMARY KEY,
+    class TEXT NOT NULL CHECK (class IN ('interactive', 'deadline', 'background')),
+    rank INTEGER NOT NULL CHECK (rank IN (0, 1, 2)),
+    state TEXT NOT NULL CHECK (state IN ('queued', 'dispatched', 'running', 'succeeded', 'failed',
+                                         'cancelled', 'expired', 'dead')),
+    payload TEXT NOT NULL CHECK (json_valid(payload) AND length(payload) <= 262144),
+    request_hash TEXT NOT NULL CHECK (length(request_hash) = 64),
+    idempotency_key TEXT UNIQUE CHECK (idempotency_key IS NULL OR length(idempotency_key) BETWEEN 1 AND 200),
+    lane TEXT,
+    tags TEXT NOT NULL DEFAULT '[]' CHECK (json_valid(tags)),
+    session TEXT,
+    deadline REAL,
+    max_attempts INTEGER NOT NULL CHECK (max_attempts BETWEEN 1 AND 100),
+    attempts INTEGER NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+    round_start INTEGER NOT NULL DEFAULT 0 CHECK (round_start >= 0 AND round_start <= attempts),
+    current_lane TEXT,
+    wait_reason TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    result TEXT CHECK (result IS NULL OR json_valid(result)),
+    error TEXT,
+    CHECK ((state IN ('dispatched', 'running')) = (current_lane IS NOT NULL)),
+    CHECK (rank = CASE class WHEN 'interactive' THEN 0 WHEN 'deadline' THEN 1 ELSE 2 END)
+) STRICT;
+-- The claim path: 'WHERE state = ''queued''' is repeated literally in every queue query so the planner uses
+-- these partial indexes; finished history never enters them, so a pick stays O(log n) however long it grows.
+CREATE INDEX missions_queue ON missions (rank, id) WHERE state = 'queued';
+CREATE INDEX missions_edf ON missions (rank, deadline) WHERE state = 'queued' AND deadline IS NOT NULL;
+CREATE INDEX missions_active ON missions (current_lane) WHERE state IN ('dispatched', 'running');
+CREATE INDEX missions_state ON missions (state, id);
+CREATE INDEX missions_session ON missions (session, state) WHERE session IS NOT NULL;
+
+-- Admission control reads queue depth per class on every submit; counting a million-row partial index each time
+-- is too slow, so triggers keep the count exact in the same transaction as the change.
+CREATE TABLE queue_depth (
+    rank INTEGER PRIMARY KEY CHECK (rank IN (0, 1, 2)),
+    n INTEGER NOT NULL CHECK (n >= 0)
+) STRICT;
+INSERT INTO queue_depth (rank, n) VALUES (0, 0), (1, 0), (2, 0);
+CREATE TRIGGER queue_depth_insert AFTER INSERT ON missions WHEN NEW.state = 'queued'
+BEGIN UPDATE queue_depth SET n = n + 1 WHERE rank = NEW.rank; END;
+CREATE TRIGGER queue_depth_leave AFTER UPDATE OF state ON missions
+    WHEN OLD.state = 'queued' AND NEW.state <> 'queued'
+BEGIN UPDATE queue_depth SET n = n - 1 WHERE rank = OLD.rank; END;
+CREATE TRIGGER queue_depth_enter AFTER UPDATE OF state ON missions
+    WHEN OLD.state <> 'queued' AND NEW.state = 'queued'
+BEGIN UPDATE queue_depth SET n = n + 1 WHERE rank = NEW.rank; END;
+CREATE TRIGGER queue_depth_delete AFTER DELETE ON missions WHEN OLD.state = 'queued'
+BEGIN UPDATE queue_depth SET n = n - 1 WHERE rank = OLD.rank; END;
+
+CREATE TABLE attempts (
+    mission INTEGER NOT NULL REFERENCES missions (id),
+    n INTEGER NOT NULL CHECK (n >= 1),
+    lane TEXT NOT NULL,
+    class TEXT NOT NULL CHECK (class IN ('interactive', 'deadline', 'background')),
+    invocation TEXT,
+    token_hash TEXT NOT NULL CHECK (length(token_hash) = 64),
+    state TEXT NOT NULL CHECK (state IN ('dispatched', 'running', 'succeeded', 'failed', 'lost', 'cancelled')),
+    dispatched_at REAL NOT NULL,
+    started_at REAL,
+    heartbeat_at REAL,
+    lease_expires REAL NOT NULL,
+    finished_at REAL,
+    PRIMARY KEY (mission, n)
+) STRICT;
+CREATE INDEX attempts_lease ON attempts (lease_expires) WHERE state IN ('dispatched', 'running');
+CREATE INDEX attempts_rate ON attempts (lane, class, dispatched_at);
+
+CREATE TABLE usage_daily (
+    lane TEXT NOT NULL,
+    class TEXT NOT NULL CHECK (class IN ('interactive', 'deadline', 'background')),
+    day INTEGER NOT NULL,
+    n INTEGER NOT NULL CHECK (n >= 0),
+    PRIMARY KEY (lane, class, day)
+) STRICT, WITHOUT ROWID;
+
+CREATE TABLE sessions (
+    id TEXT PRIMARY KEY CHECK (instr(id, ':') > 1),
+    lane TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+) STRICT, WITHOUT ROWID;
+
+CREATE TABLE lanes (
+    name TEXT PRIMARY KEY,
+    state TEXT NOT NULL DEFAULT 'active'
+        CHECK (state IN ('active', 'draining', 'drained', 'degraded', 'disabled')),
+    healthy INTEGER NOT NULL DEFAULT 1 CHECK (healthy IN (0, 1)),
+    invocation TEXT,
+    swrr INTEGER NOT NULL DEFAULT 0,
+    updated_at REAL NOT NULL
+) STRICT, WITHOUT ROWID;
+
+CREATE TABLE events (
+    id INTEGER PRIMARY KEY,
+    at REAL NOT NULL,
+    kind TEXT NOT NULL CHECK (length(kind) BETWEEN 1 AND 64),
+    mission INTEGER,
+    lane TEXT,
+    session TEXT,
+    attempt INTEGER,
+    state TEXT,
+    data TEXT NOT NULL DEFAULT '{}' CHECK (json_valid(data))
+) STRICT;
+CREATE INDEX events_mission ON events (mission, id) WHERE mission IS NOT NULL;
+CREATE INDEX events_lane ON events (lane, at) WHERE lane IS NOT NULL;
+CREATE INDEX events_session ON events (session, at) WHERE session IS NOT NULL;
+CREATE INDEX events_kind ON events (kind, at);
+CREATE INDEX events_at ON events (at);
+CREATE TRIGGER events_no_update BEFORE UPDATE ON events
+BEGIN SELECT RAISE(ABORT, 'events are append-only'); END;
+CREATE TRIGGER events_no_delete BEFORE DELETE ON events
+BEGIN SELECT RAISE(ABORT, 'events are append-only'); END;
+"""
+
+MIGRATIONS: Final[tuple[Migration, ...]] = (
+    Migration("0001_missions_attempts_events_sessions_lanes", _V1),
+)
+LATEST: Final = len(MIGRATIONS)
+
+
+def current_version(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+
+def check_not_newer(version: int, where: str) -> None:
+    if version > LATEST:
+        raise LanectlError(
+            f"{where}: the ledger has schema version {version}, newer than this lanectl knows ({LATEST})",
+            "upgrade lanectl to the version that wrote it, or point --ledger/LANECTL_LEDGER at another file",
+            "ledger_too_new",
+            ExitCode.CONFIG,
+        )
+
+
+def pending(conn: sqlite3.Connection, where: str = "ledger") -> list[Migration]:
+    """Steps not yet applied (read-only)."""
+    version = current_version(conn)
+    check_not_newer(version, where)
+    return list(MIGRATIONS[version:])
+
+
+def apply(conn: sqlite3.Connection, where: str = "ledger", now: float | None = None) -> list[str]:
+    """Apply every pending step, one transaction each; safe when several processes open a new ledger at once."""
+    done: list[str] = []
+    if not pending(conn, where):
+        return done
+    while True:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = current_version(conn)  # re-read under the write lock: another process may have migrated
+            check_not_newer(version, where)
+            if version >= LATEST:
+                conn.execute("COMMIT")
+                return done
+            step = MIGRATIONS[version]
+            for statement in _statements(step.sql):
+                conn.execute(statement)
+            conn.execute("INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+                         (version + 1, step.name, time.time() if now is None else now))
+            conn.execute(f"PRAGMA user_version = {version + 1:d}")
+            conn.execute("COMMIT")
+            done.append(step.name)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+
+def _statements(sql: str) -> list[str]:
+    """Split a script into statements (executescript() would COMMIT our transaction)."""
+    out: list[str] = []
+    buf = ""
+    for line in sql.splitlines(keepends=True):
+        if line.lstrip().startswith("--"):
+            continue
+        buf += line
+        if sqlite3.complete_statement(buf):
+            out.append(buf.strip())
+            buf = ""
+    if buf.strip():
+        out.append(buf.strip())
+    return out

@@ -1,0 +1,120 @@
+"""The mission CLI through typer's CliRunner (a local app: lanectl.cli.main is wired at merge time)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from lanectl.cli import missions
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def app():
+    app = typer.Typer()
+    missions.register(app)
+    return app
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    cfg = tmp_path / "etc"
+    (cfg / "lanes.d").mkdir(parents=True)
+    (cfg / "lanes.d" / "alpha.toml").write_text('port = 9101\nworkspace = "/var/lib/lanes/alpha"\ncapacity = 1\n')
+    (cfg / "lanes.d" / "beta.toml").write_text('port = 9102\nworkspace = "/var/lib/lanes/beta"\n'
+                                                'classes = ["background"]\n')
+    monkeypatch.setenv("LANECTL_CONFIG_DIR", str(cfg))
+    monkeypatch.setenv("LANECTL_LEDGER", str(tmp_path / "state" / "ledger.db"))
+    return tmp_path
+
+
+def run(app, *args):
+    res = runner.invoke(app, list(args), prog_name="lanectl")
+    doc = json.loads(res.stdout) if "--json" in args and res.stdout.strip() else None
+    return res, doc
+
+
+def test_submit_dispatch_show_cancel_retry(app, env):
+    res, doc = run(app, "submit", "--class", "interactive", "--json", "--", "/bin/echo", "hi")
+    assert res.exit_code == 0, res.output
+    assert doc["lanectl_json"] == 1 and doc["status"] == "ok" and doc["data"]["changed"] is True
+    mid = doc["data"]["id"]
+    assert doc["data"]["payload"] == {"argv": ["/bin/echo", "hi"]}
+    res, doc = run(app, "dispatch", "--once", "--json")
+    assert res.exit_code == 0 and doc["data"]["dispatched"][0]["lane"] == "alpha"
+    res, doc = run(app, "mission", "show", str(mid), "--json")
+    assert doc["data"]["state"] == "dispatched" and doc["data"]["attempt_rows"][0]["lane"] == "alpha"
+    res, doc = run(app, "missions", "--state", "dispatched", "--json")
+    assert [m["id"] for m in doc["data"]["missions"]] == [mid]
+    res, _ = run(app, "mission", "show", str(mid), "--wait", "--timeout", "0.2")
+    assert res.exit_code == 7 and "still dispatched" in res.stderr
+    res, doc = run(app, "mission", "cancel", str(mid), "--json")
+    assert res.exit_code == 0 and doc["data"]["state"] == "cancelled"
+    res, doc = run(app, "mission", "cancel", str(mid), "--json")
+    assert res.exit_code == 0 and doc["data"]["changed"] is False
+    res, doc = run(app, "mission", "retry", str(mid), "--json")
+    assert res.exit_code == 0 and doc["data"]["state"] == "queued"
+    res, _ = run(app, "mission", "show", str(mid))
+    assert res.exit_code == 0 and "queued" in res.stdout
+
+
+def test_explain_lists_every_lane(app, env):
+    run(app, "submit", "--class", "interactive", "--payload", "{}")
+    run(app, "submit", "--class", "interactive", "--payload", "[1]")
+    run(app, "dispatch", "--once")
+    res, doc = run(app, "mission", "explain", "2", "--json")
+    assert res.exit_code == 0
+    reasons = {v["lane"]: v["reason"] for v in doc["data"]["lanes"]}
+    assert reasons == {"alpha": "lane is full (1/1 in flight)", "beta": "lane does not serve interactive"}
+    res, _ = run(app, "mission", "explain", "2")
+    assert "alpha" in res.stdout and "full" in res.stdout
+
+
+def test_idempotency_conflict_exits_5(app, env):
+    assert run(app, "submit", "--payload", "1", "--idempotency-key", "k")[0].exit_code == 0
+    res, doc = run(app, "submit", "--payload", "1", "--idempotency-key", "k", "--json")
+    assert res.exit_code == 0 and doc["data"]["changed"] is False
+    res, doc = run(app, "submit", "--payload", "2", "--idempotency-key", "k", "--json")
+    assert res.exit_code == 5 and doc["errors"][0]["code"] == "idempotency_conflict"
+
+
+@pytest.mark.parametrize(("args", "code", "exit_code"), [
+    (["--class", "urgent", "--payload", "{}"], "unknown_class", 2),
+    (["--class", "deadline", "--deadline", "2001-01-01T00:00:00Z", "--payload", "{}"], "deadline_past", 2),
+    (["--deadline", "tomorrowish", "--payload", "{}"], "bad_deadline", 2),
+    (["--payload", "{nope"], "payload_not_json", 2),
+    (["--payload", json.dumps({"x": "y" * 300_000})], "payload_too_large", 2),
+    (["--lane", "nope", "--payload", "{}"], "lane_not_found", 4),
+    (["--session", "zzz:1", "--payload", "{}"], "session_not_found", 4),
+    ([], "payload_missing", 2),
+])
+def test_bad_input_names_field_and_writes_nothing(app, env, args, code, exit_code):
+    res, doc = run(app, "submit", *args, "--json")
+    assert res.exit_code == exit_code, res.output
+    err = doc["errors"][0]
+    assert err["code"] == code and err["hint"]
+    res, doc = run(app, "missions", "--json")
+    assert doc["data"]["missions"] == []
+
+
+def test_human_error_goes_to_stderr(app, env):
+    res, _ = run(app, "submit", "--class", "urgent", "--payload", "{}")
+    assert res.exit_code == 2 and "class" in res.stderr and "interactive, deadline or background" in res.stderr
+    assert res.stdout == ""
+
+
+def test_not_sqlite_ledger_exits_3(app, env, tmp_path):
+    bad = tmp_path / "junk.db"
+    bad.write_text("not a database\n" * 20)
+    res, doc = run(app, "missions", "--ledger", str(bad), "--json")
+    assert res.exit_code == 3 and doc["errors"][0]["code"] == "ledger_not_sqlite"
+    assert bad.read_text() == "not a database\n" * 20
+
+
+def test_dispatch_needs_once_and_unknown_mission_is_4(app, env):
+    assert run(app, "dispatch")[0].exit_code == 2
+    res, doc = run(app, "mission", "show", "42", "--json")
+    assert res.exit_code == 4 and doc["errors"][0]["code"] == "mission_not_found"

@@ -1,0 +1,108 @@
+"""The ledger file: modes, pragmas, migrations, refusal of foreign and newer files, append-only events."""
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+
+import pytest
+
+from lanectl.errors import ExitCode, LanectlError
+from lanectl.ledger import Ledger, schema
+
+
+def test_open_creates_private_wal_ledger(tmp_path):
+    path = tmp_path / "state" / "ledger.db"
+    with Ledger.open(path) as led:
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
+        assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o750
+        assert led.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert led.conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL, see docs/ledger.md
+        assert led.conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+        assert led.conn.execute("PRAGMA busy_timeout").fetchone()[0] == 5000
+        assert led.version() == schema.LATEST
+        assert schema.pending(led.conn) == []
+        names = [r[0] for r in led.conn.execute("SELECT name FROM schema_migrations ORDER BY version")]
+        assert names == [m.name for m in schema.MIGRATIONS]
+
+
+def test_reopen_is_a_no_op(tmp_path):
+    path = tmp_path / "ledger.db"
+    Ledger.open(path).close()
+    with Ledger.open(path) as led:
+        assert led.conn.execute("SELECT count(*) FROM schema_migrations").fetchone()[0] == schema.LATEST
+
+
+def test_tables_are_strict_with_checks(led):
+    with pytest.raises(sqlite3.IntegrityError):
+        with led.transaction() as conn:
+            conn.execute("INSERT INTO missions (class, rank, state, payload, request_hash, max_attempts, created_at,"
+                         " updated_at) VALUES ('interactive', 0, 'bogus', '{}', ?, 1, 0, 0)", ("0" * 64,))
+    with pytest.raises(sqlite3.IntegrityError):
+        with led.transaction() as conn:
+            conn.execute("INSERT INTO lanes (name, state, updated_at) VALUES ('x', 'active', 'not a number')")
+
+
+def test_events_are_append_only(led):
+    with led.transaction() as conn:
+        conn.execute("INSERT INTO events (at, kind) VALUES (1, 'submitted')")
+    for sql in ("UPDATE events SET kind = 'x'", "DELETE FROM events"):
+        with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+            with led.transaction() as conn:
+                conn.execute(sql)
+    assert led.conn.execute("SELECT kind FROM events").fetchall() == [("submitted",)]
+
+
+def test_newer_schema_is_refused_and_untouched(tmp_path):
+    path = tmp_path / "ledger.db"
+    Ledger.open(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute(f"PRAGMA user_version = {schema.LATEST + 1}")
+    conn.commit()
+    conn.close()
+    before = path.read_bytes()
+    with pytest.raises(LanectlError) as err:
+        Ledger.open(path)
+    assert err.value.code == "ledger_too_new"
+    assert err.value.exit_code == ExitCode.CONFIG
+    assert "upgrade lanectl" in str(err.value)
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("content", [b"hello, this is not a database at all\n" * 10, b"\x00" * 4096])
+def test_not_sqlite_is_refused_and_untouched(tmp_path, content):
+    path = tmp_path / "ledger.db"
+    path.write_bytes(content)
+    with pytest.raises(LanectlError) as err:
+        Ledger.open(path)
+    assert err.value.code == "ledger_not_sqlite"
+    assert err.value.exit_code == ExitCode.CONFIG
+    assert str(path) in err.value.message
+    assert path.read_bytes() == content
+    assert not (tmp_path / "ledger.db-wal").exists()
+
+
+def test_directory_as_ledger_is_refused(tmp_path):
+    with pytest.raises(LanectlError) as err:
+        Ledger.open(tmp_path)
+    assert err.value.exit_code == ExitCode.CONFIG
+
+
+def test_transaction_rolls_back_and_nests(led):
+    with pytest.raises(RuntimeError):
+        with led.transaction() as conn:
+            conn.execute("INSERT INTO lanes (name, updated_at) VALUES ('a', 0)")
+            raise RuntimeError
+    with led.transaction() as conn:
+        conn.execute("INSERT INTO lanes (name, updated_at) VALUES ('b', 0)")
+        with pytest.raises(RuntimeError):
+            with led.transaction():
+                conn.execute("INSERT INTO lanes (name, updated_at) VALUES ('c', 0)")
+                raise RuntimeError
+    assert [r[0] for r in led.conn.execute("SELECT name FROM lanes")] == ["b"]
+
+
+def test_queue_query_uses_the_partial_index(led):
+    plan = led.conn.execute("EXPLAIN QUERY PLAN SELECT id FROM missions WHERE state = 'queued' AND rank = 0 "
+                            "ORDER BY id LIMIT 5").fetchall()
+    assert "missions_queue" in str(plan)
