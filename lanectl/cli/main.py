@@ -4,7 +4,7 @@ from __future__ import annotations
 import typer
 
 from lanectl import __version__
-from lanectl.cli import fleet, lanes, units
+from lanectl.cli import fleet, lanes, missions, units
 
 app = typer.Typer(
     name="lanectl",
@@ -37,3 +37,4 @@ def main(
 lanes.register(app)
 units.register(app)
 fleet.register(app)
+missions.register(app)
