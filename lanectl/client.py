@@ -26,7 +26,7 @@ POLL_S = 0.2
 class Client:
     def __init__(self, ledger: str | Path | None = None, config_dir: str | Path | None = None,
                  fleet: config.LaneSet | None = None) -> None:
-        self._ledger_path = paths.ledger_path(ledger)
+        self._ledger_path = config.ledger_path(fleet or config_dir, ledger)
         self._config_dir = config_dir
         self._fleet = fleet
         self._ledger: Ledger | None = None

@@ -237,6 +237,18 @@ class SupervisorSettings(Model):
     watchdog_sec: Annotated[float, Field(ge=1, le=3600)] = 10.0
 
 
+class HealthSettings(Model):
+    """How the supervisor watches lanes."""
+
+    observe_sec: Annotated[float, Field(gt=0, le=60)] = 2.0
+    """How often it reads every lane's unit state and health endpoint (process exits are seen at once)."""
+    health_timeout_sec: Annotated[float, Field(gt=0, le=10)] = 0.5
+    restart_window_sec: Annotated[float, Field(gt=0)] = 300.0
+    """Restarts counted against a lane's ``restart.max_restarts`` within this window make it degraded."""
+    recover_sec: Annotated[float, Field(gt=0)] = 30.0
+    """A degraded lane that has been up and healthy this long, with no new restart, becomes active again."""
+
+
 class LeaseSettings(Model):
     lease_sec: Annotated[float, Field(gt=0)] = 30.0
     heartbeat_sec: Annotated[float, Field(gt=0)] = 5.0
@@ -247,15 +259,18 @@ class Settings(Model):
     """Global settings: ``lanectl.toml``."""
 
     ledger: str | None = None
+    state_dir: str = str(paths.DEFAULT_STATE_DIR)
+    """The control plane's own state: ledger (by default), box secret, lane keys. Lanes cannot see it."""
     python: str | None = None
     """Interpreter that runs the reference lane runtime; default: the one running lanectl."""
     workspace_root: str = str(paths.DEFAULT_WORKSPACE_ROOT)
     slice: SliceResources = SliceResources()
     supervisor: SupervisorSettings = SupervisorSettings()
     leases: LeaseSettings = LeaseSettings()
+    health: HealthSettings = HealthSettings()
     classes: dict[MissionClass, ClassPolicy] = Field(default_factory=_default_classes)
 
-    @field_validator("ledger", "workspace_root", "python")
+    @field_validator("ledger", "workspace_root", "python", "state_dir")
     @classmethod
     def _paths(cls, v: str | None) -> str | None:
         return None if v is None else check_path(v)
@@ -503,6 +518,28 @@ def _fallback_cycles(lanes: dict[str, Lane], where: Any) -> list[Problem]:
             chain.append(cur)
             cur = lanes[cur].fallback
     return out
+
+
+def ledger_path(where: LaneSet | str | Path | None = None, override: str | Path | None = None) -> Path:
+    """The ledger file: --ledger, else $LANECTL_LEDGER, else ledger= in lanectl.toml, else STATE_DIR/ledger.db."""
+    import os
+
+    if override:
+        return Path(override)
+    if os.environ.get("LANECTL_LEDGER"):
+        return Path(os.environ["LANECTL_LEDGER"])
+    if isinstance(where, LaneSet):
+        settings = where.settings
+    else:
+        problems: list[Problem] = []
+        settings = load_settings(resolve_dirs(where)[0], problems)
+        if any(p.severity == "error" for p in problems):
+            raise config_error(problems)
+    if settings.ledger:
+        return Path(settings.ledger)
+    if os.environ.get("STATE_DIRECTORY"):
+        return paths.ledger_path()
+    return Path(settings.state_dir) / "ledger.db"
 
 
 def port_taken(port: int, host: str = "127.0.0.1") -> bool:

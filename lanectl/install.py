@@ -9,7 +9,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lanectl import paths, systemd
+from lanectl import keys, paths, systemd
 from lanectl.config import LaneSet
 from lanectl.errors import LanectlError
 from lanectl.fsutil import atomic_write, read_text_or_none
@@ -155,6 +155,8 @@ def _group_exists(name: str) -> bool:
 def provision(fleet: LaneSet) -> list[str]:
     """Each lane's own system user, and its workspace owned by that user, mode 0700 (no lane reads another's)."""
     done = []
+    changed_keys = keys.write_lane_keys(Path(fleet.settings.state_dir), sorted(fleet.lanes))
+    done += [f"dispatch key {n}" for n in changed_keys]
     for name, lane in sorted(fleet.lanes.items()):
         user = lane.resolved_user(name)
         if ensure_user(user, lane.workspace):

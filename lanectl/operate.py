@@ -6,7 +6,7 @@ from typing import Any
 
 from lanectl import systemd
 from lanectl.errors import NotFound
-from lanectl.units import TARGET
+from lanectl.units import SUPERVISOR, TARGET
 
 
 @dataclass
@@ -38,7 +38,7 @@ def up(lanes: dict[str, dict[str, Any]], names: list[str] | None = None) -> OpRe
     units = [lanes[n]["unit"] for n in chosen]
     before = _active(units)
     res = OpResult("up", chosen)
-    extra = [] if names else [TARGET]
+    extra = [] if names else [TARGET, SUPERVISOR]
     if units or extra:
         systemd.run("enable", "--quiet", *extra, *units)
     for name, unit in zip(chosen, units):
@@ -50,6 +50,10 @@ def up(lanes: dict[str, dict[str, Any]], names: list[str] | None = None) -> OpRe
         else:
             res.changed.append(name)
     if extra:
+        # the supervisor after the lanes, so that its first look finds them up
+        proc = systemd.run("start", SUPERVISOR, check=False)
+        if proc.returncode != 0:
+            res.failed["supervisor"] = (proc.stderr.strip().splitlines() or ["start failed"])[0]
         systemd.run("start", "--no-block", *extra, check=False)
     return res
 
@@ -60,7 +64,7 @@ def down(lanes: dict[str, dict[str, Any]], names: list[str] | None = None) -> Op
     units = [lanes[n]["unit"] for n in chosen]
     before = _active(units)
     res = OpResult("down", chosen)
-    extra = [] if names else [TARGET]
+    extra = [] if names else [TARGET, SUPERVISOR]
     systemd.run("disable", "--quiet", *extra, *units, check=False)
     if units or extra:
         systemd.run("stop", *extra, *units)
@@ -79,3 +83,35 @@ def restart(lanes: dict[str, dict[str, Any]], name: str) -> OpResult:
     else:
         res.changed.append(name)
     return res
+
+
+# ----------------------------------------------------------------------------------------------- with the ledger
+def wait_drained(ledger_path: Any, lane: str, timeout: float, poll: float = 0.2) -> list[int]:
+    """Wait until nothing is in flight on the lane; returns what is still in flight at the deadline (empty: done)."""
+    import time
+
+    from lanectl.ledger import Ledger
+    from lanectl.ledger import lanes as lane_ops
+
+    deadline = time.monotonic() + timeout
+    with Ledger.open(ledger_path, migrate=False) as led:
+        while True:
+            left = lane_ops.in_flight(led, lane)
+            if not left or time.monotonic() >= deadline:
+                return left
+            time.sleep(poll)
+
+
+def wait_up(lanes: dict[str, dict[str, Any]], name: str, timeout: float, poll: float = 0.1) -> bool:
+    """Wait until the lane's unit runs and its health endpoint answers."""
+    import time
+
+    from lanectl.status import collect
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if collect(lanes, [name])[0].state == "up":
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(poll)

@@ -1,37 +1,55 @@
-"""The lane side of the lane protocol: an SDK, and the reference lane runtime (``python -m lanectl.runtime``).
+"""The lane side of the lane protocol: a Python SDK, and the reference lane runtime (``python -m lanectl.runtime``).
 
-The runtime listens on 127.0.0.1:$LANECTL_PORT, answers ``GET /healthz``, sends ``READY=1`` once it listens,
-``WATCHDOG=1`` from its main loop (the loop that does the work, so that a hung lane stops pinging and systemd
-restarts it) and a one-line ``STATUS=``. HTTP is served from a thread; the main thread owns the work loop.
+A lane listens on 127.0.0.1:$LANECTL_PORT and answers ``GET /healthz``; it accepts missions on ``POST /missions``
+(authenticated with the lane's dispatch key, which systemd hands it in ``LANECTL_DISPATCH_KEY``) and
+cancels on ``POST /missions/ID/cancel``; it reports ``started``, ``heartbeat``, ``succeeded``, ``failed`` and
+``cancelled`` to ``$LANECTL_CALLBACK_URL`` with the attempt's token, retrying until the supervisor answers. It
+sends ``READY=1`` once it listens, ``WATCHDOG=1`` from the loop that does the work (a hung lane stops pinging and
+systemd restarts it), and a one-line ``STATUS=``.
+
+Threads: HTTP handlers (one per connection) only validate and enqueue; the main thread runs the work loop
+(start, poll and reap mission processes, heartbeats, watchdog); one reporter thread delivers callbacks, so a
+supervisor that is down never stalls the work loop.
+
+The reference runtime runs ``payload.argv`` in the lane's workspace (``payload.timeout_sec``, default
+``$LANECTL_MISSION_TIMEOUT`` or 3600 s) and keeps an execution log (``.lanectl/executions.log``, one JSON line per
+start and end) in the workspace. Other runtimes subclass :class:`LaneRuntime` and override :meth:`start_mission`
+and :meth:`poll_mission`, or implement the same HTTP contract in any language.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import queue
 import signal
-import socket
+import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 from lanectl import __version__
+from lanectl.protocol import MAX_TAIL, BadMessage, CallbackMsg, DispatchMsg, bearer_ok, parse_dispatch, read_body
 
 log = logging.getLogger("lanectl.runtime")
-MAX_BODY = 1 << 20
 DEFAULT_WATCHDOG_PING_S = 1.0
+DEFAULT_TIMEOUT_S = 3600.0
+KILL_GRACE_S = 5.0
+CALLBACK_TIMEOUT_S = 5.0
 
 
 class Notifier:
     """sd_notify through the sdnotify library; a no-op outside systemd (no NOTIFY_SOCKET)."""
 
     def __init__(self) -> None:
-        self.enabled = bool(os.environ.get("NOTIFY_SOCKET"))
         self._n = None
-        if self.enabled:
+        if os.environ.get("NOTIFY_SOCKET"):
             import sdnotify
 
             self._n = sdnotify.SystemdNotifier()
@@ -57,6 +75,9 @@ class LaneInfo:
     workspace: str
     session_prefix: str
     capacity: int
+    callback_url: str = ""
+    dispatch_key: str = ""
+    heartbeat_sec: float = 5.0
     health_path: str = "/healthz"
     invocation: str = ""
     started_at: float = field(default_factory=time.time)
@@ -68,43 +89,157 @@ class LaneInfo:
         if missing:
             raise SystemExit(f"lanectl.runtime: {', '.join(missing)} not set; the lane unit sets them "
                              "(run it through 'lanectl up', or export them for a local test)")
+        key = e.get("LANECTL_DISPATCH_KEY", "")
+        if env is None:
+            os.environ.pop("LANECTL_DISPATCH_KEY", None)  # mission processes must not inherit it
         return cls(
             lane=e["LANECTL_LANE"],
             port=int(e["LANECTL_PORT"]),
             workspace=e.get("LANECTL_WORKSPACE", os.getcwd()),
             session_prefix=e.get("LANECTL_SESSION_PREFIX", e["LANECTL_LANE"]),
             capacity=int(e.get("LANECTL_CAPACITY", "4")),
+            callback_url=e.get("LANECTL_CALLBACK_URL", ""),
+            dispatch_key=key,
+            heartbeat_sec=float(e.get("LANECTL_HEARTBEAT_SEC", "5")),
             health_path=e.get("LANECTL_HEALTH_PATH", "/healthz"),
             invocation=e.get("INVOCATION_ID", ""),
         )
 
 
+@dataclass
+class Running:
+    """A mission this lane holds: accepted, then started, until it ends."""
+
+    msg: DispatchMsg
+    accepted_at: float
+    proc: subprocess.Popen[bytes] | None = None
+    started_at: float | None = None
+    deadline_at: float | None = None
+    last_heartbeat: float = 0.0
+    cancel_requested: bool = False
+    killed_at: float | None = None
+    outcome: str | None = None  # timeout | cancelled
+    out_path: Path | None = None
+
+
+class Reporter(threading.Thread):
+    """Delivers callbacks in order, retrying with backoff until the supervisor answers (2xx, or a 4xx that says
+    the attempt is no longer ours); never blocks the work loop."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(name="reporter", daemon=True)
+        self.url = url
+        self.q: queue.Queue[CallbackMsg | None] = queue.Queue()
+        self.delivered = 0
+        self.dropped = 0
+        self.lock = threading.Lock()
+        self.outcomes: set[int] = set()  # missions whose final callback is not delivered yet
+
+    def send(self, msg: CallbackMsg) -> None:
+        if msg.event in ("succeeded", "failed", "cancelled"):
+            with self.lock:
+                self.outcomes.add(msg.mission)
+        self.q.put(msg)
+
+    def reporting(self) -> list[int]:
+        with self.lock:
+            return sorted(self.outcomes)
+
+    def pending(self) -> int:
+        return self.q.qsize()
+
+    def run(self) -> None:
+        while True:
+            msg = self.q.get()
+            if msg is None:
+                return
+            if msg.event == "heartbeat" and self.q.qsize() > 100:
+                self.dropped += 1  # under a backlog heartbeats are the first to go; outcomes never are
+                continue
+            self._deliver(msg)
+            if msg.event in ("succeeded", "failed", "cancelled"):
+                with self.lock:
+                    self.outcomes.discard(msg.mission)
+
+    def _deliver(self, msg: CallbackMsg) -> None:
+        if not self.url:
+            return
+        body = json.dumps(msg.as_json()).encode()
+        backoff = 0.05
+        while True:
+            req = urllib.request.Request(self.url, data=body, method="POST",
+                                         headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=CALLBACK_TIMEOUT_S) as resp:
+                    resp.read()
+                self.delivered += 1
+                return
+            except urllib.error.HTTPError as exc:
+                if 400 <= exc.code < 500 and exc.code != 429:
+                    log.warning("callback %s for mission %d attempt %d refused: HTTP %d", msg.event, msg.mission,
+                                msg.attempt, exc.code)
+                    self.dropped += 1
+                    return
+            except (OSError, ValueError) as exc:
+                log.debug("callback delivery failed (%s); retrying in %.2fs", exc, backoff)
+            time.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)
+
+
 class LaneRuntime:
-    """A lane: HTTP endpoints in a thread, the work loop in the calling thread."""
+    """A lane: HTTP endpoints in threads, the work loop in the calling thread."""
 
     def __init__(self, info: LaneInfo, notifier: Notifier | None = None) -> None:
         self.info = info
         self.notifier = notifier or Notifier()
         self.stop = threading.Event()
-        self.in_flight = 0
+        self.lock = threading.Lock()
+        self.held: dict[int, Running] = {}  # mission id -> what this lane holds
+        self.inbox: queue.Queue[int] = queue.Queue()
+        self.reporter = Reporter(info.callback_url)
         self.loops = 0
+        self.done = 0
         self.server: ThreadingHTTPServer | None = None
+        self.state_dir = Path(info.workspace) / ".lanectl"
 
-    # ---- what /healthz answers
+    # ------------------------------------------------------------------------------------------ endpoints
     def health(self) -> dict[str, Any]:
-        return {
-            "lane": self.info.lane,
-            "pid": os.getpid(),
-            "invocation": self.info.invocation,
-            "in_flight": self.in_flight,
-            "capacity": self.info.capacity,
-            "version": __version__,
-            "uptime_s": round(time.time() - self.info.started_at, 3),
-            "loops": self.loops,
-        }
+        with self.lock:
+            flight = len(self.held)
+            missions = sorted(self.held)
+        return {"lane": self.info.lane, "pid": os.getpid(), "invocation": self.info.invocation,
+                "in_flight": flight, "capacity": self.info.capacity, "version": __version__,
+                "uptime_s": round(time.time() - self.info.started_at, 3), "loops": self.loops,
+                "missions": missions, "reporting": self.reporter.reporting(), "completed": self.done,
+                "callbacks_pending": self.reporter.pending()}
 
-    def status_line(self) -> str:
-        return f"lane {self.info.lane}: {self.in_flight}/{self.info.capacity} in flight, port {self.info.port}"
+    def accept(self, msg: DispatchMsg) -> tuple[int, dict[str, Any]]:
+        if msg.lane != self.info.lane:
+            return 409, {"error": "wrong_lane", "message": f"this is lane {self.info.lane!r}, not {msg.lane!r}"}
+        if self.stop.is_set():
+            return 503, {"error": "stopping", "message": "the lane is stopping"}
+        with self.lock:
+            cur = self.held.get(msg.mission)
+            if cur is not None:
+                if cur.msg.attempt == msg.attempt and cur.msg.token == msg.token:
+                    return 200, {"accepted": True, "duplicate": True}
+                if cur.msg.attempt > msg.attempt:
+                    return 409, {"error": "stale_attempt", "message": f"attempt {cur.msg.attempt} is running"}
+                cur.cancel_requested = True  # a newer attempt supersedes ours: stop the old process
+            elif len(self.held) >= self.info.capacity:
+                return 429, {"error": "full", "message": f"{len(self.held)}/{self.info.capacity} in flight"}
+            self.held[msg.mission] = Running(msg, time.monotonic())
+        self.inbox.put(msg.mission)
+        return 202, {"accepted": True}
+
+    def cancel(self, mission: int) -> tuple[int, dict[str, Any]]:
+        with self.lock:
+            cur = self.held.get(mission)
+            if cur is None:
+                return 404, {"error": "not_held", "message": f"mission {mission} is not on this lane"}
+            cur.cancel_requested = True
+        self.inbox.put(mission)
+        return 202, {"cancelling": True}
 
     def bind(self) -> None:
         runtime = self
@@ -122,6 +257,9 @@ class LaneRuntime:
                 self.send_response(code)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
+                if code >= 400:
+                    self.send_header("Connection", "close")
+                    self.close_connection = True
                 self.end_headers()
                 self.wfile.write(body)
 
@@ -129,43 +267,167 @@ class LaneRuntime:
                 if self.path.split("?", 1)[0] in (runtime.info.health_path, "/healthz"):
                     self._send(200, runtime.health())
                 else:
-                    self._send(404, {"error": "not_found", "message": f"no endpoint {self.path}"})
+                    self._send(404, {"error": "not_found", "message": f"no endpoint {self.path[:100]}"})
 
             def do_POST(self) -> None:  # noqa: N802
-                length = self.headers.get("Content-Length")
-                if length is None or not length.isdigit() or int(length) > MAX_BODY:
-                    self._send(413 if length and length.isdigit() else 411,
-                               {"error": "bad_length", "message": f"send a Content-Length of at most {MAX_BODY}"})
-                    return
-                self.rfile.read(int(length))
-                self._send(404, {"error": "not_found", "message": f"no endpoint {self.path}"})
+                try:
+                    raw = read_body(self)
+                    if not bearer_ok(self.headers.get("Authorization"), runtime.info.dispatch_key):
+                        self._send(401, {"error": "unauthorized", "message": "missing or wrong dispatch key"})
+                        return
+                    parts = self.path.split("?", 1)[0].strip("/").split("/")
+                    if parts == ["missions"]:
+                        self._send(*runtime.accept(parse_dispatch(raw)))
+                    elif len(parts) == 3 and parts[0] == "missions" and parts[2] == "cancel" and parts[1].isdigit():
+                        self._send(*runtime.cancel(int(parts[1])))
+                    else:
+                        self._send(404, {"error": "not_found", "message": f"no endpoint {self.path[:100]}"})
+                except BadMessage as exc:
+                    self._send(exc.status, {"error": "bad_request", "message": str(exc)})
 
         class Server(ThreadingHTTPServer):
             daemon_threads = True
             allow_reuse_address = True
+            request_queue_size = 128
 
         self.server = Server(("127.0.0.1", self.info.port), Handler)
 
-    def serve_in_thread(self) -> threading.Thread:
-        assert self.server is not None
-        t = threading.Thread(target=self.server.serve_forever, name="http", kwargs={"poll_interval": 0.2},
-                             daemon=True)
-        t.start()
-        return t
+    # ------------------------------------------------------------------------------------------ work
+    def report(self, r: Running, event: str, **extra: Any) -> None:
+        m = r.msg
+        self.reporter.send(CallbackMsg(m.mission, m.attempt, self.info.lane, m.token, event, self.info.invocation,
+                                       **extra))
+
+    def journal(self, **entry: Any) -> None:
+        """One JSON line per execution start and end in the workspace: what this lane actually ran."""
+        entry.update(lane=self.info.lane, invocation=self.info.invocation, at=time.time())
+        with open(self.state_dir / "executions.log", "a") as fh:
+            fh.write(json.dumps(entry, sort_keys=True) + "\n")
+
+    def start_mission(self, r: Running) -> str | None:
+        """Start the mission; return an error text to fail it at once. The reference runs payload.argv."""
+        payload = r.msg.payload
+        argv = payload.get("argv") if isinstance(payload, dict) else None
+        if not (isinstance(argv, list) and argv and all(isinstance(a, str) for a in argv)):
+            return "the reference runtime runs payload.argv, a non-empty list of strings"
+        timeout = payload.get("timeout_sec", float(os.environ.get("LANECTL_MISSION_TIMEOUT", DEFAULT_TIMEOUT_S)))
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
+            return "payload.timeout_sec must be a positive number"
+        out_dir = self.state_dir / "out"
+        r.out_path = out_dir / f"{r.msg.mission}-{r.msg.attempt}.log"
+        env = {**os.environ, "LANECTL_MISSION": str(r.msg.mission), "LANECTL_ATTEMPT": str(r.msg.attempt),
+               "LANECTL_SESSION": r.msg.session or "", "LANECTL_CLASS": r.msg.cls}
+        env.pop("NOTIFY_SOCKET", None)
+        try:
+            with open(r.out_path, "wb") as out:
+                r.proc = subprocess.Popen(argv, cwd=self.info.workspace, stdin=subprocess.DEVNULL, stdout=out,
+                                          stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        except OSError as exc:
+            return f"cannot start {argv[0]!r}: {exc.strerror or exc}"
+        r.deadline_at = time.monotonic() + float(timeout)
+        return None
+
+    def poll_mission(self, r: Running) -> int | None:
+        """The exit code once the mission's process ended, else None."""
+        assert r.proc is not None
+        return r.proc.poll()
+
+    def kill_mission(self, r: Running, now: float) -> None:
+        if r.proc is None or r.proc.poll() is not None:
+            return
+        sig = signal.SIGTERM if r.killed_at is None else signal.SIGKILL
+        if r.killed_at is None or now - r.killed_at > KILL_GRACE_S:
+            try:
+                os.killpg(r.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+            r.killed_at = r.killed_at or now
+
+    def tail(self, r: Running) -> str:
+        if r.out_path is None:
+            return ""
+        try:
+            with open(r.out_path, "rb") as fh:
+                fh.seek(0, os.SEEK_END)
+                fh.seek(max(0, fh.tell() - MAX_TAIL))
+                return fh.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def finish(self, r: Running, event: str, *, exit_code: int | None = None, error: str | None = None) -> None:
+        with self.lock:
+            if self.held.get(r.msg.mission) is r:
+                del self.held[r.msg.mission]
+        self.done += 1
+        if r.started_at is not None:
+            self.journal(event="end", mission=r.msg.mission, attempt=r.msg.attempt, outcome=event,
+                         exit_code=exit_code)
+        self.report(r, event, exit_code=exit_code, output_tail=self.tail(r) or None, error=error)
 
     def work_once(self) -> None:
-        """One turn of the work loop (missions are run from here)."""
+        """One turn of the work loop: start what was accepted, reap what ended, heartbeat what runs."""
         self.loops += 1
+        now = time.monotonic()
+        while True:
+            try:
+                self.inbox.get_nowait()
+            except queue.Empty:
+                break
+        with self.lock:
+            held = list(self.held.values())
+        for r in held:
+            if r.proc is None and r.started_at is None:
+                if r.cancel_requested:
+                    self.finish(r, "cancelled", error="cancelled before it started")
+                    continue
+                err = self.start_mission(r)
+                r.started_at = now
+                if err is not None:
+                    r.started_at = None
+                    self.finish(r, "failed", error=err)
+                    continue
+                self.journal(event="start", mission=r.msg.mission, attempt=r.msg.attempt,
+                             pid=r.proc.pid if r.proc else None)
+                self.report(r, "started")
+                r.last_heartbeat = now
+                continue
+            code = self.poll_mission(r)
+            if code is not None:
+                if r.outcome == "cancelled" or (r.cancel_requested and r.outcome is None):
+                    self.finish(r, "cancelled", exit_code=code, error="cancelled")
+                elif r.outcome == "timeout":
+                    self.finish(r, "failed", exit_code=code, error="timed out")
+                elif code == 0:
+                    self.finish(r, "succeeded", exit_code=0)
+                else:
+                    self.finish(r, "failed", exit_code=code, error=f"exit code {code}")
+                continue
+            if r.cancel_requested:
+                r.outcome = r.outcome or "cancelled"
+                self.kill_mission(r, now)
+            elif r.deadline_at is not None and now > r.deadline_at:
+                r.outcome = "timeout"
+                self.kill_mission(r, now)
+            if now - r.last_heartbeat >= self.info.heartbeat_sec:
+                r.last_heartbeat = now
+                self.report(r, "heartbeat")
+
+    def status_line(self) -> str:
+        return (f"lane {self.info.lane}: {len(self.held)}/{self.info.capacity} in flight, "
+                f"{self.done} done, port {self.info.port}")
 
     def run(self) -> int:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        (self.state_dir / "out").mkdir(exist_ok=True)
         self.bind()
-        self.serve_in_thread()
+        assert self.server is not None
+        threading.Thread(target=self.server.serve_forever, name="http", kwargs={"poll_interval": 0.2},
+                         daemon=True).start()
+        self.reporter.start()
         self.notifier.send("READY=1\nSTATUS=" + self.status_line())
         log.info("lane %s listening on 127.0.0.1:%d", self.info.lane, self.info.port)
         ping = Notifier.watchdog_interval() or DEFAULT_WATCHDOG_PING_S
-        tick = min(ping, 0.5)
-        last_ping = 0.0
-        last_status = ""
+        last_ping, last_status = 0.0, ""
         while not self.stop.is_set():
             self.work_once()
             now = time.monotonic()
@@ -176,11 +438,25 @@ class LaneRuntime:
             if line != last_status:
                 self.notifier.send("STATUS=" + line)
                 last_status = line
-            self.stop.wait(tick)
+            try:  # wake at once for a new mission, else poll running ones every 20 ms
+                self.inbox.put(self.inbox.get(timeout=0.02 if self.held else min(ping, 0.5)))
+            except queue.Empty:
+                pass
+        return self.shutdown()
+
+    def shutdown(self) -> int:
+        """SIGTERM: stop taking work, end running missions; the supervisor re-queues them (new invocation)."""
         self.notifier.send("STOPPING=1\nSTATUS=stopping")
         assert self.server is not None
         self.server.shutdown()
         self.server.server_close()
+        end = time.monotonic() + KILL_GRACE_S
+        with self.lock:
+            held = list(self.held.values())
+        for r in held:
+            self.kill_mission(r, time.monotonic())
+        while any(r.proc is not None and r.proc.poll() is None for r in held) and time.monotonic() < end:
+            time.sleep(0.05)
         return 0
 
 

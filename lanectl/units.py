@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from lanectl import __version__
-from lanectl.config import Lane, LaneSet, RUNTIME_MODULE, check_text
+from lanectl import __version__, keys
+from lanectl.config import RUNTIME_MODULE, SAFE_PATH_RE, Lane, LaneSet, check_text
 from lanectl.errors import Problem, config_error
 
 TEMPLATE = "lanectl-lane@.service"
+SUPERVISOR = "lanectl-supervisor.service"
 TARGET = "lanectl.target"
 SLICE = "lanectl.slice"
 DROPIN = "50-lanectl.conf"
@@ -108,6 +109,23 @@ def render_template(python: str) -> str:
     return template_text(TEMPLATE).replace("@EXEC_REFERENCE@", exec_line(reference_argv(python)))
 
 
+def render_supervisor(fleet: LaneSet, python: str) -> str:
+    state = fleet.settings.state_dir
+    rw = [state]
+    if fleet.settings.ledger:
+        ledger_dir = str(Path(fleet.settings.ledger).parent)
+        if not (ledger_dir + "/").startswith(state + "/"):
+            rw.append(ledger_dir)
+    cfg = str(fleet.config_dir.resolve())
+    if not SAFE_PATH_RE.match(cfg):
+        raise ValueError(f"the configuration directory {cfg!r} has unusual characters; move it, e.g. to /etc/lanectl")
+    text = template_text(SUPERVISOR)
+    return (text.replace("@EXEC_SUPERVISOR@", exec_line([python, "-m", "lanectl", "supervise"]))
+            .replace("@ENV_CONFIG@", env_assignment("LANECTL_CONFIG_DIR", cfg))
+            .replace("@WATCHDOG_SEC@", f"{fleet.settings.supervisor.watchdog_sec:g}")
+            .replace("@STATE_DIR@", " ".join(rw)))
+
+
 def runtime_python(fleet: LaneSet, override: str | None = None) -> str:
     return override or fleet.settings.python or sys.executable
 
@@ -127,6 +145,7 @@ def lane_env(name: str, lane: Lane, fleet: LaneSet) -> dict[str, str]:
         "LANECTL_CAPACITY": str(lane.capacity),
         "LANECTL_HEALTH_PATH": lane.health_path,
         "LANECTL_CALLBACK_URL": f"http://{host}:{sup.port}/callbacks",
+        "LANECTL_HEARTBEAT_SEC": f"{fleet.settings.leases.heartbeat_sec:g}",
     }
     env.update(lane.env)
     return env
@@ -148,6 +167,8 @@ def render_dropin(name: str, lane: Lane, fleet: LaneSet) -> str:
         f"WorkingDirectory={lane.workspace}",
         f"ReadWritePaths={lane.workspace}",
         f"ProtectHome={lane.protect_home}",
+        # the lane's dispatch key: read by systemd at start, a file no lane can read (lanectl/keys.py)
+        f"EnvironmentFile={keys.key_path(fleet.settings.state_dir, name)}",
     ]
     if lane.exec:
         lines += ["ExecStart=", f"ExecStart={exec_line(lane.exec)}"]
@@ -211,6 +232,10 @@ def render(fleet: LaneSet, python: str | None = None) -> list[UnitFile]:
         UnitFile(TARGET, template_text(TARGET), f"units/{TARGET}"),
         UnitFile(SLICE, render_slice(fleet), "lanectl.toml"),
     ]
+    try:
+        files.append(UnitFile(SUPERVISOR, render_supervisor(fleet, py), f"units/{SUPERVISOR}"))
+    except ValueError as exc:
+        raise config_error([Problem(str(exc), str(fleet.config_dir), None, "move the configuration", "unit_value")])
     problems: list[Problem] = []
     for name, lane in sorted(fleet.lanes.items()):
         src = f"lanes.d/{name}.toml"

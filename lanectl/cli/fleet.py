@@ -65,10 +65,34 @@ def down(lanes: Optional[List[str]] = LANES, unit_dir: Optional[str] = UNIT_DIR,
 
 
 @command("restart")
-def restart(lane: str = typer.Argument(...), unit_dir: Optional[str] = UNIT_DIR,
-            config_dir: Optional[str] = CONFIG, json_out: bool = JSON) -> None:
-    """Restart one lane (systemctl restart; waits for READY=1)."""
-    _report(operate.restart(_lanes(unit_dir, config_dir), lane), json_out, "restarted")
+def restart(lane: str = typer.Argument(...),
+            graceful: bool = typer.Option(False, "--graceful",
+                                          help="Drain, wait until nothing is in flight, restart, undrain."),
+            timeout: float = typer.Option(300.0, help="Seconds --graceful waits for the lane to drain."),
+            reason: Optional[str] = typer.Option(None, "--reason", help="Why: recorded with the event."),
+            unit_dir: Optional[str] = UNIT_DIR, config_dir: Optional[str] = CONFIG,
+            ledger: Optional[str] = typer.Option(None, "--ledger", metavar="PATH", help="Ledger file."),
+            json_out: bool = JSON) -> None:
+    """Restart one lane; waits for READY=1.
+
+    Plain: systemctl restart (the supervisor re-queues what it was running). --graceful: drain, wait until
+    nothing is in flight (exit 7 at --timeout, the lane stays draining), restart, wait until up, undrain.
+    """
+    lanes = _lanes(unit_dir, config_dir)
+    if not graceful:
+        _report(operate.restart(lanes, lane), json_out, "restarted")
+        return
+    import time
+
+    from lanectl import config
+    from lanectl.cli.ops import graceful_restart
+    from lanectl.ledger import Ledger
+
+    operate.select(lanes, [lane], enabled_only=False)
+    fleet = config.load(config_dir)
+    with Ledger.open(config.ledger_path(fleet, ledger)) as led:
+        graceful_restart(led, fleet, lanes, lane, timeout, reason)
+    _report(operate.OpResult("restart", [lane], [lane]), json_out, "restarted gracefully")
 
 
 @command("status")

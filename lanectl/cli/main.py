@@ -4,7 +4,7 @@ from __future__ import annotations
 import typer
 
 from lanectl import __version__
-from lanectl.cli import fleet, lanes, missions, units
+from lanectl.cli import fleet, lanes, missions, ops, units
 
 app = typer.Typer(
     name="lanectl",
@@ -38,3 +38,4 @@ lanes.register(app)
 units.register(app)
 fleet.register(app)
 missions.register(app)
+ops.register(app)

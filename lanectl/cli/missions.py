@@ -93,7 +93,7 @@ def submit(
     body: Any = payload if payload is not None else {"argv": list(argv or [])}
     when = parse_deadline(deadline, now)
     fleet = config.load(config_dir)
-    with Ledger.open(paths.ledger_path(ledger)) as led:
+    with Ledger.open(config.ledger_path(config_dir, ledger)) as led:
         res = ms.submit(led, fleet, cls=cls, payload=body, now=now, deadline=when, lane=lane, tags=tag or (),
                         session=session, idempotency_key=idempotency_key, max_attempts=max_attempts)
     data = {**res.mission.as_dict(), "changed": res.created}
@@ -114,10 +114,11 @@ def list_(
     limit: int = typer.Option(100, min=1, max=10_000, help="Page size."),
     after: int = typer.Option(0, help="Page on: ids greater than this."),
     ledger: Optional[str] = LEDGER,
+    config_dir: Optional[str] = CONFIG,
     json_out: bool = JSON,
 ) -> None:
     """List missions, oldest first."""
-    with Ledger.open(paths.ledger_path(ledger)) as led:
+    with Ledger.open(config.ledger_path(config_dir, ledger)) as led:
         rows = ms.list_missions(led, state=state, lane=lane, cls=cls, session=session, limit=limit, after_id=after)
     data = {"missions": [m.as_dict() for m in rows], "next_after": rows[-1].id if len(rows) == limit else None}
 
@@ -140,10 +141,11 @@ def show(
     wait: bool = typer.Option(False, "--wait", help="Wait until the mission is finished."),
     timeout: float = typer.Option(60.0, help="Seconds --wait waits before exiting 7."),
     ledger: Optional[str] = LEDGER,
+    config_dir: Optional[str] = CONFIG,
     json_out: bool = JSON,
 ) -> None:
     """Show one mission with its attempts."""
-    with Client(ledger) as client:
+    with Client(config.ledger_path(config_dir, ledger)) as client:
         m = client.wait(mission_id, timeout=timeout) if wait else client.get(mission_id)
         data = {**m.as_dict(), "attempt_rows": ms.attempts_of(client.ledger, mission_id)}
     finish(["mission", "show"], data, json_mode=json_out, human=lambda: _human_mission(m))
@@ -152,9 +154,9 @@ def show(
 @mission_app.command("cancel")
 @command("mission", "cancel")
 def cancel(mission_id: int = typer.Argument(..., metavar="ID"), ledger: Optional[str] = LEDGER,
-           json_out: bool = JSON) -> None:
+           config_dir: Optional[str] = CONFIG, json_out: bool = JSON) -> None:
     """Cancel a queued or running mission (no-op if already cancelled)."""
-    with Ledger.open(paths.ledger_path(ledger)) as led:
+    with Ledger.open(config.ledger_path(config_dir, ledger)) as led:
         res = ms.cancel(led, mission_id, now=time.time())
     finish(["mission", "cancel"], {**res.mission.as_dict(), "changed": res.changed}, json_mode=json_out,
            human=lambda: stdout_console().print(f"mission {mission_id}: cancelled"
@@ -165,10 +167,10 @@ def cancel(mission_id: int = typer.Argument(..., metavar="ID"), ledger: Optional
 @command("mission", "retry")
 def retry(mission_id: int = typer.Argument(..., metavar="ID"),
           deadline: Optional[str] = typer.Option(None, help="New deadline (+10m, RFC 3339, epoch)."),
-          ledger: Optional[str] = LEDGER, json_out: bool = JSON) -> None:
+          ledger: Optional[str] = LEDGER, config_dir: Optional[str] = CONFIG, json_out: bool = JSON) -> None:
     """Queue a failed, dead, cancelled or expired mission again."""
     now = time.time()
-    with Ledger.open(paths.ledger_path(ledger)) as led:
+    with Ledger.open(config.ledger_path(config_dir, ledger)) as led:
         res = ms.retry(led, mission_id, now=now, deadline=parse_deadline(deadline, now))
     finish(["mission", "retry"], {**res.mission.as_dict(), "changed": True}, json_mode=json_out,
            human=lambda: stdout_console().print(f"mission {mission_id}: queued again"))
@@ -180,7 +182,7 @@ def explain(mission_id: int = typer.Argument(..., metavar="ID"), ledger: Optiona
             config_dir: Optional[str] = CONFIG, json_out: bool = JSON) -> None:
     """Why a mission is not running: every lane and why it is skipped."""
     fleet = config.load(config_dir)
-    with Ledger.open(paths.ledger_path(ledger)) as led:
+    with Ledger.open(config.ledger_path(config_dir, ledger)) as led:
         data = tick.explain(led, fleet, mission_id, now=time.time())
 
     def human() -> None:
@@ -208,7 +210,7 @@ def dispatch_(
         raise ms.invalid("once", "only one pass at a time is supported here", "add --once (the supervisor loops)",
                          "once_required")
     fleet = config.load(config_dir)
-    with Ledger.open(paths.ledger_path(ledger)) as led:
+    with Ledger.open(config.ledger_path(config_dir, ledger)) as led:
         res = tick.run_once(led, fleet, now=time.time())
     data = {**res.as_dict(), "changed": bool(res.dispatches or res.expired_deadlines or res.expired_leases)}
 

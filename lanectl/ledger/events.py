@@ -33,6 +33,12 @@ class EventKind(StrEnum):
     SESSION_MOVED = "session_moved"  #: a session moved to another lane (fallback or reroute)
     LANE_STATE = "lane_state"  #: a lane's dispatch state or health changed
     LANE_INVOCATION = "lane_invocation"  #: a lane restarted (new systemd InvocationID)
+    DRAIN = "drain"  #: an operator drained a lane (data: actor, reason)
+    UNDRAIN = "undrain"  #: an operator put a drained lane back into service (data: actor, reason)
+    REROUTE = "reroute"  #: an operator moved a lane's queued work (data: to, missions, sessions, actor, reason)
+    REROUTED = "rerouted"  #: one queued mission moved to another lane (data: from_lane, actor)
+    LANE_RESTART = "lane_restart"  #: lanectl restarted a lane's unit (graceful or not; data: actor, reason)
+    APPLY = "apply"  #: lanectl apply installed changed units (data: written, lanes, actor)
 
 
 #: Mission state after each mission event kind (None: the kind does not change the mission's state).

@@ -490,6 +490,17 @@ def _lose(conn: Any, mission_id: int, attempt: int, lane: str, reason: str, now:
 # ---------------------------------------------------------------------------------------------------- recovery
 
 
+def lose_attempt(ledger: Ledger, mission_id: int, attempt: int, lane: str, reason: str, *, now: float) -> bool:
+    """One attempt is over without a result (e.g. the lane does not hold it): re-queue or dead; False if it was
+    not the mission's current active attempt any more."""
+    with ledger.transaction() as conn:
+        row = conn.execute("SELECT attempts, state, current_lane FROM missions WHERE id = ?", (mission_id,)).fetchone()
+        if row is None or row[0] != attempt or row[1] not in ("dispatched", "running") or row[2] != lane:
+            return False
+        _lose(conn, mission_id, attempt, lane, reason, now)
+        return True
+
+
 def requeue_lane(ledger: Ledger, lane: str, reason: str, *, now: float) -> list[int]:
     """Failover: every mission active on ``lane`` is re-queued (or dead); returns their ids."""
     with ledger.transaction() as conn:

@@ -18,7 +18,7 @@ def fleet(fleet_dir: Path) -> config.LaneSet:
 def test_render_scheme(fleet: config.LaneSet) -> None:
     files = {f.path: f for f in units.render(fleet, RUNTIME_PY)}
     assert set(files) == {
-        "lanectl-lane@.service", "lanectl.target", "lanectl.slice",
+        "lanectl-lane@.service", "lanectl.target", "lanectl.slice", "lanectl-supervisor.service",
         "lanectl-lane@alpha.service.d/50-lanectl.conf", "lanectl-lane@beta.service.d/50-lanectl.conf",
         "lanectl-lane@gamma.service.d/50-lanectl.conf",
     }
@@ -71,9 +71,9 @@ def test_runtime_under_home_is_refused(fleet: config.LaneSet) -> None:
 def test_install_is_idempotent_and_detects_drift(fleet: config.LaneSet, tmp_path: Path) -> None:
     d = tmp_path / "units"
     first = install.install(fleet, d, python=RUNTIME_PY, reload=False, do_provision=False)
-    assert first.changed and len(first.written) == 6
+    assert first.changed and len(first.written) == 7
     second = install.install(fleet, d, python=RUNTIME_PY, reload=False, do_provision=False)
-    assert not second.changed and len(second.unchanged) == 6
+    assert not second.changed and len(second.unchanged) == 7
     files = units.render(fleet, RUNTIME_PY)
     assert install.drift(files, d) == []
     conf = d / "lanectl-lane@beta.service.d/50-lanectl.conf"
@@ -81,7 +81,7 @@ def test_install_is_idempotent_and_detects_drift(fleet: config.LaneSet, tmp_path
     (d / "lanectl.slice").unlink()
     stale = d / "lanectl-lane@old.service.d" / "50-lanectl.conf"
     stale.parent.mkdir()
-    stale.write_text(files[3].text)
+    stale.write_text(files[-1].text)
     states = {x.path: x.state for x in install.drift(files, d)}
     assert states == {"lanectl-lane@beta.service.d/50-lanectl.conf": "edited", "lanectl.slice": "missing",
                       "lanectl-lane@old.service.d/50-lanectl.conf": "stale"}
@@ -120,7 +120,7 @@ def verify(unit_dir: Path, unit: str) -> subprocess.CompletedProcess[str]:
 def test_every_unit_passes_systemd_analyze_verify(fleet: config.LaneSet, tmp_path: Path) -> None:
     d = tmp_path / "units"
     install.install(fleet, d, python=RUNTIME_PY, reload=False, do_provision=False)
-    names = ["lanectl-lane@.service", "lanectl.target", "lanectl.slice",
+    names = ["lanectl-lane@.service", "lanectl.target", "lanectl.slice", "lanectl-supervisor.service",
              *(units.unit_name(n) for n in fleet.lanes)]
     for name in names:
         proc = verify(d, name)
@@ -128,22 +128,25 @@ def test_every_unit_passes_systemd_analyze_verify(fleet: config.LaneSet, tmp_pat
 
 
 SECURITY_THRESHOLD = 2.0  # docs/units.md explains the choice
+SUPERVISOR_THRESHOLD = 3.0  # root (systemd socket), reads the config wherever it is: docs/units.md
 
 
 @pytest.mark.skipif(not Path("/usr/bin/systemd-analyze").exists(), reason="systemd-analyze not installed")
 def test_security_exposure_under_threshold(fleet: config.LaneSet, tmp_path: Path) -> None:
     d = tmp_path / "units"
     install.install(fleet, d, python=RUNTIME_PY, reload=False, do_provision=False)
-    for name in fleet.lanes:
+    limits = {units.unit_name(n): SECURITY_THRESHOLD for n in fleet.lanes}
+    limits[units.SUPERVISOR] = SUPERVISOR_THRESHOLD
+    for unit, limit in limits.items():
         proc = subprocess.run(["systemd-analyze", "security", "--offline=true", "--man=no",
                                # systemd counts the threshold in tenths of the exposure level
-                               f"--threshold={int(SECURITY_THRESHOLD * 10)}", units.unit_name(name)],
+                               f"--threshold={int(limit * 10)}", unit],
                               cwd=d, capture_output=True, text=True,
                               env={"SYSTEMD_UNIT_PATH": f"{d}:", "PATH": "/usr/bin:/bin"})
         last = [l for l in proc.stdout.splitlines() if "Overall exposure level" in l]
         assert last, proc.stdout + proc.stderr
         level = float(last[0].split(":")[1].split()[0])
-        assert level <= SECURITY_THRESHOLD, last[0]
+        assert level <= limit, last[0]
         assert proc.returncode == 0, proc.stderr
 
 

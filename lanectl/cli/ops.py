@@ -1,0 +1,241 @@
+"""supervise, drain, undrain, reroute, apply: the control plane and the operator's verbs on it."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any, Optional
+
+import typer
+
+from lanectl import config, install as installer, operate, paths, systemd, units
+from lanectl.cli.options import CONFIG, JSON, UNIT_DIR
+from lanectl.errors import ExitCode, LanectlError, Timeout
+from lanectl.ledger import Ledger
+from lanectl.ledger import lanes as lane_ops
+from lanectl.ledger.events import EventKind
+from lanectl.output import command, escape, finish, stdout_console
+
+LEDGER = typer.Option(None, "--ledger", metavar="PATH", help="Ledger file.",
+                      show_default="ledger= in lanectl.toml, else /var/lib/lanectl/ledger.db")
+REASON = typer.Option(None, "--reason", help="Why: recorded with the event and your user name.")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("supervise")(supervise)
+    app.command("drain")(drain)
+    app.command("undrain")(undrain)
+    app.command("reroute")(reroute)
+    app.command("apply")(apply)
+
+
+def setup_logging() -> None:
+    """To stderr; under journald without timestamps and with <N> priority prefixes (SyslogLevelPrefix=)."""
+    stream = os.environ.get("JOURNAL_STREAM", "")
+    journald = False
+    if stream:
+        try:
+            st = os.fstat(2)
+            journald = stream == f"{st.st_dev}:{st.st_ino}"
+        except OSError:
+            pass
+    prefix = {logging.DEBUG: "<7>", logging.INFO: "<6>", logging.WARNING: "<4>", logging.ERROR: "<3>",
+              logging.CRITICAL: "<2>"}
+
+    class Fmt(logging.Formatter):
+        def format(self, record: logging.LogRecord) -> str:
+            text = super().format(record)
+            return prefix.get(record.levelno, "<6>") + text if journald else text
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(Fmt("%(name)s: %(message)s" if journald else "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=os.environ.get("LANECTL_LOG_LEVEL", "INFO"), handlers=[handler])
+
+
+@command("supervise")
+def supervise(config_dir: Optional[str] = CONFIG, ledger: Optional[str] = LEDGER, json_out: bool = JSON) -> None:
+    """Run the supervisor in the foreground (lanectl-supervisor.service does).
+
+    Dispatches missions, takes callbacks on 127.0.0.1:PORT/callbacks, watches lanes and fails over. Sends
+    READY=1 after the ledger is migrated and the lanes are loaded, WATCHDOG=1 from its main loop. SIGTERM stops
+    it. Exits 3 when the configuration or the ledger is invalid.
+    """
+    from lanectl.runtime import Notifier
+    from lanectl.supervisor import Supervisor
+
+    setup_logging()
+    fleet = config.load(config_dir)
+    sup = Supervisor(fleet, config.ledger_path(fleet, ledger), notifier=Notifier(), use_systemd=systemd.available())
+    signal.signal(signal.SIGTERM, lambda *_: (sup.stop.set(), sup.wake()))
+    signal.signal(signal.SIGINT, lambda *_: (sup.stop.set(), sup.wake()))
+    code = sup.run()
+    raise typer.Exit(code)
+
+
+def _open(config_dir: Optional[str], ledger: Optional[str]) -> tuple[config.LaneSet, Ledger]:
+    fleet = config.load(config_dir)
+    return fleet, Ledger.open(config.ledger_path(fleet, ledger))
+
+
+@command("drain")
+def drain(
+    lane: str = typer.Argument(...),
+    wait: bool = typer.Option(False, "--wait", help="Wait until nothing is in flight on the lane."),
+    timeout: float = typer.Option(300.0, help="Seconds --wait waits before exiting 7."),
+    stop: bool = typer.Option(False, "--stop", help="Stop the lane's unit once drained (implies --wait)."),
+    reason: Optional[str] = REASON,
+    config_dir: Optional[str] = CONFIG,
+    ledger: Optional[str] = LEDGER,
+    json_out: bool = JSON,
+) -> None:
+    """Take no new work on a lane; what it runs finishes.
+
+    Idempotent (draining a drained lane changes nothing, exit 0). With --wait, returns when nothing is in
+    flight (exit 7 at --timeout); with --stop, then stops the unit.
+    """
+    fleet, led = _open(config_dir, ledger)
+    with led:
+        changed = lane_ops.drain(led, fleet, lane, now=time.time(), reason=reason)
+        path = led.path
+    left: list[int] = []
+    if wait or stop:
+        left = operate.wait_drained(path, lane, timeout)
+    stopped = False
+    if stop and not left:
+        systemd.run("stop", units.unit_name(lane))
+        stopped = True
+    data = {"lane": lane, "changed": changed, "in_flight": left, "drained": not left if (wait or stop) else None,
+            "stopped": stopped}
+    if left:
+        exc = Timeout(f"lane {lane} still has {len(left)} mission(s) in flight after {timeout:g}s: {left[:10]}",
+                      "wait longer, or cancel them ('lanectl mission cancel ID')", "drain_timeout")
+        raise exc
+
+    def human() -> None:
+        con = stdout_console()
+        con.print(f"{escape(lane)}: {'draining' if changed else 'already draining or drained'}"
+                  + ("; nothing in flight" if (wait or stop) else "") + ("; unit stopped" if stopped else ""))
+
+    finish(["drain"], data, json_mode=json_out, human=human)
+
+
+@command("undrain")
+def undrain(lane: str = typer.Argument(...), reason: Optional[str] = REASON, config_dir: Optional[str] = CONFIG,
+            ledger: Optional[str] = LEDGER, json_out: bool = JSON) -> None:
+    """Put a drained (or degraded) lane back into service."""
+    fleet, led = _open(config_dir, ledger)
+    with led:
+        changed = lane_ops.undrain(led, fleet, lane, now=time.time(), reason=reason)
+    finish(["undrain"], {"lane": lane, "changed": changed}, json_mode=json_out,
+           human=lambda: stdout_console().print(f"{escape(lane)}: {'active' if changed else 'already active'}"))
+
+
+@command("reroute")
+def reroute(
+    lane: str = typer.Argument(...),
+    to: str = typer.Option(..., "--to", help="The lane that takes the work."),
+    cls: Optional[str] = typer.Option(None, "--class", help="Only missions of this class."),
+    sessions: bool = typer.Option(False, "--sessions", help="Move the lane's idle sessions too."),
+    reason: Optional[str] = REASON,
+    config_dir: Optional[str] = CONFIG,
+    ledger: Optional[str] = LEDGER,
+    json_out: bool = JSON,
+) -> None:
+    """Move a lane's queued missions (and sessions) to another lane.
+
+    Running missions are never moved; missions of a class the target does not serve stay and are listed.
+    Every move is recorded; running it again moves nothing more (exit 0).
+    """
+    fleet, led = _open(config_dir, ledger)
+    with led:
+        res = lane_ops.reroute(led, fleet, lane, to, now=time.time(), cls=cls, sessions=sessions, reason=reason)
+    data = {"lane": lane, "to": to, "missions": res.missions, "sessions": res.sessions, "skipped": res.skipped,
+            "changed": res.changed}
+
+    def human() -> None:
+        con = stdout_console()
+        con.print(f"{escape(lane)} -> {escape(to)}: {len(res.missions)} mission(s), {len(res.sessions)} session(s)")
+        for k, v in res.skipped.items():
+            con.print(f"  skipped {escape(k)}: {escape(v)}")
+
+    finish(["reroute"], data, json_mode=json_out, human=human)
+
+
+@command("apply")
+def apply(
+    timeout: float = typer.Option(300.0, help="Seconds to wait for each lane to drain."),
+    reason: Optional[str] = REASON,
+    unit_dir: Optional[str] = UNIT_DIR,
+    config_dir: Optional[str] = CONFIG,
+    ledger: Optional[str] = LEDGER,
+    json_out: bool = JSON,
+) -> None:
+    """Re-render and install; gracefully restart only the lanes whose units changed.
+
+    One lane at a time: drain, wait until nothing is in flight, restart, wait until it is up, undrain. The
+    supervisor is restarted when the fleet changed. Exits 7 if a lane did not drain in time (it is left
+    draining), 8 if a lane did not come back up.
+    """
+    fleet = config.load(config_dir)
+    udir = paths.unit_dir(unit_dir)
+    res = installer.install(fleet, udir)
+    template_changed = any(p in (units.TEMPLATE, units.SLICE) for p in res.written)
+    changed_lanes = sorted({n for n in fleet.lanes if units.dropin_path(n) in res.written} |
+                           (set(fleet.lanes) if template_changed else set()))
+    lanes = installer.manifest(fleet)["lanes"]
+    active = operate._active([lanes[n]["unit"] for n in changed_lanes]) if changed_lanes else {}
+    restarted, failed = [], {}
+    ledger_file = config.ledger_path(fleet, ledger)
+    with Ledger.open(ledger_file) as led:
+        if res.changed:
+            lane_ops.record(led, EventKind.APPLY, now=time.time(), written=res.written, removed=res.removed,
+                            lanes=changed_lanes, reason=reason)
+        if res.changed and operate._active([units.SUPERVISOR]).get(units.SUPERVISOR) == "active":
+            systemd.run("restart", units.SUPERVISOR)
+        for name in changed_lanes:
+            if active.get(lanes[name]["unit"]) != "active":
+                continue  # not running: the new unit applies when it starts
+            try:
+                graceful_restart(led, fleet, lanes, name, timeout, reason or "apply")
+                restarted.append(name)
+            except LanectlError as exc:
+                failed[name] = exc.message
+                if exc.exit_code == ExitCode.TIMEOUT:
+                    raise
+    data = {"written": res.written, "removed": res.removed, "restarted": restarted, "failed": failed,
+            "changed": res.changed}
+
+    def human() -> None:
+        con = stdout_console()
+        if not res.changed:
+            con.print("nothing changed")
+        for p in res.written:
+            con.print(f"wrote {escape(p)}")
+        for n in restarted:
+            con.print(f"{escape(n)}: restarted gracefully")
+        for n, why in failed.items():
+            con.print(f"[red]{escape(n)}: {escape(why)}[/]")
+
+    finish(["apply"], data, json_mode=json_out, human=human,
+           exit_code=ExitCode.UNHEALTHY if failed else ExitCode.OK)
+
+
+def graceful_restart(led: Ledger, fleet: config.LaneSet, lanes: dict[str, Any], name: str, timeout: float,
+                     reason: str | None) -> None:
+    """Drain, wait until nothing is in flight, restart, wait until up, undrain (back to its previous state)."""
+    previous = lane_ops.state_of(led, name)
+    lane_ops.drain(led, fleet, name, now=time.time(), reason=f"graceful restart: {reason or ''}".strip(": "))
+    left = operate.wait_drained(led.path, name, timeout)
+    if left:
+        raise Timeout(f"lane {name} still has {len(left)} mission(s) in flight after {timeout:g}s",
+                      "it stays draining; wait, cancel them, or restart without --graceful", "drain_timeout")
+    systemd.run("restart", lanes[name]["unit"])
+    lane_ops.record(led, EventKind.LANE_RESTART, now=time.time(), lane=name, graceful=True, reason=reason)
+    up = operate.wait_up(lanes, name, 60)
+    if previous in ("active", "degraded"):
+        lane_ops.undrain(led, fleet, name, now=time.time(), reason="graceful restart done")
+    if not up:
+        raise LanectlError(f"lane {name} did not come back up within 60s", "see 'lanectl status' and its journal",
+                           "restart_failed", ExitCode.UNHEALTHY)

@@ -1,0 +1,163 @@
+"""The lane protocol's messages (DESIGN.md "Lane protocol"), validated the same way on both ends.
+
+Dispatch (supervisor -> lane, ``POST /missions``, ``Authorization: Bearer <lane key>``)::
+
+    {"mission": 7, "attempt": 1, "lane": "alpha", "token": "...", "class": "interactive",
+     "session": "alpha:s1" | null, "deadline": 1767000000.0 | null, "payload": {...}}
+
+Callback (lane -> supervisor, ``POST /callbacks``)::
+
+    {"mission": 7, "attempt": 1, "lane": "alpha", "token": "...", "invocation": "...",
+     "event": "started" | "heartbeat" | "succeeded" | "failed" | "cancelled",
+     "exit_code": 0 | null, "output_tail": "...", "error": "..."}
+
+Every field is type-checked; anything else is a 400 with a message that names the field.
+"""
+from __future__ import annotations
+
+import hmac
+import json
+from dataclasses import dataclass
+from typing import Any
+
+MAX_BODY = 1 << 20
+"""Largest request body either side accepts (413 beyond)."""
+READ_TIMEOUT_S = 5.0
+"""A client that sends its body slower than this is cut off (408)."""
+EVENTS = ("started", "heartbeat", "succeeded", "failed", "cancelled")
+CLASSES = ("interactive", "deadline", "background")
+MAX_TAIL = 4096
+
+
+class BadMessage(ValueError):
+    """A request that is not a valid protocol message; the text names the field."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _field(doc: dict[str, Any], name: str, kinds: type | tuple[type, ...], *, optional: bool = False) -> Any:
+    if name not in doc or doc[name] is None:
+        if optional:
+            return None
+        raise BadMessage(f"field {name!r} is missing")
+    value = doc[name]
+    if isinstance(value, bool) and bool not in (kinds if isinstance(kinds, tuple) else (kinds,)):
+        raise BadMessage(f"field {name!r} has the wrong type")
+    if not isinstance(value, kinds):
+        raise BadMessage(f"field {name!r} has the wrong type")
+    return value
+
+
+def _positive(doc: dict[str, Any], name: str) -> int:
+    v = _field(doc, name, int)
+    if not 0 < v < 2**62:
+        raise BadMessage(f"field {name!r} is out of range")
+    return v
+
+
+def _short(doc: dict[str, Any], name: str, limit: int = 200, optional: bool = False) -> str | None:
+    v = _field(doc, name, str, optional=optional)
+    if v is not None and len(v) > limit:
+        raise BadMessage(f"field {name!r} is longer than {limit}")
+    return v
+
+
+def loads_object(raw: bytes) -> dict[str, Any]:
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise BadMessage(f"body is not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise BadMessage("body must be a JSON object")
+    return doc
+
+
+@dataclass(frozen=True)
+class DispatchMsg:
+    mission: int
+    attempt: int
+    lane: str
+    token: str
+    cls: str
+    session: str | None
+    deadline: float | None
+    payload: Any
+
+    def as_json(self) -> dict[str, Any]:
+        return {"mission": self.mission, "attempt": self.attempt, "lane": self.lane, "token": self.token,
+                "class": self.cls, "session": self.session, "deadline": self.deadline, "payload": self.payload}
+
+
+def parse_dispatch(raw: bytes) -> DispatchMsg:
+    doc = loads_object(raw)
+    cls = _short(doc, "class")
+    if cls not in CLASSES:
+        raise BadMessage("field 'class' must be interactive, deadline or background")
+    deadline = _field(doc, "deadline", (int, float), optional=True)
+    if "payload" not in doc:
+        raise BadMessage("field 'payload' is missing")
+    return DispatchMsg(_positive(doc, "mission"), _positive(doc, "attempt"), _short(doc, "lane") or "",
+                       _short(doc, "token") or "", cls, _short(doc, "session", optional=True),
+                       None if deadline is None else float(deadline), doc["payload"])
+
+
+@dataclass(frozen=True)
+class CallbackMsg:
+    mission: int
+    attempt: int
+    lane: str
+    token: str
+    event: str
+    invocation: str | None = None
+    exit_code: int | None = None
+    output_tail: str | None = None
+    error: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return {"mission": self.mission, "attempt": self.attempt, "lane": self.lane, "token": self.token,
+                "event": self.event, "invocation": self.invocation, "exit_code": self.exit_code,
+                "output_tail": self.output_tail, "error": self.error}
+
+
+def parse_callback(raw: bytes) -> CallbackMsg:
+    doc = loads_object(raw)
+    event = _short(doc, "event")
+    if event not in EVENTS:
+        raise BadMessage(f"field 'event' must be one of {', '.join(EVENTS)}")
+    code = _field(doc, "exit_code", int, optional=True)
+    tail = _field(doc, "output_tail", str, optional=True)
+    err = _field(doc, "error", str, optional=True)
+    return CallbackMsg(_positive(doc, "mission"), _positive(doc, "attempt"), _short(doc, "lane") or "",
+                       _short(doc, "token") or "", event, _short(doc, "invocation", optional=True), code,
+                       None if tail is None else tail[-MAX_TAIL:], None if err is None else err[:2000])
+
+
+def bearer_ok(header: str | None, key: str) -> bool:
+    """Constant-time check of an ``Authorization: Bearer KEY`` header."""
+    if not header or not header.startswith("Bearer ") or not key:
+        return False
+    return hmac.compare_digest(header[7:].strip().encode(), key.encode())
+
+
+def read_body(handler: Any) -> bytes:
+    """The request body of a BaseHTTPRequestHandler, within MAX_BODY and READ_TIMEOUT_S, or BadMessage."""
+    length = handler.headers.get("Content-Length")
+    if handler.headers.get("Transfer-Encoding"):
+        raise BadMessage("chunked bodies are not accepted; send Content-Length", 411)
+    if length is None:
+        raise BadMessage("send a Content-Length", 411)
+    if not length.isdigit():
+        raise BadMessage("Content-Length is not a number", 400)
+    n = int(length)
+    if n > MAX_BODY:
+        raise BadMessage(f"body larger than {MAX_BODY} bytes", 413)
+    handler.connection.settimeout(READ_TIMEOUT_S)
+    try:
+        raw = handler.rfile.read(n)
+    except TimeoutError:
+        raise BadMessage("body not sent in time", 408) from None
+    if len(raw) != n:
+        raise BadMessage("body shorter than its Content-Length", 400)
+    return raw

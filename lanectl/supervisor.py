@@ -1,0 +1,530 @@
+"""The supervisor: dispatches missions to lanes, takes their callbacks, watches them, and fails over.
+
+One thread owns the ledger and decides (the main loop); HTTP handler threads only parse and hand callbacks to it;
+a small pool sends dispatches. Each turn of the main loop:
+
+1. callbacks that arrived are applied in one transaction (group commit), fenced by mission, lane, attempt, token;
+2. results of dispatch POSTs are applied (a lane that refused or could not be reached loses the attempt);
+3. a lane process that exited (seen at once through a pidfd) has its missions re-queued at once;
+4. every ``health.observe_sec``: systemd's view of every lane (active state, InvocationID, restarts) and its
+   health endpoint; a new invocation re-queues what the old one held; failed units and restart storms make a lane
+   degraded (its sessions move to its fallback) and a stable one recovers;
+5. when the ledger changed (another process committed: a submit, an operator verb) or a callback freed capacity,
+   one policy pass (``ledger.tick.run_once``) and the POSTs of what it assigned;
+6. draining lanes with nothing in flight become drained; ``WATCHDOG=1`` and ``STATUS=``.
+
+Side effects (POSTs) happen only after the assignment committed; a supervisor killed between the two leaves
+attempts that the lane never got, which its restart reconciles against each lane's ``/healthz``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import selectors
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from lanectl import __version__, keys, paths, systemd
+from lanectl.config import LaneSet
+from lanectl.errors import Conflict, LanectlError, NotFound
+from lanectl.ledger import Ledger
+from lanectl.ledger import missions as ms
+from lanectl.ledger import tick as ticks
+from lanectl.ledger.events import EventKind, append
+from lanectl.protocol import BadMessage, CallbackMsg, parse_callback, read_body
+from lanectl.status import check_health_many
+from lanectl.units import unit_name
+
+log = logging.getLogger("lanectl.supervisor")
+POLL_S = 0.01
+"""How often the main loop looks for commits of other processes (PRAGMA data_version: a few microseconds)."""
+DISPATCH_TIMEOUT_S = 2.0
+CALLBACK_WAIT_S = 10.0
+RECONCILE_GRACE_S = 5.0
+"""An attempt dispatched this recently may still be on its way to the lane; reconciliation leaves it alone."""
+
+
+@dataclass
+class LaneWatch:
+    """What the supervisor knows of one lane from systemd, its pidfd and its health endpoint."""
+
+    name: str
+    unit: str
+    port: int
+    key: str
+    health_path: str
+    max_restarts: int
+    enabled: bool
+    active: str = "unknown"
+    sub: str = ""
+    main_pid: int = 0
+    pidfd: int | None = None
+    invocation: str = ""
+    restarts: int = -1
+    restart_times: deque[float] = field(default_factory=deque)
+    healthy: bool = False
+    healthy_since: float | None = None
+    held: set[int] = field(default_factory=set)
+    state: str = "active"  # the ledger's dispatch state (active, draining, drained, degraded, disabled)
+
+    @property
+    def running(self) -> bool:
+        return self.active == "active" and self.sub == "running"
+
+
+@dataclass
+class Pending:
+    msg: CallbackMsg
+    future: Future[tuple[int, dict[str, Any]]]
+
+
+class Supervisor:
+    def __init__(self, fleet: LaneSet, ledger_path: Path | None = None, *, notifier: Any = None,
+                 use_systemd: bool = True) -> None:
+        self.fleet = fleet
+        self.settings = fleet.settings
+        self.ledger_path = ledger_path or paths.ledger_path(fleet.settings.ledger)
+        self.notifier = notifier
+        self.use_systemd = use_systemd
+        self.stop = threading.Event()
+        self.inbox: queue.Queue[Pending] = queue.Queue()
+        self.results: queue.Queue[tuple[ms.Dispatch, int | None, str]] = queue.Queue()
+        self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="dispatch")
+        self.sel = selectors.DefaultSelector()
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
+        self.sel.register(self.wake_r, selectors.EVENT_READ, None)
+        self.lanes: dict[str, LaneWatch] = {}
+        self.ledger: Ledger | None = None
+        self.server: ThreadingHTTPServer | None = None
+        self.counters = {"dispatched": 0, "callbacks": 0, "rejected": 0, "dispatch_failed": 0, "failovers": 0}
+        self.last_tick = 0.0
+        self.dirty = True
+        self.data_version = -1
+        self.summary: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------------------------------ setup
+    def open(self) -> None:
+        """Migrate the ledger, load lane keys, bind the callback endpoint (READY=1 comes after this)."""
+        self.ledger = Ledger.open(self.ledger_path)
+        state_dir = Path(self.settings.state_dir)
+        lane_keys = keys.read_lane_keys(state_dir, sorted(self.fleet.lanes))
+        for name, lane in sorted(self.fleet.lanes.items()):
+            self.lanes[name] = LaneWatch(name, unit_name(name), lane.port, lane_keys[name], lane.health_path,
+                                         lane.restart.max_restarts, lane.enabled)
+        self.bind()
+
+    def bind(self) -> None:
+        sup = self
+
+        class Handler(BaseHTTPRequestHandler):
+            server_version = f"lanectl-supervisor/{__version__}"
+            protocol_version = "HTTP/1.1"
+            timeout = 10
+
+            def log_message(self, fmt: str, *args: Any) -> None:
+                log.debug("%s " + fmt, self.address_string(), *args)
+
+            def _send(self, code: int, doc: dict[str, Any]) -> None:
+                body = json.dumps(doc, sort_keys=True, default=str).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                if code >= 400:
+                    self.send_header("Connection", "close")
+                    self.close_connection = True
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self) -> None:  # noqa: N802
+                if self.path.split("?", 1)[0] == "/healthz":
+                    self._send(200, sup.health())
+                else:
+                    self._send(404, {"error": "not_found", "message": "GET /healthz only"})
+
+            def do_POST(self) -> None:  # noqa: N802
+                try:
+                    raw = read_body(self)
+                    if self.path.split("?", 1)[0] != "/callbacks":
+                        self._send(404, {"error": "not_found", "message": "POST /callbacks only"})
+                        return
+                    self._send(*sup.submit_callback(parse_callback(raw)))
+                except BadMessage as exc:
+                    self._send(exc.status, {"error": "bad_request", "message": str(exc)})
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+            allow_reuse_address = True
+            request_queue_size = 256
+
+        host = self.settings.supervisor.host
+        if host not in ("127.0.0.1", "::1", "localhost"):  # the config model allows nothing else; belt and braces
+            raise LanectlError(f"supervisor host {host!r} is not loopback", "use 127.0.0.1", "not_loopback")
+        self.server = Server((host if host != "localhost" else "127.0.0.1", self.settings.supervisor.port), Handler)
+        threading.Thread(target=self.server.serve_forever, name="http", kwargs={"poll_interval": 0.2},
+                         daemon=True).start()
+
+    # ------------------------------------------------------------------------------------------ callbacks
+    def submit_callback(self, msg: CallbackMsg) -> tuple[int, dict[str, Any]]:
+        """Called from an HTTP thread: hand the callback to the main loop and wait for its verdict."""
+        if msg.lane not in self.lanes:
+            return 409, {"error": "unknown_lane", "message": f"no lane {msg.lane!r}"}
+        fut: Future[tuple[int, dict[str, Any]]] = Future()
+        self.inbox.put(Pending(msg, fut))
+        self.wake()
+        try:
+            return fut.result(timeout=CALLBACK_WAIT_S)
+        except TimeoutError:
+            return 503, {"error": "busy", "message": "the supervisor did not answer in time; retry"}
+
+    def apply_callbacks(self, now: float) -> int:
+        batch: list[Pending] = []
+        while True:
+            try:
+                batch.append(self.inbox.get_nowait())
+            except queue.Empty:
+                break
+        if not batch:
+            return 0
+        assert self.ledger is not None
+        answers: list[tuple[int, dict[str, Any]]] = []
+        try:
+            with self.ledger.transaction():  # one commit for the whole batch; each callback is a savepoint in it
+                for p in batch:
+                    answers.append(self.apply_callback(p.msg, now))
+        except Exception:  # a bug or a broken ledger: answer 500 so that the lanes retry, and keep running
+            log.exception("applying %d callbacks failed", len(batch))
+            answers = [(500, {"error": "internal", "message": "the supervisor could not apply it; retry"})] * len(batch)
+        for p, answer in zip(batch, answers):
+            p.future.set_result(answer)
+        self.dirty = True
+        return len(batch)
+
+    def apply_callback(self, m: CallbackMsg, now: float) -> tuple[int, dict[str, Any]]:
+        assert self.ledger is not None
+        lease = self.settings.leases.lease_sec
+        common = {"lane": m.lane, "attempt": m.attempt, "token": m.token, "now": now}
+        self.counters["callbacks"] += 1
+        try:
+            if m.event == "started":
+                res = ms.started(self.ledger, m.mission, lease_sec=lease, **common)
+            elif m.event == "heartbeat":
+                res = ms.heartbeat(self.ledger, m.mission, lease_sec=lease, **common)
+            elif m.event == "succeeded":
+                res = ms.complete(self.ledger, m.mission, result={"exit_code": m.exit_code,
+                                                                    "output_tail": m.output_tail}, **common)
+            elif m.event == "failed":
+                err = m.error or (f"exit code {m.exit_code}" if m.exit_code is not None else "failed")
+                res = ms.fail(self.ledger, m.mission, error=err, retry=False, **common)
+            else:  # cancelled: the lane confirms it stopped an attempt that is already over in the ledger
+                return 200, {"ok": True, "changed": False}
+        except (Conflict, NotFound) as exc:
+            self.counters["rejected"] += 1
+            return 409, {"error": exc.code, "message": exc.message}
+        return 200, {"ok": True, "changed": res.changed, "state": res.mission.state}
+
+    # ------------------------------------------------------------------------------------------ dispatch
+    def send(self, d: ms.Dispatch) -> None:
+        lane = self.lanes[d.lane]
+        body = json.dumps({"mission": d.mission, "attempt": d.attempt, "lane": d.lane, "token": d.token,
+                           "class": d.cls, "session": d.session, "deadline": d.deadline,
+                           "payload": d.payload}).encode()
+
+        def post() -> None:
+            req = urllib.request.Request(f"http://127.0.0.1:{lane.port}/missions", data=body, method="POST",
+                                         headers={"Content-Type": "application/json",
+                                                  "Authorization": f"Bearer {lane.key}"})
+            try:
+                with urllib.request.urlopen(req, timeout=DISPATCH_TIMEOUT_S) as resp:
+                    resp.read()
+                    self.results.put((d, resp.status, ""))
+            except urllib.error.HTTPError as exc:
+                self.results.put((d, exc.code, exc.read(500).decode(errors="replace")))
+            except (OSError, ValueError) as exc:
+                self.results.put((d, None, str(exc)))
+            self.wake()
+
+        self.pool.submit(post)
+
+    def apply_results(self, now: float) -> None:
+        assert self.ledger is not None
+        while True:
+            try:
+                d, status, text = self.results.get_nowait()
+            except queue.Empty:
+                return
+            if status is not None and 200 <= status < 300:
+                continue
+            self.counters["dispatch_failed"] += 1
+            reason = f"lane refused the dispatch (HTTP {status}): {text[:200]}" if status else f"lane unreachable: {text}"
+            log.warning("mission %d attempt %d -> %s: %s", d.mission, d.attempt, d.lane, reason)
+            try:
+                ms.fail(self.ledger, d.mission, lane=d.lane, attempt=d.attempt, token=d.token, now=now,
+                        error=reason, retry=True)
+            except (Conflict, NotFound):
+                pass  # already over (cancelled, or re-queued by a failover)
+            if status is None or status >= 500:
+                self.set_health(self.lanes[d.lane], False, now)
+            self.dirty = True
+
+    def tick(self, now: float) -> None:
+        assert self.ledger is not None
+        res = ticks.run_once(self.ledger, self.fleet, now=now)
+        self.last_tick = now
+        for d in res.dispatches:
+            self.counters["dispatched"] += 1
+            self.send(d)
+        self.settle_drains(now)
+
+    # ------------------------------------------------------------------------------------------ lanes
+    def set_health(self, lane: LaneWatch, healthy: bool, now: float) -> None:
+        if lane.healthy == healthy:
+            return
+        lane.healthy = healthy
+        lane.healthy_since = now if healthy else None
+        assert self.ledger is not None
+        ms.set_lane(self.ledger, lane.name, now=now, healthy=healthy)
+        self.dirty = True
+
+    def watch_pid(self, lane: LaneWatch, pid: int) -> None:
+        if pid == lane.main_pid and lane.pidfd is not None:
+            return
+        self.unwatch_pid(lane)
+        lane.main_pid = pid
+        if pid <= 0:
+            return
+        try:
+            lane.pidfd = os.pidfd_open(pid)
+        except OSError:  # gone already, or no pidfd support: the next observation notices
+            lane.pidfd = None
+            return
+        self.sel.register(lane.pidfd, selectors.EVENT_READ, lane.name)
+
+    def unwatch_pid(self, lane: LaneWatch) -> None:
+        if lane.pidfd is not None:
+            self.sel.unregister(lane.pidfd)
+            os.close(lane.pidfd)
+            lane.pidfd = None
+
+    def lane_exited(self, lane: LaneWatch, now: float) -> None:
+        """The lane's main process is gone (crash, watchdog kill, stop): what it held cannot complete."""
+        assert self.ledger is not None
+        self.unwatch_pid(lane)
+        lane.main_pid = 0
+        lost = ms.requeue_lane(self.ledger, lane.name, "lane process exited", now=now)
+        if lost:
+            self.counters["failovers"] += 1
+            log.warning("lane %s exited; re-queued missions %s", lane.name, lost)
+        self.set_health(lane, False, now)
+        self.dirty = True
+
+    def observe(self, now: float) -> None:
+        """systemd's view and the health endpoint of every lane; invocation changes, degradation, recovery."""
+        assert self.ledger is not None
+        watches = list(self.lanes.values())
+        if self.use_systemd:
+            props = systemd.show([w.unit for w in watches], ("Id", "ActiveState", "SubState", "MainPID",
+                                                             "InvocationID", "NRestarts"))
+        else:
+            props = {}
+        healths = check_health_many([(w.port, w.health_path) for w in watches], self.settings.health.health_timeout_sec)
+        states = dict(self.ledger.conn.execute("SELECT name, state FROM lanes").fetchall())
+        for w, h in zip(watches, healths):
+            p = props.get(w.unit, {})
+            w.state = states.get(w.name, "active")
+            w.active, w.sub = p.get("ActiveState", w.active), p.get("SubState", w.sub)
+            restarts = int(p.get("NRestarts") or 0)
+            if w.restarts >= 0 and restarts > w.restarts:
+                w.restart_times.extend([now] * (restarts - w.restarts))
+            w.restarts = restarts
+            window = self.settings.health.restart_window_sec
+            while w.restart_times and w.restart_times[0] < now - window:
+                w.restart_times.popleft()
+            inv = p.get("InvocationID", "")
+            if w.running and inv and inv != w.invocation:
+                lost = ms.set_lane(self.ledger, w.name, now=now, invocation=inv)
+                if lost:
+                    self.counters["failovers"] += 1
+                w.invocation = inv
+                self.dirty = True
+            if self.use_systemd:
+                self.watch_pid(w, int(p.get("MainPID") or 0) if w.running else 0)
+            body = h.body or {}
+            ok = h.ok and (not self.use_systemd or w.running) and body.get("lane", w.name) == w.name
+            self.set_health(w, ok, now)
+            if ok:
+                w.held = {int(x) for x in body.get("missions", []) if isinstance(x, int)}
+                w.held |= {int(x) for x in body.get("reporting", []) if isinstance(x, int)}
+            self.judge(w, now)
+
+    def judge(self, w: LaneWatch, now: float) -> None:
+        """Degrade a lane whose unit failed or that restarts too often; let a stable one recover."""
+        assert self.ledger is not None
+        storm = len(w.restart_times) > w.max_restarts
+        if w.state == "active" and w.enabled and (w.active == "failed" or storm):
+            why = "unit failed" if w.active == "failed" else f"{len(w.restart_times)} restarts in the window"
+            self.degrade(w, why, now)
+        elif (w.state == "degraded" and w.healthy and not storm and w.healthy_since is not None
+              and now - w.healthy_since >= self.settings.health.recover_sec):
+            with self.ledger.transaction() as conn:
+                conn.execute("UPDATE lanes SET state = 'active', updated_at = ? WHERE name = ?", (now, w.name))
+                append(conn, EventKind.LANE_STATE, now, lane=w.name, to="active", previous="degraded",
+                       reason=f"healthy for {self.settings.health.recover_sec:g}s")
+            w.state = "active"
+            self.dirty = True
+
+    def degrade(self, w: LaneWatch, why: str, now: float) -> None:
+        assert self.ledger is not None
+        fallback = self.fleet.lanes[w.name].fallback
+        with self.ledger.transaction() as conn:
+            conn.execute("INSERT INTO lanes (name, state, updated_at) VALUES (?, 'degraded', ?) ON CONFLICT (name) "
+                         "DO UPDATE SET state = 'degraded', updated_at = excluded.updated_at", (w.name, now))
+            append(conn, EventKind.LANE_STATE, now, lane=w.name, to="degraded", previous=w.state, reason=why,
+                   fallback=fallback)
+        w.state = "degraded"
+        log.warning("lane %s degraded (%s); fallback %s", w.name, why, fallback or "none")
+        if fallback:
+            sessions = [r[0] for r in self.ledger.conn.execute("SELECT id FROM sessions WHERE lane = ?", (w.name,))]
+            for s in sessions:
+                try:
+                    ms.move_session(self.ledger, s, fallback, now=now, reason=f"failover: {w.name} degraded")
+                except LanectlError as exc:
+                    log.info("session %s stays on %s for now: %s", s, w.name, exc.message)
+        self.dirty = True
+
+    def reconcile(self, now: float) -> None:
+        """After a supervisor restart: attempts the ledger gave to a lane that the lane does not hold are lost."""
+        assert self.ledger is not None
+        for w in self.lanes.values():
+            if not w.healthy:
+                continue
+            rows = self.ledger.conn.execute(
+                "SELECT m.id, m.attempts FROM missions m JOIN attempts a ON a.mission = m.id AND a.n = m.attempts "
+                "WHERE m.state IN ('dispatched', 'running') AND m.current_lane = ? AND a.dispatched_at < ?",
+                (w.name, now - RECONCILE_GRACE_S)).fetchall()
+            for mission, attempt in rows:
+                if mission in w.held:
+                    continue
+                ms.lose_attempt(self.ledger, mission, attempt, w.name, "lane does not hold it (supervisor restart)",
+                                now=now)
+                self.dirty = True
+
+    def settle_drains(self, now: float) -> None:
+        assert self.ledger is not None
+        rows = self.ledger.conn.execute(
+            "SELECT l.name FROM lanes l WHERE l.state = 'draining' AND NOT EXISTS (SELECT 1 FROM missions m "
+            "WHERE m.current_lane = l.name AND m.state IN ('dispatched', 'running'))").fetchall()
+        for (name,) in rows:
+            with self.ledger.transaction() as conn:
+                cur = conn.execute("UPDATE lanes SET state = 'drained', updated_at = ? WHERE name = ? "
+                                   "AND state = 'draining'", (now, name))
+                if cur.rowcount:
+                    append(conn, EventKind.LANE_STATE, now, lane=name, to="drained", previous="draining",
+                           reason="nothing in flight")
+
+    # ------------------------------------------------------------------------------------------ loop
+    def wake(self) -> None:
+        try:
+            os.write(self.wake_w, b"x")
+        except BlockingIOError:
+            pass  # a wake-up is pending already
+
+    def health(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "version": __version__, "ledger": str(self.ledger_path), **self.summary}
+
+    def refresh_summary(self) -> None:
+        assert self.ledger is not None
+        counts = dict(self.ledger.conn.execute(
+            "SELECT state, count(*) FROM missions WHERE state IN ('queued', 'dispatched', 'running') "
+            "GROUP BY state").fetchall())
+        up = sum(1 for w in self.lanes.values() if w.healthy)
+        self.summary = {
+            "lanes": {w.name: {"state": w.state, "healthy": w.healthy, "unit": f"{w.active}/{w.sub}",
+                               "invocation": w.invocation, "restarts": w.restarts} for w in self.lanes.values()},
+            "lanes_up": up, "queued": counts.get("queued", 0),
+            "in_flight": counts.get("dispatched", 0) + counts.get("running", 0),
+            "counters": dict(self.counters), "last_tick": self.last_tick,
+        }
+
+    def status_line(self) -> str:
+        s = self.summary
+        return (f"{s.get('lanes_up', 0)}/{len(self.lanes)} lanes up; {s.get('queued', 0)} queued, "
+                f"{s.get('in_flight', 0)} in flight; {self.counters['dispatched']} dispatched, "
+                f"{self.counters['failovers']} failovers")
+
+    def notify(self, msg: str) -> None:
+        if self.notifier is not None:
+            self.notifier.send(msg)
+
+    def run(self) -> int:
+        self.open()
+        assert self.ledger is not None
+        now = time.time()
+        self.observe(now)
+        self.reconcile(now)
+        self.refresh_summary()
+        self.notify("READY=1\nSTATUS=" + self.status_line())
+        log.info("supervising %d lanes; callbacks on %s:%d", len(self.lanes), self.settings.supervisor.host,
+                 self.settings.supervisor.port)
+        from lanectl.runtime import Notifier
+
+        ping = Notifier.watchdog_interval() or 1.0
+        last_ping = last_observe = last_summary = time.monotonic()
+        while not self.stop.is_set():
+            now, mono = time.time(), time.monotonic()
+            self.apply_callbacks(now)
+            self.apply_results(now)
+            if mono - last_observe >= self.settings.health.observe_sec:
+                self.observe(now)
+                last_observe = mono
+            version = self.ledger.conn.execute("PRAGMA data_version").fetchone()[0]
+            if version != self.data_version or self.dirty or now - self.last_tick >= self.settings.supervisor.tick_sec:
+                self.data_version = version
+                self.dirty = False
+                self.tick(now)
+                self.data_version = self.ledger.conn.execute("PRAGMA data_version").fetchone()[0]
+            if mono - last_ping >= ping:
+                self.notify("WATCHDOG=1")
+                last_ping = mono
+            if mono - last_summary >= 1.0:
+                self.refresh_summary()
+                self.notify("STATUS=" + self.status_line())
+                last_summary = mono
+            self.wait(POLL_S)
+        self.notify("STOPPING=1\nSTATUS=stopping")
+        self.close()
+        return 0
+
+    def wait(self, timeout: float) -> None:
+        now = time.time()
+        for key, _ in self.sel.select(timeout):
+            if key.data is None:
+                try:
+                    while os.read(self.wake_r, 4096):
+                        pass
+                except BlockingIOError:
+                    pass
+            else:
+                lane = self.lanes[key.data]
+                self.lane_exited(lane, now)
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        for w in self.lanes.values():
+            self.unwatch_pid(w)
+        if self.ledger is not None:
+            self.ledger.close()
