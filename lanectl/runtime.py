@@ -359,9 +359,9 @@ class LaneRuntime:
             if self.held.get(r.msg.mission) is r:
                 del self.held[r.msg.mission]
         self.done += 1
-        if r.started_at is not None:
+        if r.started_at is not None:  # logged before the callback is queued: the supervisor reads it if we die
             self.journal(event="end", mission=r.msg.mission, attempt=r.msg.attempt, outcome=event,
-                         exit_code=exit_code)
+                         exit_code=exit_code, error=error)
         self.report(r, event, exit_code=exit_code, output_tail=self.tail(r) or None, error=error)
 
     def work_once(self) -> None:

@@ -88,6 +88,31 @@ class Pending:
     future: Future[tuple[int, dict[str, Any]]]
 
 
+MAX_LOG_TAIL = 1 << 20
+
+
+def read_execution_log(workspace: Path) -> list[dict[str, Any]]:
+    """The last MAX_LOG_TAIL bytes of a lane's execution log, as entries (the lane writes it: trust nothing)."""
+    path = workspace / ".lanectl" / "executions.log"
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - MAX_LOG_TAIL))
+            raw = fh.read(MAX_LOG_TAIL)
+    except OSError:
+        return []
+    out = []
+    for line in raw.split(b"\n"):
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(doc, dict) and isinstance(doc.get("mission"), int) and isinstance(doc.get("attempt"), int):
+            out.append(doc)
+    return out
+
+
 class Supervisor:
     def __init__(self, fleet: LaneSet, ledger_path: Path | None = None, *, notifier: Any = None,
                  use_systemd: bool = True) -> None:
@@ -113,11 +138,13 @@ class Supervisor:
         self.dirty = True
         self.data_version = -1
         self.summary: dict[str, Any] = {}
+        self.cancel_cursor = 0
 
     # ------------------------------------------------------------------------------------------ setup
     def open(self) -> None:
         """Migrate the ledger, load lane keys, bind the callback endpoint (READY=1 comes after this)."""
         self.ledger = Ledger.open(self.ledger_path)
+        self.cancel_cursor = self.ledger.conn.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]
         state_dir = Path(self.settings.state_dir)
         lane_keys = keys.read_lane_keys(state_dir, sorted(self.fleet.lanes))
         for name, lane in sorted(self.fleet.lanes.items()):
@@ -285,7 +312,35 @@ class Supervisor:
         for d in res.dispatches:
             self.counters["dispatched"] += 1
             self.send(d)
+        self.forward_cancels()
         self.settle_drains(now)
+
+    def forward_cancels(self) -> None:
+        """A mission cancelled while a lane ran it: tell that lane to stop it (after the cancel committed)."""
+        assert self.ledger is not None
+        top = self.ledger.conn.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]
+        if top == self.cancel_cursor:
+            return
+        rows = self.ledger.conn.execute(
+            "SELECT mission, lane FROM events WHERE id > ? AND id <= ? AND kind = 'cancelled' AND lane IS NOT NULL "
+            "ORDER BY id", (self.cancel_cursor, top)).fetchall()
+        self.cancel_cursor = top
+        for mission, lane in rows:
+            w = self.lanes.get(lane)
+            if w is None:
+                continue
+            req = urllib.request.Request(f"http://127.0.0.1:{w.port}/missions/{mission}/cancel", data=b"{}",
+                                         method="POST", headers={"Content-Type": "application/json",
+                                                                 "Authorization": f"Bearer {w.key}"})
+
+            def post(req: urllib.request.Request = req) -> None:
+                try:
+                    with urllib.request.urlopen(req, timeout=DISPATCH_TIMEOUT_S) as resp:
+                        resp.read()
+                except (OSError, ValueError):
+                    pass  # the lane is gone or no longer holds it: nothing left to stop
+
+            self.pool.submit(post)
 
     # ------------------------------------------------------------------------------------------ lanes
     def set_health(self, lane: LaneWatch, healthy: bool, now: float) -> None:
@@ -317,11 +372,39 @@ class Supervisor:
             os.close(lane.pidfd)
             lane.pidfd = None
 
+    def settle_from_log(self, lane: LaneWatch, invocation: str, now: float) -> list[int]:
+        """Before re-queuing a dead lane's missions: the outcomes it logged but could not report yet.
+
+        The runtime appends the end of every execution to ``WORKSPACE/.lanectl/executions.log`` before it sends
+        the callback; a lane killed between the two would otherwise have its finished work run a second time.
+        """
+        assert self.ledger is not None
+        active = {(r[0], r[1]) for r in self.ledger.conn.execute(
+            "SELECT id, attempts FROM missions WHERE current_lane = ? AND state IN ('dispatched', 'running')",
+            (lane.name,))}
+        if not active or not invocation:
+            return []
+        settled = []
+        for entry in read_execution_log(Path(self.fleet.lanes[lane.name].workspace)):
+            key = (entry.get("mission"), entry.get("attempt"))
+            if (entry.get("event") != "end" or key not in active or entry.get("lane") != lane.name
+                    or entry.get("invocation") != invocation or entry.get("outcome") not in ("succeeded", "failed")):
+                continue
+            result = {"exit_code": entry.get("exit_code"), "output_tail": None}
+            if ms.settle_from_lane(self.ledger, key[0], key[1], lane.name, entry["outcome"], now=now, result=result,
+                                   error=entry.get("error")):
+                settled.append(key[0])
+                active.discard(key)
+        if settled:
+            log.info("lane %s: settled %s from its execution log", lane.name, settled)
+        return settled
+
     def lane_exited(self, lane: LaneWatch, now: float) -> None:
         """The lane's main process is gone (crash, watchdog kill, stop): what it held cannot complete."""
         assert self.ledger is not None
         self.unwatch_pid(lane)
         lane.main_pid = 0
+        self.settle_from_log(lane, lane.invocation, now)
         lost = ms.requeue_lane(self.ledger, lane.name, "lane process exited", now=now)
         if lost:
             self.counters["failovers"] += 1
@@ -353,6 +436,8 @@ class Supervisor:
                 w.restart_times.popleft()
             inv = p.get("InvocationID", "")
             if w.running and inv and inv != w.invocation:
+                if w.invocation:
+                    self.settle_from_log(w, w.invocation, now)
                 lost = ms.set_lane(self.ledger, w.name, now=now, invocation=inv)
                 if lost:
                     self.counters["failovers"] += 1

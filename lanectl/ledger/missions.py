@@ -501,6 +501,29 @@ def lose_attempt(ledger: Ledger, mission_id: int, attempt: int, lane: str, reaso
         return True
 
 
+def settle_from_lane(ledger: Ledger, mission_id: int, attempt: int, lane: str, outcome: str, *, now: float,
+                     result: Any = None, error: str | None = None) -> bool:
+    """Apply an outcome the lane recorded in its own execution log but could not report before it died.
+
+    Same fencing as a callback minus the token (the supervisor read it from the lane's workspace, which only that
+    lane writes): the attempt must be the mission's current one, active, and on that lane. False otherwise.
+    """
+    with ledger.transaction() as conn:
+        row = conn.execute("SELECT attempts, state, current_lane FROM missions WHERE id = ?", (mission_id,)).fetchone()
+        if row is None or row[0] != attempt or row[1] not in ACTIVE or row[2] != lane:
+            return False
+        if outcome == "succeeded":
+            _finish(conn, mission_id, attempt, "succeeded", "succeeded", now,
+                    result=None if result is None else canonical(result))
+            append(conn, EventKind.SUCCEEDED, now, mission=mission_id, lane=lane, attempt=attempt, source="lane log")
+        else:
+            err = (error or "failed")[:500]
+            _finish(conn, mission_id, attempt, "failed", "failed", now, error=err)
+            append(conn, EventKind.FAILED, now, mission=mission_id, lane=lane, attempt=attempt, error=err,
+                   source="lane log")
+        return True
+
+
 def requeue_lane(ledger: Ledger, lane: str, reason: str, *, now: float) -> list[int]:
     """Failover: every mission active on ``lane`` is re-queued (or dead); returns their ids."""
     with ledger.transaction() as conn:

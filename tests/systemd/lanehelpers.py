@@ -64,3 +64,62 @@ def copy_example(dest: Path) -> Path:
     shutil.copy(ROOT / "lanectl.toml", dest / "lanectl.toml")
     shutil.copytree(ROOT / "lanes.d", dest / "lanes.d", dirs_exist_ok=True)
     return dest
+
+
+SUBMIT = r'''
+import json, sys, time
+from lanectl.client import Client
+spec = json.load(sys.stdin)
+ids = []
+with Client(config_dir=spec["config"]) as c:
+    for m in spec["missions"]:
+        deadline = time.time() + m.get("deadline_in", 600) if m["cls"] == "deadline" else None
+        ids.append(c.submit(m["cls"], {"argv": m["argv"]}, lane=m.get("lane"), session=m.get("session"),
+                            deadline=deadline).id)
+print(json.dumps(ids))
+'''
+
+LEDGER_QUERY = r'''
+import json, sqlite3, sys
+q = json.load(sys.stdin)
+c = sqlite3.connect("file:/var/lib/lanectl/ledger.db?mode=ro", uri=True, timeout=10)
+print(json.dumps([list(r) for r in c.execute(q["sql"], q.get("args", []))]))
+'''
+
+
+def submit_many(fleet: Fleet, missions: list[dict[str, Any]]) -> list[int]:
+    """Submit through the Python client inside the sandbox (one process for all of them)."""
+    proc = fleet.sb.exec([PYTHON, "-c", SUBMIT], input=json.dumps({"config": str(fleet.config_dir),
+                                                                  "missions": missions}), check=True)
+    return json.loads(proc.stdout)
+
+
+def sql(fleet: Fleet, query: str, *args: Any) -> list[list[Any]]:
+    proc = fleet.sb.exec([PYTHON, "-c", LEDGER_QUERY], input=json.dumps({"sql": query, "args": list(args)}),
+                         check=True)
+    return json.loads(proc.stdout)
+
+
+def states(fleet: Fleet, ids: list[int]) -> dict[int, str]:
+    rows = sql(fleet, f"SELECT id, state FROM missions WHERE id BETWEEN ? AND ?", min(ids), max(ids))
+    return {r[0]: r[1] for r in rows if r[0] in set(ids)}
+
+
+TERMINAL = {"succeeded", "failed", "dead", "cancelled", "expired"}
+
+
+def wait_terminal(fleet: Fleet, ids: list[int], timeout: float) -> dict[int, str]:
+    def done():  # type: ignore[no-untyped-def]
+        st = states(fleet, ids)
+        return st if len(st) == len(ids) and all(v in TERMINAL for v in st.values()) else None
+
+    return wait_for(done, timeout, interval=0.5, what=f"{len(ids)} missions to finish")
+
+
+def executions(fleet: Fleet, lanes: list[str], root: str = "/var/lib/lanes") -> list[dict[str, Any]]:
+    """Every execution the lanes logged in their workspaces (what actually ran)."""
+    out = []
+    for lane in lanes:
+        proc = fleet.sb.exec(["cat", f"{root}/{lane}/.lanectl/executions.log"])
+        out += [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+    return out
