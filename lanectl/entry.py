@@ -37,7 +37,7 @@ def fast_status(argv: list[str]) -> bool:
     from lanectl.status import collect
 
     try:
-        run_status(collect(data["lanes"], names or None), json_out)
+        run_status(collect(data["lanes"], names or None, data.get("supervisor")), json_out)
     except LanectlError as exc:
         fail(["status"], exc, json_out)
     return True

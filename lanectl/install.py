@@ -110,7 +110,10 @@ def manifest(fleet: LaneSet) -> dict:
             "fallback": lane.fallback,
             "watchdog_sec": lane.watchdog_sec,
         }
-    return {"lanectl_manifest": 1, "config_dir": str(fleet.config_dir), "lanes": lanes}
+    from lanectl.units import SUPERVISOR
+
+    return {"lanectl_manifest": 1, "config_dir": str(fleet.config_dir), "lanes": lanes,
+            "supervisor": {"unit": SUPERVISOR, "port": fleet.settings.supervisor.port}}
 
 
 def ensure_user(name: str, home: str) -> bool:

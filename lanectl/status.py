@@ -47,6 +47,7 @@ class LaneStatus:
     cpu_percent_avg: float | None = None
     processes: int = 0
     health: Health = field(default_factory=Health)
+    kind: str = "lane"  # or "supervisor"
 
     @property
     def running(self) -> bool:
@@ -184,8 +185,10 @@ def _num(value: str | None) -> int:
         return 0
 
 
-def collect(lanes: dict[str, dict[str, Any]], names: list[str] | None = None) -> list[LaneStatus]:
-    """Status of the named lanes (default: all), from one systemctl call and parallel health checks."""
+def collect(lanes: dict[str, dict[str, Any]], names: list[str] | None = None,
+            supervisor: dict[str, Any] | None = None) -> list[LaneStatus]:
+    """Status of the named lanes (default: all, and the supervisor when given), from one systemctl call and
+    parallel health checks."""
     wanted = names or sorted(lanes)
     for n in wanted:
         if n not in lanes:
@@ -193,6 +196,9 @@ def collect(lanes: dict[str, dict[str, Any]], names: list[str] | None = None) ->
                            "lane_not_found")
     out = [LaneStatus(n, lanes[n]["unit"], bool(lanes[n].get("enabled", True)), int(lanes[n]["port"]))
            for n in wanted]
+    if supervisor and not names:
+        out.append(LaneStatus("supervisor", supervisor["unit"], True, int(supervisor["port"]), kind="supervisor"))
+        lanes = {**lanes, "supervisor": {"health_path": "/healthz"}}
     units = [s.unit for s in out]
     proc = systemd.show_start(units)
     # the health checks run while systemctl answers
@@ -239,13 +245,17 @@ def _usage(s: LaneStatus, props: dict[str, str], since_us: int, now_us: int) -> 
 
 
 def installed_lanes(unit_dir: Path, config_path: str | None = None) -> dict[str, dict[str, Any]]:
-    """The installed fleet (manifest beside the units); falls back to the lane files when nothing is installed."""
+    """The installed fleet's lanes (manifest beside the units); the lane files when nothing is installed."""
+    return installed_fleet(unit_dir, config_path)["lanes"]
+
+
+def installed_fleet(unit_dir: Path, config_path: str | None = None) -> dict[str, Any]:
     from lanectl import manifest as installed
 
     data = installed.read(unit_dir)
     if data is not None:
-        return data["lanes"]
+        return data
     from lanectl import config
     from lanectl.install import manifest
 
-    return manifest(config.load(config_path))["lanes"]
+    return manifest(config.load(config_path))

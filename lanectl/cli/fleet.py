@@ -100,8 +100,10 @@ def status(lanes: Optional[List[str]] = LANES, unit_dir: Optional[str] = UNIT_DI
            config_dir: Optional[str] = CONFIG, json_out: bool = JSON) -> None:
     """Show what runs: unit state, PID, uptime, restarts, watchdog, memory, CPU, port, health.
 
-    Exits 0 when every enabled lane is running and healthy, 8 when one is not, 6 when systemd is unreachable.
+    Without lane names the supervisor is shown too. Exits 0 when every enabled lane (and the supervisor) is
+    running and healthy, 8 when one is not, 6 when systemd is unreachable.
     """
-    from lanectl.status import collect
+    from lanectl.status import collect, installed_fleet
 
-    run_status(collect(_lanes(unit_dir, config_dir), lanes or None), json_out)
+    data = installed_fleet(paths.unit_dir(unit_dir), config_dir)
+    run_status(collect(data["lanes"], lanes or None, data.get("supervisor")), json_out)

@@ -8,7 +8,10 @@ from lanectl.status import LaneStatus
 
 def run_status(rows: list[LaneStatus], json_out: bool) -> None:
     code = ExitCode.OK if all(r.ok for r in rows) else ExitCode.UNHEALTHY
-    data = {"lanes": [r.as_dict() for r in rows], "ok": code == ExitCode.OK}
+    data = {"lanes": [r.as_dict() for r in rows if r.kind == "lane"], "ok": code == ExitCode.OK}
+    sup = [r.as_dict() for r in rows if r.kind == "supervisor"]
+    if sup:
+        data["supervisor"] = sup[0]
     finish(["status"], data, json_mode=json_out, human=lambda: print_table(rows), exit_code=code)
 
 
@@ -30,7 +33,10 @@ def print_table(rows: list[LaneStatus]) -> None:
         health = "ok" if r.health.ok else (r.health.error or "-")
         if r.health.ok and r.health.latency_ms is not None:
             health = f"ok {r.health.latency_ms:.0f}ms"
-        t.add_row(escape(r.name), f"[{style}]{r.state}[/]" if style else r.state,
+        name = escape(r.name) if r.kind == "lane" else "[bold](supervisor)[/]"
+        if r.kind == "supervisor":
+            t.add_section()
+        t.add_row(name, f"[{style}]{r.state}[/]" if style else r.state,
                   f"{r.active_state}/{r.sub_state}", str(r.main_pid or "-"), human_duration(r.uptime_s),
                   str(r.restarts), wd, human_bytes(r.memory_bytes),
                   "-" if r.cpu_percent_avg is None else f"{r.cpu_percent_avg:.1f}%",

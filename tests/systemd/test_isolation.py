@@ -31,6 +31,7 @@ def tryr(path):
         return e.strerror
 r = {"own": tryw(ws + "/own.txt"), "other_write": tryw(other + "/intruder.txt"),
      "other_read": tryr(other + "/secret.txt"), "ledger_read": tryr("/var/lib/lanectl/ledger.db"),
+     "state_read": tryr("/var/lib/lanectl/planted"), "key_read": tryr("/var/lib/lanectl/keys/iso-a.env"),
      "secret_read": tryr("/etc/lanectl/callback.key"), "uid": os.getuid()}
 for p in ("/etc/probe", "/opt/lanectl/probe", "/var/lib/lanectl/probe", "/var/lib/probe", "/root/probe",
           "/home/probe", "/dev/shm/probe", "/usr/local/probe", "/srv/probe"):
@@ -55,7 +56,7 @@ def test_lane_cannot_touch_other_workspaces_or_the_control_plane(sandbox, tmp_pa
     f = Fleet(sandbox, cfg)
     f.write_file("/var/lib/lanes-probe/probe.py", PROBE)
     # the control plane's files, world-readable on purpose: only the unit's InaccessiblePaths= protects them
-    f.write_file("/var/lib/lanectl/ledger.db", "ledger")
+    f.write_file("/var/lib/lanectl/planted", "state")
     f.write_file("/etc/lanectl/callback.key", "secret")
     assert f.json("install")[0] == 0
     sandbox.exec(["install", "-o", "lane-iso-b", "-m", "0644", "/dev/null", "/var/lib/lanes-iso/iso-b/secret.txt"],
@@ -70,7 +71,7 @@ def test_lane_cannot_touch_other_workspaces_or_the_control_plane(sandbox, tmp_pa
         assert r["uid"] != 0
         assert r["other_write"] in ("Read-only file system", "Permission denied")
         assert r["other_read"] == "Permission denied"
-        for key in ("ledger_read", "secret_read"):
+        for key in ("ledger_read", "state_read", "key_read", "secret_read"):
             assert r[key] != "ok", (key, r)
         for p in ("/etc/probe", "/opt/lanectl/probe", "/var/lib/lanectl/probe", "/var/lib/probe", "/root/probe",
                   "/home/probe", "/dev/shm/probe", "/usr/local/probe", "/srv/probe"):
