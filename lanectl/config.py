@@ -249,6 +249,20 @@ class HealthSettings(Model):
     """A degraded lane that has been up and healthy this long, with no new restart, becomes active again."""
 
 
+class ProbeSettings(Model):
+    """Thresholds of `lanectl probe` (monitoring-plugins convention: WARNING / CRITICAL)."""
+
+    window_sec: Annotated[float, Field(gt=0)] = 900.0
+    """The window over which the probe computes failure rates."""
+    interactive_wait_warn_sec: Annotated[float, Field(gt=0)] = 30.0
+    interactive_wait_crit_sec: Annotated[float, Field(gt=0)] = 120.0
+    """Age of the oldest queued interactive mission."""
+    failure_rate_warn: Annotated[float, Field(ge=0, le=1)] = 0.10
+    failure_rate_crit: Annotated[float, Field(ge=0, le=1)] = 0.25
+    min_finished: Annotated[int, Field(ge=1)] = 10
+    """Fewer finished missions than this in the window: no failure-rate verdict (too little evidence)."""
+
+
 class LeaseSettings(Model):
     lease_sec: Annotated[float, Field(gt=0)] = 30.0
     heartbeat_sec: Annotated[float, Field(gt=0)] = 5.0
@@ -268,6 +282,7 @@ class Settings(Model):
     supervisor: SupervisorSettings = SupervisorSettings()
     leases: LeaseSettings = LeaseSettings()
     health: HealthSettings = HealthSettings()
+    probe: ProbeSettings = ProbeSettings()
     classes: dict[MissionClass, ClassPolicy] = Field(default_factory=_default_classes)
 
     @field_validator("ledger", "workspace_root", "python", "state_dir")

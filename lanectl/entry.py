@@ -1,16 +1,19 @@
 """Console-script entry point, with a fast path for the commands that cron and scripts call often.
 
-``lanectl status`` runs every minute from probes and runbooks; the full typer application costs about 120 ms of
-imports (typer, pydantic) before it does anything. When the arguments are ones the fast path understands and a
-fleet is installed, it answers from the install manifest without those imports; anything else goes to typer.
+``lanectl status`` and ``lanectl probe`` run every minute from cron, monitoring and runbooks; the full typer
+application costs about 120 ms of imports (typer, pydantic) before it does anything. When the arguments are
+ones the fast path understands and a fleet is installed, they answer from the install manifest without those
+imports; anything else goes to typer.
 """
 from __future__ import annotations
 
 import sys
 
+FAST = ("status", "probe")
 
-def fast_status(argv: list[str]) -> bool:
-    """Run `status [LANE...] [--json] [--unit-dir DIR]` without typer; False when it must go the full way."""
+
+def parse_simple(argv: list[str]) -> tuple[bool, str | None, list[str]] | None:
+    """`[NAME...] [--json] [--unit-dir DIR]`, or None for anything else (help, other options)."""
     json_out, unit_dir, names = False, None, []
     it = iter(argv)
     for arg in it:
@@ -19,18 +22,32 @@ def fast_status(argv: list[str]) -> bool:
         elif arg == "--unit-dir":
             unit_dir = next(it, None)
             if unit_dir is None:
-                return False
+                return None
         elif arg.startswith("--unit-dir="):
             unit_dir = arg.split("=", 1)[1]
         elif arg.startswith("-"):
-            return False
+            return None
         else:
             names.append(arg)
+    return json_out, unit_dir, names
+
+
+def fast(command: str, argv: list[str]) -> bool:
+    """Run status or probe without typer; False when it must go the full way."""
+    parsed = parse_simple(argv)
+    if parsed is None:
+        return False
+    json_out, unit_dir, names = parsed
     from lanectl import manifest, paths
 
     data = manifest.read(paths.unit_dir(unit_dir))
     if data is None:
         return False
+    if command == "probe":
+        from lanectl.cli.probeview import run_probe
+
+        run_probe(data, names or None, json_out)
+        return True
     from lanectl.cli.statusview import run_status
     from lanectl.errors import LanectlError
     from lanectl.output import fail
@@ -45,7 +62,7 @@ def fast_status(argv: list[str]) -> bool:
 
 def main() -> None:
     argv = sys.argv[1:]
-    if argv[:1] == ["status"] and fast_status(argv[1:]):
+    if argv[:1] and argv[0] in FAST and fast(argv[0], argv[1:]):
         return
     from lanectl.cli.main import app
 

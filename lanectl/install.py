@@ -112,8 +112,11 @@ def manifest(fleet: LaneSet) -> dict:
         }
     from lanectl.units import SUPERVISOR
 
+    from lanectl.config import ledger_path
+
     return {"lanectl_manifest": 1, "config_dir": str(fleet.config_dir), "lanes": lanes,
-            "supervisor": {"unit": SUPERVISOR, "port": fleet.settings.supervisor.port}}
+            "supervisor": {"unit": SUPERVISOR, "port": fleet.settings.supervisor.port},
+            "ledger": str(ledger_path(fleet)), "probe": fleet.settings.probe.model_dump()}
 
 
 def ensure_user(name: str, home: str) -> bool:

@@ -6,7 +6,7 @@ from typing import Any
 
 from lanectl import systemd
 from lanectl.errors import NotFound
-from lanectl.units import SUPERVISOR, TARGET
+from lanectl.units import PROBE_TIMER, SUPERVISOR, TARGET
 
 
 @dataclass
@@ -40,7 +40,7 @@ def up(lanes: dict[str, dict[str, Any]], names: list[str] | None = None) -> OpRe
     res = OpResult("up", chosen)
     extra = [] if names else [TARGET, SUPERVISOR]
     if units or extra:
-        systemd.run("enable", "--quiet", *extra, *units)
+        systemd.run("enable", "--quiet", *extra, *([PROBE_TIMER] if extra else []), *units)
     for name, unit in zip(chosen, units):
         if before.get(unit) == "active":
             continue
@@ -54,7 +54,7 @@ def up(lanes: dict[str, dict[str, Any]], names: list[str] | None = None) -> OpRe
         proc = systemd.run("start", SUPERVISOR, check=False)
         if proc.returncode != 0:
             res.failed["supervisor"] = (proc.stderr.strip().splitlines() or ["start failed"])[0]
-        systemd.run("start", "--no-block", *extra, check=False)
+        systemd.run("start", "--no-block", *extra, PROBE_TIMER, check=False)
     return res
 
 
@@ -64,7 +64,7 @@ def down(lanes: dict[str, dict[str, Any]], names: list[str] | None = None) -> Op
     units = [lanes[n]["unit"] for n in chosen]
     before = _active(units)
     res = OpResult("down", chosen)
-    extra = [] if names else [TARGET, SUPERVISOR]
+    extra = [] if names else [TARGET, SUPERVISOR, PROBE_TIMER]
     systemd.run("disable", "--quiet", *extra, *units, check=False)
     if units or extra:
         systemd.run("stop", *extra, *units)

@@ -19,6 +19,8 @@ from lanectl.errors import Problem, config_error
 
 TEMPLATE = "lanectl-lane@.service"
 SUPERVISOR = "lanectl-supervisor.service"
+PROBE = "lanectl-probe.service"
+PROBE_TIMER = "lanectl-probe.timer"
 TARGET = "lanectl.target"
 SLICE = "lanectl.slice"
 DROPIN = "50-lanectl.conf"
@@ -124,6 +126,12 @@ def render_supervisor(fleet: LaneSet, python: str) -> str:
             .replace("@ENV_CONFIG@", env_assignment("LANECTL_CONFIG_DIR", cfg))
             .replace("@WATCHDOG_SEC@", f"{fleet.settings.supervisor.watchdog_sec:g}")
             .replace("@STATE_DIR@", " ".join(rw)))
+
+
+def render_probe(fleet: LaneSet, python: str) -> str:
+    cfg = str(fleet.config_dir.resolve())
+    return (template_text(PROBE).replace("@EXEC_PROBE@", exec_line([python, "-m", "lanectl", "probe"]))
+            .replace("@ENV_CONFIG@", env_assignment("LANECTL_CONFIG_DIR", cfg)))
 
 
 def runtime_python(fleet: LaneSet, override: str | None = None) -> str:
@@ -234,6 +242,8 @@ def render(fleet: LaneSet, python: str | None = None) -> list[UnitFile]:
     ]
     try:
         files.append(UnitFile(SUPERVISOR, render_supervisor(fleet, py), f"units/{SUPERVISOR}"))
+        files.append(UnitFile(PROBE, render_probe(fleet, py), f"units/{PROBE}"))
+        files.append(UnitFile(PROBE_TIMER, template_text(PROBE_TIMER), f"units/{PROBE_TIMER}"))
     except ValueError as exc:
         raise config_error([Problem(str(exc), str(fleet.config_dir), None, "move the configuration", "unit_value")])
     problems: list[Problem] = []

@@ -19,6 +19,7 @@ def register(app: typer.Typer) -> None:
     app.command("down")(down)
     app.command("restart")(restart)
     app.command("status")(status)
+    app.command("probe")(probe)
 
 
 def _lanes(unit_dir: Optional[str], config_dir: Optional[str]) -> dict[str, dict[str, Any]]:
@@ -107,3 +108,23 @@ def status(lanes: Optional[List[str]] = LANES, unit_dir: Optional[str] = UNIT_DI
 
     data = installed_fleet(paths.unit_dir(unit_dir), config_dir)
     run_status(collect(data["lanes"], lanes or None, data.get("supervisor")), json_out)
+
+
+def probe(lanes: Optional[List[str]] = LANES, unit_dir: Optional[str] = UNIT_DIR,
+          config_dir: Optional[str] = CONFIG, json_out: bool = JSON) -> None:
+    """One check for cron and monitoring (monitoring-plugins).
+
+    Exits 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN and prints one status line with perfdata. A lane that should
+    run but is down or failed, or a supervisor that is down, is CRITICAL; a degraded lane or a threshold of
+    lanectl.toml [probe] crossed is a WARNING or CRITICAL; a drained lane is not an alarm; a ledger or systemd
+    that cannot be read is UNKNOWN.
+    """
+    from lanectl.cli.probeview import run_probe
+    from lanectl.status import installed_fleet
+
+    try:
+        data = installed_fleet(paths.unit_dir(unit_dir), config_dir)
+    except Exception as exc:  # no manifest and no valid config: UNKNOWN, as the convention wants
+        print(f"LANECTL UNKNOWN - no installed fleet: {exc}")
+        raise typer.Exit(3) from None
+    run_probe(data, lanes or None, json_out)

@@ -19,7 +19,7 @@ def test_render_scheme(fleet: config.LaneSet) -> None:
     files = {f.path: f for f in units.render(fleet, RUNTIME_PY)}
     assert set(files) == {
         "lanectl-lane@.service", "lanectl.target", "lanectl.slice", "lanectl-supervisor.service",
-        "lanectl-lane@alpha.service.d/50-lanectl.conf", "lanectl-lane@beta.service.d/50-lanectl.conf",
+        "lanectl-probe.service", "lanectl-probe.timer", "lanectl-lane@alpha.service.d/50-lanectl.conf", "lanectl-lane@beta.service.d/50-lanectl.conf",
         "lanectl-lane@gamma.service.d/50-lanectl.conf",
     }
     tmpl = files["lanectl-lane@.service"].text
@@ -71,9 +71,9 @@ def test_runtime_under_home_is_refused(fleet: config.LaneSet) -> None:
 def test_install_is_idempotent_and_detects_drift(fleet: config.LaneSet, tmp_path: Path) -> None:
     d = tmp_path / "units"
     first = install.install(fleet, d, python=RUNTIME_PY, reload=False, do_provision=False)
-    assert first.changed and len(first.written) == 7
+    assert first.changed and len(first.written) == 9
     second = install.install(fleet, d, python=RUNTIME_PY, reload=False, do_provision=False)
-    assert not second.changed and len(second.unchanged) == 7
+    assert not second.changed and len(second.unchanged) == 9
     files = units.render(fleet, RUNTIME_PY)
     assert install.drift(files, d) == []
     conf = d / "lanectl-lane@beta.service.d/50-lanectl.conf"
@@ -121,6 +121,7 @@ def test_every_unit_passes_systemd_analyze_verify(fleet: config.LaneSet, tmp_pat
     d = tmp_path / "units"
     install.install(fleet, d, python=RUNTIME_PY, reload=False, do_provision=False)
     names = ["lanectl-lane@.service", "lanectl.target", "lanectl.slice", "lanectl-supervisor.service",
+             "lanectl-probe.service", "lanectl-probe.timer",
              *(units.unit_name(n) for n in fleet.lanes)]
     for name in names:
         proc = verify(d, name)
@@ -137,6 +138,7 @@ def test_security_exposure_under_threshold(fleet: config.LaneSet, tmp_path: Path
     install.install(fleet, d, python=RUNTIME_PY, reload=False, do_provision=False)
     limits = {units.unit_name(n): SECURITY_THRESHOLD for n in fleet.lanes}
     limits[units.SUPERVISOR] = SUPERVISOR_THRESHOLD
+    limits[units.PROBE] = SUPERVISOR_THRESHOLD
     for unit, limit in limits.items():
         proc = subprocess.run(["systemd-analyze", "security", "--offline=true", "--man=no",
                                # systemd counts the threshold in tenths of the exposure level

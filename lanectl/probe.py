@@ -1,0 +1,159 @@
+"""`lanectl probe`: one check for cron and monitoring, in the monitoring-plugins convention.
+
+Exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN; one status line with perfdata::
+
+    LANECTL CRITICAL - alpha down (failed) | lanes_up=2;;;0;3 supervisor_up=1;;;0;1 ...
+
+A lane that should run (enabled, not drained or draining) but is down or failed is CRITICAL, and so is a
+supervisor that is down; a degraded or unhealthy lane is a WARNING; a drained lane is not an alarm. A ledger or
+systemd that cannot be read is UNKNOWN. The queue (age of the oldest queued interactive mission) and the failure
+rate over ``probe.window_sec`` are checked against the thresholds in lanectl.toml ``[probe]``.
+
+It runs every minute, so it starts without typer or pydantic (the install manifest carries what it needs) and
+reads the ledger read-only with indexed queries only.
+"""
+from __future__ import annotations
+
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
+NAMES = {OK: "OK", WARNING: "WARNING", CRITICAL: "CRITICAL", UNKNOWN: "UNKNOWN"}
+
+
+@dataclass
+class Check:
+    name: str
+    code: int
+    text: str
+
+
+@dataclass
+class ProbeResult:
+    checks: list[Check] = field(default_factory=list)
+    perf: list[tuple[str, float, Any, Any, Any, Any]] = field(default_factory=list)  # label, value, warn, crit, min, max
+
+    @property
+    def code(self) -> int:
+        codes = {c.code for c in self.checks}
+        for code in (CRITICAL, UNKNOWN, WARNING):  # a known outage outranks what could not be read
+            if code in codes:
+                return code
+        return OK
+
+    def add(self, name: str, code: int, text: str) -> None:
+        self.checks.append(Check(name, code, text))
+
+    def line(self) -> str:
+        bad = [c.text for c in self.checks if c.code != OK]
+        summary = "; ".join(bad) if bad else "; ".join(c.text for c in self.checks if c.name in ("lanes", "supervisor"))
+        perf = " ".join(f"{label}={_fmt(v)};{_fmt(w)};{_fmt(c)};{_fmt(lo)};{_fmt(hi)}"
+                        for label, v, w, c, lo, hi in self.perf)
+        return f"LANECTL {NAMES[self.code]} - {summary}" + (f" | {perf}" if perf else "")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"status": NAMES[self.code], "code": self.code, "line": self.line(),
+                "checks": [{"name": c.name, "status": NAMES[c.code], "text": c.text} for c in self.checks],
+                "perfdata": {label: {"value": v, "warn": w, "crit": c, "min": lo, "max": hi}
+                             for label, v, w, c, lo, hi in self.perf}}
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.3f}".rstrip("0").rstrip(".")
+    return str(v)
+
+
+def _ledger(path: str) -> sqlite3.Connection:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"ledger {path} does not exist")
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=2.0)
+    conn.execute("SELECT 1 FROM missions LIMIT 1").fetchall()  # not SQLite / not a ledger -> sqlite3.Error
+    return conn
+
+
+def run(manifest: dict[str, Any], lanes: list[str] | None = None, now: float | None = None) -> ProbeResult:
+    from lanectl.errors import LanectlError
+    from lanectl.status import collect
+
+    now = time.time() if now is None else now
+    res = ProbeResult()
+    th = manifest.get("probe") or {}
+    try:
+        conn = _ledger(manifest.get("ledger") or "/var/lib/lanectl/ledger.db")
+    except (OSError, sqlite3.Error) as exc:
+        res.add("ledger", UNKNOWN, f"ledger unreadable: {exc}")
+        conn = None
+    try:
+        rows = collect(manifest["lanes"], lanes, manifest.get("supervisor"))
+    except LanectlError as exc:
+        res.add("systemd", UNKNOWN, f"cannot read lane state: {exc.message}")
+        rows = []
+    states = dict(conn.execute("SELECT name, state FROM lanes").fetchall()) if conn else {}
+    judge_lanes(res, [r for r in rows if r.kind == "lane"], states, manifest["lanes"], known=conn is not None)
+    for r in rows:
+        if r.kind == "supervisor":
+            up = r.running and r.health.ok
+            res.add("supervisor", OK if up else CRITICAL, "supervisor up" if up else f"supervisor {r.state}")
+            res.perf.append(("supervisor_up", 1 if up else 0, None, None, 0, 1))
+    if conn is not None:
+        judge_queue(res, conn, th, now)
+        conn.close()
+    return res
+
+
+def judge_lanes(res: ProbeResult, rows: list[Any], states: dict[str, str], lanes: dict[str, Any], *,
+                known: bool = True) -> None:
+    """Per lane; without the ledger a stopped lane may be drained on purpose, so it is UNKNOWN, not CRITICAL."""
+    up = 0
+    expected = 0
+    for r in rows:
+        dispatch_state = states.get(r.name, "active")
+        if not lanes[r.name].get("enabled", True) or dispatch_state in ("drained", "draining", "disabled"):
+            note = "disabled" if not lanes[r.name].get("enabled", True) else dispatch_state
+            res.add(f"lane:{r.name}", OK, f"{r.name} {note}")
+            up += r.state == "up"
+            continue
+        expected += 1
+        if r.state == "up" and dispatch_state == "degraded":
+            res.add(f"lane:{r.name}", WARNING, f"{r.name} degraded (supervisor)")
+        elif r.state == "up":
+            res.add(f"lane:{r.name}", OK, f"{r.name} up")
+        elif r.state in ("degraded", "starting"):
+            res.add(f"lane:{r.name}", WARNING, f"{r.name} {r.state} ({r.health.error or r.active_state})")
+        else:
+            res.add(f"lane:{r.name}", CRITICAL if known else UNKNOWN,
+                    f"{r.name} {r.state} ({r.active_state}/{r.sub_state})" + ("" if known else ", drain state unknown"))
+        up += r.state == "up"
+    res.add("lanes", OK, f"{up}/{len(rows)} lanes up")
+    res.perf.append(("lanes_up", up, None, None, 0, len(rows)))
+
+
+def judge_queue(res: ProbeResult, conn: sqlite3.Connection, th: dict[str, Any], now: float) -> None:
+    # the oldest queued interactive mission: first row of the partial queue index
+    row = conn.execute("SELECT min(created_at) FROM missions WHERE state = 'queued' AND rank = 0").fetchone()
+    wait = max(0.0, now - row[0]) if row and row[0] is not None else 0.0
+    warn, crit = th.get("interactive_wait_warn_sec", 30.0), th.get("interactive_wait_crit_sec", 120.0)
+    code = CRITICAL if wait >= crit else WARNING if wait >= warn else OK
+    res.add("interactive_wait", code, f"oldest queued interactive mission waits {wait:.1f}s")
+    res.perf.append(("interactive_wait_s", round(wait, 3), warn, crit, 0, None))
+    depth = dict(conn.execute("SELECT rank, n FROM queue_depth").fetchall())
+    res.perf.append(("queued", sum(depth.values()), None, None, 0, None))
+    since = now - th.get("window_sec", 900.0)
+    counts = dict(conn.execute(
+        "SELECT kind, count(*) FROM events WHERE kind IN ('succeeded', 'failed', 'dead') AND at >= ? "
+        "GROUP BY kind", (since,)).fetchall())
+    finished = sum(counts.values())
+    failed = counts.get("failed", 0) + counts.get("dead", 0)
+    rate = failed / finished if finished else 0.0
+    fw, fc = th.get("failure_rate_warn", 0.1), th.get("failure_rate_crit", 0.25)
+    if finished >= th.get("min_finished", 10):
+        code = CRITICAL if rate >= fc else WARNING if rate >= fw else OK
+        res.add("failure_rate", code, f"failure rate {rate:.1%} of {finished} in the window")
+    res.perf.append(("failure_rate", round(rate, 4), fw, fc, 0, 1))
+    res.perf.append(("finished", finished, None, None, 0, None))
