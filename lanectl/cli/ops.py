@@ -29,6 +29,7 @@ def register(app: typer.Typer) -> None:
     app.command("undrain")(undrain)
     app.command("reroute")(reroute)
     app.command("apply")(apply)
+    app.command("snapshot")(snapshot)
 
 
 def setup_logging() -> None:
@@ -239,3 +240,39 @@ def graceful_restart(led: Ledger, fleet: config.LaneSet, lanes: dict[str, Any], 
     if not up:
         raise LanectlError(f"lane {name} did not come back up within 60s", "see 'lanectl status' and its journal",
                            "restart_failed", ExitCode.UNHEALTHY)
+
+
+@command("snapshot")
+def snapshot(
+    lane: Optional[str] = typer.Argument(None, help="Focus on one lane (default: the whole fleet)."),
+    out: Optional[str] = typer.Option(None, "--out", metavar="DIR", help="Where to write it.",
+                                      show_default="STATE_DIR/snapshots"),
+    reason: Optional[str] = REASON,
+    config_dir: Optional[str] = CONFIG,
+    ledger: Optional[str] = LEDGER,
+    json_out: bool = JSON,
+) -> None:
+    """Capture an incident snapshot (written atomically).
+
+    Units, status, the last hour of events, metrics, the journal tail where journald runs, and a ledger
+    integrity check, in DIR/snapshot-TIME-LANE/. What could not be captured is listed in problems.txt.
+    """
+    from pathlib import Path
+
+    from lanectl import snapshot as snap
+
+    fleet = config.load(config_dir)
+    path = config.ledger_path(fleet, ledger)
+    target = Path(out) if out else Path(fleet.settings.state_dir) / "snapshots"
+    who = lane_ops.actor()
+    made = snap.capture(fleet, path, target, lane=lane, reason=reason, actor=who)
+    try:
+        with Ledger.open(path) as led:
+            lane_ops.record(led, EventKind.SNAPSHOT, now=time.time(), lane=lane, path=str(made), reason=reason,
+                            actor=who)
+    except LanectlError:
+        pass  # the snapshot is the point; an unwritable ledger is one of the things it records
+    problems = (made / "problems.txt").read_text().splitlines()
+    finish(["snapshot"], {"path": str(made), "problems": problems, "changed": True}, json_mode=json_out,
+           human=lambda: stdout_console().print(f"snapshot written to {escape(str(made))}"
+                                                + (f" ({len(problems)} part(s) missing)" if problems else "")))

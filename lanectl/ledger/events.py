@@ -39,6 +39,12 @@ class EventKind(StrEnum):
     REROUTED = "rerouted"  #: one queued mission moved to another lane (data: from_lane, actor)
     LANE_RESTART = "lane_restart"  #: lanectl restarted a lane's unit (graceful or not; data: actor, reason)
     APPLY = "apply"  #: lanectl apply installed changed units (data: written, lanes, actor)
+    SNAPSHOT = "snapshot"  #: an incident snapshot was written (data: path, reason, actor)
+    PROMOTE = "promote"  #: a lane's weight was raised on evidence, or forced (data: weight, evidence, forced, actor)
+    PROMOTE_REFUSED = "promote_refused"  #: a promotion was refused: the evidence did not meet the policy
+    ROLLBACK = "rollback"  #: a rollback trigger drained a lane and moved its work (data: trigger, evidence, snapshot)
+    ALERT = "alert"  #: a trigger fired but acting would take out the last healthy lane of a class
+    DRILL = "drill"  #: a recovery drill ran (data: kind, detect_s, recover_s, orphaned, passed)
 
 
 #: Mission state after each mission event kind (None: the kind does not change the mission's state).

@@ -1,0 +1,134 @@
+"""Incident snapshots: everything an operator needs to look at later, captured at once and written atomically.
+
+A snapshot is a directory ``snapshot-YYYYmmddTHHMMSSZ-LANE`` holding ``meta.json``, ``status.json`` (systemd and
+health of every lane), ``units/`` (``systemctl cat`` of each unit), ``events.ndjson`` (the last hour, or the
+lane's), ``metrics.json``, ``journal-UNIT.txt`` (where journald runs) and ``ledger-check.txt`` (``PRAGMA
+integrity_check``). It is built in a hidden temporary directory next to its final place and renamed into place, so
+a reader never sees half a snapshot.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import sqlite3
+import subprocess
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from lanectl import __version__, systemd
+from lanectl.config import LaneSet
+from lanectl.fsutil import fsync_dir
+from lanectl.units import SUPERVISOR, unit_name
+
+EVENTS_WINDOW_S = 3600.0
+JOURNAL_LINES = 300
+
+
+def _write(path: Path, data: str) -> None:
+    path.write_text(data)
+
+
+def _json(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"
+
+
+def capture(fleet: LaneSet, ledger_path: Path, out: Path, *, lane: str | None = None, reason: str | None = None,
+            actor: str | None = None, now: float | None = None) -> Path:
+    now = time.time() if now is None else now
+    if lane is not None:
+        fleet.get(lane)
+    stamp = datetime.fromtimestamp(now, timezone.utc).strftime("%Y%m%dT%H%M%S") + f"{int(now * 1000) % 1000:03d}Z"
+    final = out / f"snapshot-{stamp}-{lane or 'fleet'}"
+    tmp = out / f".{final.name}.tmp"
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(mode=0o750)
+    try:
+        problems: list[str] = []
+        _write(tmp / "meta.json", _json({"at": now, "at_utc": stamp, "lane": lane, "reason": reason, "actor": actor,
+                                         "host": socket.gethostname(), "lanectl": __version__,
+                                         "ledger": str(ledger_path), "config_dir": str(fleet.config_dir)}))
+        units = [unit_name(n) for n in sorted(fleet.lanes)] + [SUPERVISOR]
+        _status(fleet, tmp, problems)
+        _units(units, tmp, problems)
+        _ledger(ledger_path, lane, now, tmp, problems, fleet)
+        _journal(units if lane is None else [unit_name(lane), SUPERVISOR], tmp, problems)
+        _write(tmp / "problems.txt", "\n".join(problems) + ("\n" if problems else ""))
+        fsync_dir(tmp)
+        os.rename(tmp, final)
+        fsync_dir(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _status(fleet: LaneSet, tmp: Path, problems: list[str]) -> None:
+    from lanectl.install import manifest
+    from lanectl.status import collect
+
+    m = manifest(fleet)
+    try:
+        rows = collect(m["lanes"], None, m["supervisor"])
+        _write(tmp / "status.json", _json([r.as_dict() for r in rows]))
+    except Exception as exc:  # a snapshot is taken when things are broken: record, do not fail
+        problems.append(f"status: {exc}")
+
+
+def _units(units: list[str], tmp: Path, problems: list[str]) -> None:
+    d = tmp / "units"
+    d.mkdir()
+    if not systemd.available():
+        problems.append("units: systemd is not running here")
+        return
+    for u in units:
+        proc = subprocess.run(["systemctl", "cat", "--no-pager", u], capture_output=True, text=True, timeout=30)
+        _write(d / f"{u}.txt", proc.stdout + (f"\n# systemctl cat: {proc.stderr}" if proc.returncode else ""))
+
+
+def _ledger(path: Path, lane: str | None, now: float, tmp: Path, problems: list[str], fleet: LaneSet) -> None:
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+        check = [r[0] for r in conn.execute("PRAGMA integrity_check").fetchall()]
+        _write(tmp / "ledger-check.txt", "\n".join(check) + "\n")
+        q = "SELECT id, at, kind, mission, lane, session, attempt, state, data FROM events WHERE at >= ?"
+        args: list[Any] = [now - EVENTS_WINDOW_S]
+        if lane:
+            q += " AND (lane = ? OR mission IN (SELECT mission FROM attempts WHERE lane = ? AND dispatched_at >= ?))"
+            args += [lane, lane, now - EVENTS_WINDOW_S]
+        with open(tmp / "events.ndjson", "w") as fh:
+            for row in conn.execute(q + " ORDER BY id", args):
+                keys = ("id", "at", "kind", "mission", "lane", "session", "attempt", "state")
+                doc = dict(zip(keys, row[:8]))
+                doc["data"] = json.loads(row[8] or "{}")
+                fh.write(json.dumps(doc, sort_keys=True) + "\n")
+        _write(tmp / "metrics.json", _json(_metrics(conn, fleet, lane, now)))
+        conn.close()
+    except (sqlite3.Error, OSError, ValueError) as exc:
+        problems.append(f"ledger {path}: {exc}")
+
+
+def _metrics(conn: sqlite3.Connection, fleet: LaneSet, lane: str | None, now: float) -> dict[str, Any]:
+    try:
+        from lanectl import evidence  # the full metrics when that module is there
+    except ImportError:  # pragma: no cover - evidence ships with lanectl; keep snapshots working without it
+        evidence = None  # type: ignore[assignment]
+    if evidence is not None and hasattr(evidence, "metrics_conn"):
+        return evidence.metrics_conn(conn, window_s=EVENTS_WINDOW_S, now=now, lane=lane, fleet=fleet)
+    counts = dict(conn.execute("SELECT state, count(*) FROM missions WHERE state IN ('queued','dispatched',"
+                               "'running') GROUP BY state").fetchall())
+    return {"window_s": EVENTS_WINDOW_S, "active": counts}
+
+
+def _journal(units: list[str], tmp: Path, problems: list[str]) -> None:
+    if not Path("/run/systemd/journal/socket").exists():
+        problems.append("journal: journald is not running here")
+        return
+    for u in units:
+        proc = subprocess.run(["journalctl", "--no-pager", "-n", str(JOURNAL_LINES), "-u", u], capture_output=True,
+                              text=True, timeout=30)
+        _write(tmp / f"journal-{u}.txt", proc.stdout or proc.stderr)
