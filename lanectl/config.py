@@ -263,6 +263,35 @@ class ProbeSettings(Model):
     """Fewer finished missions than this in the window: no failure-rate verdict (too little evidence)."""
 
 
+class RollbackSettings(Model):
+    """Rollback triggers the supervisor evaluates every tick (docs/governance.md)."""
+
+    enabled: bool = True
+    window_sec: Annotated[float, Field(gt=0)] = 300.0
+    min_samples: Annotated[int, Field(ge=1)] = 10
+    """Fewer finished (or dispatched) missions than this in the window: no rate verdict."""
+    failure_rate: Annotated[float, Field(gt=0, le=1)] = 0.5
+    fallback_rate: Annotated[float, Field(gt=0, le=1)] = 0.5
+    interactive_starvation_sec: Annotated[float, Field(gt=0)] = 120.0
+    max_lease_expiries: Annotated[int, Field(ge=1)] = 5
+    max_restarts: Annotated[int, Field(ge=1)] = 5
+    cooldown_sec: Annotated[float, Field(ge=0)] = 600.0
+    """After an alert (no action taken), the same lane and trigger alert again only after this long."""
+    snapshots: bool = True
+
+
+class PromotionSettings(Model):
+    """What `lanectl promote` requires of a lane's evidence."""
+
+    window_sec: Annotated[float, Field(gt=0)] = 3600.0
+    min_samples: Annotated[int, Field(ge=1)] = 20
+    max_failure_rate: Annotated[float, Field(ge=0, le=1)] = 0.05
+    max_fallback_rate: Annotated[float, Field(ge=0, le=1)] = 0.10
+    max_p95_queue_wait_sec: Annotated[float, Field(gt=0)] = 5.0
+    interactive_starvation_sec: Annotated[float, Field(gt=0)] = 30.0
+    drill_max_age_sec: Annotated[float, Field(gt=0)] = 86400.0
+
+
 class LeaseSettings(Model):
     lease_sec: Annotated[float, Field(gt=0)] = 30.0
     heartbeat_sec: Annotated[float, Field(gt=0)] = 5.0
@@ -283,6 +312,8 @@ class Settings(Model):
     leases: LeaseSettings = LeaseSettings()
     health: HealthSettings = HealthSettings()
     probe: ProbeSettings = ProbeSettings()
+    rollback: RollbackSettings = RollbackSettings()
+    promotion: PromotionSettings = PromotionSettings()
     classes: dict[MissionClass, ClassPolicy] = Field(default_factory=_default_classes)
 
     @field_validator("ledger", "workspace_root", "python", "state_dir")

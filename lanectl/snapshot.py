@@ -36,13 +36,18 @@ def _json(obj: Any) -> str:
     return json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"
 
 
+def final_path(out: Path, lane: str | None, now: float) -> Path:
+    stamp = datetime.fromtimestamp(now, timezone.utc).strftime("%Y%m%dT%H%M%S") + f"{int(now * 1000) % 1000:03d}Z"
+    return out / f"snapshot-{stamp}-{lane or 'fleet'}"
+
+
 def capture(fleet: LaneSet, ledger_path: Path, out: Path, *, lane: str | None = None, reason: str | None = None,
             actor: str | None = None, now: float | None = None) -> Path:
     now = time.time() if now is None else now
     if lane is not None:
         fleet.get(lane)
-    stamp = datetime.fromtimestamp(now, timezone.utc).strftime("%Y%m%dT%H%M%S") + f"{int(now * 1000) % 1000:03d}Z"
-    final = out / f"snapshot-{stamp}-{lane or 'fleet'}"
+    final = final_path(out, lane, now)
+    stamp = final.name.split("-")[1]
     tmp = out / f".{final.name}.tmp"
     out.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)

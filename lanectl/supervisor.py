@@ -39,6 +39,7 @@ from lanectl.config import LaneSet
 from lanectl.errors import Conflict, LanectlError, NotFound
 from lanectl.ledger import Ledger
 from lanectl.ledger import missions as ms
+from lanectl.ledger import lanes as lane_ops
 from lanectl.ledger import tick as ticks
 from lanectl.ledger.events import EventKind, append
 from lanectl.protocol import BadMessage, CallbackMsg, parse_callback, read_body
@@ -139,6 +140,8 @@ class Supervisor:
         self.data_version = -1
         self.summary: dict[str, Any] = {}
         self.cancel_cursor = 0
+        self.last_govern = 0.0
+        self.alerted: dict[tuple[str, str], float] = {}
 
     # ------------------------------------------------------------------------------------------ setup
     def open(self) -> None:
@@ -314,6 +317,69 @@ class Supervisor:
             self.send(d)
         self.forward_cancels()
         self.settle_drains(now)
+        if now - self.last_govern >= self.settings.supervisor.tick_sec:
+            self.last_govern = now
+            self.govern(now)
+
+    def govern(self, now: float) -> None:
+        """Rollback triggers: drain a tripped lane, move its work to the fallback, snapshot, record; or alert
+        when acting would take out the last healthy lane of a class."""
+        from lanectl import governance
+
+        assert self.ledger is not None
+        states = dict(self.ledger.conn.execute("SELECT name, state FROM lanes").fetchall())
+        for trip in governance.rollback_trips(self.ledger.conn, self.fleet, now=now, states=states):
+            healthy = {n: w.healthy for n, w in self.lanes.items()}
+            guard = governance.last_healthy_for(self.fleet, trip.lane, states, healthy)
+            if guard:
+                key = (trip.lane, trip.trigger)
+                if now - self.alerted.get(key, 0.0) >= self.settings.rollback.cooldown_sec:
+                    self.alerted[key] = now
+                    log.warning("rollback trigger %s on %s not acted on: last healthy lane for %s", trip.trigger,
+                                trip.lane, ", ".join(guard))
+                    lane_ops.record(self.ledger, EventKind.ALERT, now=now, lane=trip.lane, trigger=trip.trigger,
+                                    detail=trip.detail, evidence=trip.evidence, classes=guard,
+                                    actor="lanectl-supervisor",
+                                    reason="not acted on: it is the last healthy lane for " + ", ".join(guard))
+                continue
+            self.rollback(trip, now)
+            states[trip.lane] = "draining"
+
+    def rollback(self, trip: Any, now: float) -> None:
+        assert self.ledger is not None
+        who = "lanectl-supervisor"
+        why = f"rollback: {trip.trigger}"
+        fallback = self.fleet.lanes[trip.lane].fallback
+        lane_ops.drain(self.ledger, self.fleet, trip.lane, now=now, reason=why, who=who)
+        moved: dict[str, Any] = {}
+        if fallback:
+            res = lane_ops.reroute(self.ledger, self.fleet, trip.lane, fallback, now=now, sessions=True, reason=why,
+                                   who=who)
+            moved = {"missions": len(res.missions), "sessions": res.sessions}
+        snap_dir = Path(self.settings.state_dir) / "snapshots"
+        path = self.snapshot_async(trip.lane, snap_dir, why, now) if self.settings.rollback.snapshots else None
+        lane_ops.record(self.ledger, EventKind.ROLLBACK, now=now, lane=trip.lane, trigger=trip.trigger,
+                        detail=trip.detail, evidence=trip.evidence, fallback=fallback, moved=moved, snapshot=path,
+                        actor=who, reason=trip.detail)
+        self.lanes[trip.lane].state = "draining"
+        log.warning("rollback of lane %s (%s): drained, work moved to %s, snapshot %s", trip.lane, trip.detail,
+                    fallback or "nowhere (no fallback)", path)
+        self.dirty = True
+
+    def snapshot_async(self, lane: str, out: Path, reason: str, now: float) -> str:
+        """Capture in a thread (systemctl, journalctl and an integrity check may take seconds; the main loop must
+        keep pinging the watchdog); returns where it will be."""
+        from lanectl import snapshot
+
+        def run() -> None:
+            try:
+                snapshot.capture(self.fleet, self.ledger_path, out, lane=lane, reason=reason,
+                                 actor="lanectl-supervisor", now=now)
+            except Exception:
+                log.exception("snapshot for lane %s failed", lane)
+
+        threading.Thread(target=run, name="snapshot", daemon=True).start()
+        return str(snapshot.final_path(out, lane, now))
 
     def forward_cancels(self) -> None:
         """A mission cancelled while a lane ran it: tell that lane to stop it (after the cancel committed)."""
@@ -592,8 +658,9 @@ class Supervisor:
         return 0
 
     def wait(self, timeout: float) -> None:
-        now = time.time()
-        for key, _ in self.sel.select(timeout):
+        ready = self.sel.select(timeout)
+        now = time.time()  # after the wait: events are stamped with when they were seen
+        for key, _ in ready:
             if key.data is None:
                 try:
                     while os.read(self.wake_r, 4096):

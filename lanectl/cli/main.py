@@ -4,7 +4,7 @@ from __future__ import annotations
 import typer
 
 from lanectl import __version__
-from lanectl.cli import fleet, lanes, missions, ops, units
+from lanectl.cli import fleet, governance, lanes, missions, ops, units
 
 app = typer.Typer(
     name="lanectl",
@@ -39,3 +39,4 @@ units.register(app)
 fleet.register(app)
 missions.register(app)
 ops.register(app)
+governance.register(app)

@@ -44,7 +44,7 @@ class EventKind(StrEnum):
     PROMOTE_REFUSED = "promote_refused"  #: a promotion was refused: the evidence did not meet the policy
     ROLLBACK = "rollback"  #: a rollback trigger drained a lane and moved its work (data: trigger, evidence, snapshot)
     ALERT = "alert"  #: a trigger fired but acting would take out the last healthy lane of a class
-    DRILL = "drill"  #: a recovery drill ran (data: kind, detect_s, recover_s, orphaned, passed)
+    DRILL = "drill"  #: a recovery drill ran (data: type, detect_s, recover_s, orphaned, passed)
 
 
 #: Mission state after each mission event kind (None: the kind does not change the mission's state).

@@ -145,8 +145,14 @@ CREATE TRIGGER events_no_delete BEFORE DELETE ON events
 BEGIN SELECT RAISE(ABORT, 'events are append-only'); END;
 """
 
+_V2: Final = """
+-- a promoted lane's traffic weight (lanectl promote); NULL: the weight of its lane file
+ALTER TABLE lanes ADD COLUMN weight INTEGER CHECK (weight IS NULL OR weight BETWEEN 0 AND 10000);
+"""
+
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration("0001_missions_attempts_events_sessions_lanes", _V1),
+    Migration("0002_lane_weight_override", _V2),
 )
 LATEST: Final = len(MIGRATIONS)
 

@@ -47,7 +47,7 @@ class TickResult:
 
 
 def lane_views(conn: sqlite3.Connection, fleet: LaneSet, now: float) -> tuple[tuple[LaneView, ...], dict[str, int]]:
-    rows = {r[0]: r[1:] for r in conn.execute("SELECT name, state, healthy, invocation, swrr FROM lanes")}
+    rows = {r[0]: r[1:] for r in conn.execute("SELECT name, state, healthy, invocation, swrr, weight FROM lanes")}
     flight = dict(conn.execute("SELECT current_lane, count(*) FROM missions "
                                "WHERE state IN ('dispatched', 'running') GROUP BY current_lane").fetchall())
     day = int(now // 86400)
@@ -55,7 +55,7 @@ def lane_views(conn: sqlite3.Connection, fleet: LaneSet, now: float) -> tuple[tu
         "SELECT lane, class, n FROM usage_daily WHERE day = ?", (day,))}
     views, swrr = [], {}
     for name, lane in sorted(fleet.lanes.items()):
-        state, healthy, invocation, weight_state = rows.get(name, ("active", 1, None, 0))
+        state, healthy, invocation, weight_state, promoted = rows.get(name, ("active", 1, None, 0, None))
         if not lane.enabled:
             state = "disabled"
         rate = {c: q.rate_per_minute for c, q in lane.quotas.items() if q.rate_per_minute is not None}
@@ -64,7 +64,8 @@ def lane_views(conn: sqlite3.Connection, fleet: LaneSet, now: float) -> tuple[tu
                                     "AND dispatched_at > ?", (name, c, now - RATE_WINDOW_S)).fetchone()[0]
                     for c in rate}
         views.append(LaneView(name=name, capacity=lane.capacity, classes=frozenset(lane.classes), state=state,
-                              healthy=bool(healthy), in_flight=flight.get(name, 0), weight=lane.weight,
+                              healthy=bool(healthy), in_flight=flight.get(name, 0),
+                              weight=lane.weight if promoted is None else promoted,
                               fallback=lane.fallback, tags=frozenset(lane.tags), rate_per_minute=rate,
                               daily_budget=budget, used_minute=used_min,
                               used_day={c: daily.get((name, c), 0) for c in budget}, invocation=invocation))

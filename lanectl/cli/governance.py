@@ -1,0 +1,112 @@
+"""promote and drill: scaling on evidence, and the drills that produce it."""
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import typer
+
+from lanectl import config, governance
+from lanectl.cli.options import CONFIG, JSON
+from lanectl.errors import ExitCode, LanectlError, Problem
+from lanectl.ledger import Ledger
+from lanectl.ledger import lanes as lane_ops
+from lanectl.ledger.events import EventKind
+from lanectl.output import command, escape, finish, stdout_console
+
+LEDGER = typer.Option(None, "--ledger", metavar="PATH", help="Ledger file.",
+                      show_default="ledger= in lanectl.toml, else /var/lib/lanectl/ledger.db")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("promote")(promote)
+    app.command("drill")(drill)
+
+
+@command("promote")
+def promote(
+    lane: str = typer.Argument(...),
+    weight: int = typer.Option(..., "--weight", min=0, max=10_000, help="The lane's new traffic weight."),
+    force: bool = typer.Option(False, "--force", help="Promote without the evidence (needs --reason)."),
+    reason: Optional[str] = typer.Option(None, "--reason", help="Why: recorded with the event."),
+    config_dir: Optional[str] = CONFIG,
+    ledger: Optional[str] = LEDGER,
+    json_out: bool = JSON,
+) -> None:
+    """Raise a lane's weight, only on evidence.
+
+    Refused (exit 8) unless, over [promotion] window_sec, the lane's failure and fallback rates, p95 queue wait
+    and interactive starvation meet the policy and a passing drill is recent enough; every unmet rule is listed.
+    --force --reason R promotes anyway and records the override. Lowering a weight needs no evidence. The same
+    weight again changes nothing (exit 0).
+    """
+    fleet = config.load(config_dir)
+    fleet.get(lane)
+    if force and not reason:
+        raise LanectlError("--force needs --reason", "say why the evidence is being overridden", "reason_required",
+                           ExitCode.USAGE)
+    now = time.time()
+    with Ledger.open(config.ledger_path(fleet, ledger)) as led:
+        row = led.conn.execute("SELECT weight FROM lanes WHERE name = ?", (lane,)).fetchone()
+        current = row[0] if row and row[0] is not None else fleet.lanes[lane].weight
+        if weight == current:
+            finish(["promote"], {"lane": lane, "weight": weight, "changed": False}, json_mode=json_out,
+                   human=lambda: stdout_console().print(f"{escape(lane)}: weight is {weight} already"))
+            return
+        verdict = governance.promotion_verdict(led.conn, fleet, lane, now=now)
+        raising = weight > current
+        if raising and not verdict.allowed and not force:
+            lane_ops.record(led, EventKind.PROMOTE_REFUSED, now=now, lane=lane, weight=weight, previous=current,
+                            reasons=verdict.reasons, evidence=verdict.evidence, reason=reason)
+            raise LanectlError(
+                f"promotion of {lane} to weight {weight} refused: the evidence does not meet the policy",
+                "fix what is listed, run 'lanectl drill', or override with --force --reason",
+                "promotion_refused", ExitCode.UNHEALTHY,
+                [Problem(r, field="evidence", code="promotion_rule", lane=lane) for r in verdict.reasons])
+        with led.transaction() as conn:
+            conn.execute("INSERT INTO lanes (name, weight, updated_at) VALUES (?, ?, ?) ON CONFLICT (name) DO UPDATE "
+                         "SET weight = excluded.weight, updated_at = excluded.updated_at", (lane, weight, now))
+        lane_ops.record(led, EventKind.PROMOTE, now=now, lane=lane, weight=weight, previous=current,
+                        direction="up" if raising else "down", forced=bool(force and not verdict.allowed),
+                        overridden=verdict.reasons if force and not verdict.allowed else None,
+                        evidence=verdict.evidence, reason=reason)
+    data = {"lane": lane, "weight": weight, "previous": current, "changed": True, "forced": force and not verdict.allowed,
+            "evidence": verdict.evidence, "unmet": verdict.reasons}
+
+    def human() -> None:
+        con = stdout_console()
+        con.print(f"{escape(lane)}: weight {current} -> {weight}" + (" [yellow](forced)[/]" if data["forced"] else ""))
+
+    finish(["promote"], data, json_mode=json_out, human=human)
+
+
+@command("drill")
+def drill(
+    lane: str = typer.Argument(...),
+    kind: str = typer.Option("crash", "--kind", help="crash (SIGKILL) or hang (SIGSTOP: the watchdog must act)."),
+    timeout: float = typer.Option(60.0, help="Seconds to wait for each step."),
+    config_dir: Optional[str] = CONFIG,
+    ledger: Optional[str] = LEDGER,
+    json_out: bool = JSON,
+) -> None:
+    """Break a lane on purpose and measure recovery.
+
+    Runs a mission on the lane, kills (crash) or freezes (hang) the lane, measures time to detect (the mission
+    re-queued) and to recover (the lane up again), checks that nothing was orphaned, and records a drill event.
+    Exits 0 when it passed, 8 when it did not, 7 on a timeout.
+    """
+    from lanectl import drill as drills
+
+    fleet = config.load(config_dir)
+    with Ledger.open(config.ledger_path(fleet, ledger)) as led:
+        res = drills.run(led, fleet, lane, kind, timeout=timeout)
+
+    def human() -> None:
+        con = stdout_console()
+        verdict = "[green]passed[/]" if res.passed else "[red]failed[/]"
+        con.print(f"drill {res.type} of {escape(lane)}: {verdict}; detected in {res.detect_s}s (limit {res.limit_s:g}s), "
+                  f"lane back in {res.recover_s}s, mission {res.mission} {res.mission_state}, "
+                  f"{res.orphaned} orphaned")
+
+    finish(["drill"], res.as_dict(), json_mode=json_out, human=human,
+           exit_code=ExitCode.OK if res.passed else ExitCode.UNHEALTHY)
