@@ -29,7 +29,7 @@ _serial = itertools.count()
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # test modules also set pytestmark; this catches a module that forgets to
     for item in items:
-        if HERE in Path(str(item.fspath)).resolve().parents:
+        if HERE in item.path.resolve().parents:
             item.add_marker(pytest.mark.systemd)
 
 
