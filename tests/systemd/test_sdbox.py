@@ -339,7 +339,7 @@ def test_down_forces_a_sandbox_that_will_not_stop(fresh_sandbox: Sandbox) -> Non
 
 @pytest.mark.parametrize("bad", ["/etc/sdbox-test", "/var/tmp/sdbox-test", "/usr/sdbox-test", "/run/sdbox-test",
                                  "/tmp/sdbox/../../etc/sdbox-test", "/tmp/sdbox/with space", "/tmp/sdbox/a,b",
-                                 "/tmp/sdbox/a:b", "/"])
+                                 "/tmp/sdbox/a:b", "/tmp/sdbox/newline\n", "/"])
 def test_refuses_unsafe_state_dirs(bad: str) -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root")
