@@ -335,6 +335,45 @@ def test_down_forces_a_sandbox_that_will_not_stop(fresh_sandbox: Sandbox) -> Non
     assert not list(Path("/tmp").glob(f"systemd-private-{bid}-*"))
 
 
+def test_interrupted_up_leaves_nothing(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    sb = Sandbox(f"/tmp/sdbox/pytest-{os.getpid()}-int-{uuid.uuid4().hex[:6]}")
+    up = subprocess.Popen([str(SDBOX), "-d", str(sb.state_dir), "up"], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+    try:
+        # interrupt while it waits for the boot: its wrappers run, PID 1 may not be recorded yet
+        st = sb.wait_for(lambda: (s := sb.state()).get("unshare_pid") and s, timeout=30, interval=0.001)
+        up.send_signal(signal.SIGTERM)
+        _out, err = up.communicate(timeout=15)  # well below SDBOX_STOP_TIMEOUT: no waiting for a
+        # systemd that was never asked to exit
+        if up.returncode == 0:  # the boot won the race; the invariant below must hold anyway
+            sb.down()
+        else:
+            assert up.returncode == 130 and "boot interrupted" in err, err
+        assert sb.state() == {}
+        assert not any(Path(d).exists() for d in st["cgroups"])
+        for key in ("script", "unshare", "pid1"):
+            pid, start = st.get(f"{key}_pid" if key != "pid1" else "pid1"), st.get(f"{key}_start")
+            if pid:
+                sb.wait_for(lambda: not _alive(pid, start), timeout=10, message=f"{key} {pid} still runs")
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+        sb.down()
+        subprocess.run(["rm", "-rf", "--one-file-system", str(sb.state_dir)], check=True)
+
+
+def _alive(pid: int, start: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return False
+    return int(fields[19]) == start and fields[0] not in "ZX"
+
+
 # ------------------------------------------------------------------------------------ refusals
 
 @pytest.mark.parametrize("bad", ["/etc/sdbox-test", "/var/tmp/sdbox-test", "/usr/sdbox-test", "/run/sdbox-test",
