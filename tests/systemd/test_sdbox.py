@@ -209,7 +209,7 @@ def test_two_sandboxes_are_independent(sandbox: Sandbox, fresh_sandbox: Sandbox)
     assert not b.running()
 
 
-def test_parallel_boots(tmp_path: Path) -> None:
+def test_parallel_boots() -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root")
     boxes = [Sandbox(f"/tmp/sdbox/pytest-{os.getpid()}-par-{uuid.uuid4().hex[:6]}") for _ in range(2)]
@@ -335,7 +335,7 @@ def test_down_forces_a_sandbox_that_will_not_stop(fresh_sandbox: Sandbox) -> Non
     assert not list(Path("/tmp").glob(f"systemd-private-{bid}-*"))
 
 
-def test_interrupted_up_leaves_nothing(tmp_path: Path) -> None:
+def test_interrupted_up_leaves_nothing() -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root")
     sb = Sandbox(f"/tmp/sdbox/pytest-{os.getpid()}-int-{uuid.uuid4().hex[:6]}")
