@@ -89,8 +89,9 @@ def fleet_evidence(conn: sqlite3.Connection, lanes: list[str], *, now: float, wi
                                 "AND data LIKE '%lease expired%' GROUP BY lane", (since,)):
         if lane in out:
             out[lane].lease_expiries = n
-    for lane, n in conn.execute("SELECT lane, count(*) FROM events WHERE kind = 'lane_invocation' AND at >= ? "
-                                "GROUP BY lane", (since,)):
+    # a lane_invocation event carries how many restarts systemd counted since the last one it saw
+    for lane, n in conn.execute("SELECT lane, sum(coalesce(json_extract(data, '$.restarts'), 1)) FROM events "
+                                "WHERE kind = 'lane_invocation' AND at >= ? GROUP BY lane", (since,)):
         if lane in out:
             out[lane].restarts = n
     for lane, oldest in conn.execute(

@@ -73,6 +73,8 @@ class LaneWatch:
     invocation: str = ""
     restarts: int = -1
     restart_times: deque[float] = field(default_factory=deque)
+    unrecorded_restarts: int = 0
+    """Restarts systemd counted (NRestarts) that no lane_invocation event carries yet."""
     healthy: bool = False
     healthy_since: float | None = None
     held: set[int] = field(default_factory=set)
@@ -141,6 +143,7 @@ class Supervisor:
         self.summary: dict[str, Any] = {}
         self.cancel_cursor = 0
         self.last_govern = 0.0
+        self.settling = False
         self.alerted: dict[tuple[str, str], float] = {}
 
     # ------------------------------------------------------------------------------------------ setup
@@ -476,6 +479,7 @@ class Supervisor:
             self.counters["failovers"] += 1
             log.warning("lane %s exited; re-queued missions %s", lane.name, lost)
         self.set_health(lane, False, now)
+        self.settling = True
         self.dirty = True
 
     def observe(self, now: float) -> None:
@@ -494,8 +498,9 @@ class Supervisor:
             w.state = states.get(w.name, "active")
             w.active, w.sub = p.get("ActiveState", w.active), p.get("SubState", w.sub)
             restarts = int(p.get("NRestarts") or 0)
-            if w.restarts >= 0 and restarts > w.restarts:
-                w.restart_times.extend([now] * (restarts - w.restarts))
+            delta = restarts - w.restarts if w.restarts >= 0 and restarts > w.restarts else 0
+            w.restart_times.extend([now] * delta)
+            w.unrecorded_restarts += delta
             w.restarts = restarts
             window = self.settings.health.restart_window_sec
             while w.restart_times and w.restart_times[0] < now - window:
@@ -504,7 +509,9 @@ class Supervisor:
             if w.running and inv and inv != w.invocation:
                 if w.invocation:
                     self.settle_from_log(w, w.invocation, now)
-                lost = ms.set_lane(self.ledger, w.name, now=now, invocation=inv)
+                lost = ms.set_lane(self.ledger, w.name, now=now, invocation=inv,
+                                   restarts=max(1, w.unrecorded_restarts) if w.invocation else None)
+                w.unrecorded_restarts = 0
                 if lost:
                     self.counters["failovers"] += 1
                 w.invocation = inv
@@ -518,6 +525,8 @@ class Supervisor:
                 w.held = {int(x) for x in body.get("missions", []) if isinstance(x, int)}
                 w.held |= {int(x) for x in body.get("reporting", []) if isinstance(x, int)}
             self.judge(w, now)
+        # while a lane is down or starting, look again soon: its new invocation should be seen at once
+        self.settling = any(w.enabled and not (w.running and w.healthy) for w in watches)
 
     def judge(self, w: LaneWatch, now: float) -> None:
         """Degrade a lane whose unit failed or that restarts too often; let a stable one recover."""
@@ -636,7 +645,8 @@ class Supervisor:
             now, mono = time.time(), time.monotonic()
             self.apply_callbacks(now)
             self.apply_results(now)
-            if mono - last_observe >= self.settings.health.observe_sec:
+            every = min(0.25, self.settings.health.observe_sec) if self.settling else self.settings.health.observe_sec
+            if mono - last_observe >= every:
                 self.observe(now)
                 last_observe = mono
             version = self.ledger.conn.execute("PRAGMA data_version").fetchone()[0]

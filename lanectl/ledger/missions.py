@@ -637,7 +637,7 @@ def move_session(ledger: Ledger, session: str, lane: str, *, now: float, reason:
 
 
 def set_lane(ledger: Ledger, name: str, *, now: float, state: str | None = None, healthy: bool | None = None,
-             invocation: str | None = None) -> list[int]:
+             invocation: str | None = None, restarts: int | None = None) -> list[int]:
     """Record a lane's dispatch state, health or invocation; a new invocation re-queues what the old one held."""
     with ledger.transaction() as conn:
         row = conn.execute("SELECT state, healthy, invocation FROM lanes WHERE name = ?", (name,)).fetchone()
@@ -654,6 +654,7 @@ def set_lane(ledger: Ledger, name: str, *, now: float, state: str | None = None,
                    previous=old_state)
         lost: list[int] = []
         if old_inv is not None and new_inv != old_inv:
-            append(conn, EventKind.LANE_INVOCATION, now, lane=name, invocation=new_inv, previous=old_inv)
+            append(conn, EventKind.LANE_INVOCATION, now, lane=name, invocation=new_inv, previous=old_inv,
+                   restarts=restarts)
             lost = requeue_lane_in(conn, name, "lane restarted (new invocation)", now=now)
         return lost

@@ -41,7 +41,7 @@ class Fleet:
         return proc.returncode, json.loads(proc.stdout)
 
     def status(self, *lanes: str) -> dict[str, dict[str, Any]]:
-        proc = self.sb.exec([LANECTL, "status", *lanes, "--json"])
+        proc = self.sb.exec([LANECTL, "status", *lanes, "--json"], check=False)
         return {l["name"]: l for l in json.loads(proc.stdout)["data"]["lanes"]}
 
     def show(self, unit: str, *props: str) -> dict[str, str]:
@@ -120,6 +120,6 @@ def executions(fleet: Fleet, lanes: list[str], root: str = "/var/lib/lanes") -> 
     """Every execution the lanes logged in their workspaces (what actually ran)."""
     out = []
     for lane in lanes:
-        proc = fleet.sb.exec(["cat", f"{root}/{lane}/.lanectl/executions.log"])
+        proc = fleet.sb.exec(["cat", f"{root}/{lane}/.lanectl/executions.log"], check=False)
         out += [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
     return out
