@@ -601,3 +601,22 @@ def _report(conn: sqlite3.Connection, since: float, until: float, now: float, ca
     lines += ["", "## Traffic", "",
               ", ".join(f"{k} {counts.get(k, 0)}" for k in ("submitted", *ENDS, "callback_rejected")) + ".", ""]
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ docs
+
+
+def event_kind_table() -> str:
+    """The Markdown table of event kinds in docs/observability.md, from ``EventKind`` and its ``#:`` comments
+    (scripts/gen-event-docs writes it; tests/unit/test_evidence_docs.py checks it is current)."""
+    import inspect
+    import re
+
+    from lanectl.ledger import events as events_mod
+
+    notes = dict(re.findall(r'^\s+[A-Z_]+ = "([a-z_]+)"\s+#: (.+)$', inspect.getsource(events_mod), re.M))
+    rows = ["| kind | in the report | recorded when |", "| --- | --- | --- |"]
+    for k in EventKind:
+        group = "decision" if k in DECISION_KINDS else "traffic"
+        rows.append(f"| `{k}` | {group} | {_md(notes.get(str(k), ''))} |")
+    return "\n".join(rows) + "\n"
