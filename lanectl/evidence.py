@@ -240,10 +240,12 @@ class _Acc:
 
     def render(self, window_s: float) -> dict[str, Any]:
         finished = self.succeeded + self.failed + self.dead
+        # summary() sorts in place: a group's lists are sorted once, and a roll-up's are concatenations of
+        # sorted runs, which timsort merges in linear time
         return {
-            "queue_wait_s": summary(list(self.queue_wait)),
-            "run_time_s": summary(list(self.run_time)),
-            "end_to_end_s": summary(list(self.end_to_end)),
+            "queue_wait_s": summary(self.queue_wait),
+            "run_time_s": summary(self.run_time),
+            "end_to_end_s": summary(self.end_to_end),
             "finished": finished, "succeeded": self.succeeded, "failed": self.failed, "dead": self.dead,
             "cancelled": self.cancelled, "expired": self.expired, "requeued": self.requeued,
             "throughput_per_min": finished / (window_s / 60.0) if window_s > 0 else None,
@@ -274,65 +276,69 @@ def metrics_conn(conn: sqlite3.Connection, *, window_s: float, now: float, lane:
     """
     t0, t1 = now - window_s, now
     groups: dict[tuple[str, str], _Acc] = {}
-
-    def acc(ln: str | None, cls: str) -> _Acc:
-        key = (ln or "-", cls)
-        a = groups.get(key)
-        if a is None:
-            a = groups[key] = _Acc()
-        return a
-
     # A lane filter goes through events_lane (lane, at); otherwise events_kind (kind, at) bounds the scan by time.
     idx = "events_lane" if lane is not None else "events_kind"
     lf, lp = _lane_filter(lane)
-    seen: set[tuple[int, int]] = set()
 
-    def busy(a: _Acc, start: float, end: float | None) -> None:
-        a.busy_s += max(0.0, min(t1 if end is None else end, t1) - max(start, t0))
-
-    # 1. dispatches in the window: queue wait (attempt 1), fallback rate, busy time of attempts started in it
-    for mission, n, at, ln, cls, created, fb, finished in conn.execute(
-            f"SELECT e.mission, e.attempt, e.at, e.lane, m.class, m.created_at, "
-            f"json_extract(e.data, '$.fallback_from'), a.finished_at "
+    # 1. dispatches in the window: queue wait (attempt 1) and fallback rate. The loops below run once per
+    # mission in the window (tens of thousands an hour), so they are kept flat: no calls, no attribute lookups.
+    for ln, cls, n, wait, fb in conn.execute(
+            f"SELECT coalesce(e.lane, '-'), m.class, e.attempt, e.at - m.created_at, json_extract(e.data, '$.fallback_from') "
             f"FROM events e INDEXED BY {idx} JOIN missions m ON m.id = e.mission "
-            f"LEFT JOIN attempts a ON a.mission = e.mission AND a.n = e.attempt "
-            f"WHERE e.kind = 'dispatched' AND e.at >= ? AND e.at < ?{lf}", (t0, t1, *lp)):
-        a = acc(ln, cls)
+            f"WHERE e.kind = 'dispatched' AND e.at >= ? AND e.at < ?{lf}", (t0, t1, *lp)).fetchall():
+        a = groups.get((ln, cls))
+        if a is None:
+            a = groups[(ln, cls)] = _Acc()
         a.dispatched += 1
         if fb is not None:
             a.fallback += 1
         if n == 1:
-            a.queue_wait.append(at - created)
-        busy(a, at, finished)
-        seen.add((mission, n))
+            a.queue_wait.append(wait)
 
-    # 2. ends in the window: outcomes, run time, end-to-end, busy time of attempts dispatched before it
-    for kind, mission, n, at, ln, cls, created, dispatched, started in conn.execute(
-            f"SELECT e.kind, e.mission, e.attempt, e.at, coalesce(e.lane, a.lane, m.lane), m.class, m.created_at, "
+    # 2. ends in the window: outcomes, run time, end-to-end, and the busy time of every attempt that ended in it
+    # (an attempt still running is counted in 3; one that started in the window and ended after it, in a window
+    # that ends in the past, is not seen: documented)
+    for kind, at, ln, cls, e2e, dispatched, started in conn.execute(
+            f"SELECT e.kind, e.at, coalesce(e.lane, a.lane, m.lane, '-'), m.class, e.at - m.created_at, "
             f"a.dispatched_at, a.started_at "
             f"FROM events e INDEXED BY {idx} JOIN missions m ON m.id = e.mission "
             f"LEFT JOIN attempts a ON a.mission = e.mission AND a.n = e.attempt "
-            f"WHERE e.kind IN ({_placeholders(len(ENDS))}) AND e.at >= ? AND e.at < ?{lf}", (*ENDS, t0, t1, *lp)):
-        a = acc(ln, cls)
-        setattr(a, kind, getattr(a, kind) + 1)
-        if kind in FINISHED:
-            a.end_to_end.append(at - created)
-        if kind == "succeeded" and dispatched is not None:
-            a.run_time.append(at - (started if started is not None else dispatched))
-        if dispatched is not None and (mission, n) not in seen:
-            seen.add((mission, n))
-            busy(a, dispatched, at)
+            f"WHERE e.kind IN ({_placeholders(len(ENDS))}) AND e.at >= ? AND e.at < ?{lf}",
+            (*ENDS, t0, t1, *lp)).fetchall():
+        a = groups.get((ln, cls))
+        if a is None:
+            a = groups[(ln, cls)] = _Acc()
+        if kind == "succeeded":
+            a.succeeded += 1
+            a.end_to_end.append(e2e)
+            if dispatched is not None:
+                a.run_time.append(at - (dispatched if started is None else started))
+        elif kind == "requeued":
+            a.requeued += 1
+        elif kind == "failed":
+            a.failed += 1
+            a.end_to_end.append(e2e)
+        elif kind == "dead":
+            a.dead += 1
+            a.end_to_end.append(e2e)
+        elif kind == "cancelled":
+            a.cancelled += 1
+        else:
+            a.expired += 1
+        if dispatched is not None:
+            a.busy_s += at - (dispatched if dispatched > t0 else t0)
 
-    # 3. attempts in flight now that were dispatched before the window (the partial attempts_lease index)
+    # 3. attempts in flight now (the partial attempts_lease index), busy until the end of the window
     in_flight: dict[tuple[str, str], int] = {}
-    for mission, n, ln, cls, dispatched in conn.execute(
-            "SELECT mission, n, lane, class, dispatched_at FROM attempts INDEXED BY attempts_lease "
+    for ln, cls, dispatched in conn.execute(
+            "SELECT lane, class, dispatched_at FROM attempts INDEXED BY attempts_lease "
             "WHERE state IN ('dispatched', 'running')" + (" AND lane = ?" if lane is not None else ""),
             [lane] if lane is not None else []):
         in_flight[(ln, cls)] = in_flight.get((ln, cls), 0) + 1
-        if (mission, n) not in seen:
-            seen.add((mission, n))
-            busy(acc(ln, cls), dispatched, None)
+        a = groups.get((ln, cls))
+        if a is None:
+            a = groups[(ln, cls)] = _Acc()
+        a.busy_s += max(0.0, t1 - max(dispatched, t0))
 
     # 4. restarts
     restarts: dict[str, dict[str, int]] = {}
@@ -356,7 +362,7 @@ def _assemble(groups: dict[tuple[str, str], _Acc], in_flight: dict[tuple[str, st
     by_class: dict[str, _Acc] = {}
     total = _Acc()
     rows = []
-    for (ln, cls), a in sorted(groups.items()):
+    for (ln, cls), a in sorted(groups.items()):  # render (and sort) each group before it is merged
         rows.append({"lane": ln, "class": cls, **a.render(window_s), "in_flight": in_flight.get((ln, cls), 0)})
         by_lane[ln].merge(a)
         by_class.setdefault(cls, _Acc()).merge(a)
