@@ -1,0 +1,222 @@
+"""events, metrics, report: the evidence an operator reads from the ledger (lanectl.evidence does the work)."""
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from datetime import UTC, datetime
+from typing import Any, List, Optional
+
+import typer
+
+from lanectl import config, evidence
+from lanectl.cli.options import CONFIG, JSON
+from lanectl.ledger import Ledger
+from lanectl.ledger.missions import invalid
+from lanectl.output import command, escape, finish, stdout_console
+
+LEDGER = typer.Option(None, "--ledger", metavar="PATH", help="Ledger file.",
+                      show_default="$LANECTL_LEDGER, ledger= in lanectl.toml, else $STATE_DIRECTORY/ledger.db")
+DURATION_RE = re.compile(r"^\+?(\d+(?:\.\d+)?)([smhdw])$")
+UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def register(app: typer.Typer) -> None:
+    app.command("events")(events_)
+    app.command("metrics")(metrics_)
+    app.command("report")(report_)
+
+
+def parse_duration(text: str, field: str = "window") -> float:
+    """``30s``, ``15m``, ``1h``, ``24h``, ``7d``, ``2w`` (or plain seconds) -> seconds, > 0."""
+    t = text.strip()
+    m = DURATION_RE.match(t)
+    try:
+        secs = float(m.group(1)) * UNIT_S[m.group(2)] if m else float(t)
+    except ValueError:
+        secs = -1.0
+    if not secs > 0:
+        raise invalid(field, f"{text!r} is not a duration", "use e.g. 15m, 1h, 24h or 7d", "bad_duration")
+    return secs
+
+
+def parse_time(text: str | None, now: float, field: str = "since") -> float | None:
+    """A duration back from now (``1h``, ``7d``), an RFC 3339 time (UTC if no offset) or epoch seconds."""
+    if text is None:
+        return None
+    t = text.strip()
+    m = DURATION_RE.match(t)
+    if m:
+        return now - float(m.group(1)) * UNIT_S[m.group(2)]
+    try:
+        return float(t)
+    except ValueError:
+        pass
+    try:
+        dt = datetime.fromisoformat(t.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise invalid(field, f"{text!r} is not a time", "use 1h, 7d, 2030-01-01T12:00:00Z or epoch seconds",
+                      "bad_time") from exc
+    return (dt if dt.tzinfo else dt.replace(tzinfo=UTC)).timestamp()
+
+
+def _ledger(config_dir: Optional[str], ledger: Optional[str]) -> Ledger:
+    return Ledger.open(config.ledger_path(config_dir, ledger))
+
+
+def _line(ev: dict[str, Any]) -> str:
+    ids = " ".join(f"{k}={ev[k]}" for k in ("lane", "mission", "attempt", "session") if ev[k] is not None)
+    data = json.dumps(ev["data"], sort_keys=True, separators=(",", ":")) if ev["data"] else ""
+    return " ".join(x for x in (ev["at"], f"#{ev['id']}", ev["kind"], ids, data) if x)
+
+
+def _emit_ndjson(ev: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(ev, sort_keys=True, separators=(",", ":")) + "\n")
+    sys.stdout.flush()
+
+
+@command("events")
+def events_(
+    lane: Optional[str] = typer.Option(None, help="Only events of this lane."),
+    mission: Optional[int] = typer.Option(None, help="Only events of this mission."),
+    session: Optional[str] = typer.Option(None, help="Only events of this session."),
+    kind: Optional[List[str]] = typer.Option(None, "--kind", help="Only this kind (repeatable)."),
+    since: Optional[str] = typer.Option(None, help="From: 1h, 7d, an RFC 3339 time or epoch seconds."),
+    until: Optional[str] = typer.Option(None, help="Before: same forms as --since."),
+    limit: int = typer.Option(100, min=1, max=100_000, help="At most this many (before --follow)."),
+    after: int = typer.Option(0, "--after", help="Only events with an id greater than this (paging)."),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Then print new events as they are recorded."),
+    config_dir: Optional[str] = CONFIG,
+    ledger: Optional[str] = LEDGER,
+    json_out: bool = JSON,
+) -> None:
+    """Query the event log, oldest first.
+
+    Without --since or --after: the last LIMIT matching events. With them: the first LIMIT from there
+    (data.next_after pages on). --follow keeps printing new events (one JSON object per line with --json)
+    until interrupted. Kinds: docs/observability.md.
+    """
+    now = time.time()
+    t_since, t_until = parse_time(since, now, "since"), parse_time(until, now, "until")
+    latest = t_since is None and not after
+    with _ledger(config_dir, ledger) as led:
+        rows = evidence.events(led, lane=lane, mission=mission, session=session, kind=kind or None,
+                               since=t_since, until=t_until, limit=limit, after_id=after, latest=latest)
+        if follow:
+            _follow(led, rows, json_out, lane=lane, mission=mission, session=session, kind=kind or None)
+            return
+    data = {"events": rows, "count": len(rows), "next_after": rows[-1]["id"] if len(rows) == limit else None}
+
+    def human() -> None:
+        for ev in rows:
+            sys.stdout.write(_line(ev) + "\n")
+
+    finish(["events"], data, json_mode=json_out, human=human)
+
+
+def _follow(led: Ledger, first: list[dict[str, Any]], json_out: bool, **filters: Any) -> None:
+    """NDJSON (or one line per event) until Ctrl-C; the backlog first, then what is appended."""
+    show = _emit_ndjson if json_out else (lambda ev: (sys.stdout.write(_line(ev) + "\n"), sys.stdout.flush()))
+    for ev in first:
+        show(ev)
+    start = max([ev["id"] for ev in first] + [evidence.last_id(led)])
+    try:
+        for ev in evidence.follow(led, after_id=start, **filters):
+            show(ev)
+    except KeyboardInterrupt:
+        pass
+
+
+def _human_metrics(m: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    def s(v: float | None) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{v:.1%}"
+
+    con = stdout_console()
+    con.print(f"window {m['since']} .. {m['now']} ({m['window_s']:g}s); quantiles nearest-rank, seconds")
+    t = Table("lane", "class", "finished", "/min", "fail", "fallback", "wait p50", "wait p95", "wait p99",
+              "run p50", "run p95", "e2e p95", "in flight")
+    for g in m["groups"]:
+        t.add_row(escape(g["lane"]), g["class"], str(g["finished"]), f"{g['throughput_per_min']:.2f}",
+                  pct(g["failure_rate"]), pct(g["fallback_rate"]), s(g["queue_wait_s"]["p50"]),
+                  s(g["queue_wait_s"]["p95"]), s(g["queue_wait_s"]["p99"]), s(g["run_time_s"]["p50"]),
+                  s(g["run_time_s"]["p95"]), s(g["end_to_end_s"]["p95"]), str(g["in_flight"]))
+    con.print(t)
+    lt = Table("lane", "finished", "fail", "fallback", "wait p95", "restarts", "capacity", "utilization",
+               "in flight")
+    for r in m["lanes"]:
+        lt.add_row(escape(r["lane"]), str(r["finished"]), pct(r["failure_rate"]), pct(r["fallback_rate"]),
+                   s(r["queue_wait_s"]["p95"]), str(r["restarts"]), str(r["capacity"] or "-"), pct(r["utilization"]),
+                   str(r["in_flight"]))
+    con.print(lt)
+
+
+@command("metrics")
+def metrics_(
+    window: str = typer.Option("15m", help="How far back: 15m, 1h, 24h, 7d."),
+    lane: Optional[str] = typer.Option(None, help="Only this lane."),
+    textfile: Optional[str] = typer.Option(None, "--textfile", metavar="PATH",
+                                           help="Also write the Prometheus text format here, atomically "
+                                                "(node_exporter textfile collector: a *.prom file)."),
+    config_dir: Optional[str] = CONFIG,
+    ledger: Optional[str] = LEDGER,
+    json_out: bool = JSON,
+) -> None:
+    """Queue wait, run time, failure and fallback rates.
+
+    Per lane and class over the window: queue wait, run time and end-to-end p50/p95/p99 (nearest rank),
+    throughput, failure and fallback rates, restarts, utilization (against each lane's capacity) and what is
+    in flight now. Definitions: docs/observability.md.
+    """
+    now = time.time()
+    window_s = parse_duration(window)
+    fleet = config.load(config_dir)
+    if lane is not None:
+        fleet.get(lane)
+    with Ledger.open(config.ledger_path(fleet, ledger)) as led:
+        m = evidence.metrics(led, window_s, now, lane, fleet=fleet)
+    if textfile:
+        evidence.write_textfile(textfile, evidence.prometheus_text(m, generated=now))
+    finish(["metrics"], m, json_mode=json_out, human=lambda: _human_metrics(m))
+
+
+@command("report")
+def report_(
+    since: str = typer.Option("24h", help="From: 24h, 7d, an RFC 3339 time or epoch seconds."),
+    until: Optional[str] = typer.Option(None, help="Before (default: now); same forms."),
+    out: Optional[str] = typer.Option(None, "--out", metavar="FILE", help="Write the Markdown here (atomically)."),
+    config_dir: Optional[str] = CONFIG,
+    ledger: Optional[str] = LEDGER,
+    json_out: bool = JSON,
+) -> None:
+    """Markdown status and decision log.
+
+    The lanes now and their figures over the period, then every decision (apply, drain, undrain, reroute,
+    restarts, lane state changes, promotions, rollbacks, drills, ...) with who, when, why and the lane's
+    failure rate and p95 queue wait over the hour before it.
+    """
+    now = time.time()
+    t_since = parse_time(since, now, "since")
+    t_until = parse_time(until, now, "until") or now
+    fleet = config.load(config_dir)
+    with Ledger.open(config.ledger_path(fleet, ledger)) as led:
+        text = evidence.report(led, t_since or now - 86400, t_until, now, fleet=fleet)
+    if out:
+        from lanectl.fsutil import atomic_write
+
+        atomic_write(out, text, 0o644)
+    data = {"since": evidence.rfc3339(t_since), "until": evidence.rfc3339(t_until), "out": out,
+            "markdown": None if out else text}
+
+    def human() -> None:
+        if out:
+            stdout_console().print(f"wrote {escape(out)}")
+        else:
+            sys.stdout.write(text)
+
+    finish(["report"], data, json_mode=json_out, human=human)

@@ -1,0 +1,628 @@
+"""Evidence from the ledger: event queries, windowed metrics, Prometheus exposition and the operator report.
+
+Read-only: nothing here writes to the ledger. Every query is bounded by time through an index (``events_kind``
+``(kind, at)``, ``events_lane`` ``(lane, at)``, ``events_at``, the partial ``missions_active``/``attempts_lease``
+indexes for what is in flight now), so a metrics window costs what happened in the window, not the size of the
+history (docs/benchmarks.md "Evidence").
+
+Definitions (docs/observability.md repeats them for operators), over the window ``[now - window_s, now)``:
+
+- **queue wait**: ``dispatched`` event of attempt 1 minus the mission's ``created_at``, for first dispatches in
+  the window (a re-queued attempt's second wait is not a queue wait; it is visible as ``requeued``).
+- **run time**: ``finished_at - started_at`` (``dispatched_at`` when the lane never reported ``started``) of the
+  attempt that succeeded, for successes in the window.
+- **end-to-end**: the terminal event's time minus ``created_at``, for missions that finished in the window.
+- **finished** = ``succeeded + failed + dead`` in the window (cancelled and expired are counted apart);
+  **throughput** = finished per minute; **failure rate** = ``(failed + dead) / finished``.
+- **fallback rate**: dispatches whose data has ``fallback_from`` / dispatches.
+- **restarts**: ``lane_invocation`` events (a new systemd InvocationID); ``operator_restarts``: ``lane_restart``.
+- **utilization**: busy seconds of every attempt overlapping the window (from dispatch to finish, or now while it
+  runs, clipped to the window) / (lane capacity x window); ``None`` without a capacity.
+- **in flight**: missions ``dispatched`` or ``running`` now.
+
+Percentiles use the **nearest-rank** method (no interpolation): the p-th percentile of n sorted values is the
+value at rank ``ceil(p/100 * n)``, so it is always an observed value (1..1000 ms gives p50 500, p95 950, p99 990).
+"""
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Callable, Final
+
+from lanectl.ledger.events import EventKind
+
+QUANTILES: Final = (50, 95, 99)
+"""The percentiles every duration metric reports."""
+FINISHED: Final = ("succeeded", "failed", "dead")
+ENDS: Final = ("succeeded", "failed", "dead", "cancelled", "expired", "requeued")
+"""Events that end an attempt or a mission (``requeued``: the attempt ended, the mission did not)."""
+ROUTINE_KINDS: Final = frozenset({
+    EventKind.SUBMITTED, EventKind.SUBMIT_REFUSED, EventKind.DISPATCHED, EventKind.STARTED, EventKind.SUCCEEDED,
+    EventKind.FAILED, EventKind.REQUEUED, EventKind.DEAD, EventKind.CANCELLED, EventKind.RETRIED,
+    EventKind.EXPIRED, EventKind.CALLBACK_REJECTED, EventKind.WAITING, EventKind.SESSION_CREATED,
+    EventKind.SESSION_MOVED, EventKind.REROUTED,
+})
+"""Mission-level traffic: counted by metrics, not listed one by one in the report."""
+DECISION_KINDS: Final = tuple(k for k in EventKind if k not in ROUTINE_KINDS)
+"""Kinds the report lists as decisions (every kind that is not routine, so a new kind shows up by default; a kind
+this lanectl does not know, written by a newer one, is listed too)."""
+EVIDENCE_WINDOW_S: Final = 3600.0
+"""The report's evidence for a decision: the lane's metrics over this long before it."""
+FOLLOW_POLL_S: Final = 0.25
+FOLLOW_MAX_POLL_S: Final = 2.0
+"""``follow`` polls every FOLLOW_POLL_S while events arrive and backs off to at most FOLLOW_MAX_POLL_S when idle."""
+EVENT_COLUMNS: Final = ("id", "at", "kind", "mission", "lane", "session", "attempt", "state", "data")
+
+Ledgerish = Any  # a lanectl.ledger.Ledger, an sqlite3.Connection or a path
+
+
+# ------------------------------------------------------------------------------------------------ basics
+
+
+def rfc3339(ts: float | None) -> str | None:
+    """UTC, millisecond precision, ``Z`` suffix."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def percentile(values: Sequence[float], p: float, *, presorted: bool = False) -> float | None:
+    """Nearest-rank percentile (0 < p <= 100): the value at rank ceil(p/100 * n) of the sorted values."""
+    if not values:
+        return None
+    if not 0 < p <= 100:
+        raise ValueError(f"percentile {p} is not in (0, 100]")
+    data = values if presorted else sorted(values)
+    rank = max(1, math.ceil(p / 100 * len(data) - 1e-9))  # 1e-9: 95/100*1000 must not round up to 951
+    return float(data[rank - 1])
+
+
+def summary(values: list[float]) -> dict[str, Any]:
+    """count, p50, p95, p99 (seconds; None when empty)."""
+    values.sort()
+    out: dict[str, Any] = {"count": len(values)}
+    for q in QUANTILES:
+        v = percentile(values, q, presorted=True)
+        # differences of epoch floats carry ~1e-7 s of noise: microseconds are what the clocks give anyway
+        out[f"p{q}"] = None if v is None else round(v, 6)
+    return out
+
+
+def _conn(ledger: Ledgerish) -> tuple[sqlite3.Connection, bool]:
+    """(connection, opened here): a path is opened read-only (URI mode=ro)."""
+    if isinstance(ledger, sqlite3.Connection):
+        return ledger, False
+    conn = getattr(ledger, "conn", None)
+    if isinstance(conn, sqlite3.Connection):
+        return conn, False
+    c = sqlite3.connect(f"file:{Path(ledger)}?mode=ro", uri=True, timeout=5.0)
+    return c, True
+
+
+def _placeholders(n: int) -> str:
+    return ",".join("?" * n)
+
+
+# ------------------------------------------------------------------------------------------------ events
+
+
+def _row(row: Sequence[Any]) -> dict[str, Any]:
+    ev = dict(zip(EVENT_COLUMNS, row))
+    ev["ts"] = ev["at"]
+    ev["at"] = rfc3339(ev["at"])
+    ev["data"] = json.loads(ev["data"] or "{}")
+    return ev
+
+
+def _where(lane: str | None, mission: int | None, session: str | None, kind: str | Iterable[str] | None,
+           since: float | None, until: float | None, after_id: int) -> tuple[list[str], list[Any]]:
+    where: list[str] = []
+    params: list[Any] = []
+    if after_id:
+        where.append("id > ?")
+        params.append(after_id)
+    for col, val in (("mission", mission), ("lane", lane), ("session", session)):
+        if val is not None:
+            where.append(f"{col} = ?")
+            params.append(val)
+    kinds = [kind] if isinstance(kind, str) else sorted(set(kind)) if kind else []
+    if kinds:
+        where.append(f"kind IN ({_placeholders(len(kinds))})")
+        params += kinds
+    if since is not None:
+        where.append("at >= ?")
+        params.append(since)
+    if until is not None:
+        where.append("at < ?")
+        params.append(until)
+    return where, params
+
+
+def events(ledger: Ledgerish, *, lane: str | None = None, mission: int | None = None, session: str | None = None,
+           kind: str | Iterable[str] | None = None, since: float | None = None, until: float | None = None,
+           limit: int = 1000, after_id: int = 0, latest: bool = False) -> list[dict[str, Any]]:
+    """Events matching every filter, oldest first (``at`` RFC 3339, ``ts`` epoch seconds, ``data`` a dict).
+
+    ``latest``: the last ``limit`` matches instead of the first (still returned oldest first). Filters go
+    through the ledger's indexes: mission (``events_mission``), lane and session with time (``events_lane``,
+    ``events_session``), kind with time (``events_kind``), time alone (``events_at``), ``after_id`` (rowid).
+    """
+    conn, own = _conn(ledger)
+    try:
+        where, params = _where(lane, mission, session, kind, since, until, after_id)
+        # ORDER BY id tempts the planner into a rowid scan from the first event; a time bound with no other
+        # indexed filter must seek through events_at instead (then sort the window, small next to the history).
+        hint = " INDEXED BY events_at" if since is not None and mission is None and lane is None \
+            and session is None and not kind else ""
+        sql = (f"SELECT {', '.join(EVENT_COLUMNS)} FROM events{hint}"
+               + (f" WHERE {' AND '.join(where)}" if where else "")
+               + f" ORDER BY id {'DESC' if latest else ''} LIMIT ?")
+        rows = conn.execute(sql, (*params, limit)).fetchall()
+    finally:
+        if own:
+            conn.close()
+    if latest:
+        rows.reverse()
+    return [_row(r) for r in rows]
+
+
+def last_id(ledger: Ledgerish) -> int:
+    conn, own = _conn(ledger)
+    try:
+        return int(conn.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0])
+    finally:
+        if own:
+            conn.close()
+
+
+def follow(ledger: Ledgerish, *, after_id: int | None = None, lane: str | None = None, mission: int | None = None,
+           session: str | None = None, kind: str | Iterable[str] | None = None, poll_s: float = FOLLOW_POLL_S,
+           max_poll_s: float = FOLLOW_MAX_POLL_S, batch: int = 1000, sleep: Callable[[float], None] = time.sleep,
+           stop: Callable[[], bool] = lambda: False) -> Iterator[dict[str, Any]]:
+    """Yield new matching events as they are appended (``after_id`` None: from now on), polling by id.
+
+    Each poll reads ``id > last`` through the rowid alone (``NOT INDEXED``): the new tail is small, while a
+    lane or kind index would walk that lane's whole history on every poll. The sleep doubles while nothing
+    arrives, up to ``max_poll_s``, and drops back to ``poll_s`` when something does. ``stop()`` ends it.
+    """
+    conn, own = _conn(ledger)
+    kinds = [kind] if isinstance(kind, str) else sorted(set(kind)) if kind else None
+    try:
+        last = last_id(conn) if after_id is None else after_id
+        wait = poll_s
+        while not stop():
+            where, params = _where(lane, mission, session, kinds, None, None, 0)
+            rows = conn.execute(
+                f"SELECT {', '.join(EVENT_COLUMNS)} FROM events NOT INDEXED WHERE id > ?"
+                + "".join(f" AND {w}" for w in where) + " ORDER BY id LIMIT ?", (last, *params, batch)).fetchall()
+            if rows:
+                for r in rows:
+                    yield _row(r)
+                last = rows[-1][0]
+                wait = poll_s
+                if len(rows) == batch:
+                    continue
+            else:
+                # filtered polls may match nothing while others are appended: move the cursor on anyway
+                last = max(last, int(conn.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]))
+                wait = min(max_poll_s, wait * 2) if wait < max_poll_s else max_poll_s
+            sleep(wait if not rows else poll_s)
+    finally:
+        if own:
+            conn.close()
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+
+
+class _Acc:
+    """Raw figures of one (lane, class) group, or of a roll-up of several."""
+
+    __slots__ = ("queue_wait", "run_time", "end_to_end", "succeeded", "failed", "dead", "cancelled", "expired",
+                 "requeued", "dispatched", "fallback", "busy_s")
+
+    def __init__(self) -> None:
+        self.queue_wait: list[float] = []
+        self.run_time: list[float] = []
+        self.end_to_end: list[float] = []
+        self.succeeded = self.failed = self.dead = self.cancelled = self.expired = self.requeued = 0
+        self.dispatched = self.fallback = 0
+        self.busy_s = 0.0
+
+    def merge(self, other: _Acc) -> None:
+        for name in self.__slots__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))  # lists concatenate, numbers add
+
+    def render(self, window_s: float) -> dict[str, Any]:
+        finished = self.succeeded + self.failed + self.dead
+        # summary() sorts in place: a group's lists are sorted once, and a roll-up's are concatenations of
+        # sorted runs, which timsort merges in linear time
+        return {
+            "queue_wait_s": summary(self.queue_wait),
+            "run_time_s": summary(self.run_time),
+            "end_to_end_s": summary(self.end_to_end),
+            "finished": finished, "succeeded": self.succeeded, "failed": self.failed, "dead": self.dead,
+            "cancelled": self.cancelled, "expired": self.expired, "requeued": self.requeued,
+            "throughput_per_min": finished / (window_s / 60.0) if window_s > 0 else None,
+            "failure_rate": (self.failed + self.dead) / finished if finished else None,
+            "dispatched": self.dispatched, "fallback_dispatches": self.fallback,
+            "fallback_rate": self.fallback / self.dispatched if self.dispatched else None,
+            "busy_s": round(self.busy_s, 6),
+        }
+
+
+def _capacities(fleet: Any = None, capacity: Mapping[str, int] | None = None) -> dict[str, int]:
+    if capacity is not None:
+        return dict(capacity)
+    if fleet is not None:
+        return {name: int(lane.capacity) for name, lane in fleet.lanes.items()}
+    return {}
+
+
+def _lane_filter(lane: str | None, col: str = "e.lane") -> tuple[str, list[Any]]:
+    return (f" AND {col} = ?", [lane]) if lane is not None else ("", [])
+
+
+def metrics_conn(conn: sqlite3.Connection, *, window_s: float, now: float, lane: str | None = None,
+                 fleet: Any = None, capacity: Mapping[str, int] | None = None) -> dict[str, Any]:
+    """The metrics of the window ``[now - window_s, now)`` per (lane, class), per lane, per class and in total.
+
+    ``capacity`` (lane -> slots) or ``fleet`` (a LaneSet) gives utilization; without either it is ``None``.
+    """
+    t0, t1 = now - window_s, now
+    groups: dict[tuple[str, str], _Acc] = {}
+    # A lane filter goes through events_lane (lane, at); otherwise events_kind (kind, at) bounds the scan by time.
+    idx = "events_lane" if lane is not None else "events_kind"
+    lf, lp = _lane_filter(lane)
+
+    # 1. dispatches in the window: queue wait (attempt 1) and fallback rate. The loops below run once per
+    # mission in the window (tens of thousands an hour), so they are kept flat: no calls, no attribute lookups.
+    for ln, cls, n, wait, fb in conn.execute(
+            f"SELECT coalesce(e.lane, '-'), m.class, e.attempt, e.at - m.created_at, json_extract(e.data, '$.fallback_from') "
+            f"FROM events e INDEXED BY {idx} JOIN missions m ON m.id = e.mission "
+            f"WHERE e.kind = 'dispatched' AND e.at >= ? AND e.at < ?{lf}", (t0, t1, *lp)).fetchall():
+        a = groups.get((ln, cls))
+        if a is None:
+            a = groups[(ln, cls)] = _Acc()
+        a.dispatched += 1
+        if fb is not None:
+            a.fallback += 1
+        if n == 1:
+            a.queue_wait.append(wait)
+
+    # 2. ends in the window: outcomes, run time, end-to-end, and the busy time of every attempt that ended in it
+    # (an attempt still running is counted in 3; one that started in the window and ended after it, in a window
+    # that ends in the past, is not seen: documented)
+    for kind, at, ln, cls, e2e, dispatched, started in conn.execute(
+            f"SELECT e.kind, e.at, coalesce(e.lane, a.lane, m.lane, '-'), m.class, e.at - m.created_at, "
+            f"a.dispatched_at, a.started_at "
+            f"FROM events e INDEXED BY {idx} JOIN missions m ON m.id = e.mission "
+            f"LEFT JOIN attempts a ON a.mission = e.mission AND a.n = e.attempt "
+            f"WHERE e.kind IN ({_placeholders(len(ENDS))}) AND e.at >= ? AND e.at < ?{lf}",
+            (*ENDS, t0, t1, *lp)).fetchall():
+        a = groups.get((ln, cls))
+        if a is None:
+            a = groups[(ln, cls)] = _Acc()
+        if kind == "succeeded":
+            a.succeeded += 1
+            a.end_to_end.append(e2e)
+            if dispatched is not None:
+                a.run_time.append(at - (dispatched if started is None else started))
+        elif kind == "requeued":
+            a.requeued += 1
+        elif kind == "failed":
+            a.failed += 1
+            a.end_to_end.append(e2e)
+        elif kind == "dead":
+            a.dead += 1
+            a.end_to_end.append(e2e)
+        elif kind == "cancelled":
+            a.cancelled += 1
+        else:
+            a.expired += 1
+        if dispatched is not None:
+            a.busy_s += at - (dispatched if dispatched > t0 else t0)
+
+    # 3. attempts in flight now (the partial attempts_lease index), busy until the end of the window
+    in_flight: dict[tuple[str, str], int] = {}
+    for ln, cls, dispatched in conn.execute(
+            "SELECT lane, class, dispatched_at FROM attempts INDEXED BY attempts_lease "
+            "WHERE state IN ('dispatched', 'running')" + (" AND lane = ?" if lane is not None else ""),
+            [lane] if lane is not None else []):
+        in_flight[(ln, cls)] = in_flight.get((ln, cls), 0) + 1
+        a = groups.get((ln, cls))
+        if a is None:
+            a = groups[(ln, cls)] = _Acc()
+        a.busy_s += max(0.0, t1 - max(dispatched, t0))
+
+    # 4. restarts
+    restarts: dict[str, dict[str, int]] = {}
+    for ln, kind, count in conn.execute(
+            f"SELECT e.lane, e.kind, count(*) FROM events e INDEXED BY {idx} "
+            f"WHERE e.kind IN ('lane_invocation', 'lane_restart') AND e.at >= ? AND e.at < ?{lf} "
+            f"GROUP BY e.lane, e.kind", (t0, t1, *lp)):
+        restarts.setdefault(ln or "-", {})[kind] = count
+
+    return _assemble(groups, in_flight, restarts, _capacities(fleet, capacity), window_s, now, lane)
+
+
+def _assemble(groups: dict[tuple[str, str], _Acc], in_flight: dict[tuple[str, str], int],
+              restarts: dict[str, dict[str, int]], capacity: dict[str, int], window_s: float, now: float,
+              lane: str | None) -> dict[str, Any]:
+    for key in in_flight:
+        groups.setdefault(key, _Acc())
+    lanes = sorted({k[0] for k in groups} | set(restarts) | ({lane} if lane else set())
+                   | (set(capacity) if lane is None else set()))
+    by_lane: dict[str, _Acc] = {ln: _Acc() for ln in lanes}
+    by_class: dict[str, _Acc] = {}
+    total = _Acc()
+    rows = []
+    for (ln, cls), a in sorted(groups.items()):  # render (and sort) each group before it is merged
+        rows.append({"lane": ln, "class": cls, **a.render(window_s), "in_flight": in_flight.get((ln, cls), 0)})
+        by_lane[ln].merge(a)
+        by_class.setdefault(cls, _Acc()).merge(a)
+        total.merge(a)
+    lane_rows = []
+    for ln in lanes:
+        r = by_lane[ln].render(window_s)
+        cap = capacity.get(ln)
+        r.update({
+            "lane": ln,
+            "in_flight": sum(v for (l2, _), v in in_flight.items() if l2 == ln),
+            "restarts": restarts.get(ln, {}).get("lane_invocation", 0),
+            "operator_restarts": restarts.get(ln, {}).get("lane_restart", 0),
+            "capacity": cap,
+            "utilization": r["busy_s"] / (cap * window_s) if cap and window_s > 0 else None,
+        })
+        lane_rows.append(r)
+    class_rows = [{"class": c, **a.render(window_s),
+                   "in_flight": sum(v for (_, c2), v in in_flight.items() if c2 == c)}
+                  for c, a in sorted(by_class.items())]
+    tot = total.render(window_s)
+    tot["in_flight"] = sum(in_flight.values())
+    tot["restarts"] = sum(r.get("lane_invocation", 0) for r in restarts.values())
+    return {"window_s": window_s, "now": rfc3339(now), "since": rfc3339(now - window_s), "lane": lane,
+            "quantile_method": "nearest-rank", "groups": rows, "lanes": lane_rows, "classes": class_rows,
+            "total": tot}
+
+
+def metrics(ledger: Ledgerish, window_s: float, now: float | None = None, lane: str | None = None, *,
+            fleet: Any = None, capacity: Mapping[str, int] | None = None) -> dict[str, Any]:
+    """See ``metrics_conn``; ``ledger`` is a Ledger, a connection or a path (opened read-only)."""
+    conn, own = _conn(ledger)
+    try:
+        return metrics_conn(conn, window_s=window_s, now=time.time() if now is None else now, lane=lane,
+                            fleet=fleet, capacity=capacity)
+    finally:
+        if own:
+            conn.close()
+
+
+# ------------------------------------------------------------------------------------------------ Prometheus
+
+_DURATIONS: Final = (("queue_wait_s", "lanectl_queue_wait_seconds", "Time from submit to the first dispatch."),
+                     ("run_time_s", "lanectl_run_time_seconds", "Run time of the attempt that succeeded."),
+                     ("end_to_end_s", "lanectl_end_to_end_seconds", "Time from submit to the terminal outcome."))
+_GROUP_GAUGES: Final = (
+    ("finished", "lanectl_finished", "Missions that succeeded, failed or died in the window."),
+    ("succeeded", "lanectl_succeeded", "Missions that succeeded in the window."),
+    ("failed", "lanectl_failed", "Missions that failed (not retried) in the window."),
+    ("dead", "lanectl_dead", "Missions that ran out of attempts in the window."),
+    ("requeued", "lanectl_requeued", "Attempts lost and re-queued in the window."),
+    ("dispatched", "lanectl_dispatched", "Dispatches in the window."),
+    ("throughput_per_min", "lanectl_throughput_per_minute", "Finished missions per minute over the window."),
+    ("failure_rate", "lanectl_failure_rate", "(failed + dead) / finished over the window."),
+    ("fallback_rate", "lanectl_fallback_rate", "Dispatches to a fallback lane / dispatches over the window."),
+    ("in_flight", "lanectl_in_flight", "Missions dispatched or running now."),
+)
+_LANE_GAUGES: Final = (
+    ("restarts", "lanectl_lane_restarts", "Lane restarts (new systemd InvocationID) in the window."),
+    ("operator_restarts", "lanectl_lane_operator_restarts", "Restarts by lanectl restart in the window."),
+    ("utilization", "lanectl_lane_utilization", "Busy attempt-seconds / (capacity x window)."),
+    ("capacity", "lanectl_lane_capacity", "Missions the lane runs at once."),
+    ("in_flight", "lanectl_lane_in_flight", "Missions dispatched to or running on the lane now."),
+)
+
+
+def _label_value(v: str) -> str:
+    return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(**kv: str) -> str:
+    return "{" + ",".join(f'{k}="{_label_value(str(v))}"' for k, v in kv.items()) + "}"
+
+
+def _num(v: float) -> str:
+    if isinstance(v, bool):
+        return "1" if v else "0"
+    if isinstance(v, int):
+        return str(v)
+    return repr(float(v)) if math.isfinite(v) else ("+Inf" if v > 0 else "-Inf" if v < 0 else "NaN")
+
+
+def prometheus_text(m: Mapping[str, Any], *, generated: float | None = None) -> str:
+    """The metrics in the Prometheus text exposition format (0.0.4): labels lane and class (and quantile).
+
+    Every series describes the window (``lanectl_window_seconds``) and is recomputed from the ledger each time,
+    so the counts are gauges, not counters. Durations are summaries with quantiles and ``_count`` but no
+    ``_sum``. A metric with no value (no sample, no capacity) is left out rather than written as NaN.
+    """
+    out: list[str] = []
+
+    def head(name: str, help_: str, kind: str = "gauge") -> None:
+        out.append(f"# HELP {name} {help_}")
+        out.append(f"# TYPE {name} {kind}")
+
+    head("lanectl_window_seconds", "Length of the window the other lanectl_* series cover.")
+    out.append(f"lanectl_window_seconds {_num(float(m['window_s']))}")
+    for key, name, help_ in _DURATIONS:
+        head(name, help_ + " Nearest-rank quantiles over the window.", "summary")
+        for g in m["groups"]:
+            s = g[key]
+            for q in QUANTILES:
+                if s[f"p{q}"] is not None:
+                    out.append(f"{name}{_labels(lane=g['lane'], **{'class': g['class']}, quantile=str(q / 100))} "
+                               f"{_num(s[f'p{q}'])}")
+            out.append(f"{name}_count{_labels(lane=g['lane'], **{'class': g['class']})} {s['count']}")
+    for key, name, help_ in _GROUP_GAUGES:
+        head(name, help_)
+        for g in m["groups"]:
+            if g[key] is not None:
+                out.append(f"{name}{_labels(lane=g['lane'], **{'class': g['class']})} {_num(g[key])}")
+    for key, name, help_ in _LANE_GAUGES:
+        head(name, help_)
+        for r in m["lanes"]:
+            if r[key] is not None:
+                out.append(f"{name}{_labels(lane=r['lane'])} {_num(r[key])}")
+    if generated is not None:
+        head("lanectl_metrics_generated_timestamp_seconds", "When these metrics were computed (epoch seconds).")
+        out.append(f"lanectl_metrics_generated_timestamp_seconds {_num(float(generated))}")
+    return "\n".join(out) + "\n"
+
+
+def write_textfile(path: str | Path, text: str) -> None:
+    """Atomically (temp file + rename), mode 0644, for node_exporter's textfile collector (``*.prom``)."""
+    from lanectl.fsutil import atomic_write
+
+    atomic_write(Path(path), text, 0o644)
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def _md(text: Any) -> str:
+    """One Markdown table cell."""
+    s = "" if text is None else str(text)
+    return s.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ").replace("`", "'") or "-"
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1%}"
+
+
+def _secs(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}s" if v < 10 else f"{v:.0f}s"
+
+
+def _evidence(conn: sqlite3.Connection, lane: str | None, at: float,
+              cache: dict[tuple[str | None, float], dict[str, Any]]) -> str:
+    key = (lane, at)
+    if key not in cache:
+        m = metrics_conn(conn, window_s=EVIDENCE_WINDOW_S, now=at, lane=lane)
+        row = next((r for r in m["lanes"] if r["lane"] == lane), None) if lane else m["total"]
+        cache[key] = row or {}
+    r = cache[key]
+    if not r or not (r.get("finished") or r.get("dispatched")):
+        return "no traffic in the hour before"
+    return (f"failure {_pct(r['failure_rate'])} of {r['finished']}, p95 queue wait {_secs(r['queue_wait_s']['p95'])}"
+            f", fallback {_pct(r['fallback_rate'])}, restarts {r.get('restarts', 0)}")
+
+
+_OWN_FIELDS: Final = ("actor", "reason")
+
+
+def _details(ev: Mapping[str, Any]) -> str:
+    data = {k: v for k, v in ev["data"].items() if k not in _OWN_FIELDS}
+    return ", ".join(f"{k}={json.dumps(v, sort_keys=True, separators=(',', ':'))}" for k, v in sorted(data.items()))
+
+
+def decisions(conn: sqlite3.Connection, since: float, until: float) -> list[dict[str, Any]]:
+    """The decision events in ``[since, until)``, oldest first: DECISION_KINDS plus kinds this lanectl does not
+    know. A ``lane_state`` event written together with a drain or undrain is left out (that row says it)."""
+    known = {str(k) for k in EventKind}
+    wanted = [str(k) for k in DECISION_KINDS]
+    rows = conn.execute(
+        f"SELECT {', '.join(EVENT_COLUMNS)} FROM events INDEXED BY events_kind WHERE kind IN "
+        f"({_placeholders(len(wanted))}) AND at >= ? AND at < ?", (*wanted, since, until)).fetchall()
+    # kinds from a newer lanectl: a distinct-kind walk of events_kind (one seek per kind), then their rows
+    other: list[str] = []
+    k = conn.execute("SELECT min(kind) FROM events").fetchone()[0]
+    while k is not None:
+        if k not in known:
+            other.append(k)
+        k = conn.execute("SELECT min(kind) FROM events WHERE kind > ?", (k,)).fetchone()[0]
+    if other:
+        rows += conn.execute(
+            f"SELECT {', '.join(EVENT_COLUMNS)} FROM events INDEXED BY events_kind WHERE kind IN "
+            f"({_placeholders(len(other))}) AND at >= ? AND at < ?", (*other, since, until)).fetchall()
+    out = [_row(r) for r in sorted(rows)]
+    return [ev for ev in out if not (ev["kind"] == "lane_state" and ev["data"].get("reason") in ("drain", "undrain"))]
+
+
+def report(ledger: Ledgerish, since: float, until: float | None = None, now: float | None = None, *,
+           fleet: Any = None, capacity: Mapping[str, int] | None = None) -> str:
+    """A Markdown status and decision log for ``[since, until)``: the lanes now, the period's figures per lane,
+    and every decision with who, when, why and the evidence at the time (the lane's metrics over the hour
+    before it; fleet-wide for a decision without a lane)."""
+    now = time.time() if now is None else now
+    until = now if until is None else until
+    conn, own = _conn(ledger)
+    try:
+        return _report(conn, since, until, now, _capacities(fleet, capacity))
+    finally:
+        if own:
+            conn.close()
+
+
+def _report(conn: sqlite3.Connection, since: float, until: float, now: float, capacity: dict[str, int]) -> str:
+    lines = [f"# lanectl report {rfc3339(since)} to {rfc3339(until)}", "",
+             f"Generated {rfc3339(now)} from the ledger's events. Times are UTC (RFC 3339).", ""]
+    states = {name: (state, bool(healthy)) for name, state, healthy in
+              conn.execute("SELECT name, state, healthy FROM lanes")}
+    period = metrics_conn(conn, window_s=until - since, now=until, capacity=capacity)
+    lines += ["## Status", "",
+              f"Over the period: {period['total']['finished']} finished, failure rate "
+              f"{_pct(period['total']['failure_rate'])}, p95 queue wait {_secs(period['total']['queue_wait_s']['p95'])}"
+              f", p95 end-to-end {_secs(period['total']['end_to_end_s']['p95'])}, {period['total']['in_flight']} in "
+              "flight now.", "",
+              "| lane | state | healthy | in flight | finished | failure rate | fallback rate | p95 queue wait "
+              "| p95 run time | restarts | utilization |",
+              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in period["lanes"]:
+        state, healthy = states.get(r["lane"], ("active", True))
+        lines.append(f"| {_md(r['lane'])} | {state} | {'yes' if healthy else 'no'} | {r['in_flight']} | "
+                     f"{r['finished']} | {_pct(r['failure_rate'])} | {_pct(r['fallback_rate'])} | "
+                     f"{_secs(r['queue_wait_s']['p95'])} | {_secs(r['run_time_s']['p95'])} | {r['restarts']} | "
+                     f"{_pct(r['utilization'])} |")
+    evs = decisions(conn, since, until)
+    lines += ["", "## Decisions", ""]
+    if not evs:
+        lines.append("No decisions recorded in the period.")
+    else:
+        lines += ["| when | what | lane | who | why | details | evidence (hour before) |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        cache: dict[tuple[str | None, float], dict[str, Any]] = {}
+        for ev in evs:
+            lines.append(f"| {ev['at']} | {_md(ev['kind'])} | {_md(ev['lane'])} | {_md(ev['data'].get('actor'))} | "
+                         f"{_md(ev['data'].get('reason'))} | {_md(_details(ev))} | "
+                         f"{_md(_evidence(conn, ev['lane'], ev['ts'], cache))} |")
+    counts = dict(conn.execute(
+        f"SELECT kind, count(*) FROM events INDEXED BY events_kind WHERE kind IN ({_placeholders(len(ENDS) + 2)}) "
+        "AND at >= ? AND at < ? GROUP BY kind", (*ENDS, "submitted", "callback_rejected", since, until)))
+    lines += ["", "## Traffic", "",
+              ", ".join(f"{k} {counts.get(k, 0)}" for k in ("submitted", *ENDS, "callback_rejected")) + ".", ""]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ docs
+
+
+def event_kind_table() -> str:
+    """The Markdown table of event kinds in docs/observability.md, from ``EventKind`` and its ``#:`` comments
+    (scripts/gen-event-docs writes it; tests/unit/test_evidence_docs.py checks it is current)."""
+    import inspect
+    import re
+
+    from lanectl.ledger import events as events_mod
+
+    notes = dict(re.findall(r'^\s+[A-Z_]+ = "([a-z_]+)"\s+#: (.+)$', inspect.getsource(events_mod), re.M))
+    rows = ["| kind | in the report | recorded when |", "| --- | --- | --- |"]
+    for k in EventKind:
+        group = "decision" if k in DECISION_KINDS else "traffic"
+        rows.append(f"| `{k}` | {group} | {_md(notes.get(str(k), ''))} |")
+    return "\n".join(rows) + "\n"
