@@ -6,6 +6,7 @@ its own ledger, /var/lib/lanectl/ledger.db in the sandbox's private /var):
 
 --part fleet3   the example fleet's three lanes (alpha, beta, gamma: same classes, capacities, fallbacks, watchdogs,
                 quotas as lanes.d/) + lanectl-supervisor.service, then
+  idle      the supervisor's CPU and RSS over 30 s with nothing to do (3 lanes; compare with fleet16);
   failover  N times: a mission `sleep 30` pinned to alpha; once it runs, time.time() and `kill -9` of alpha's
             MainPID; the times of the `dispatched` and `started` events of attempt n+1 (ledger `events.at`) minus
             the kill time. The mission is then cancelled and the next run waits until alpha is back and healthy
@@ -441,6 +442,12 @@ def part_fleet3(cfg: Path, args) -> dict:
     led = Ledger(config.ledger_path(cfg))
     out: dict = {"lanes": names}
     out["watchdog_usec_alpha"] = show("lanectl-lane@alpha.service", "WatchdogUSec")["WatchdogUSec"]
+    pid = main_pid(SUP_UNIT)
+    time.sleep(5)  # settle after start-up
+    log(f"idle, 3 lanes: {args.idle_sec}s")
+    cpu = CPU(pid, SUP_UNIT)
+    rss = sample_rss(pid, args.idle_sec)
+    out["idle"] = {**cpu.done(), "rss_mb_median": round(statistics.median(rss), 1), "rss_mb_max": round(max(rss), 1)}
     log(f"failover: {args.failover_runs} x kill -9 of alpha")
     out["failover"] = fault_runs(cfg, led, signal.SIGKILL, args.failover_runs)
     log(f"hang: {args.hang_runs} x SIGSTOP of alpha")
