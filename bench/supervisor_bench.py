@@ -22,7 +22,10 @@ its own ledger, /var/lib/lanectl/ledger.db in the sandbox's private /var):
 
 The restart policy of the bench lanes is raised (start_limit_burst 1000, max_restarts 1000) so that 25 deliberate
 crashes of alpha trip neither systemd's start limit nor the supervisor's restart-storm rule (which would make alpha
-`failed` or `degraded` and change what is measured). Everything else is the example fleet's configuration.
+`failed` or `degraded` and change what is measured), and the fleet3 part sets the `[rollback]` thresholds out of reach
+(min_samples, max_restarts, max_lease_expiries): otherwise the supervisor rightly drains alpha after a handful of
+crashes ("rollback: fallback_spike"). The rules are still evaluated every tick. Everything else is the example
+fleet's configuration; fleet16 uses the defaults.
 
 Prints one JSON document on stdout (progress on stderr). Every loop is bounded in count and time. Nothing here
 changes lanectl's code.
@@ -111,6 +114,12 @@ watchdog_sec = 10
 [classes.interactive]
 max_wait_sec = 30
 queue_limit = 10000
+# the bench crashes alpha 25 times on purpose: thresholds it cannot reach, so that the rollback rules (still
+# evaluated every tick) do not drain alpha mid-bench (docs/benchmarks.md)
+[rollback]
+min_samples = 1000000
+max_restarts = 1000000
+max_lease_expiries = 1000000
 [classes.deadline]
 max_wait_sec = 120
 [classes.background]
