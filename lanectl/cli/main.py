@@ -4,7 +4,7 @@ from __future__ import annotations
 import typer
 
 from lanectl import __version__
-from lanectl.cli import fleet, governance, lanes, missions, ops, units
+from lanectl.cli import evidence, fleet, governance, lanes, missions, ops, units
 
 app = typer.Typer(
     name="lanectl",
@@ -40,3 +40,4 @@ fleet.register(app)
 missions.register(app)
 ops.register(app)
 governance.register(app)
+evidence.register(app)
