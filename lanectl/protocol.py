@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import hmac
 import json
+import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,11 +59,34 @@ def _positive(doc: dict[str, Any], name: str) -> int:
     return v
 
 
+def _text(value: str | None, name: str) -> str | None:
+    """JSON allows lone surrogates (\\ud800); UTF-8, hashing and SQLite do not: refuse them here."""
+    if value is not None:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadMessage(f"field {name!r} is not valid Unicode text") from None
+    return value
+
+
 def _short(doc: dict[str, Any], name: str, limit: int = 200, optional: bool = False) -> str | None:
     v = _field(doc, name, str, optional=optional)
     if v is not None and len(v) > limit:
         raise BadMessage(f"field {name!r} is longer than {limit}")
-    return v
+    return _text(v, name)
+
+
+def _deadline(doc: dict[str, Any]) -> float | None:
+    value = _field(doc, "deadline", (int, float), optional=True)
+    if value is None:
+        return None
+    try:
+        out = float(value)
+    except OverflowError:
+        raise BadMessage("field 'deadline' is out of range") from None
+    if not math.isfinite(out) or out < 0:
+        raise BadMessage("field 'deadline' must be a time in seconds since the epoch")
+    return out
 
 
 def loads_object(raw: bytes) -> dict[str, Any]:
@@ -95,12 +120,12 @@ def parse_dispatch(raw: bytes) -> DispatchMsg:
     cls = _short(doc, "class")
     if cls not in CLASSES:
         raise BadMessage("field 'class' must be interactive, deadline or background")
-    deadline = _field(doc, "deadline", (int, float), optional=True)
+    deadline = _deadline(doc)
     if "payload" not in doc:
         raise BadMessage("field 'payload' is missing")
     return DispatchMsg(_positive(doc, "mission"), _positive(doc, "attempt"), _short(doc, "lane") or "",
-                       _short(doc, "token") or "", cls, _short(doc, "session", optional=True),
-                       None if deadline is None else float(deadline), doc["payload"])
+                       _short(doc, "token") or "", cls, _short(doc, "session", optional=True), deadline,
+                       doc["payload"])
 
 
 @dataclass(frozen=True)
@@ -127,8 +152,8 @@ def parse_callback(raw: bytes) -> CallbackMsg:
     if event not in EVENTS:
         raise BadMessage(f"field 'event' must be one of {', '.join(EVENTS)}")
     code = _field(doc, "exit_code", int, optional=True)
-    tail = _field(doc, "output_tail", str, optional=True)
-    err = _field(doc, "error", str, optional=True)
+    tail = _text(_field(doc, "output_tail", str, optional=True), "output_tail")
+    err = _text(_field(doc, "error", str, optional=True), "error")
     return CallbackMsg(_positive(doc, "mission"), _positive(doc, "attempt"), _short(doc, "lane") or "",
                        _short(doc, "token") or "", event, _short(doc, "invocation", optional=True), code,
                        None if tail is None else tail[-MAX_TAIL:], None if err is None else err[:2000])
@@ -148,16 +173,26 @@ def read_body(handler: Any) -> bytes:
         raise BadMessage("chunked bodies are not accepted; send Content-Length", 411)
     if length is None:
         raise BadMessage("send a Content-Length", 411)
-    if not length.isdigit():
+    if not (length.isascii() and length.isdigit()):
         raise BadMessage("Content-Length is not a number", 400)
     n = int(length)
     if n > MAX_BODY:
         raise BadMessage(f"body larger than {MAX_BODY} bytes", 413)
-    handler.connection.settimeout(READ_TIMEOUT_S)
+    # one deadline for the whole body: a client dripping a byte at a time cannot hold a thread for long
+    deadline = time.monotonic() + READ_TIMEOUT_S
+    chunks: list[bytes] = []
+    got = 0
     try:
-        raw = handler.rfile.read(n)
+        while got < n:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            handler.connection.settimeout(left)
+            chunk = handler.rfile.read1(min(n - got, 65536))
+            if not chunk:
+                raise BadMessage("body shorter than its Content-Length", 400)
+            chunks.append(chunk)
+            got += len(chunk)
     except TimeoutError:
-        raise BadMessage("body not sent in time", 408) from None
-    if len(raw) != n:
-        raise BadMessage("body shorter than its Content-Length", 400)
-    return raw
+        raise BadMessage(f"body not sent within {READ_TIMEOUT_S:g}s", 408) from None
+    return b"".join(chunks)

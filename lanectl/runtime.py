@@ -195,6 +195,7 @@ class LaneRuntime:
         self.stop = threading.Event()
         self.lock = threading.Lock()
         self.held: dict[int, Running] = {}  # mission id -> what this lane holds
+        self.retired: list[Running] = []  # superseded attempts still to stop and reap
         self.inbox: queue.Queue[int] = queue.Queue()
         self.reporter = Reporter(info.callback_url)
         self.loops = 0
@@ -205,7 +206,7 @@ class LaneRuntime:
     # ------------------------------------------------------------------------------------------ endpoints
     def health(self) -> dict[str, Any]:
         with self.lock:
-            flight = len(self.held)
+            flight = len(self.held) + len(self.retired)
             missions = sorted(self.held)
         return {"lane": self.info.lane, "pid": os.getpid(), "invocation": self.info.invocation,
                 "in_flight": flight, "capacity": self.info.capacity, "version": __version__,
@@ -225,7 +226,8 @@ class LaneRuntime:
                     return 200, {"accepted": True, "duplicate": True}
                 if cur.msg.attempt > msg.attempt:
                     return 409, {"error": "stale_attempt", "message": f"attempt {cur.msg.attempt} is running"}
-                cur.cancel_requested = True  # a newer attempt supersedes ours: stop the old process
+                cur.cancel_requested = True  # a newer attempt supersedes ours: stop and reap the old process
+                self.retired.append(cur)
             elif len(self.held) >= self.info.capacity:
                 return 429, {"error": "full", "message": f"{len(self.held)}/{self.info.capacity} in flight"}
             self.held[msg.mission] = Running(msg, time.monotonic())
@@ -278,7 +280,8 @@ class LaneRuntime:
                     parts = self.path.split("?", 1)[0].strip("/").split("/")
                     if parts == ["missions"]:
                         self._send(*runtime.accept(parse_dispatch(raw)))
-                    elif len(parts) == 3 and parts[0] == "missions" and parts[2] == "cancel" and parts[1].isdigit():
+                    elif len(parts) == 3 and parts[0] == "missions" and parts[2] == "cancel" and parts[1].isascii() \
+                            and parts[1].isdigit() and len(parts[1]) < 19:
                         self._send(*runtime.cancel(int(parts[1])))
                     else:
                         self._send(404, {"error": "not_found", "message": f"no endpoint {self.path[:100]}"})
@@ -375,6 +378,9 @@ class LaneRuntime:
                 break
         with self.lock:
             held = list(self.held.values())
+            retired = list(self.retired)
+        for r in retired:
+            self.reap_retired(r, now)
         for r in held:
             if r.proc is None and r.started_at is None:
                 if r.cancel_requested:
@@ -411,6 +417,18 @@ class LaneRuntime:
             if now - r.last_heartbeat >= self.info.heartbeat_sec:
                 r.last_heartbeat = now
                 self.report(r, "heartbeat")
+
+    def reap_retired(self, r: Running, now: float) -> None:
+        """A superseded attempt: kill its process (TERM, then KILL), log its end, report it cancelled."""
+        if r.proc is not None and self.poll_mission(r) is None:
+            self.kill_mission(r, now)
+            return
+        with self.lock:
+            self.retired.remove(r)
+        if r.started_at is not None:
+            self.journal(event="end", mission=r.msg.mission, attempt=r.msg.attempt, outcome="superseded",
+                         exit_code=r.proc.returncode if r.proc else None, error="superseded by a newer attempt")
+        self.report(r, "cancelled", error="superseded by a newer attempt")
 
     def status_line(self) -> str:
         return (f"lane {self.info.lane}: {len(self.held)}/{self.info.capacity} in flight, "

@@ -235,14 +235,25 @@ class Supervisor:
         try:
             with self.ledger.transaction():  # one commit for the whole batch; each callback is a savepoint in it
                 for p in batch:
-                    answers.append(self.apply_callback(p.msg, now))
-        except Exception:  # a bug or a broken ledger: answer 500 so that the lanes retry, and keep running
+                    answers.append(self.apply_one(p.msg, now))
+        except Exception:  # a broken ledger: answer 500 so that the lanes retry, and keep running
             log.exception("applying %d callbacks failed", len(batch))
             answers = [(500, {"error": "internal", "message": "the supervisor could not apply it; retry"})] * len(batch)
         for p, answer in zip(batch, answers):
             p.future.set_result(answer)
         self.dirty = True
         return len(batch)
+
+    def apply_one(self, m: CallbackMsg, now: float) -> tuple[int, dict[str, Any]]:
+        """One callback in its own savepoint: a bug on one cannot fail the others of its batch."""
+        assert self.ledger is not None
+        try:
+            with self.ledger.transaction():
+                return self.apply_callback(m, now)
+        except Exception:
+            log.exception("callback %s for mission %d attempt %d from %s failed", m.event, m.mission, m.attempt,
+                          m.lane)
+            return 500, {"error": "internal", "message": "the supervisor could not apply it; retry"}
 
     def apply_callback(self, m: CallbackMsg, now: float) -> tuple[int, dict[str, Any]]:
         assert self.ledger is not None
@@ -261,7 +272,7 @@ class Supervisor:
                 err = m.error or (f"exit code {m.exit_code}" if m.exit_code is not None else "failed")
                 res = ms.fail(self.ledger, m.mission, error=err, retry=False, **common)
             else:  # cancelled: the lane confirms it stopped an attempt that is already over in the ledger
-                return 200, {"ok": True, "changed": False}
+                res = ms.confirm_cancelled(self.ledger, m.mission, **common)
         except (Conflict, NotFound) as exc:
             self.counters["rejected"] += 1
             return 409, {"error": exc.code, "message": exc.message}

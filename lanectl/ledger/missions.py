@@ -372,7 +372,7 @@ def assign_in(conn: Any, assignments: Sequence[Assignment], *, now: float, lease
 
 # ---------------------------------------------------------------------------------------------------- callbacks
 
-_DONE_AS: Final = {"succeeded": "succeeded", "failed": "failed"}
+_DONE_AS: Final = {"succeeded": "succeeded", "failed": "failed", "cancelled": "cancelled", "lost": "cancelled"}
 
 
 def _fence(ledger: Ledger, mission_id: int, lane: str, attempt: int, token: str, kind: str, now: float,
@@ -430,6 +430,13 @@ def heartbeat(ledger: Ledger, mission_id: int, *, lane: str, attempt: int, token
               lease_sec: float) -> CallbackResult:
     """Extend the lease (no event: heartbeats are not transitions; the attempt row keeps the last one)."""
     return _fence(ledger, mission_id, lane, attempt, token, "heartbeat", now, lease_sec, lambda c, s: False)
+
+
+def confirm_cancelled(ledger: Ledger, mission_id: int, *, lane: str, attempt: int, token: str,
+                      now: float) -> CallbackResult:
+    """The lane confirms it stopped an attempt (cancelled, or superseded after it was lost): fenced like any
+    callback; it changes nothing in the ledger."""
+    return _fence(ledger, mission_id, lane, attempt, token, "cancelled", now, None, lambda c, s: False)
 
 
 def complete(ledger: Ledger, mission_id: int, *, lane: str, attempt: int, token: str, now: float,

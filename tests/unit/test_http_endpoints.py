@@ -7,8 +7,7 @@ chunked, slow and unauthenticated requests, hand-written and from Hypothesis. Ev
 nothing may change: the lane holds and starts nothing, and the supervisor's ledger only gains ``callback_rejected``
 events for well-formed callbacks that fencing refused.
 
-Known defects are pinned by ``xfail(strict=True)`` tests (section "Known bugs"); the fuzz targets leave exactly
-those inputs out of their 4xx assertion (``KNOWN_BUG`` predicates) and still check that the server survives them.
+The defects this file found first (section "Regressions") are fixed; each keeps its test.
 """
 from __future__ import annotations
 
@@ -420,8 +419,6 @@ def dispatch_cases() -> list[tuple[str, dict[str, Any]]]:
                 continue
             if name == "deadline" and type(v) in (int, float) and abs(v) < 2**1023:
                 continue  # a number: a valid deadline
-            if name == "deadline" and v == 10**400:
-                continue  # KNOWN BUG, see test_known_bug_lane_dispatch_huge_int_deadline
             if name in ("lane", "token", "session") and isinstance(v, str) and len(v) <= 200:
                 continue  # a valid string
             cases.append((f"{name}-{i}", dispatch_doc(**{name: v})))
@@ -732,17 +729,6 @@ def mutated(draw: st.DrawFn, base: dict[str, Any], valid: dict[str, st.SearchStr
     return doc
 
 
-def _known_bug_dispatch(doc: Any) -> bool:
-    """KNOWN BUG (test_known_bug_lane_dispatch_huge_int_deadline): an int deadline beyond float range."""
-    try:
-        parse_dispatch(json.dumps(doc).encode())
-    except OverflowError:
-        return True
-    except BadMessage:
-        pass
-    return False
-
-
 def _lane_expect(doc: Any) -> int:
     """What the shared lane must answer a dispatch with the right key (it is lane alpha; the docs never say
     alpha, so a well-formed one is 409 wrong_lane)."""
@@ -763,11 +749,7 @@ DISPATCH_VALID = {"mission": st.integers(1, 2**62 - 1), "attempt": st.integers(1
 
 def check_lane_answer(lane: Lane, doc: Any, status: int | None) -> None:
     event(f"HTTP {status}")
-    if _known_bug_dispatch(doc):
-        event("known bug: huge int deadline")
-        assert status is None or is_4xx(status)  # the handler crashes and closes the connection
-        lane.errors.clear()
-    else:
+    if True:
         assert status == _lane_expect(doc), (status, doc)
     assert lane.rt.held == {}
     lane.alive()
@@ -827,20 +809,11 @@ CL_VALUES = (st.text(st.characters(min_codepoint=0x21, max_codepoint=0xFF, exclu
                                 "00000000000000000000000002", "2,2", "2;x"]))
 
 
-def _known_bug_content_length(v: str) -> bool:
-    """KNOWN BUG (test_known_bug_non_ascii_digit_content_length): str.isdigit() accepts '¹²³', int() does not."""
-    return v.isdigit() and not v.isascii()
-
-
 def check_content_length(port: int, head: str, value: str, errors: list[str]) -> None:
     data = f"{head}Content-Length: {value}\r\n\r\n".encode("latin-1") + b"{}"
     status, _, _ = raw(port, data, timeout=READ_TIMEOUT_S + 3)
     event(f"HTTP {status}")
-    if _known_bug_content_length(value):
-        event("known bug: non-ASCII digit Content-Length")
-        assert status is None or is_4xx(status)
-        errors.clear()
-    elif value == "2":
+    if value == "2":
         assert status in (400, 409)  # a body of {}: missing fields
     else:
         assert is_4xx(status), (status, value)
@@ -885,8 +858,7 @@ def accepting(tmp_path: Path) -> Iterator[Accepting]:
         ex = lane.executions()
         starts = [(e["mission"], e["attempt"]) for e in ex if e["event"] == "start"]
         ends = [(e["mission"], e["attempt"]) for e in ex if e["event"] == "end"]
-        # Not sorted(ends) == sorted(starts): a superseded attempt never ends (test_known_bug_superseded_...).
-        assert all(ends.count(k) <= starts.count(k) for k in set(ends)), (starts, ends)
+        assert sorted(ends) == sorted(starts), (starts, ends)  # superseded attempts end too
         outcomes = [(c["mission"], c["attempt"]) for c in lane.sink.received
                     if c["event"] in ("succeeded", "failed", "cancelled")]
         assert set(outcomes) <= set(a.accepted) and 0 < len(outcomes) <= len(a.accepted)
@@ -900,9 +872,6 @@ def test_fuzz_lane_accepting(accepting: Accepting, doc: dict[str, Any]) -> None:
     """With the right key and lane, well-formed dispatches are 202 (or 200 duplicate, 409 stale, 429 full) and
     everything else a 4xx; the fixture then checks that what was accepted ran and was reported."""
     lane = accepting.lane
-    if _known_bug_dispatch(doc):
-        event("known bug: huge int deadline (not sent)")
-        return
     status = post_lane(lane, doc)
     event(f"HTTP {status}")
     try:
@@ -927,17 +896,6 @@ CALLBACK_VALID = {"mission": st.sampled_from([1, 2, 3, 4, 999, 2**62 - 1]), "att
                   "error": st.none() | any_text}
 
 
-def _sup_known_bug(s: Sup, doc: Any) -> bool:
-    """KNOWN BUG (test_known_bug_supervisor_surrogate_token_is_500): a lone surrogate in the token of a callback
-    for an attempt that exists on that lane makes token_hash() raise UnicodeEncodeError -> 500."""
-    try:
-        msg = parse_callback(json.dumps(doc).encode())
-    except BadMessage:
-        return False
-    return (msg.event != "cancelled" and _has_surrogate(msg.token)
-            and s.attempts.get((msg.mission, msg.attempt)) == msg.lane)
-
-
 def _sup_expect(doc: Any) -> tuple[int, int]:
     """(status, callback_rejected rows) the supervisor must answer with: no fuzzed token is ever right."""
     try:
@@ -946,17 +904,11 @@ def _sup_expect(doc: Any) -> tuple[int, int]:
         return exc.status, 0
     if msg.lane not in ("alpha", "beta"):
         return 409, 0
-    if msg.event == "cancelled":
-        return 200, 0  # KNOWN GAP: see test_known_bug_supervisor_cancelled_callback_is_not_fenced
     return 409, 1
 
 
 def check_sup_answer(s: Sup, doc: Any, status: int | None) -> None:
     event(f"HTTP {status}")
-    if _sup_known_bug(s, doc):
-        event(f"known bug: surrogate token (HTTP {status})")
-        assert status == 500 or is_4xx(status)
-        return
     want, _rows = _sup_expect(doc)
     assert status == want, (status, want, doc)
     s.alive()
@@ -971,10 +923,7 @@ def fuzz_sup(s: Sup, doc: Any, body: bytes | None = None) -> None:
         s.assert_unchanged(before, rejected=0)
         return
     check_sup_answer(s, doc, status)
-    if _sup_known_bug(s, doc):
-        s.assert_unchanged(before)
-    else:
-        s.assert_unchanged(before, rejected=_sup_expect(doc)[1])
+    s.assert_unchanged(before, rejected=_sup_expect(doc)[1])
 
 
 @FUZZ
@@ -1015,10 +964,6 @@ def test_fuzz_parse_dispatch_raises_only_bad_message(raw: bytes) -> None:
         msg = parse_dispatch(raw)
     except BadMessage as exc:
         assert 400 <= exc.status < 500 and str(exc)
-        return
-    except OverflowError:
-        doc = json.loads(raw)  # KNOWN BUG: test_known_bug_lane_dispatch_huge_int_deadline
-        assert type(doc["deadline"]) is int and abs(doc["deadline"]) >= 2**1024
         return
     assert 0 < msg.mission < 2**62 and 0 < msg.attempt < 2**62 and msg.cls in CLASSES
     assert len(msg.lane) <= 200 and len(msg.token) <= 200
@@ -1103,20 +1048,15 @@ def test_fuzz_env_assignment(key: str, value: str) -> None:
 
 
 # ==================================================================================================== known bugs
-@pytest.mark.xfail(strict=True, reason="lanectl/protocol.py parse_dispatch: float(deadline) of an int beyond float "
-                                       "range raises OverflowError, not BadMessage; the lane's handler crashes and "
-                                       "closes the connection without an answer")
-def test_known_bug_lane_dispatch_huge_int_deadline(lane: Lane) -> None:
+def test_regression_lane_dispatch_huge_int_deadline(lane: Lane) -> None:
     status = post_lane(lane, dispatch_doc(lane="beta", deadline=10**400))
     errors = list(lane.errors)
     lane.errors.clear()  # the crash is the bug under test; the fixture checks the lane stayed unchanged
     assert errors == [] and status == 400, (status, errors[-1:])
 
 
-@pytest.mark.xfail(strict=True, reason="lanectl/protocol.py read_body: Content-Length '²' passes str.isdigit() but "
-                                       "int() raises ValueError; the handler crashes, no answer is sent")
 @pytest.mark.parametrize("end", ["lane", "supervisor"])
-def test_known_bug_non_ascii_digit_content_length(lane: Lane, sup: Sup, end: str) -> None:
+def test_regression_non_ascii_digit_content_length(lane: Lane, sup: Sup, end: str) -> None:
     if end == "lane":
         port, head, errors = lane.port, f"POST /missions HTTP/1.1\r\nAuthorization: Bearer {KEY}\r\n", lane.errors
     else:
@@ -1127,9 +1067,7 @@ def test_known_bug_non_ascii_digit_content_length(lane: Lane, sup: Sup, end: str
     assert crashed == [] and status == 400, (status, crashed[-1:])
 
 
-@pytest.mark.xfail(strict=True, reason="lanectl/runtime.py do_POST: path segment '²' (byte 0xB2) passes "
-                                       "str.isdigit() but int() raises ValueError; the handler crashes, no answer")
-def test_known_bug_lane_cancel_non_ascii_digit_mission(lane: Lane) -> None:
+def test_regression_lane_cancel_non_ascii_digit_mission(lane: Lane) -> None:
     req = f"POST /missions/\xb2/cancel HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Length: 2\r\n\r\n{{}}"
     status, _, _ = raw(lane.port, req.encode("latin-1"))
     crashed = list(lane.errors)
@@ -1137,30 +1075,21 @@ def test_known_bug_lane_cancel_non_ascii_digit_mission(lane: Lane) -> None:
     assert crashed == [] and status == 404, (status, crashed[-1:])
 
 
-@pytest.mark.xfail(strict=True, reason="lanectl/ledger/missions.py token_hash: token.encode() of a lone surrogate "
-                                       "(JSON '\\ud800') raises UnicodeEncodeError inside the supervisor's batch "
-                                       "transaction -> 500 for the whole batch instead of a 4xx")
-def test_known_bug_supervisor_surrogate_token_is_500(sup: Sup) -> None:
+def test_regression_supervisor_surrogate_token_is_500(sup: Sup) -> None:
     before = sup.snapshot()
     status = post_sup(sup, callback_doc(mission=1, token="\ud800"))
     sup.assert_unchanged(before)
     assert status == 409 or status == 400, status
 
 
-@pytest.mark.xfail(strict=True, reason="lanectl/supervisor.py apply_callback: a 'cancelled' callback is answered "
-                                       "200 before any fencing: any token, any mission id, no callback_rejected "
-                                       "row (docs/supervisor.md: callbacks are authenticated by the token; 409 fenced)")
-def test_known_bug_supervisor_cancelled_callback_is_not_fenced(sup: Sup) -> None:
+def test_regression_supervisor_cancelled_callback_is_not_fenced(sup: Sup) -> None:
     before = sup.snapshot()
     status = post_sup(sup, callback_doc(mission=999, event="cancelled", token="forged"))
     sup.assert_unchanged(before)
     assert status == 409, status
 
 
-@pytest.mark.xfail(strict=True, reason="lanectl/protocol.py read_body: READ_TIMEOUT_S is a per-recv socket timeout, "
-                                       "not a deadline for the body: a client that drips one byte at a time holds "
-                                       "a handler thread for n * READ_TIMEOUT_S (docs: 'sent within 5 s')")
-def test_known_bug_slow_drip_body_is_not_cut_off(lane: Lane, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_regression_slow_drip_body_is_not_cut_off(lane: Lane, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(protocol, "READ_TIMEOUT_S", 1.0)  # read_body reads it per call; keeps the test short
     head = f"POST /missions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Length: 6\r\n\r\n"
     with socket.create_connection(("127.0.0.1", lane.port), timeout=TIMEOUT) as s:
@@ -1176,11 +1105,7 @@ def test_known_bug_slow_drip_body_is_not_cut_off(lane: Lane, monkeypatch: pytest
     assert status == 408 and elapsed < 2.5, (status, elapsed)
 
 
-@pytest.mark.xfail(strict=True, reason="lanectl/runtime.py accept: a newer attempt of a held mission replaces the "
-                                       "Running in self.held after setting cancel_requested on the old one, so the "
-                                       "work loop never sees the old one again: its process is never killed, its "
-                                       "end never journaled, no callback for it")
-def test_known_bug_superseded_attempt_keeps_running(fresh_lane: Lane) -> None:
+def test_regression_superseded_attempt_is_stopped(fresh_lane: Lane) -> None:
     import os
     import signal
 
@@ -1203,7 +1128,9 @@ def test_known_bug_superseded_attempt_keeps_running(fresh_lane: Lane) -> None:
 
         time.sleep(1.0)
         ends = [(e["attempt"], e.get("outcome")) for e in lane.executions() if e["event"] == "end"]
-        assert old_gone() and (1, "cancelled") in ends, (old_gone(), ends)
+        assert old_gone() and (1, "superseded") in ends, (old_gone(), ends)
+        wait_for(lambda: any(c["attempt"] == 1 and c["event"] == "cancelled" for c in lane.sink.received),
+                 what="the lane to report attempt 1 stopped")
     finally:
         try:
             os.killpg(pid, signal.SIGKILL)
