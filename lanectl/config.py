@@ -241,7 +241,9 @@ class HealthSettings(Model):
     """How the supervisor watches lanes."""
 
     observe_sec: Annotated[float, Field(gt=0, le=60)] = 2.0
-    """How often it reads every lane's unit state and health endpoint (process exits are seen at once)."""
+    """How often it checks every lane's health endpoint (process exits are seen at once, through pidfds)."""
+    systemd_sec: Annotated[float, Field(gt=0, le=300)] = 10.0
+    """How often it reads systemd's view of every lane when all is well (every 0.25 s while a lane settles)."""
     health_timeout_sec: Annotated[float, Field(gt=0, le=10)] = 0.5
     restart_window_sec: Annotated[float, Field(gt=0)] = 300.0
     """Restarts counted against a lane's ``restart.max_restarts`` within this window make it degraded."""

@@ -48,7 +48,11 @@ from lanectl.units import unit_name
 
 log = logging.getLogger("lanectl.supervisor")
 POLL_S = 0.01
-"""How often the main loop looks for commits of other processes (PRAGMA data_version: a few microseconds)."""
+"""Without inotify: how often the main loop looks for commits of other processes (PRAGMA data_version)."""
+SETTLE_S = 30.0
+"""After a lane process exits, systemd is read every 0.25 s for this long (or until the lane is back)."""
+IDLE_S = 0.1
+"""With inotify (a wake-up per commit): the longest the main loop sleeps when nothing happens."""
 DISPATCH_TIMEOUT_S = 2.0
 CALLBACK_WAIT_S = 10.0
 RECONCILE_GRACE_S = 5.0
@@ -135,6 +139,7 @@ class Supervisor:
         self.sel.register(self.wake_r, selectors.EVENT_READ, None)
         self.lanes: dict[str, LaneWatch] = {}
         self.ledger: Ledger | None = None
+        self.commits: Any = None
         self.server: ThreadingHTTPServer | None = None
         self.counters = {"dispatched": 0, "callbacks": 0, "rejected": 0, "dispatch_failed": 0, "failovers": 0}
         self.last_tick = 0.0
@@ -144,12 +149,19 @@ class Supervisor:
         self.cancel_cursor = 0
         self.last_govern = 0.0
         self.settling = False
+        self.last_systemd = 0.0
+        self.settle_until = 0.0
         self.alerted: dict[tuple[str, str], float] = {}
 
     # ------------------------------------------------------------------------------------------ setup
     def open(self) -> None:
         """Migrate the ledger, load lane keys, bind the callback endpoint (READY=1 comes after this)."""
         self.ledger = Ledger.open(self.ledger_path)
+        from lanectl.watch import commit_watch
+
+        self.commits = commit_watch(self.ledger_path)
+        if self.commits is not None:
+            self.sel.register(self.commits.fd, selectors.EVENT_READ, "commit")
         self.cancel_cursor = self.ledger.conn.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]
         state_dir = Path(self.settings.state_dir)
         lane_keys = keys.read_lane_keys(state_dir, sorted(self.fleet.lanes))
@@ -491,13 +503,18 @@ class Supervisor:
             log.warning("lane %s exited; re-queued missions %s", lane.name, lost)
         self.set_health(lane, False, now)
         self.settling = True
+        self.settle_until = time.monotonic() + SETTLE_S
         self.dirty = True
 
     def observe(self, now: float) -> None:
         """systemd's view and the health endpoint of every lane; invocation changes, degradation, recovery."""
         assert self.ledger is not None
         watches = list(self.lanes.values())
-        if self.use_systemd:
+        mono = time.monotonic()
+        # process exits come through pidfds at once; systemd itself is asked less often unless a lane is settling
+        ask = self.use_systemd and (self.settling or mono - self.last_systemd >= self.settings.health.systemd_sec)
+        if ask:
+            self.last_systemd = mono
             props = systemd.show([w.unit for w in watches], ("Id", "ActiveState", "SubState", "MainPID",
                                                              "InvocationID", "NRestarts"))
         else:
@@ -527,7 +544,7 @@ class Supervisor:
                     self.counters["failovers"] += 1
                 w.invocation = inv
                 self.dirty = True
-            if self.use_systemd:
+            if ask:
                 self.watch_pid(w, int(p.get("MainPID") or 0) if w.running else 0)
             body = h.body or {}
             ok = h.ok and (not self.use_systemd or w.running) and body.get("lane", w.name) == w.name
@@ -536,8 +553,10 @@ class Supervisor:
                 w.held = {int(x) for x in body.get("missions", []) if isinstance(x, int)}
                 w.held |= {int(x) for x in body.get("reporting", []) if isinstance(x, int)}
             self.judge(w, now)
-        # while a lane is down or starting, look again soon: its new invocation should be seen at once
-        self.settling = any(w.enabled and not (w.running and w.healthy) for w in watches)
+        # for a while after a lane went down, look again soon: its new invocation should be seen at once (a lane
+        # stopped on purpose must not keep systemd busy forever, hence the time limit)
+        self.settling = mono < self.settle_until and any(w.enabled and not (w.running and w.healthy)
+                                                          for w in watches)
 
     def judge(self, w: LaneWatch, now: float) -> None:
         """Degrade a lane whose unit failed or that restarts too often; let a stable one recover."""
@@ -664,7 +683,7 @@ class Supervisor:
             if version != self.data_version or self.dirty or now - self.last_tick >= self.settings.supervisor.tick_sec:
                 self.data_version = version
                 self.dirty = False
-                self.tick(now)
+                self.tick(time.time())
                 self.data_version = self.ledger.conn.execute("PRAGMA data_version").fetchone()[0]
             if mono - last_ping >= ping:
                 self.notify("WATCHDOG=1")
@@ -673,7 +692,7 @@ class Supervisor:
                 self.refresh_summary()
                 self.notify("STATUS=" + self.status_line())
                 last_summary = mono
-            self.wait(POLL_S)
+            self.wait(POLL_S if self.commits is None else IDLE_S)
         self.notify("STOPPING=1\nSTATUS=stopping")
         self.close()
         return 0
@@ -688,6 +707,8 @@ class Supervisor:
                         pass
                 except BlockingIOError:
                     pass
+            elif key.data == "commit":
+                self.commits.drain()
             else:
                 lane = self.lanes[key.data]
                 self.lane_exited(lane, now)
@@ -699,5 +720,7 @@ class Supervisor:
         self.pool.shutdown(wait=False, cancel_futures=True)
         for w in self.lanes.values():
             self.unwatch_pid(w)
+        if self.commits is not None:
+            self.commits.close()
         if self.ledger is not None:
             self.ledger.close()

@@ -30,8 +30,12 @@ class Fleet:
     """lanectl driven inside one sandbox, against one config dir."""
 
     def __init__(self, sandbox: Any, config_dir: Path) -> None:
+        import tomllib
+
         self.sb = sandbox
         self.config_dir = config_dir
+        settings = tomllib.loads((config_dir / "lanectl.toml").read_text()) if (config_dir / "lanectl.toml").exists() else {}
+        self.ledger = settings.get("ledger", "/var/lib/lanectl/ledger.db")
 
     def lanectl(self, *args: str, check: bool = False) -> Any:
         return self.sb.exec([LANECTL, *args, "-c", str(self.config_dir)], check=check)
@@ -60,8 +64,12 @@ class Fleet:
 
 
 def copy_example(dest: Path) -> Path:
+    """The example fleet, with a ledger of its own: the tests of one sandbox session must not see each other's
+    evidence (rollback triggers read the last minutes of events)."""
     dest.mkdir(parents=True, exist_ok=True)
-    shutil.copy(ROOT / "lanectl.toml", dest / "lanectl.toml")
+    name = "".join(c if c.isalnum() else "-" for c in dest.name)
+    text = (ROOT / "lanectl.toml").read_text()
+    (dest / "lanectl.toml").write_text(f'ledger = "/var/lib/lanectl/test-{name}.db"\n' + text)
     shutil.copytree(ROOT / "lanes.d", dest / "lanes.d", dirs_exist_ok=True)
     return dest
 
@@ -82,7 +90,7 @@ print(json.dumps(ids))
 LEDGER_QUERY = r'''
 import json, sqlite3, sys
 q = json.load(sys.stdin)
-c = sqlite3.connect("file:/var/lib/lanectl/ledger.db?mode=ro", uri=True, timeout=10)
+c = sqlite3.connect("file:" + q["ledger"] + "?mode=ro", uri=True, timeout=10)
 print(json.dumps([list(r) for r in c.execute(q["sql"], q.get("args", []))]))
 '''
 
@@ -95,7 +103,8 @@ def submit_many(fleet: Fleet, missions: list[dict[str, Any]]) -> list[int]:
 
 
 def sql(fleet: Fleet, query: str, *args: Any) -> list[list[Any]]:
-    proc = fleet.sb.exec([PYTHON, "-c", LEDGER_QUERY], input=json.dumps({"sql": query, "args": list(args)}),
+    proc = fleet.sb.exec([PYTHON, "-c", LEDGER_QUERY], input=json.dumps({"sql": query, "args": list(args),
+                                                                          "ledger": fleet.ledger}),
                          check=True)
     return json.loads(proc.stdout)
 

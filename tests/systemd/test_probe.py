@@ -57,10 +57,10 @@ def test_probe_states(fleet: Fleet) -> None:
     wait_for(lambda: probe(fleet)[0] == 0, 30, interval=0.3, what="probe OK after restart")
 
     # the ledger cannot be read: UNKNOWN
-    fleet.sb.exec(["mv", "/var/lib/lanectl/ledger.db", "/var/lib/lanectl/ledger.db.away"], check=True)
+    fleet.sb.exec(["mv", fleet.ledger, fleet.ledger + ".away"], check=True)
     try:
         code, line, doc = probe(fleet)
         assert code == 3 and line.startswith("LANECTL UNKNOWN - ledger unreadable")
     finally:
-        fleet.sb.exec(["mv", "/var/lib/lanectl/ledger.db.away", "/var/lib/lanectl/ledger.db"], check=True)
+        fleet.sb.exec(["mv", fleet.ledger + ".away", fleet.ledger], check=True)
     fleet.lanectl("undrain", "gamma")
