@@ -80,9 +80,11 @@ def fleet_evidence(conn: sqlite3.Connection, lanes: list[str], *, now: float, wi
                                 "GROUP BY lane", (since,)):
         if lane in out:
             out[lane].dispatched = n
+    # a drill's mission goes to the fallback on purpose: it is not evidence against the lane
     for lane, n in conn.execute(
-            "SELECT json_extract(data, '$.fallback_from'), count(*) FROM events WHERE kind = 'dispatched' "
-            "AND at >= ? AND data LIKE '%fallback_from%' GROUP BY 1", (since,)):
+            "SELECT json_extract(e.data, '$.fallback_from'), count(*) FROM events e JOIN missions m ON m.id = e.mission "
+            "WHERE e.kind = 'dispatched' AND e.at >= ? AND e.data LIKE '%fallback_from%' "
+            "AND json_extract(m.payload, '$.drill') IS NULL GROUP BY 1", (since,)):
         if lane in out:
             out[lane].fallback_away = n
     for lane, n in conn.execute("SELECT lane, count(*) FROM events WHERE kind IN ('requeued', 'dead') AND at >= ? "

@@ -80,16 +80,31 @@ def _queued(row: tuple[Any, ...]) -> QueuedMission:
     return QueuedMission(mid, cls, created, deadline, lane, frozenset(json.loads(tags)), session, owner)
 
 
-def queue_head(conn: sqlite3.Connection, head: int) -> list[QueuedMission]:
+BACKOFF_CAP_S: Final = 60.0
+
+
+def queue_head(conn: sqlite3.Connection, head: int, *, now: float | None = None,
+               backoff_s: float = 0.0) -> list[QueuedMission]:
+    """The first missions of each class by id (and of the deadline class by deadline).
+
+    Retries back off: a mission on its second attempt is taken at once (failover must be fast); from the third
+    on it waits ``backoff_s * 2**(attempts - 2)`` (at most BACKOFF_CAP_S) after it was re-queued.
+    """
     seen: dict[int, QueuedMission] = {}
     base = f"SELECT {_QCOLS} FROM missions m LEFT JOIN sessions s ON s.id = m.session "
+    ready = ""
+    args: tuple[Any, ...] = ()
+    if backoff_s > 0 and now is not None:
+        ready = (" AND (m.attempts - m.round_start < 2 OR m.updated_at + min(?, ? * (1 << min(m.attempts - "
+                 "m.round_start - 2, 16))) <= ?)")
+        args = (BACKOFF_CAP_S, backoff_s, now)
     for rank in range(3):
-        # 'state = ''queued''' literally, so the planner picks the partial indexes (missions_queue/_edf).
-        rows = conn.execute(base + "WHERE m.state = 'queued' AND m.rank = ? ORDER BY m.id LIMIT ?",
-                            (rank, head)).fetchall()
+        # state = 'queued' literally, so the planner picks the partial indexes (missions_queue/_edf).
+        rows = conn.execute(base + "WHERE m.state = 'queued' AND m.rank = ?" + ready + " ORDER BY m.id LIMIT ?",
+                            (rank, *args, head)).fetchall()
         if rank == 1:
-            rows += conn.execute(base + "WHERE m.state = 'queued' AND m.rank = 1 AND m.deadline IS NOT NULL "
-                                 "ORDER BY m.deadline LIMIT ?", (head,)).fetchall()
+            rows += conn.execute(base + "WHERE m.state = 'queued' AND m.rank = 1 AND m.deadline IS NOT NULL" + ready
+                                 + " ORDER BY m.deadline LIMIT ?", (*args, head)).fetchall()
         for r in rows:
             seen.setdefault(r[0], _queued(r))
     active: dict[str, str] = {}
@@ -105,7 +120,8 @@ def queue_head(conn: sqlite3.Connection, head: int) -> list[QueuedMission]:
 def snapshot(conn: sqlite3.Connection, fleet: LaneSet, now: float) -> Snapshot:
     lanes, swrr = lane_views(conn, fleet, now)
     free = sum(max(0, ln.capacity - ln.in_flight) for ln in lanes if ln.available)
-    queue = queue_head(conn, max(HEAD_MIN, 2 * free))
+    queue = queue_head(conn, max(HEAD_MIN, 2 * free), now=now,
+                       backoff_s=fleet.settings.leases.retry_backoff_sec)
     max_wait = {c: p.max_wait_sec for c, p in fleet.settings.classes.items()}
     return Snapshot(lanes, tuple(queue), max_wait, swrr)
 

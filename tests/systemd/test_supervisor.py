@@ -48,9 +48,14 @@ def ended_once(fleet: Fleet, ids: list[int]) -> None:
     counts = {r[0]: r[1] for r in rows}
     assert set(counts) == set(ids), f"no terminal event: {sorted(set(ids) - set(counts))[:10]}"
     assert max(counts.values()) == 1, {k: v for k, v in counts.items() if v > 1}
-    ends = collections.Counter(e["mission"] for e in executions(fleet, LANES)
+    ex = executions(fleet, LANES)
+    ends = collections.Counter(e["mission"] for e in ex
                                if e["event"] == "end" and e.get("outcome") == "succeeded" and e["mission"] in set(ids))
-    assert not [m for m, n in ends.items() if n > 1], "a mission ran to success twice"
+    twice = [m for m, n in ends.items() if n > 1]
+    detail = {m: ([e for e in ex if e["mission"] == m],
+                  sql(fleet, "SELECT id, at, kind, lane, attempt, data FROM events WHERE mission = ?", m))
+              for m in twice[:3]}
+    assert not twice, f"missions ran to success twice: {detail}"
     orphans = sql(fleet, "SELECT count(*) FROM missions WHERE state IN ('dispatched','running') AND id BETWEEN ? AND ?",
                   min(ids), max(ids))[0][0]
     assert orphans == 0
