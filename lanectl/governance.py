@@ -16,12 +16,12 @@ All figures come from indexed queries bounded by time, so a tick costs the same 
 from __future__ import annotations
 
 import json
-import math
 import sqlite3
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from lanectl.config import LaneSet
+from lanectl.evidence import percentile
 
 
 @dataclass
@@ -54,15 +54,6 @@ class LaneEvidence:
         d["failure_rate"] = round(self.failure_rate, 4)
         d["fallback_rate"] = round(self.fallback_rate, 4)
         return d
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    """Nearest-rank percentile (q in 0..100): the smallest value with at least q% of the values at or below it."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = max(1, math.ceil(q / 100.0 * len(ordered)))
-    return ordered[rank - 1]
 
 
 def fleet_evidence(conn: sqlite3.Connection, lanes: list[str], *, now: float, window_s: float,
