@@ -55,6 +55,9 @@ IDLE_S = 0.1
 """With inotify (a wake-up per commit): the longest the main loop sleeps when nothing happens."""
 DISPATCH_TIMEOUT_S = 2.0
 CALLBACK_WAIT_S = 10.0
+METRICS_WINDOW_S = 900.0
+"""GET /metrics covers the last 15 minutes."""
+METRICS_CACHE_S = 5.0
 RECONCILE_GRACE_S = 5.0
 """An attempt dispatched this recently may still be on its way to the lane; reconciliation leaves it alone."""
 
@@ -146,6 +149,8 @@ class Supervisor:
         self.dirty = True
         self.data_version = -1
         self.summary: dict[str, Any] = {}
+        self.metrics_lock = threading.Lock()
+        self.metrics_cache: tuple[float, str] | None = None
         self.cancel_cursor = 0
         self.last_govern = 0.0
         self.settling = False
@@ -193,10 +198,18 @@ class Supervisor:
                 self.wfile.write(body)
 
             def do_GET(self) -> None:  # noqa: N802
-                if self.path.split("?", 1)[0] == "/healthz":
+                path = self.path.split("?", 1)[0]
+                if path == "/healthz":
                     self._send(200, sup.health())
+                elif path == "/metrics":
+                    body = sup.metrics_text().encode()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
                 else:
-                    self._send(404, {"error": "not_found", "message": "GET /healthz only"})
+                    self._send(404, {"error": "not_found", "message": "GET /healthz or /metrics"})
 
             def do_POST(self) -> None:  # noqa: N802
                 try:
@@ -629,6 +642,26 @@ class Supervisor:
             os.write(self.wake_w, b"x")
         except BlockingIOError:
             pass  # a wake-up is pending already
+
+    def metrics_text(self) -> str:
+        """Prometheus exposition of the metrics over METRICS_WINDOW_S, from a read-only connection of the calling
+        (HTTP) thread, cached for METRICS_CACHE_S so that scrapes cannot load the ledger."""
+        from lanectl import evidence
+
+        with self.metrics_lock:
+            now = time.time()
+            if self.metrics_cache is not None and now - self.metrics_cache[0] < METRICS_CACHE_S:
+                return self.metrics_cache[1]
+            import sqlite3
+
+            conn = sqlite3.connect(f"file:{self.ledger_path}?mode=ro", uri=True, timeout=5)
+            try:
+                m = evidence.metrics_conn(conn, window_s=METRICS_WINDOW_S, now=now, fleet=self.fleet)
+            finally:
+                conn.close()
+            text = evidence.prometheus_text(m, generated=now)
+            self.metrics_cache = (now, text)
+            return text
 
     def health(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "version": __version__, "ledger": str(self.ledger_path), **self.summary}
