@@ -23,6 +23,7 @@ import logging
 import os
 import queue
 import selectors
+import sqlite3
 import threading
 import time
 import urllib.error
@@ -156,6 +157,7 @@ class Supervisor:
         self.settling = False
         self.last_systemd = 0.0
         self.settle_until = 0.0
+        self.ledger_error: float | None = None
         self.alerted: dict[tuple[str, str], float] = {}
 
     # ------------------------------------------------------------------------------------------ setup
@@ -705,30 +707,49 @@ class Supervisor:
         ping = Notifier.watchdog_interval() or 1.0
         last_ping = last_observe = last_summary = time.monotonic()
         while not self.stop.is_set():
-            now, mono = time.time(), time.monotonic()
-            self.apply_callbacks(now)
-            self.apply_results(now)
-            every = min(0.25, self.settings.health.observe_sec) if self.settling else self.settings.health.observe_sec
-            if mono - last_observe >= every:
-                self.observe(now)
-                last_observe = mono
-            version = self.ledger.conn.execute("PRAGMA data_version").fetchone()[0]
-            if version != self.data_version or self.dirty or now - self.last_tick >= self.settings.supervisor.tick_sec:
-                self.data_version = version
-                self.dirty = False
-                self.tick(time.time())
-                self.data_version = self.ledger.conn.execute("PRAGMA data_version").fetchone()[0]
+            mono = time.monotonic()
+            try:
+                last_observe = self.turn(mono, last_observe)
+                self.ledger_error = None
+            except (sqlite3.Error, LanectlError, OSError) as exc:
+                # the ledger cannot be written (disk full, I/O error, locked past the timeout): keep the watchdog
+                # fed and the callbacks answered (500: the lanes retry), and try again shortly
+                if self.ledger_error is None or mono - self.ledger_error >= 5.0:
+                    log.error("ledger unavailable, retrying: %s", exc)
+                    self.ledger_error = mono
+                self.dirty = True
+                self.stop.wait(0.2)
             if mono - last_ping >= ping:
                 self.notify("WATCHDOG=1")
                 last_ping = mono
             if mono - last_summary >= 1.0:
-                self.refresh_summary()
+                try:
+                    self.refresh_summary()
+                except (sqlite3.Error, LanectlError):
+                    pass
                 self.notify("STATUS=" + self.status_line())
                 last_summary = mono
             self.wait(POLL_S if self.commits is None else IDLE_S)
         self.notify("STOPPING=1\nSTATUS=stopping")
         self.close()
         return 0
+
+    def turn(self, mono: float, last_observe: float) -> float:
+        """One turn of the main loop (the module docstring lists the steps); returns when it last observed."""
+        assert self.ledger is not None
+        now = time.time()
+        self.apply_callbacks(now)
+        self.apply_results(now)
+        every = min(0.25, self.settings.health.observe_sec) if self.settling else self.settings.health.observe_sec
+        if mono - last_observe >= every:
+            self.observe(now)
+            last_observe = mono
+        version = self.ledger.conn.execute("PRAGMA data_version").fetchone()[0]
+        if version != self.data_version or self.dirty or now - self.last_tick >= self.settings.supervisor.tick_sec:
+            self.data_version = version
+            self.dirty = False
+            self.tick(time.time())
+        return last_observe
 
     def wait(self, timeout: float) -> None:
         ready = self.sel.select(timeout)
@@ -744,7 +765,13 @@ class Supervisor:
                 self.commits.drain()
             else:
                 lane = self.lanes[key.data]
-                self.lane_exited(lane, now)
+                try:
+                    self.lane_exited(lane, now)
+                except (sqlite3.Error, LanectlError) as exc:
+                    # not recorded: the next look at systemd sees the new invocation and re-queues then
+                    log.error("lane %s exited but the ledger is unavailable: %s", lane.name, exc)
+                    self.settling = True
+                    self.settle_until = time.monotonic() + SETTLE_S
 
     def close(self) -> None:
         if self.server is not None:
