@@ -32,6 +32,7 @@ def tryr(path):
 r = {"own": tryw(ws + "/own.txt"), "other_write": tryw(other + "/intruder.txt"),
      "other_read": tryr(other + "/secret.txt"), "ledger_read": tryr("/var/lib/lanectl/ledger.db"),
      "state_read": tryr("/var/lib/lanectl/planted"), "key_read": tryr("/var/lib/lanectl/keys/iso-a.env"),
+     "box_secret_read": tryr("/var/lib/lanectl/secret.key"),
      "secret_read": tryr("/etc/lanectl/callback.key"), "uid": os.getuid()}
 for p in ("/etc/probe", "/opt/lanectl/probe", "/var/lib/lanectl/probe", "/var/lib/probe", "/root/probe",
           "/home/probe", "/dev/shm/probe", "/usr/local/probe", "/srv/probe"):
@@ -71,7 +72,7 @@ def test_lane_cannot_touch_other_workspaces_or_the_control_plane(sandbox, tmp_pa
         assert r["uid"] != 0
         assert r["other_write"] in ("Read-only file system", "Permission denied")
         assert r["other_read"] == "Permission denied"
-        for key in ("ledger_read", "state_read", "key_read", "secret_read"):
+        for key in ("ledger_read", "state_read", "key_read", "box_secret_read", "secret_read"):
             assert r[key] != "ok", (key, r)
         for p in ("/etc/probe", "/opt/lanectl/probe", "/var/lib/lanectl/probe", "/var/lib/probe", "/root/probe",
                   "/home/probe", "/dev/shm/probe", "/usr/local/probe", "/srv/probe"):
