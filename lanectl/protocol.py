@@ -196,3 +196,16 @@ def read_body(handler: Any) -> bytes:
     except TimeoutError:
         raise BadMessage(f"body not sent within {READ_TIMEOUT_S:g}s", 408) from None
     return b"".join(chunks)
+
+
+def send_json(handler: Any, code: int, doc: dict[str, Any]) -> None:
+    """Answer with one JSON document; an error closes the connection (its body may not have been read)."""
+    body = json.dumps(doc, sort_keys=True, default=str).encode()
+    handler.send_response(code)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(body)))
+    if code >= 400:
+        handler.send_header("Connection", "close")
+        handler.close_connection = True
+    handler.end_headers()
+    handler.wfile.write(body)

@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from lanectl import __version__
-from lanectl.protocol import MAX_TAIL, BadMessage, CallbackMsg, DispatchMsg, bearer_ok, parse_dispatch, read_body
+from lanectl.protocol import (MAX_TAIL, BadMessage, CallbackMsg, DispatchMsg, bearer_ok, parse_dispatch, read_body,
+                              send_json)
 
 log = logging.getLogger("lanectl.runtime")
 DEFAULT_WATCHDOG_PING_S = 1.0
@@ -255,15 +256,7 @@ class LaneRuntime:
                 log.debug("%s " + fmt, self.address_string(), *args)
 
             def _send(self, code: int, doc: dict[str, Any]) -> None:
-                body = json.dumps(doc, sort_keys=True).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                if code >= 400:
-                    self.send_header("Connection", "close")
-                    self.close_connection = True
-                self.end_headers()
-                self.wfile.write(body)
+                send_json(self, code, doc)
 
             def do_GET(self) -> None:  # noqa: N802 (http.server naming)
                 if self.path.split("?", 1)[0] in (runtime.info.health_path, "/healthz"):

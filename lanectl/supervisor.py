@@ -43,7 +43,7 @@ from lanectl.ledger import missions as ms
 from lanectl.ledger import lanes as lane_ops
 from lanectl.ledger import tick as ticks
 from lanectl.ledger.events import EventKind, append
-from lanectl.protocol import BadMessage, CallbackMsg, parse_callback, read_body
+from lanectl.protocol import BadMessage, CallbackMsg, parse_callback, read_body, send_json
 from lanectl.status import check_health_many
 from lanectl.units import unit_name
 
@@ -189,15 +189,7 @@ class Supervisor:
                 log.debug("%s " + fmt, self.address_string(), *args)
 
             def _send(self, code: int, doc: dict[str, Any]) -> None:
-                body = json.dumps(doc, sort_keys=True, default=str).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                if code >= 400:
-                    self.send_header("Connection", "close")
-                    self.close_connection = True
-                self.end_headers()
-                self.wfile.write(body)
+                send_json(self, code, doc)
 
             def do_GET(self) -> None:  # noqa: N802
                 path = self.path.split("?", 1)[0]

@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from lanectl import __version__, keys
 from lanectl.config import RUNTIME_MODULE, SAFE_PATH_RE, Lane, LaneSet, check_text
@@ -186,14 +187,19 @@ def render_dropin(name: str, lane: Lane, fleet: LaneSet) -> str:
         f"RestartSec={lane.restart.restart_sec:g}",
         f"WatchdogSec={lane.watchdog_sec:g}",
     ]
-    # MemoryMax= and CPUQuota= take no specifiers; their values are checked against a strict pattern
+    return "\n".join(lines + resource_lines(r)) + "\n"
+
+
+def resource_lines(r: Any) -> list[str]:
+    """MemoryMax=, CPUQuota=, TasksMax= (no specifiers there; the values are checked against strict patterns)."""
+    lines = []
     if r.memory_max:
         lines.append(f"MemoryMax={r.memory_max}")
     if r.cpu_quota:
         lines.append(f"CPUQuota={r.cpu_quota}")
     if r.tasks_max:
         lines.append(f"TasksMax={r.tasks_max}")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def render_slice(fleet: LaneSet) -> str:
@@ -206,14 +212,7 @@ def render_slice(fleet: LaneSet) -> str:
         "",
         "[Slice]",
     ]
-    # MemoryMax= and CPUQuota= take no specifiers; their values are checked against a strict pattern
-    if r.memory_max:
-        lines.append(f"MemoryMax={r.memory_max}")
-    if r.cpu_quota:
-        lines.append(f"CPUQuota={r.cpu_quota}")
-    if r.tasks_max:
-        lines.append(f"TasksMax={r.tasks_max}")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + resource_lines(r)) + "\n"
 
 
 def check_runtime_visible(name: str, lane: Lane, python: str, file: str) -> list[Problem]:
