@@ -532,11 +532,13 @@ class Supervisor:
             p = props.get(w.unit, {})
             w.state = states.get(w.name, "active")
             w.active, w.sub = p.get("ActiveState", w.active), p.get("SubState", w.sub)
-            restarts = int(p.get("NRestarts") or 0)
-            delta = restarts - w.restarts if w.restarts >= 0 and restarts > w.restarts else 0
-            w.restart_times.extend([now] * delta)
-            w.unrecorded_restarts += delta
-            w.restarts = restarts
+            delta = 0
+            if "NRestarts" in p:  # only when systemd was asked this turn (an empty answer is not zero restarts)
+                restarts = int(p["NRestarts"] or 0)
+                delta = restarts - w.restarts if w.restarts >= 0 and restarts > w.restarts else 0
+                w.restart_times.extend([now] * delta)
+                w.unrecorded_restarts += delta
+                w.restarts = restarts
             window = self.settings.health.restart_window_sec
             while w.restart_times and w.restart_times[0] < now - window:
                 w.restart_times.popleft()
@@ -571,6 +573,8 @@ class Supervisor:
         storm = len(w.restart_times) > w.max_restarts
         if w.state == "active" and w.enabled and (w.active == "failed" or storm):
             why = "unit failed" if w.active == "failed" else f"{len(w.restart_times)} restarts in the window"
+            if w.active != "failed" and self.last_healthy_classes(w.name):
+                return  # a restarting lane that is still the only one for a class keeps serving it
             self.degrade(w, why, now)
         elif (w.state == "degraded" and w.healthy and not storm and w.healthy_since is not None
               and now - w.healthy_since >= self.settings.health.recover_sec):
@@ -580,6 +584,13 @@ class Supervisor:
                        reason=f"healthy for {self.settings.health.recover_sec:g}s")
             w.state = "active"
             self.dirty = True
+
+    def last_healthy_classes(self, lane: str) -> list[str]:
+        from lanectl import governance
+
+        assert self.ledger is not None
+        states = dict(self.ledger.conn.execute("SELECT name, state FROM lanes").fetchall())
+        return governance.last_healthy_for(self.fleet, lane, states, {n: w.healthy for n, w in self.lanes.items()})
 
     def degrade(self, w: LaneWatch, why: str, now: float) -> None:
         assert self.ledger is not None

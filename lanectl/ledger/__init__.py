@@ -140,6 +140,9 @@ class Ledger:
 
 
 def _busy(path: Path, exc: Exception) -> LanectlError:
+    if "full" in str(exc).lower():
+        return Unavailable(f"{path}: the disk holding the ledger is full ({exc})",
+                           "free space on that filesystem; nothing was written, retry afterwards", "ledger_full")
     return Unavailable(f"{path}: the ledger is busy or unavailable ({exc})",
                        "another writer held it past the busy timeout; retry", "ledger_busy")
 
