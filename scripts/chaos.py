@@ -483,7 +483,11 @@ def heal(faults: Faults) -> None:
             run(["systemctl", "reset-failed", unit], timeout=15)
             run(["systemctl", "start", unit], timeout=60)
     for lane in LANES:  # a drain left by a fault (or by an apply that timed out)
-        state = ledger_rows("SELECT state FROM lanes WHERE name = ?", lane)
+        try:
+            state = ledger_rows("SELECT state FROM lanes WHERE name = ?", lane)
+        except RuntimeError as exc:
+            faults.anomaly(f"heal: {exc}")
+            continue
         if state and state[0][0] in ("draining", "drained"):
             say(f"  heal: {lane} is {state[0][0]}; undrain")
             lanectl("undrain", lane, "--reason", "chaos heal", timeout=60)
@@ -757,4 +761,9 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except Exception as exc:  # noqa: BLE001 — still end with a key=value line a CI job can read
+        traceback.print_exc()
+        print(f"error={type(exc).__name__} lost=unknown duplicated=unknown orphaned=unknown", flush=True)
+        sys.exit(1)
