@@ -278,7 +278,8 @@ class Faults:
     """A seeded schedule of faults; each event runs in its own thread so a slow one (apply) never delays the rest.
     Faults that share a resource (delta's mode, the tmpfs, beta's drain, apply) wait for each other."""
 
-    def __init__(self, seed: int, duration: float, every: float, t_start: float) -> None:
+    def __init__(self, seed: int, duration: float, every: float, t_start: float, kinds: list[str] | None = None
+                 ) -> None:
         self.rnd = random.Random(seed)
         self.duration = duration
         self.t_start = t_start
@@ -291,10 +292,11 @@ class Faults:
         self.anomalies: list[str] = []
         self.gen = 0
         lo, hi = 3.0, max(duration - 8.0, 12.0)
-        n = max(len(KINDS), int((hi - lo) / every))
-        kinds = KINDS[:]
+        self.kinds = kinds or KINDS
+        n = max(len(self.kinds), int((hi - lo) / every))
+        kinds = self.kinds[:]
         self.rnd.shuffle(kinds)
-        kinds += [self.rnd.choice(KINDS) for _ in range(n - len(KINDS))]
+        kinds += [self.rnd.choice(self.kinds) for _ in range(n - len(self.kinds))]
         times = sorted(self.rnd.uniform(lo, hi) for _ in range(n))
         # the first len(KINDS) slots are spread over the run so each kind is tried early enough to finish
         self.schedule = list(zip(times, kinds))
@@ -651,7 +653,12 @@ def main() -> int:
     ap.add_argument("--tmpfs-size", default="64m")
     ap.add_argument("--src", default=str(Path(__file__).resolve().parents[1]), help="the checkout")
     ap.add_argument("--report", help="also write the summary as JSON here")
+    ap.add_argument("--kinds", help="only these fault kinds, comma-separated (to reproduce one problem); "
+                    f"default all: {','.join(KINDS)}")
     a = ap.parse_args()
+    kinds = a.kinds.split(",") if a.kinds else None
+    if kinds and not set(kinds) <= set(KINDS):
+        ap.error(f"--kinds: unknown {sorted(set(kinds) - set(KINDS))}; known: {','.join(KINDS)}")
     if os.geteuid() != 0:
         print("chaos.py: run as root inside the sandbox (scripts/chaos does that)", file=sys.stderr)
         return 2
@@ -667,7 +674,7 @@ def main() -> int:
 
     t_start = time.monotonic()
     prod = Producers(a.producers, a.rate, a.seed, a.duration)
-    faults = Faults(a.seed, a.duration, a.fault_every, t_start)
+    faults = Faults(a.seed, a.duration, a.fault_every, t_start, kinds)
     say(f"run: {a.duration:g}s, seed {a.seed}, {a.rate:g} missions/s by {a.producers} producers, "
         f"{len(faults.schedule)} faults scheduled: {dict(collections.Counter(k for _, k in faults.schedule))}")
     stop = threading.Event()
@@ -697,7 +704,7 @@ def main() -> int:
     st = rec["states"]
     refused = sum(prod.refused.values()) + sum(prod.raw_errors.values())
     p99 = pct(rec["waits"], 99)
-    missing_kinds = [k for k in KINDS if faults.counts[k] == 0]
+    missing_kinds = [k for k in faults.kinds if faults.counts[k] == 0]
     sup = show(SUPERVISOR_UNIT, "NRestarts")
     summary = {
         "duration_s": round(ran_for, 1), "seed": a.seed, "rate": a.rate, "submitted": submitted,
