@@ -1,0 +1,776 @@
+"""The chaos soak's driver (scripts/chaos runs it inside the sandbox, as root, with /opt/lanectl/venv/bin/python).
+
+Phases: set up a private fleet (ledger on a small tmpfs, a 4th lane `delta` running scripts/chaos_lane.py), drive
+producers at a steady rate across the three classes while a seeded schedule injects faults, stop, heal every
+fault, wait (bounded) for every mission to end, then reconcile every accepted mission against the ledger (read
+only) and against what the lanes executed (every lane's .lanectl/executions.log). The last line of stdout is
+`key=value` pairs; the exit status is 1 when lost, duplicated or orphaned is not 0 or a fault kind was never
+injected, 2 when the fleet could not be set up.
+
+Everything is bounded: the run (--duration), every fault, every command (timeouts), and the final wait (--wait).
+Loopback only: the lanes and the supervisor listen on 127.0.0.1, inside the sandbox's own network namespace.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import traceback
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable
+
+PYTHON = "/opt/lanectl/venv/bin/python"
+LANECTL = "/opt/lanectl/venv/bin/lanectl"
+CONFIG_DIR = Path("/etc/lanectl-chaos")
+LEDGER_DIR = Path("/var/lib/lanectl-chaos")
+LEDGER = LEDGER_DIR / "ledger.db"
+FILL = LEDGER_DIR / "chaos-fill"
+BIN_DIR = Path("/var/lib/lanes-chaos/bin")
+LANES = ["alpha", "beta", "gamma", "delta"]
+WORKSPACES = {n: f"/var/lib/lanes/{n}" for n in LANES}
+CLASSES = ["interactive", "deadline", "background"]
+TERMINAL = ("succeeded", "failed", "dead", "cancelled", "expired")
+SUPERVISOR_UNIT = "lanectl-supervisor.service"
+SUPERVISOR_URL = "http://127.0.0.1:8700/healthz"
+# every kind of fault; each is injected at least once per run
+KINDS = ["kill_lane", "stop_lane", "kill_supervisor", "http500", "silent", "disk_full", "drain", "reroute", "apply"]
+DELTA_TOML = """# chaos-only lane: the reference runtime with a switchable failure mode (scripts/chaos_lane.py)
+description = "chaos lane"
+port = 8704
+workspace = "/var/lib/lanes/delta"
+exec = ["{python}", "{bin}/chaos_lane.py"]
+capacity = 4
+weight = 100
+watchdog_sec = 5
+
+[restart]
+restart_sec = 0.5
+"""
+T0 = time.monotonic()
+
+
+def now_rel() -> float:
+    return time.monotonic() - T0
+
+
+def say(msg: str) -> None:
+    print(f"[{now_rel():7.2f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def errtext(proc: subprocess.CompletedProcess[str]) -> str:
+    """What a failed lanectl --json command said: the error document on stdout, else stderr."""
+    try:
+        doc = json.loads(proc.stdout)
+        err = doc.get("error") or doc
+        return json.dumps(err)[-600:]
+    except (ValueError, AttributeError):
+        return (proc.stderr.strip() or proc.stdout.strip())[-600:]
+
+
+def run(argv: list[str], timeout: float = 60, check: bool = False, input: str | None = None
+        ) -> subprocess.CompletedProcess[str]:
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, input=input)
+    except subprocess.TimeoutExpired as exc:
+        proc = subprocess.CompletedProcess(argv, 124, exc.stdout or "", f"timed out after {timeout}s")
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} exited {proc.returncode}: {proc.stderr.strip()[-2000:]}")
+    return proc
+
+
+def lanectl(*args: str, timeout: float = 60, check: bool = False) -> subprocess.CompletedProcess[str]:
+    return run([LANECTL, *args, "-c", str(CONFIG_DIR)], timeout=timeout, check=check)
+
+
+def lanectl_retry(*args: str, timeout: float = 60, patience: float = 30) -> tuple[subprocess.CompletedProcess[str], int]:
+    """An operator verb, repeated while the product refuses it as unavailable (exit 6: e.g. the ledger's disk is
+    full), as an operator would; returns the last result and how many refusals came first."""
+    end = time.monotonic() + patience
+    refusals = 0
+    while True:
+        proc = lanectl(*args, timeout=timeout)
+        if proc.returncode != 6 or time.monotonic() > end:
+            return proc, refusals
+        refusals += 1
+        time.sleep(1.0)
+
+
+def show(unit: str, *props: str) -> dict[str, str]:
+    out = run(["systemctl", "show", "-p", ",".join(props), unit], timeout=15).stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def lane_unit(lane: str) -> str:
+    return f"lanectl-lane@{lane}.service"
+
+
+def main_pid(unit: str) -> int:
+    try:
+        return int(show(unit, "MainPID").get("MainPID", "0") or 0)
+    except ValueError:
+        return 0
+
+
+def proc_state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
+def http_json(url: str, timeout: float = 2.0) -> dict[str, Any]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return json.loads(resp.read())
+    except (OSError, ValueError):
+        return {}
+
+
+def wait_until(pred: Callable[[], Any], timeout: float, interval: float = 0.2) -> Any:
+    end = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v or time.monotonic() > end:
+            return v
+        time.sleep(interval)
+
+
+def write_mode(mode: str) -> None:
+    p = Path(WORKSPACES["delta"]) / "mode"
+    tmp = p.with_suffix(".tmp")
+    tmp.write_text(mode + "\n")
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, p)
+
+
+# ------------------------------------------------------------------------------------------------ setup
+def setup(src: Path, tmpfs_size: str) -> None:
+    LEDGER_DIR.mkdir(parents=True, exist_ok=True)
+    if run(["mountpoint", "-q", str(LEDGER_DIR)]).returncode != 0:
+        run(["mount", "-t", "tmpfs", "-o", f"size={tmpfs_size},mode=0755", "tmpfs", str(LEDGER_DIR)], check=True)
+    say(f"ledger tmpfs: {LEDGER_DIR} ({tmpfs_size})")
+    BIN_DIR.mkdir(parents=True, exist_ok=True)
+    os.chmod(BIN_DIR.parent, 0o755)
+    os.chmod(BIN_DIR, 0o755)
+    shutil.copy(src / "scripts" / "chaos_lane.py", BIN_DIR / "chaos_lane.py")
+    os.chmod(BIN_DIR / "chaos_lane.py", 0o644)
+    if CONFIG_DIR.exists():
+        shutil.rmtree(CONFIG_DIR)
+    (CONFIG_DIR / "lanes.d").mkdir(parents=True)
+    (CONFIG_DIR / "lanectl.toml").write_text(f'ledger = "{LEDGER}"\n' + (src / "lanectl.toml").read_text())
+    for f in sorted((src / "lanes.d").glob("*.toml")):
+        (CONFIG_DIR / "lanes.d" / f.name).write_text(f.read_text())
+    (CONFIG_DIR / "lanes.d" / "delta.toml").write_text(DELTA_TOML.format(python=PYTHON, bin=BIN_DIR))
+    for lane in LANES:  # every lane gets CHAOS_GEN in [env]: the value the config-change fault bumps
+        p = CONFIG_DIR / "lanes.d" / f"{lane}.toml"
+        text = p.read_text().rstrip("\n") + "\n"
+        tables = re.findall(r"^\[([^\]]+)\]\s*$", text, re.M)
+        if tables and tables[-1] == "env":
+            text += 'CHAOS_GEN = "0"\n'
+        elif "env" in tables:
+            raise SystemExit(f"{p}: [env] is not the last table; cannot add CHAOS_GEN")
+        else:
+            text += '\n[env]\nCHAOS_GEN = "0"\n'
+        p.write_text(text)
+    lanectl("validate", timeout=60, check=True)
+    lanectl("install", timeout=120, check=True)
+    Path(WORKSPACES["delta"]).mkdir(parents=True, exist_ok=True)
+    write_mode("normal")
+    up = lanectl("up", timeout=180)
+    if up.returncode != 0:
+        raise RuntimeError(f"lanectl up exited {up.returncode}: {up.stderr.strip()[-2000:]}")
+
+    def ready() -> bool:
+        h = http_json(SUPERVISOR_URL)
+        lanes = h.get("lanes") or {}
+        return bool(lanes) and set(LANES) <= set(lanes) and all(
+            lanes[n].get("healthy") and lanes[n].get("state") == "active" for n in LANES)
+
+    if not wait_until(ready, 60, 0.3):
+        raise RuntimeError(f"the fleet did not become healthy in 60 s: {http_json(SUPERVISOR_URL)}")
+    say("fleet up: " + ", ".join(LANES) + " + supervisor")
+
+
+# ------------------------------------------------------------------------------------------------ producers
+class Producers:
+    def __init__(self, n: int, rate: float, seed: int, duration: float) -> None:
+        self.n, self.rate, self.seed, self.duration = n, rate, seed, duration
+        self.lock = threading.Lock()
+        self.ids: list[int] = []
+        self.refused: collections.Counter[str] = collections.Counter()
+        self.raw_errors: collections.Counter[str] = collections.Counter()
+        self.by_class: collections.Counter[str] = collections.Counter()
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self.produce, args=(i,), name=f"producer-{i}", daemon=True)
+                        for i in range(n)]
+
+    def start(self) -> None:
+        for t in self.threads:
+            t.start()
+
+    def join(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=30)
+
+    def produce(self, i: int) -> None:
+        from lanectl.client import Client
+        from lanectl.errors import LanectlError
+
+        rnd = random.Random(self.seed * 1000 + i)
+        period = self.n / self.rate
+        nxt = time.monotonic() + rnd.uniform(0, period)
+        k = 0
+        client = Client(config_dir=str(CONFIG_DIR))
+        try:
+            while not self.stop.is_set():
+                delay = nxt - time.monotonic()
+                if delay > 0 and self.stop.wait(delay):
+                    break
+                nxt += period
+                cls = CLASSES[(i + k) % 3]
+                k += 1
+                deadline = time.time() + 600 if cls == "deadline" else None
+                pin = None
+                if rnd.random() < 0.1:  # a few pinned missions give drain and reroute something to move
+                    pin = rnd.choice(["alpha", "beta", "gamma"] if cls == "interactive" else ["beta", "gamma"])
+                    if cls == "interactive" and pin == "gamma":
+                        pin = "alpha"
+                argv = ["/bin/sh", "-c", f"sleep 0.0{rnd.randint(1, 9)}; echo done"]
+                try:
+                    m = client.submit(cls, {"argv": argv}, deadline=deadline, lane=pin)
+                except LanectlError as exc:
+                    with self.lock:
+                        self.refused[getattr(exc, "code", "error")] += 1
+                    continue
+                except Exception as exc:  # noqa: BLE001 — an error the client API should have wrapped
+                    with self.lock:
+                        self.raw_errors[f"{type(exc).__module__}.{type(exc).__name__}: {str(exc)[:80]}"] += 1
+                    try:  # the connection may be unusable now; a fresh client
+                        client.close()
+                    except Exception:  # noqa: BLE001
+                        pass
+                    client = Client(config_dir=str(CONFIG_DIR))
+                    continue
+                with self.lock:
+                    self.ids.append(m.id)
+                    self.by_class[cls] += 1
+        finally:
+            try:
+                client.close()
+            except Exception:  # noqa: BLE001
+                pass
+
+
+# ------------------------------------------------------------------------------------------------ faults
+class Faults:
+    """A seeded schedule of faults; each event runs in its own thread so a slow one (apply) never delays the rest.
+    Faults that share a resource (delta's mode, the tmpfs, beta's drain, apply) wait for each other."""
+
+    def __init__(self, seed: int, duration: float, every: float, t_start: float, kinds: list[str] | None = None
+                 ) -> None:
+        self.rnd = random.Random(seed)
+        self.duration = duration
+        self.t_start = t_start
+        self.log: list[dict[str, Any]] = []
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.lock = threading.Lock()
+        self.busy: dict[str, threading.Lock] = collections.defaultdict(threading.Lock)
+        self.threads: list[threading.Thread] = []
+        self.stopped_pids: list[tuple[str, int, float]] = []
+        self.anomalies: list[str] = []
+        self.gen = 0
+        lo, hi = 3.0, max(duration - 8.0, 12.0)
+        self.kinds = kinds or KINDS
+        n = max(len(self.kinds), int((hi - lo) / every))
+        kinds = self.kinds[:]
+        self.rnd.shuffle(kinds)
+        kinds += [self.rnd.choice(self.kinds) for _ in range(n - len(self.kinds))]
+        times = sorted(self.rnd.uniform(lo, hi) for _ in range(n))
+        # the first len(KINDS) slots are spread over the run so each kind is tried early enough to finish
+        self.schedule = list(zip(times, kinds))
+        self.params = [self.rnd.random() for _ in range(n)]  # per-event randomness, drawn up front
+        self.choices = [self.rnd.randrange(1 << 30) for _ in range(n)]
+
+    def record(self, kind: str, target: str, detail: str, ok: bool = True) -> None:
+        entry = {"t": round(time.monotonic() - self.t_start, 2), "at": time.time(), "kind": kind, "target": target,
+                 "detail": detail, "ok": ok}
+        with self.lock:
+            self.log.append(entry)
+            if ok:
+                self.counts[kind] += 1
+        say(f"FAULT {kind:15s} {target:10s} {detail}")
+
+    def anomaly(self, text: str) -> None:
+        with self.lock:
+            self.anomalies.append(f"t={time.monotonic() - self.t_start:.1f}s {text}")
+        say("ANOMALY " + text)
+
+    def run(self, stop: threading.Event) -> None:
+        for i, (t, kind) in enumerate(self.schedule):
+            delay = self.t_start + t - time.monotonic()
+            if delay > 0 and stop.wait(delay):
+                return
+            th = threading.Thread(target=self.safe, args=(kind, self.params[i], self.choices[i]),
+                                  name=f"fault-{i}-{kind}", daemon=True)
+            th.start()
+            self.threads.append(th)
+
+    def safe(self, kind: str, p: float, c: int) -> None:
+        try:
+            getattr(self, "f_" + kind)(p, c)
+        except Exception as exc:  # noqa: BLE001
+            self.record(kind, "-", f"driver error: {exc!r}", ok=False)
+            traceback.print_exc()
+
+    def join(self, timeout: float) -> None:
+        end = time.monotonic() + timeout
+        for th in self.threads:
+            th.join(timeout=max(0.1, end - time.monotonic()))
+
+    # each fault ------------------------------------------------------------------------------------------
+    def _kill(self, kind: str, unit: str, sig: int) -> int:
+        for _ in range(20):  # a unit that is restarting has no MainPID: try again shortly
+            pid = main_pid(unit)
+            if pid > 1:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    time.sleep(0.25)
+                    continue
+                return pid
+            time.sleep(0.25)
+        return 0
+
+    def f_kill_lane(self, p: float, c: int) -> None:
+        lane = LANES[c % len(LANES)]
+        pid = self._kill("kill_lane", lane_unit(lane), signal.SIGKILL)
+        self.record("kill_lane", lane, f"kill -9 {pid}" if pid else "no MainPID for 5 s", ok=bool(pid))
+
+    def f_stop_lane(self, p: float, c: int) -> None:
+        lane = LANES[c % len(LANES)]
+        pid = self._kill("stop_lane", lane_unit(lane), signal.SIGSTOP)
+        self.record("stop_lane", lane, f"kill -STOP {pid}; the watchdog must restart it" if pid else
+                    "no MainPID for 5 s", ok=bool(pid))
+        if not pid:
+            return
+        with self.lock:
+            self.stopped_pids.append((lane, pid, time.monotonic()))
+        wd = 10.0 if lane == "gamma" else 5.0
+        t0 = time.monotonic()
+        replaced = wait_until(lambda: main_pid(lane_unit(lane)) not in (pid, 0) or not Path(f"/proc/{pid}").exists(),
+                              wd + 25, 0.25)
+        if not replaced:
+            self.anomaly(f"{lane} pid {pid} still frozen {time.monotonic() - t0:.0f}s after SIGSTOP "
+                         f"(watchdog {wd:g}s); SIGCONT")
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        else:
+            say(f"  {lane}: frozen pid {pid} replaced after {time.monotonic() - t0:.1f}s")
+
+    def f_kill_supervisor(self, p: float, c: int) -> None:
+        pid = self._kill("kill_supervisor", SUPERVISOR_UNIT, signal.SIGKILL)
+        self.record("kill_supervisor", "supervisor", f"kill -9 {pid}" if pid else "no MainPID for 5 s", ok=bool(pid))
+
+    def _delta_mode(self, kind: str, mode: str, p: float) -> None:
+        hold = 5 + 10 * p
+        with self.busy["delta"]:
+            write_mode(mode)
+            self.record(kind, "delta", f"mode {mode} for {hold:.1f}s")
+            time.sleep(hold)
+            write_mode("normal")
+            say(f"  delta: mode normal again ({kind} healed)")
+
+    def f_http500(self, p: float, c: int) -> None:
+        self._delta_mode("http500", "http500", p)
+
+    def f_silent(self, p: float, c: int) -> None:
+        self._delta_mode("silent", "silent", p)
+
+    def f_disk_full(self, p: float, c: int) -> None:
+        hold = 5.0
+        with self.busy["disk"]:
+            st = os.statvfs(LEDGER_DIR)
+            free = st.f_bavail * st.f_frsize
+            proc = run(["fallocate", "-l", str(free), str(FILL)], timeout=20)
+            if proc.returncode != 0:  # fall back to writing it
+                run(["dd", "if=/dev/zero", f"of={FILL}", "bs=1M", "status=none"], timeout=30)
+            st2 = os.statvfs(LEDGER_DIR)
+            self.record("disk_full", str(LEDGER_DIR), f"filled {free >> 20} MiB, {st2.f_bavail * st2.f_frsize} "
+                        f"bytes left, for {hold:g}s")
+            time.sleep(hold)
+            FILL.unlink(missing_ok=True)
+            say("  disk_full healed (fill file removed)")
+
+    def f_drain(self, p: float, c: int) -> None:
+        hold = 5 + 15 * p
+        with self.busy["drain-beta"]:
+            proc, refused = lanectl_retry("drain", "beta", "--reason", "chaos", "--json", timeout=60)
+            self.record("drain", "beta", f"lanectl drain beta -> exit {proc.returncode}"
+                        f"{f' after {refused} refusal(s) (exit 6)' if refused else ''}; undrain in {hold:.1f}s",
+                        ok=proc.returncode == 0)
+            if proc.returncode != 0:
+                say("  drain: " + errtext(proc))
+            time.sleep(hold)
+            proc, _ = lanectl_retry("undrain", "beta", "--reason", "chaos", "--json", timeout=60)
+            say(f"  lanectl undrain beta -> exit {proc.returncode}")
+            if proc.returncode != 0:
+                self.anomaly(f"lanectl undrain beta exited {proc.returncode}: {errtext(proc)}")
+
+    def f_reroute(self, p: float, c: int) -> None:
+        proc, refused = lanectl_retry("reroute", "gamma", "--to", "beta", "--reason", "chaos", "--json", timeout=60)
+        moved = "?"
+        try:
+            moved = str(len(json.loads(proc.stdout)["data"]["missions"]))
+        except (ValueError, KeyError, TypeError):
+            pass
+        self.record("reroute", "gamma->beta", f"lanectl reroute gamma --to beta -> exit {proc.returncode}, "
+                    f"{moved} mission(s) moved{f' after {refused} refusal(s) (exit 6)' if refused else ''}",
+                    ok=proc.returncode == 0)
+        if proc.returncode != 0:
+            say("  reroute: " + errtext(proc))
+
+    def f_apply(self, p: float, c: int) -> None:
+        lane = LANES[c % len(LANES)]
+        with self.busy["apply"]:
+            with self.lock:
+                self.gen += 1
+                gen = self.gen
+            f = CONFIG_DIR / "lanes.d" / f"{lane}.toml"
+            f.write_text(re.sub(r'^CHAOS_GEN = "\d+"$', f'CHAOS_GEN = "{gen}"', f.read_text(), flags=re.M))
+            t0 = time.monotonic()
+            proc, refused = lanectl_retry("apply", "--timeout", "60", "--reason", "chaos", "--json", timeout=150)
+            restarted = "?"
+            try:
+                restarted = ",".join(json.loads(proc.stdout)["data"]["restarted"]) or "-"
+            except (ValueError, KeyError, TypeError):
+                pass
+            self.record("apply", lane, f"CHAOS_GEN={gen}; lanectl apply -> exit {proc.returncode} in "
+                        f"{time.monotonic() - t0:.1f}s, restarted {restarted}"
+                        f"{f' after {refused} refusal(s) (exit 6)' if refused else ''}", ok=proc.returncode == 0)
+            if proc.returncode != 0:
+                self.anomaly(f"lanectl apply exited {proc.returncode}: {errtext(proc)}")
+
+
+# ------------------------------------------------------------------------------------------------ heal, wait
+def heal(faults: Faults) -> None:
+    """Undo every fault that may still hold, and make sure every unit runs again."""
+    write_mode("normal")
+    FILL.unlink(missing_ok=True)
+    for lane, pid, _ in list(faults.stopped_pids):
+        if proc_state(pid) == "T":
+            faults.anomaly(f"{lane} pid {pid} still stopped at heal time; SIGCONT")
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+    for unit in [SUPERVISOR_UNIT] + [lane_unit(n) for n in LANES]:
+        st = show(unit, "ActiveState", "SubState")
+        if st.get("ActiveState") not in ("active", "activating", "reloading"):
+            faults.anomaly(f"{unit} is {st.get('ActiveState')}/{st.get('SubState')} at heal time; "
+                           "reset-failed + start")
+            run(["systemctl", "reset-failed", unit], timeout=15)
+            run(["systemctl", "start", unit], timeout=60)
+    for lane in LANES:  # a drain left by a fault (or by an apply that timed out)
+        try:
+            state = ledger_rows("SELECT state FROM lanes WHERE name = ?", lane)
+        except RuntimeError as exc:
+            faults.anomaly(f"heal: {exc}")
+            continue
+        if state and state[0][0] in ("draining", "drained"):
+            say(f"  heal: {lane} is {state[0][0]}; undrain")
+            lanectl("undrain", lane, "--reason", "chaos heal", timeout=60)
+
+
+READ_ERRORS: collections.Counter[str] = collections.Counter()
+
+
+def ledger_rows(sql: str, *args: Any) -> list[tuple[Any, ...]]:
+    """A read-only query; retried (20 x 0.25 s) on any sqlite error, each error counted for the summary."""
+    last: Exception | None = None
+    for _ in range(20):
+        try:
+            conn = sqlite3.connect(f"file:{LEDGER}?mode=ro", uri=True, timeout=10)
+            try:
+                return conn.execute(sql, args).fetchall()
+            finally:
+                conn.close()
+        except sqlite3.DatabaseError as exc:
+            READ_ERRORS[str(exc)] += 1
+            say(f"ledger read error: {exc} ({sql[:60]})")
+            last = exc
+            time.sleep(0.25)
+    raise RuntimeError(f"cannot read the ledger ({last}): {sql}")
+
+
+def integrity() -> str:
+    try:
+        rows = ledger_rows("PRAGMA integrity_check")
+    except RuntimeError as exc:
+        return str(exc)
+    return "ok" if rows == [("ok",)] else "; ".join(str(r[0]) for r in rows[:5])
+
+
+def mission_states(ids: list[int]) -> dict[int, str]:
+    if not ids:
+        return {}
+    wanted = set(ids)
+    rows = ledger_rows("SELECT id, state FROM missions WHERE id BETWEEN ? AND ?", min(ids), max(ids))
+    return {r[0]: r[1] for r in rows if r[0] in wanted}
+
+
+def wait_terminal(ids: list[int], timeout: float) -> float:
+    t0 = time.monotonic()
+    last = 0.0
+    while True:
+        st = mission_states(ids)
+        open_ = [i for i in ids if st.get(i) not in TERMINAL]
+        if not open_:
+            return time.monotonic() - t0
+        if time.monotonic() - t0 > timeout:
+            say(f"gave up waiting after {timeout:g}s: {len(open_)} mission(s) not finished, e.g. "
+                f"{[(i, st.get(i)) for i in open_[:8]]}")
+            return time.monotonic() - t0
+        if time.monotonic() - last > 10:
+            say(f"waiting: {len(open_)} mission(s) not finished yet "
+                f"({dict(collections.Counter(st.get(i, 'missing') for i in open_))})")
+            last = time.monotonic()
+        time.sleep(0.5)
+
+
+# ------------------------------------------------------------------------------------------------ reconcile
+def executions() -> list[dict[str, Any]]:
+    out = []
+    for lane in LANES:
+        p = Path(WORKSPACES[lane]) / ".lanectl" / "executions.log"
+        try:
+            lines = p.read_text().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                out.append({"event": "corrupt", "lane": lane, "raw": line[:200]})
+    return out
+
+
+def swallowed() -> list[dict[str, Any]]:
+    p = Path(WORKSPACES["delta"]) / ".lanectl" / "swallowed.log"
+    try:
+        return [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
+    except (OSError, ValueError):
+        return []
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    v = sorted(values)
+    return v[min(len(v) - 1, max(0, int(round(q / 100 * len(v) + 0.5)) - 1))]
+
+
+def reconcile(ids: list[int]) -> dict[str, Any]:
+    wanted = set(ids)
+    lo, hi = (min(ids), max(ids)) if ids else (0, -1)
+    rows = ledger_rows("SELECT id, class, state, attempts, created_at FROM missions WHERE id BETWEEN ? AND ?", lo, hi)
+    missions = {r[0]: {"class": r[1], "state": r[2], "attempts": r[3], "created": r[4]} for r in rows
+                if r[0] in wanted}
+    term_ev = collections.Counter()
+    for m, n in ledger_rows("SELECT mission, count(*) FROM events WHERE kind IN "
+                            "('succeeded','failed','dead','cancelled','expired') AND mission BETWEEN ? AND ? "
+                            "GROUP BY mission", lo, hi):
+        term_ev[m] = n
+    first_dispatch = {m: t for m, t in ledger_rows("SELECT mission, min(dispatched_at) FROM attempts "
+                                                  "WHERE mission BETWEEN ? AND ? GROUP BY mission", lo, hi)}
+    other_orphans = ledger_rows("SELECT id, state, current_lane FROM missions WHERE state IN ('dispatched','running')")
+    ex = executions()
+    starts = collections.Counter(e["mission"] for e in ex if e.get("event") == "start")
+    completed = collections.Counter(e["mission"] for e in ex if e.get("event") == "end"
+                                    and e.get("outcome") in ("succeeded", "failed"))
+    ok_exec = collections.Counter(e["mission"] for e in ex if e.get("event") == "end"
+                                  and e.get("outcome") == "succeeded")
+    corrupt = [e for e in ex if e.get("event") == "corrupt"]
+
+    states = collections.Counter(m["state"] for m in missions.values())
+    missing = sorted(wanted - set(missions))
+    not_terminal = sorted(i for i, m in missions.items() if m["state"] not in TERMINAL)
+    no_exec = sorted(i for i, m in missions.items() if m["state"] == "succeeded" and not ok_exec[i])
+    lost_ids = sorted(set(missing) | set(not_terminal) | set(no_exec))
+    dup_ledger = sorted(i for i in wanted if term_ev[i] > 1)
+    dup_exec = sorted(i for i in wanted if completed[i] > 1)
+    dup_ids = sorted(set(dup_ledger) | set(dup_exec))
+    orphan_ids = sorted({r[0] for r in other_orphans})
+    waits = [(first_dispatch[i] - m["created"]) * 1000 for i, m in missions.items()
+             if m["class"] == "interactive" and first_dispatch.get(i) is not None]
+    reran = sum(1 for i in wanted if starts[i] > 1)
+    return {
+        "missions": missions, "states": states, "missing": missing, "not_terminal": not_terminal,
+        "succeeded_no_exec": no_exec, "lost_ids": lost_ids, "dup_ledger": dup_ledger, "dup_exec": dup_exec,
+        "dup_ids": dup_ids, "orphan_ids": orphan_ids, "waits": waits, "reran": reran,
+        "executions": len([e for e in ex if e.get("event") == "start"]), "corrupt_exec_lines": len(corrupt),
+        "retried": sum(1 for m in missions.values() if m["attempts"] > 1),
+        "swallowed": len(swallowed()),
+        "no_terminal_event": sorted(i for i, m in missions.items() if m["state"] in TERMINAL and not term_ev[i]),
+    }
+
+
+def detail(ids: list[int], limit: int = 3) -> None:
+    """Evidence for the first few problem missions: their events and executions."""
+    ex = executions()
+    for i in ids[:limit]:
+        say(f"  mission {i}:")
+        for r in ledger_rows("SELECT id, at, kind, lane, attempt, state, data FROM events WHERE mission = ? "
+                             "ORDER BY id", i):
+            say(f"    event {r}")
+        for e in ex:
+            if e.get("mission") == i:
+                say(f"    exec  {e}")
+
+
+# ------------------------------------------------------------------------------------------------ main
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--duration", type=float, default=120.0, help="seconds of load and faults")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--rate", type=float, default=8.0, help="missions per second, all producers together")
+    ap.add_argument("--producers", type=int, default=3)
+    ap.add_argument("--fault-every", type=float, default=12.0, help="mean seconds between faults")
+    ap.add_argument("--wait", type=float, default=120.0, help="seconds to wait for every mission to end")
+    ap.add_argument("--tmpfs-size", default="64m")
+    ap.add_argument("--src", default=str(Path(__file__).resolve().parents[1]), help="the checkout")
+    ap.add_argument("--report", help="also write the summary as JSON here")
+    ap.add_argument("--kinds", help="only these fault kinds, comma-separated (to reproduce one problem); "
+                    f"default all: {','.join(KINDS)}")
+    a = ap.parse_args()
+    kinds = a.kinds.split(",") if a.kinds else None
+    if kinds and not set(kinds) <= set(KINDS):
+        ap.error(f"--kinds: unknown {sorted(set(kinds) - set(KINDS))}; known: {','.join(KINDS)}")
+    if os.geteuid() != 0:
+        print("chaos.py: run as root inside the sandbox (scripts/chaos does that)", file=sys.stderr)
+        return 2
+    a.duration = max(20.0, min(a.duration, 24 * 3600.0))
+    a.rate = max(0.5, min(a.rate, 200.0))
+    a.wait = max(10.0, min(a.wait, 1800.0))
+    try:
+        setup(Path(a.src), a.tmpfs_size)
+    except Exception as exc:  # noqa: BLE001
+        say(f"setup failed: {exc}")
+        print(f"chaos: setup failed: {exc}", file=sys.stderr)
+        return 2
+
+    t_start = time.monotonic()
+    prod = Producers(a.producers, a.rate, a.seed, a.duration)
+    faults = Faults(a.seed, a.duration, a.fault_every, t_start, kinds)
+    say(f"run: {a.duration:g}s, seed {a.seed}, {a.rate:g} missions/s by {a.producers} producers, "
+        f"{len(faults.schedule)} faults scheduled: {dict(collections.Counter(k for _, k in faults.schedule))}")
+    stop = threading.Event()
+    prod.start()
+    fth = threading.Thread(target=faults.run, args=(stop,), name="faults", daemon=True)
+    fth.start()
+    end = t_start + a.duration
+    while time.monotonic() < end:
+        time.sleep(min(10.0, max(0.0, end - time.monotonic())))
+        if time.monotonic() < end:
+            h = http_json(SUPERVISOR_URL)
+            say(f"progress: {len(prod.ids)} submitted, {sum(prod.refused.values())} refused; supervisor "
+                f"queued={h.get('queued')} in_flight={h.get('in_flight')}")
+    prod.join()
+    stop.set()
+    fth.join(timeout=5)
+    say(f"load stopped: {len(prod.ids)} submitted; waiting for faults in progress")
+    faults.join(timeout=180)
+    ran_for = time.monotonic() - t_start
+    say("healing every fault")
+    heal(faults)
+    waited = wait_terminal(prod.ids, a.wait)
+    rec = reconcile(prod.ids)
+    integ = integrity()
+
+    submitted = len(prod.ids)
+    st = rec["states"]
+    refused = sum(prod.refused.values()) + sum(prod.raw_errors.values())
+    p99 = pct(rec["waits"], 99)
+    missing_kinds = [k for k in faults.kinds if faults.counts[k] == 0]
+    sup = show(SUPERVISOR_UNIT, "NRestarts")
+    summary = {
+        "duration_s": round(ran_for, 1), "seed": a.seed, "rate": a.rate, "submitted": submitted,
+        "succeeded": st["succeeded"], "failed": st["failed"], "dead": st["dead"], "cancelled": st["cancelled"],
+        "expired": st["expired"], "refused": refused, "lost": len(rec["lost_ids"]),
+        "duplicated": len(rec["dup_ids"]), "orphaned": len(rec["orphan_ids"]),
+        "p50_interactive_wait_ms": round(pct(rec["waits"], 50), 1),
+        "p99_interactive_wait_ms": round(p99, 1), "retried": rec["retried"], "reran": rec["reran"],
+        "executions": rec["executions"], "swallowed": rec["swallowed"], "anomalies": len(faults.anomalies),
+        "integrity": "ok" if integ == "ok" else "FAILED", "ledger_read_errors": sum(READ_ERRORS.values()),
+        **{f"faults_{k}": faults.counts[k] for k in KINDS},
+    }
+    out = sys.stdout
+    print("", file=out)
+    print(f"chaos run: {ran_for:.0f}s of load, seed {a.seed}, {a.rate:g} missions/s; then heal and "
+          f"{waited:.1f}s until every mission ended", file=out)
+    print(f"  submitted {submitted} ({dict(prod.by_class)}), refused {refused} "
+          f"{dict(prod.refused)}{' raw errors ' + str(dict(prod.raw_errors)) if prod.raw_errors else ''}", file=out)
+    print(f"  outcomes: {dict(st)}", file=out)
+    print(f"  retried (attempts > 1): {rec['retried']}; executed more than once (at least once): {rec['reran']}; "
+          f"executions logged: {rec['executions']}; missions swallowed by silent delta: {rec['swallowed']}", file=out)
+    print(f"  interactive queue wait: p50 {pct(rec['waits'], 50):.1f} ms, p99 {p99:.1f} ms "
+          f"({len(rec['waits'])} missions)", file=out)
+    print(f"  supervisor restarts (NRestarts): {sup.get('NRestarts')}; ledger PRAGMA integrity_check: {integ}",
+          file=out)
+    if READ_ERRORS:
+        print(f"  read-only ledger reads that failed (retried): {dict(READ_ERRORS)}", file=out)
+    lanes_now = ledger_rows("SELECT name, state FROM lanes ORDER BY name")
+    print(f"  lanes in the ledger at the end: {dict(lanes_now)}", file=out)
+    print(f"  lost {len(rec['lost_ids'])} (missing {len(rec['missing'])}, not terminal {len(rec['not_terminal'])}, "
+          f"succeeded without a logged execution {len(rec['succeeded_no_exec'])}); duplicated "
+          f"{len(rec['dup_ids'])} (ledger {len(rec['dup_ledger'])}, executions {len(rec['dup_exec'])}); "
+          f"orphaned {len(rec['orphan_ids'])}", file=out)
+    if rec["no_terminal_event"]:
+        print(f"  note: {len(rec['no_terminal_event'])} terminal mission(s) without a terminal event, e.g. "
+              f"{rec['no_terminal_event'][:5]}", file=out)
+    if rec["corrupt_exec_lines"]:
+        print(f"  note: {rec['corrupt_exec_lines']} unreadable line(s) in executions logs", file=out)
+    print("  faults:", file=out)
+    for f in faults.log:
+        print(f"    t={f['t']:7.2f}s {f['kind']:15s} {f['target']:12s} {'' if f['ok'] else '(FAILED) '}{f['detail']}",
+              file=out)
+    if faults.anomalies:
+        print("  anomalies (product behaviour to look at):", file=out)
+        for x in faults.anomalies:
+            print(f"    {x}", file=out)
+    for name, ids_ in (("lost", rec["lost_ids"]), ("duplicated", rec["dup_ids"]), ("orphaned", rec["orphan_ids"])):
+        if ids_:
+            print(f"  {name}: {ids_[:20]}", file=out)
+            detail(ids_)
+    if missing_kinds:
+        print(f"  fault kinds never injected: {missing_kinds}", file=out)
+    if a.report:
+        Path(a.report).write_text(json.dumps({**summary, "faults": faults.log, "anomalies": faults.anomalies,
+                                              "refused_by_code": dict(prod.refused),
+                                              "raw_errors": dict(prod.raw_errors)}, indent=1))
+    out.flush()
+    print(" ".join(f"{k}={v}" for k, v in summary.items()), flush=True)
+    bad = summary["lost"] or summary["duplicated"] or summary["orphaned"] or missing_kinds or integ != "ok"
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except Exception as exc:  # noqa: BLE001 — still end with a key=value line a CI job can read
+        traceback.print_exc()
+        print(f"error={type(exc).__name__} lost=unknown duplicated=unknown orphaned=unknown", flush=True)
+        sys.exit(1)
