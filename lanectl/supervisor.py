@@ -43,7 +43,7 @@ from lanectl.ledger import missions as ms
 from lanectl.ledger import lanes as lane_ops
 from lanectl.ledger import tick as ticks
 from lanectl.ledger.events import EventKind, append
-from lanectl.protocol import BadMessage, CallbackMsg, parse_callback, read_body, send_json
+from lanectl.protocol import BadMessage, CallbackMsg, DispatchMsg, parse_callback, read_body, send_json
 from lanectl.status import check_health_many
 from lanectl.units import unit_name
 
@@ -300,9 +300,8 @@ class Supervisor:
     # ------------------------------------------------------------------------------------------ dispatch
     def send(self, d: ms.Dispatch) -> None:
         lane = self.lanes[d.lane]
-        body = json.dumps({"mission": d.mission, "attempt": d.attempt, "lane": d.lane, "token": d.token,
-                           "class": d.cls, "session": d.session, "deadline": d.deadline,
-                           "payload": d.payload}).encode()
+        body = json.dumps(DispatchMsg(d.mission, d.attempt, d.lane, d.token, d.cls, d.session, d.deadline,
+                                      d.payload).as_json()).encode()
 
         def post() -> None:
             req = urllib.request.Request(f"http://127.0.0.1:{lane.port}/missions", data=body, method="POST",

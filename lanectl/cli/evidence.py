@@ -5,12 +5,12 @@ import json
 import re
 import sys
 import time
-from datetime import UTC, datetime
 from typing import Any, List, Optional
 
 import typer
 
 from lanectl import config, evidence
+from lanectl.cli.missions import absolute_time
 from lanectl.cli.options import CONFIG, JSON
 from lanectl.ledger import Ledger
 from lanectl.ledger.missions import invalid
@@ -49,16 +49,7 @@ def parse_time(text: str | None, now: float, field: str = "since") -> float | No
     m = DURATION_RE.match(t)
     if m:
         return now - float(m.group(1)) * UNIT_S[m.group(2)]
-    try:
-        return float(t)
-    except ValueError:
-        pass
-    try:
-        dt = datetime.fromisoformat(t.replace("Z", "+00:00"))
-    except ValueError as exc:
-        raise invalid(field, f"{text!r} is not a time", "use 1h, 7d, 2030-01-01T12:00:00Z or epoch seconds",
-                      "bad_time") from exc
-    return (dt if dt.tzinfo else dt.replace(tzinfo=UTC)).timestamp()
+    return absolute_time(t, field, "use 1h, 7d, 2030-01-01T12:00:00Z or epoch seconds", "bad_time")
 
 
 def _ledger(config_dir: Optional[str], ledger: Optional[str]) -> Ledger:

@@ -38,15 +38,20 @@ def parse_deadline(text: str | None, now: float) -> float | None:
     m = RELATIVE_RE.match(text.strip())
     if m:
         return now + float(m.group(1)) * UNIT_S[m.group(2)]
+    return absolute_time(text, "deadline", "use +10m, 2030-01-01T12:00:00Z or epoch seconds", "bad_deadline")
+
+
+def absolute_time(text: str, field: str, hint: str, code: str) -> float:
+    """Seconds since the epoch, or an RFC 3339 time (UTC if it has no offset); else a bad-input error."""
+    t = text.strip()
     try:
-        return float(text)
+        return float(t)
     except ValueError:
         pass
     try:
-        dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        dt = datetime.fromisoformat(t.replace("Z", "+00:00"))
     except ValueError as exc:
-        raise ms.invalid("deadline", f"{text!r} is not a time", "use +10m, 2030-01-01T12:00:00Z or epoch seconds",
-                         "bad_deadline") from exc
+        raise ms.invalid(field, f"{text!r} is not a time", hint, code) from exc
     if dt.tzinfo is None:
         from datetime import UTC
 
