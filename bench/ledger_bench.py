@@ -42,23 +42,27 @@ def fleet(tmp: Path, classes: list[str] | None = None, capacity: int = 1024) -> 
 
 
 def lanectl_lifecycle(path: Path, n: int, batch: int, sync: str, group: bool) -> float:
+    """per-call: submit, complete one mission per transaction (what one CLI call or one callback costs alone).
+    group: what a producer's ``submit_many`` and the supervisor's callback group commit do: a batch of submits
+    in one transaction, one tick, the batch's completions through ``apply_callbacks_in`` in one transaction."""
     f = fleet(path.parent)
     led = Ledger.open(path, synchronous=sync)  # type: ignore[arg-type]
+    lease = f.settings.leases.lease_sec
     t0 = time.perf_counter()
     for start in range(0, n, batch):
         now = time.time()
+        ids = range(start, min(n, start + batch))
         if group:
-            with led.transaction():
-                for i in range(start, min(n, start + batch)):
-                    ms.submit(led, f, cls="interactive", payload={"i": i}, now=now)
+            ms.submit_many(led, f, [ms.SubmitRequest("interactive", {"i": i}) for i in ids], now=now)
         else:
-            for i in range(start, min(n, start + batch)):
+            for i in ids:
                 ms.submit(led, f, cls="interactive", payload={"i": i}, now=now)
         res = tick.run_once(led, f, now=now)
         if group:
-            with led.transaction():
-                for d in res.dispatches:
-                    ms.complete(led, d.mission, lane=d.lane, attempt=d.attempt, token=d.token, now=now)
+            with led.transaction() as conn:
+                out = ms.apply_callbacks_in(conn, [ms.Callback("succeeded", d.mission, d.lane, d.attempt, d.token)
+                                                   for d in res.dispatches], now=now, lease_sec=lease)
+            assert all(o.changed for o in out)
         else:
             for d in res.dispatches:
                 ms.complete(led, d.mission, lane=d.lane, attempt=d.attempt, token=d.token, now=now)
@@ -162,28 +166,53 @@ def build_ledger(path: Path, history: int, queued: int) -> None:
     led.close()
 
 
+def _decisions(led: Ledger, f: LaneSet, samples: int) -> list[float]:
+    out = []
+    for i in range(samples):
+        now = time.time()
+        ms.submit(led, f, cls="interactive", payload={"i": i}, now=now)
+        t = time.perf_counter()
+        res = tick.run_once(led, f, now=now)
+        out.append((time.perf_counter() - t) * 1000)
+        d = res.dispatches[0]
+        ms.complete(led, d.mission, lane=d.lane, attempt=d.attempt, token=d.token, now=now)
+    return sorted(out)
+
+
+def _pct(samples: list[float], q: float) -> float:
+    return samples[min(len(samples) - 1, int(len(samples) * q))]
+
+
 def latency(args: argparse.Namespace) -> None:
+    """Two connections in turn on the same ledger: SQLite's defaults (a commit that crosses 1000 WAL pages runs the
+    checkpoint) and the supervisor's (Ledger.open(autocheckpoint=False), a Checkpointer thread, gc.freeze())."""
+    import gc
+
+    from lanectl.ledger import Checkpointer
+
     base = Path(tempfile.mkdtemp(dir=args.dir))
-    print(f"\ndispatch decision (run_once) for one interactive mission; {args.history:,} finished in history")
+    print(f"\ndispatch decision (run_once) for one interactive mission; {args.history:,} finished in history, "
+          f"{args.samples} samples per connection, alternating blocks of {args.samples // 4}")
     for size in args.sizes:
         path = base / f"l{size}.db"
         t0 = time.perf_counter()
         build_ledger(path, args.history, size)
         built = time.perf_counter() - t0
         f = fleet(base, classes=["interactive"], capacity=4)
+        results: dict[str, list[float]] = {"default": [], "supervisor": []}
+        block = max(1, args.samples // 4)
+        for _ in range(4):  # alternate, so drift and neighbours hit both alike
+            led = Ledger.open(path)
+            results["default"] += _decisions(led, f, block)
+            led.close()
+            led = Ledger.open(path, autocheckpoint=False)
+            cp = Checkpointer(path).start()
+            gc.freeze()
+            results["supervisor"] += _decisions(led, f, block)
+            cp.stop()
+            gc.unfreeze()
+            led.close()
         led = Ledger.open(path)
-        samples = []
-        for i in range(args.samples):
-            now = time.time()
-            ms.submit(led, f, cls="interactive", payload={"i": i}, now=now)
-            t = time.perf_counter()
-            res = tick.run_once(led, f, now=now)
-            samples.append((time.perf_counter() - t) * 1000)
-            d = res.dispatches[0]
-            ms.complete(led, d.mission, lane=d.lane, attempt=d.attempt, token=d.token, now=now)
-        samples.sort()
-        p50 = samples[len(samples) // 2]
-        p99 = samples[min(len(samples) - 1, int(len(samples) * 0.99))]
         t = time.perf_counter()
         page = ms.list_missions(led, state="queued", limit=100)
         list_ms = (time.perf_counter() - t) * 1000
@@ -192,10 +221,18 @@ def latency(args: argparse.Namespace) -> None:
         ms.attempts_of(led, page[0].id)
         show_ms = (time.perf_counter() - t) * 1000
         led.close()
-        print(f"| {size:,} queued | {p50:.2f} ms | {p99:.2f} ms | list first page {list_ms:.1f} ms | "
-              f"show {show_ms:.2f} ms | built in {built:.0f} s, {path.stat().st_size / 1e6:.0f} MB |")
-        path.unlink()
-    shutil.rmtree(base)
+        for name, samples in results.items():
+            samples.sort()
+            print(f"| {size:,} queued | {name} | {_pct(samples, 0.5):.2f} ms | {_pct(samples, 0.9):.2f} ms | "
+                  f"{_pct(samples, 0.99):.2f} ms | {samples[-1]:.2f} ms |")
+        print(f"  list first page {list_ms:.1f} ms, show {show_ms:.2f} ms (library calls); built in {built:.0f} s, "
+              f"{path.stat().st_size / 1e6:.0f} MB")
+        if args.keep:
+            print(f"  kept: {path}")
+        else:
+            path.unlink()
+    if not args.keep:
+        shutil.rmtree(base)
 
 
 def main() -> None:
@@ -205,7 +242,8 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--sizes", default="1000,100000,1000000")
     p.add_argument("--history", type=int, default=1_000_000)
-    p.add_argument("--samples", type=int, default=300)
+    p.add_argument("--samples", type=int, default=2000)
+    p.add_argument("--keep", action="store_true", help="Keep the built ledgers (for timing the CLI on them).")
     p.add_argument("--dir", default=None, help="Where the temporary ledgers go (default: $TMPDIR).")
     p.add_argument("--skip", default="", help="lifecycle or latency")
     args = p.parse_args()

@@ -18,6 +18,7 @@ attempts that the lane never got, which its restart reconciles against each lane
 """
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -38,7 +39,7 @@ from typing import Any
 from lanectl import __version__, keys, paths, systemd
 from lanectl.config import LaneSet
 from lanectl.errors import Conflict, LanectlError, NotFound
-from lanectl.ledger import Ledger
+from lanectl.ledger import Checkpointer, Ledger
 from lanectl.ledger import missions as ms
 from lanectl.ledger import lanes as lane_ops
 from lanectl.ledger import tick as ticks
@@ -159,11 +160,13 @@ class Supervisor:
         self.settle_until = 0.0
         self.ledger_error: float | None = None
         self.alerted: dict[tuple[str, str], float] = {}
+        self.checkpointer: Checkpointer | None = None
 
     # ------------------------------------------------------------------------------------------ setup
     def open(self) -> None:
         """Migrate the ledger, load lane keys, bind the callback endpoint (READY=1 comes after this)."""
-        self.ledger = Ledger.open(self.ledger_path)
+        self.ledger = Ledger.open(self.ledger_path, autocheckpoint=False)
+        self.checkpointer = Checkpointer(self.ledger_path).start()  # WAL checkpoints off the dispatch path
         from lanectl.watch import commit_watch
 
         self.commits = commit_watch(self.ledger_path)
@@ -241,6 +244,11 @@ class Supervisor:
             return 503, {"error": "busy", "message": "the supervisor did not answer in time; retry"}
 
     def apply_callbacks(self, now: float) -> int:
+        """Apply every callback that arrived since the last turn in one transaction (group commit).
+
+        The batch is fenced and written by ``missions.apply_callbacks_in`` (one read, grouped writes). Should the
+        batch fail for an unexpected reason, each callback is retried alone in its own savepoint, so a bug on one
+        cannot fail the others; a broken ledger answers 500 and the lanes retry."""
         batch: list[Pending] = []
         while True:
             try:
@@ -250,52 +258,56 @@ class Supervisor:
         if not batch:
             return 0
         assert self.ledger is not None
+        cbs = [self.as_callback(p.msg) for p in batch]
+        lease = self.settings.leases.lease_sec
         answers: list[tuple[int, dict[str, Any]]] = []
         try:
-            with self.ledger.transaction():  # one commit for the whole batch; each callback is a savepoint in it
-                for p in batch:
-                    answers.append(self.apply_one(p.msg, now))
-        except Exception:  # a broken ledger: answer 500 so that the lanes retry, and keep running
-            log.exception("applying %d callbacks failed", len(batch))
-            answers = [(500, {"error": "internal", "message": "the supervisor could not apply it; retry"})] * len(batch)
+            with self.ledger.transaction() as conn:
+                outcomes = ms.apply_callbacks_in(conn, cbs, now=now, lease_sec=lease)
+            answers = [self.answer(cb, o) for cb, o in zip(cbs, outcomes)]
+        except Exception:
+            log.exception("applying a batch of %d callbacks failed; applying them one by one", len(batch))
+            try:
+                with self.ledger.transaction():
+                    answers = [self.apply_one(cb, now) for cb in cbs]
+            except Exception:
+                log.exception("applying %d callbacks failed", len(batch))
+                answers = [(500, {"error": "internal", "message": "the supervisor could not apply it; retry"})] \
+                    * len(batch)
         for p, answer in zip(batch, answers):
             p.future.set_result(answer)
         self.dirty = True
         return len(batch)
 
-    def apply_one(self, m: CallbackMsg, now: float) -> tuple[int, dict[str, Any]]:
-        """One callback in its own savepoint: a bug on one cannot fail the others of its batch."""
-        assert self.ledger is not None
-        try:
-            with self.ledger.transaction():
-                return self.apply_callback(m, now)
-        except Exception:
-            log.exception("callback %s for mission %d attempt %d from %s failed", m.event, m.mission, m.attempt,
-                          m.lane)
-            return 500, {"error": "internal", "message": "the supervisor could not apply it; retry"}
+    @staticmethod
+    def as_callback(m: CallbackMsg) -> ms.Callback:
+        if m.event == "succeeded":
+            return ms.Callback("succeeded", m.mission, m.lane, m.attempt, m.token,
+                               result={"exit_code": m.exit_code, "output_tail": m.output_tail})
+        if m.event == "failed":
+            err = m.error or (f"exit code {m.exit_code}" if m.exit_code is not None else "failed")
+            return ms.Callback("failed", m.mission, m.lane, m.attempt, m.token, error=err, retry=False)
+        return ms.Callback(m.event, m.mission, m.lane, m.attempt, m.token)
 
-    def apply_callback(self, m: CallbackMsg, now: float) -> tuple[int, dict[str, Any]]:
-        assert self.ledger is not None
-        lease = self.settings.leases.lease_sec
-        common = {"lane": m.lane, "attempt": m.attempt, "token": m.token, "now": now}
+    def answer(self, cb: ms.Callback, o: ms.CallbackOutcome) -> tuple[int, dict[str, Any]]:
         self.counters["callbacks"] += 1
-        try:
-            if m.event == "started":
-                res = ms.started(self.ledger, m.mission, lease_sec=lease, **common)
-            elif m.event == "heartbeat":
-                res = ms.heartbeat(self.ledger, m.mission, lease_sec=lease, **common)
-            elif m.event == "succeeded":
-                res = ms.complete(self.ledger, m.mission, result={"exit_code": m.exit_code,
-                                                                    "output_tail": m.output_tail}, **common)
-            elif m.event == "failed":
-                err = m.error or (f"exit code {m.exit_code}" if m.exit_code is not None else "failed")
-                res = ms.fail(self.ledger, m.mission, error=err, retry=False, **common)
-            else:  # cancelled: the lane confirms it stopped an attempt that is already over in the ledger
-                res = ms.confirm_cancelled(self.ledger, m.mission, **common)
-        except (Conflict, NotFound) as exc:
+        if o.rejected is not None:
             self.counters["rejected"] += 1
-            return 409, {"error": exc.code, "message": exc.message}
-        return 200, {"ok": True, "changed": res.changed, "state": res.mission.state}
+            err = o.refusal(cb)
+            return 409, {"error": err.code, "message": err.message}
+        return 200, {"ok": True, "changed": o.changed, "state": o.state}
+
+    def apply_one(self, cb: ms.Callback, now: float) -> tuple[int, dict[str, Any]]:
+        """One callback in its own savepoint (the fallback when its batch failed)."""
+        assert self.ledger is not None
+        try:
+            with self.ledger.transaction() as conn:
+                out = ms.apply_callbacks_in(conn, [cb], now=now, lease_sec=self.settings.leases.lease_sec)
+            return self.answer(cb, out[0])
+        except Exception:
+            log.exception("callback %s for mission %d attempt %d from %s failed", cb.kind, cb.mission, cb.attempt,
+                          cb.lane)
+            return 500, {"error": "internal", "message": "the supervisor could not apply it; retry"}
 
     # ------------------------------------------------------------------------------------------ dispatch
     def send(self, d: ms.Dispatch) -> None:
@@ -701,6 +713,9 @@ class Supervisor:
         self.observe(now)
         self.reconcile(now)
         self.refresh_summary()
+        # Everything imported and built so far lives as long as the process: keep it out of the collector's
+        # full passes, which otherwise walk it inside a tick now and then (docs/benchmarks.md, dispatch latency).
+        gc.freeze()
         self.notify("READY=1\nSTATUS=" + self.status_line())
         log.info("supervising %d lanes; callbacks on %s:%d", len(self.lanes), self.settings.supervisor.host,
                  self.settings.supervisor.port)
@@ -784,5 +799,7 @@ class Supervisor:
             self.unwatch_pid(w)
         if self.commits is not None:
             self.commits.close()
+        if self.checkpointer is not None:
+            self.checkpointer.stop()
         if self.ledger is not None:
             self.ledger.close()

@@ -76,16 +76,29 @@ TRANSITIONS: dict[str | None, set[EventKind]] = {
 }
 
 
+EventRow = tuple[float, str, "int | None", "str | None", "str | None", "int | None", "str | None", str]
+_INSERT = "INSERT INTO events (at, kind, mission, lane, session, attempt, state, data) VALUES (?,?,?,?,?,?,?,?)"
+_dumps = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
+
+
+def row(kind: EventKind, at: float, *, mission: int | None = None, lane: str | None = None,
+        session: str | None = None, attempt: int | None = None, **data: Any) -> EventRow:
+    """One event as a row for ``append_many`` (batched writers collect these and insert them at once)."""
+    return (at, str(kind), mission, lane, session, attempt, STATE_AFTER.get(kind),
+            _dumps({k: v for k, v in data.items() if v is not None}))
+
+
 def append(conn: sqlite3.Connection, kind: EventKind, at: float, *, mission: int | None = None,
            lane: str | None = None, session: str | None = None, attempt: int | None = None,
            **data: Any) -> None:
     """Append one event; call inside the transaction that makes the change it records."""
-    state = STATE_AFTER.get(kind)
-    conn.execute(
-        "INSERT INTO events (at, kind, mission, lane, session, attempt, state, data) VALUES (?,?,?,?,?,?,?,?)",
-        (at, str(kind), mission, lane, session, attempt, state,
-         json.dumps({k: v for k, v in data.items() if v is not None}, sort_keys=True, separators=(",", ":"))),
-    )
+    conn.execute(_INSERT, row(kind, at, mission=mission, lane=lane, session=session, attempt=attempt, **data))
+
+
+def append_many(conn: sqlite3.Connection, rows: list[EventRow]) -> None:
+    """Append events in list order (ids follow it); call inside the transaction that made the changes."""
+    if rows:
+        conn.executemany(_INSERT, rows)
 
 
 def query(conn: sqlite3.Connection, *, mission: int | None = None, lane: str | None = None,

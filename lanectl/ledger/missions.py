@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final
 
 from lanectl.errors import Conflict, ExitCode, LanectlError, NotFound, Problem
-from lanectl.ledger import Ledger
+from lanectl.ledger import Ledger, events
 from lanectl.ledger.events import EventKind, append
 
 if TYPE_CHECKING:
@@ -219,53 +219,179 @@ def _session_owner(fleet: LaneSet, session: str, known: Mapping[str, str]) -> st
                    f"known prefixes: {prefixes}", "session_not_found")
 
 
+@dataclass(frozen=True)
+class SubmitRequest:
+    """One mission to queue with ``submit_many`` (the keyword arguments of ``submit``)."""
+
+    cls: str
+    payload: Any
+    deadline: float | None = None
+    lane: str | None = None
+    tags: tuple[str, ...] = ()
+    session: str | None = None
+    idempotency_key: str | None = None
+    max_attempts: int | None = None
+
+
+MAX_BATCH: Final = 1000
+"""Most requests one ``submit_many`` call takes (one transaction; keeps the write lock short)."""
+_INSERT_CHUNK: Final = 200
+_MISSION_INSERT: Final = ("INSERT INTO missions (class, rank, state, payload, request_hash, idempotency_key, lane, "
+                          "tags, session, deadline, max_attempts, created_at, updated_at) VALUES ")
+
+
 def submit(ledger: Ledger, fleet: LaneSet, *, cls: str, payload: Any, now: float, deadline: float | None = None,
            lane: str | None = None, tags: Iterable[str] = (), session: str | None = None,
            idempotency_key: str | None = None, max_attempts: int | None = None) -> SubmitResult:
     """Queue a mission; the same idempotency key and request returns the existing one (``created=False``)."""
-    known: dict[str, str] = {}
-    if session is not None:
-        row = ledger.conn.execute("SELECT lane FROM sessions WHERE id = ?", (session,)).fetchone()
-        if row:
-            known[session] = row[0]
-    req = _validate(fleet, cls=cls, payload=payload, deadline=deadline, lane=lane, tags=tags, session=session,
-                    key=idempotency_key, max_attempts=max_attempts, now=now, known_sessions=known)
+    req = SubmitRequest(cls, payload, deadline, lane, tuple(tags), session, idempotency_key, max_attempts)
+    return submit_many(ledger, fleet, [req], now=now)[0]
+
+
+def submit_many(ledger: Ledger, fleet: LaneSet, requests: Sequence[SubmitRequest], *,
+                now: float) -> list[SubmitResult]:
+    """Queue several missions in one transaction, all or nothing, results in request order.
+
+    Every request is validated first; any bad one fails the whole batch with its index in the message and
+    nothing written. Admission control counts the whole batch: if it does not fit a class's queue limit, no
+    mission of the batch is queued, each request is recorded as ``submit_refused`` and ``queue_full`` is raised.
+    Idempotency keys that exist already (or repeat inside the batch) return the first mission (``created=False``).
+    """
+    if not requests:
+        return []
+    if len(requests) > MAX_BATCH:
+        raise invalid("requests", f"{len(requests)} missions in one batch, more than {MAX_BATCH}",
+                      f"split the batch into chunks of at most {MAX_BATCH}", "batch_too_large")
+    sessions = sorted({r.session for r in requests if r.session is not None})
+    known = _known_sessions(ledger.conn, sessions)
+    reqs = _validate_all(fleet, requests, now, known)
     refused: LanectlError | None = None
     with ledger.transaction() as conn:
-        if req.key is not None:
-            row = conn.execute(f"SELECT request_hash, {COLUMNS} FROM missions WHERE idempotency_key = ?",
-                               (req.key,)).fetchone()
-            if row:
+        if sessions:
+            again = _known_sessions(conn, sessions)  # a session may have appeared or moved since the first read
+            if again != known:
+                known = again
+                reqs = _validate_all(fleet, requests, now, known)
+        results: list[SubmitResult | None] = [None] * len(reqs)
+        keys = [r.key for r in reqs if r.key is not None]
+        existing: dict[str, tuple[Any, ...]] = {}
+        for i in range(0, len(keys), 500):
+            chunk = keys[i:i + 500]
+            for row in conn.execute(f"SELECT request_hash, {COLUMNS} FROM missions WHERE idempotency_key IN "
+                                    f"({','.join('?' * len(chunk))})", chunk):
+                existing[row[5]] = row
+        new: list[int] = []
+        first_of_key: dict[str, int] = {}
+        for i, req in enumerate(reqs):
+            if req.key is not None and req.key in existing:
+                row = existing[req.key]
                 if row[0] != req.hash:
-                    raise Conflict(f"idempotency_key: {req.key!r} was used for mission {row[1]} with another "
-                                   "request", "use a new key for a new mission, or resend the original request",
-                                   "idempotency_conflict")
-                return SubmitResult(Mission.from_row(row[1:]), False)
-        limit = fleet.settings.classes[req.cls].queue_limit  # type: ignore[index]
-        depth = conn.execute("SELECT n FROM queue_depth WHERE rank = ?", (RANK[req.cls],)).fetchone()[0]
-        if depth >= limit:
-            append(conn, EventKind.SUBMIT_REFUSED, now, lane=req.lane, session=req.session, cls=req.cls,
-                   queued=depth, limit=limit, idempotency_key=req.key)
-            refused = Conflict(f"class: the {req.cls} queue is full ({depth} queued, limit {limit})",
-                               f"retry later (backpressure), or raise classes.{req.cls}.queue_limit in lanectl.toml",
+                    raise _idempotency_conflict(req.key, row[1])
+                results[i] = SubmitResult(Mission.from_row(row[1:]), False)
+            elif req.key is not None and req.key in first_of_key:
+                if reqs[first_of_key[req.key]].hash != req.hash:
+                    raise _idempotency_conflict(req.key, None)
+                new.append(i)  # filled in from its first occurrence below
+            else:
+                if req.key is not None:
+                    first_of_key[req.key] = i
+                new.append(i)
+        creating = [i for i in new if reqs[i].key is None or first_of_key[reqs[i].key] == i]  # type: ignore[index]
+        depth = dict(conn.execute("SELECT rank, n FROM queue_depth").fetchall())
+        wanted: dict[str, int] = {}
+        for i in creating:
+            wanted[reqs[i].cls] = wanted.get(reqs[i].cls, 0) + 1
+        full = {c: (depth[RANK[c]], fleet.settings.classes[c].queue_limit)  # type: ignore[index]
+                for c, n in wanted.items()
+                if depth[RANK[c]] + n > fleet.settings.classes[c].queue_limit}  # type: ignore[index]
+        if full:
+            events.append_many(conn, [
+                events.row(EventKind.SUBMIT_REFUSED, now, lane=reqs[i].lane, session=reqs[i].session,
+                           cls=reqs[i].cls, queued=full[reqs[i].cls][0], limit=full[reqs[i].cls][1],
+                           idempotency_key=reqs[i].key, batch=len(creating) if len(creating) > 1 else None)
+                for i in creating if reqs[i].cls in full])
+            c, (queued, limit) = sorted(full.items(), key=lambda kv: RANK[kv[0]])[0]
+            more = f", this batch adds {wanted[c]}" if len(creating) > 1 else ""
+            refused = Conflict(f"class: the {c} queue is full ({queued} queued, limit {limit}{more})",
+                               f"retry later (backpressure), or raise classes.{c}.queue_limit in lanectl.toml",
                                "queue_full")
         else:
-            if req.session is not None and not known:
-                conn.execute("INSERT INTO sessions (id, lane, created_at, updated_at) VALUES (?, ?, ?, ?)",
-                             (req.session, req.session_owner, now, now))
-                append(conn, EventKind.SESSION_CREATED, now, lane=req.session_owner, session=req.session)
-            row = conn.execute(
-                f"INSERT INTO missions (class, rank, state, payload, request_hash, idempotency_key, lane, tags, "
-                f"session, deadline, max_attempts, created_at, updated_at) "
-                f"VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING {COLUMNS}",
-                (req.cls, RANK[req.cls], req.payload_json, req.hash, req.key, req.lane, canonical(req.tags),
-                 req.session, req.deadline, req.max_attempts, now, now)).fetchone()
-            mission = Mission.from_row(row)
-            append(conn, EventKind.SUBMITTED, now, mission=mission.id, lane=req.lane, session=req.session,
-                   cls=req.cls, deadline=req.deadline)
+            _insert_new(conn, reqs, creating, results, known, now)
+            for i in new:
+                if results[i] is None:  # a key repeated inside the batch: the mission its first use created
+                    results[i] = SubmitResult(results[first_of_key[reqs[i].key]].mission, False)  # type: ignore
     if refused is not None:
         raise refused
-    return SubmitResult(mission, True)
+    return results  # type: ignore[return-value]
+
+
+def _known_sessions(conn: Any, sessions: Sequence[str]) -> dict[str, str]:
+    known: dict[str, str] = {}
+    for i in range(0, len(sessions), 500):
+        chunk = sessions[i:i + 500]
+        known.update(conn.execute(f"SELECT id, lane FROM sessions WHERE id IN ({','.join('?' * len(chunk))})",
+                                  chunk).fetchall())
+    return known
+
+
+def _validate_all(fleet: LaneSet, requests: Sequence[SubmitRequest], now: float,
+                  known: Mapping[str, str]) -> list[_Request]:
+    out = []
+    for i, r in enumerate(requests):
+        try:
+            out.append(_validate(fleet, cls=r.cls, payload=r.payload, deadline=r.deadline, lane=r.lane,
+                                 tags=r.tags, session=r.session, key=r.idempotency_key,
+                                 max_attempts=r.max_attempts, now=now, known_sessions=known))
+        except LanectlError as exc:
+            if len(requests) > 1:
+                exc.message = f"request {i}: {exc.message}"
+                for p in exc.problems:
+                    p.field = f"requests[{i}].{p.field}" if p.field else f"requests[{i}]"
+            raise
+    return out
+
+
+def _idempotency_conflict(key: str, mission: int | None) -> Conflict:
+    where = f"mission {mission}" if mission is not None else "another mission of this batch"
+    return Conflict(f"idempotency_key: {key!r} was used for {where} with another request",
+                    "use a new key for a new mission, or resend the original request", "idempotency_conflict")
+
+
+def _insert_new(conn: Any, reqs: list[_Request], creating: list[int], results: list[SubmitResult | None],
+                known: Mapping[str, str], now: float) -> None:
+    """Insert the new missions (multi-row INSERTs), their new sessions and their events, in request order."""
+    ids: list[int] = []
+    for c in range(0, len(creating), _INSERT_CHUNK):
+        chunk = creating[c:c + _INSERT_CHUNK]
+        params: list[Any] = []
+        for i in chunk:
+            r = reqs[i]
+            params += (r.cls, RANK[r.cls], r.payload_json, r.hash, r.key, r.lane, canonical(r.tags), r.session,
+                       r.deadline, r.max_attempts, now, now)
+        rows = conn.execute(_MISSION_INSERT + ",".join(["(?,?,'queued',?,?,?,?,?,?,?,?,?,?)"] * len(chunk))
+                            + " RETURNING id, request_hash", params).fetchall()
+        rows.sort()  # rowids are handed out in VALUES order (max + 1 each); RETURNING's order is unspecified
+        if [h for _, h in rows] != [reqs[i].hash for i in chunk]:
+            raise RuntimeError("mission ids did not follow insertion order")  # rolls the batch back
+        ids += [r[0] for r in rows]
+    created: dict[str, str] = {}
+    new_sessions: list[tuple[str, str, float, float]] = []
+    evs: list[events.EventRow] = []
+    for i, mission_id in zip(creating, ids):
+        r = reqs[i]
+        if r.session is not None and r.session not in known and r.session not in created:
+            created[r.session] = r.session_owner  # type: ignore[assignment]
+            new_sessions.append((r.session, r.session_owner, now, now))  # type: ignore[arg-type]
+            evs.append(events.row(EventKind.SESSION_CREATED, now, lane=r.session_owner, session=r.session))
+        evs.append(events.row(EventKind.SUBMITTED, now, mission=mission_id, lane=r.lane, session=r.session,
+                              cls=r.cls, deadline=r.deadline))
+        results[i] = SubmitResult(Mission(mission_id, r.cls, "queued", json.loads(r.payload_json), r.key, r.lane,
+                                          list(r.tags), r.session, r.deadline, r.max_attempts, 0, 0, None, None,
+                                          now, now), True)
+    if new_sessions:
+        conn.executemany("INSERT INTO sessions (id, lane, created_at, updated_at) VALUES (?, ?, ?, ?)",
+                         new_sessions)
+    events.append_many(conn, evs)
 
 
 # ---------------------------------------------------------------------------------------------------- reads
@@ -328,12 +454,32 @@ def assign(ledger: Ledger, assignments: Sequence[Assignment], *, now: float, lea
         return assign_in(conn, assignments, now=now, lease_sec=lease_sec, swrr=swrr, invocations=invocations)
 
 
+_CLAIM: Final = ("UPDATE missions SET state = 'dispatched', attempts = attempts + 1, current_lane = ?, "
+                  "wait_reason = NULL, updated_at = ? WHERE state = 'queued' AND id IN ({}) "
+                  "RETURNING id, attempts, class, session, deadline, payload")
+_CLAIM_CHUNK: Final = 500
+
+
 def assign_in(conn: Any, assignments: Sequence[Assignment], *, now: float, lease_sec: float,
               swrr: Mapping[str, int] | None = None, invocations: Mapping[str, str | None] | None = None
               ) -> list[Dispatch]:
     out: list[Dispatch] = []
     day = int(now // 86400)
     invocations = invocations or {}
+    attempts: list[tuple[Any, ...]] = []
+    usage: dict[tuple[str, str], int] = {}
+    evs: list[events.EventRow] = []
+    # Missions without a session cannot conflict with one another: claim them with one statement per lane.
+    claimed: dict[int, tuple[Any, ...]] = {}
+    plain: dict[str, list[int]] = {}
+    for a in assignments:
+        if a.session is None:
+            plain.setdefault(a.lane, []).append(a.mission)
+    for lane, ids in plain.items():
+        for i in range(0, len(ids), _CLAIM_CHUNK):
+            chunk = ids[i:i + _CLAIM_CHUNK]
+            for r in conn.execute(_CLAIM.format(",".join("?" * len(chunk))), (lane, now, *chunk)):
+                claimed[r[0]] = r[1:]
     for a in assignments:
         if a.session is not None:
             owner = conn.execute("SELECT lane FROM sessions WHERE id = ?", (a.session,)).fetchone()
@@ -341,29 +487,33 @@ def assign_in(conn: Any, assignments: Sequence[Assignment], *, now: float, lease
                                 "AND current_lane <> ? LIMIT 1", (a.session, a.lane)).fetchone()
             if busy or (owner and owner[0] != a.lane and a.session_move is None):
                 continue  # would put one session on two lanes: the plan was stale
-        row = conn.execute(
-            "UPDATE missions SET state = 'dispatched', attempts = attempts + 1, current_lane = ?, wait_reason = NULL, "
-            "updated_at = ? WHERE id = ? AND state = 'queued' "
-            "RETURNING attempts, class, session, deadline, payload", (a.lane, now, a.mission)).fetchone()
+            found = conn.execute(_CLAIM.format("?"), (a.lane, now, a.mission)).fetchone()
+            row = None if found is None else found[1:]
+        else:
+            row = claimed.pop(a.mission, None)  # pop: a mission planned twice is dispatched once
         if row is None:
-            continue
+            continue  # no longer queued (cancelled meanwhile): the plan was stale
         n, cls, session, deadline, payload = row
         if a.session_move is not None and session is not None:
             old, new = a.session_move
             conn.execute("UPDATE sessions SET lane = ?, updated_at = ? WHERE id = ?", (new, now, session))
-            append(conn, EventKind.SESSION_MOVED, now, lane=new, session=session, mission=None, from_lane=old,
-                   reason="fallback" if a.fallback_from else "reroute")
+            evs.append(events.row(EventKind.SESSION_MOVED, now, lane=new, session=session, from_lane=old,
+                                  reason="fallback" if a.fallback_from else "reroute"))
         token = secrets.token_urlsafe(24)
         invocation = invocations.get(a.lane)
-        conn.execute("INSERT INTO attempts (mission, n, lane, class, invocation, token_hash, state, dispatched_at, "
-                     "lease_expires) VALUES (?, ?, ?, ?, ?, ?, 'dispatched', ?, ?)",
-                     (a.mission, n, a.lane, cls, invocation, token_hash(token), now, now + lease_sec))
-        conn.execute("INSERT INTO usage_daily (lane, class, day, n) VALUES (?, ?, ?, 1) "
-                     "ON CONFLICT (lane, class, day) DO UPDATE SET n = n + 1", (a.lane, cls, day))
-        append(conn, EventKind.DISPATCHED, now, mission=a.mission, lane=a.lane, session=session, attempt=n,
-               cls=cls, fallback_from=a.fallback_from, aged=a.aged or None)
+        attempts.append((a.mission, n, a.lane, cls, invocation, token_hash(token), now, now + lease_sec))
+        usage[(a.lane, cls)] = usage.get((a.lane, cls), 0) + 1
+        evs.append(events.row(EventKind.DISPATCHED, now, mission=a.mission, lane=a.lane, session=session, attempt=n,
+                              cls=cls, fallback_from=a.fallback_from, aged=a.aged or None))
         out.append(Dispatch(a.mission, n, a.lane, token, cls, session, deadline, json.loads(payload), invocation,
                             now + lease_sec))
+    if attempts:
+        conn.executemany("INSERT INTO attempts (mission, n, lane, class, invocation, token_hash, state, "
+                         "dispatched_at, lease_expires) VALUES (?, ?, ?, ?, ?, ?, 'dispatched', ?, ?)", attempts)
+        conn.executemany("INSERT INTO usage_daily (lane, class, day, n) VALUES (?, ?, ?, ?) "
+                         "ON CONFLICT (lane, class, day) DO UPDATE SET n = n + excluded.n",
+                         [(lane, cls, day, k) for (lane, cls), k in usage.items()])
+    events.append_many(conn, evs)
     for lane, value in (swrr or {}).items():
         conn.execute("INSERT INTO lanes (name, swrr, updated_at) VALUES (?, ?, ?) "
                      "ON CONFLICT (name) DO UPDATE SET swrr = excluded.swrr", (lane, value, now))
@@ -373,124 +523,236 @@ def assign_in(conn: Any, assignments: Sequence[Assignment], *, now: float, lease
 # ---------------------------------------------------------------------------------------------------- callbacks
 
 _DONE_AS: Final = {"succeeded": "succeeded", "failed": "failed", "cancelled": "cancelled", "lost": "cancelled"}
+CALLBACK_KINDS: Final = ("started", "heartbeat", "succeeded", "failed", "cancelled")
+_FENCE_CHUNK: Final = 400
 
 
-def _fence(ledger: Ledger, mission_id: int, lane: str, attempt: int, token: str, kind: str, now: float,
-           lease_sec: float | None, apply: Any) -> CallbackResult:
+@dataclass(frozen=True)
+class Callback:
+    """One report from a lane about an attempt it holds; ``apply_callbacks_in`` fences and applies it.
+
+    ``cancelled`` confirms the lane stopped an attempt that is already over in the ledger (it changes nothing);
+    ``failed`` with ``retry`` re-queues the mission while attempts remain.
+    """
+
+    kind: str
+    mission: int
+    lane: str
+    attempt: int
+    token: str
+    result: Any = None
+    error: str | None = None
+    retry: bool = False
+
+
+@dataclass(frozen=True)
+class CallbackOutcome:
+    changed: bool
+    state: str | None
+    """The mission's state after the callback (None when there is no such mission)."""
     rejected: str | None = None
-    with ledger.transaction() as conn:
-        row = conn.execute("SELECT m.state, m.attempts, a.lane, a.token_hash, a.state FROM missions m "
-                           "LEFT JOIN attempts a ON a.mission = m.id AND a.n = ? WHERE m.id = ?",
-                           (attempt, mission_id)).fetchone()
-        if row is None:
-            rejected = "no such mission"
+    """Why the callback was refused (fencing), None when it was accepted."""
+
+    def refusal(self, cb: Callback) -> Conflict:
+        return Conflict(f"callback {cb.kind} for mission {cb.mission} attempt {cb.attempt} from lane {cb.lane!r} "
+                        f"refused: {self.rejected}",
+                        "the lane must drop this attempt; it was re-dispatched or never its own", "lease_fenced")
+
+
+class _Deferred:
+    """Row updates of a callback batch, applied in order per table, one ``executemany`` per run of equal SQL.
+
+    Per-table order is all that matters: none of these statements reads the other table. Anything that must read
+    a row it may have changed (``_lose``) flushes first."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.tables: dict[str, list[tuple[str, list[tuple[Any, ...]], bool]]] = {"attempts": [], "missions": []}
+
+    def add(self, table: str, sql: str, params: tuple[Any, ...], *, checked: bool = False) -> None:
+        runs = self.tables[table]
+        if runs and runs[-1][0] == sql:
+            runs[-1][1].append(params)
         else:
-            m_state, current, a_lane, a_hash, a_state = row
-            if a_lane is None:
-                rejected = f"mission has no attempt {attempt}"
-            elif a_lane != lane:
-                rejected = f"attempt {attempt} belongs to lane {a_lane!r}"
-            elif not hmac.compare_digest(a_hash, token_hash(token)):
-                rejected = "token does not match"
-            elif a_state in ("dispatched", "running") and attempt == current:
-                if lease_sec is not None:
-                    conn.execute("UPDATE attempts SET heartbeat_at = ?, lease_expires = max(lease_expires, ?) "
-                                 "WHERE mission = ? AND n = ?", (now, now + lease_sec, mission_id, attempt))
-                changed = apply(conn, a_state)
-                result = CallbackResult(get(ledger, mission_id), changed)
-            elif _DONE_AS.get(a_state) == kind or (kind in ("started", "heartbeat") and a_state == "succeeded"):
-                result = CallbackResult(get(ledger, mission_id), False)  # a repeat: acknowledge, change nothing
-            else:
-                rejected = f"attempt {attempt} is {a_state} (current attempt {current})"
+            runs.append((sql, [params], checked))
+
+    def flush(self) -> None:
+        for runs in self.tables.values():
+            for sql, rows, checked in runs:
+                cur = self.conn.executemany(sql, rows)
+                if checked and cur.rowcount != len(rows):  # fencing guarantees it; never commit otherwise
+                    raise RuntimeError(f"{len(rows) - cur.rowcount} of {len(rows)} finished attempts were not active")
+            runs.clear()
+
+
+def apply_callbacks_in(conn: Any, callbacks: Sequence[Callback], *, now: float,
+                       lease_sec: float) -> list[CallbackOutcome]:
+    """Fence and apply callbacks in order inside the caller's transaction (group commit); one outcome each.
+
+    Fencing: the callback must name an attempt of the mission that belongs to its lane, carry that attempt's token
+    (compared by hash in constant time) and the attempt must be the mission's current, active one; a repeat of the
+    report that finished it is acknowledged without change. Anything else is refused (``rejected``) and recorded
+    as ``callback_rejected``. One read fetches the fencing data of the whole batch.
+    """
+    missions: dict[int, list[Any]] = {}  # id -> [state, attempts]
+    holds: dict[tuple[int, int], list[Any]] = {}  # (mission, n) -> [lane, token_hash, state]
+    pairs = sorted({(c.mission, c.attempt) for c in callbacks})
+    for i in range(0, len(pairs), _FENCE_CHUNK):
+        chunk = pairs[i:i + _FENCE_CHUNK]
+        sql = (f"WITH req (mission, n) AS (VALUES {','.join(['(?, ?)'] * len(chunk))}) "
+               "SELECT req.mission, req.n, m.state, m.attempts, a.lane, a.token_hash, a.state FROM req "
+               "JOIN missions m ON m.id = req.mission LEFT JOIN attempts a ON a.mission = m.id AND a.n = req.n")
+        for mid, n, m_state, current, a_lane, a_hash, a_state in conn.execute(sql, [v for p in chunk for v in p]):
+            missions[mid] = [m_state, current]
+            if a_lane is not None:
+                holds[(mid, n)] = [a_lane, a_hash, a_state]
+    out: list[CallbackOutcome] = []
+    evs: list[events.EventRow] = []
+    writes = _Deferred(conn)
+    for cb in callbacks:
+        m = missions.get(cb.mission)
+        hold = holds.get((cb.mission, cb.attempt))
+        rejected = None
+        changed = False
+        if cb.kind not in CALLBACK_KINDS:
+            rejected = f"unknown callback {cb.kind!r}"
+        elif m is None:
+            rejected = "no such mission"
+        elif hold is None:
+            rejected = f"mission has no attempt {cb.attempt}"
+        elif hold[0] != cb.lane:
+            rejected = f"attempt {cb.attempt} belongs to lane {hold[0]!r}"
+        elif not hmac.compare_digest(hold[1], token_hash(cb.token)):
+            rejected = "token does not match"
+        elif hold[2] in ACTIVE and cb.attempt == m[1]:
+            changed = _apply_callback(writes, cb, hold, m, now, lease_sec, evs)
+        elif not (_DONE_AS.get(hold[2]) == cb.kind or (cb.kind in ("started", "heartbeat")
+                                                       and hold[2] == "succeeded")):
+            rejected = f"attempt {cb.attempt} is {hold[2]} (current attempt {m[1]})"
+        # else: a repeat of the report that finished it: acknowledge, change nothing
         if rejected is not None:
-            append(conn, EventKind.CALLBACK_REJECTED, now, mission=mission_id if row else None, lane=lane,
-                   attempt=attempt, callback=kind, reason=rejected)
-    if rejected is not None:
-        raise Conflict(f"callback {kind} for mission {mission_id} attempt {attempt} from lane {lane!r} refused: "
-                       f"{rejected}", "the lane must drop this attempt; it was re-dispatched or never its own",
-                       "lease_fenced")
-    return result
+            evs.append(events.row(EventKind.CALLBACK_REJECTED, now, mission=cb.mission if m else None, lane=cb.lane,
+                                  attempt=cb.attempt, callback=cb.kind, reason=rejected))
+        out.append(CallbackOutcome(changed, m[0] if m else None, rejected))
+    writes.flush()
+    events.append_many(conn, evs)
+    return out
+
+
+def _apply_callback(writes: _Deferred, cb: Callback, hold: list[Any], m: list[Any], now: float, lease_sec: float,
+                    evs: list[events.EventRow]) -> bool:
+    """Apply one fenced callback to its current, active attempt; updates ``hold`` and ``m`` (the batch's view)."""
+    mission_id, attempt = cb.mission, cb.attempt
+    if cb.kind in ("started", "heartbeat"):
+        to_running = cb.kind == "started" and hold[2] != "running"
+        writes.add("attempts", "UPDATE attempts SET heartbeat_at = ?, lease_expires = max(lease_expires, ?), "
+                   "state = ?, started_at = CASE WHEN ? THEN ? ELSE started_at END WHERE mission = ? AND n = ?",
+                   (now, now + lease_sec, "running" if to_running else hold[2], to_running, now, mission_id, attempt))
+        if not to_running:
+            return False  # heartbeats are not transitions: no event, the attempt row keeps the last one
+        writes.add("missions", "UPDATE missions SET state = 'running', updated_at = ? WHERE id = ?",
+                   (now, mission_id))
+        evs.append(events.row(EventKind.STARTED, now, mission=mission_id, lane=cb.lane, attempt=attempt))
+        hold[2] = m[0] = "running"
+        return True
+    if cb.kind == "cancelled":
+        return False
+    if cb.kind == "succeeded":
+        _finish(writes, mission_id, attempt, "succeeded", "succeeded", now,
+                result=None if cb.result is None else canonical(cb.result))
+        evs.append(events.row(EventKind.SUCCEEDED, now, mission=mission_id, lane=cb.lane, attempt=attempt))
+        hold[2] = m[0] = "succeeded"
+    elif cb.retry:
+        error = cb.error or ""
+        writes.flush()
+        m[0] = _lose(writes.conn, mission_id, attempt, cb.lane, f"attempt failed: {error}"[:500], now, evs,
+                     attempt_state="failed", error=error)
+        hold[2] = "failed"
+    else:
+        error = cb.error or ""
+        _finish(writes, mission_id, attempt, "failed", "failed", now, error=error)
+        evs.append(events.row(EventKind.FAILED, now, mission=mission_id, lane=cb.lane, attempt=attempt,
+                              error=error[:500]))
+        hold[2] = m[0] = "failed"
+    return True
+
+
+def _one_callback(ledger: Ledger, cb: Callback, now: float, lease_sec: float = 0.0) -> CallbackResult:
+    with ledger.transaction() as conn:
+        outcome = apply_callbacks_in(conn, [cb], now=now, lease_sec=lease_sec)[0]
+    if outcome.rejected is not None:  # raised after the commit: the rejection is on record
+        raise outcome.refusal(cb)
+    return CallbackResult(get(ledger, cb.mission), outcome.changed)
 
 
 def started(ledger: Ledger, mission_id: int, *, lane: str, attempt: int, token: str, now: float,
             lease_sec: float) -> CallbackResult:
-    def apply(conn: Any, a_state: str) -> bool:
-        if a_state == "running":
-            return False
-        conn.execute("UPDATE attempts SET state = 'running', started_at = ? WHERE mission = ? AND n = ?",
-                     (now, mission_id, attempt))
-        conn.execute("UPDATE missions SET state = 'running', updated_at = ? WHERE id = ?", (now, mission_id))
-        append(conn, EventKind.STARTED, now, mission=mission_id, lane=lane, attempt=attempt)
-        return True
-
-    return _fence(ledger, mission_id, lane, attempt, token, "started", now, lease_sec, apply)
+    return _one_callback(ledger, Callback("started", mission_id, lane, attempt, token), now, lease_sec)
 
 
 def heartbeat(ledger: Ledger, mission_id: int, *, lane: str, attempt: int, token: str, now: float,
               lease_sec: float) -> CallbackResult:
     """Extend the lease (no event: heartbeats are not transitions; the attempt row keeps the last one)."""
-    return _fence(ledger, mission_id, lane, attempt, token, "heartbeat", now, lease_sec, lambda c, s: False)
+    return _one_callback(ledger, Callback("heartbeat", mission_id, lane, attempt, token), now, lease_sec)
 
 
 def confirm_cancelled(ledger: Ledger, mission_id: int, *, lane: str, attempt: int, token: str,
                       now: float) -> CallbackResult:
     """The lane confirms it stopped an attempt (cancelled, or superseded after it was lost): fenced like any
     callback; it changes nothing in the ledger."""
-    return _fence(ledger, mission_id, lane, attempt, token, "cancelled", now, None, lambda c, s: False)
+    return _one_callback(ledger, Callback("cancelled", mission_id, lane, attempt, token), now)
 
 
 def complete(ledger: Ledger, mission_id: int, *, lane: str, attempt: int, token: str, now: float,
              result: Any = None) -> CallbackResult:
-    result_json = None if result is None else canonical(result)
-
-    def apply(conn: Any, a_state: str) -> bool:
-        _finish(conn, mission_id, attempt, "succeeded", "succeeded", now, result=result_json)
-        append(conn, EventKind.SUCCEEDED, now, mission=mission_id, lane=lane, attempt=attempt)
-        return True
-
-    return _fence(ledger, mission_id, lane, attempt, token, "succeeded", now, None, apply)
+    return _one_callback(ledger, Callback("succeeded", mission_id, lane, attempt, token, result=result), now)
 
 
 def fail(ledger: Ledger, mission_id: int, *, lane: str, attempt: int, token: str, now: float,
          error: str = "", retry: bool = True) -> CallbackResult:
     """A failed attempt: re-queued while attempts remain and ``retry``, else ``dead`` (or ``failed``)."""
+    return _one_callback(ledger, Callback("failed", mission_id, lane, attempt, token, error=error, retry=retry),
+                         now)
 
-    def apply(conn: Any, a_state: str) -> bool:
-        if retry:
-            _lose(conn, mission_id, attempt, lane, f"attempt failed: {error}"[:500], now, attempt_state="failed",
-                  error=error)
-        else:
-            _finish(conn, mission_id, attempt, "failed", "failed", now, error=error)
-            append(conn, EventKind.FAILED, now, mission=mission_id, lane=lane, attempt=attempt, error=error[:500])
-        return True
 
-    return _fence(ledger, mission_id, lane, attempt, token, "failed", now, None, apply)
+_FINISH_ATTEMPT: Final = "UPDATE attempts SET state = ?, finished_at = ? WHERE mission = ? AND n = ?"
+_FINISH_MISSION: Final = ("UPDATE missions SET state = ?, current_lane = NULL, updated_at = ?, result = ?, error = ? "
+                          "WHERE id = ? AND attempts = ? AND state IN ('dispatched', 'running')")
 
 
 def _finish(conn: Any, mission_id: int, attempt: int, m_state: str, a_state: str, now: float, *,
             result: str | None = None, error: str | None = None) -> None:
-    conn.execute("UPDATE attempts SET state = ?, finished_at = ? WHERE mission = ? AND n = ?",
-                 (a_state, now, mission_id, attempt))
-    cur = conn.execute("UPDATE missions SET state = ?, current_lane = NULL, updated_at = ?, result = ?, error = ? "
-                       "WHERE id = ? AND attempts = ? AND state IN ('dispatched', 'running')",
-                       (m_state, now, result, error, mission_id, attempt))
+    """End the mission's active attempt with a final state; ``conn`` may be a ``_Deferred`` batch."""
+    if isinstance(conn, _Deferred):
+        conn.add("attempts", _FINISH_ATTEMPT, (a_state, now, mission_id, attempt))
+        conn.add("missions", _FINISH_MISSION, (m_state, now, result, error, mission_id, attempt), checked=True)
+        return
+    conn.execute(_FINISH_ATTEMPT, (a_state, now, mission_id, attempt))
+    cur = conn.execute(_FINISH_MISSION, (m_state, now, result, error, mission_id, attempt))
     if cur.rowcount != 1:
         raise RuntimeError(f"mission {mission_id} attempt {attempt} was not active")  # fencing guarantees it
 
 
-def _lose(conn: Any, mission_id: int, attempt: int, lane: str, reason: str, now: float, *,
-          attempt_state: str = "lost", error: str | None = None) -> str:
-    """The attempt is over without a result: re-queue the mission (attempt n+1 next) or declare it dead."""
+def _lose(conn: Any, mission_id: int, attempt: int, lane: str, reason: str, now: float,
+          evs: list[events.EventRow] | None = None, *, attempt_state: str = "lost", error: str | None = None) -> str:
+    """The attempt is over without a result: re-queue the mission (attempt n+1 next) or declare it dead.
+
+    The event goes to ``evs`` when given (the caller appends the batch), else straight into the log."""
     conn.execute("UPDATE attempts SET state = ?, finished_at = ? WHERE mission = ? AND n = ?",
                  (attempt_state, now, mission_id, attempt))
-    row = conn.execute("SELECT attempts - round_start >= max_attempts FROM missions WHERE id = ?",
-                       (mission_id,)).fetchone()
-    new = "dead" if row[0] else "queued"
-    conn.execute("UPDATE missions SET state = ?, current_lane = NULL, updated_at = ?, error = coalesce(?, error) "
-                 "WHERE id = ? AND attempts = ? AND state IN ('dispatched', 'running')",
-                 (new, now, error, mission_id, attempt))
-    append(conn, EventKind.DEAD if new == "dead" else EventKind.REQUEUED, now, mission=mission_id, lane=lane,
-           attempt=attempt, reason=reason)
+    new = conn.execute("UPDATE missions SET state = CASE WHEN attempts - round_start >= max_attempts THEN 'dead' "
+                       "ELSE 'queued' END, current_lane = NULL, updated_at = ?, error = coalesce(?, error) "
+                       "WHERE id = ? AND attempts = ? AND state IN ('dispatched', 'running') RETURNING state",
+                       (now, error, mission_id, attempt)).fetchone()
+    if new is None:
+        raise RuntimeError(f"mission {mission_id} attempt {attempt} was not active")  # callers check it first
+    new = new[0]
+    ev = events.row(EventKind.DEAD if new == "dead" else EventKind.REQUEUED, now, mission=mission_id, lane=lane,
+                    attempt=attempt, reason=reason)
+    if evs is None:
+        events.append_many(conn, [ev])
+    else:
+        evs.append(ev)
     return new
 
 

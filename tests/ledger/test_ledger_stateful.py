@@ -93,6 +93,40 @@ class LedgerMachine(RuleBasedStateMachine):
         if not live:
             assert not res.changed  # a repeat of what already happened
 
+    @precondition(lambda self: self.dispatches)
+    @rule(picks=st.lists(st.tuples(st.integers(0, 10**6), st.sampled_from(ms.CALLBACK_KINDS), st.booleans(),
+                                   st.booleans()), min_size=1, max_size=8))
+    def callback_batch(self, picks):
+        """The supervisor's group commit: several callbacks (repeats, forgeries, retries) in one transaction."""
+        cbs = []
+        for i, kind, forged, retry in picks:
+            d = self.dispatches[i % len(self.dispatches)]
+            cbs.append(ms.Callback(kind, d.mission, d.lane, d.attempt, "forged" if forged else d.token,
+                                   error="x" if kind == "failed" else None, retry=retry))
+        with self.led.transaction() as conn:
+            out = ms.apply_callbacks_in(conn, cbs, now=self.now, lease_sec=30)
+        last: dict[int, str | None] = {}
+        for cb, o in zip(cbs, out):
+            if cb.token == "forged":
+                assert o.rejected == "token does not match" and not o.changed
+            last[cb.mission] = o.state
+        for mission, state in last.items():  # what the batch reported is what it committed
+            assert ms.get(self.led, mission).state == state
+
+    @rule(n=st.integers(1, 5), key=st.none() | st.sampled_from(["b1", "b2"]),
+          session=st.none() | st.sampled_from(["alpha:s1", "beta:s3"]))
+    def submit_batch(self, n, key, session):
+        reqs = [ms.SubmitRequest("background", {"b": i}, session=session,
+                                 idempotency_key=key if i == 0 else None) for i in range(n)]
+        try:
+            res = ms.submit_many(self.led, self.fleet, reqs, now=self.now)
+        except LanectlError as exc:
+            assert exc.code in ("idempotency_conflict", "queue_full")
+            return
+        assert len(res) == n
+        if key is not None:
+            assert self.keys.setdefault(key, res[0].mission.id) == res[0].mission.id
+
     @rule(lane=st.sampled_from(LANES), what=st.sampled_from(["state", "restart", "failover"]),
           state=st.sampled_from(["active", "active", "active", "draining", "degraded"]), healthy=st.booleans(),
           inv=st.integers(0, 3))
