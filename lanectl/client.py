@@ -1,8 +1,9 @@
 """A small Python API for producers: submit, get, wait, cancel.
 
-    from lanectl.client import Client
+    from lanectl.client import Client, SubmitRequest
     c = Client()                      # LANECTL_LEDGER / $STATE_DIRECTORY/ledger.db, LANECTL_CONFIG_DIR
     m = c.submit("interactive", {"argv": ["echo", "hi"]}, idempotency_key="job-42")
+    c.submit_many([SubmitRequest("background", {"argv": ["true"]}) for _ in range(100)])  # one commit
     done = c.wait(m.id, timeout=60)   # raises lanectl.errors.Timeout (exit 7) when it does not finish in time
 
 Errors are ``lanectl.errors.LanectlError`` subclasses with a stable ``code`` (``queue_full`` is backpressure:
@@ -19,6 +20,9 @@ from lanectl import config, paths
 from lanectl.errors import Timeout
 from lanectl.ledger import Ledger
 from lanectl.ledger import missions as ms
+from lanectl.ledger.missions import SubmitRequest
+
+__all__ = ["Client", "SubmitRequest"]
 
 POLL_S = 0.2
 
@@ -61,6 +65,11 @@ class Client:
         return ms.submit(self.ledger, self.fleet, cls=cls, payload=payload, deadline=deadline, lane=lane,
                          tags=tags, session=session, idempotency_key=idempotency_key, max_attempts=max_attempts,
                          now=time.time() if now is None else now).mission
+
+    def submit_many(self, requests: list[ms.SubmitRequest], now: float | None = None) -> list[ms.SubmitResult]:
+        """Queue up to ``missions.MAX_BATCH`` missions in one transaction, all or nothing (one commit: the way to
+        enqueue many at once); ``created`` is False for an idempotency key that was already used."""
+        return ms.submit_many(self.ledger, self.fleet, requests, now=time.time() if now is None else now)
 
     def get(self, mission_id: int) -> ms.Mission:
         return ms.get(self.ledger, mission_id)

@@ -3,13 +3,15 @@
 ``lanectl status`` and ``lanectl probe`` run every minute from cron, monitoring and runbooks; the full typer
 application costs about 120 ms of imports (typer, pydantic) before it does anything. When the arguments are
 ones the fast path understands and a fleet is installed, they answer from the install manifest without those
-imports; anything else goes to typer.
+imports; ``lanectl missions`` and ``lanectl mission show ID`` likewise (lanectl.cli.missionview); anything else
+goes to typer.
 """
 from __future__ import annotations
 
 import sys
 
 FAST = ("status", "probe")
+READS = ("missions", "mission")
 
 
 def parse_simple(argv: list[str]) -> tuple[bool, str | None, list[str]] | None:
@@ -64,6 +66,11 @@ def main() -> None:
     argv = sys.argv[1:]
     if argv[:1] and argv[0] in FAST and fast(argv[0], argv[1:]):
         return
+    if argv[:1] and argv[0] in READS:
+        from lanectl.cli.missionview import fast as fast_read
+
+        if fast_read(argv[0], argv[1:]):
+            return
     from lanectl.cli.main import app
 
     app(prog_name="lanectl")

@@ -1,16 +1,22 @@
 """submit, missions, mission show/cancel/retry/explain, and dispatch --once."""
 from __future__ import annotations
 
+import json
 import re
+import sys
 import time
 from datetime import datetime
-from typing import Any, List, Optional
+from pathlib import Path
+from typing import Any, List, Optional, Union
 
 import typer
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lanectl import config, paths
+from lanectl.cli import missionview
 from lanectl.cli.options import CONFIG, JSON
 from lanectl.client import Client
+from lanectl.errors import ExitCode, LanectlError, Problem
 from lanectl.ledger import Ledger
 from lanectl.ledger import missions as ms
 from lanectl.ledger import tick
@@ -59,15 +65,6 @@ def absolute_time(text: str, field: str, hint: str, code: str) -> float:
     return dt.timestamp()
 
 
-def _human_mission(m: ms.Mission) -> None:
-    from rich.table import Table
-
-    t = Table(show_header=False, box=None)
-    for k, v in m.as_dict().items():
-        t.add_row(f"[bold]{k}[/]", escape("-" if v is None else str(v)))
-    stdout_console().print(t)
-
-
 @command("submit")
 def submit(
     argv: Optional[List[str]] = typer.Argument(None, metavar="[-- COMMAND ARGS]",
@@ -80,16 +77,27 @@ def submit(
     session: Optional[str] = typer.Option(None, help="Session PREFIX:ID; runs on the lane owning it."),
     idempotency_key: Optional[str] = typer.Option(None, help="Resubmitting with this key returns the same mission."),
     max_attempts: Optional[int] = typer.Option(None, help="Attempts before the mission is dead (default per class)."),
+    batch: Optional[str] = typer.Option(
+        None, "--batch", metavar="FILE",
+        help=f"Queue many missions at once, all or nothing: one JSON object per line ('-' for stdin), at most "
+             f"{ms.MAX_BATCH}; keys: class, payload or argv, deadline, lane, tags, session, idempotency_key, "
+             f"max_attempts."),
     ledger: Optional[str] = LEDGER,
     config_dir: Optional[str] = CONFIG,
     json_out: bool = JSON,
 ) -> None:
-    """Queue a mission.
+    """Queue a mission (or a batch of them with --batch).
 
     Example: lanectl submit --class interactive -- /bin/echo hello
-    Exit 5 with code queue_full when the class queue is at its limit (backpressure: retry later).
+    Exit 5 with code queue_full when the class queue is at its limit (backpressure: retry later); a batch that
+    does not fit is refused whole.
     """
     now = time.time()
+    if batch is not None:
+        if argv or payload is not None:
+            raise ms.invalid("batch", "--batch was given together with a payload or command",
+                             "put every mission in the batch file", "payload_ambiguous")
+        return _submit_batch(batch, now, ledger, config_dir, json_out)
     if payload is not None and argv:
         raise ms.invalid("payload", "both --payload and a command were given", "give one of them",
                          "payload_ambiguous")
@@ -110,13 +118,114 @@ def submit(
     finish(["submit"], data, json_mode=json_out, human=human)
 
 
+class BatchLine(BaseModel):
+    """One line of ``lanectl submit --batch``: the flags of ``lanectl submit`` as JSON keys."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    cls: str = Field("background", alias="class")
+    payload: Any = None
+    argv: Optional[List[str]] = None
+    deadline: Optional[Union[float, str]] = None
+    lane: Optional[str] = None
+    tags: List[str] = []
+    session: Optional[str] = None
+    idempotency_key: Optional[str] = None
+    max_attempts: Optional[int] = None
+
+
+def read_batch(text: str, source: str, now: float) -> tuple[list[ms.SubmitRequest], list[int]]:
+    """Parse a batch file (JSON lines; blank lines and lines starting with # are skipped) into requests and their
+    line numbers; the first bad line is an error naming the file, the line and the field, exit 2."""
+    out: list[ms.SubmitRequest] = []
+    numbers: list[int] = []
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        where = f"line {n}"
+        try:
+            doc = json.loads(line)
+        except ValueError as exc:
+            raise _batch_error(source, where, f"is not JSON ({exc})", "write one JSON object per line") from exc
+        try:
+            item = BatchLine.model_validate(doc)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            loc = ".".join(str(p) for p in err["loc"])
+            raise _batch_error(source, f"{where}.{loc}" if loc else where, err["msg"],
+                               "keys: class, payload or argv, deadline, lane, tags, session, idempotency_key, "
+                               "max_attempts") from exc
+        if (item.payload is None) == (item.argv is None):
+            raise _batch_error(source, where, "needs exactly one of payload and argv", "give one of them")
+        deadline = item.deadline if isinstance(item.deadline, float) or item.deadline is None \
+            else _line_deadline(source, where, item.deadline, now)
+        out.append(ms.SubmitRequest(item.cls, item.payload if item.argv is None else {"argv": item.argv}, deadline,
+                                    item.lane, tuple(item.tags), item.session, item.idempotency_key,
+                                    item.max_attempts))
+        numbers.append(n)
+    if not out:
+        raise _batch_error(source, "", "holds no missions", "write one JSON object per line")
+    if len(out) > ms.MAX_BATCH:
+        raise _batch_error(source, "", f"holds {len(out)} missions, more than {ms.MAX_BATCH} in one batch",
+                           f"split it, e.g. split -l {ms.MAX_BATCH}")
+    return out, numbers
+
+
+def _line_deadline(source: str, where: str, text: str, now: float) -> float | None:
+    try:
+        return parse_deadline(text, now)
+    except LanectlError as exc:
+        raise _batch_error(source, f"{where}.deadline", exc.message.removeprefix("deadline: "),
+                           exc.hint or "") from exc
+
+
+def _batch_error(source: str, where: str, message: str, hint: str) -> LanectlError:
+    text = f"{source}: {where}: {message}" if where else f"{source}: {message}"
+    return LanectlError(text, hint, "bad_batch", ExitCode.USAGE,
+                        [Problem(message, file=source, field=where or None, hint=hint, code="bad_batch")])
+
+
+def _submit_batch(batch: str, now: float, ledger: str | None, config_dir: str | None, json_out: bool) -> None:
+    if batch == "-":
+        text, source = sys.stdin.read(), "<stdin>"
+    else:
+        try:
+            text, source = Path(batch).read_text(), batch
+        except (OSError, UnicodeDecodeError) as exc:
+            raise LanectlError(f"{batch}: cannot read the batch file ({exc})", "check the path",
+                               "bad_batch", ExitCode.USAGE) from exc
+    requests, numbers = read_batch(text, source, now)
+    fleet = config.load(config_dir)
+    with Ledger.open(config.ledger_path(config_dir, ledger)) as led:
+        try:
+            results = ms.submit_many(led, fleet, requests, now=now)
+        except LanectlError as exc:
+            m = re.match(r"request (\d+): ", exc.message)
+            if m:  # name the file and line, not the index of the request
+                where = f"line {numbers[int(m.group(1))]}"
+                exc.message = f"{source}: {where}: {exc.message[m.end():]}"
+                for p in exc.problems:
+                    p.file = source
+                    p.field = (p.field or "").replace(f"requests[{m.group(1)}]", where)
+            raise
+    data = {"missions": [{"id": r.mission.id, "created": r.created, "class": r.mission.cls} for r in results],
+            "created": sum(r.created for r in results), "existing": sum(not r.created for r in results)}
+
+    def human() -> None:
+        ids = [r.mission.id for r in results]
+        stdout_console().print(f"queued {data['created']} mission(s), {data['existing']} already submitted; "
+                               f"ids {min(ids)}..{max(ids)}")
+
+    finish(["submit"], data, json_mode=json_out, human=human)
+
+
 @command("missions")
 def list_(
     state: Optional[str] = typer.Option(None, help="Only missions in this state."),
     lane: Optional[str] = typer.Option(None, help="Only missions for or on this lane."),
     cls: Optional[str] = typer.Option(None, "--class", help="Only this class."),
     session: Optional[str] = typer.Option(None, help="Only this session."),
-    limit: int = typer.Option(100, min=1, max=10_000, help="Page size."),
+    limit: int = typer.Option(100, min=1, max=missionview.MAX_LIMIT, help="Page size."),
     after: int = typer.Option(0, help="Page on: ids greater than this."),
     ledger: Optional[str] = LEDGER,
     config_dir: Optional[str] = CONFIG,
@@ -124,19 +233,9 @@ def list_(
 ) -> None:
     """List missions, oldest first."""
     with Ledger.open(config.ledger_path(config_dir, ledger)) as led:
-        rows = ms.list_missions(led, state=state, lane=lane, cls=cls, session=session, limit=limit, after_id=after)
-    data = {"missions": [m.as_dict() for m in rows], "next_after": rows[-1].id if len(rows) == limit else None}
-
-    def human() -> None:
-        from rich.table import Table
-
-        t = Table("id", "class", "state", "lane", "session", "attempts", "created")
-        for m in rows:
-            t.add_row(str(m.id), m.cls, m.state, escape(m.current_lane or m.lane or "-"), escape(m.session or "-"),
-                      str(m.attempts), ms.iso(m.created_at) or "-")
-        stdout_console().print(t)
-
-    finish(["missions"], data, json_mode=json_out, human=human)
+        rows, data = missionview.list_data(led, state=state, lane=lane, cls=cls, session=session, limit=limit,
+                                           after_id=after)
+    finish(["missions"], data, json_mode=json_out, human=lambda: missionview.human_list(rows))
 
 
 @mission_app.command("show")
@@ -152,8 +251,8 @@ def show(
     """Show one mission with its attempts."""
     with Client(config.ledger_path(config_dir, ledger)) as client:
         m = client.wait(mission_id, timeout=timeout) if wait else client.get(mission_id)
-        data = {**m.as_dict(), "attempt_rows": ms.attempts_of(client.ledger, mission_id)}
-    finish(["mission", "show"], data, json_mode=json_out, human=lambda: _human_mission(m))
+        data = missionview.show_data(client.ledger, m)
+    finish(["mission", "show"], data, json_mode=json_out, human=lambda: missionview.human_mission(m))
 
 
 @mission_app.command("cancel")

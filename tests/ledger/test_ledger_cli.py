@@ -118,3 +118,56 @@ def test_dispatch_needs_once_and_unknown_mission_is_4(app, env):
     assert run(app, "dispatch")[0].exit_code == 2
     res, doc = run(app, "mission", "show", "42", "--json")
     assert res.exit_code == 4 and doc["errors"][0]["code"] == "mission_not_found"
+
+
+def test_submit_batch_from_a_file_and_stdin(app, env):
+    lines = [json.dumps({"class": "interactive", "argv": ["/bin/echo", str(i)], "idempotency_key": f"b-{i}"})
+             for i in range(3)]
+    batch = env / "batch.ndjson"
+    batch.write_text("# three missions\n" + "\n".join(lines) + "\n\n")
+    res, doc = run(app, "submit", "--batch", str(batch), "--json")
+    assert res.exit_code == 0, res.output
+    assert doc["data"]["created"] == 3 and doc["data"]["existing"] == 0
+    ids = [m["id"] for m in doc["data"]["missions"]]
+    # the same file again is idempotent; from stdin, with a new mission after it
+    extra = json.dumps({"payload": {"x": 1}, "deadline": "+10m", "tags": []})
+    res = runner.invoke(app, ["submit", "--batch", "-", "--json"], input="\n".join(lines + [extra]) + "\n")
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert [m["id"] for m in doc["data"]["missions"]][:3] == ids
+    assert (doc["data"]["created"], doc["data"]["existing"]) == (1, 3)
+    assert doc["data"]["missions"][3]["class"] == "background"
+
+
+@pytest.mark.parametrize(("line", "field", "text"), [
+    ('{"class": "interactive", "argv": ["a"]', "line 2", "is not JSON"),
+    ('{"argv": ["a"], "colour": "red"}', "line 2.colour", "Extra inputs"),
+    ('{"argv": "a"}', "line 2.argv", "valid list"),
+    ('{"class": "interactive"}', "line 2", "exactly one of payload and argv"),
+    ('{"argv": ["a"], "deadline": "yesterday"}', "line 2.deadline", "is not a time"),
+])
+def test_submit_batch_bad_line_names_file_line_and_field_and_writes_nothing(app, env, line, field, text):
+    batch = env / "bad.ndjson"
+    batch.write_text('{"argv": ["ok"]}\n' + line + "\n")
+    res, doc = run(app, "submit", "--batch", str(batch), "--json")
+    assert res.exit_code == 2, res.output
+    problem = doc["errors"][0]
+    assert problem["file"] == str(batch) and problem["field"] == field and text in problem["message"]
+    res, doc = run(app, "missions", "--json")
+    assert doc["data"]["missions"] == []
+
+
+def test_submit_batch_refused_by_the_ledger_names_the_mission(app, env):
+    batch = env / "b.ndjson"
+    batch.write_text('{"argv": ["ok"]}\n\n{"argv": ["x"], "lane": "nowhere"}\n{"class": "urgent", "argv": []}\n')
+    res, doc = run(app, "submit", "--batch", str(batch), "--json")
+    assert res.exit_code == 4, res.output
+    assert doc["errors"][0]["message"].startswith(f"{batch}: line 3: lane: no lane named 'nowhere'")
+    batch.write_text('{"argv": ["ok"]}\n{"class": "urgent", "argv": []}\n')
+    res, doc = run(app, "submit", "--batch", str(batch), "--json")
+    assert res.exit_code == 2, res.output
+    assert (doc["errors"][0]["file"], doc["errors"][0]["field"]) == (str(batch), "line 2.class")
+    res, doc = run(app, "missions", "--json")
+    assert doc["data"]["missions"] == []
+    res, doc = run(app, "submit", "--batch", str(batch), "--json", "--", "/bin/true")
+    assert res.exit_code == 2
