@@ -106,3 +106,28 @@ def test_queue_query_uses_the_partial_index(led):
     plan = led.conn.execute("EXPLAIN QUERY PLAN SELECT id FROM missions WHERE state = 'queued' AND rank = 0 "
                             "ORDER BY id LIMIT 5").fetchall()
     assert "missions_queue" in str(plan)
+
+
+@pytest.mark.parametrize("poll", [True, False], ids=["lanectl-wait", "sqlite-handler"])
+def test_a_writer_waits_for_the_lock_then_gets_it_or_fails_with_ledger_busy(tmp_path, poll):
+    import threading
+    import time
+
+    from lanectl.errors import LanectlError
+
+    path = tmp_path / "l.db"
+    holder = Ledger.open(path)
+    waiter = Ledger.open(path, busy_timeout_s=0.3, busy_poll=poll)
+    holder.conn.execute("BEGIN IMMEDIATE")
+    t = time.monotonic()
+    with pytest.raises(LanectlError) as exc:
+        with waiter.transaction():
+            pass
+    assert exc.value.code == "ledger_busy" and 0.25 <= time.monotonic() - t < 3
+    threading.Timer(0.1, lambda: holder.conn.execute("COMMIT")).start()
+    with waiter.transaction() as conn:  # the lock is released while it waits: it gets in
+        conn.execute("INSERT INTO lanes (name, updated_at) VALUES ('w', 0)")
+    assert waiter.conn.execute("PRAGMA busy_timeout").fetchone()[0] == 300  # restored for other statements
+    assert holder.conn.execute("SELECT count(*) FROM lanes WHERE name = 'w'").fetchone()[0] == 1
+    holder.close()
+    waiter.close()
