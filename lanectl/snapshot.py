@@ -124,8 +124,9 @@ def _metrics(conn: sqlite3.Connection, fleet: LaneSet, lane: str | None, now: fl
         evidence = None  # type: ignore[assignment]
     if evidence is not None and hasattr(evidence, "metrics_conn"):
         return evidence.metrics_conn(conn, window_s=EVENTS_WINDOW_S, now=now, lane=lane, fleet=fleet)
-    counts = dict(conn.execute("SELECT state, count(*) FROM missions WHERE state IN ('queued','dispatched',"
-                               "'running') GROUP BY state").fetchall())
+    from lanectl.ledger.missions import state_counts
+
+    counts = state_counts(conn)
     return {"window_s": EVENTS_WINDOW_S, "active": counts}
 
 

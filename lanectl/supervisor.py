@@ -684,9 +684,7 @@ class Supervisor:
 
     def refresh_summary(self) -> None:
         assert self.ledger is not None
-        counts = dict(self.ledger.conn.execute(
-            "SELECT state, count(*) FROM missions WHERE state IN ('queued', 'dispatched', 'running') "
-            "GROUP BY state").fetchall())
+        counts = ms.state_counts(self.ledger.conn)  # every second: must not count a million-row queue
         up = sum(1 for w in self.lanes.values() if w.healthy)
         self.summary = {
             "lanes": {w.name: {"state": w.state, "healthy": w.healthy, "unit": f"{w.active}/{w.sub}",

@@ -366,7 +366,8 @@ def _insert_new(conn: Any, reqs: list[_Request], creating: list[int], results: l
         params: list[Any] = []
         for i in chunk:
             r = reqs[i]
-            params += (r.cls, RANK[r.cls], r.payload_json, r.hash, r.key, r.lane, canonical(r.tags), r.session,
+            params += (r.cls, RANK[r.cls], r.payload_json, r.hash, r.key, r.lane,
+                       canonical(r.tags) if r.tags else "[]", r.session,
                        r.deadline, r.max_attempts, now, now)
         rows = conn.execute(_MISSION_INSERT + ",".join(["(?,?,'queued',?,?,?,?,?,?,?,?,?,?)"] * len(chunk))
                             + " RETURNING id, request_hash", params).fetchall()
@@ -432,6 +433,15 @@ def list_missions(ledger: Ledger, *, state: str | None = None, lane: str | None 
     rows = ledger.conn.execute(f"SELECT {COLUMNS} FROM missions WHERE {' AND '.join(where)} ORDER BY id LIMIT ?",
                                (*params, limit)).fetchall()
     return [Mission.from_row(r) for r in rows]
+
+
+def state_counts(conn: Any) -> dict[str, int]:
+    """Missions queued, dispatched and running, in O(classes + in flight): the queue depth comes from the
+    trigger-kept ``queue_depth`` table, never from counting a possibly million-row queue."""
+    counts = {"queued": int(conn.execute("SELECT coalesce(sum(n), 0) FROM queue_depth").fetchone()[0])}
+    counts.update(conn.execute("SELECT state, count(*) FROM missions WHERE state IN ('dispatched', 'running') "
+                               "GROUP BY state").fetchall())
+    return {k: v for k, v in counts.items() if v}
 
 
 def attempts_of(ledger: Ledger, mission_id: int) -> list[dict[str, Any]]:

@@ -11,6 +11,7 @@ thousand or a million missions waiting. A mission pinned to a full lane deeper t
 """
 from __future__ import annotations
 
+import json
 import sqlite3
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
@@ -73,11 +74,13 @@ def lane_views(conn: sqlite3.Connection, fleet: LaneSet, now: float) -> tuple[tu
     return tuple(views), swrr
 
 
+_NO_TAGS: Final = frozenset[str]()
+
+
 def _queued(row: tuple[Any, ...]) -> QueuedMission:
     mid, cls, created, deadline, lane, tags, session, owner = row
-    import json
-
-    return QueuedMission(mid, cls, created, deadline, lane, frozenset(json.loads(tags)), session, owner)
+    return QueuedMission(mid, cls, created, deadline, lane, _NO_TAGS if tags == "[]" else frozenset(json.loads(tags)),
+                         session, owner)
 
 
 BACKOFF_CAP_S: Final = 60.0
@@ -162,7 +165,7 @@ def explain(ledger: Ledger, fleet: LaneSet, mission_id: int, *, now: float) -> d
     q = QueuedMission(m.id, m.cls, m.created_at, m.deadline, m.lane, frozenset(m.tags), m.session, owner, active)
     verdicts = dispatch.explain(q, snap, now)
     out["lanes"] = [{"lane": v.lane, "eligible": v.eligible, "reason": v.reason} for v in verdicts]
-    ahead = conn.execute("SELECT count(*) FROM missions WHERE state = 'queued' AND rank < ?",
+    ahead = conn.execute("SELECT coalesce(sum(n), 0) FROM queue_depth WHERE rank < ?",  # kept by triggers
                          (ms.RANK[m.cls],)).fetchone()[0]
     out["higher_class_queued"] = ahead
     out["aged"] = dispatch.is_aged(q, snap.max_wait, now)

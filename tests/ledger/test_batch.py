@@ -270,3 +270,12 @@ def test_checkpointer_keeps_the_wal_checkpointed(tmp_path, fleet):
     assert cp.checkpoints >= 2 and cp.errors == 0
     assert led.path.stat().st_size > before  # the thread copied the WAL into the database file
     led.close()
+
+
+def test_state_counts_match_the_rows_without_counting_the_queue(led, fleet):
+    ms.submit_many(led, fleet, [ms.SubmitRequest(c, {"i": i}, deadline=T0 + 60 if c == "deadline" else None)
+                                for i, c in enumerate(ms.CLASSES * 5)], now=T0)
+    d = tick.run_once(led, fleet, now=T0).dispatches
+    ms.started(led, d[0].mission, lane=d[0].lane, attempt=1, token=d[0].token, now=T0, lease_sec=30)
+    expected = dict(led.conn.execute("SELECT state, count(*) FROM missions GROUP BY state").fetchall())
+    assert ms.state_counts(led.conn) == expected and set(expected) == {"queued", "dispatched", "running"}
