@@ -39,7 +39,8 @@ MAX_PAYLOAD_BYTES: Final = 256 * 1024
 SESSION_RE: Final = re.compile(r"^([a-z][a-z0-9-]{0,30}):([A-Za-z0-9._-]{1,128})$")
 KEY_RE: Final = re.compile(r"^[\x21-\x7e]{1,200}$")
 COLUMNS: Final = ("id, class, state, payload, idempotency_key, lane, tags, session, deadline, max_attempts, "
-                  "attempts, round_start, current_lane, wait_reason, created_at, updated_at, result, error")
+                  "attempts, round_start, current_lane, wait_reason, created_at, updated_at, result, error, "
+                  "(SELECT a.lane FROM attempts a WHERE a.mission = missions.id AND a.n = missions.attempts)")
 
 
 def iso(ts: float | None) -> str | None:
@@ -80,6 +81,8 @@ class Mission:
     updated_at: float
     result: Any = None
     error: str | None = None
+    last_lane: str | None = None
+    """The lane of its latest attempt (where it runs, or where it last ran), None before its first dispatch."""
 
     @classmethod
     def from_row(cls, row: Sequence[Any]) -> Mission:
@@ -96,7 +99,7 @@ class Mission:
             "session": self.session, "deadline": iso(self.deadline), "max_attempts": self.max_attempts,
             "attempts": self.attempts, "current_lane": self.current_lane, "wait_reason": self.wait_reason,
             "created_at": iso(self.created_at), "updated_at": iso(self.updated_at), "result": self.result,
-            "error": self.error,
+            "error": self.error, "last_lane": self.last_lane,
         }
 
 
@@ -424,9 +427,10 @@ def list_missions(ledger: Ledger, *, state: str | None = None, lane: str | None 
     if cls is not None:
         where.append("rank = ?")
         params.append(RANK[cls])
-    if lane is not None:
-        where.append("(current_lane = ? OR lane = ?)")
-        params += [lane, lane]
+    if lane is not None:  # pinned to it, or its latest attempt is (or was) there
+        where.append("(lane = ? OR current_lane = ? OR EXISTS (SELECT 1 FROM attempts a WHERE a.mission = missions.id "
+                     "AND a.n = missions.attempts AND a.lane = ?))")
+        params += [lane, lane, lane]
     if session is not None:
         where.append("session = ?")
         params.append(session)

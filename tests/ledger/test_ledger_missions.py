@@ -231,3 +231,15 @@ def test_replay_matches_tables(led, fleet):
         r = rebuilt[row["id"]]
         assert (r.state, r.attempts, r.lane) == (row["state"], row["attempts"], row["current_lane"])
     assert json.loads(json.dumps(ms.get(led, ds[0].mission).as_dict()))["state"] == "succeeded"
+
+
+def test_finished_missions_keep_the_lane_they_ran_on(led, fleet):
+    m = ms.submit(led, fleet, cls="interactive", payload={}, now=T0).mission
+    assert m.last_lane is None
+    d = tick.run_once(led, fleet, now=T0).dispatches[0]
+    ms.complete(led, m.id, lane=d.lane, attempt=1, token=d.token, now=T0)
+    done = ms.get(led, m.id)
+    assert (done.current_lane, done.last_lane, done.as_dict()["last_lane"]) == (None, d.lane, d.lane)
+    assert [x.id for x in ms.list_missions(led, lane=d.lane)] == [m.id]
+    other = next(n for n in fleet.lanes if n != d.lane)
+    assert ms.list_missions(led, lane=other) == []
