@@ -84,8 +84,9 @@ _dumps = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
 def row(kind: EventKind, at: float, *, mission: int | None = None, lane: str | None = None,
         session: str | None = None, attempt: int | None = None, **data: Any) -> EventRow:
     """One event as a row for ``append_many`` (batched writers collect these and insert them at once)."""
-    return (at, str(kind), mission, lane, session, attempt, STATE_AFTER.get(kind),
-            _dumps({k: v for k, v in data.items() if v is not None}))
+    if data and None in data.values():
+        data = {k: v for k, v in data.items() if v is not None}
+    return (at, str(kind), mission, lane, session, attempt, STATE_AFTER.get(kind), _dumps(data) if data else "{}")
 
 
 def append(conn: sqlite3.Connection, kind: EventKind, at: float, *, mission: int | None = None,

@@ -77,10 +77,10 @@ def lane_views(conn: sqlite3.Connection, fleet: LaneSet, now: float) -> tuple[tu
 _NO_TAGS: Final = frozenset[str]()
 
 
-def _queued(row: tuple[Any, ...]) -> QueuedMission:
+def _queued(row: tuple[Any, ...], active: dict[str, str]) -> QueuedMission:
     mid, cls, created, deadline, lane, tags, session, owner = row
     return QueuedMission(mid, cls, created, deadline, lane, _NO_TAGS if tags == "[]" else frozenset(json.loads(tags)),
-                         session, owner)
+                         session, owner, active.get(session) if session is not None else None)
 
 
 BACKOFF_CAP_S: Final = 60.0
@@ -93,7 +93,7 @@ def queue_head(conn: sqlite3.Connection, head: int, *, now: float | None = None,
     Retries back off: a mission on its second attempt is taken at once (failover must be fast); from the third
     on it waits ``backoff_s * 2**(attempts - 2)`` (at most BACKOFF_CAP_S) after it was re-queued.
     """
-    seen: dict[int, QueuedMission] = {}
+    seen: dict[int, tuple[Any, ...]] = {}
     base = f"SELECT {_QCOLS} FROM missions m LEFT JOIN sessions s ON s.id = m.session "
     ready = ""
     args: tuple[Any, ...] = ()
@@ -109,15 +109,14 @@ def queue_head(conn: sqlite3.Connection, head: int, *, now: float | None = None,
             rows += conn.execute(base + "WHERE m.state = 'queued' AND m.rank = 1 AND m.deadline IS NOT NULL" + ready
                                  + " ORDER BY m.deadline LIMIT ?", (*args, head)).fetchall()
         for r in rows:
-            seen.setdefault(r[0], _queued(r))
+            seen.setdefault(r[0], r)
     active: dict[str, str] = {}
-    for session in {m.session for m in seen.values() if m.session is not None}:
+    for session in {r[6] for r in seen.values() if r[6] is not None}:
         row = conn.execute("SELECT current_lane FROM missions WHERE session = ? AND state IN ('dispatched', "
                            "'running') LIMIT 1", (session,)).fetchone()
         if row:
             active[session] = row[0]
-    return [QueuedMission(m.id, m.cls, m.created_at, m.deadline, m.lane, m.tags, m.session, m.session_lane,
-                          active.get(m.session or "")) for m in sorted(seen.values(), key=lambda q: q.id)]
+    return [_queued(seen[mid], active) for mid in sorted(seen)]
 
 
 def snapshot(conn: sqlite3.Connection, fleet: LaneSet, now: float) -> Snapshot:
