@@ -141,7 +141,7 @@ class Ledger:
 
         SQLite's busy handler sleeps 1, 2, 5, 10, 15, 20, 25 ... 100 ms between attempts, so with a few writers a
         waiter often sleeps through several releases of the lock: measured here, one-mission submits beside the
-        supervisor's loop had a p99 of 55 ms and a maximum of 184 ms for writes that hold the lock about a
+        supervisor's loop had a p99 of 19-55 ms and maxima of 80-230 ms for writes that hold the lock about a
         millisecond (docs/benchmarks.md, writer fairness). This polls instead, with short jittered sleeps (50 us
         doubling to 2 ms), so a waiter takes the lock within about 2 ms of its release. Statements other than
         BEGIN keep SQLite's handler (busy_timeout): in WAL mode they are not expected to wait.
@@ -190,7 +190,7 @@ class Checkpointer:
 
     By default SQLite checkpoints inside the commit that pushes the WAL past 1000 pages: that commit copies the WAL
     into the database file and syncs it. In the supervisor that commit is a dispatch decision, and it set the p99
-    of one (about 1 ms otherwise) to about 5 ms (docs/benchmarks.md). The supervisor therefore opens the ledger with
+    of one (under 1 ms otherwise) to about 4 ms (docs/benchmarks.md). The supervisor therefore opens the ledger with
     ``autocheckpoint=False`` and runs this thread. A PASSIVE checkpoint never blocks writers or readers; SQLite
     releases the GIL while it runs. Other writers (the CLI) keep automatic checkpoints, so the WAL stays bounded
     even when the supervisor is down.
