@@ -57,9 +57,10 @@ def lane_names(n: int) -> list[str]:
     return [f"l{i:02d}" for i in range(1, n + 1)]
 
 
-def write_config(cfg: Path, n: int, base_port: int) -> None:
+def write_config(cfg: Path, n: int, base_port: int, ledger: str | None = None) -> None:
     (cfg / "lanes.d").mkdir(parents=True, exist_ok=True)
-    (cfg / "lanectl.toml").write_text(f'# status benchmark fleet (bench/status_bench.py)\nworkspace_root = "{WORKSPACE_ROOT}"\n')
+    (cfg / "lanectl.toml").write_text(f'# status benchmark fleet (bench/status_bench.py)\nworkspace_root = "{WORKSPACE_ROOT}"\n'
+                                      + (f'ledger = "{ledger}"\n' if ledger else ""))
     for i, name in enumerate(lane_names(n)):
         (cfg / "lanes.d" / f"{name}.toml").write_text(
             f'description = "status bench lane {name}"\n'
@@ -188,6 +189,9 @@ def main() -> int:
     ap.add_argument("--lane-port", type=int, default=8801)
     ap.add_argument("--supervisor-port", type=int, default=8901)
     ap.add_argument("--keep", action="store_true", help="leave lanes and supervisord running (debugging)")
+    ap.add_argument("--probe-ledger", metavar="PATH",
+                    help="also time `lanectl probe` with this ledger (e.g. the 1M-mission one that "
+                         "bench/evidence_bench.py builds, fresh: its events end when it is built)")
     args = ap.parse_args()
     if not Path("/run/systemd/system").is_dir():
         raise SystemExit("status_bench: no running systemd here; run it through bench/run-status-bench")
@@ -203,7 +207,7 @@ def main() -> int:
     supd: subprocess.Popen | None = None
     out: dict = {"lanes": args.lanes, "runs": args.runs, "warmup_rounds": args.warmup}
     try:
-        write_config(cfg, args.lanes, args.lane_port)
+        write_config(cfg, args.lanes, args.lane_port, args.probe_ledger)
         log(f"{args.lanes} lanes in {cfg}: install + up")
         run([LANECTL, "validate", "-c", str(cfg)])
         run([LANECTL, "install", "-c", str(cfg)])
@@ -232,6 +236,8 @@ def main() -> int:
                                                   "ActiveState,SubState,MainPID,NRestarts,StatusText", "--", *units],
             "python -c pass (floor)": [PY, "-c", "pass"],
         }
+        if args.probe_ledger:
+            cmds["lanectl probe"] = [LANECTL, "probe"]
         out["commands"] = {k: " ".join(v) for k, v in cmds.items()}
         # sanity: what each one says, once
         status = json.loads(run(cmds["lanectl status --json"]).stdout)
@@ -239,6 +245,9 @@ def main() -> int:
         out["lanectl_status_check"] = {"lanes": len(lanes), "up": sum(l["state"] == "up" for l in lanes)}
         out["supervisorctl_check"] = run(cmds["supervisorctl status"]).stdout.count(" RUNNING ")
         out["systemctl_check"] = run(cmds["systemctl show (1 call, 16 units)"]).stdout.count("SubState=running")
+        if args.probe_ledger:  # what the probe says (its exit code is its verdict: 0 OK ... 3 UNKNOWN)
+            p = run(cmds["lanectl probe"], check=False)
+            out["probe_check"] = {"exit": p.returncode, "first_line": p.stdout.splitlines()[0] if p.stdout else ""}
 
         keys = list(cmds)
         times: dict[str, list[float]] = {k: [] for k in keys}
