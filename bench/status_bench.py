@@ -59,7 +59,8 @@ def lane_names(n: int) -> list[str]:
 
 def write_config(cfg: Path, n: int, base_port: int, ledger: str | None = None) -> None:
     (cfg / "lanes.d").mkdir(parents=True, exist_ok=True)
-    (cfg / "lanectl.toml").write_text(f'# status benchmark fleet (bench/status_bench.py)\nworkspace_root = "{WORKSPACE_ROOT}"\n'
+    (cfg / "lanectl.toml").write_text("# status benchmark fleet (bench/status_bench.py)\n"
+                                      f'workspace_root = "{WORKSPACE_ROOT}"\n'
                                       + (f'ledger = "{ledger}"\n' if ledger else ""))
     for i, name in enumerate(lane_names(n)):
         (cfg / "lanes.d" / f"{name}.toml").write_text(

@@ -1,16 +1,16 @@
 """Issue 3: writer fairness. Several processes write one ledger at once: do they all get through, and how long
 does the slowest write wait?
 
-    /opt/lanectl/venv/bin/python bench/writers_bench.py [--producers 4] [--seconds 10] [--dir DIR]
+    /opt/lanectl/venv/bin/python bench/writers_bench.py [--producers 4] [--seconds 10] [--rounds 2] [--dir DIR]
 
 One process plays the supervisor: it runs the real loop's ledger work back to back (tick.run_once, then the
 callbacks of what it dispatched through apply_callbacks_in in one transaction, as if the lanes had finished at
 once), on a connection opened the way the supervisor opens it (no autocheckpoint, a Checkpointer thread). The
 producers are separate processes submitting one mission per transaction (what `lanectl submit` and
 `Client.submit` do) with a random 0-2 ms pause between submits. Each round runs twice on a fresh ledger: every
-process waiting for the write lock with SQLite's busy handler, then with lanectl's (Ledger._begin). Every write's latency is measured from the
-call to the return, so time spent waiting for the write lock is included. Prints one table row per process and Jain's fairness index over the
-producers' submit counts (1.0 = perfectly even).
+process waiting for the write lock with SQLite's busy handler, then with lanectl's (Ledger._begin). Every
+write's latency is measured from the call to the return, so time spent waiting for the write lock is included.
+Prints one table row per process and Jain's fairness index over the producers' submit counts (1.0 = even).
 """
 from __future__ import annotations
 
@@ -107,7 +107,8 @@ def run(args: argparse.Namespace, poll: bool, title: str) -> None:
     results = [out.get(timeout=args.seconds + 60) for _ in procs]
     for pr in procs:
         pr.join()
-    print(f"\n{title}\n| process | writes | per s | p50 | p99 | max | ledger_busy |\n|---|---:|---:|---:|---:|---:|---:|")
+    print(f"\n{title}\n| process | writes | per s | p50 | p99 | max | ledger_busy |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     counts = []
     for name, lat, errors in sorted(results):
         lat.sort()

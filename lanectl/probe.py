@@ -84,26 +84,38 @@ def run(manifest: dict[str, Any], lanes: list[str] | None = None, now: float | N
     now = time.time() if now is None else now
     res = ProbeResult()
     th = manifest.get("probe") or {}
+    ledger: dict[str, Any] = {}
+
+    def read_ledger() -> None:  # runs while systemctl answers: the ledger's few milliseconds come for free
+        if ledger:
+            return
+        try:
+            conn = _ledger(manifest.get("ledger") or "/var/lib/lanectl/ledger.db")
+            try:
+                ledger["states"] = dict(conn.execute("SELECT name, state FROM lanes").fetchall())
+                ledger["queue"] = queue_figures(conn, th, now)
+            finally:
+                conn.close()
+        except (OSError, sqlite3.Error) as exc:
+            ledger["error"] = f"ledger unreadable: {exc}"
+
     try:
-        conn = _ledger(manifest.get("ledger") or "/var/lib/lanectl/ledger.db")
-    except (OSError, sqlite3.Error) as exc:
-        res.add("ledger", UNKNOWN, f"ledger unreadable: {exc}")
-        conn = None
-    try:
-        rows = collect(manifest["lanes"], lanes, manifest.get("supervisor"))
+        rows = collect(manifest["lanes"], lanes, manifest.get("supervisor"), meanwhile=read_ledger)
     except LanectlError as exc:
         res.add("systemd", UNKNOWN, f"cannot read lane state: {exc.message}")
         rows = []
-    states = dict(conn.execute("SELECT name, state FROM lanes").fetchall()) if conn else {}
-    judge_lanes(res, [r for r in rows if r.kind == "lane"], states, manifest["lanes"], known=conn is not None)
+    read_ledger()
+    if "error" in ledger:
+        res.add("ledger", UNKNOWN, ledger["error"])
+    judge_lanes(res, [r for r in rows if r.kind == "lane"], ledger.get("states", {}), manifest["lanes"],
+                known="error" not in ledger)
     for r in rows:
         if r.kind == "supervisor":
             up = r.running and r.health.ok
             res.add("supervisor", OK if up else CRITICAL, "supervisor up" if up else f"supervisor {r.state}")
             res.perf.append(("supervisor_up", 1 if up else 0, None, None, 0, 1))
-    if conn is not None:
-        judge_queue(res, conn, th, now)
-        conn.close()
+    if "queue" in ledger:
+        judge_queue(res, ledger["queue"], th)
     return res
 
 
@@ -134,20 +146,27 @@ def judge_lanes(res: ProbeResult, rows: list[Any], states: dict[str, str], lanes
     res.perf.append(("lanes_up", up, None, None, 0, len(rows)))
 
 
-def judge_queue(res: ProbeResult, conn: sqlite3.Connection, th: dict[str, Any], now: float) -> None:
+def queue_figures(conn: sqlite3.Connection, th: dict[str, Any], now: float) -> dict[str, Any]:
+    """The ledger's numbers the probe judges: all index ranges, flat in the size of the history."""
     # the oldest queued interactive mission: first row of the partial queue index
     row = conn.execute("SELECT min(created_at) FROM missions WHERE state = 'queued' AND rank = 0").fetchone()
-    wait = max(0.0, now - row[0]) if row and row[0] is not None else 0.0
-    warn, crit = th.get("interactive_wait_warn_sec", 30.0), th.get("interactive_wait_crit_sec", 120.0)
-    code = CRITICAL if wait >= crit else WARNING if wait >= warn else OK
-    res.add("interactive_wait", code, f"oldest queued interactive mission waits {wait:.1f}s")
-    res.perf.append(("interactive_wait_s", round(wait, 3), warn, crit, 0, None))
     depth = dict(conn.execute("SELECT rank, n FROM queue_depth").fetchall())
-    res.perf.append(("queued", sum(depth.values()), None, None, 0, None))
     since = now - th.get("window_sec", 900.0)
     counts = dict(conn.execute(
         "SELECT kind, count(*) FROM events WHERE kind IN ('succeeded', 'failed', 'dead') AND at >= ? "
         "GROUP BY kind", (since,)).fetchall())
+    return {"wait": max(0.0, now - row[0]) if row and row[0] is not None else 0.0,
+            "queued": sum(depth.values()), "counts": counts}
+
+
+def judge_queue(res: ProbeResult, fig: dict[str, Any], th: dict[str, Any]) -> None:
+    wait = fig["wait"]
+    warn, crit = th.get("interactive_wait_warn_sec", 30.0), th.get("interactive_wait_crit_sec", 120.0)
+    code = CRITICAL if wait >= crit else WARNING if wait >= warn else OK
+    res.add("interactive_wait", code, f"oldest queued interactive mission waits {wait:.1f}s")
+    res.perf.append(("interactive_wait_s", round(wait, 3), warn, crit, 0, None))
+    res.perf.append(("queued", fig["queued"], None, None, 0, None))
+    counts = fig["counts"]
     finished = sum(counts.values())
     failed = counts.get("failed", 0) + counts.get("dead", 0)
     rate = failed / finished if finished else 0.0

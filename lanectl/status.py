@@ -6,6 +6,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from lanectl import systemd
@@ -186,9 +187,10 @@ def _num(value: str | None) -> int:
 
 
 def collect(lanes: dict[str, dict[str, Any]], names: list[str] | None = None,
-            supervisor: dict[str, Any] | None = None) -> list[LaneStatus]:
+            supervisor: dict[str, Any] | None = None,
+            meanwhile: Callable[[], None] | None = None) -> list[LaneStatus]:
     """Status of the named lanes (default: all, and the supervisor when given), from one systemctl call and
-    parallel health checks."""
+    parallel health checks; ``meanwhile`` runs while systemctl answers (the probe reads the ledger then)."""
     wanted = names or sorted(lanes)
     for n in wanted:
         if n not in lanes:
@@ -203,6 +205,8 @@ def collect(lanes: dict[str, dict[str, Any]], names: list[str] | None = None,
     proc = systemd.show_start(units)
     # the health checks run while systemctl answers
     healths = check_health_many([(s.port, lanes[s.name].get("health_path", "/healthz")) for s in out])
+    if meanwhile is not None:
+        meanwhile()
     shown = systemd.show_finish(proc, units)
     now_us = systemd.monotonic_now_us()
     for s, health in zip(out, healths):

@@ -222,7 +222,8 @@ def _submit_batch(batch: str, now: float, ledger: str | None, config_dir: str | 
 @command("missions")
 def list_(
     state: Optional[str] = typer.Option(None, help="Only missions in this state."),
-    lane: Optional[str] = typer.Option(None, help="Only missions pinned to this lane or whose latest attempt ran there."),
+    lane: Optional[str] = typer.Option(
+        None, help="Only missions pinned to this lane or whose latest attempt ran there."),
     cls: Optional[str] = typer.Option(None, "--class", help="Only this class."),
     session: Optional[str] = typer.Option(None, help="Only this session."),
     limit: int = typer.Option(100, min=1, max=missionview.MAX_LIMIT, help="Page size."),

@@ -30,8 +30,9 @@ def human_list(rows: list[ms.Mission]) -> None:
 
     t = Table("id", "class", "state", "lane", "session", "attempts", "created")
     for m in rows:
-        t.add_row(str(m.id), m.cls, m.state, escape(m.current_lane or m.last_lane or m.lane or "-"), escape(m.session or "-"),
-                  str(m.attempts), ms.iso(m.created_at) or "-")
+        lane = m.current_lane or m.last_lane or m.lane or "-"
+        t.add_row(str(m.id), m.cls, m.state, escape(lane), escape(m.session or "-"), str(m.attempts),
+                  ms.iso(m.created_at) or "-")
     stdout_console().print(t)
 
 
