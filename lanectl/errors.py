@@ -1,8 +1,13 @@
-"""Exit codes and the error types the library raises; the CLI turns them into output in one place."""
+"""Exit codes and the error types the library raises; the CLI turns them into output in one place.
+
+These types are on the path of every `lanectl status` and `lanectl probe` (cron runs them every minute), so they
+are built on ``types.SimpleNamespace`` (attributes, equality and repr, implemented in C) rather than dataclasses:
+importing ``dataclasses`` pulls in ``inspect`` and costs ~7 ms before anything runs (docs/benchmarks.md).
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from enum import IntEnum
+from types import SimpleNamespace
 
 
 class ExitCode(IntEnum):
@@ -19,17 +24,21 @@ class ExitCode(IntEnum):
     UNHEALTHY = 8  #: a check ran and found a failing condition (a lane down, drift found)
 
 
-@dataclass
-class Problem:
+class Problem(SimpleNamespace):
     """One thing wrong, with where it is and how to fix it."""
 
     message: str
-    file: str | None = None
-    field: str | None = None
-    hint: str | None = None
-    code: str = "invalid"
-    lane: str | None = None
-    severity: str = "error"  # or "warning"
+    file: str | None
+    field: str | None
+    hint: str | None
+    code: str
+    lane: str | None
+    severity: str  # "error" or "warning"
+
+    def __init__(self, message: str, file: str | None = None, field: str | None = None, hint: str | None = None,
+                 code: str = "invalid", lane: str | None = None, severity: str = "error") -> None:
+        super().__init__(message=message, file=file, field=field, hint=hint, code=code, lane=lane,
+                         severity=severity)
 
     def render(self) -> str:
         where = ":".join(p for p in (self.file, self.field) if p)
@@ -50,15 +59,21 @@ class Problem:
         }
 
 
-@dataclass
 class LanectlError(Exception):
     """Base error: a stable code, a message that says what and where, and a hint that says how to fix it."""
 
-    message: str
-    hint: str | None = None
-    code: str = "error"
-    exit_code: ExitCode = ExitCode.ERROR
-    problems: list[Problem] = field(default_factory=list)
+    def __init__(self, message: str, hint: str | None = None, code: str = "error",
+                 exit_code: ExitCode = ExitCode.ERROR, problems: list[Problem] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        self.code = code
+        self.exit_code = exit_code
+        self.problems: list[Problem] = [] if problems is None else problems
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(message={self.message!r}, hint={self.hint!r}, code={self.code!r}, "
+                f"exit_code={self.exit_code!r}, problems={self.problems!r})")
 
     def __str__(self) -> str:
         return self.message + (f"; {self.hint}" if self.hint else "")

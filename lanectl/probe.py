@@ -16,25 +16,29 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
 NAMES = {OK: "OK", WARNING: "WARNING", CRITICAL: "CRITICAL", UNKNOWN: "UNKNOWN"}
 
 
-@dataclass
-class Check:
+class Check(SimpleNamespace):
     name: str
     code: int
     text: str
 
+    def __init__(self, name: str, code: int, text: str) -> None:
+        super().__init__(name=name, code=code, text=text)
 
-@dataclass
+
 class ProbeResult:
-    checks: list[Check] = field(default_factory=list)
-    perf: list[tuple[str, float, Any, Any, Any, Any]] = field(default_factory=list)  # label, value, warn, crit, min, max
+    """The checks and perfdata of one probe (plain classes, not dataclasses: see lanectl.errors)."""
+
+    def __init__(self) -> None:
+        self.checks: list[Check] = []
+        self.perf: list[tuple[str, float, Any, Any, Any, Any]] = []  # label, value, warn, crit, min, max
 
     @property
     def code(self) -> int:

@@ -4,9 +4,9 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from lanectl import systemd
@@ -16,39 +16,52 @@ HEALTH_TIMEOUT_S = 1.0
 MAX_HEALTH_BYTES = 65536
 
 
-@dataclass
-class Health:
-    ok: bool = False
-    listening: bool = False
-    http_status: int | None = None
-    latency_ms: float | None = None
-    body: dict[str, Any] | None = None
-    error: str | None = None
+class Health(SimpleNamespace):
+    """The answer of one health endpoint (a SimpleNamespace, not a dataclass: see lanectl.errors)."""
+
+    ok: bool
+    listening: bool
+    http_status: int | None
+    latency_ms: float | None
+    body: dict[str, Any] | None
+    error: str | None
+
+    def __init__(self, ok: bool = False, listening: bool = False, http_status: int | None = None,
+                 latency_ms: float | None = None, body: dict[str, Any] | None = None,
+                 error: str | None = None) -> None:
+        super().__init__(ok=ok, listening=listening, http_status=http_status, latency_ms=latency_ms, body=body,
+                         error=error)
 
 
-@dataclass
-class LaneStatus:
+class LaneStatus(SimpleNamespace):
     name: str
     unit: str
     enabled: bool
     port: int
-    load_state: str = "unknown"
-    active_state: str = "unknown"
-    sub_state: str = "unknown"
-    result: str = ""
-    main_pid: int | None = None
-    invocation_id: str = ""
-    uptime_s: float | None = None
-    restarts: int = 0
-    status_text: str = ""
-    watchdog_sec: float | None = None
-    watchdog_ping_age_s: float | None = None
-    memory_bytes: int | None = None
-    cpu_seconds: float | None = None
-    cpu_percent_avg: float | None = None
-    processes: int = 0
-    health: Health = field(default_factory=Health)
-    kind: str = "lane"  # or "supervisor"
+    load_state: str
+    active_state: str
+    sub_state: str
+    result: str
+    main_pid: int | None
+    invocation_id: str
+    uptime_s: float | None
+    restarts: int
+    status_text: str
+    watchdog_sec: float | None
+    watchdog_ping_age_s: float | None
+    memory_bytes: int | None
+    cpu_seconds: float | None
+    cpu_percent_avg: float | None
+    processes: int
+    health: Health
+    kind: str  # "lane" or "supervisor"
+
+    def __init__(self, name: str, unit: str, enabled: bool, port: int, kind: str = "lane") -> None:
+        super().__init__(name=name, unit=unit, enabled=enabled, port=port, load_state="unknown",
+                         active_state="unknown", sub_state="unknown", result="", main_pid=None, invocation_id="",
+                         uptime_s=None, restarts=0, status_text="", watchdog_sec=None, watchdog_ping_age_s=None,
+                         memory_bytes=None, cpu_seconds=None, cpu_percent_avg=None, processes=0, health=Health(),
+                         kind=kind)
 
     @property
     def running(self) -> bool:
@@ -72,7 +85,8 @@ class LaneStatus:
         return "down" if self.enabled else "disabled"
 
     def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        d = dict(vars(self))
+        d["health"] = dict(vars(self.health))
         d["ok"] = self.ok
         d["state"] = self.state
         return d
