@@ -132,3 +132,14 @@ def executions(fleet: Fleet, lanes: list[str], root: str = "/var/lib/lanes") -> 
         proc = fleet.sb.exec(["cat", f"{root}/{lane}/.lanectl/executions.log"], check=False)
         out += [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
     return out
+
+
+def history(fleet: Fleet, ids: list[int], unless: str = "succeeded") -> str:
+    """The event log of every mission among ``ids`` whose state is not ``unless``: for assertion messages."""
+    bad = [m for m, s in states(fleet, ids).items() if s != unless]
+    if not bad:
+        return ""
+    rows = sql(fleet, f"SELECT mission, at, kind, lane, attempt, data FROM events WHERE mission IN "
+                      f"({','.join('?' * len(bad))}) ORDER BY id", *bad)
+    return "\n" + "\n".join(f"  mission {m} {at:.3f} {kind} lane={lane} attempt={n} {data}"
+                            for m, at, kind, lane, n, data in rows)

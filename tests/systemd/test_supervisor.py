@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.systemd.lanehelpers import (PYTHON, TERMINAL, Fleet, copy_example, executions, sql, states, submit_many,
-                                       wait_for, wait_terminal)
+from tests.systemd.lanehelpers import (PYTHON, TERMINAL, Fleet, copy_example, executions, history, sql, states,
+                                       submit_many, wait_for, wait_terminal)
 
 pytestmark = pytest.mark.systemd
 LANES = ["alpha", "beta", "gamma"]
@@ -126,7 +126,8 @@ def test_supervisor_killed_mid_dispatch_loses_and_doubles_nothing(fleet: Fleet) 
     wait_for(lambda: int(fleet.show("lanectl-supervisor.service", "MainPID")["MainPID"]) not in (0, sup), 20,
              what="systemd to restart the supervisor")
     st = wait_terminal(fleet, ids, 180)
-    assert collections.Counter(st.values())["succeeded"] == 200, collections.Counter(st.values())
+    assert collections.Counter(st.values())["succeeded"] == 200, \
+        f"{collections.Counter(st.values())}{history(fleet, ids)}"
     ended_once(fleet, ids)
     assert int(fleet.show("lanectl-supervisor.service", "NRestarts")["NRestarts"]) >= 1
 
