@@ -217,20 +217,26 @@ class Checkpointer:
             self._thread.join(timeout=10)
 
     def _run(self) -> None:
-        conn = sqlite3.connect(str(self.path), isolation_level=None, timeout=BUSY_TIMEOUT_S)
+        conn: sqlite3.Connection | None = None
         try:
-            while not self._stop.wait(self.interval):
-                self.checkpoint(conn)
-            self.checkpoint(conn)
+            while True:
+                stopping = self._stop.wait(self.interval)
+                try:
+                    if conn is None:
+                        conn = sqlite3.connect(self.path.resolve().as_uri() + "?mode=rw", uri=True,
+                                               isolation_level=None, timeout=BUSY_TIMEOUT_S)  # never creates it
+                    self.checkpoint(conn)
+                except sqlite3.Error:
+                    self.errors += 1  # disk full, I/O error, cannot open: try again next round
+                if stopping:
+                    return
         finally:
-            conn.close()
+            if conn is not None:
+                conn.close()
 
     def checkpoint(self, conn: sqlite3.Connection) -> None:
-        try:
-            _, log_frames, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-        except sqlite3.Error:
-            self.errors += 1  # disk full or I/O error: the next round tries again; writers are unaffected
-            return
+        """One PASSIVE checkpoint; raises sqlite3.Error (the loop counts it and tries again next round)."""
+        _, log_frames, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         self.checkpoints += 1
         self.frames = max(0, log_frames)
 

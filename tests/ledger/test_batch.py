@@ -279,3 +279,28 @@ def test_state_counts_match_the_rows_without_counting_the_queue(led, fleet):
     ms.started(led, d[0].mission, lane=d[0].lane, attempt=1, token=d[0].token, now=T0, lease_sec=30)
     expected = dict(led.conn.execute("SELECT state, count(*) FROM missions GROUP BY state").fetchall())
     assert ms.state_counts(led.conn) == expected and set(expected) == {"queued", "dispatched", "running"}
+
+
+def test_checkpointer_survives_a_ledger_it_cannot_open_yet(tmp_path):
+    from lanectl.ledger import Checkpointer
+
+    missing = tmp_path / "not-yet" / "l.db"  # connect fails every round, and must not create the file
+    cp = Checkpointer(missing, interval=0.02).start()
+    try:
+        import time
+
+        deadline = time.monotonic() + 10
+        while cp.errors < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert cp.errors >= 2 and cp._thread.is_alive()  # it keeps trying instead of dying
+        missing.parent.mkdir()
+        time.sleep(0.1)
+        assert not missing.exists()  # the ledger's own open creates it, with its modes
+        led = Ledger.open(missing, autocheckpoint=False)
+        deadline = time.monotonic() + 10
+        while cp.checkpoints < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert cp.checkpoints >= 1
+        led.close()
+    finally:
+        cp.stop()
