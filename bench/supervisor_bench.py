@@ -366,19 +366,12 @@ def produce(cfg: Path, cls: str, producers: int, count: int, rate: float) -> tup
 
 def lane_starts(lanes: list[str], ids: set[int]) -> dict[tuple[int, int], float]:
     """(mission, attempt) -> the lane's own record of starting it (time.time() in the lane, executions.log)."""
+    from lanectl.protocol import read_execution_log
+
     out = {}
     for lane in lanes:
-        p = Path(WS_ROOT) / lane / ".lanectl" / "executions.log"
-        try:
-            lines = p.read_text().splitlines()
-        except OSError:
-            continue
-        for line in lines:
-            try:
-                e = json.loads(line)
-            except ValueError:
-                continue
-            if e.get("event") == "start" and e.get("mission") in ids:
+        for e in read_execution_log(Path(WS_ROOT) / lane, tail=None):
+            if e.get("event") == "start" and e["mission"] in ids:
                 out[(e["mission"], e["attempt"])] = e["at"]
     return out
 

@@ -18,8 +18,10 @@ from __future__ import annotations
 import hmac
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 MAX_BODY = 1 << 20
@@ -209,3 +211,32 @@ def send_json(handler: Any, code: int, doc: dict[str, Any]) -> None:
         handler.close_connection = True
     handler.end_headers()
     handler.wfile.write(body)
+
+
+# ---------------------------------------------------------------------------------------------------- execution log
+
+EXECUTION_LOG = Path(".lanectl") / "executions.log"
+"""Where a lane appends one JSON line per execution start and end, relative to its workspace."""
+MAX_LOG_TAIL = 1 << 20
+
+
+def read_execution_log(workspace: Path, tail: int | None = MAX_LOG_TAIL) -> list[dict[str, Any]]:
+    """The entries of a lane's execution log (only its last ``tail`` bytes unless None). The lane writes it, so
+    trust nothing: lines that are not JSON objects with an integer mission and attempt are skipped."""
+    try:
+        with open(workspace / EXECUTION_LOG, "rb") as fh:
+            if tail is not None:
+                fh.seek(0, os.SEEK_END)
+                fh.seek(max(0, fh.tell() - tail))
+            raw = fh.read()
+    except OSError:
+        return []
+    out = []
+    for line in raw.split(b"\n"):
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(doc, dict) and isinstance(doc.get("mission"), int) and isinstance(doc.get("attempt"), int):
+            out.append(doc)
+    return out

@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from lanectl import __version__
-from lanectl.protocol import (MAX_TAIL, BadMessage, CallbackMsg, DispatchMsg, bearer_ok, parse_dispatch, read_body,
-                              send_json)
+from lanectl.protocol import (EXECUTION_LOG, MAX_TAIL, BadMessage, CallbackMsg, DispatchMsg, bearer_ok,
+                              parse_dispatch, read_body, send_json)
 
 log = logging.getLogger("lanectl.runtime")
 DEFAULT_WATCHDOG_PING_S = 1.0
@@ -297,7 +297,7 @@ class LaneRuntime:
     def journal(self, **entry: Any) -> None:
         """One JSON line per execution start and end in the workspace: what this lane actually ran."""
         entry.update(lane=self.info.lane, invocation=self.info.invocation, at=time.time())
-        with open(self.state_dir / "executions.log", "a") as fh:
+        with open(Path(self.info.workspace) / EXECUTION_LOG, "a") as fh:
             fh.write(json.dumps(entry, sort_keys=True) + "\n")
 
     def start_mission(self, r: Running) -> str | None:

@@ -44,7 +44,8 @@ from lanectl.ledger import missions as ms
 from lanectl.ledger import lanes as lane_ops
 from lanectl.ledger import tick as ticks
 from lanectl.ledger.events import EventKind, append
-from lanectl.protocol import BadMessage, CallbackMsg, DispatchMsg, parse_callback, read_body, send_json
+from lanectl.protocol import (BadMessage, CallbackMsg, DispatchMsg, parse_callback, read_body, read_execution_log,
+                              send_json)
 from lanectl.status import check_health_many
 from lanectl.units import unit_name
 
@@ -98,31 +99,6 @@ class LaneWatch:
 class Pending:
     msg: CallbackMsg
     future: Future[tuple[int, dict[str, Any]]]
-
-
-MAX_LOG_TAIL = 1 << 20
-
-
-def read_execution_log(workspace: Path) -> list[dict[str, Any]]:
-    """The last MAX_LOG_TAIL bytes of a lane's execution log, as entries (the lane writes it: trust nothing)."""
-    path = workspace / ".lanectl" / "executions.log"
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            size = fh.tell()
-            fh.seek(max(0, size - MAX_LOG_TAIL))
-            raw = fh.read(MAX_LOG_TAIL)
-    except OSError:
-        return []
-    out = []
-    for line in raw.split(b"\n"):
-        try:
-            doc = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(doc, dict) and isinstance(doc.get("mission"), int) and isinstance(doc.get("attempt"), int):
-            out.append(doc)
-    return out
 
 
 class Supervisor:
