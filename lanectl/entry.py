@@ -9,37 +9,46 @@ goes to typer.
 from __future__ import annotations
 
 import sys
+from collections.abc import Collection
 
 FAST = ("status", "probe")
 READS = ("missions", "mission")
 
 
-def parse_simple(argv: list[str]) -> tuple[bool, str | None, list[str]] | None:
-    """`[NAME...] [--json] [--unit-dir DIR]`, or None for anything else (help, other options)."""
-    json_out, unit_dir, names = False, None, []
+def parse_options(argv: list[str], allowed: Collection[str]) -> tuple[dict[str, str], list[str], bool] | None:
+    """``--opt VALUE`` / ``--opt=VALUE`` (each of ``allowed`` at most once), ``--json`` and positionals, or None
+    for anything else (help, other options, a repeated one): the fast paths then leave the command to typer."""
+    opts: dict[str, str] = {}
+    args: list[str] = []
+    json_out = False
     it = iter(argv)
     for arg in it:
         if arg == "--json":
             json_out = True
-        elif arg == "--unit-dir":
-            unit_dir = next(it, None)
-            if unit_dir is None:
+        elif arg.startswith("--"):
+            name, eq, value = arg.partition("=")
+            if name not in allowed or name in opts:
                 return None
-        elif arg.startswith("--unit-dir="):
-            unit_dir = arg.split("=", 1)[1]
+            if not eq:
+                nxt = next(it, None)
+                if nxt is None:
+                    return None
+                value = nxt
+            opts[name] = value
         elif arg.startswith("-"):
             return None
         else:
-            names.append(arg)
-    return json_out, unit_dir, names
+            args.append(arg)
+    return opts, args, json_out
 
 
 def fast(command: str, argv: list[str]) -> bool:
     """Run status or probe without typer; False when it must go the full way."""
-    parsed = parse_simple(argv)
+    parsed = parse_options(argv, ("--unit-dir",))
     if parsed is None:
         return False
-    json_out, unit_dir, names = parsed
+    opts, names, json_out = parsed
+    unit_dir = opts.get("--unit-dir")
     from lanectl import manifest, paths
 
     data = manifest.read(paths.unit_dir(unit_dir))

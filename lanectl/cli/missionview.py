@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from lanectl.entry import parse_options
 from lanectl.ledger import Ledger
 from lanectl.ledger import missions as ms
 from lanectl.output import escape, finish, stdout_console
@@ -49,32 +50,6 @@ def human_mission(m: ms.Mission) -> None:
     stdout_console().print(t)
 
 
-def _options(argv: list[str], allowed: dict[str, str]) -> tuple[dict[str, str], list[str], bool] | None:
-    """``--opt VALUE`` / ``--opt=VALUE`` / ``--json`` / positionals; None for anything else."""
-    opts: dict[str, str] = {}
-    args: list[str] = []
-    json_out = False
-    it = iter(argv)
-    for arg in it:
-        if arg == "--json":
-            json_out = True
-        elif arg.startswith("--"):
-            name, eq, value = arg.partition("=")
-            if name not in allowed or name in opts:
-                return None
-            if not eq:
-                nxt = next(it, None)
-                if nxt is None:
-                    return None
-                value = nxt
-            opts[name] = value
-        elif arg.startswith("-"):
-            return None
-        else:
-            args.append(arg)
-    return opts, args, json_out
-
-
 def _ledger(override: str | None) -> Path | None:
     if override:
         return Path(override)
@@ -94,7 +69,7 @@ def fast(command: str, argv: list[str]) -> bool:
     from lanectl.output import fail
 
     if command == "missions":
-        parsed = _options(argv, LIST_OPTIONS)
+        parsed = parse_options(argv, LIST_OPTIONS)
         if parsed is None or parsed[1]:
             return False
         opts, _, json_out = parsed
@@ -118,7 +93,7 @@ def fast(command: str, argv: list[str]) -> bool:
         return True
     if argv[:1] != ["show"]:
         return False
-    parsed = _options(argv[1:], {"--ledger": "ledger"})
+    parsed = parse_options(argv[1:], ("--ledger",))
     if parsed is None or len(parsed[1]) != 1 or not parsed[1][0].isdigit():
         return False
     opts, (ident,), json_out = parsed
