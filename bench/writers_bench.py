@@ -27,21 +27,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lanectl.config import ClassPolicy, Lane, LaneSet, Settings  # noqa: E402
 from lanectl.errors import LanectlError  # noqa: E402
 from lanectl.ledger import Checkpointer, Ledger, tick  # noqa: E402
 from lanectl.ledger import missions as ms  # noqa: E402
-
-
-def fleet(tmp: Path) -> LaneSet:
-    lane = Lane(port=9001, workspace="/var/lib/lanes/a", capacity=64)
-    pol = {c: ClassPolicy(queue_limit=10**9) for c in ms.CLASSES}
-    return LaneSet({"a": lane}, Settings(classes=pol), tmp, tmp)
+from ledger_bench import fleet  # noqa: E402  (bench/ is sys.path[0]: the same bench fleet)
 
 
 def producer(path: str, seconds: float, seed: int, poll: bool, out: mp.Queue) -> None:
     rnd = random.Random(seed)
-    f = fleet(Path(path).parent)
+    f = fleet(Path(path).parent, capacity=64)
     led = Ledger.open(path, busy_poll=poll)
     lat, errors = [], 0
     end = time.monotonic() + seconds
@@ -58,7 +52,7 @@ def producer(path: str, seconds: float, seed: int, poll: bool, out: mp.Queue) ->
 
 
 def supervisor(path: str, seconds: float, poll: bool, out: mp.Queue) -> None:
-    f = fleet(Path(path).parent)
+    f = fleet(Path(path).parent, capacity=64)
     led = Ledger.open(path, autocheckpoint=False, busy_poll=poll)
     cp = Checkpointer(path).start()
     lat, errors, done = [], 0, 0
