@@ -30,8 +30,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable
 
-PYTHON = "/opt/lanectl/venv/bin/python"
-LANECTL = "/opt/lanectl/venv/bin/lanectl"
+PYTHON = sys.executable  # scripts/chaos runs the driver with the venv's python
+LANECTL = str(Path(sys.executable).with_name("lanectl"))
 CONFIG_DIR = Path("/etc/lanectl-chaos")
 LEDGER_DIR = Path("/var/lib/lanectl-chaos")
 LEDGER = LEDGER_DIR / "ledger.db"

@@ -1,12 +1,16 @@
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-RUNTIME_PY = "/opt/lanectl/venv/bin/python"
+VENV = Path(os.environ.get("LANECTL_PREFIX", "/opt/lanectl")) / "venv"
+"""The venv scripts/setup builds (LANECTL_PREFIX, default /opt/lanectl): what the tests' units run."""
+RUNTIME_PY = str(VENV / "bin" / "python")
+LANECTL_BIN = str(VENV / "bin" / "lanectl")
 
 
 @pytest.fixture

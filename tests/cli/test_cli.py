@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from lanectl.cli.main import app
 from lanectl.errors import ExitCode
-from tests.conftest import RUNTIME_PY, write_lane
+from tests.conftest import LANECTL_BIN, RUNTIME_PY, write_lane
 
 runner = CliRunner()
 
@@ -102,5 +102,5 @@ def test_status_without_systemd_is_unavailable(fleet_dir: Path, tmp_path: Path, 
 
 
 def test_installed_entry_point_runs() -> None:
-    proc = subprocess.run(["/opt/lanectl/venv/bin/lanectl", "--version"], capture_output=True, text=True)
+    proc = subprocess.run([LANECTL_BIN, "--version"], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.strip()

@@ -8,8 +8,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-LANECTL = "/opt/lanectl/venv/bin/lanectl"
-PYTHON = "/opt/lanectl/venv/bin/python"
+from tests.conftest import LANECTL_BIN as LANECTL
+from tests.conftest import RUNTIME_PY as PYTHON
+
 ROOT = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import LANECTL_BIN
 from tests.systemd.lanehelpers import Fleet, copy_example, wait_for
 
 pytestmark = pytest.mark.systemd
@@ -39,7 +40,7 @@ def test_up_starts_every_lane_after_ready(fleet: Fleet) -> None:
         assert s["health"]["ok"] and s["health"]["body"]["lane"] == lane
         assert s["status_text"].startswith(f"lane {lane}:")  # the runtime's STATUS= line
         assert s["main_pid"] and s["memory_bytes"] and s["watchdog_sec"]
-    proc = fleet.sb.exec(["/opt/lanectl/venv/bin/lanectl", "status"], check=False)
+    proc = fleet.sb.exec([LANECTL_BIN, "status"], check=False)
     assert proc.returncode == 0 and "alpha" in proc.stdout
     # idempotent
     code, doc = fleet.json("up")
@@ -78,7 +79,7 @@ def test_down_stops_all_and_status_says_so(fleet: Fleet) -> None:
     fleet.json("up")
     code, doc = fleet.json("down")
     assert code == 0 and sorted(doc["data"]["changed"]) == list(LANES)
-    proc = fleet.sb.exec(["/opt/lanectl/venv/bin/lanectl", "status", "--json"], check=False)
+    proc = fleet.sb.exec([LANECTL_BIN, "status", "--json"], check=False)
     assert proc.returncode == 8
     for lane in LANES:
         assert fleet.show(f"lanectl-lane@{lane}.service", "ActiveState")["ActiveState"] == "inactive"

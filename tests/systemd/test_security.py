@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from tests.conftest import LANECTL_BIN
 from tests.systemd.lanehelpers import Fleet, copy_example, submit_many, wait_for, wait_terminal
 
 pytestmark = pytest.mark.systemd
@@ -63,6 +64,6 @@ def test_a_non_loopback_supervisor_address_is_refused(fleet: Fleet, tmp_path) ->
     cfg = copy_example(tmp_path / "bad")
     text = (cfg / "lanectl.toml").read_text().replace('host = "127.0.0.1"', 'host = "0.0.0.0"')
     (cfg / "lanectl.toml").write_text(text)
-    proc = fleet.sb.exec(["/opt/lanectl/venv/bin/lanectl", "validate", str(cfg), "--json"], check=False)
+    proc = fleet.sb.exec([LANECTL_BIN, "validate", str(cfg), "--json"], check=False)
     doc = json.loads(proc.stdout)
     assert proc.returncode == 3 and doc["errors"][0]["field"] == "supervisor.host"
