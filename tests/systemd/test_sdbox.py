@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
+import tempfile
 import textwrap
 import threading
 import uuid
@@ -402,5 +404,16 @@ def test_refuses_up_when_not_root() -> None:
     if os.geteuid() != 0:
         r = sdbox_cli("-d", f"/tmp/sdbox/{unique('nonroot')}", "up")
     else:
-        r = sdbox_cli("-d", f"/tmp/sdbox/{unique('nonroot')}", "up", user=65534)
+        # the checkout may sit where nobody cannot enter (a clone in /root): run a copy of the script (it is
+        # self-contained) from a directory every user can traverse
+        d = Path(tempfile.mkdtemp(prefix="sdbox-nonroot-", dir="/tmp"))
+        try:
+            os.chmod(d, 0o755)
+            script = d / "sdbox"
+            shutil.copy(SDBOX, script)
+            os.chmod(script, 0o755)
+            r = subprocess.run([str(script), "-d", f"/tmp/sdbox/{unique('nonroot')}", "up"], capture_output=True,
+                               text=True, timeout=120, user=65534, cwd="/")
+        finally:
+            shutil.rmtree(d)
     assert r.returncode == 1 and re.search(r"must run as root", r.stderr), r.stderr
