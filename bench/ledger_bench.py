@@ -8,6 +8,7 @@ Lifecycle = submit -> dispatch decision + assignment -> complete, driven in batc
   huey             SqliteHuey: enqueue a batch, then dequeue + execute (stores the result) each task
   raw              the SQLite ceiling: INSERT, claim (UPDATE ... RETURNING), complete; one transaction each
 each at synchronous=NORMAL and FULL (WAL), plus huey at its defaults. Medians of --runs runs, same process.
+FULL is lanectl's default since issue 10 (a commit is on disk when it returns); NORMAL was the default before.
 Dispatch latency: one interactive mission submitted, then run_once timed (decision + assignment, one
 transaction), with N background missions queued (lanes do not serve them, so they are scanned and skipped)
 and 1M finished missions in history. Performance is measured here, never asserted in tests.

@@ -31,6 +31,7 @@ class Client:
     def __init__(self, ledger: str | Path | None = None, config_dir: str | Path | None = None,
                  fleet: config.LaneSet | None = None) -> None:
         self._ledger_path = config.ledger_path(fleet or config_dir, ledger)
+        self._where = fleet or config_dir
         self._config_dir = config_dir
         self._fleet = fleet
         self._ledger: Ledger | None = None
@@ -38,7 +39,7 @@ class Client:
     @property
     def ledger(self) -> Ledger:
         if self._ledger is None:
-            self._ledger = Ledger.open(self._ledger_path)
+            self._ledger = config.open_ledger(self._where, self._ledger_path)  # [ledger] synchronous
         return self._ledger
 
     @property

@@ -5,6 +5,7 @@ every problem of every file at once, each with file, field and fix.
 """
 from __future__ import annotations
 
+import os
 import re
 import socket
 import tomllib
@@ -300,10 +301,26 @@ class LeaseSettings(Model):
     retry_backoff_sec: Annotated[float, Field(ge=0)] = 1.0
 
 
+class LedgerSettings(Model):
+    """``[ledger]``: where the ledger lives and how hard each commit is pushed to disk (docs/ledger.md)."""
+
+    path: str | None = None
+    """The ledger file; default: STATE_DIR/ledger.db. ``ledger = "PATH"`` at the top level is the same."""
+    synchronous: Literal["FULL", "NORMAL"] = "FULL"
+    """FULL: a commit (a submit's exit 0, an outcome acknowledged to a lane) is on disk when it returns.
+    NORMAL: faster, but an OS crash or power cut can lose the last commits (never corrupts the file, loses
+    nothing on a process crash)."""
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str | None) -> str | None:
+        return None if v is None else check_path(v)
+
+
 class Settings(Model):
     """Global settings: ``lanectl.toml``."""
 
-    ledger: str | None = None
+    ledger: LedgerSettings = LedgerSettings()
     state_dir: str = str(paths.DEFAULT_STATE_DIR)
     """The control plane's own state: ledger (by default), box secret, lane keys. Lanes cannot see it."""
     python: str | None = None
@@ -318,7 +335,12 @@ class Settings(Model):
     promotion: PromotionSettings = PromotionSettings()
     classes: dict[MissionClass, ClassPolicy] = Field(default_factory=_default_classes)
 
-    @field_validator("ledger", "workspace_root", "python", "state_dir")
+    @field_validator("ledger", mode="before")
+    @classmethod
+    def _ledger_path(cls, v: Any) -> Any:
+        return {"path": v} if isinstance(v, str) else v  # the short form: ledger = "PATH"
+
+    @field_validator("workspace_root", "python", "state_dir")
     @classmethod
     def _paths(cls, v: str | None) -> str | None:
         return None if v is None else check_path(v)
@@ -568,23 +590,41 @@ def _fallback_cycles(lanes: dict[str, Lane], where: Any) -> list[Problem]:
     return out
 
 
-def ledger_path(where: LaneSet | str | Path | None = None, override: str | Path | None = None) -> Path:
-    """The ledger file: --ledger, else $LANECTL_LEDGER, else ledger= in lanectl.toml, else STATE_DIR/ledger.db."""
-    import os
+def _settings_of(where: LaneSet | str | Path | None) -> Settings:
+    if isinstance(where, LaneSet):
+        return where.settings
+    problems: list[Problem] = []
+    settings = load_settings(resolve_dirs(where)[0], problems)
+    if any(p.severity == "error" for p in problems):
+        raise config_error(problems)
+    return settings
 
+
+def open_ledger(where: LaneSet | str | Path | None = None, override: str | Path | None = None,
+                **kwargs: Any) -> Any:
+    """``Ledger.open`` of ``ledger_path(where, override)`` with the ``[ledger]`` settings of lanectl.toml."""
+    from lanectl.errors import LanectlError
+    from lanectl.ledger import Ledger
+
+    try:
+        settings = _settings_of(where)
+    except LanectlError:
+        if not (override or os.environ.get("LANECTL_LEDGER")):
+            raise
+        settings = Settings()  # the ledger is named explicitly: a broken lanectl.toml leaves the default (FULL)
+    return Ledger.open(ledger_path(settings, override), synchronous=settings.ledger.synchronous, **kwargs)
+
+
+def ledger_path(where: LaneSet | Settings | str | Path | None = None, override: str | Path | None = None) -> Path:
+    """The ledger file: --ledger, else $LANECTL_LEDGER, else [ledger] path in lanectl.toml, else
+    STATE_DIR/ledger.db."""
     if override:
         return Path(override)
     if os.environ.get("LANECTL_LEDGER"):
         return Path(os.environ["LANECTL_LEDGER"])
-    if isinstance(where, LaneSet):
-        settings = where.settings
-    else:
-        problems: list[Problem] = []
-        settings = load_settings(resolve_dirs(where)[0], problems)
-        if any(p.severity == "error" for p in problems):
-            raise config_error(problems)
-    if settings.ledger:
-        return Path(settings.ledger)
+    settings = where if isinstance(where, Settings) else _settings_of(where)
+    if settings.ledger.path:
+        return Path(settings.ledger.path)
     if os.environ.get("STATE_DIRECTORY"):
         return paths.ledger_path()
     return Path(settings.state_dir) / "ledger.db"

@@ -105,6 +105,16 @@ def command(*name: str) -> Callable[[F], F]:
                 return fn(*args, **kwargs)
             except LanectlError as exc:
                 fail(list(name), exc, bool(kwargs.get("json_out")))
+            except Exception as exc:
+                sqlite3 = sys.modules.get("sqlite3")
+                if sqlite3 is None or not isinstance(exc, sqlite3.Error):
+                    raise
+                from lanectl.ledger import ledger_error, last_opened
+
+                mapped = ledger_error(last_opened(), exc)  # a read outside a transaction: disk, permission
+                if mapped is None:
+                    raise
+                fail(list(name), mapped, bool(kwargs.get("json_out")))
 
         return wrapper  # type: ignore[return-value]
 

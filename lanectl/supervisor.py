@@ -106,7 +106,7 @@ class Supervisor:
                  use_systemd: bool = True) -> None:
         self.fleet = fleet
         self.settings = fleet.settings
-        self.ledger_path = ledger_path or paths.ledger_path(fleet.settings.ledger)
+        self.ledger_path = ledger_path or paths.ledger_path(fleet.settings.ledger.path)
         self.notifier = notifier
         self.use_systemd = use_systemd
         self.stop = threading.Event()
@@ -141,8 +141,10 @@ class Supervisor:
     # ------------------------------------------------------------------------------------------ setup
     def open(self) -> None:
         """Migrate the ledger, load lane keys, bind the callback endpoint (READY=1 comes after this)."""
-        self.ledger = Ledger.open(self.ledger_path, autocheckpoint=False)
-        self.checkpointer = Checkpointer(self.ledger_path).start()  # WAL checkpoints off the dispatch path
+        sync = self.settings.ledger.synchronous  # FULL: a callback is answered only once its commit is on disk
+        self.ledger = Ledger.open(self.ledger_path, autocheckpoint=False, synchronous=sync)
+        # WAL checkpoints off the dispatch path
+        self.checkpointer = Checkpointer(self.ledger_path, synchronous=sync).start()
         from lanectl.watch import commit_watch
 
         self.commits = commit_watch(self.ledger_path)

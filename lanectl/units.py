@@ -115,8 +115,8 @@ def render_template(python: str) -> str:
 def render_supervisor(fleet: LaneSet, python: str) -> str:
     state = fleet.settings.state_dir
     rw = [state]
-    if fleet.settings.ledger:
-        ledger_dir = str(Path(fleet.settings.ledger).parent)
+    if fleet.settings.ledger.path:
+        ledger_dir = str(Path(fleet.settings.ledger.path).parent)
         if not (ledger_dir + "/").startswith(state + "/"):
             rw.append(ledger_dir)
     cfg = str(fleet.config_dir.resolve())

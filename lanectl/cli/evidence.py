@@ -53,7 +53,7 @@ def parse_time(text: str | None, now: float, field: str = "since") -> float | No
 
 
 def _ledger(config_dir: Optional[str], ledger: Optional[str]) -> Ledger:
-    return Ledger.open(config.ledger_path(config_dir, ledger))
+    return config.open_ledger(config_dir, ledger)
 
 
 def _line(ev: dict[str, Any]) -> str:
@@ -169,7 +169,7 @@ def metrics_(
     fleet = config.load(config_dir)
     if lane is not None:
         fleet.get(lane)
-    with Ledger.open(config.ledger_path(fleet, ledger)) as led:
+    with config.open_ledger(fleet, ledger) as led:
         m = evidence.metrics(led, window_s, now, lane, fleet=fleet)
     if textfile:
         evidence.write_textfile(textfile, evidence.prometheus_text(m, generated=now))
@@ -195,7 +195,7 @@ def report_(
     t_since = parse_time(since, now, "since")
     t_until = parse_time(until, now, "until") or now
     fleet = config.load(config_dir)
-    with Ledger.open(config.ledger_path(fleet, ledger)) as led:
+    with config.open_ledger(fleet, ledger) as led:
         text = evidence.report(led, t_since or now - 86400, t_until, now, fleet=fleet)
     if out:
         from lanectl.fsutil import atomic_write

@@ -87,11 +87,10 @@ def restart(lane: str = typer.Argument(...),
 
     from lanectl import config
     from lanectl.cli.ops import graceful_restart
-    from lanectl.ledger import Ledger
 
     operate.select(lanes, [lane], enabled_only=False)
     fleet = config.load(config_dir)
-    with Ledger.open(config.ledger_path(fleet, ledger)) as led:
+    with config.open_ledger(fleet, ledger) as led:
         graceful_restart(led, fleet, lanes, lane, timeout, reason)
     _report(operate.OpResult("restart", [lane], [lane]), json_out, "restarted gracefully")
 

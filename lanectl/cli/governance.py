@@ -9,7 +9,6 @@ import typer
 from lanectl import config, governance
 from lanectl.cli.options import CONFIG, JSON
 from lanectl.errors import ExitCode, LanectlError, Problem
-from lanectl.ledger import Ledger
 from lanectl.ledger import lanes as lane_ops
 from lanectl.ledger.events import EventKind
 from lanectl.output import command, escape, finish, stdout_console
@@ -46,7 +45,7 @@ def promote(
         raise LanectlError("--force needs --reason", "say why the evidence is being overridden", "reason_required",
                            ExitCode.USAGE)
     now = time.time()
-    with Ledger.open(config.ledger_path(fleet, ledger)) as led:
+    with config.open_ledger(fleet, ledger) as led:
         row = led.conn.execute("SELECT weight FROM lanes WHERE name = ?", (lane,)).fetchone()
         current = row[0] if row and row[0] is not None else fleet.lanes[lane].weight
         if weight == current:
@@ -98,7 +97,7 @@ def drill(
     from lanectl import drill as drills
 
     fleet = config.load(config_dir)
-    with Ledger.open(config.ledger_path(fleet, ledger)) as led:
+    with config.open_ledger(fleet, ledger) as led:
         res = drills.run(led, fleet, lane, kind, timeout=timeout)
 
     def human() -> None:

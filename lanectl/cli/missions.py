@@ -17,7 +17,6 @@ from lanectl.cli import missionview
 from lanectl.cli.options import CONFIG, JSON
 from lanectl.client import Client
 from lanectl.errors import ExitCode, LanectlError, Problem
-from lanectl.ledger import Ledger
 from lanectl.ledger import missions as ms
 from lanectl.ledger import tick
 from lanectl.output import command, escape, finish, stdout_console
@@ -106,7 +105,7 @@ def submit(
     body: Any = payload if payload is not None else {"argv": list(argv or [])}
     when = parse_deadline(deadline, now)
     fleet = config.load(config_dir)
-    with Ledger.open(config.ledger_path(config_dir, ledger)) as led:
+    with config.open_ledger(config_dir, ledger) as led:
         res = ms.submit(led, fleet, cls=cls, payload=body, now=now, deadline=when, lane=lane, tags=tag or (),
                         session=session, idempotency_key=idempotency_key, max_attempts=max_attempts)
     data = {**res.mission.as_dict(), "changed": res.created}
@@ -196,7 +195,7 @@ def _submit_batch(batch: str, now: float, ledger: str | None, config_dir: str | 
                                "bad_batch", ExitCode.USAGE) from exc
     requests, numbers = read_batch(text, source, now)
     fleet = config.load(config_dir)
-    with Ledger.open(config.ledger_path(config_dir, ledger)) as led:
+    with config.open_ledger(config_dir, ledger) as led:
         try:
             results = ms.submit_many(led, fleet, requests, now=now)
         except LanectlError as exc:
@@ -233,7 +232,7 @@ def list_(
     json_out: bool = JSON,
 ) -> None:
     """List missions, oldest first."""
-    with Ledger.open(config.ledger_path(config_dir, ledger)) as led:
+    with config.open_ledger(config_dir, ledger) as led:
         rows, data = missionview.list_data(led, state=state, lane=lane, cls=cls, session=session, limit=limit,
                                            after_id=after)
     finish(["missions"], data, json_mode=json_out, human=lambda: missionview.human_list(rows))
@@ -261,7 +260,7 @@ def show(
 def cancel(mission_id: int = typer.Argument(..., metavar="ID"), ledger: Optional[str] = LEDGER,
            config_dir: Optional[str] = CONFIG, json_out: bool = JSON) -> None:
     """Cancel a queued or running mission (no-op if already cancelled)."""
-    with Ledger.open(config.ledger_path(config_dir, ledger)) as led:
+    with config.open_ledger(config_dir, ledger) as led:
         res = ms.cancel(led, mission_id, now=time.time())
     finish(["mission", "cancel"], {**res.mission.as_dict(), "changed": res.changed}, json_mode=json_out,
            human=lambda: stdout_console().print(f"mission {mission_id}: cancelled"
@@ -275,7 +274,7 @@ def retry(mission_id: int = typer.Argument(..., metavar="ID"),
           ledger: Optional[str] = LEDGER, config_dir: Optional[str] = CONFIG, json_out: bool = JSON) -> None:
     """Queue a failed, dead, cancelled or expired mission again."""
     now = time.time()
-    with Ledger.open(config.ledger_path(config_dir, ledger)) as led:
+    with config.open_ledger(config_dir, ledger) as led:
         res = ms.retry(led, mission_id, now=now, deadline=parse_deadline(deadline, now))
     finish(["mission", "retry"], {**res.mission.as_dict(), "changed": True}, json_mode=json_out,
            human=lambda: stdout_console().print(f"mission {mission_id}: queued again"))
@@ -287,7 +286,7 @@ def explain(mission_id: int = typer.Argument(..., metavar="ID"), ledger: Optiona
             config_dir: Optional[str] = CONFIG, json_out: bool = JSON) -> None:
     """Why a mission is not running: every lane and why it is skipped."""
     fleet = config.load(config_dir)
-    with Ledger.open(config.ledger_path(config_dir, ledger)) as led:
+    with config.open_ledger(config_dir, ledger) as led:
         data = tick.explain(led, fleet, mission_id, now=time.time())
 
     def human() -> None:
@@ -315,7 +314,7 @@ def dispatch_(
         raise ms.invalid("once", "only one pass at a time is supported here", "add --once (the supervisor loops)",
                          "once_required")
     fleet = config.load(config_dir)
-    with Ledger.open(config.ledger_path(config_dir, ledger)) as led:
+    with config.open_ledger(config_dir, ledger) as led:
         res = tick.run_once(led, fleet, now=time.time())
     data = {**res.as_dict(), "changed": bool(res.dispatches or res.expired_deadlines or res.expired_leases)}
 

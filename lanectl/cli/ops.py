@@ -77,7 +77,7 @@ def supervise(config_dir: Optional[str] = CONFIG, ledger: Optional[str] = LEDGER
 
 def _open(config_dir: Optional[str], ledger: Optional[str]) -> tuple[config.LaneSet, Ledger]:
     fleet = config.load(config_dir)
-    return fleet, Ledger.open(config.ledger_path(fleet, ledger))
+    return fleet, config.open_ledger(fleet, ledger)
 
 
 @command("drain")
@@ -189,7 +189,7 @@ def apply(
     active = operate._active([lanes[n]["unit"] for n in changed_lanes]) if changed_lanes else {}
     restarted, failed = [], {}
     ledger_file = config.ledger_path(fleet, ledger)
-    with Ledger.open(ledger_file) as led:
+    with config.open_ledger(fleet, ledger_file) as led:
         if res.changed:
             lane_ops.record(led, EventKind.APPLY, now=time.time(), written=res.written, removed=res.removed,
                             lanes=changed_lanes, reason=reason)
@@ -267,7 +267,7 @@ def snapshot(
     who = lane_ops.actor()
     made = snap.capture(fleet, path, target, lane=lane, reason=reason, actor=who)
     try:
-        with Ledger.open(path) as led:
+        with config.open_ledger(fleet, path) as led:
             lane_ops.record(led, EventKind.SNAPSHOT, now=time.time(), lane=lane, path=str(made), reason=reason,
                             actor=who)
     except LanectlError:

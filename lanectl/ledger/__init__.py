@@ -5,10 +5,15 @@ that is not SQLite or was written by a newer schema (both ``ExitCode.CONFIG``). 
 ``with ledger.transaction():`` (``BEGIN IMMEDIATE``), so concurrent writers queue on the busy timeout instead of
 failing half way; WAL readers keep reading meanwhile.
 
-``synchronous=NORMAL`` is the default (see docs/ledger.md and docs/benchmarks.md): in WAL mode it never corrupts
-the file and loses nothing on a process crash; only an OS crash or power cut can lose the last transactions
-before a checkpoint. ``FULL`` is available (``Ledger.open(path, synchronous="FULL")``) for boxes that want every
-commit on disk before acknowledging it.
+``synchronous=FULL`` is the default (docs/ledger.md): in WAL mode every COMMIT syncs the WAL before it returns, so
+a mission id returned by ``submit`` (exit 0) or an outcome acknowledged to a lane is on disk and survives a power
+cut. ``[ledger] synchronous = "NORMAL"`` in lanectl.toml (``config.open_ledger``) trades that for speed: NORMAL
+never corrupts the file and loses nothing on a process crash, but an OS crash or power cut can lose the last
+transactions before a checkpoint. Every connection also sets ``journal_size_limit`` (``WAL_SIZE_LIMIT``), so the
+WAL file shrinks back to that size each time a checkpoint lets it restart.
+
+SQLite errors that mean the environment is wrong are turned into ``LanectlError``s with their own code, message
+(naming the ledger file) and fix by ``ledger_error()``: busy, disk full, read-only, no permission, corrupt, I/O.
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ import os
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, get_args
 
 from lanectl.errors import ExitCode, LanectlError, Unavailable
 from lanectl.ledger import schema
@@ -28,6 +33,10 @@ FILE_MODE: Final = 0o640
 DIR_MODE: Final = 0o750
 SQLITE_MAGIC: Final = b"SQLite format 3\x00"
 Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
+DEFAULT_SYNCHRONOUS: Final[Synchronous] = "FULL"
+"""Every commit is on disk before it returns (docs/ledger.md, durability); ``[ledger] synchronous`` changes it."""
+WAL_SIZE_LIMIT: Final = 16 * 1024 * 1024
+"""``PRAGMA journal_size_limit``: whenever a checkpoint lets the WAL restart, it is truncated to at most this."""
 
 
 def _not_sqlite(path: Path, detail: str) -> LanectlError:
@@ -51,20 +60,22 @@ class Ledger:
         self._busy_poll = busy_poll
 
     @classmethod
-    def open(cls, path: str | Path, *, synchronous: Synchronous = "NORMAL",
+    def open(cls, path: str | Path, *, synchronous: Synchronous = DEFAULT_SYNCHRONOUS,
              busy_timeout_s: float = BUSY_TIMEOUT_S, migrate: bool = True, autocheckpoint: bool = True,
              busy_poll: bool = True) -> Ledger:
         """Open (create, migrate) the ledger. ``autocheckpoint=False`` leaves WAL checkpoints to a
         ``Checkpointer`` (the supervisor), so no commit of this connection ever pays for one. ``busy_poll=False``
         waits for the write lock with SQLite's own busy handler instead of ``_begin``'s (for comparisons)."""
         path = Path(path)
+        check_synchronous(synchronous)
         _prepare_file(path)
         try:
             conn = sqlite3.connect(str(path), isolation_level=None, timeout=busy_timeout_s,
                                    check_same_thread=False)
         except sqlite3.Error as exc:
-            raise Unavailable(f"{path}: cannot open the ledger: {exc}", "check the path and its permissions",
-                              "ledger_unavailable") from exc
+            raise ledger_error(path, exc) or Unavailable(
+                f"{path}: cannot open the ledger: {exc}", "check the path and its permissions",
+                "ledger_unavailable") from exc
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000):d}")
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
@@ -72,6 +83,7 @@ class Ledger:
                 raise Unavailable(f"{path}: cannot switch the ledger to WAL (got {mode})",
                                   "put the ledger on a local file system", "ledger_unavailable")
             conn.execute(f"PRAGMA synchronous = {synchronous}")
+            conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT:d}")
             conn.execute("PRAGMA foreign_keys = ON")
             if not autocheckpoint:
                 conn.execute("PRAGMA wal_autocheckpoint = 0")
@@ -81,14 +93,16 @@ class Ledger:
                 schema.pending(conn, str(path))
         except sqlite3.DatabaseError as exc:
             conn.close()
-            if "not a database" in str(exc) or "malformed" in str(exc):
+            if _code(exc) == sqlite3.SQLITE_NOTADB:
                 raise _not_sqlite(path, str(exc)) from exc
-            raise _busy(path, exc) from exc
+            raise ledger_error(path, exc) or _other(path, exc) from exc
         except BaseException:
             conn.close()
             raise
         with contextlib.suppress(OSError):
             os.chmod(path, FILE_MODE)
+        global _last_opened
+        _last_opened = path
         return cls(conn, path, busy_timeout_s, busy_poll)
 
     def close(self) -> None:
@@ -123,18 +137,21 @@ class Ledger:
         self._depth = 1
         try:
             yield self.conn
-        except BaseException:
+        except BaseException as exc:
             self._depth = 0
             if self.conn.in_transaction:  # SQLite may have rolled back already (disk full, I/O error)
                 self.conn.execute("ROLLBACK")
+            mapped = ledger_error(self.path, exc) if isinstance(exc, sqlite3.Error) else None
+            if mapped is not None:
+                raise mapped from exc
             raise
         self._depth = 0
         try:
-            self.conn.execute("COMMIT")
-        except sqlite3.OperationalError as exc:
+            self.conn.execute("COMMIT")  # with synchronous=FULL, the WAL is on disk when this returns
+        except sqlite3.Error as exc:
             if self.conn.in_transaction:
                 self.conn.execute("ROLLBACK")
-            raise _busy(self.path, exc) from exc
+            raise ledger_error(self.path, exc) or _other(self.path, exc) from exc
 
     def _begin(self) -> None:
         """``BEGIN IMMEDIATE``, waiting for the write lock at most the busy timeout.
@@ -150,7 +167,7 @@ class Ledger:
             try:
                 self.conn.execute("BEGIN IMMEDIATE")
             except sqlite3.OperationalError as exc:
-                raise _busy(self.path, exc) from exc
+                raise ledger_error(self.path, exc) or _other(self.path, exc) from exc
             return
         import random
         import time
@@ -164,8 +181,8 @@ class Ledger:
                     self.conn.execute("BEGIN IMMEDIATE")
                     return
                 except sqlite3.OperationalError as exc:
-                    if "locked" not in str(exc) and "busy" not in str(exc):
-                        raise _busy(self.path, exc) from exc
+                    if _code(exc) not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                        raise ledger_error(self.path, exc) or _other(self.path, exc) from exc
                     if not deadline:
                         deadline = time.monotonic() + self._busy_timeout_ms / 1000
                     elif time.monotonic() >= deadline:
@@ -196,10 +213,12 @@ class Checkpointer:
     even when the supervisor is down.
     """
 
-    def __init__(self, path: str | Path, *, interval: float = 1.0) -> None:
+    def __init__(self, path: str | Path, *, interval: float = 1.0,
+                 synchronous: Synchronous = DEFAULT_SYNCHRONOUS) -> None:
         import threading
 
         self.path = Path(path)
+        self.synchronous = check_synchronous(synchronous)
         self.interval = interval
         self.checkpoints = 0
         self.frames = 0
@@ -225,6 +244,8 @@ class Checkpointer:
                     if conn is None:
                         conn = sqlite3.connect(self.path.resolve().as_uri() + "?mode=rw", uri=True,
                                                isolation_level=None, timeout=BUSY_TIMEOUT_S)  # never creates it
+                        conn.execute(f"PRAGMA synchronous = {self.synchronous}")  # FULL/NORMAL: syncs the database
+                        conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT:d}")
                     self.checkpoint(conn)
                 except sqlite3.Error:
                     self.errors += 1  # disk full, I/O error, cannot open: try again next round
@@ -241,34 +262,187 @@ class Checkpointer:
         self.frames = max(0, log_frames)
 
 
+_last_opened: Path | None = None
+
+
+def last_opened() -> Path:
+    """The ledger this process opened last (names the file in errors raised outside a ``Ledger`` method)."""
+    return _last_opened or Path("ledger")
+
+
+def check_synchronous(value: str) -> Synchronous:
+    """The value goes into a PRAGMA: only SQLite's four names pass."""
+    if value not in get_args(Synchronous):
+        raise LanectlError(f"synchronous={value!r} is not one of {', '.join(get_args(Synchronous))}",
+                           "set [ledger] synchronous in lanectl.toml to FULL (the default) or NORMAL",
+                           "bad_synchronous", ExitCode.CONFIG)
+    return value  # type: ignore[return-value]
+
+
+def _code(exc: BaseException) -> int | None:
+    """The primary SQLite result code of an sqlite3 error (extended codes carry it in the low byte)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return None if code is None else code & 0xFF
+
+
+def _fs_full(path: Path) -> bool:
+    """Whether the file system holding the ledger has no space (or inodes) left for this user."""
+    for where in (path, path.parent):
+        try:
+            st = os.statvfs(where)
+        except OSError:
+            continue
+        return st.f_bavail * st.f_frsize < 64 * 1024 or (st.f_files > 0 and st.f_favail == 0)
+    return False
+
+
+def _fs_readonly(path: Path) -> bool:
+    for where in (path, path.parent):
+        try:
+            return bool(os.statvfs(where).f_flag & os.ST_RDONLY)
+        except OSError:
+            continue
+    return False
+
+
+def _owner_hint(path: Path) -> str:
+    try:
+        st = path.stat()
+    except OSError:
+        try:
+            st = path.parent.stat()
+        except OSError:
+            return "run lanectl as root or as the ledger's owner"
+    import pwd
+
+    try:
+        owner = pwd.getpwuid(st.st_uid).pw_name
+    except KeyError:
+        owner = f"uid {st.st_uid}"
+    return f"run lanectl as root or as the ledger's owner ({owner}), e.g. with sudo"
+
+
+def full_error(path: Path, detail: object) -> LanectlError:
+    return Unavailable(f"{path}: the file system holding the ledger is full ({detail}); nothing was written",
+                       "free space on that file system (or move the ledger), then retry", "ledger_full")
+
+
+def readonly_error(path: Path, detail: object) -> LanectlError:
+    if _fs_readonly(path):
+        why, fix = "is on a read-only file system", "remount it read-write (or move the ledger), then retry"
+    elif os.geteuid() != 0 and path.exists() and not os.access(path, os.W_OK):
+        why, fix = "is not writable by this user", _owner_hint(path)
+    elif os.geteuid() != 0 and not os.access(path.parent, os.W_OK):
+        why, fix = "is in a directory this user cannot write (SQLite needs its -wal and -shm files)", _owner_hint(path)
+    else:
+        why, fix = "is read-only", "make the file (and its -wal/-shm files and directory) writable by lanectl"
+    return LanectlError(f"{path}: the ledger {why} ({detail}); nothing was written", fix, "ledger_readonly",
+                        ExitCode.CONFIG)
+
+
+def permission_error(path: Path, detail: object) -> LanectlError:
+    return LanectlError(f"{path}: no permission to open the ledger ({detail})", _owner_hint(path),
+                        "ledger_permission", ExitCode.CONFIG)
+
+
+def ledger_error(path: Path, exc: BaseException) -> LanectlError | None:
+    """The LanectlError an SQLite (or OS) error on the ledger means, or None when it is not one of these.
+
+    | code | when | exit |
+    | ledger_busy | the write lock was held past the busy timeout (SQLITE_BUSY/LOCKED) | 6 |
+    | ledger_full | SQLITE_FULL, or an I/O error while the file system has no space left (ENOSPC) | 6 |
+    | ledger_io_error | any other I/O error (SQLITE_IOERR) | 6 |
+    | ledger_readonly | SQLITE_READONLY, EROFS: read-only mount, or the file is not writable by this user | 3 |
+    | ledger_permission | EACCES / SQLITE_PERM / SQLITE_CANTOPEN for want of permission | 3 |
+    | ledger_corrupt | SQLITE_CORRUPT | 3 |
+    """
+    import errno
+
+    if isinstance(exc, LanectlError):
+        return exc
+    if isinstance(exc, OSError):
+        if exc.errno == errno.ENOSPC or exc.errno == errno.EDQUOT:
+            return full_error(path, exc.strerror)
+        if exc.errno == errno.EROFS:
+            return readonly_error(path, exc.strerror)
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            return permission_error(path, exc.strerror)
+        return None
+    code = _code(exc)
+    if code is None:
+        return None
+    if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+        return _busy(path, exc)
+    if code == sqlite3.SQLITE_FULL or (code == sqlite3.SQLITE_IOERR and _fs_full(path)):
+        return full_error(path, exc)
+    if code == sqlite3.SQLITE_READONLY:
+        return readonly_error(path, exc)
+    if code in (sqlite3.SQLITE_PERM, sqlite3.SQLITE_AUTH) or (
+            code == sqlite3.SQLITE_CANTOPEN and _no_access(path)):
+        return permission_error(path, exc)
+    if code == sqlite3.SQLITE_CANTOPEN and _fs_readonly(path):
+        return readonly_error(path, exc)
+    if code == sqlite3.SQLITE_CORRUPT:
+        return LanectlError(f"{path}: the ledger file is corrupt ({exc})",
+                            "stop the supervisor, copy the file aside, and recover it (docs/runbooks.md); "
+                            "'sqlite3 ledger.db .recover' salvages what is readable", "ledger_corrupt",
+                            ExitCode.CONFIG)
+    if code == sqlite3.SQLITE_NOTADB:
+        return _not_sqlite(path, str(exc))
+    if code == sqlite3.SQLITE_IOERR:
+        return Unavailable(f"{path}: I/O error on the ledger ({exc}); the transaction was rolled back",
+                           "check the disk and the kernel log (dmesg), then retry", "ledger_io_error")
+    return None
+
+
+def _no_access(path: Path) -> bool:
+    if os.geteuid() == 0:
+        return False
+    return (path.exists() and not os.access(path, os.R_OK)) or not os.access(path.parent, os.X_OK)
+
+
+def _other(path: Path, exc: Exception) -> LanectlError:
+    return Unavailable(f"{path}: the ledger cannot be used ({exc}); nothing was written",
+                       "check the file, its directory and the disk; then retry", "ledger_unavailable")
+
+
 def _busy(path: Path, exc: Exception) -> LanectlError:
-    if "full" in str(exc).lower():
-        return Unavailable(f"{path}: the disk holding the ledger is full ({exc})",
-                           "free space on that filesystem; nothing was written, retry afterwards", "ledger_full")
-    return Unavailable(f"{path}: the ledger is busy or unavailable ({exc})",
-                       "another writer held it past the busy timeout; retry", "ledger_busy")
+    return Unavailable(f"{path}: the ledger is busy ({exc})",
+                       "another writer held the write lock past the busy timeout; retry", "ledger_busy")
 
 
 def _prepare_file(path: Path) -> None:
     """Create the directory (0750) and the file (0640) before SQLite does, so no umask can widen them."""
-    if path.is_dir():
-        raise _not_sqlite(path, "it is a directory")
-    if not path.parent.exists():
-        path.parent.mkdir(parents=True, mode=DIR_MODE, exist_ok=True)
-        with contextlib.suppress(OSError):
-            os.chmod(path.parent, DIR_MODE)
-    if path.exists():
+    try:
+        _create_file(path)
+    except OSError as exc:
+        raise ledger_error(path, exc) or Unavailable(
+            f"{path}: cannot create the ledger: {exc.strerror}",
+            "check that the directory exists and is writable by lanectl", "ledger_unavailable") from exc
+
+
+def _create_file(path: Path) -> None:
+    try:
+        st = os.stat(path)  # raises PermissionError (EACCES) for a directory we cannot search, unlike exists()
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        import stat
+
+        if stat.S_ISDIR(st.st_mode):
+            raise _not_sqlite(path, "it is a directory")
         with path.open("rb") as fh:
             head = fh.read(len(SQLITE_MAGIC))
         if head and head != SQLITE_MAGIC:
             raise _not_sqlite(path, "no SQLite header")
         return
+    if not path.parent.exists():
+        path.parent.mkdir(parents=True, mode=DIR_MODE, exist_ok=True)
+        with contextlib.suppress(OSError):
+            os.chmod(path.parent, DIR_MODE)
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, FILE_MODE)
         os.close(fd)
         os.chmod(path, FILE_MODE)
     except FileExistsError:
         pass
-    except OSError as exc:
-        raise Unavailable(f"{path}: cannot create the ledger: {exc.strerror}",
-                          "check that the directory exists and is writable by lanectl", "ledger_unavailable") from exc

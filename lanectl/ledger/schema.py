@@ -8,6 +8,7 @@ newer schema means, and the supervisor must not restart into that loop (``Restar
 """
 from __future__ import annotations
 
+import re
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -20,6 +21,9 @@ from lanectl.errors import ExitCode, LanectlError
 class Migration:
     name: str
     sql: str
+    rebuilds: bool = False
+    """The step rebuilds a table that others reference: it runs with foreign keys off (SQLite's documented
+    procedure for a table rebuild) and must leave ``PRAGMA foreign_key_check`` empty before it commits."""
 
 
 _V1: Final = """
@@ -150,9 +154,58 @@ _V2: Final = """
 ALTER TABLE lanes ADD COLUMN weight INTEGER CHECK (weight IS NULL OR weight BETWEEN 0 AND 10000);
 """
 
+
+
+def _statements(sql: str) -> list[str]:
+    """Split a script into statements (executescript() would COMMIT our transaction)."""
+    out: list[str] = []
+    buf = ""
+    for line in sql.splitlines(keepends=True):
+        if line.lstrip().startswith("--"):
+            continue
+        buf += line
+        if sqlite3.complete_statement(buf):
+            out.append(buf.strip())
+            buf = ""
+    if buf.strip():
+        out.append(buf.strip())
+    return out
+
+
+def _missions_autoincrement() -> str:
+    """Step 3: mission ids are never handed out twice.
+
+    With a plain ``INTEGER PRIMARY KEY`` SQLite gives a new row max(id) + 1, so once the newest mission is gone
+    (deleted, or a commit lost to a power cut at synchronous=NORMAL) its id would go to another mission, and a
+    producer holding the old id would read someone else's mission. ``AUTOINCREMENT`` keeps a high-water mark in
+    ``sqlite_sequence`` instead. SQLite cannot add it to a table, so the table is rebuilt (same columns, checks,
+    indexes and triggers as step 1) and the mark starts at the highest id any table has ever recorded."""
+    stmts = _statements(_V1)
+    table = next(s for s in stmts if s.startswith("CREATE TABLE missions ("))
+    new = table.replace("CREATE TABLE missions (", "CREATE TABLE missions_new (", 1)
+    new = new.replace("id INTEGER PRIMARY KEY,", "id INTEGER PRIMARY KEY AUTOINCREMENT,", 1)
+    assert new != table and "AUTOINCREMENT" in new
+    dependents = [s for s in stmts if s.startswith("CREATE INDEX missions_")
+                  or (s.startswith("CREATE TRIGGER") and re.search(r"\sON missions\s", s))]
+    assert len(dependents) == 9, dependents
+    return ";\n".join([
+        new.rstrip(";"),
+        "INSERT INTO missions_new SELECT * FROM missions",
+        "DROP TABLE missions",
+        "ALTER TABLE missions_new RENAME TO missions",
+        *(d.rstrip(";") for d in dependents),
+        "INSERT INTO sqlite_sequence (name, seq) SELECT 'missions', 0 "
+        "WHERE NOT EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = 'missions')",
+        "UPDATE sqlite_sequence SET seq = max(seq, coalesce((SELECT max(id) FROM missions), 0), "
+        "coalesce((SELECT max(mission) FROM attempts), 0), coalesce((SELECT max(mission) FROM events), 0)) "
+        "WHERE name = 'missions'",
+    ]) + ";\n"
+
+
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration("0001_missions_attempts_events_sessions_lanes", _V1),
     Migration("0002_lane_weight_override", _V2),
+    Migration("0003_mission_ids_never_reused", _missions_autoincrement(), rebuilds=True),
 )
 LATEST: Final = len(MIGRATIONS)
 
@@ -181,40 +234,37 @@ def pending(conn: sqlite3.Connection, where: str = "ledger") -> list[Migration]:
 def apply(conn: sqlite3.Connection, where: str = "ledger", now: float | None = None) -> list[str]:
     """Apply every pending step, one transaction each; safe when several processes open a new ledger at once."""
     done: list[str] = []
-    if not pending(conn, where):
-        return done
     while True:
-        conn.execute("BEGIN IMMEDIATE")
+        peek = current_version(conn)
+        check_not_newer(peek, where)
+        if peek >= LATEST:
+            return done
+        rebuilds = MIGRATIONS[peek].rebuilds
+        fk_on = bool(conn.execute("PRAGMA foreign_keys").fetchone()[0])
+        if rebuilds and fk_on:
+            conn.execute("PRAGMA foreign_keys = OFF")  # a no-op inside a transaction: before BEGIN
         try:
-            version = current_version(conn)  # re-read under the write lock: another process may have migrated
-            check_not_newer(version, where)
-            if version >= LATEST:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                version = current_version(conn)  # re-read under the write lock: another process may have migrated
+                check_not_newer(version, where)
+                if version != peek:
+                    conn.execute("COMMIT")
+                    continue
+                step = MIGRATIONS[version]
+                for statement in _statements(step.sql):
+                    conn.execute(statement)
+                if rebuilds and conn.execute("PRAGMA foreign_key_check").fetchall():
+                    raise RuntimeError(f"{where}: migration {step.name} would break a foreign key")
+                conn.execute("INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+                             (version + 1, step.name, time.time() if now is None else now))
+                conn.execute(f"PRAGMA user_version = {version + 1:d}")
                 conn.execute("COMMIT")
-                return done
-            step = MIGRATIONS[version]
-            for statement in _statements(step.sql):
-                conn.execute(statement)
-            conn.execute("INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
-                         (version + 1, step.name, time.time() if now is None else now))
-            conn.execute(f"PRAGMA user_version = {version + 1:d}")
-            conn.execute("COMMIT")
-            done.append(step.name)
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-
-
-def _statements(sql: str) -> list[str]:
-    """Split a script into statements (executescript() would COMMIT our transaction)."""
-    out: list[str] = []
-    buf = ""
-    for line in sql.splitlines(keepends=True):
-        if line.lstrip().startswith("--"):
-            continue
-        buf += line
-        if sqlite3.complete_statement(buf):
-            out.append(buf.strip())
-            buf = ""
-    if buf.strip():
-        out.append(buf.strip())
-    return out
+                done.append(step.name)
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        finally:
+            if rebuilds and fk_on:
+                conn.execute("PRAGMA foreign_keys = ON")

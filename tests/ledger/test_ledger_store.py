@@ -17,7 +17,7 @@ def test_open_creates_private_wal_ledger(tmp_path):
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
         assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o750
         assert led.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert led.conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL, see docs/ledger.md
+        assert led.conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL: a commit is on disk (docs/ledger.md)
         assert led.conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
         assert led.conn.execute("PRAGMA busy_timeout").fetchone()[0] == 5000
         assert led.version() == schema.LATEST
