@@ -22,7 +22,7 @@ result. Rules (DESIGN.md, "Dispatch policy"):
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Final
 
@@ -144,6 +144,34 @@ def route(m: QueuedMission, lanes: Mapping[str, LaneView]) -> tuple[str | None, 
             return current, (pin if current != pin else None), None
         current = view.fallback if view is not None else None
     return None, None, f"lane {pin!r} is unavailable and no fallback lane is available (tried {', '.join(seen)})"
+
+
+def group_room(target: str | None, tags: frozenset[str], cls: str, lanes: Mapping[str, LaneView]) -> int:
+    """How many missions of one queue group (one class, one target lane or none, one tag set) this pass could
+    place at most: the free slots, within quota, of the lanes that could take them (``verdict``'s rules, without
+    sessions). 0 means that none of the group can be placed now, however many it holds: the tick then reads only a
+    sample of it, for its wait reason, so an unplaceable backlog never keeps placeable work from being read."""
+    if target:
+        pinned, _, wait = route(QueuedMission(0, cls, 0.0, lane=target, tags=tags), lanes)
+        if wait is not None or pinned is None:
+            return 0
+        candidates: Iterable[LaneView] = (lanes[pinned],)
+    else:
+        candidates = lanes.values()
+    return sum(_room(ln, cls, tags) for ln in candidates)
+
+
+def _room(lane: LaneView, cls: str, tags: frozenset[str]) -> int:
+    if not lane.available or cls not in lane.classes or not tags <= lane.tags:
+        return 0
+    room = lane.capacity - lane.in_flight
+    rate = lane.rate_per_minute.get(cls)
+    if rate is not None:
+        room = min(room, rate - lane.used_minute.get(cls, 0))
+    budget = lane.daily_budget.get(cls)
+    if budget is not None:
+        room = min(room, budget - lane.used_day.get(cls, 0))
+    return max(0, room)
 
 
 def verdict(m: QueuedMission, lane: LaneView, pinned: str | None, route_wait: str | None) -> str | None:
