@@ -12,7 +12,7 @@ result. Rules (DESIGN.md, "Dispatch policy"):
   wait by ``max_wait_sec`` plus one tick, which the property tests check.
 - A queued mission whose deadline has passed is expired instead of dispatched.
 - A mission pinned to a lane (``--lane``, or its session's owner) goes there; when that lane is unavailable (not
-  active or not healthy) it follows the ``fallback`` chain to the first available lane, and a session moves with
+  active or not healthy, or its daily budget for the class is spent) it follows the ``fallback`` chain to the first available lane, and a session moves with
   it (recorded). A session with missions still active on one lane is kept there. With no lane it waits, and the
   reason is returned (recorded as a ``waiting`` event).
 - Among eligible lanes: smooth weighted round-robin (nginx's SWRR) by ``weight`` over the lanes eligible for this
@@ -140,10 +140,18 @@ def route(m: QueuedMission, lanes: Mapping[str, LaneView]) -> tuple[str | None, 
     while current is not None and current not in seen:
         seen.append(current)
         view = lanes.get(current)
-        if view is not None and view.available:
+        if view is not None and view.available and not budget_spent(view, m.cls):
             return current, (pin if current != pin else None), None
         current = view.fallback if view is not None else None
-    return None, None, f"lane {pin!r} is unavailable and no fallback lane is available (tried {', '.join(seen)})"
+    return None, None, (f"lane {pin!r} is unavailable (or its daily budget for {m.cls} is spent) and no fallback "
+                        f"lane is available (tried {', '.join(seen)})")
+
+
+def budget_spent(lane: LaneView, cls: str) -> bool:
+    """The lane's daily budget for the class is used up: work bound to it takes its fallback rather than wait
+    until midnight UTC (a rate quota refills within the minute: that work waits)."""
+    budget = lane.daily_budget.get(cls)
+    return budget is not None and lane.used_day.get(cls, 0) >= budget
 
 
 def group_room(target: str | None, tags: frozenset[str], cls: str, lanes: Mapping[str, LaneView]) -> int:
