@@ -11,7 +11,8 @@ each at synchronous=NORMAL and FULL (WAL), plus huey at its defaults. Medians of
 FULL is lanectl's default since issue 10 (a commit is on disk when it returns); NORMAL was the default before.
 Dispatch latency: one interactive mission submitted, then run_once timed (decision + assignment, one
 transaction), with N background missions queued (lanes do not serve them, so they are scanned and skipped)
-and 1M finished missions in history. Performance is measured here, never asserted in tests.
+and 1M finished missions in history; with --pinned K, K of the N are bound to a drained lane (issue 16: a
+blocked backlog must not slow or stall the pass). Performance is measured here, never asserted in tests.
 """
 from __future__ import annotations
 
@@ -35,11 +36,14 @@ from lanectl.ledger import missions as ms  # noqa: E402
 BIG = 10**9
 
 
-def fleet(tmp: Path, classes: list[str] | None = None, capacity: int = 1024) -> LaneSet:
+def fleet(tmp: Path, classes: list[str] | None = None, capacity: int = 1024, lanes: int = 1) -> LaneSet:
     lane = Lane(port=9001, workspace="/var/lib/lanes/a", capacity=capacity,
                 classes=classes or ["interactive", "deadline", "background"])
     pol = {c: ClassPolicy(queue_limit=BIG) for c in ("interactive", "deadline", "background")}
-    return LaneSet({"a": lane}, Settings(classes=pol), tmp, tmp)
+    fleet_lanes = {"a": lane}
+    if lanes > 1:  # b serves everything; --pinned binds a backlog to it and drains it
+        fleet_lanes["b"] = Lane(port=9002, workspace="/var/lib/lanes/b", capacity=capacity)
+    return LaneSet(fleet_lanes, Settings(classes=pol), tmp, tmp)
 
 
 def lanectl_lifecycle(path: Path, n: int, batch: int, sync: str, group: bool) -> float:
@@ -149,7 +153,19 @@ def lifecycle(args: argparse.Namespace) -> None:
         print(f"| {name} | WAL+{sync} | {value:,.0f} | {ratio_h:.2f}x | {ratio_r:.2f}x |")
 
 
-def build_ledger(path: Path, history: int, queued: int) -> None:
+def build_ledger(path: Path, history: int, queued: int, pinned: int = 0) -> None:
+    """``history`` finished and ``queued`` background missions; ``pinned`` more, bound to lane ``b`` (drained, so
+    none of them can run: an unplaceable backlog), submitted through the ledger's API."""
+    if pinned:
+        f = fleet(path.parent, lanes=2)
+        led = Ledger.open(path)
+        from lanectl.ledger import lanes as lane_ops
+
+        lane_ops.drain(led, f, "b", now=time.time(), who="bench")
+        req = ms.SubmitRequest("background", {"argv": ["true"]}, lane="b")
+        for start in range(0, pinned, ms.MAX_BATCH):
+            ms.submit_many(led, f, [req] * min(ms.MAX_BATCH, pinned - start), now=time.time() - 3600)
+        led.close()
     led = Ledger.open(path)
     now = time.time() - 3600
     row = ("background", 2, '{"argv":["true"]}', "0" * 64, now, now)
@@ -193,13 +209,18 @@ def latency(args: argparse.Namespace) -> None:
 
     base = Path(tempfile.mkdtemp(dir=args.dir))
     print(f"\ndispatch decision (run_once) for one interactive mission; {args.history:,} finished in history, "
+          f"{args.pinned:,} of the queued pinned to a drained lane, {args.warmup} passes of warm-up, "
           f"{args.samples} samples per connection, alternating blocks of {args.samples // 4}")
     for size in args.sizes:
         path = base / f"l{size}.db"
         t0 = time.perf_counter()
-        build_ledger(path, args.history, size)
+        build_ledger(path, args.history, size - args.pinned, args.pinned)
         built = time.perf_counter() - t0
-        f = fleet(base, classes=["interactive"], capacity=4)
+        f = fleet(base, classes=["interactive"], capacity=4, lanes=2 if args.pinned else 1)
+        if args.warmup:  # passes before timing (a new ledger writes wait reasons onto a blocked backlog first)
+            led = Ledger.open(path)
+            _decisions(led, f, args.warmup)
+            led.close()
         results: dict[str, list[float]] = {"default": [], "supervisor": []}
         block = max(1, args.samples // 4)
         for _ in range(4):  # alternate, so drift and neighbours hit both alike
@@ -247,6 +268,9 @@ def main() -> None:
     p.add_argument("--keep", action="store_true", help="Keep the built ledgers (for timing the CLI on them).")
     p.add_argument("--dir", default=None, help="Where the temporary ledgers go (default: $TMPDIR).")
     p.add_argument("--skip", default="", help="lifecycle or latency")
+    p.add_argument("--pinned", type=int, default=0,
+                   help="Of the queued missions, this many are bound to a drained lane (a blocked backlog).")
+    p.add_argument("--warmup", type=int, default=0, help="Untimed dispatch passes before the timed ones.")
     args = p.parse_args()
     args.sizes = [int(s) for s in args.sizes.split(",") if s]
     print(f"machine: nproc {os.cpu_count()}, python {platform.python_version()}, sqlite {sqlite3.sqlite_version}, "

@@ -12,7 +12,7 @@ result. Rules (DESIGN.md, "Dispatch policy"):
   wait by ``max_wait_sec`` plus one tick, which the property tests check.
 - A queued mission whose deadline has passed is expired instead of dispatched.
 - A mission pinned to a lane (``--lane``, or its session's owner) goes there; when that lane is unavailable (not
-  active or not healthy) it follows the ``fallback`` chain to the first available lane, and a session moves with
+  active or not healthy, or its daily budget for the class is spent) it follows the ``fallback`` chain to the first available lane, and a session moves with
   it (recorded). A session with missions still active on one lane is kept there. With no lane it waits, and the
   reason is returned (recorded as a ``waiting`` event).
 - Among eligible lanes: smooth weighted round-robin (nginx's SWRR) by ``weight`` over the lanes eligible for this
@@ -22,7 +22,7 @@ result. Rules (DESIGN.md, "Dispatch policy"):
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Final
 
@@ -140,10 +140,46 @@ def route(m: QueuedMission, lanes: Mapping[str, LaneView]) -> tuple[str | None, 
     while current is not None and current not in seen:
         seen.append(current)
         view = lanes.get(current)
-        if view is not None and view.available:
+        if view is not None and view.available and not budget_spent(view, m.cls):
             return current, (pin if current != pin else None), None
         current = view.fallback if view is not None else None
-    return None, None, f"lane {pin!r} is unavailable and no fallback lane is available (tried {', '.join(seen)})"
+    return None, None, (f"lane {pin!r} is unavailable (or its daily budget for {m.cls} is spent) and no fallback "
+                        f"lane is available (tried {', '.join(seen)})")
+
+
+def budget_spent(lane: LaneView, cls: str) -> bool:
+    """The lane's daily budget for the class is used up: work bound to it takes its fallback rather than wait
+    until midnight UTC (a rate quota refills within the minute: that work waits)."""
+    budget = lane.daily_budget.get(cls)
+    return budget is not None and lane.used_day.get(cls, 0) >= budget
+
+
+def group_room(target: str | None, tags: frozenset[str], cls: str, lanes: Mapping[str, LaneView]) -> int:
+    """How many missions of one queue group (one class, one target lane or none, one tag set) this pass could
+    place at most: the free slots, within quota, of the lanes that could take them (``verdict``'s rules, without
+    sessions). 0 means that none of the group can be placed now, however many it holds: the tick then reads only a
+    sample of it, for its wait reason, so an unplaceable backlog never keeps placeable work from being read."""
+    if target:
+        pinned, _, wait = route(QueuedMission(0, cls, 0.0, lane=target, tags=tags), lanes)
+        if wait is not None or pinned is None:
+            return 0
+        candidates: Iterable[LaneView] = (lanes[pinned],)
+    else:
+        candidates = lanes.values()
+    return sum(_room(ln, cls, tags) for ln in candidates)
+
+
+def _room(lane: LaneView, cls: str, tags: frozenset[str]) -> int:
+    if not lane.available or cls not in lane.classes or not tags <= lane.tags:
+        return 0
+    room = lane.capacity - lane.in_flight
+    rate = lane.rate_per_minute.get(cls)
+    if rate is not None:
+        room = min(room, rate - lane.used_minute.get(cls, 0))
+    budget = lane.daily_budget.get(cls)
+    if budget is not None:
+        room = min(room, budget - lane.used_day.get(cls, 0))
+    return max(0, room)
 
 
 def verdict(m: QueuedMission, lane: LaneView, pinned: str | None, route_wait: str | None) -> str | None:

@@ -28,7 +28,7 @@ class EventKind(StrEnum):
     RETRIED = "retried"  #: an operator put a finished mission back in the queue
     EXPIRED = "expired"  #: its deadline passed before it could run
     CALLBACK_REJECTED = "callback_rejected"  #: a stale or foreign callback was refused (fencing)
-    WAITING = "waiting"  #: no lane can take it now; data.reason says why (recorded when the reason changes)
+    WAITING = "waiting"  #: no lane can take it now; data.reason says why (on a change; data.group: a queue group)
     SESSION_CREATED = "session_created"  #: a session got its owner lane
     SESSION_MOVED = "session_moved"  #: a session moved to another lane (fallback or reroute)
     LANE_STATE = "lane_state"  #: a lane's dispatch state or health changed

@@ -249,7 +249,7 @@ MAX_BATCH: Final = 1000
 """Most requests one ``submit_many`` call takes (one transaction; keeps the write lock short)."""
 _INSERT_CHUNK: Final = 200
 _MISSION_INSERT: Final = ("INSERT INTO missions (class, rank, state, payload, request_hash, idempotency_key, lane, "
-                          "tags, session, deadline, max_attempts, created_at, updated_at) VALUES ")
+                          "tags, session, target, deadline, max_attempts, created_at, updated_at) VALUES ")
 
 
 def submit(ledger: Ledger, fleet: LaneSet, *, cls: str, payload: Any, now: float, deadline: float | None = None,
@@ -379,9 +379,9 @@ def _insert_new(conn: Any, reqs: list[_Request], creating: list[int], results: l
         for i in chunk:
             r = reqs[i]
             params += (r.cls, RANK[r.cls], r.payload_json, r.hash, r.key, r.lane,
-                       canonical(r.tags) if r.tags else "[]", r.session,
+                       canonical(r.tags) if r.tags else "[]", r.session, r.session_owner or r.lane or "",
                        r.deadline, r.max_attempts, now, now)
-        rows = conn.execute(_MISSION_INSERT + ",".join(["(?,?,'queued',?,?,?,?,?,?,?,?,?,?)"] * len(chunk))
+        rows = conn.execute(_MISSION_INSERT + ",".join(["(?,?,'queued',?,?,?,?,?,?,?,?,?,?,?)"] * len(chunk))
                             + " RETURNING id, request_hash", params).fetchall()
         rows.sort()  # rowids are handed out in VALUES order (max + 1 each); RETURNING's order is unspecified
         if [h for _, h in rows] != [reqs[i].hash for i in chunk]:
@@ -838,7 +838,9 @@ def expire_leases(ledger: Ledger, *, now: float) -> list[int]:
 
 
 def expire_leases_in(conn: Any, *, now: float) -> list[int]:
-    rows = conn.execute("SELECT a.mission, a.n, a.lane FROM attempts a JOIN missions m ON m.id = a.mission "
+    # CROSS JOIN keeps attempts (its lease index) the outer loop: with statistics for missions and none yet for
+    # attempts (ANALYZE on a young ledger), the planner would otherwise scan every mission on every pass
+    rows = conn.execute("SELECT a.mission, a.n, a.lane FROM attempts a CROSS JOIN missions m ON m.id = a.mission "
                         "AND m.attempts = a.n WHERE a.state IN ('dispatched', 'running') AND a.lease_expires < ?",
                         (now,)).fetchall()
     for mission_id, n, lane in rows:
@@ -868,6 +870,69 @@ def record_waits_in(conn: Any, waits: Mapping[int, str], *, now: float) -> int:
             append(conn, EventKind.WAITING, now, mission=mission_id, reason=reason)
             n += 1
     return n
+
+
+def record_group_waits_in(conn: Any, groups: Sequence[tuple[int, str, str]],
+                          blocked: Mapping[tuple[int, str, str], str | None], *, now: float) -> None:
+    """Keep ``queue_waits`` in step with one pass: a group no lane can take from gets (or keeps) its reason and is
+    marked blocked; a changed reason starts its sweep over; a group that can be placed again is not swept; a group
+    with nothing queued is forgotten. ``None`` for a blocked group: its reason was not learnt this pass."""
+    known = {(r[0], r[1], r[2]): (r[3], r[4]) for r in
+             conn.execute("SELECT rank, target, tags, reason, blocked FROM queue_waits")}
+    live = set(groups)
+    for key in known.keys() - live:
+        conn.execute("DELETE FROM queue_waits WHERE rank = ? AND target = ? AND tags = ?", key)
+    for key in live:
+        old = known.get(key)
+        reason = blocked.get(key)
+        if key in blocked and reason is not None and (old is None or old[0] != reason):
+            rank, target, tags = key
+            append(conn, EventKind.WAITING, now, lane=target or None, cls=CLASSES[rank],
+                   tags=json.loads(tags) or None, reason=reason, group=True)
+            conn.execute("INSERT INTO queue_waits (rank, target, tags, reason, since, blocked, cursor) "
+                         "VALUES (?, ?, ?, ?, ?, 1, 0) ON CONFLICT (rank, target, tags) DO UPDATE SET "
+                         "reason = excluded.reason, since = excluded.since, blocked = 1, cursor = 0",
+                         (*key, reason, now))
+        elif old is not None and old[1] != (key in blocked):
+            conn.execute("UPDATE queue_waits SET blocked = ? WHERE rank = ? AND target = ? AND tags = ?",
+                         (int(key in blocked), *key))
+
+
+_SWEEP_CHUNK: Final = 400
+
+
+def sweep_waits_in(conn: Any, *, now: float, limit: int) -> int:
+    """Write each blocked group's reason onto up to ``limit`` of its missions (past its cursor), with a
+    ``waiting`` event for each mission that had no reason yet; returns how many missions were looked at.
+
+    A later change of the group's reason is one group ``waiting`` event (``record_group_waits_in``) and a new
+    reason on each mission, not an event per mission: a backlog of 100k behind a flapping lane would otherwise
+    write 100k events per flap (docs/decisions.md)."""
+    seen = 0
+    for rank, target, tags, reason, cursor in conn.execute(
+            "SELECT rank, target, tags, reason, cursor FROM queue_waits WHERE blocked = 1").fetchall():
+        while seen < limit:
+            ids = [r[0] for r in conn.execute(
+                f"SELECT id FROM missions INDEXED BY missions_queue WHERE state = 'queued' AND rank = {int(rank):d} "
+                "AND target = ? "
+                "AND tags = ? AND id > ? ORDER BY id LIMIT ?",
+                (target, tags, cursor, min(_SWEEP_CHUNK, limit - seen)))]
+            if not ids:
+                break
+            seen += len(ids)
+            cursor = ids[-1]
+            marks = ",".join("?" * len(ids))
+            first = [r[0] for r in conn.execute(f"UPDATE missions SET wait_reason = ? WHERE id IN ({marks}) "
+                                                "AND wait_reason IS NULL RETURNING id", (reason, *ids))]
+            conn.execute(f"UPDATE missions SET wait_reason = ? WHERE id IN ({marks}) AND wait_reason IS NOT ?",
+                         (reason, *ids, reason))
+            events.append_many(conn, [events.row(EventKind.WAITING, now, mission=m, reason=reason)
+                                      for m in sorted(first)])
+            conn.execute("UPDATE queue_waits SET cursor = ? WHERE rank = ? AND target = ? AND tags = ?",
+                         (cursor, rank, target, tags))
+        if seen >= limit:
+            break
+    return seen
 
 
 # ---------------------------------------------------------------------------------------------------- operator

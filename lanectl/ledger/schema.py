@@ -202,10 +202,47 @@ def _missions_autoincrement() -> str:
     ]) + ";\n"
 
 
+_V4: Final = """
+-- Queue groups (no head-of-line blocking): queued missions are read per group of (class, target lane, tags), so a
+-- backlog that cannot be placed (pinned to a full, drained or down lane) never hides placeable work behind it.
+-- target: the lane a mission is bound to, its session's owner or its --lane; '' when any lane may take it.
+ALTER TABLE missions ADD COLUMN target TEXT NOT NULL DEFAULT '';
+UPDATE missions SET target = coalesce((SELECT s.lane FROM sessions s WHERE s.id = missions.session), lane, '')
+    WHERE state IN ('queued', 'dispatched', 'running');
+DROP INDEX missions_queue;
+CREATE INDEX missions_queue ON missions (rank, target, tags, id) WHERE state = 'queued';
+CREATE INDEX missions_group_edf ON missions (target, tags, deadline)
+    WHERE state = 'queued' AND rank = 1 AND deadline IS NOT NULL;
+-- the target follows --lane changes (reroute) and session moves, whoever makes them
+CREATE TRIGGER missions_target_lane AFTER UPDATE OF lane ON missions
+BEGIN UPDATE missions SET target = coalesce((SELECT s.lane FROM sessions s WHERE s.id = NEW.session), NEW.lane, '')
+    WHERE id = NEW.id; END;
+CREATE TRIGGER sessions_target AFTER UPDATE OF lane ON sessions
+BEGIN UPDATE missions SET target = NEW.lane WHERE session = NEW.id AND state IN ('queued', 'dispatched', 'running');
+END;
+-- The wait of a group that could not be placed: its reason, whether it still cannot (blocked), and how far (by
+-- mission id) the reason has been written onto its missions. A mission that re-enters the group with an older id
+-- (re-queued, moved) sends the cursor back so that it gets the reason too; new missions have higher ids anyway.
+CREATE TABLE queue_waits (
+    rank INTEGER NOT NULL CHECK (rank IN (0, 1, 2)),
+    target TEXT NOT NULL,
+    tags TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    since REAL NOT NULL,
+    blocked INTEGER NOT NULL DEFAULT 1 CHECK (blocked IN (0, 1)),
+    cursor INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (rank, target, tags)
+) STRICT, WITHOUT ROWID;
+CREATE TRIGGER queue_waits_reenter AFTER UPDATE OF state, target ON missions WHEN NEW.state = 'queued'
+BEGIN UPDATE queue_waits SET cursor = NEW.id - 1
+    WHERE rank = NEW.rank AND target = NEW.target AND tags = NEW.tags AND cursor >= NEW.id; END;
+"""
+
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration("0001_missions_attempts_events_sessions_lanes", _V1),
     Migration("0002_lane_weight_override", _V2),
     Migration("0003_mission_ids_never_reused", _missions_autoincrement(), rebuilds=True),
+    Migration("0004_queue_groups", _V4),
 )
 LATEST: Final = len(MIGRATIONS)
 

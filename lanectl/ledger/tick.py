@@ -5,9 +5,14 @@ IMMEDIATE`` transaction it expires leases and deadlines, reads a snapshot, plans
 and every new wait reason. Taking the snapshot under the write lock makes the decision atomic with the data it
 was made from: no other writer can change a mission between the plan and its record.
 
-The queue part of the snapshot is the *head* of each class (``HEAD_MIN`` or twice the free capacity, whichever is
-larger, from the partial indexes on queued missions), never the whole queue, so a tick costs the same with a
-thousand or a million missions waiting. A mission pinned to a full lane deeper than that head waits a tick longer.
+The queue part of the snapshot is read per *group*: queued missions of one class, bound to one lane (their
+``--lane`` or their session's owner) or to none, asking for one set of tags, are alike to the policy. Groups are
+found with one index seek each; from a group some lane can take work from, the pass reads its head (twice its
+room, at least ``HEAD_MIN``); from a group no lane can take from now (its lane full, drained, down, out of quota,
+with no fallback), it reads one mission, for the wait reason. So a tick costs the same with a thousand or a million
+missions waiting, and no backlog, however large, keeps placeable work from being read (no head-of-line blocking).
+A blocked group's reason is kept in ``queue_waits`` and written onto its missions, with a ``waiting`` event each,
+``WAIT_SWEEP`` missions a pass.
 """
 from __future__ import annotations
 
@@ -24,8 +29,11 @@ from lanectl.ledger import missions as ms
 if TYPE_CHECKING:
     from lanectl.config import LaneSet
 
-HEAD_MIN: Final = 64
-"""Fewest queued missions of each class a snapshot looks at."""
+HEAD_MIN: Final = 8
+"""Fewest queued missions a snapshot reads from a group that some lane can take from (else twice its room)."""
+HEAD_MAX: Final = 256
+WAIT_SWEEP: Final = 1000
+"""Most missions of blocked groups that one pass writes the group's wait reason onto (with a waiting event)."""
 RATE_WINDOW_S: Final = 60.0
 _QCOLS: Final = ("m.id, m.class, m.created_at, m.deadline, m.lane, m.tags, m.session, s.lane")
 
@@ -84,30 +92,58 @@ def _queued(row: tuple[Any, ...], active: dict[str, str]) -> QueuedMission:
 
 
 BACKOFF_CAP_S: Final = 60.0
+GroupKey = tuple[int, str, str]
+"""A queue group: (rank, target lane or '', tags as stored). Missions of one group are alike to the policy."""
+
+_GROUP_FROM: Final = "SELECT rank, target, tags FROM missions INDEXED BY missions_queue WHERE state = 'queued' AND "
+_GROUP_NEXT: Final = (
+    # the next group after (rank, target, tags), one index seek each: the next tags of this target, else the next
+    # target of this rank, else the next rank. (A row-value "(rank, target, tags) > (?, ?, ?)" would step over
+    # every mission of the current group: SQLite seeks to it and filters.)
+    _GROUP_FROM + "rank = ? AND target = ? AND tags > ? ORDER BY tags LIMIT 1",
+    _GROUP_FROM + "rank = ? AND target > ? ORDER BY target, tags LIMIT 1",
+    _GROUP_FROM + "rank > ? ORDER BY rank, target, tags LIMIT 1",
+)
 
 
-def queue_head(conn: sqlite3.Connection, head: int, *, now: float | None = None,
+def queue_groups(conn: sqlite3.Connection) -> list[GroupKey]:
+    """The groups that have queued missions: a loose scan of ``missions_queue`` (a few seeks per group), so
+    finding them costs the same with ten or a million missions queued."""
+    out: list[GroupKey] = []
+    row = conn.execute(_GROUP_NEXT[2], (-1,)).fetchone()
+    while row is not None:
+        out.append(row)
+        rank, target, tags = row
+        row = (conn.execute(_GROUP_NEXT[0], (rank, target, tags)).fetchone()
+               or conn.execute(_GROUP_NEXT[1], (rank, target)).fetchone()
+               or conn.execute(_GROUP_NEXT[2], (rank,)).fetchone())
+    return out
+
+
+def queue_head(conn: sqlite3.Connection, groups: list[tuple[GroupKey, int]], *, now: float | None = None,
                backoff_s: float = 0.0) -> list[QueuedMission]:
-    """The first missions of each class by id (and of the deadline class by deadline).
+    """The first missions of each group by id (and of the deadline class by deadline too), ``n`` for each.
 
     Retries back off: a mission on its second attempt is taken at once (failover must be fast); from the third
     on it waits ``backoff_s * 2**(attempts - 2)`` (at most BACKOFF_CAP_S) after it was re-queued.
     """
     seen: dict[int, tuple[Any, ...]] = {}
-    base = f"SELECT {_QCOLS} FROM missions m LEFT JOIN sessions s ON s.id = m.session "
+    base = f"SELECT {_QCOLS} FROM missions m INDEXED BY %s LEFT JOIN sessions s ON s.id = m.session "
     ready = ""
     args: tuple[Any, ...] = ()
     if backoff_s > 0 and now is not None:
         ready = (" AND (m.attempts - m.round_start < 2 OR m.updated_at + min(?, ? * (1 << min(m.attempts - "
                  "m.round_start - 2, 16))) <= ?)")
         args = (BACKOFF_CAP_S, backoff_s, now)
-    for rank in range(3):
-        # state = 'queued' literally, so the planner picks the partial indexes (missions_queue/_edf).
-        rows = conn.execute(base + "WHERE m.state = 'queued' AND m.rank = ?" + ready + " ORDER BY m.id LIMIT ?",
-                            (rank, *args, head)).fetchall()
+    for (rank, target, tags), n in groups:
+        # the partial indexes by name: with few rows (or no statistics) the planner would rather take
+        # missions_state and sort, which grows with the queue
+        rows = conn.execute(base % "missions_queue" + f"WHERE m.state = 'queued' AND m.rank = {rank:d} AND m.target = ? AND m.tags = ?"
+                            + ready + " ORDER BY m.id LIMIT ?", (target, tags, *args, n)).fetchall()
         if rank == 1:
-            rows += conn.execute(base + "WHERE m.state = 'queued' AND m.rank = 1 AND m.deadline IS NOT NULL" + ready
-                                 + " ORDER BY m.deadline LIMIT ?", (*args, head)).fetchall()
+            rows += conn.execute(base % "missions_group_edf" + "WHERE m.state = 'queued' AND m.rank = 1 AND m.deadline IS NOT NULL "
+                                 "AND m.target = ? AND m.tags = ?" + ready + " ORDER BY m.deadline LIMIT ?",
+                                 (target, tags, *args, n)).fetchall()
         for r in rows:
             seen.setdefault(r[0], r)
     active: dict[str, str] = {}
@@ -119,26 +155,73 @@ def queue_head(conn: sqlite3.Connection, head: int, *, now: float | None = None,
     return [_queued(seen[mid], active) for mid in sorted(seen)]
 
 
-def snapshot(conn: sqlite3.Connection, fleet: LaneSet, now: float) -> Snapshot:
+@dataclass
+class QueueView:
+    """What one pass reads: the snapshot for the policy, every group with queued missions, and for each group
+    that no lane can take from now (``group_room`` 0) the id of the one mission read from it (its sample)."""
+
+    snapshot: Snapshot
+    groups: list[GroupKey]
+    blocked: dict[GroupKey, int | None]
+
+
+def read_queue(conn: sqlite3.Connection, fleet: LaneSet, now: float) -> QueueView:
     lanes, swrr = lane_views(conn, fleet, now)
-    free = sum(max(0, ln.capacity - ln.in_flight) for ln in lanes if ln.available)
-    queue = queue_head(conn, max(HEAD_MIN, 2 * free), now=now,
-                       backoff_s=fleet.settings.leases.retry_backoff_sec)
+    views = {ln.name: ln for ln in lanes}
+    groups = queue_groups(conn)
+    plan: list[tuple[GroupKey, int]] = []
+    blocked: dict[GroupKey, int | None] = {}
+    for key in groups:
+        rank, target, tags = key
+        room = dispatch.group_room(target or None, _tagset(tags), dispatch.CLASSES[rank], views)
+        if room:
+            plan.append((key, min(HEAD_MAX, max(HEAD_MIN, 2 * room))))
+        else:
+            plan.append((key, 1))
+            blocked[key] = None
+    queue = queue_head(conn, plan, now=now, backoff_s=fleet.settings.leases.retry_backoff_sec)
+    for q in queue:
+        key = (dispatch.RANK[q.cls], _target(q), _tags_text(q.tags))
+        if key in blocked and blocked[key] is None:
+            blocked[key] = q.id
     max_wait = {c: p.max_wait_sec for c, p in fleet.settings.classes.items()}
-    return Snapshot(lanes, tuple(queue), max_wait, swrr)
+    return QueueView(Snapshot(lanes, tuple(queue), max_wait, swrr), groups, blocked)
 
 
-def run_once(ledger: Ledger, fleet: LaneSet, *, now: float) -> TickResult:
-    """One atomic policy pass: reap leases, expire deadlines, plan, record assignments and waits."""
+def snapshot(conn: sqlite3.Connection, fleet: LaneSet, now: float) -> Snapshot:
+    return read_queue(conn, fleet, now).snapshot
+
+
+def _tagset(tags: str) -> frozenset[str]:
+    return _NO_TAGS if tags == "[]" else frozenset(json.loads(tags))
+
+
+def _tags_text(tags: frozenset[str]) -> str:
+    return ms.canonical(sorted(tags)) if tags else "[]"
+
+
+def _target(q: QueuedMission) -> str:
+    return q.session_lane or q.lane or ""
+
+
+def run_once(ledger: Ledger, fleet: LaneSet, *, now: float, sweep: int = WAIT_SWEEP) -> TickResult:
+    """One atomic policy pass: reap leases, expire deadlines, plan, record assignments and waits (the waits of
+    whole groups that cannot be placed are written onto their missions ``sweep`` missions a pass)."""
     with ledger.transaction() as conn:
         leases = ms.expire_leases_in(conn, now=now)
         deadlines = ms.expire_deadlines_in(conn, now=now)
-        snap = snapshot(conn, fleet, now)
+        view = read_queue(conn, fleet, now)
+        snap = view.snapshot
         decision = dispatch.decide(snap, now)
         invocations = {ln.name: ln.invocation for ln in snap.lanes}
         done = ms.assign_in(conn, decision.assignments, now=now, lease_sec=fleet.settings.leases.lease_sec,
                             swrr=decision.swrr if decision.assignments else None, invocations=invocations)
         ms.record_waits_in(conn, decision.waiting, now=now)
+        reasons = {key: decision.waiting.get(sample) if sample is not None else None
+                   for key, sample in view.blocked.items()}
+        ms.record_group_waits_in(conn, view.groups, reasons, now=now)
+        if sweep:
+            ms.sweep_waits_in(conn, now=now, limit=sweep)
     return TickResult(done, deadlines, leases, decision.waiting)
 
 

@@ -102,10 +102,22 @@ def test_transaction_rolls_back_and_nests(led):
     assert [r[0] for r in led.conn.execute("SELECT name FROM lanes")] == ["b"]
 
 
-def test_queue_query_uses_the_partial_index(led):
-    plan = led.conn.execute("EXPLAIN QUERY PLAN SELECT id FROM missions WHERE state = 'queued' AND rank = 0 "
-                            "ORDER BY id LIMIT 5").fetchall()
-    assert "missions_queue" in str(plan)
+def test_queue_queries_use_the_partial_indexes(led):
+    from lanectl.ledger import tick
+
+    def plan(sql: str, args: tuple) -> str:
+        return str(led.conn.execute("EXPLAIN QUERY PLAN " + sql, args).fetchall())
+
+    # finding the groups is one seek each, and reading a group's head walks its part of the index in order
+    for sql, args in zip(tick._GROUP_NEXT, ((0, "", "[]"), (0, ""), (0,))):
+        seek = plan(sql, args)
+        assert "missions_queue" in seek and "TEMP B-TREE" not in seek, seek
+    head = plan("SELECT id FROM missions INDEXED BY missions_queue WHERE state = 'queued' AND rank = 0 AND target = ? AND tags = ? "
+                "ORDER BY id LIMIT 5", ("alpha", "[]"))
+    assert "missions_queue" in head and "TEMP B-TREE" not in head, head
+    edf = plan("SELECT id FROM missions INDEXED BY missions_group_edf WHERE state = 'queued' AND rank = 1 AND deadline IS NOT NULL "
+               "AND target = ? AND tags = ? ORDER BY deadline LIMIT 5", ("alpha", "[]"))
+    assert "missions_group_edf" in edf and "TEMP B-TREE" not in edf, edf
 
 
 @pytest.mark.parametrize("poll", [True, False], ids=["lanectl-wait", "sqlite-handler"])

@@ -42,9 +42,15 @@ def test_an_old_ledger_is_migrated_and_never_reuses_ids(tmp_path: Path) -> None:
     path = tmp_path / "state" / "ledger.db"
     _old_ledger(path, 2)
     fleet = make_fleet(tmp_path)
-    with Ledger.open(path, migrate=False) as old:  # written by the version-2 code: plain INTEGER PRIMARY KEY
-        ids = [_submit(old, fleet, i) for i in range(5)]
+    with Ledger.open(path, migrate=False) as old:  # rows as the version-2 code wrote them: plain INTEGER PRIMARY KEY
         with old.transaction() as conn:
+            ids = []
+            for i in range(5):
+                ids.append(conn.execute(
+                    "INSERT INTO missions (class, rank, state, payload, request_hash, max_attempts, created_at, "
+                    "updated_at) VALUES ('background', 2, 'queued', ?, ?, 3, ?, ?) RETURNING id",
+                    (f'{{"argv":["x","{i}"]}}', f"{i:064d}", T0 + i, T0 + i)).fetchone()[0])
+                conn.execute("INSERT INTO events (at, kind, mission) VALUES (?, 'submitted', ?)", (T0 + i, ids[-1]))
             conn.execute("DELETE FROM missions WHERE id IN (?, ?)", (ids[-1], ids[-2]))  # its events remain
     with Ledger.open(path) as led:
         assert led.version() == schema.LATEST

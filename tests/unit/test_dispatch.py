@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -201,6 +202,20 @@ def test_fallback_chain_and_weight_zero():
     lanes2 = (LaneView("a", capacity=1), LaneView("b", capacity=1, healthy=False, fallback="a"))
     a = decide(Snapshot(lanes2, (moved,), MAX_WAIT), NOW).assignments[0]
     assert (a.lane, a.fallback_from, a.session_move) == ("a", "b", ("b", "a"))
+
+
+def test_a_spent_daily_budget_takes_the_fallback_and_a_used_rate_quota_waits():
+    spent = LaneView("b", capacity=2, fallback="a", daily_budget={"background": 3}, used_day={"background": 3})
+    lanes = (LaneView("a", capacity=2), spent)
+    d = decide(Snapshot(lanes, (QueuedMission(1, "background", NOW, lane="b"),), MAX_WAIT), NOW)
+    assert [(x.lane, x.fallback_from) for x in d.assignments] == [("a", "b")]  # not held until midnight UTC
+    lonely = (replace(spent, fallback=None),)
+    d = decide(Snapshot(lonely, (QueuedMission(1, "background", NOW, lane="b"),), MAX_WAIT), NOW)
+    assert "daily budget" in d.waiting[1] and not d.assignments
+    rate = (LaneView("a", capacity=2),
+            LaneView("b", capacity=2, fallback="a", rate_per_minute={"background": 1}, used_minute={"background": 1}))
+    d = decide(Snapshot(rate, (QueuedMission(1, "background", NOW, lane="b"),), MAX_WAIT), NOW)
+    assert not d.assignments and "rate quota" in d.waiting[1]  # refills within the minute: it waits
 
 
 def test_explain_names_every_lane_and_reason():
