@@ -94,8 +94,11 @@ def test_anything_else_goes_to_typer(ledger: Path, argv: list[str]) -> None:
 
 
 def test_without_a_known_ledger_typer_reads_the_configuration(ledger: Path, tmp_path: Path) -> None:
-    _, _, typer_loaded = fast(["missions", "--json"], {"LANECTL_CONFIG_DIR": str(tmp_path)})
-    assert typer_loaded
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "lanectl.toml").write_text(f'ledger = "{ledger}"\n')  # never the host's /var/lib/lanectl
+    code, out, typer_loaded = fast(["missions", "--json"], {"LANECTL_CONFIG_DIR": str(conf)})
+    assert typer_loaded and code == 0 and len(json.loads(out)["data"]["missions"]) == 8
     code, out, typer_loaded = fast(["missions", "--json", "--ledger", str(ledger)], {})
     assert code == 0 and not typer_loaded and len(json.loads(out)["data"]["missions"]) == 8
 
