@@ -140,7 +140,6 @@ class Supervisor:
         self.ledger_error: float | None = None
         self.alerted: dict[tuple[str, str], float] = {}
         self.checkpointer: Checkpointer | None = None
-        self.log_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="execlog")
         self.log_read: Future[LogScan] | None = None
         self.lane_uids: dict[str, int] = {}
 
@@ -487,12 +486,22 @@ class Supervisor:
                         self.fleet.lanes[lane.name].resolved_user(lane.name))
             return []
         workspace = Path(self.fleet.lanes[lane.name].workspace)
-        self.log_read = self.log_pool.submit(scan_execution_log, workspace, owner=uid,
-                                             key=log_key(lane.key, lane.name))
+        fut: Future[LogScan] = Future()
+        key = log_key(lane.key, lane.name)
+
+        def read() -> None:  # a daemon thread: one that never returned would not hold up the supervisor's exit
+            try:
+                fut.set_result(scan_execution_log(workspace, owner=uid, key=key))
+            except BaseException as exc:
+                fut.set_exception(exc)
+
+        self.log_read = fut
+        threading.Thread(target=read, name="execlog", daemon=True).start()
+        wait = min(LOG_READ_TIMEOUT_S, self.settings.supervisor.watchdog_sec / 4)
         try:
-            scan = self.log_read.result(timeout=min(LOG_READ_TIMEOUT_S, self.settings.supervisor.watchdog_sec / 4))
+            scan = fut.result(timeout=wait)
         except TimeoutError:
-            log.warning("lane %s: execution log not read within %gs", lane.name, LOG_READ_TIMEOUT_S)
+            log.warning("lane %s: execution log not read within %gs", lane.name, wait)
             return []
         except Exception:
             log.exception("lane %s: reading the execution log failed", lane.name)
@@ -820,7 +829,6 @@ class Supervisor:
             self.server.shutdown()
             self.server.server_close()
         self.pool.shutdown(wait=False, cancel_futures=True)
-        self.log_pool.shutdown(wait=False, cancel_futures=True)
         for w in self.lanes.values():
             self.unwatch_pid(w)
         if self.commits is not None:

@@ -269,5 +269,4 @@ def test_supervisor_settles_authentic_ends_only(tmp_path: Path) -> None:
         assert got == {ids[0]: "succeeded", ids[1]: "failed", ids[2]: "dispatched", ids[3]: "dispatched"}
     finally:
         sup.pool.shutdown()
-        sup.log_pool.shutdown()
         led.close()
