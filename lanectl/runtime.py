@@ -13,8 +13,8 @@ supervisor that is down never stalls the work loop.
 
 The reference runtime runs ``payload.argv`` in the lane's workspace (``payload.timeout_sec``, default
 ``$LANECTL_MISSION_TIMEOUT`` or 3600 s) and keeps an execution log (``.lanectl/executions.log``, one authenticated
-JSON line per start and end) in the workspace. Other runtimes subclass :class:`LaneRuntime` and override :meth:`start_mission`
-and :meth:`poll_mission`, or implement the same HTTP contract in any language.
+JSON line per start and end) in the workspace. Other runtimes subclass :class:`LaneRuntime` and override
+:meth:`start_mission` and :meth:`poll_mission`, or implement the same HTTP contract in any language.
 """
 from __future__ import annotations
 
