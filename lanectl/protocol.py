@@ -15,10 +15,13 @@ Every field is type-checked; anything else is a 400 with a message that names th
 """
 from __future__ import annotations
 
+import errno
+import hashlib
 import hmac
 import json
 import math
 import os
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,26 +220,180 @@ def send_json(handler: Any, code: int, doc: dict[str, Any]) -> None:
 
 EXECUTION_LOG = Path(".lanectl") / "executions.log"
 """Where a lane appends one JSON line per execution start and end, relative to its workspace."""
+STATE_DIR_NAME = ".lanectl"
+LOG_NAME = "executions.log"
 MAX_LOG_TAIL = 1 << 20
+"""The supervisor reads at most this many bytes from the end of a lane's execution log."""
+MAX_LOG_LINE = 16 << 10
+"""Longer lines are skipped unparsed (the runtime's own lines are far shorter)."""
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_LOG_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 
 
-def read_execution_log(workspace: Path, tail: int | None = MAX_LOG_TAIL) -> list[dict[str, Any]]:
-    """The entries of a lane's execution log (only its last ``tail`` bytes unless None). The lane writes it, so
-    trust nothing: lines that are not JSON objects with an integer mission and attempt are skipped."""
+class LogRefused(OSError):
+    """Something other than the lane's own regular file (or directory) sits where its execution log belongs."""
+
+
+def log_key(dispatch_key: str, lane: str) -> bytes:
+    """The key that authenticates a lane's execution log lines: derived from the lane's dispatch key (which the
+    runtime holds and its missions cannot read) for this purpose only, so a MAC is never a usable dispatch key."""
+    return hmac.new(dispatch_key.encode(), b"lanectl-execution-log\0" + lane.encode(), hashlib.sha256).digest()
+
+
+def _canonical(doc: dict[str, Any]) -> bytes:
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
+
+
+def _entry_mac(key: bytes, doc: dict[str, Any]) -> str:
+    return hmac.new(key, _canonical({k: v for k, v in doc.items() if k != "mac"}), hashlib.sha256).hexdigest()
+
+
+def sign_log_entry(entry: dict[str, Any], key: bytes) -> bytes:
+    """One execution log line: the entry's canonical JSON (sorted keys, no blanks, ASCII) with ``mac``, the
+    HMAC-SHA256 under ``key`` of that JSON without ``mac``. The entry carries lane, invocation, mission and attempt,
+    so the MAC binds the outcome to exactly that execution."""
+    body = {k: v for k, v in entry.items() if k != "mac"}
+    return _canonical({**body, "mac": _entry_mac(key, body)}) + b"\n"
+
+
+def log_entry_authentic(doc: dict[str, Any], key: bytes) -> bool:
+    mac = doc.get("mac")
+    if not isinstance(mac, str) or len(mac) != 64:
+        return False
     try:
-        with open(workspace / EXECUTION_LOG, "rb") as fh:
-            if tail is not None:
-                fh.seek(0, os.SEEK_END)
-                fh.seek(max(0, fh.tell() - tail))
-            raw = fh.read()
-    except OSError:
-        return []
-    out = []
-    for line in raw.split(b"\n"):
+        want = _entry_mac(key, doc)
+    except (ValueError, TypeError, RecursionError):
+        return False
+    return hmac.compare_digest(mac.encode("ascii", "replace"), want.encode())
+
+
+def _require(fd: int, kind: int, what: str, owner: int | None) -> None:
+    st = os.fstat(fd)
+    if stat.S_IFMT(st.st_mode) != kind:
+        raise LogRefused(f"{what} is not a {'directory' if kind == stat.S_IFDIR else 'regular file'}")
+    if owner is not None and st.st_uid != owner:
+        raise LogRefused(f"{what} is owned by uid {st.st_uid}, not the lane's uid {owner}")
+
+
+def _openat(name: str, flags: int, dir_fd: int, what: str, mode: int = 0o600) -> int:
+    try:
+        return os.open(name, flags, mode, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.ENOTDIR, errno.ENXIO, errno.EISDIR, errno.EWOULDBLOCK, errno.ENODEV):
+            raise
         try:
-            doc = json.loads(line)
-        except ValueError:
+            link = stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+        except OSError:
+            link = False
+        if link:
+            raise LogRefused(f"{what} is a symbolic link") from None
+        raise LogRefused(f"{what} cannot be opened ({os.strerror(exc.errno)})") from None
+
+
+def open_state_dir(workspace: Path | str, owner: int | None) -> int:
+    """A descriptor of ``WORKSPACE/.lanectl``, opened relative to the workspace without following a link and
+    without blocking; a directory owned by ``owner`` (when given) or LogRefused."""
+    ws = os.open(workspace, os.O_RDONLY | os.O_DIRECTORY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        fd = _openat(STATE_DIR_NAME, _DIR_FLAGS, ws, STATE_DIR_NAME)
+    finally:
+        os.close(ws)
+    try:
+        _require(fd, stat.S_IFDIR, STATE_DIR_NAME, owner)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_execution_log(workspace: Path | str, owner: int | None) -> int:
+    """A read-only descriptor of a lane's execution log, safe whatever the lane put there: every component opened
+    relative to the workspace without following links, ``O_NONBLOCK`` (a FIFO or a leased file cannot hold the
+    caller), and it must be a regular file owned by ``owner`` (the lane's uid; None: not checked). LogRefused
+    otherwise, FileNotFoundError when there is none."""
+    sd = open_state_dir(workspace, owner)
+    try:
+        fd = _openat(LOG_NAME, _LOG_FLAGS, sd, str(EXECUTION_LOG))
+    finally:
+        os.close(sd)
+    try:
+        _require(fd, stat.S_IFREG, str(EXECUTION_LOG), owner)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+@dataclass
+class LogScan:
+    """What a read of an execution log found: the entries kept, and why anything was not."""
+
+    entries: list[dict[str, Any]]
+    refused: str | None = None
+    unauthentic: int = 0
+    malformed: int = 0
+
+
+def _read_tail(fd: int, tail: int | None) -> bytes:
+    size = os.fstat(fd).st_size
+    start = 0 if tail is None else max(0, size - tail)
+    limit = None if tail is None else tail
+    chunks: list[bytes] = []
+    got = 0
+    while limit is None or got < limit:
+        chunk = os.pread(fd, 65536 if limit is None else min(65536, limit - got), start + got)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+    raw = b"".join(chunks)
+    if start > 0:  # the first line is cut: drop it
+        cut = raw.find(b"\n")
+        raw = raw[cut + 1:] if cut >= 0 else b""
+    return raw
+
+
+def scan_execution_log(workspace: Path | str, tail: int | None = MAX_LOG_TAIL, *, owner: int | None = None,
+                       key: bytes | None = None) -> LogScan:
+    """The entries of a lane's execution log, read safely (``open_execution_log``) and only its last ``tail`` bytes
+    (None: all of it; only for tools that trust the workspace). The lane's missions can write there, so trust
+    nothing: lines that are not JSON objects with an integer mission and attempt are skipped, and with ``key``
+    (``log_key`` of the lane) so is every line whose MAC does not verify. Never raises for what is in the file."""
+    try:
+        fd = open_execution_log(workspace, owner)
+    except FileNotFoundError:
+        return LogScan([])
+    except LogRefused as exc:
+        return LogScan([], refused=str(exc))
+    except OSError as exc:
+        return LogScan([], refused=f"{EXECUTION_LOG}: {exc.strerror or exc}")
+    try:
+        raw = _read_tail(fd, tail)
+    except OSError as exc:
+        return LogScan([], refused=f"{EXECUTION_LOG}: {exc.strerror or exc}")
+    finally:
+        os.close(fd)
+    out = LogScan([])
+    for line in raw.split(b"\n"):
+        if not line.strip():
             continue
-        if isinstance(doc, dict) and isinstance(doc.get("mission"), int) and isinstance(doc.get("attempt"), int):
-            out.append(doc)
+        doc: Any = None
+        if len(line) <= MAX_LOG_LINE:
+            try:
+                doc = json.loads(line)
+            except (ValueError, RecursionError):
+                doc = None
+        if not (isinstance(doc, dict) and type(doc.get("mission")) is int and type(doc.get("attempt")) is int):
+            out.malformed += 1
+            continue
+        if key is not None and not log_entry_authentic(doc, key):
+            out.unauthentic += 1
+            continue
+        out.entries.append(doc)
     return out
+
+
+def read_execution_log(workspace: Path | str, tail: int | None = MAX_LOG_TAIL, *, owner: int | None = None,
+                       key: bytes | None = None) -> list[dict[str, Any]]:
+    """``scan_execution_log``'s entries."""
+    return scan_execution_log(workspace, tail, owner=owner, key=key).entries

@@ -12,17 +12,19 @@ Threads: HTTP handlers (one per connection) only validate and enqueue; the main 
 supervisor that is down never stalls the work loop.
 
 The reference runtime runs ``payload.argv`` in the lane's workspace (``payload.timeout_sec``, default
-``$LANECTL_MISSION_TIMEOUT`` or 3600 s) and keeps an execution log (``.lanectl/executions.log``, one JSON line per
-start and end) in the workspace. Other runtimes subclass :class:`LaneRuntime` and override :meth:`start_mission`
-and :meth:`poll_mission`, or implement the same HTTP contract in any language.
+``$LANECTL_MISSION_TIMEOUT`` or 3600 s) and keeps an execution log (``.lanectl/executions.log``, one authenticated
+JSON line per start and end) in the workspace. Other runtimes subclass :class:`LaneRuntime` and override
+:meth:`start_mission` and :meth:`poll_mission`, or implement the same HTTP contract in any language.
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import queue
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -35,8 +37,9 @@ from pathlib import Path
 from typing import Any
 
 from lanectl import __version__
-from lanectl.protocol import (EXECUTION_LOG, MAX_TAIL, BadMessage, CallbackMsg, DispatchMsg, bearer_ok,
-                              parse_dispatch, read_body, send_json)
+from lanectl.protocol import (LOG_NAME, MAX_TAIL, STATE_DIR_NAME, BadMessage, CallbackMsg, DispatchMsg, LogRefused,
+                              bearer_ok, log_key, open_state_dir, parse_dispatch, read_body, send_json,
+                              sign_log_entry)
 
 log = logging.getLogger("lanectl.runtime")
 DEFAULT_WATCHDOG_PING_S = 1.0
@@ -187,6 +190,70 @@ class Reporter(threading.Thread):
             backoff = min(backoff * 2, 2.0)
 
 
+_APPEND = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+
+
+def _move_aside(dir_fd: int, name: str, why: str) -> None:
+    dest = f"{name}.refused-{time.time_ns()}"
+    os.rename(name, dest, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    log.warning("%s: %s; moved it aside to %s", name, why, dest)
+
+
+def own_state_dir(workspace: Path | str) -> int:
+    """A descriptor of this lane's ``WORKSPACE/.lanectl``, created (0700) when missing. Whatever else sits there (a
+    link, a file, a directory of another owner) is moved aside, never followed."""
+    for _ in range(3):
+        try:
+            return open_state_dir(workspace, os.geteuid())
+        except FileNotFoundError:
+            pass
+        except LogRefused as exc:
+            ws = os.open(workspace, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                _move_aside(ws, STATE_DIR_NAME, str(exc))
+            finally:
+                os.close(ws)
+        ws = os.open(workspace, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.mkdir(STATE_DIR_NAME, 0o700, dir_fd=ws)
+        except FileExistsError:
+            pass
+        finally:
+            os.close(ws)
+    raise LogRefused(f"{STATE_DIR_NAME} keeps being replaced")
+
+
+def append_own_log(workspace: Path | str, line: bytes) -> None:
+    """Append one line to this lane's execution log, opened the way the supervisor reads it: no link followed, never
+    blocking (a FIFO there is refused, not waited on), a regular file of this process's uid. Anything else at its
+    place is moved aside and a fresh log started."""
+    sd = own_state_dir(workspace)
+    try:
+        for _ in range(3):
+            try:
+                fd = os.open(LOG_NAME, _APPEND, 0o600, dir_fd=sd)
+            except OSError as exc:
+                if exc.errno not in (errno.ELOOP, errno.ENXIO, errno.EISDIR, errno.EWOULDBLOCK, errno.ENODEV,
+                                     errno.ENOTDIR):
+                    raise
+                _move_aside(sd, LOG_NAME, f"not a log ({os.strerror(exc.errno)})")
+                continue
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+                    _move_aside(sd, LOG_NAME, f"not a regular file of uid {os.geteuid()}")
+                    continue
+                view = memoryview(line)
+                while view:
+                    view = view[os.write(fd, view):]
+                return
+            finally:
+                os.close(fd)
+    finally:
+        os.close(sd)
+    raise LogRefused(f"{LOG_NAME} keeps being replaced")
+
+
 class LaneRuntime:
     """A lane: HTTP endpoints in threads, the work loop in the calling thread."""
 
@@ -202,7 +269,8 @@ class LaneRuntime:
         self.loops = 0
         self.done = 0
         self.server: ThreadingHTTPServer | None = None
-        self.state_dir = Path(info.workspace) / ".lanectl"
+        self.state_dir = Path(info.workspace) / STATE_DIR_NAME
+        self.log_key = log_key(info.dispatch_key, info.lane)
 
     # ------------------------------------------------------------------------------------------ endpoints
     def health(self) -> dict[str, Any]:
@@ -295,10 +363,15 @@ class LaneRuntime:
                                        **extra))
 
     def journal(self, **entry: Any) -> None:
-        """One JSON line per execution start and end in the workspace: what this lane actually ran."""
+        """One JSON line per execution start and end in the workspace: what this lane actually ran. Each line
+        carries a MAC (``protocol.sign_log_entry``) under a key derived from the dispatch key, which missions cannot
+        read: the supervisor trusts only lines this runtime wrote. An entry that cannot be written is lost, which
+        costs at most a re-run."""
         entry.update(lane=self.info.lane, invocation=self.info.invocation, at=time.time())
-        with open(Path(self.info.workspace) / EXECUTION_LOG, "a") as fh:
-            fh.write(json.dumps(entry, sort_keys=True) + "\n")
+        try:
+            append_own_log(self.info.workspace, sign_log_entry(entry, self.log_key))
+        except OSError as exc:
+            log.error("cannot append to the execution log: %s", exc)
 
     def start_mission(self, r: Running) -> str | None:
         """Start the mission; return an error text to fail it at once. The reference runs payload.argv."""
@@ -357,7 +430,7 @@ class LaneRuntime:
         self.done += 1
         if r.started_at is not None:  # logged before the callback is queued: the supervisor reads it if we die
             self.journal(event="end", mission=r.msg.mission, attempt=r.msg.attempt, outcome=event,
-                         exit_code=exit_code, error=error)
+                         exit_code=exit_code, error=None if error is None else error[:2000])
         self.report(r, event, exit_code=exit_code, output_tail=self.tail(r) or None, error=error)
 
     def work_once(self) -> None:
@@ -428,7 +501,8 @@ class LaneRuntime:
                 f"{self.done} done, port {self.info.port}")
 
     def run(self) -> int:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        Path(self.info.workspace).mkdir(parents=True, exist_ok=True)
+        os.close(own_state_dir(self.info.workspace))  # a link or a file left at .lanectl is moved aside
         (self.state_dir / "out").mkdir(exist_ok=True)
         self.bind()
         assert self.server is not None

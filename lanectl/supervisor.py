@@ -44,8 +44,8 @@ from lanectl.ledger import missions as ms
 from lanectl.ledger import lanes as lane_ops
 from lanectl.ledger import tick as ticks
 from lanectl.ledger.events import EventKind, append
-from lanectl.protocol import (BadMessage, CallbackMsg, DispatchMsg, parse_callback, read_body, read_execution_log,
-                              send_json)
+from lanectl.protocol import (BadMessage, CallbackMsg, DispatchMsg, LogScan, log_key, parse_callback, read_body,
+                              scan_execution_log, send_json)
 from lanectl.status import check_health_many
 from lanectl.units import unit_name
 
@@ -63,6 +63,9 @@ METRICS_WINDOW_S = 900.0
 METRICS_CACHE_S = 5.0
 RECONCILE_GRACE_S = 5.0
 """An attempt dispatched this recently may still be on its way to the lane; reconciliation leaves it alone."""
+LOG_READ_TIMEOUT_S = 1.0
+"""The longest the main loop waits for a lane's execution log to be read (in a thread); at most a quarter of the
+supervisor's watchdog."""
 
 
 @dataclass
@@ -137,6 +140,8 @@ class Supervisor:
         self.ledger_error: float | None = None
         self.alerted: dict[tuple[str, str], float] = {}
         self.checkpointer: Checkpointer | None = None
+        self.log_read: Future[LogScan] | None = None
+        self.lane_uids: dict[str, int] = {}
 
     # ------------------------------------------------------------------------------------------ setup
     def open(self) -> None:
@@ -460,11 +465,64 @@ class Supervisor:
             os.close(lane.pidfd)
             lane.pidfd = None
 
+    def lane_uid(self, name: str) -> int | None:
+        """The uid of the lane's user, who owns its workspace and everything its runtime writes there."""
+        if name not in self.lane_uids:
+            import pwd
+
+            try:
+                self.lane_uids[name] = pwd.getpwnam(self.fleet.lanes[name].resolved_user(name)).pw_uid
+            except KeyError:
+                return None
+        return self.lane_uids[name]
+
+    def read_lane_log(self, lane: LaneWatch) -> list[dict[str, Any]]:
+        """The authentic entries of a lane's execution log. The read runs in a thread with a deadline: whatever sits
+        in the workspace, the main loop waits at most LOG_READ_TIMEOUT_S, and never again while a read hangs."""
+        if self.log_read is not None and not self.log_read.done():
+            log.warning("lane %s: execution log not read: an earlier read has not returned", lane.name)
+            return []
+        uid = self.lane_uid(lane.name)
+        if uid is None:
+            log.warning("lane %s: execution log not read: its user %s does not exist", lane.name,
+                        self.fleet.lanes[lane.name].resolved_user(lane.name))
+            return []
+        workspace = Path(self.fleet.lanes[lane.name].workspace)
+        fut: Future[LogScan] = Future()
+        key = log_key(lane.key, lane.name)
+
+        def read() -> None:  # a daemon thread: one that never returned would not hold up the supervisor's exit
+            try:
+                fut.set_result(scan_execution_log(workspace, owner=uid, key=key))
+            except BaseException as exc:
+                fut.set_exception(exc)
+
+        self.log_read = fut
+        threading.Thread(target=read, name="execlog", daemon=True).start()
+        wait = min(LOG_READ_TIMEOUT_S, self.settings.supervisor.watchdog_sec / 4)
+        try:
+            scan = fut.result(timeout=wait)
+        except TimeoutError:
+            log.warning("lane %s: execution log not read within %gs", lane.name, wait)
+            return []
+        except Exception:
+            log.exception("lane %s: reading the execution log failed", lane.name)
+            return []
+        if scan.refused:
+            log.warning("lane %s: execution log not read: %s", lane.name, scan.refused)
+        if scan.unauthentic:
+            log.warning("lane %s: %d line(s) of its execution log failed authentication and were ignored",
+                        lane.name, scan.unauthentic)
+        return scan.entries
+
     def settle_from_log(self, lane: LaneWatch, invocation: str, now: float) -> list[int]:
         """Before re-queuing a dead lane's missions: the outcomes it logged but could not report yet.
 
         The runtime appends the end of every execution to ``WORKSPACE/.lanectl/executions.log`` before it sends
         the callback; a lane killed between the two would otherwise have its finished work run a second time.
+        Missions run as the lane's user and can write that file too: only lines whose MAC verifies under the
+        lane's log key (which only its runtime holds) count, and only for that lane, invocation and current
+        attempt; anything else there costs at most a re-run.
         """
         assert self.ledger is not None
         active = {(r[0], r[1]) for r in self.ledger.conn.execute(
@@ -473,14 +531,16 @@ class Supervisor:
         if not active or not invocation:
             return []
         settled = []
-        for entry in read_execution_log(Path(self.fleet.lanes[lane.name].workspace)):
+        for entry in self.read_lane_log(lane):
             key = (entry.get("mission"), entry.get("attempt"))
             if (entry.get("event") != "end" or key not in active or entry.get("lane") != lane.name
                     or entry.get("invocation") != invocation or entry.get("outcome") not in ("succeeded", "failed")):
                 continue
-            result = {"exit_code": entry.get("exit_code"), "output_tail": None}
+            code = entry.get("exit_code")
+            error = entry.get("error")
+            result = {"exit_code": code if type(code) is int else None, "output_tail": None}
             if ms.settle_from_lane(self.ledger, key[0], key[1], lane.name, entry["outcome"], now=now, result=result,
-                                   error=entry.get("error")):
+                                   error=error if isinstance(error, str) else None):
                 settled.append(key[0])
                 active.discard(key)
         if settled:
