@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import socket
 import sqlite3
 import threading
@@ -68,12 +69,29 @@ def wait_for(pred: Callable[[], bool], timeout: float = 10.0, what: str = "condi
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def request(port: int, method: str, path: str, body: bytes | None = None,
+Target = int | str
+"""Where a server listens: a TCP port on 127.0.0.1, or the path of a unix socket (the supervisor's callbacks)."""
+
+
+def connect(target: Target, timeout: float = TIMEOUT) -> socket.socket:
+    if isinstance(target, int):
+        return socket.create_connection(("127.0.0.1", target), timeout=timeout)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    s.connect(target)
+    return s
+
+
+def request(port: Target, method: str, path: str, body: bytes | None = None,
             headers: dict[str, str] | None = None, timeout: float = TIMEOUT) -> tuple[int | None, bytes]:
     """One request; (None, b"") when the server closed the connection without an answer. A timeout raises."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    conn = (http.client.HTTPConnection("127.0.0.1", port, timeout=timeout) if isinstance(port, int)
+            else protocol.UnixHTTPConnection(port, timeout))
     try:
-        conn.request(method, path, body=body, headers=headers or {})
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+        except BrokenPipeError:
+            pass  # (unix socket) the server answered and closed before the body went out: read its answer
         resp = conn.getresponse()
         return resp.status, resp.read()
     except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
@@ -82,10 +100,10 @@ def request(port: int, method: str, path: str, body: bytes | None = None,
         conn.close()
 
 
-def raw(port: int, data: bytes, timeout: float = TIMEOUT) -> tuple[int | None, bytes, float]:
+def raw(port: Target, data: bytes, timeout: float = TIMEOUT) -> tuple[int | None, bytes, float]:
     """Send raw bytes, read one response: (status or None if closed without one, response bytes, seconds)."""
     t0 = time.monotonic()
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+    with connect(port, timeout) as s:
         try:
             s.sendall(data)
         except (BrokenPipeError, ConnectionResetError):
@@ -150,9 +168,12 @@ def record_handler_errors(server: Any, errors: list[str]) -> None:
 
 
 class CallbackSink:
-    """A stand-in supervisor for the lane under test: records every callback, answers 200."""
+    """A stand-in supervisor for the lane under test, on a unix socket: records every callback, answers 200."""
 
     def __init__(self) -> None:
+        import socketserver
+        import tempfile
+
         self.received: list[dict[str, Any]] = []
         sink = self
 
@@ -170,14 +191,18 @@ class CallbackSink:
                 self.end_headers()
                 self.wfile.write(b"{}")
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.dir = tempfile.mkdtemp(prefix="lanectl-sink-")
+        self.server = socketserver.ThreadingUnixStreamServer(f"{self.dir}/cb.sock", H)
         self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/callbacks"
+        self.url = f"unix:{self.dir}/cb.sock"
         threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
 
     def close(self) -> None:
+        import shutil
+
         self.server.shutdown()
         self.server.server_close()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------------- the lane
@@ -219,7 +244,7 @@ class Lane:
 def start_lane(ws: Path, capacity: int = 2) -> Lane:
     sink = CallbackSink()
     info = LaneInfo(lane="alpha", port=free_port(), workspace=str(ws), session_prefix="alpha", capacity=capacity,
-                    callback_url=sink.url, dispatch_key=KEY, heartbeat_sec=0.5)
+                    callback_url=sink.url, dispatch_key=KEY, heartbeat_sec=0.5, supervisor_uid=os.getuid())
     rt = LaneRuntime(info, notifier=NullNotifier())  # type: ignore[arg-type]
     th = threading.Thread(target=rt.run, name="lane-main", daemon=True)
     th.start()
@@ -279,6 +304,7 @@ class Sup:
     thread: threading.Thread
     ledger_path: Path
     port: int
+    sock: str
     tokens: dict[int, str]
     attempts: dict[tuple[int, int], str]  # (mission, attempt) -> lane
     errors: list[str] = field(default_factory=list)
@@ -357,12 +383,17 @@ def sup_mod(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sup]:
     ms.complete(led, 4, lane="alpha", attempt=1, token=tokens[4], now=now, result={"exit_code": 0})
     led.close()
 
-    sup = Supervisor(fleet, ledger_path, use_systemd=False, notifier=None)
+    # Everything runs as one uid here: both lanes' callbacks come from it (the real uid check: tests/systemd)
+    sock = str(base / "callbacks.sock")
+    sup = Supervisor(fleet, ledger_path, use_systemd=False, notifier=None, callback_socket=sock,
+                     lane_uids={"alpha": os.getuid(), "beta": os.getuid()})
+    sup.rejected_burst = 1e9  # every rejection recorded: the tests below count them (the limit: its own test)
     th = threading.Thread(target=sup.run, name="sup-main", daemon=True)
     th.start()
-    s = Sup(sup, th, ledger_path, port, tokens, {(1, 1): "alpha", (2, 1): "alpha", (3, 1): "beta", (4, 1): "alpha"})
+    s = Sup(sup, th, ledger_path, port, sock, tokens, {(1, 1): "alpha", (2, 1): "alpha", (3, 1): "beta", (4, 1): "alpha"})
     wait_for(lambda: sup.server is not None, what="the supervisor to bind")
     record_handler_errors(sup.server, s.errors)
+    record_handler_errors(sup.unix_server, s.errors)
     wait_for(lambda: request(port, "GET", "/healthz", timeout=1.0)[0] == 200, what="the supervisor's /healthz")
     wait_for(lambda: sup.last_tick > 0, what="the supervisor's first tick")
     assert [r[1] for r in s.snapshot()["missions"]] == ["dispatched", "running", "dispatched", "succeeded"]
@@ -393,7 +424,7 @@ def callback_doc(**over: Any) -> dict[str, Any]:
 
 def post_sup(s: Sup, doc: Any = None, *, body: bytes | None = None, path: str = "/callbacks") -> int | None:
     data = body if body is not None else json.dumps(doc).encode()
-    return request(s.port, "POST", path, data, {"Content-Type": "application/json"})[0]
+    return request(s.sock, "POST", path, data, {"Content-Type": "application/json"})[0]
 
 
 # ---------------------------------------------------------------------------------------------------- inputs
@@ -592,7 +623,7 @@ def test_lane_serves_others_while_slow_clients_hold_connections(lane: Lane) -> N
 # ==================================================================================================== supervisor: by hand
 def test_supervisor_positive_control(sup: Sup) -> None:
     """A correct heartbeat is taken (200, lease extended, no event): the fuzzing below reaches the fencing."""
-    status, body = request(sup.port, "POST", "/callbacks",
+    status, body = request(sup.sock, "POST", "/callbacks",
                            json.dumps(callback_doc(mission=2, event="heartbeat", token=sup.tokens[2])).encode())
     assert status == 200 and json.loads(body)["state"] == "running"
 
@@ -608,9 +639,9 @@ def test_supervisor_wrong_types_and_missing_fields(sup: Sup, case: tuple[str, di
 
 
 @pytest.mark.parametrize("lane_name", ["zulu", "", "ALPHA", "alpha ", "../alpha"])
-def test_supervisor_unknown_lane_is_409_and_not_recorded(sup: Sup, lane_name: str) -> None:
+def test_supervisor_unknown_lane_is_403_and_not_recorded(sup: Sup, lane_name: str) -> None:
     before = sup.snapshot()
-    assert post_sup(sup, callback_doc(lane=lane_name)) == 409
+    assert post_sup(sup, callback_doc(lane=lane_name)) == 403  # not a lane this uid may speak for
     sup.assert_unchanged(before, rejected=0)
 
 
@@ -650,24 +681,25 @@ def test_supervisor_callback_path_variants(sup: Sup, path: str) -> None:
 @pytest.mark.parametrize("path", ["/callbacks", "/nope", "/", "/healthzz"])
 def test_supervisor_get_on_post_only_and_unknown_paths(sup: Sup, path: str) -> None:
     assert request(sup.port, "GET", path)[0] == 404
+    assert request(sup.sock, "GET", path)[0] == 404
 
 
 @pytest.mark.parametrize("method", ["PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"])
 def test_supervisor_other_methods_are_refused(sup: Sup, method: str) -> None:
-    assert request(sup.port, method, "/callbacks", b"{}")[0] == 501  # see test_lane_other_methods_are_refused
+    assert request(sup.sock, method, "/callbacks", b"{}")[0] == 501  # see test_lane_other_methods_are_refused
 
 
 @pytest.mark.parametrize("case", SUP_FRAMING, ids=lambda c: c[0])
 def test_supervisor_framing(sup: Sup, case: tuple[str, bytes, int]) -> None:
     name, data, want = case
     if name == "short-body-then-eof":
-        with socket.create_connection(("127.0.0.1", sup.port), timeout=TIMEOUT) as s:
+        with connect(sup.sock) as s:
             t0 = time.monotonic()
             s.sendall(data)
             s.shutdown(socket.SHUT_WR)
             status, _, _ = read_response(s, t0)
     else:
-        status, _, _ = raw(sup.port, data)
+        status, _, _ = raw(sup.sock, data)
     assert status == want
 
 
@@ -677,14 +709,14 @@ def test_supervisor_exactly_max_body_is_read_and_refused_as_json(sup: Sup) -> No
 
 def test_supervisor_lying_content_length_is_408_within_the_read_timeout(sup: Sup) -> None:
     head = "POST /callbacks HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
-    status, _, elapsed = raw(sup.port, head.encode() + b'{"mission":', timeout=READ_TIMEOUT_S + 5)
+    status, _, elapsed = raw(sup.sock, head.encode() + b'{"mission":', timeout=READ_TIMEOUT_S + 5)
     assert status == 408
     assert READ_TIMEOUT_S - 0.5 <= elapsed <= READ_TIMEOUT_S + 2, elapsed
 
 
 def test_supervisor_serves_others_while_slow_clients_hold_connections(sup: Sup) -> None:
-    idle = [socket.create_connection(("127.0.0.1", sup.port), timeout=TIMEOUT) for _ in range(8)]
-    partial = socket.create_connection(("127.0.0.1", sup.port), timeout=TIMEOUT)
+    idle = [connect(sup.port) for _ in range(8)] + [connect(sup.sock) for _ in range(4)]
+    partial = connect(sup.sock)
     partial.sendall(b"POST /callbacks HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
     try:
         t0 = time.monotonic()
@@ -809,7 +841,7 @@ CL_VALUES = (st.text(st.characters(min_codepoint=0x21, max_codepoint=0xFF, exclu
                                 "00000000000000000000000002", "2,2", "2;x"]))
 
 
-def check_content_length(port: int, head: str, value: str, errors: list[str]) -> None:
+def check_content_length(port: Target, head: str, value: str, errors: list[str]) -> None:
     data = f"{head}Content-Length: {value}\r\n\r\n".encode("latin-1") + b"{}"
     status, _, _ = raw(port, data, timeout=READ_TIMEOUT_S + 3)
     event(f"HTTP {status}")
@@ -903,7 +935,7 @@ def _sup_expect(doc: Any) -> tuple[int, int]:
     except BadMessage as exc:
         return exc.status, 0
     if msg.lane not in ("alpha", "beta"):
-        return 409, 0
+        return 403, 0  # the peer's uid may speak only for alpha and beta
     return 409, 1
 
 
@@ -947,7 +979,7 @@ def test_fuzz_supervisor_callbacks_bytes(sup: Sup, body: bytes) -> None:
 @FUZZ
 @given(value=CL_VALUES.filter(lambda v: not (v.isascii() and v.isdigit() and int(v) > 2)))
 def test_fuzz_supervisor_content_length_header(sup: Sup, value: str) -> None:
-    check_content_length(sup.port, "POST /callbacks HTTP/1.1\r\nHost: x\r\n", value, sup.errors)
+    check_content_length(sup.sock, "POST /callbacks HTTP/1.1\r\nHost: x\r\n", value, sup.errors)
     sup.alive()
 
 
@@ -1060,7 +1092,7 @@ def test_regression_non_ascii_digit_content_length(lane: Lane, sup: Sup, end: st
     if end == "lane":
         port, head, errors = lane.port, f"POST /missions HTTP/1.1\r\nAuthorization: Bearer {KEY}\r\n", lane.errors
     else:
-        port, head, errors = sup.port, "POST /callbacks HTTP/1.1\r\n", sup.errors
+        port, head, errors = sup.sock, "POST /callbacks HTTP/1.1\r\n", sup.errors
     status, _, _ = raw(port, head.encode() + b"Host: x\r\nContent-Length: \xb2\r\n\r\n{}")
     crashed = list(errors)
     errors.clear()
