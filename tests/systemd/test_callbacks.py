@@ -80,6 +80,7 @@ s = None
 end = time.monotonic() + 40
 while time.monotonic() < end:  # take the supervisor's TCP port the moment it is free
     s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         s.bind(("127.0.0.1", 8700))
         s.listen(64)
@@ -137,11 +138,13 @@ def test_a_squatter_on_the_supervisor_address_gets_nothing_of_another_lane(fleet
                                    "argv": ["/bin/sh", "-c", "sleep 4; echo beta-real-outcome"]}])
     wait_for(lambda: running(fleet, squat, real), 30, what="both missions to run")
     fleet.sb.exec(["systemctl", "stop", SUP], check=True)
-    wait_for(lambda: "bound" in output(fleet, "alpha", squat) or last_json(output(fleet, "alpha", squat)), 30,
-             what="the squatter to take the port (or be refused it)")
-    # beta's mission ends while the supervisor is down: its runtime keeps the outcome and retries
-    wait_for(lambda: ended(fleet, "beta", real), 30, what="beta's mission to end")
-    fleet.sb.exec(["systemctl", "start", "--no-block", SUP], check=True)  # it binds once the squatter lets go
+    try:
+        wait_for(lambda: "bound" in output(fleet, "alpha", squat) or last_json(output(fleet, "alpha", squat)), 30,
+                 what="the squatter to take the port (or be refused it)")
+        # beta's mission ends while the supervisor is down: its runtime keeps the outcome and retries
+        wait_for(lambda: ended(fleet, "beta", real), 30, what="beta's mission to end")
+    finally:
+        fleet.sb.exec(["systemctl", "start", "--no-block", SUP], check=True)  # it binds once the squatter lets go
     st = wait_terminal(fleet, [squat, real], 90)
     report = last_json(output(fleet, "alpha", squat))
     assert report is not None, output(fleet, "alpha", squat)
