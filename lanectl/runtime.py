@@ -180,6 +180,7 @@ class Reporter(threading.Thread):
         self.q: queue.Queue[CallbackMsg | None] = queue.Queue()
         self.delivered = 0
         self.dropped = 0
+        self.tries = 0  # delivery attempts, answered or not
         self.lock = threading.Lock()
         self.outcomes: set[int] = set()  # missions whose final callback is not delivered yet
 
@@ -216,6 +217,7 @@ class Reporter(threading.Thread):
         backoff = 0.05
         while True:
             conn = UnixHTTPConnection(self.path, CALLBACK_TIMEOUT_S, expect_uid=self.supervisor_uid)
+            self.tries += 1
             try:
                 conn.request("POST", "/callbacks", body=body, headers={"Content-Type": "application/json"})
                 resp = conn.getresponse()

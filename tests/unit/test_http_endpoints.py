@@ -1168,3 +1168,123 @@ def test_regression_superseded_attempt_is_stopped(fresh_lane: Lane) -> None:
             os.killpg(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+# ==================================================================================================== issue 10
+def test_supervisor_tcp_callbacks_are_403_and_point_at_the_socket(sup: Sup) -> None:
+    """Callbacks only on the unix socket: over TCP (anyone on the box, nobody identified) nothing is taken."""
+    before = sup.snapshot()
+    doc = callback_doc(mission=2, event="succeeded", token=sup.tokens[2])  # even with the right token
+    status, body = request(sup.port, "POST", "/callbacks", json.dumps(doc).encode())
+    assert status == 403 and sup.sock in json.loads(body)["message"]
+    sup.assert_unchanged(before, rejected=0)
+    assert sup.sup.refused_counts()["tcp"] >= 1
+
+
+def test_supervisor_refusals_are_recorded_at_a_bounded_rate(sup: Sup) -> None:
+    """Wrong-token callbacks from a real lane: the first REJECTED_BURST are recorded, the rest only counted."""
+    s = sup.sup
+    saved = s.rejected_burst, s.rejected_per_s
+    s.rejected_burst, s.rejected_per_s = 3.0, 1e-9
+    s.buckets.clear()
+    unrecorded = s.refused_counts()["unrecorded"]
+    before = sup.snapshot()
+    try:
+        for _ in range(10):
+            assert post_sup(sup, callback_doc(mission=1, token="forged")) == 409
+        sup.assert_unchanged(before, rejected=3)
+        assert s.refused_counts()["unrecorded"] == unrecorded + 7
+        text = s.metrics_text()
+        assert f'lanectl_callbacks_refused_total{{reason="unrecorded"}} {unrecorded + 7}' in text
+    finally:
+        s.rejected_burst, s.rejected_per_s = saved
+        s.buckets.clear()
+
+
+def test_supervisor_refuses_a_peer_that_is_no_lane_without_a_ledger_write(sup: Sup) -> None:
+    s = sup.sup
+    saved = dict(s.lane_uids)
+    s.lane_uids = {"alpha": os.getuid() + 1, "beta": os.getuid() + 2}  # nobody here is a lane now
+    before = sup.snapshot()
+    try:
+        status, body = request(sup.sock, "POST", "/callbacks", json.dumps(callback_doc(mission=1)).encode())
+        assert status == 403 and json.loads(body)["error"] == "not_a_lane"
+        s.lane_uids = {"alpha": os.getuid() + 1, "beta": os.getuid()}  # this uid is beta's: alpha's are foreign
+        status, body = request(sup.sock, "POST", "/callbacks", json.dumps(callback_doc(mission=1)).encode())
+        assert status == 403 and json.loads(body)["error"] == "not_your_lane"
+        sup.assert_unchanged(before, rejected=0)
+    finally:
+        s.lane_uids = saved
+
+
+@pytest.mark.parametrize("end", ["lane", "supervisor-tcp", "supervisor-socket"])
+def test_a_header_dripping_client_is_cut_at_the_request_deadline(lane: Lane, sup: Sup, end: str) -> None:
+    """One header byte at a time never completes a request: the connection is closed when the whole-request
+    deadline passes, not kept as long as bytes trickle in (the old per-recv timeout)."""
+    server = {"lane": lane.rt.server, "supervisor-tcp": sup.sup.server, "supervisor-socket": sup.sup.unix_server}[end]
+    target: Target = {"lane": lane.port, "supervisor-tcp": sup.port, "supervisor-socket": sup.sock}[end]
+    handler = server.RequestHandlerClass
+    handler.request_deadline = 1.0
+    try:
+        with connect(target) as s:
+            head = b"POST /callbacks HTTP/1.1\r\nHost: x\r\n" + b"X-Slow: " + b"y" * 200
+            closed = False
+            for i in range(len(head)):  # 0.1 s a byte: 24 s in all, far past the 1 s deadline
+                try:
+                    s.sendall(head[i:i + 1])
+                    s.settimeout(0.1)
+                    if s.recv(100) == b"":
+                        closed = True
+                        break
+                except TimeoutError:
+                    continue
+                except OSError:
+                    closed = True
+                    break
+            assert closed, "the server kept reading a request that never ended"
+    finally:
+        handler.request_deadline = protocol.REQUEST_DEADLINE_S
+    (lane.alive() if end == "lane" else sup.alive())
+
+
+@pytest.mark.parametrize("end", ["lane", "supervisor-tcp"])
+def test_a_full_server_answers_503_at_once_and_recovers(lane: Lane, sup: Sup, end: str) -> None:
+    server = lane.rt.server if end == "lane" else sup.sup.server
+    port = lane.port if end == "lane" else sup.port
+    server.max_connections = 4
+    held = []
+    try:
+        held = [connect(port) for _ in range(4)]
+        wait_for(lambda: server._total == 4, what="four connections held")
+        status, body, _ = raw(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status == 503 and b"too many connections" in body
+    finally:
+        for s in held:
+            s.close()
+        server.max_connections = protocol.MAX_CONNECTIONS
+    wait_for(lambda: server._total == 0, what="the held connections to end")
+    assert request(port, "GET", "/healthz")[0] == 200
+
+
+def test_the_lane_keeps_an_outcome_until_the_supervisor_is_verified(tmp_path: Path) -> None:
+    """A listener on the callback path that does not run as the supervisor's uid gets no callback: the lane keeps
+    the outcome and retries; once the listener checks out, it is delivered."""
+    sink = CallbackSink()
+    info = LaneInfo(lane="alpha", port=free_port(), workspace=str(tmp_path), session_prefix="alpha", capacity=1,
+                    callback_url=sink.url, dispatch_key=KEY, supervisor_uid=os.getuid() + 1)
+    from lanectl.runtime import Reporter
+    from lanectl.protocol import CallbackMsg
+
+    rep = Reporter(info.callback_url, info.supervisor_uid)
+    rep.start()
+    try:
+        rep.send(CallbackMsg(7, 1, "alpha", "tok", "succeeded", "inv", 0))
+        wait_for(lambda: rep.tries >= 3, what="three delivery attempts")
+        assert sink.received == [] and rep.reporting() == [7] and rep.delivered == 0
+        rep.supervisor_uid = os.getuid()
+        wait_for(lambda: rep.delivered == 1, what="the delivery")
+        assert [c["event"] for c in sink.received] == ["succeeded"] and rep.reporting() == []
+    finally:
+        rep.q.put(None)
+        rep.join(10)
+        sink.close()
