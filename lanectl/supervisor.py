@@ -73,6 +73,7 @@ beyond it are counted (``lanectl_callbacks_refused_total{reason="unrecorded"}``)
 SOCKET_PER_PEER = 8
 """Connections one uid may hold on the callback socket at once: one lane cannot starve the others' callbacks."""
 UID_RESOLVE_S = 5.0
+TCP_RETRY_S = 1.0
 
 
 @dataclass
@@ -141,6 +142,8 @@ class Supervisor:
         self.lane_uids: dict[str, int] = dict(lane_uids or {})
         self.uids_at = 0.0
         self.unix_server: socketserver.ThreadingUnixStreamServer | None = None
+        self.tcp_factory: Any = None
+        self.tcp_tried = 0.0
         # callbacks refused before the ledger (no write): reason -> count; and rejections left unrecorded
         self.refused: dict[str, int] = {"unauthenticated": 0, "foreign_lane": 0, "tcp": 0, "unrecorded": 0}
         self.refused_lock = threading.Lock()
@@ -325,7 +328,6 @@ class Supervisor:
         host = self.settings.supervisor.host
         if host not in ("127.0.0.1", "::1", "localhost"):  # the config model allows nothing else; belt and braces
             raise LanectlError(f"supervisor host {host!r} is not loopback", "use 127.0.0.1", "not_loopback")
-        self.server = Server((host if host != "localhost" else "127.0.0.1", self.settings.supervisor.port), Handler)
         self.unix_server = UnixServer(str(self.bind_socket()), CallbackHandler, bind_and_activate=False)
         try:
             self.unix_server.server_bind()
@@ -333,11 +335,27 @@ class Supervisor:
             self.unix_server.server_activate()
         except OSError:
             self.unix_server.server_close()
-            self.server.server_close()
             raise
-        threading.Thread(target=self.server.serve_forever, name="http", kwargs={"poll_interval": 0.2},
-                         daemon=True).start()
         threading.Thread(target=self.unix_server.serve_forever, name="callbacks", kwargs={"poll_interval": 0.2},
+                         daemon=True).start()
+        self.tcp_factory = lambda: Server((host if host != "localhost" else "127.0.0.1", self.settings.supervisor.port),
+                                          Handler)
+        self.bind_tcp()
+
+    def bind_tcp(self) -> None:
+        """The read-only TCP listener (/healthz, /metrics). Callbacks do not need it: when its port is taken (by
+        a process squatting it while the supervisor restarted) the supervisor runs on and tries again every
+        TCP_RETRY_S, rather than fail and leave every lane's callbacks unanswered."""
+        self.tcp_tried = time.monotonic()
+        try:
+            server = self.tcp_factory()
+        except OSError as exc:
+            log.error("cannot listen on %s:%d (%s); callbacks go on over %s, retrying every %gs",
+                      self.settings.supervisor.host, self.settings.supervisor.port, exc.strerror or exc,
+                      self.socket_path, TCP_RETRY_S)
+            return
+        self.server = server
+        threading.Thread(target=server.serve_forever, name="http", kwargs={"poll_interval": 0.2},
                          daemon=True).start()
 
     def bind_socket(self) -> Path:
@@ -875,6 +893,8 @@ class Supervisor:
                     self.ledger_error = mono
                 self.dirty = True
                 self.stop.wait(0.2)
+            if self.server is None and self.tcp_factory is not None and mono - self.tcp_tried >= TCP_RETRY_S:
+                self.bind_tcp()
             if mono - last_ping >= ping:
                 self.notify("WATCHDOG=1")
                 last_ping = mono

@@ -146,6 +146,8 @@ def test_a_squatter_on_the_supervisor_address_gets_nothing_of_another_lane(fleet
     finally:
         fleet.sb.exec(["systemctl", "start", "--no-block", SUP], check=True)  # it binds once the squatter lets go
     st = wait_terminal(fleet, [squat, real], 90)
+    # the squatted TCP port did not keep the supervisor from starting: it took callbacks on its socket at once
+    assert fleet.show(SUP, "NRestarts")["NRestarts"] == "0"
     report = last_json(output(fleet, "alpha", squat))
     assert report is not None, output(fleet, "alpha", squat)
     assert st[real] == "succeeded", st
@@ -248,12 +250,14 @@ def test_a_callback_flood_costs_a_bounded_ledger_and_names_no_other_lane(fleet: 
     first = sql(fleet, "SELECT coalesce(max(id), 0) FROM events")[0][0]
     docs = [{"mission": victim, "attempt": 1, "lane": "beta", "token": "x" * 43, "event": e}
             for e in ("succeeded", "failed", "started")]
-    docs += [{"mission": 1, "attempt": 1, "lane": "alpha", "token": "y" * 43, "event": "succeeded"}]
+    docs += [{"mission": 10**9, "attempt": 1, "lane": "alpha", "token": "y" * 43, "event": "succeeded"}]
     flood = mission(fleet, "alpha", FLOOD, json.dumps({"seconds": FLOOD_S, "docs": docs}))
     assert wait_terminal(fleet, [flood], FLOOD_S + 60)[flood] == "succeeded"
     counts = last_json(output(fleet, "alpha", flood))
     assert counts is not None
-    assert set(counts) == {"beta:403", "alpha:409", "tcp"} and counts["tcp"] == 403, counts
+    # (503: a connection beyond the per-uid cap, or the supervisor busy: the flood is told to retry)
+    assert set(counts) <= {"beta:403", "beta:503", "alpha:409", "alpha:503", "tcp"} and counts["tcp"] == 403, counts
+    assert counts["beta:403"] > 0, counts
     assert counts["alpha:409"] > REJECTED_BURST + REJECTED_PER_S * FLOOD_S, counts  # the flood did exceed the bound
     rows = sql(fleet, "SELECT kind, lane, mission, at FROM events WHERE id > ? AND kind = 'callback_rejected'", first)
     assert not [r for r in rows if r[1] == "beta" or r[2] == victim], rows
