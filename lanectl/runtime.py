@@ -134,7 +134,8 @@ class LaneInfo:
                 raise SystemExit(f"lanectl.runtime: LANECTL_CALLBACK_URL: {exc}; 'lanectl install' writes "
                                  "unix:/run/lanectl/callbacks.sock") from None
         key = e.get("LANECTL_DISPATCH_KEY", "")
-        if env is None:
+        if env is None:  # the process's own environment: it is a lane process (any runtime built on this SDK)
+            make_undumpable()  # before anything secret is in memory: missions (same uid) cannot read /proc of it
             wipe_initial_env("LANECTL_DISPATCH_KEY")  # mission processes must not inherit it, nor read it
         return cls(
             lane=e["LANECTL_LANE"],
@@ -526,7 +527,6 @@ class LaneRuntime:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("LANECTL_LOG_LEVEL", "INFO"), stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
-    make_undumpable()
     info = LaneInfo.from_env()
     rt = LaneRuntime(info)
     signal.signal(signal.SIGTERM, lambda *_: rt.stop.set())
