@@ -220,7 +220,8 @@ class Reporter(threading.Thread):
             conn = UnixHTTPConnection(self.path, CALLBACK_TIMEOUT_S, expect_uid=self.supervisor_uid)
             self.tries += 1
             try:
-                conn.request("POST", "/callbacks", body=body, headers={"Content-Type": "application/json"})
+                conn.request("POST", "/callbacks", body=body, headers={"Content-Type": "application/json",
+                                                                   "Connection": "close"})  # frees its slot at once
                 resp = conn.getresponse()
                 resp.read()
                 if 200 <= resp.status < 300:
