@@ -231,11 +231,27 @@ def _default_classes() -> dict[str, ClassPolicy]:
     }
 
 
+CALLBACK_SOCKET_RE = re.compile(r"^/run/lanectl/[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")
+
+
 class SupervisorSettings(Model):
     host: Literal["127.0.0.1", "::1", "localhost"] = "127.0.0.1"
     port: Annotated[int, Field(ge=1024, le=65535)] = 8700
+    """The TCP listener: GET /healthz and /metrics only (read-only)."""
+    socket: str = "/run/lanectl/callbacks.sock"
+    """The unix socket lanes send their callbacks to (docs/decisions.md, "Callbacks over a unix socket")."""
     tick_sec: Annotated[float, Field(gt=0, le=60)] = 1.0
     watchdog_sec: Annotated[float, Field(ge=1, le=3600)] = 10.0
+
+    @field_validator("socket")
+    @classmethod
+    def _socket(cls, v: str) -> str:
+        # /run/lanectl is the supervisor's RuntimeDirectory=: only root can create a file there, so no lane can
+        # put a socket of its own at this path
+        if not CALLBACK_SOCKET_RE.match(v):
+            raise ValueError(f"{v!r} is not a file name directly under /run/lanectl/ (letters, digits, . _ -); "
+                             "use e.g. /run/lanectl/callbacks.sock")
+        return v
 
 
 class HealthSettings(Model):

@@ -6,8 +6,9 @@ can push missions into a lane. systemd (PID 1, as root) reads each lane's key fi
 its environment at once so that mission processes do not inherit it. Lanes cannot read the box secret or any key
 file (mode 0600 root, and ``InaccessiblePaths=`` of the state directory). ``LoadCredential=`` would be the
 idiomatic channel, but under systemd 252 in a container without ramfs it leaves the credential unreadable for
-the service's user (docs/decisions.md). Callbacks are authenticated by
-the per-attempt token the ledger issues, which the lane received with the dispatch.
+the service's user (docs/decisions.md). Callbacks come over the supervisor's unix socket, from the uid of the lane
+they name (SO_PEERCRED), and are fenced by the per-attempt token the ledger issues, which the lane received with
+the dispatch (docs/supervisor.md, "Authentication").
 """
 from __future__ import annotations
 

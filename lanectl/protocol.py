@@ -18,12 +18,18 @@ from __future__ import annotations
 import errno
 import hashlib
 import hmac
+import http.client
+import io
 import json
 import math
 import os
+import socket
 import stat
+import struct
+import threading
 import time
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +37,12 @@ MAX_BODY = 1 << 20
 """Largest request body either side accepts (413 beyond)."""
 READ_TIMEOUT_S = 5.0
 """A client that sends its body slower than this is cut off (408)."""
+REQUEST_DEADLINE_S = 10.0
+"""Each request, from its first byte (or the end of the previous one on a kept-alive connection) to the end of its
+body, must arrive within this long; a client that drips header bytes is cut off when it passes."""
+MAX_CONNECTIONS = 64
+"""Connections a server handles at once; one more is answered 503 and closed at once (no thread for it)."""
+UNIX_SCHEME = "unix:"
 EVENTS = ("started", "heartbeat", "succeeded", "failed", "cancelled")
 CLASSES = ("interactive", "deadline", "background")
 MAX_TAIL = 4096
@@ -185,6 +197,8 @@ def read_body(handler: Any) -> bytes:
         raise BadMessage(f"body larger than {MAX_BODY} bytes", 413)
     # one deadline for the whole body: a client dripping a byte at a time cannot hold a thread for long
     deadline = time.monotonic() + READ_TIMEOUT_S
+    if isinstance(handler, DeadlineHandler):
+        handler.limit_deadline(deadline)
     chunks: list[bytes] = []
     got = 0
     try:
@@ -214,6 +228,167 @@ def send_json(handler: Any, code: int, doc: dict[str, Any]) -> None:
         handler.close_connection = True
     handler.end_headers()
     handler.wfile.write(body)
+
+
+# ---------------------------------------------------------------------------------------------------- servers
+class _DeadlineReader(io.RawIOBase):
+    """A socket's reading side that gives up when ``deadline`` (monotonic) passes, however the bytes trickle in:
+    every recv gets only the time left (a per-recv timeout alone lets one byte every few seconds go on forever)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__()
+        self.sock = sock
+        self.deadline = math.inf
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("request deadline passed")
+        self.sock.settimeout(min(left, 3600.0))
+        return self.sock.recv_into(b)
+
+
+class DeadlineHandler(BaseHTTPRequestHandler):
+    """A request handler whose every request (request line, headers and body) must arrive within
+    ``request_deadline`` seconds; past it the connection is closed (a body cut off answers 408, see read_body)."""
+
+    request_deadline = REQUEST_DEADLINE_S
+    protocol_version = "HTTP/1.1"
+    timeout = REQUEST_DEADLINE_S  # writes: a client that does not read its answer is cut off too
+
+    def setup(self) -> None:
+        super().setup()
+        self._reader = _DeadlineReader(self.connection)
+        self.rfile.close()  # the makefile() reader of StreamRequestHandler; ours replaces it
+        self.rfile = io.BufferedReader(self._reader, 65536)
+
+    def limit_deadline(self, deadline: float) -> None:
+        self._reader.deadline = min(self._reader.deadline, deadline)
+
+    def send_response(self, code: int, message: str | None = None) -> None:
+        self.connection.settimeout(self.timeout)  # reads shortened it to what was left of the deadline
+        super().send_response(code, message)
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            # what the client sent and nobody read (a refused request's body) is dropped before the close: on a
+            # unix socket unread data turns the close into a reset, and the client would lose the answer
+            try:
+                self.connection.setblocking(False)
+                for _ in range(16):
+                    if not self.connection.recv(65536):
+                        break
+            except OSError:
+                pass
+
+    def handle_one_request(self) -> None:
+        self._reader.deadline = time.monotonic() + self.request_deadline
+        try:
+            super().handle_one_request()
+        except TimeoutError:  # headers not complete in time (a body that is late answers 408 in read_body)
+            self.close_connection = True
+
+
+_BUSY_BODY = b'{"error": "busy", "message": "too many connections; retry shortly"}'
+BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
+        b"Content-Length: " + str(len(_BUSY_BODY)).encode() + b"\r\n\r\n" + _BUSY_BODY)
+
+
+class BoundedServer:
+    """Mixin for a ThreadingMixIn server: at most ``max_connections`` connections (and ``max_per_peer`` per peer,
+    as ``peer_key`` tells them apart) are handled at once; one more is answered 503 from the accepting thread
+    and closed, without a thread. ``refused`` counts them."""
+
+    max_connections = MAX_CONNECTIONS
+    max_per_peer: int | None = None
+    daemon_threads = True
+
+    def peer_key(self, request: Any) -> Any:
+        return None
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not hasattr(self, "_slots"):
+            self._slots = threading.Lock()
+            self._active: dict[Any, int] = {}
+            self._total = 0
+            self.refused = 0
+        key = self.peer_key(request)
+        with self._slots:
+            full = self._total >= self.max_connections or (
+                self.max_per_peer is not None and self._active.get(key, 0) >= self.max_per_peer)
+            if full:
+                self.refused += 1
+            else:
+                self._total += 1
+                self._active[key] = self._active.get(key, 0) + 1
+        if full:
+            try:
+                request.setblocking(False)
+                request.send(BUSY)
+            except OSError:
+                pass
+            self.shutdown_request(request)  # type: ignore[attr-defined]
+            return
+        t = threading.Thread(target=self._bounded_thread, args=(request, client_address, key), daemon=True)
+        t.start()
+
+    def _bounded_thread(self, request: Any, client_address: Any, key: Any) -> None:
+        try:
+            self.process_request_thread(request, client_address)  # type: ignore[attr-defined]
+        finally:
+            with self._slots:
+                self._total -= 1
+                self._active[key] -= 1
+                if not self._active[key]:
+                    del self._active[key]
+
+
+def peer_cred(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a unix stream socket, from the kernel (SO_PEERCRED)."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return pid, uid, gid
+
+
+class PeerMismatch(OSError):
+    """The process listening on the callback socket is not the one the lane expects (SO_PEERCRED)."""
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP over a unix stream socket; with ``expect_uid``, the listening process must run as that uid (checked
+    with SO_PEERCRED before a byte is sent), else PeerMismatch."""
+
+    def __init__(self, path: str, timeout: float, expect_uid: int | None = None) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = path
+        self.expect_uid = expect_uid
+
+    def connect(self) -> None:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.settimeout(self.timeout)
+            s.connect(self.socket_path)
+            if self.expect_uid is not None:
+                _, uid, _ = peer_cred(s)
+                if uid != self.expect_uid:
+                    raise PeerMismatch(f"{self.socket_path} is served by uid {uid}, not the supervisor's uid "
+                                       f"{self.expect_uid}")
+        except BaseException:
+            s.close()
+            raise
+        self.sock = s
+
+
+def callback_socket(url: str) -> str:
+    """The socket path of a callback URL ``unix:/PATH``; ValueError for anything else."""
+    if not url.startswith(UNIX_SCHEME + "/"):
+        raise ValueError(f"callback URL {url!r} is not unix:/PATH (callbacks go over the supervisor's unix socket)")
+    return url[len(UNIX_SCHEME):]
 
 
 # ---------------------------------------------------------------------------------------------------- execution log

@@ -3,7 +3,11 @@
 A lane listens on 127.0.0.1:$LANECTL_PORT and answers ``GET /healthz``; it accepts missions on ``POST /missions``
 (authenticated with the lane's dispatch key, which systemd hands it in ``LANECTL_DISPATCH_KEY``) and
 cancels on ``POST /missions/ID/cancel``; it reports ``started``, ``heartbeat``, ``succeeded``, ``failed`` and
-``cancelled`` to ``$LANECTL_CALLBACK_URL`` with the attempt's token, retrying until the supervisor answers. It
+``cancelled`` to ``$LANECTL_CALLBACK_URL`` (``unix:/run/lanectl/callbacks.sock``: HTTP over the supervisor's unix
+socket) with the attempt's token, retrying until the supervisor answers; an answer counts only from a socket whose
+listening process runs as the supervisor's uid (SO_PEERCRED, ``$LANECTL_SUPERVISOR_UID``, default 0). At start it
+makes itself non-dumpable (``PR_SET_DUMPABLE`` 0) and wipes the dispatch key from its initial environment block, so
+its missions (same uid) can read neither the key nor any token from ``/proc``. It
 sends ``READY=1`` once it listens, ``WATCHDOG=1`` from the loop that does the work (a hung lane stops pinging and
 systemd restarts it), and a one-line ``STATUS=``.
 
@@ -18,7 +22,10 @@ JSON line per start and end) in the workspace. Other runtimes subclass :class:`L
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
+import http.client
 import json
 import logging
 import os
@@ -29,16 +36,15 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 from lanectl import __version__
-from lanectl.protocol import (LOG_NAME, MAX_TAIL, STATE_DIR_NAME, BadMessage, CallbackMsg, DispatchMsg, LogRefused,
-                              bearer_ok, log_key, open_state_dir, parse_dispatch, read_body, send_json,
+from lanectl.protocol import (LOG_NAME, MAX_TAIL, STATE_DIR_NAME, BadMessage, BoundedServer, CallbackMsg,
+                              DeadlineHandler, DispatchMsg, LogRefused, PeerMismatch, UnixHTTPConnection, bearer_ok,
+                              callback_socket, log_key, open_state_dir, parse_dispatch, read_body, send_json,
                               sign_log_entry)
 
 log = logging.getLogger("lanectl.runtime")
@@ -46,6 +52,35 @@ DEFAULT_WATCHDOG_PING_S = 1.0
 DEFAULT_TIMEOUT_S = 3600.0
 KILL_GRACE_S = 5.0
 CALLBACK_TIMEOUT_S = 5.0
+MAX_CONNECTIONS = 32
+"""Connections the lane's HTTP server handles at once (the supervisor needs a few; one more is answered 503)."""
+PR_SET_DUMPABLE = 4
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def make_undumpable() -> None:
+    """PR_SET_DUMPABLE 0: /proc/PID/environ, mem, maps and friends become root's, and ptrace needs
+    CAP_SYS_PTRACE, so the lane's missions (same uid) cannot read the dispatch key or the tokens this process
+    holds. Mission processes are dumpable again (execve resets it)."""
+    if _libc().prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE, 0) failed")
+
+
+def wipe_initial_env(name: str) -> None:
+    """Overwrite the value of ``name`` in the process's initial environment block (what /proc/PID/environ shows,
+    libc's getenv points into it) with zeros, then unset it."""
+    value = os.environ.get(name)
+    if value is not None:
+        libc = _libc()
+        libc.getenv.restype = ctypes.c_void_p
+        ptr = libc.getenv(name.encode())
+        if ptr:
+            n = len(ctypes.string_at(ptr))  # the value as libc holds it
+            ctypes.memset(ptr, 0, n)
+    os.environ.pop(name, None)
 
 
 class Notifier:
@@ -81,6 +116,7 @@ class LaneInfo:
     capacity: int
     callback_url: str = ""
     dispatch_key: str = ""
+    supervisor_uid: int = 0
     heartbeat_sec: float = 5.0
     health_path: str = "/healthz"
     invocation: str = ""
@@ -93,17 +129,26 @@ class LaneInfo:
         if missing:
             raise SystemExit(f"lanectl.runtime: {', '.join(missing)} not set; the lane unit sets them "
                              "(run it through 'lanectl up', or export them for a local test)")
+        url = e.get("LANECTL_CALLBACK_URL", "")
+        if url:
+            try:
+                callback_socket(url)
+            except ValueError as exc:
+                raise SystemExit(f"lanectl.runtime: LANECTL_CALLBACK_URL: {exc}; 'lanectl install' writes "
+                                 "unix:/run/lanectl/callbacks.sock") from None
         key = e.get("LANECTL_DISPATCH_KEY", "")
-        if env is None:
-            os.environ.pop("LANECTL_DISPATCH_KEY", None)  # mission processes must not inherit it
+        if env is None:  # the process's own environment: it is a lane process (any runtime built on this SDK)
+            make_undumpable()  # before anything secret is in memory: missions (same uid) cannot read /proc of it
+            wipe_initial_env("LANECTL_DISPATCH_KEY")  # mission processes must not inherit it, nor read it
         return cls(
             lane=e["LANECTL_LANE"],
             port=int(e["LANECTL_PORT"]),
             workspace=e.get("LANECTL_WORKSPACE", os.getcwd()),
             session_prefix=e.get("LANECTL_SESSION_PREFIX", e["LANECTL_LANE"]),
             capacity=int(e.get("LANECTL_CAPACITY", "4")),
-            callback_url=e.get("LANECTL_CALLBACK_URL", ""),
+            callback_url=url,
             dispatch_key=key,
+            supervisor_uid=int(e.get("LANECTL_SUPERVISOR_UID", "0")),
             heartbeat_sec=float(e.get("LANECTL_HEARTBEAT_SEC", "5")),
             health_path=e.get("LANECTL_HEALTH_PATH", "/healthz"),
             invocation=e.get("INVOCATION_ID", ""),
@@ -127,15 +172,19 @@ class Running:
 
 
 class Reporter(threading.Thread):
-    """Delivers callbacks in order, retrying with backoff until the supervisor answers (2xx, or a 4xx that says
-    the attempt is no longer ours); never blocks the work loop."""
+    """Delivers callbacks in order over the supervisor's unix socket, retrying with backoff until the supervisor
+    answers (2xx, or a 4xx that says the attempt is no longer ours); never blocks the work loop. An answer counts
+    only from a listener running as ``supervisor_uid`` (SO_PEERCRED): anything else keeps the callback."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, supervisor_uid: int = 0) -> None:
         super().__init__(name="reporter", daemon=True)
         self.url = url
+        self.path = callback_socket(url) if url else ""
+        self.supervisor_uid = supervisor_uid
         self.q: queue.Queue[CallbackMsg | None] = queue.Queue()
         self.delivered = 0
         self.dropped = 0
+        self.tries = 0  # delivery attempts, answered or not
         self.lock = threading.Lock()
         self.outcomes: set[int] = set()  # missions whose final callback is not delivered yet
 
@@ -171,21 +220,27 @@ class Reporter(threading.Thread):
         body = json.dumps(msg.as_json()).encode()
         backoff = 0.05
         while True:
-            req = urllib.request.Request(self.url, data=body, method="POST",
-                                         headers={"Content-Type": "application/json"})
+            conn = UnixHTTPConnection(self.path, CALLBACK_TIMEOUT_S, expect_uid=self.supervisor_uid)
+            self.tries += 1
             try:
-                with urllib.request.urlopen(req, timeout=CALLBACK_TIMEOUT_S) as resp:
-                    resp.read()
-                self.delivered += 1
-                return
-            except urllib.error.HTTPError as exc:
-                if 400 <= exc.code < 500 and exc.code != 429:
+                conn.request("POST", "/callbacks", body=body, headers={"Content-Type": "application/json",
+                                                                   "Connection": "close"})  # frees its slot at once
+                resp = conn.getresponse()
+                resp.read()
+                if 200 <= resp.status < 300:
+                    self.delivered += 1
+                    return
+                if 400 <= resp.status < 500 and resp.status != 429:
                     log.warning("callback %s for mission %d attempt %d refused: HTTP %d", msg.event, msg.mission,
-                                msg.attempt, exc.code)
+                                msg.attempt, resp.status)
                     self.dropped += 1
                     return
-            except (OSError, ValueError) as exc:
+            except PeerMismatch as exc:
+                log.warning("callback not sent: %s; retrying", exc)
+            except (OSError, ValueError, http.client.HTTPException) as exc:
                 log.debug("callback delivery failed (%s); retrying in %.2fs", exc, backoff)
+            finally:
+                conn.close()
             time.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
 
@@ -265,7 +320,7 @@ class LaneRuntime:
         self.held: dict[int, Running] = {}  # mission id -> what this lane holds
         self.retired: list[Running] = []  # superseded attempts still to stop and reap
         self.inbox: queue.Queue[int] = queue.Queue()
-        self.reporter = Reporter(info.callback_url)
+        self.reporter = Reporter(info.callback_url, info.supervisor_uid)
         self.loops = 0
         self.done = 0
         self.server: ThreadingHTTPServer | None = None
@@ -315,10 +370,8 @@ class LaneRuntime:
     def bind(self) -> None:
         runtime = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(DeadlineHandler):  # a whole-request deadline: a slow client cannot hold a thread
             server_version = f"lanectl-runtime/{__version__}"
-            protocol_version = "HTTP/1.1"
-            timeout = 10  # a slow client cannot hold a handler thread forever
 
             def log_message(self, fmt: str, *args: Any) -> None:
                 log.debug("%s " + fmt, self.address_string(), *args)
@@ -349,10 +402,11 @@ class LaneRuntime:
                 except BadMessage as exc:
                     self._send(exc.status, {"error": "bad_request", "message": str(exc)})
 
-        class Server(ThreadingHTTPServer):
+        class Server(BoundedServer, ThreadingHTTPServer):
             daemon_threads = True
             allow_reuse_address = True
             request_queue_size = 128
+            max_connections = MAX_CONNECTIONS
 
         self.server = Server(("127.0.0.1", self.info.port), Handler)
 

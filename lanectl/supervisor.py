@@ -22,9 +22,12 @@ import gc
 import json
 import logging
 import os
+import pwd
 import queue
 import selectors
+import socketserver
 import sqlite3
+import stat
 import threading
 import time
 import urllib.error
@@ -32,7 +35,7 @@ import urllib.request
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +47,8 @@ from lanectl.ledger import missions as ms
 from lanectl.ledger import lanes as lane_ops
 from lanectl.ledger import tick as ticks
 from lanectl.ledger.events import EventKind, append
-from lanectl.protocol import (BadMessage, CallbackMsg, DispatchMsg, LogScan, log_key, parse_callback, read_body,
-                              scan_execution_log, send_json)
+from lanectl.protocol import (BadMessage, BoundedServer, CallbackMsg, DeadlineHandler, DispatchMsg, LogScan, log_key,
+                              parse_callback, peer_cred, read_body, scan_execution_log, send_json)
 from lanectl.status import check_health_many
 from lanectl.units import unit_name
 
@@ -66,6 +69,14 @@ RECONCILE_GRACE_S = 5.0
 LOG_READ_TIMEOUT_S = 1.0
 """The longest the main loop waits for a lane's execution log to be read (in a thread); at most a quarter of the
 supervisor's watchdog."""
+REJECTED_PER_S = 1.0
+REJECTED_BURST = 20
+"""``callback_rejected`` events per lane: a token bucket of REJECTED_BURST refilled at REJECTED_PER_S; rejections
+beyond it are counted (``lanectl_callbacks_refused_total{reason="unrecorded"}``), not written."""
+SOCKET_PER_PEER = 8
+"""Connections one uid may hold on the callback socket at once: one lane cannot starve the others' callbacks."""
+UID_RESOLVE_S = 5.0
+TCP_RETRY_S = 1.0
 
 
 @dataclass
@@ -106,7 +117,10 @@ class Pending:
 
 class Supervisor:
     def __init__(self, fleet: LaneSet, ledger_path: Path | None = None, *, notifier: Any = None,
-                 use_systemd: bool = True) -> None:
+                 use_systemd: bool = True, callback_socket: Path | str | None = None,
+                 lane_uids: dict[str, int] | None = None) -> None:
+        """``callback_socket`` and ``lane_uids`` (lane -> the uid its callbacks must come from) replace the
+        configured socket path and the lane users' uids: for in-process tests only."""
         self.fleet = fleet
         self.settings = fleet.settings
         self.ledger_path = ledger_path or paths.ledger_path(fleet.settings.ledger.path)
@@ -126,6 +140,18 @@ class Supervisor:
         self.commits: Any = None
         self.server: ThreadingHTTPServer | None = None
         self.counters = {"dispatched": 0, "callbacks": 0, "rejected": 0, "dispatch_failed": 0, "failovers": 0}
+        self.socket_path = Path(callback_socket or self.settings.supervisor.socket)
+        self.fixed_uids = lane_uids
+        self.lane_uids: dict[str, int] = dict(lane_uids or {})
+        self.uids_at = 0.0
+        self.unix_server: socketserver.ThreadingUnixStreamServer | None = None
+        self.tcp_factory: Any = None
+        self.tcp_tried = 0.0
+        # callbacks refused before the ledger (no write): reason -> count; and rejections left unrecorded
+        self.refused: dict[str, int] = {"unauthenticated": 0, "foreign_lane": 0, "tcp": 0, "unrecorded": 0}
+        self.refused_lock = threading.Lock()
+        self.buckets: dict[str, tuple[float, float]] = {}  # lane -> (tokens, monotonic time)
+        self.rejected_per_s, self.rejected_burst = REJECTED_PER_S, float(REJECTED_BURST)
         self.last_tick = 0.0
         self.dirty = True
         self.data_version = -1
@@ -141,7 +167,6 @@ class Supervisor:
         self.alerted: dict[tuple[str, str], float] = {}
         self.checkpointer: Checkpointer | None = None
         self.log_read: Future[LogScan] | None = None
-        self.lane_uids: dict[str, int] = {}
 
     # ------------------------------------------------------------------------------------------ setup
     def open(self) -> None:
@@ -161,15 +186,56 @@ class Supervisor:
         for name, lane in sorted(self.fleet.lanes.items()):
             self.lanes[name] = LaneWatch(name, unit_name(name), lane.port, lane_keys[name], lane.health_path,
                                          lane.restart.max_restarts, lane.enabled)
+        self.resolve_uids()
         self.bind()
+
+    # ------------------------------------------------------------------------------------------ who is calling
+    def resolve_uids(self) -> None:
+        """Each lane's uid (its unit's User=; config.py keeps them unique per lane). A lane whose user does not
+        exist (yet) has none, and no callback is accepted for it."""
+        self.uids_at = time.monotonic()
+        if self.fixed_uids is not None:
+            return
+        out = {}
+        for name, lane in self.fleet.lanes.items():
+            try:
+                out[name] = pwd.getpwnam(lane.resolved_user(name)).pw_uid
+            except KeyError:
+                pass
+        self.lane_uids = out
+
+    def lanes_of(self, uid: int) -> set[str]:
+        """The lanes whose callbacks a peer running as ``uid`` may send (none: refused before reading the body)."""
+        found = {name for name, u in self.lane_uids.items() if u == uid}
+        if not found and time.monotonic() - self.uids_at >= UID_RESOLVE_S:  # a lane user created since
+            self.resolve_uids()
+            found = {name for name, u in self.lane_uids.items() if u == uid}
+        return found
+
+    def refuse(self, reason: str) -> None:
+        with self.refused_lock:
+            self.refused[reason] += 1
+
+    def refused_counts(self) -> dict[str, int]:
+        with self.refused_lock:
+            return dict(self.refused)
+
+    def record_rejection(self, cb: ms.Callback) -> bool:
+        """Token bucket per lane (main thread only): may this rejection be written as a callback_rejected event?"""
+        mono = time.monotonic()
+        tokens, at = self.buckets.get(cb.lane, (self.rejected_burst, mono))
+        tokens = min(self.rejected_burst, tokens + (mono - at) * self.rejected_per_s)
+        ok = tokens >= 1.0
+        self.buckets[cb.lane] = (tokens - 1.0 if ok else tokens, mono)
+        if not ok:
+            self.refuse("unrecorded")
+        return ok
 
     def bind(self) -> None:
         sup = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(DeadlineHandler):  # a whole-request deadline: a slow client cannot hold a thread
             server_version = f"lanectl-supervisor/{__version__}"
-            protocol_version = "HTTP/1.1"
-            timeout = 10
 
             def log_message(self, fmt: str, *args: Any) -> None:
                 log.debug("%s " + fmt, self.address_string(), *args)
@@ -192,26 +258,126 @@ class Supervisor:
                     self._send(404, {"error": "not_found", "message": "GET /healthz or /metrics"})
 
             def do_POST(self) -> None:  # noqa: N802
+                # read-only over TCP: anyone on the box can reach it, and nothing says who is calling
                 try:
+                    read_body(self)  # read (bounded) before answering: an unread body can turn the answer into a reset
+                except BadMessage as exc:
+                    self._send(exc.status, {"error": "bad_request", "message": str(exc)})
+                    return
+                if self.path.split("?", 1)[0].lstrip("/") == "callbacks":
+                    sup.refuse("tcp")
+                    self._send(403, {"error": "use_socket", "message": f"callbacks are taken only on the unix "
+                                     f"socket {sup.socket_path} (LANECTL_CALLBACK_URL)"})
+                else:
+                    self._send(404, {"error": "not_found", "message": "GET /healthz or /metrics"})
+
+        class CallbackHandler(DeadlineHandler):
+            """POST /callbacks on the unix socket; the kernel says which uid is calling (SO_PEERCRED)."""
+
+            server_version = f"lanectl-supervisor/{__version__}"
+
+            def setup(self) -> None:
+                super().setup()
+                self.peer_pid, self.peer_uid, _ = peer_cred(self.connection)
+
+            def address_string(self) -> str:
+                return f"pid {self.peer_pid} uid {self.peer_uid}"
+
+            def log_message(self, fmt: str, *args: Any) -> None:
+                log.debug("%s " + fmt, self.address_string(), *args)
+
+            def _send(self, code: int, doc: dict[str, Any]) -> None:
+                send_json(self, code, doc)
+
+            def do_GET(self) -> None:  # noqa: N802
+                self._send(404, {"error": "not_found", "message": "POST /callbacks only"})
+
+            def do_POST(self) -> None:  # noqa: N802
+                try:
+                    # the body is read (bounded: MAX_BODY, READ_TIMEOUT_S) before any answer: an unread body
+                    # turns the answer into a connection reset on a unix socket
                     raw = read_body(self)
-                    if self.path.split("?", 1)[0] != "/callbacks":
+                    if self.path.split("?", 1)[0].lstrip("/") != "callbacks":
                         self._send(404, {"error": "not_found", "message": "POST /callbacks only"})
                         return
-                    self._send(*sup.submit_callback(parse_callback(raw)))
+                    allowed = sup.lanes_of(self.peer_uid)
+                    if not allowed:  # no lane runs as this uid: refused unparsed, no ledger write
+                        sup.refuse("unauthenticated")
+                        self._send(403, {"error": "not_a_lane", "message": f"uid {self.peer_uid} is no lane's user"})
+                        return
+                    msg = parse_callback(raw)
+                    if msg.lane not in allowed:  # a lane speaking for another: refused, no ledger write
+                        sup.refuse("foreign_lane")
+                        self._send(403, {"error": "not_your_lane", "message": f"uid {self.peer_uid} cannot send "
+                                         f"callbacks of lane {msg.lane!r}"})
+                        return
+                    self._send(*sup.submit_callback(msg))
                 except BadMessage as exc:
                     self._send(exc.status, {"error": "bad_request", "message": str(exc)})
 
-        class Server(ThreadingHTTPServer):
+        class Server(BoundedServer, ThreadingHTTPServer):
             daemon_threads = True
             allow_reuse_address = True
             request_queue_size = 256
 
+        class UnixServer(BoundedServer, socketserver.ThreadingUnixStreamServer):
+            daemon_threads = True
+            request_queue_size = 256
+            max_per_peer = SOCKET_PER_PEER
+
+            def peer_key(self, request: Any) -> Any:
+                try:
+                    return peer_cred(request)[1]
+                except OSError:
+                    return None
+
         host = self.settings.supervisor.host
         if host not in ("127.0.0.1", "::1", "localhost"):  # the config model allows nothing else; belt and braces
             raise LanectlError(f"supervisor host {host!r} is not loopback", "use 127.0.0.1", "not_loopback")
-        self.server = Server((host if host != "localhost" else "127.0.0.1", self.settings.supervisor.port), Handler)
-        threading.Thread(target=self.server.serve_forever, name="http", kwargs={"poll_interval": 0.2},
+        self.unix_server = UnixServer(str(self.bind_socket()), CallbackHandler, bind_and_activate=False)
+        try:
+            self.unix_server.server_bind()
+            os.chmod(self.socket_path, 0o666)  # any lane user may connect; SO_PEERCRED says who it is
+            self.unix_server.server_activate()
+        except OSError:
+            self.unix_server.server_close()
+            raise
+        threading.Thread(target=self.unix_server.serve_forever, name="callbacks", kwargs={"poll_interval": 0.2},
                          daemon=True).start()
+        self.tcp_factory = lambda: Server((host if host != "localhost" else "127.0.0.1", self.settings.supervisor.port),
+                                          Handler)
+        self.bind_tcp()
+
+    def bind_tcp(self) -> None:
+        """The read-only TCP listener (/healthz, /metrics). Callbacks do not need it: when its port is taken (by
+        a process squatting it while the supervisor restarted) the supervisor runs on and tries again every
+        TCP_RETRY_S, rather than fail and leave every lane's callbacks unanswered."""
+        self.tcp_tried = time.monotonic()
+        try:
+            server = self.tcp_factory()
+        except OSError as exc:
+            log.error("cannot listen on %s:%d (%s); callbacks go on over %s, retrying every %gs",
+                      self.settings.supervisor.host, self.settings.supervisor.port, exc.strerror or exc,
+                      self.socket_path, TCP_RETRY_S)
+            return
+        self.server = server
+        threading.Thread(target=server.serve_forever, name="http", kwargs={"poll_interval": 0.2},
+                         daemon=True).start()
+
+    def bind_socket(self) -> Path:
+        """Make room for the callback socket: its directory exists (systemd's RuntimeDirectory=, else 0755 here),
+        and a socket left by an earlier run is removed; anything else at the path is an error."""
+        path = self.socket_path
+        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            return path
+        if not stat.S_ISSOCK(st.st_mode):
+            raise LanectlError(f"{path} exists and is not a socket", "remove it, or set [supervisor] socket",
+                               "socket_path")
+        path.unlink()
+        return path
 
     # ------------------------------------------------------------------------------------------ callbacks
     def submit_callback(self, msg: CallbackMsg) -> tuple[int, dict[str, Any]]:
@@ -246,7 +412,8 @@ class Supervisor:
         answers: list[tuple[int, dict[str, Any]]] = []
         try:
             with self.ledger.transaction() as conn:
-                outcomes = ms.apply_callbacks_in(conn, cbs, now=now, lease_sec=lease)
+                outcomes = ms.apply_callbacks_in(conn, cbs, now=now, lease_sec=lease,
+                                                 record_rejected=self.record_rejection)
             answers = [self.answer(cb, o) for cb, o in zip(cbs, outcomes)]
         except Exception:
             log.exception("applying a batch of %d callbacks failed; applying them one by one", len(batch))
@@ -285,7 +452,8 @@ class Supervisor:
         assert self.ledger is not None
         try:
             with self.ledger.transaction() as conn:
-                out = ms.apply_callbacks_in(conn, [cb], now=now, lease_sec=self.settings.leases.lease_sec)
+                out = ms.apply_callbacks_in(conn, [cb], now=now, lease_sec=self.settings.leases.lease_sec,
+                                            record_rejected=self.record_rejection)
             return self.answer(cb, out[0])
         except Exception:
             log.exception("callback %s for mission %d attempt %d from %s failed", cb.kind, cb.mission, cb.attempt,
@@ -467,14 +635,9 @@ class Supervisor:
 
     def lane_uid(self, name: str) -> int | None:
         """The uid of the lane's user, who owns its workspace and everything its runtime writes there."""
-        if name not in self.lane_uids:
-            import pwd
-
-            try:
-                self.lane_uids[name] = pwd.getpwnam(self.fleet.lanes[name].resolved_user(name)).pw_uid
-            except KeyError:
-                return None
-        return self.lane_uids[name]
+        if name not in self.lane_uids and self.fixed_uids is None:
+            self.resolve_uids()  # a lane user created since
+        return self.lane_uids.get(name)
 
     def read_lane_log(self, lane: LaneWatch) -> list[dict[str, Any]]:
         """The authentic entries of a lane's execution log. The read runs in a thread with a deadline: whatever sits
@@ -699,23 +862,37 @@ class Supervisor:
 
     def metrics_text(self) -> str:
         """Prometheus exposition of the metrics over METRICS_WINDOW_S, from a read-only connection of the calling
-        (HTTP) thread, cached for METRICS_CACHE_S so that scrapes cannot load the ledger."""
+        (HTTP) thread, cached for METRICS_CACHE_S so that scrapes cannot load the ledger; then this process's
+        refusal counters."""
         from lanectl import evidence
 
         with self.metrics_lock:
             now = time.time()
-            if self.metrics_cache is not None and now - self.metrics_cache[0] < METRICS_CACHE_S:
-                return self.metrics_cache[1]
-            import sqlite3
+            if self.metrics_cache is None or now - self.metrics_cache[0] >= METRICS_CACHE_S:
+                conn = sqlite3.connect(f"file:{self.ledger_path}?mode=ro", uri=True, timeout=5)
+                try:
+                    m = evidence.metrics_conn(conn, window_s=METRICS_WINDOW_S, now=now, fleet=self.fleet)
+                finally:
+                    conn.close()
+                self.metrics_cache = (now, evidence.prometheus_text(m, generated=now))
+            text = self.metrics_cache[1]
+        return text + self.refusal_text()
 
-            conn = sqlite3.connect(f"file:{self.ledger_path}?mode=ro", uri=True, timeout=5)
-            try:
-                m = evidence.metrics_conn(conn, window_s=METRICS_WINDOW_S, now=now, fleet=self.fleet)
-            finally:
-                conn.close()
-            text = evidence.prometheus_text(m, generated=now)
-            self.metrics_cache = (now, text)
-            return text
+    def refusal_text(self) -> str:
+        """Counters of this process (since it started): callbacks refused without a ledger write, and connections
+        turned away because a server was full."""
+        with self.refused_lock:
+            refused = dict(self.refused)
+        out = ["# HELP lanectl_callbacks_refused_total Callbacks refused without a ledger write since the supervisor "
+               "started (tcp, unauthenticated, foreign_lane) or rejected without a callback_rejected event "
+               "(unrecorded: over the per-lane rate).",
+               "# TYPE lanectl_callbacks_refused_total counter"]
+        out += [f'lanectl_callbacks_refused_total{{reason="{k}"}} {v}' for k, v in sorted(refused.items())]
+        out += ["# HELP lanectl_connections_refused_total Connections answered 503 because the server was full.",
+                "# TYPE lanectl_connections_refused_total counter"]
+        for name, srv in (("tcp", self.server), ("socket", self.unix_server)):
+            out.append(f'lanectl_connections_refused_total{{server="{name}"}} {getattr(srv, "refused", 0)}')
+        return "\n".join(out) + "\n"
 
     def health(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "version": __version__, "ledger": str(self.ledger_path), **self.summary}
@@ -729,7 +906,7 @@ class Supervisor:
                                "invocation": w.invocation, "restarts": w.restarts} for w in self.lanes.values()},
             "lanes_up": up, "queued": counts.get("queued", 0),
             "in_flight": counts.get("dispatched", 0) + counts.get("running", 0),
-            "counters": dict(self.counters), "last_tick": self.last_tick,
+            "counters": dict(self.counters), "refused": self.refused_counts(), "last_tick": self.last_tick,
         }
 
     def status_line(self) -> str:
@@ -753,8 +930,8 @@ class Supervisor:
         # full passes, which otherwise walk it inside a tick now and then (docs/benchmarks.md, dispatch latency).
         gc.freeze()
         self.notify("READY=1\nSTATUS=" + self.status_line())
-        log.info("supervising %d lanes; callbacks on %s:%d", len(self.lanes), self.settings.supervisor.host,
-                 self.settings.supervisor.port)
+        log.info("supervising %d lanes; callbacks on %s, /healthz and /metrics on %s:%d", len(self.lanes),
+                 self.socket_path, self.settings.supervisor.host, self.settings.supervisor.port)
         from lanectl.runtime import Notifier
 
         ping = Notifier.watchdog_interval() or 1.0
@@ -772,6 +949,8 @@ class Supervisor:
                     self.ledger_error = mono
                 self.dirty = True
                 self.stop.wait(0.2)
+            if self.server is None and self.tcp_factory is not None and mono - self.tcp_tried >= TCP_RETRY_S:
+                self.bind_tcp()
             if mono - last_ping >= ping:
                 self.notify("WATCHDOG=1")
                 last_ping = mono
@@ -830,6 +1009,13 @@ class Supervisor:
         if self.server is not None:
             self.server.shutdown()
             self.server.server_close()
+        if self.unix_server is not None:
+            self.unix_server.shutdown()
+            self.unix_server.server_close()
+            try:
+                self.socket_path.unlink()
+            except OSError:
+                pass
         self.pool.shutdown(wait=False, cancel_futures=True)
         for w in self.lanes.values():
             self.unwatch_pid(w)

@@ -145,7 +145,6 @@ def reference_argv(python: str) -> list[str]:
 
 def lane_env(name: str, lane: Lane, fleet: LaneSet) -> dict[str, str]:
     sup = fleet.settings.supervisor
-    host = "[::1]" if sup.host == "::1" else sup.host
     env = {
         "LANECTL_LANE": name,
         "LANECTL_PORT": str(lane.port),
@@ -153,7 +152,8 @@ def lane_env(name: str, lane: Lane, fleet: LaneSet) -> dict[str, str]:
         "LANECTL_SESSION_PREFIX": lane.resolved_prefix(name),
         "LANECTL_CAPACITY": str(lane.capacity),
         "LANECTL_HEALTH_PATH": lane.health_path,
-        "LANECTL_CALLBACK_URL": f"http://{host}:{sup.port}/callbacks",
+        # a literal socket path (never a name resolved per lane) in a directory only root can create files in
+        "LANECTL_CALLBACK_URL": f"unix:{sup.socket}",
         "LANECTL_HEARTBEAT_SEC": f"{fleet.settings.leases.heartbeat_sec:g}",
     }
     env.update(lane.env)
@@ -186,6 +186,8 @@ def render_dropin(name: str, lane: Lane, fleet: LaneSet) -> str:
         f"Restart={lane.restart.policy}",
         f"RestartSec={lane.restart.restart_sec:g}",
         f"WatchdogSec={lane.watchdog_sec:g}",
+        # with SocketBindDeny=any in the template: the lane and its missions may bind only the lane's own port
+        f"SocketBindAllow=ipv4:tcp:{lane.port}",
     ]
     return "\n".join(lines + resource_lines(r)) + "\n"
 

@@ -17,7 +17,7 @@ import hmac
 import json
 import re
 import secrets
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final
@@ -609,14 +609,15 @@ class _Deferred:
             runs.clear()
 
 
-def apply_callbacks_in(conn: Any, callbacks: Sequence[Callback], *, now: float,
-                       lease_sec: float) -> list[CallbackOutcome]:
+def apply_callbacks_in(conn: Any, callbacks: Sequence[Callback], *, now: float, lease_sec: float,
+                       record_rejected: Callable[[Callback], bool] | None = None) -> list[CallbackOutcome]:
     """Fence and apply callbacks in order inside the caller's transaction (group commit); one outcome each.
 
     Fencing: the callback must name an attempt of the mission that belongs to its lane, carry that attempt's token
     (compared by hash in constant time) and the attempt must be the mission's current, active one; a repeat of the
     report that finished it is acknowledged without change. Anything else is refused (``rejected``) and recorded
-    as ``callback_rejected``. One read fetches the fencing data of the whole batch.
+    as ``callback_rejected``, unless ``record_rejected`` (the supervisor's rate limit) says False for it. One read
+    fetches the fencing data of the whole batch.
     """
     missions: dict[int, list[Any]] = {}  # id -> [state, attempts]
     holds: dict[tuple[int, int], list[Any]] = {}  # (mission, n) -> [lane, token_hash, state]
@@ -654,7 +655,7 @@ def apply_callbacks_in(conn: Any, callbacks: Sequence[Callback], *, now: float,
                                                        and hold[2] == "succeeded")):
             rejected = f"attempt {cb.attempt} is {hold[2]} (current attempt {m[1]})"
         # else: a repeat of the report that finished it: acknowledge, change nothing
-        if rejected is not None:
+        if rejected is not None and (record_rejected is None or record_rejected(cb)):
             evs.append(events.row(EventKind.CALLBACK_REJECTED, now, mission=cb.mission if m else None, lane=cb.lane,
                                   attempt=cb.attempt, callback=cb.kind, reason=rejected))
         out.append(CallbackOutcome(changed, m[0] if m else None, rejected))

@@ -180,20 +180,20 @@ def test_reroute_moves_exactly_the_queued_missions_and_sessions(fleet: Fleet) ->
 
 
 CALLBACK = r'''
-import json, sys, urllib.request, urllib.error
-body = sys.stdin.read().encode()
-req = urllib.request.Request("http://127.0.0.1:8700/callbacks", data=body, method="POST",
-                             headers={"Content-Type": "application/json"})
-try:
-    with urllib.request.urlopen(req, timeout=5) as r:
-        print(r.status)
-except urllib.error.HTTPError as e:
-    print(e.code)
+import json, sys
+from lanectl.protocol import UnixHTTPConnection
+c = UnixHTTPConnection("/run/lanectl/callbacks.sock", 5)
+c.request("POST", "/callbacks", body=sys.stdin.read().encode(), headers={"Content-Type": "application/json"})
+print(c.getresponse().status)
 '''
 
 
-def post_callback(fleet: Fleet, doc: dict) -> int:
-    return int(fleet.sb.exec([PYTHON, "-c", CALLBACK], input=json.dumps(doc), check=True).stdout)
+def post_callback(fleet: Fleet, doc: dict, user: str = "lane-alpha") -> int:
+    """POST a callback over the supervisor's socket as ``user`` (root: "root")."""
+    argv = [PYTHON, "-c", CALLBACK]
+    if user != "root":
+        argv = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *argv]
+    return int(fleet.sb.exec(argv, input=json.dumps(doc), check=True).stdout)
 
 
 def test_forged_stale_and_foreign_callbacks_are_rejected(fleet: Fleet) -> None:
@@ -203,14 +203,16 @@ def test_forged_stale_and_foreign_callbacks_are_rejected(fleet: Fleet) -> None:
     attempt = sql(fleet, "SELECT attempts FROM missions WHERE id = ?", mid)[0][0]
     before = sql(fleet, "SELECT count(*) FROM events WHERE kind='callback_rejected'")[0][0]
     forged = {"mission": mid, "attempt": attempt, "lane": "alpha", "token": "f" * 43, "event": "succeeded"}
-    assert post_callback(fleet, forged) == 409
+    assert post_callback(fleet, forged) == 409  # alpha's uid, wrong token: fenced, recorded
     stale = {**forged, "attempt": attempt + 5}
     assert post_callback(fleet, stale) == 409
     foreign = {**forged, "lane": "beta"}
-    assert post_callback(fleet, foreign) == 409
+    assert post_callback(fleet, foreign) == 403  # alpha's uid speaking for beta: refused unrecorded
     unknown = {**forged, "lane": "nope"}
-    assert post_callback(fleet, unknown) == 409
+    assert post_callback(fleet, unknown) == 403
+    assert post_callback(fleet, forged, user="root") == 403  # no lane runs as root
+    assert post_callback(fleet, forged, user="lane-beta") == 403
     assert states(fleet, [mid])[mid] == "running"
     after = sql(fleet, "SELECT count(*) FROM events WHERE kind='callback_rejected'")[0][0]
-    assert after - before >= 3
+    assert after - before == 2
     assert wait_terminal(fleet, [mid], 30)[mid] == "succeeded"

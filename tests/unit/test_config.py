@@ -132,3 +132,25 @@ def test_port_taken_is_a_warning(fleet_dir: Path) -> None:
         assert [w.code for w in fleet.warnings] == ["port_taken"]
     finally:
         s.close()
+
+
+@pytest.mark.parametrize("path", ["/tmp/cb.sock", "/run/cb.sock", "/run/lanectl/a/b.sock", "/run/lanectl/../x",
+                                  "/run/lanectl/", "relative.sock", "/run/lanectl/a b", "/run/lanectl/%i.sock",
+                                  "/run/lanectl/" + "x" * 65])
+def test_callback_socket_must_be_a_name_under_run_lanectl(fleet_dir: Path, path: str) -> None:
+    """Only /run/lanectl (the supervisor's RuntimeDirectory=, root's) keeps lanes from standing in for it."""
+    (fleet_dir / "lanectl.toml").write_text(f"[supervisor]\nsocket = {path!r}\n")
+    (p,) = problems(fleet_dir)
+    assert p.file.endswith("lanectl.toml") and p.field == "supervisor.socket" and "/run/lanectl/" in p.message
+
+
+def test_callback_url_is_the_literal_socket_path(fleet_dir: Path) -> None:
+    from lanectl import units
+
+    (fleet_dir / "lanectl.toml").write_text("[supervisor]\nhost = 'localhost'\nsocket = '/run/lanectl/cb-2.sock'\n")
+    fleet = config.load(fleet_dir)
+    env = units.lane_env("alpha", fleet.lanes["alpha"], fleet)
+    assert env["LANECTL_CALLBACK_URL"] == "unix:/run/lanectl/cb-2.sock"
+    dropin = units.render_dropin("alpha", fleet.lanes["alpha"], fleet)
+    assert f"SocketBindAllow=ipv4:tcp:{fleet.lanes['alpha'].port}\n" in dropin
+    assert "SocketBindDeny=any\n" in units.template_text(units.TEMPLATE)

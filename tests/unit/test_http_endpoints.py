@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import socket
 import sqlite3
 import threading
@@ -68,12 +69,29 @@ def wait_for(pred: Callable[[], bool], timeout: float = 10.0, what: str = "condi
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def request(port: int, method: str, path: str, body: bytes | None = None,
+Target = int | str
+"""Where a server listens: a TCP port on 127.0.0.1, or the path of a unix socket (the supervisor's callbacks)."""
+
+
+def connect(target: Target, timeout: float = TIMEOUT) -> socket.socket:
+    if isinstance(target, int):
+        return socket.create_connection(("127.0.0.1", target), timeout=timeout)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    s.connect(target)
+    return s
+
+
+def request(port: Target, method: str, path: str, body: bytes | None = None,
             headers: dict[str, str] | None = None, timeout: float = TIMEOUT) -> tuple[int | None, bytes]:
     """One request; (None, b"") when the server closed the connection without an answer. A timeout raises."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    conn = (http.client.HTTPConnection("127.0.0.1", port, timeout=timeout) if isinstance(port, int)
+            else protocol.UnixHTTPConnection(port, timeout))
     try:
-        conn.request(method, path, body=body, headers=headers or {})
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+        except BrokenPipeError:
+            pass  # (unix socket) the server answered and closed before the body went out: read its answer
         resp = conn.getresponse()
         return resp.status, resp.read()
     except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
@@ -82,10 +100,10 @@ def request(port: int, method: str, path: str, body: bytes | None = None,
         conn.close()
 
 
-def raw(port: int, data: bytes, timeout: float = TIMEOUT) -> tuple[int | None, bytes, float]:
+def raw(port: Target, data: bytes, timeout: float = TIMEOUT) -> tuple[int | None, bytes, float]:
     """Send raw bytes, read one response: (status or None if closed without one, response bytes, seconds)."""
     t0 = time.monotonic()
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+    with connect(port, timeout) as s:
         try:
             s.sendall(data)
         except (BrokenPipeError, ConnectionResetError):
@@ -150,9 +168,12 @@ def record_handler_errors(server: Any, errors: list[str]) -> None:
 
 
 class CallbackSink:
-    """A stand-in supervisor for the lane under test: records every callback, answers 200."""
+    """A stand-in supervisor for the lane under test, on a unix socket: records every callback, answers 200."""
 
     def __init__(self) -> None:
+        import socketserver
+        import tempfile
+
         self.received: list[dict[str, Any]] = []
         sink = self
 
@@ -170,14 +191,18 @@ class CallbackSink:
                 self.end_headers()
                 self.wfile.write(b"{}")
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.dir = tempfile.mkdtemp(prefix="lanectl-sink-")
+        self.server = socketserver.ThreadingUnixStreamServer(f"{self.dir}/cb.sock", H)
         self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/callbacks"
+        self.url = f"unix:{self.dir}/cb.sock"
         threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
 
     def close(self) -> None:
+        import shutil
+
         self.server.shutdown()
         self.server.server_close()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------------- the lane
@@ -219,7 +244,7 @@ class Lane:
 def start_lane(ws: Path, capacity: int = 2) -> Lane:
     sink = CallbackSink()
     info = LaneInfo(lane="alpha", port=free_port(), workspace=str(ws), session_prefix="alpha", capacity=capacity,
-                    callback_url=sink.url, dispatch_key=KEY, heartbeat_sec=0.5)
+                    callback_url=sink.url, dispatch_key=KEY, heartbeat_sec=0.5, supervisor_uid=os.getuid())
     rt = LaneRuntime(info, notifier=NullNotifier())  # type: ignore[arg-type]
     th = threading.Thread(target=rt.run, name="lane-main", daemon=True)
     th.start()
@@ -279,6 +304,7 @@ class Sup:
     thread: threading.Thread
     ledger_path: Path
     port: int
+    sock: str
     tokens: dict[int, str]
     attempts: dict[tuple[int, int], str]  # (mission, attempt) -> lane
     errors: list[str] = field(default_factory=list)
@@ -357,12 +383,17 @@ def sup_mod(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sup]:
     ms.complete(led, 4, lane="alpha", attempt=1, token=tokens[4], now=now, result={"exit_code": 0})
     led.close()
 
-    sup = Supervisor(fleet, ledger_path, use_systemd=False, notifier=None)
+    # Everything runs as one uid here: both lanes' callbacks come from it (the real uid check: tests/systemd)
+    sock = str(base / "callbacks.sock")
+    sup = Supervisor(fleet, ledger_path, use_systemd=False, notifier=None, callback_socket=sock,
+                     lane_uids={"alpha": os.getuid(), "beta": os.getuid()})
+    sup.rejected_burst = 1e9  # every rejection recorded: the tests below count them (the limit: its own test)
     th = threading.Thread(target=sup.run, name="sup-main", daemon=True)
     th.start()
-    s = Sup(sup, th, ledger_path, port, tokens, {(1, 1): "alpha", (2, 1): "alpha", (3, 1): "beta", (4, 1): "alpha"})
+    s = Sup(sup, th, ledger_path, port, sock, tokens, {(1, 1): "alpha", (2, 1): "alpha", (3, 1): "beta", (4, 1): "alpha"})
     wait_for(lambda: sup.server is not None, what="the supervisor to bind")
     record_handler_errors(sup.server, s.errors)
+    record_handler_errors(sup.unix_server, s.errors)
     wait_for(lambda: request(port, "GET", "/healthz", timeout=1.0)[0] == 200, what="the supervisor's /healthz")
     wait_for(lambda: sup.last_tick > 0, what="the supervisor's first tick")
     assert [r[1] for r in s.snapshot()["missions"]] == ["dispatched", "running", "dispatched", "succeeded"]
@@ -393,7 +424,7 @@ def callback_doc(**over: Any) -> dict[str, Any]:
 
 def post_sup(s: Sup, doc: Any = None, *, body: bytes | None = None, path: str = "/callbacks") -> int | None:
     data = body if body is not None else json.dumps(doc).encode()
-    return request(s.port, "POST", path, data, {"Content-Type": "application/json"})[0]
+    return request(s.sock, "POST", path, data, {"Content-Type": "application/json"})[0]
 
 
 # ---------------------------------------------------------------------------------------------------- inputs
@@ -592,7 +623,7 @@ def test_lane_serves_others_while_slow_clients_hold_connections(lane: Lane) -> N
 # ==================================================================================================== supervisor: by hand
 def test_supervisor_positive_control(sup: Sup) -> None:
     """A correct heartbeat is taken (200, lease extended, no event): the fuzzing below reaches the fencing."""
-    status, body = request(sup.port, "POST", "/callbacks",
+    status, body = request(sup.sock, "POST", "/callbacks",
                            json.dumps(callback_doc(mission=2, event="heartbeat", token=sup.tokens[2])).encode())
     assert status == 200 and json.loads(body)["state"] == "running"
 
@@ -608,9 +639,9 @@ def test_supervisor_wrong_types_and_missing_fields(sup: Sup, case: tuple[str, di
 
 
 @pytest.mark.parametrize("lane_name", ["zulu", "", "ALPHA", "alpha ", "../alpha"])
-def test_supervisor_unknown_lane_is_409_and_not_recorded(sup: Sup, lane_name: str) -> None:
+def test_supervisor_unknown_lane_is_403_and_not_recorded(sup: Sup, lane_name: str) -> None:
     before = sup.snapshot()
-    assert post_sup(sup, callback_doc(lane=lane_name)) == 409
+    assert post_sup(sup, callback_doc(lane=lane_name)) == 403  # not a lane this uid may speak for
     sup.assert_unchanged(before, rejected=0)
 
 
@@ -650,24 +681,25 @@ def test_supervisor_callback_path_variants(sup: Sup, path: str) -> None:
 @pytest.mark.parametrize("path", ["/callbacks", "/nope", "/", "/healthzz"])
 def test_supervisor_get_on_post_only_and_unknown_paths(sup: Sup, path: str) -> None:
     assert request(sup.port, "GET", path)[0] == 404
+    assert request(sup.sock, "GET", path)[0] == 404
 
 
 @pytest.mark.parametrize("method", ["PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"])
 def test_supervisor_other_methods_are_refused(sup: Sup, method: str) -> None:
-    assert request(sup.port, method, "/callbacks", b"{}")[0] == 501  # see test_lane_other_methods_are_refused
+    assert request(sup.sock, method, "/callbacks", b"{}")[0] == 501  # see test_lane_other_methods_are_refused
 
 
 @pytest.mark.parametrize("case", SUP_FRAMING, ids=lambda c: c[0])
 def test_supervisor_framing(sup: Sup, case: tuple[str, bytes, int]) -> None:
     name, data, want = case
     if name == "short-body-then-eof":
-        with socket.create_connection(("127.0.0.1", sup.port), timeout=TIMEOUT) as s:
+        with connect(sup.sock) as s:
             t0 = time.monotonic()
             s.sendall(data)
             s.shutdown(socket.SHUT_WR)
             status, _, _ = read_response(s, t0)
     else:
-        status, _, _ = raw(sup.port, data)
+        status, _, _ = raw(sup.sock, data)
     assert status == want
 
 
@@ -677,14 +709,14 @@ def test_supervisor_exactly_max_body_is_read_and_refused_as_json(sup: Sup) -> No
 
 def test_supervisor_lying_content_length_is_408_within_the_read_timeout(sup: Sup) -> None:
     head = "POST /callbacks HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
-    status, _, elapsed = raw(sup.port, head.encode() + b'{"mission":', timeout=READ_TIMEOUT_S + 5)
+    status, _, elapsed = raw(sup.sock, head.encode() + b'{"mission":', timeout=READ_TIMEOUT_S + 5)
     assert status == 408
     assert READ_TIMEOUT_S - 0.5 <= elapsed <= READ_TIMEOUT_S + 2, elapsed
 
 
 def test_supervisor_serves_others_while_slow_clients_hold_connections(sup: Sup) -> None:
-    idle = [socket.create_connection(("127.0.0.1", sup.port), timeout=TIMEOUT) for _ in range(8)]
-    partial = socket.create_connection(("127.0.0.1", sup.port), timeout=TIMEOUT)
+    idle = [connect(sup.port) for _ in range(8)] + [connect(sup.sock) for _ in range(4)]
+    partial = connect(sup.sock)
     partial.sendall(b"POST /callbacks HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
     try:
         t0 = time.monotonic()
@@ -809,7 +841,7 @@ CL_VALUES = (st.text(st.characters(min_codepoint=0x21, max_codepoint=0xFF, exclu
                                 "00000000000000000000000002", "2,2", "2;x"]))
 
 
-def check_content_length(port: int, head: str, value: str, errors: list[str]) -> None:
+def check_content_length(port: Target, head: str, value: str, errors: list[str]) -> None:
     data = f"{head}Content-Length: {value}\r\n\r\n".encode("latin-1") + b"{}"
     status, _, _ = raw(port, data, timeout=READ_TIMEOUT_S + 3)
     event(f"HTTP {status}")
@@ -903,7 +935,7 @@ def _sup_expect(doc: Any) -> tuple[int, int]:
     except BadMessage as exc:
         return exc.status, 0
     if msg.lane not in ("alpha", "beta"):
-        return 409, 0
+        return 403, 0  # the peer's uid may speak only for alpha and beta
     return 409, 1
 
 
@@ -947,7 +979,7 @@ def test_fuzz_supervisor_callbacks_bytes(sup: Sup, body: bytes) -> None:
 @FUZZ
 @given(value=CL_VALUES.filter(lambda v: not (v.isascii() and v.isdigit() and int(v) > 2)))
 def test_fuzz_supervisor_content_length_header(sup: Sup, value: str) -> None:
-    check_content_length(sup.port, "POST /callbacks HTTP/1.1\r\nHost: x\r\n", value, sup.errors)
+    check_content_length(sup.sock, "POST /callbacks HTTP/1.1\r\nHost: x\r\n", value, sup.errors)
     sup.alive()
 
 
@@ -1060,7 +1092,7 @@ def test_regression_non_ascii_digit_content_length(lane: Lane, sup: Sup, end: st
     if end == "lane":
         port, head, errors = lane.port, f"POST /missions HTTP/1.1\r\nAuthorization: Bearer {KEY}\r\n", lane.errors
     else:
-        port, head, errors = sup.port, "POST /callbacks HTTP/1.1\r\n", sup.errors
+        port, head, errors = sup.sock, "POST /callbacks HTTP/1.1\r\n", sup.errors
     status, _, _ = raw(port, head.encode() + b"Host: x\r\nContent-Length: \xb2\r\n\r\n{}")
     crashed = list(errors)
     errors.clear()
@@ -1136,3 +1168,123 @@ def test_regression_superseded_attempt_is_stopped(fresh_lane: Lane) -> None:
             os.killpg(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+# ==================================================================================================== issue 10
+def test_supervisor_tcp_callbacks_are_403_and_point_at_the_socket(sup: Sup) -> None:
+    """Callbacks only on the unix socket: over TCP (anyone on the box, nobody identified) nothing is taken."""
+    before = sup.snapshot()
+    doc = callback_doc(mission=2, event="succeeded", token=sup.tokens[2])  # even with the right token
+    status, body = request(sup.port, "POST", "/callbacks", json.dumps(doc).encode())
+    assert status == 403 and sup.sock in json.loads(body)["message"]
+    sup.assert_unchanged(before, rejected=0)
+    assert sup.sup.refused_counts()["tcp"] >= 1
+
+
+def test_supervisor_refusals_are_recorded_at_a_bounded_rate(sup: Sup) -> None:
+    """Wrong-token callbacks from a real lane: the first REJECTED_BURST are recorded, the rest only counted."""
+    s = sup.sup
+    saved = s.rejected_burst, s.rejected_per_s
+    s.rejected_burst, s.rejected_per_s = 3.0, 1e-9
+    s.buckets.clear()
+    unrecorded = s.refused_counts()["unrecorded"]
+    before = sup.snapshot()
+    try:
+        for _ in range(10):
+            assert post_sup(sup, callback_doc(mission=1, token="forged")) == 409
+        sup.assert_unchanged(before, rejected=3)
+        assert s.refused_counts()["unrecorded"] == unrecorded + 7
+        text = s.metrics_text()
+        assert f'lanectl_callbacks_refused_total{{reason="unrecorded"}} {unrecorded + 7}' in text
+    finally:
+        s.rejected_burst, s.rejected_per_s = saved
+        s.buckets.clear()
+
+
+def test_supervisor_refuses_a_peer_that_is_no_lane_without_a_ledger_write(sup: Sup) -> None:
+    s = sup.sup
+    saved = dict(s.lane_uids)
+    s.lane_uids = {"alpha": os.getuid() + 1, "beta": os.getuid() + 2}  # nobody here is a lane now
+    before = sup.snapshot()
+    try:
+        status, body = request(sup.sock, "POST", "/callbacks", json.dumps(callback_doc(mission=1)).encode())
+        assert status == 403 and json.loads(body)["error"] == "not_a_lane"
+        s.lane_uids = {"alpha": os.getuid() + 1, "beta": os.getuid()}  # this uid is beta's: alpha's are foreign
+        status, body = request(sup.sock, "POST", "/callbacks", json.dumps(callback_doc(mission=1)).encode())
+        assert status == 403 and json.loads(body)["error"] == "not_your_lane"
+        sup.assert_unchanged(before, rejected=0)
+    finally:
+        s.lane_uids = saved
+
+
+@pytest.mark.parametrize("end", ["lane", "supervisor-tcp", "supervisor-socket"])
+def test_a_header_dripping_client_is_cut_at_the_request_deadline(lane: Lane, sup: Sup, end: str) -> None:
+    """One header byte at a time never completes a request: the connection is closed when the whole-request
+    deadline passes, not kept as long as bytes trickle in (the old per-recv timeout)."""
+    server = {"lane": lane.rt.server, "supervisor-tcp": sup.sup.server, "supervisor-socket": sup.sup.unix_server}[end]
+    target: Target = {"lane": lane.port, "supervisor-tcp": sup.port, "supervisor-socket": sup.sock}[end]
+    handler = server.RequestHandlerClass
+    handler.request_deadline = 1.0
+    try:
+        with connect(target) as s:
+            head = b"POST /callbacks HTTP/1.1\r\nHost: x\r\n" + b"X-Slow: " + b"y" * 200
+            closed = False
+            for i in range(len(head)):  # 0.1 s a byte: 24 s in all, far past the 1 s deadline
+                try:
+                    s.sendall(head[i:i + 1])
+                    s.settimeout(0.1)
+                    if s.recv(100) == b"":
+                        closed = True
+                        break
+                except TimeoutError:
+                    continue
+                except OSError:
+                    closed = True
+                    break
+            assert closed, "the server kept reading a request that never ended"
+    finally:
+        handler.request_deadline = protocol.REQUEST_DEADLINE_S
+    (lane.alive() if end == "lane" else sup.alive())
+
+
+@pytest.mark.parametrize("end", ["lane", "supervisor-tcp"])
+def test_a_full_server_answers_503_at_once_and_recovers(lane: Lane, sup: Sup, end: str) -> None:
+    server = lane.rt.server if end == "lane" else sup.sup.server
+    port = lane.port if end == "lane" else sup.port
+    server.max_connections = 4
+    held = []
+    try:
+        held = [connect(port) for _ in range(4)]
+        wait_for(lambda: server._total == 4, what="four connections held")
+        status, body, _ = raw(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status == 503 and b"too many connections" in body
+    finally:
+        for s in held:
+            s.close()
+        server.max_connections = protocol.MAX_CONNECTIONS
+    wait_for(lambda: server._total == 0, what="the held connections to end")
+    assert request(port, "GET", "/healthz")[0] == 200
+
+
+def test_the_lane_keeps_an_outcome_until_the_supervisor_is_verified(tmp_path: Path) -> None:
+    """A listener on the callback path that does not run as the supervisor's uid gets no callback: the lane keeps
+    the outcome and retries; once the listener checks out, it is delivered."""
+    sink = CallbackSink()
+    info = LaneInfo(lane="alpha", port=free_port(), workspace=str(tmp_path), session_prefix="alpha", capacity=1,
+                    callback_url=sink.url, dispatch_key=KEY, supervisor_uid=os.getuid() + 1)
+    from lanectl.runtime import Reporter
+    from lanectl.protocol import CallbackMsg
+
+    rep = Reporter(info.callback_url, info.supervisor_uid)
+    rep.start()
+    try:
+        rep.send(CallbackMsg(7, 1, "alpha", "tok", "succeeded", "inv", 0))
+        wait_for(lambda: rep.tries >= 3, what="three delivery attempts")
+        assert sink.received == [] and rep.reporting() == [7] and rep.delivered == 0
+        rep.supervisor_uid = os.getuid()
+        wait_for(lambda: rep.delivered == 1, what="the delivery")
+        assert [c["event"] for c in sink.received] == ["succeeded"] and rep.reporting() == []
+    finally:
+        rep.q.put(None)
+        rep.join(10)
+        sink.close()
