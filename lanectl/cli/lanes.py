@@ -30,7 +30,7 @@ def validate(
     Reports every problem at once, each naming file, field and fix; exits 3 if any is an error. A port already
     taken on this host is a warning (it may be the lane itself).
     """
-    fleet = config.load(directory or config_dir, check_host_ports=True)
+    fleet = config.load(directory or config_dir, check_host_ports=True, check_host=True)
     data = {"config_dir": str(fleet.config_dir), "lanes": sorted(fleet.lanes), "valid": True}
 
     def human() -> None:
