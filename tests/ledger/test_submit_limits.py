@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -74,23 +75,30 @@ def test_a_file_larger_than_the_limit_is_refused_unread(app, env):
 
 def _stream_refusal(env: Path, first: bytes) -> dict:
     """Feed `first` to `lanectl submit --batch -` and keep the pipe open: the command can only answer if it
-    refused without waiting for the rest of the input (bounded by the communicate timeout)."""
-    e = {**os.environ, "LANECTL_CONFIG_DIR": os.environ["LANECTL_CONFIG_DIR"],
-         "LANECTL_LEDGER": os.environ["LANECTL_LEDGER"]}
+    refused without waiting for the rest of the input. A command that waits for more is killed after a bound."""
     proc = subprocess.Popen([LANECTL_BIN, "submit", "--batch", "-", "--json"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=e)
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=dict(os.environ))
+    out: list[bytes] = []
+    reader = threading.Thread(target=lambda: out.append(proc.stdout.read()), daemon=True)  # type: ignore[union-attr]
+    reader.start()
     try:
-        assert proc.stdin is not None and proc.stdout is not None
-        proc.stdin.write(first)
-        proc.stdin.flush()
-        out = proc.stdout.read()  # EOF when the process exits, although stdin stays open
+        try:
+            proc.stdin.write(first)  # type: ignore[union-attr]
+            proc.stdin.flush()  # type: ignore[union-attr]
+        except BrokenPipeError:  # it refused (and exited) before taking all of `first`
+            pass
+        reader.join(timeout=60)  # EOF on stdout when the process exits, although its stdin stays open
+        assert not reader.is_alive(), "lanectl kept reading: it did not refuse before the end of its input"
         assert proc.wait(timeout=60) == ExitCode.USAGE, out
-        return json.loads(out)
+        return json.loads(out[0])
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        proc.stdin.close()  # type: ignore[union-attr]
+        try:
+            proc.stdin.close()  # type: ignore[union-attr]
+        except BrokenPipeError:
+            pass
 
 
 def test_a_batch_with_too_many_missions_is_refused_at_the_first_extra_line(env):
