@@ -84,7 +84,9 @@ def submit(
                                                help="Command for the reference runtime (stored as {argv: [...]})."),
     cls: str = typer.Option("background", "--class", help="interactive, deadline or background."),
     payload: Optional[str] = typer.Option(None, "--payload", help="Payload as a JSON document."),
-    deadline: Optional[str] = typer.Option(None, help="Deadline: +10m, RFC 3339 time or epoch seconds."),
+    deadline: Optional[str] = typer.Option(
+        None, help="Deadline: +10m (a retry with the same text and --idempotency-key is the same request), "
+                   "RFC 3339 time or epoch seconds."),
     lane: Optional[str] = typer.Option(None, help="Run on this lane (or its fallback)."),
     tag: Optional[List[str]] = typer.Option(None, "--tag", help="Require a lane with this tag (repeatable)."),
     session: Optional[str] = typer.Option(None, help="Session PREFIX:ID; runs on the lane owning it."),
@@ -93,7 +95,7 @@ def submit(
     batch: Optional[str] = typer.Option(
         None, "--batch", metavar="FILE",
         help=f"Queue many missions at once, all or nothing: one JSON object per line ('-' for stdin), at most "
-             f"{ms.MAX_BATCH}; keys: class, payload or argv, deadline, lane, tags, session, idempotency_key, "
+             f"{ms.MAX_BATCH} and {BATCH_MAX_BYTES // 2**20} MiB; keys: class, payload or argv, deadline, lane, tags, session, idempotency_key, "
              f"max_attempts."),
     ledger: Optional[str] = LEDGER,
     config_dir: Optional[str] = CONFIG,

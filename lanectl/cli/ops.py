@@ -179,7 +179,7 @@ def apply(
     supervisor is restarted when the fleet changed. Exits 7 if a lane did not drain in time (it is left
     draining), 8 if a lane did not come back up.
     """
-    fleet = config.load(config_dir)
+    fleet = config.load(config_dir, check_host=True)  # what install checks (accounts, secret env files)
     udir = paths.unit_dir(unit_dir)
     res = installer.install(fleet, udir)
     template_changed = any(p in (units.TEMPLATE, units.SLICE) for p in res.written)
