@@ -685,6 +685,16 @@ def check_secret_file(path: str, file: str, lane: str) -> list[Problem]:
         return [Problem(f"secret_env_file {path} is owned by uid {st.st_uid} with mode {stat.S_IMODE(st.st_mode):04o}"
                         "; other users could read or change it", file, "secret_env_file",
                         f"chown root:root {path} && chmod 0600 {path}", "secret_env_unsafe", lane)]
+    try:  # as root (install): its names must not override what lanectl or systemd set (values never shown)
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            names = [ln.split("=", 1)[0].strip().removeprefix("export ").strip() for ln in fh
+                     if "=" in ln and not ln.lstrip().startswith(("#", ";"))]
+    except OSError:
+        return []  # not readable by this user: systemd, as root, will read it
+    bad = sorted({n for n in names if n.startswith(RESERVED_ENV)})
+    if bad:
+        return [Problem(f"secret_env_file {path} sets {', '.join(bad)}, which lanectl or systemd set", file,
+                        "secret_env_file", "rename those variables in the file", "secret_env_reserved", lane)]
     return []
 
 

@@ -205,3 +205,21 @@ def test_a_good_secret_env_file_is_loaded_with_environment_file(one_lane: Path, 
     dropin = {u.path: u.text for u in units.render(config.load(one_lane), RUNTIME_PY)}[units.dropin_path("alpha")]
     assert f"EnvironmentFile={f}\n" in dropin
     assert "s3cret" not in dropin
+
+
+def test_a_secret_env_file_may_not_override_lanectls_variables(one_lane: Path, tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to own a file as root")
+    f = tmp_path / "alpha.env"
+    f.write_text("TOKEN=s3cret-value\nexport LANECTL_PORT=22\n")
+    os.chmod(f, 0o600)
+    secret_lane(one_lane, f)
+    errs = errors_of(one_lane)
+    assert [(e["field"], e["code"]) for e in errs] == [("secret_env_file", "secret_env_reserved")]
+    assert "LANECTL_PORT" in errs[0]["message"] and "s3cret" not in json.dumps(errs)
+
+
+def test_validate_refuses_an_interpreter_render_would_refuse(fleet_dir: Path) -> None:
+    (fleet_dir / "lanectl.toml").write_text('python = "/root/.pyenv/versions/3.11.7/bin/python"\n')
+    errs = errors_of(fleet_dir)
+    assert {(e["field"], e["code"]) for e in errs} == {("python", "runtime_hidden")}
