@@ -206,10 +206,12 @@ def apply(
                 if exc.exit_code == ExitCode.TIMEOUT:
                     raise
     data = {"written": res.written, "removed": res.removed, "restarted": restarted, "failed": failed,
-            "changed": res.changed}
+            "notices": res.notices, "changed": res.changed}
 
     def human() -> None:
         con = stdout_console()
+        for n in res.notices:
+            con.print(f"[yellow]left alone[/]: {escape(n)}")
         if not res.changed:
             con.print("nothing changed")
         for p in res.written:
