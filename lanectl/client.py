@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from lanectl import config, paths
+from lanectl import config
 from lanectl.errors import Timeout
 from lanectl.ledger import Ledger
 from lanectl.ledger import missions as ms
@@ -59,10 +59,11 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def submit(self, cls: str, payload: Any, *, deadline: float | None = None, lane: str | None = None,
+    def submit(self, cls: str, payload: Any, *, deadline: float | str | None = None, lane: str | None = None,
                tags: Iterable[str] = (), session: str | None = None, idempotency_key: str | None = None,
                max_attempts: int | None = None, now: float | None = None) -> ms.Mission:
-        """Queue a mission (or return the one already submitted with this idempotency key)."""
+        """Queue a mission (or return the one already submitted with this idempotency key). ``deadline`` is seconds
+        since the epoch or a relative text such as ``"+30m"``, which a retry with the same key may repeat as is."""
         return ms.submit(self.ledger, self.fleet, cls=cls, payload=payload, deadline=deadline, lane=lane,
                          tags=tags, session=session, idempotency_key=idempotency_key, max_attempts=max_attempts,
                          now=time.time() if now is None else now).mission

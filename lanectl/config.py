@@ -6,8 +6,10 @@ every problem of every file at once, each with file, field and fix.
 from __future__ import annotations
 
 import os
+import pwd
 import re
 import socket
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -30,6 +32,13 @@ SIZE_RE = re.compile(r"^(\d+)([KMGT]?)$|^(100|[1-9]?\d)%$|^infinity$")
 CPU_RE = re.compile(r"^[1-9]\d{0,4}%$")
 TAG_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,31}$")
 FORBIDDEN_PATH_ROOTS = ("/proc", "/sys", "/dev", "/run", "/etc", "/usr", "/boot", "/bin", "/sbin", "/lib")
+# Directories a workspace must never be (install would hand them to the lane user): the trees of the system
+# themselves. A workspace below one of them (/srv/lanes/x, /var/lib/lanes-x/y) is fine, except under /root.
+SYSTEM_TREES = ("/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32", "/lib64", "/libx32", "/media", "/mnt",
+                "/opt", "/proc", "/root", "/run", "/sbin", "/srv", "/sys", "/tmp", "/usr", "/var", "/var/backups",
+                "/var/cache", "/var/lib", "/var/local", "/var/log", "/var/mail", "/var/opt", "/var/spool", "/var/tmp")
+# The GECOS comment `lanectl install` gives the users it creates: the mark of an account lanectl owns.
+USER_MARKER = "lanectl lane"
 RESERVED_ENV = ("LANECTL_", "NOTIFY_SOCKET", "WATCHDOG_", "INVOCATION_ID")
 RUNTIME_MODULE = "lanectl.runtime"
 
@@ -55,6 +64,24 @@ def check_path(value: str) -> str:
     if value.rstrip("/") in ("", "/") or any(value == r or value.startswith(r + "/") for r in FORBIDDEN_PATH_ROOTS):
         raise ValueError(f"{value!r} is a system location; use a directory of its own, e.g. /var/lib/lanes/NAME")
     return value.rstrip("/") or "/"
+
+
+def check_workspace(value: str) -> str:
+    value = check_path(value)
+    if value in SYSTEM_TREES or value.startswith("/root/"):
+        raise ValueError(f"{value!r} is a system directory that install would hand to the lane user; use a directory "
+                         "of its own below one, e.g. /var/lib/lanes/NAME")
+    return value
+
+
+def check_file_path(value: str) -> str:
+    """An absolute, normalised path of plain characters (it goes into a unit file unquoted)."""
+    if not value.startswith("/") or not SAFE_PATH_RE.match(value):
+        raise ValueError(f"{value!r} is not an absolute path of A-Z a-z 0-9 . _ @ + - /; write e.g. "
+                         "/etc/lanectl/secrets/NAME.env")
+    if ".." in value.split("/") or "." in value.split("/") or value.endswith("/"):
+        raise ValueError(f"{value!r} is not a normalised file path; write it without '.', '..' or a trailing /")
+    return value
 
 
 def check_env_key(key: str) -> str:
@@ -127,7 +154,11 @@ class Lane(Model):
     workspace: str
     session_prefix: str | None = None
     user: str | None = None
+    existing_user: bool = False
+    """Opt-in: run as ``user``, an account that exists and that lanectl did not create (refused otherwise)."""
     env: dict[EnvKey, UnitText] = Field(default_factory=dict)
+    secret_env_file: str | None = None
+    """KEY=VALUE file (root, mode 0600) systemd reads at start: secrets for the runtime, unlike ``env``."""
     classes: list[MissionClass] = Field(default_factory=lambda: list(CLASSES))
     capacity: Annotated[int, Field(ge=1, le=1024)] = 4
     weight: Annotated[int, Field(ge=0, le=10_000)] = 100
@@ -151,7 +182,10 @@ class Lane(Model):
     @field_validator("description")
     @classmethod
     def _desc(cls, v: str) -> str:
-        return check_text(v)
+        check_text(v)
+        if v.rstrip().endswith("\\"):
+            raise ValueError("ends with a backslash, which would continue the line in the unit file; remove it")
+        return v
 
     @field_validator("exec")
     @classmethod
@@ -169,7 +203,12 @@ class Lane(Model):
     @field_validator("workspace")
     @classmethod
     def _ws(cls, v: str) -> str:
-        return check_path(v)
+        return check_workspace(v)
+
+    @field_validator("secret_env_file")
+    @classmethod
+    def _secret(cls, v: str | None) -> str | None:
+        return None if v is None else check_file_path(v)
 
     @field_validator("user")
     @classmethod
@@ -361,6 +400,14 @@ class Settings(Model):
     def _paths(cls, v: str | None) -> str | None:
         return None if v is None else check_path(v)
 
+    @field_validator("state_dir")
+    @classmethod
+    def _state(cls, v: str) -> str:
+        if v in SYSTEM_TREES or v.startswith("/root/"):
+            raise ValueError(f"{v!r} is a system directory; lanectl keeps secrets there, give it one of its own, "
+                             "e.g. /var/lib/lanectl")
+        return v
+
     @model_validator(mode="after")
     def _all_classes(self) -> Settings:
         missing = [c for c in CLASSES if c not in self.classes]
@@ -471,8 +518,12 @@ def load_settings(config_dir: Path, problems: list[Problem]) -> Settings:
         return Settings()
 
 
-def load(path: str | Path | None = None, *, check_host_ports: bool = False, require_lanes: bool = True) -> LaneSet:
-    """Load and validate the whole configuration; raise one ConfigError carrying every problem found."""
+def load(path: str | Path | None = None, *, check_host_ports: bool = False, require_lanes: bool = True,
+         check_host: bool = False) -> LaneSet:
+    """Load and validate the whole configuration; raise one ConfigError carrying every problem found.
+
+    ``check_host`` adds the checks against this host's accounts and files (``validate`` and ``install``): lane
+    users lanectl did not create, workspaces that are someone's home, secret env files' owner and mode."""
     config_dir, lanes_dir = resolve_dirs(path)
     problems: list[Problem] = []
     settings = load_settings(config_dir, problems)
@@ -493,6 +544,9 @@ def load(path: str | Path | None = None, *, check_host_ports: bool = False, requ
             if lane is not None:
                 lanes[file.stem] = lane
     problems.extend(cross_check(lanes, lanes_dir, check_host_ports=check_host_ports))
+    problems.extend(check_control_dirs(lanes, lanes_dir, settings, config_dir))
+    if check_host:
+        problems.extend(host_checks(lanes, lanes_dir))
     if any(p.severity == "error" for p in problems):
         raise config_error(problems)
     return LaneSet(lanes, settings, config_dir, lanes_dir, [p for p in problems if p.severity == "warning"])
@@ -583,6 +637,102 @@ def cross_check(lanes: dict[str, Lane], lanes_dir: Path, *, check_host_ports: bo
                                "if it is not this lane itself, pick a free port", "port_taken", name, "warning"))
     out.extend(_fallback_cycles(lanes, where))
     return out
+
+
+def control_dirs(settings: Settings, config_dir: Path) -> dict[str, str]:
+    """The control plane's own directories, which no workspace may equal, contain or sit in."""
+    dirs = {"state_dir": settings.state_dir,
+            "ledger directory": str(PurePosixPath(settings.ledger).parent) if settings.ledger else settings.state_dir,
+            "configuration directory": os.path.realpath(config_dir),
+            "unit directory": os.path.realpath(paths.unit_dir())}
+    return dirs
+
+
+def check_control_dirs(lanes: dict[str, Lane], lanes_dir: Path, settings: Settings, config_dir: Path) -> list[Problem]:
+    out = []
+    dirs = control_dirs(settings, config_dir)
+    for name, lane in sorted(lanes.items()):
+        for what, d in dirs.items():
+            if _nested(lane.workspace, d):
+                rel = ("is" if lane.workspace == d else "contains" if d.startswith(lane.workspace.rstrip("/") + "/")
+                       else "is inside")
+                out.append(Problem(f"workspace {lane.workspace} {rel} lanectl's {what} {d}, which install would hand "
+                                   "to the lane user", str(lanes_dir / f"{name}.toml"), "workspace",
+                                   f"give the lane a directory of its own, e.g. /var/lib/lanes/{name}",
+                                   "workspace_unsafe", name))
+                break
+        if lane.secret_env_file and _nested(lane.secret_env_file, lane.workspace):
+            out.append(Problem(f"secret_env_file {lane.secret_env_file} is inside the lane's workspace, which the "
+                               "lane user controls", str(lanes_dir / f"{name}.toml"), "secret_env_file",
+                               f"keep it with the configuration, e.g. /etc/lanectl/secrets/{name}.env",
+                               "secret_env_unsafe", name))
+    return out
+
+
+def host_checks(lanes: dict[str, Lane], lanes_dir: Path) -> list[Problem]:
+    """What only this host can tell: the accounts lanes run as, and the secret env files (validate, install)."""
+    out: list[Problem] = []
+    homes: dict[str, str] = {}
+    try:
+        for pw in pwd.getpwall():
+            if pw.pw_gecos != USER_MARKER:
+                homes.setdefault(pw.pw_dir.rstrip("/") or "/", pw.pw_name)
+    except OSError:  # pragma: no cover - no passwd database
+        pass
+    for name, lane in sorted(lanes.items()):
+        file = str(lanes_dir / f"{name}.toml")
+        user = lane.resolved_user(name)
+        try:
+            pw = pwd.getpwnam(user)
+        except KeyError:
+            pw = None
+        if pw is not None and pw.pw_uid == 0:
+            out.append(Problem(f"user {user!r} has uid 0 (root)", file, "user",
+                               f"use a user of its own, e.g. lane-{name} (install creates it)", "user_root", name))
+        elif pw is not None and pw.pw_gecos != USER_MARKER and not lane.existing_user:
+            out.append(Problem(f"user {user!r} exists (uid {pw.pw_uid}) and lanectl did not create it: the lane "
+                               "would share its files and processes", file, "user",
+                               f"remove user= to let install create lane-{name}, or set existing_user = true if "
+                               f"{user!r} is meant only for this lane", "user_not_lanectl", name))
+        owner = homes.get(lane.workspace)
+        if owner is not None and owner != user:
+            out.append(Problem(f"workspace {lane.workspace} is the home directory of user {owner!r}", file,
+                               "workspace", f"give the lane a directory of its own, e.g. /var/lib/lanes/{name}",
+                               "workspace_unsafe", name))
+        if lane.secret_env_file:
+            out += check_secret_file(lane.secret_env_file, file, name)
+    return out
+
+
+def check_secret_file(path: str, file: str, lane: str) -> list[Problem]:
+    """A secret env file must be a regular file of root's that nobody else can read or write."""
+    fix = f"create it as root: install -D -o root -g root -m 0600 /dev/null {path}, then add KEY=VALUE lines"
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return [Problem(f"secret_env_file {path} does not exist", file, "secret_env_file", fix, "secret_env_missing",
+                        lane)]
+    except OSError as exc:
+        return [Problem(f"secret_env_file {path} cannot be checked: {exc.strerror}", file, "secret_env_file",
+                        "run validate/install as root", "secret_env_unreadable", lane)]
+    if not stat.S_ISREG(st.st_mode):
+        return [Problem(f"secret_env_file {path} is not a regular file (a symlink or a directory)", file,
+                        "secret_env_file", fix, "secret_env_unsafe", lane)]
+    if st.st_uid != 0 or st.st_mode & 0o077:
+        return [Problem(f"secret_env_file {path} is owned by uid {st.st_uid} with mode {stat.S_IMODE(st.st_mode):04o}"
+                        "; other users could read or change it", file, "secret_env_file",
+                        f"chown root:root {path} && chmod 0600 {path}", "secret_env_unsafe", lane)]
+    try:  # as root (install): its names must not override what lanectl or systemd set (values never shown)
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            names = [ln.split("=", 1)[0].strip().removeprefix("export ").strip() for ln in fh
+                     if "=" in ln and not ln.lstrip().startswith(("#", ";"))]
+    except OSError:
+        return []  # not readable by this user: systemd, as root, will read it
+    bad = sorted({n for n in names if n.startswith(RESERVED_ENV)})
+    if bad:
+        return [Problem(f"secret_env_file {path} sets {', '.join(bad)}, which lanectl or systemd set", file,
+                        "secret_env_file", "rename those variables in the file", "secret_env_reserved", lane)]
+    return []
 
 
 def _fallback_cycles(lanes: dict[str, Lane], where: Any) -> list[Problem]:

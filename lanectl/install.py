@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lanectl import keys, paths, systemd
-from lanectl.config import LaneSet
+from lanectl.config import USER_MARKER, LaneSet
 from lanectl.errors import LanectlError
 from lanectl.fsutil import atomic_write, read_text_or_none
 from lanectl.units import UnitFile, parse_generated, render, unit_name
@@ -35,6 +35,8 @@ class InstallResult:
     removed: list[str] = field(default_factory=list)
     reloaded: bool = False
     provisioned: list[str] = field(default_factory=list)
+    notices: list[str] = field(default_factory=list)
+    """What install found and left alone for the operator to fix (a workspace it did not create, ...)."""
 
     @property
     def changed(self) -> bool:
@@ -126,7 +128,7 @@ def ensure_user(name: str, home: str) -> bool:
     except KeyError:
         pass
     cmd = ["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", home,
-           "--shell", "/usr/sbin/nologin", "--comment", "lanectl lane", name]
+           "--shell", "/usr/sbin/nologin", "--comment", USER_MARKER, name]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise LanectlError(f"cannot create lane user {name}: {proc.stderr.strip()}",
@@ -134,20 +136,29 @@ def ensure_user(name: str, home: str) -> bool:
     return True
 
 
-def ensure_workspace(path: str, user: str) -> bool:
+def ensure_workspace(path: str, user: str) -> tuple[bool, str | None]:
+    """Create the workspace owned by the lane user, mode 0700: (created, notice).
+
+    A directory that already exists is never chowned or chmodded (it may be anything: a home, a shared tree);
+    when its owner or mode is not the lane's, the notice says so and how to fix it."""
     ws = Path(path)
-    created = not ws.exists()
-    ws.mkdir(parents=True, exist_ok=True)
     uid = pwd.getpwnam(user).pw_uid
     gid = grp.getgrnam(user).gr_gid if _group_exists(user) else pwd.getpwnam(user).pw_gid
-    st = ws.stat()
-    if (st.st_uid, st.st_gid) != (uid, gid):
-        os.chown(ws, uid, gid)
-        created = True
-    if st.st_mode & 0o777 != 0o700:
-        os.chmod(ws, 0o700)
-        created = True
-    return created
+    try:
+        ws.parent.mkdir(parents=True, exist_ok=True)
+        ws.mkdir(mode=0o700)
+    except FileExistsError:
+        st = ws.lstat()
+        if not ws.is_dir() or ws.is_symlink():
+            return False, f"workspace {path} exists and is not a directory; lanectl left it alone: remove it"
+        if (st.st_uid, st.st_gid) != (uid, gid) or st.st_mode & 0o777 != 0o700:
+            return False, (f"workspace {path} exists (owner {st.st_uid}:{st.st_gid}, mode {st.st_mode & 0o777:04o}) "
+                           f"and lanectl did not create it, so it left it alone; if it is meant for the lane: "
+                           f"chown {user}:{user} {path} && chmod 0700 {path}")
+        return False, None
+    os.chown(ws, uid, gid)
+    os.chmod(ws, 0o700)  # mkdir's mode is filtered by the umask
+    return True, None
 
 
 def _group_exists(name: str) -> bool:
@@ -158,17 +169,26 @@ def _group_exists(name: str) -> bool:
         return False
 
 
-def provision(fleet: LaneSet) -> list[str]:
+def provision(fleet: LaneSet, notices: list[str] | None = None) -> list[str]:
     """Each lane's own system user, and its workspace owned by that user, mode 0700 (no lane reads another's)."""
     done = []
+    notices = [] if notices is None else notices
+    state = Path(fleet.settings.state_dir)
+    if state.is_dir() and state.stat().st_mode & 0o007:
+        notices.append(f"state_dir {state} is open to every user (mode {state.stat().st_mode & 0o777:04o}) and "
+                       f"lanectl did not create it, so it left it alone; its secrets are 0600 root, but: chmod 0750 "
+                       f"{state}")
     changed_keys = keys.write_lane_keys(Path(fleet.settings.state_dir), sorted(fleet.lanes))
     done += [f"dispatch key {n}" for n in changed_keys]
     for name, lane in sorted(fleet.lanes.items()):
         user = lane.resolved_user(name)
         if ensure_user(user, lane.workspace):
             done.append(f"user {user}")
-        if ensure_workspace(lane.workspace, user):
+        created, notice = ensure_workspace(lane.workspace, user)
+        if created:
             done.append(f"workspace {lane.workspace}")
+        if notice:
+            notices.append(notice)
     return done
 
 
@@ -179,7 +199,7 @@ def install(fleet: LaneSet, unit_dir: Path, *, python: str | None = None, reload
     live = unit_dir.resolve() in [d.resolve() for d in LIVE_UNIT_DIRS if d.exists()] and systemd.available()
     result = InstallResult(str(unit_dir))
     if do_provision if do_provision is not None else (live and os.geteuid() == 0):
-        result.provisioned = provision(fleet)
+        result.provisioned = provision(fleet, result.notices)
     write_files(files, unit_dir, result)
     remove_stale(files, unit_dir, result)
     data = json.dumps(manifest(fleet), indent=2, sort_keys=True) + "\n"

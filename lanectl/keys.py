@@ -34,8 +34,9 @@ def ensure_secret(state_dir: Path) -> tuple[bytes, bool]:
     text = read_text_or_none(path)
     if text and len(text.strip()) >= 64:
         return bytes.fromhex(text.strip()), False
-    state_dir.mkdir(parents=True, exist_ok=True)
-    os.chmod(state_dir, 0o750)
+    if not state_dir.exists():  # a directory lanectl did not create keeps its owner and mode
+        state_dir.mkdir(parents=True)
+        os.chmod(state_dir, 0o750)
     raw = secrets.token_bytes(32)
     atomic_write(path, raw.hex() + "\n", 0o600)
     return raw, True
@@ -49,8 +50,9 @@ def write_lane_keys(state_dir: Path, lanes: list[str]) -> list[str]:
     """Write each lane's key (0600, root) where its unit's LoadCredential= reads it; returns the lanes changed."""
     secret, _ = ensure_secret(state_dir)
     keys = state_dir / KEYS_DIR
-    keys.mkdir(exist_ok=True)
-    os.chmod(keys, 0o700)
+    if not keys.exists():
+        keys.mkdir()
+        os.chmod(keys, 0o700)
     changed = []
     for lane in lanes:
         want = f"LANECTL_DISPATCH_KEY={lane_key(secret, lane)}\n"

@@ -179,6 +179,9 @@ def render_dropin(name: str, lane: Lane, fleet: LaneSet) -> str:
         # the lane's dispatch key: read by systemd at start, a file no lane can read (lanectl/keys.py)
         f"EnvironmentFile={keys.key_path(fleet.settings.state_dir, name)}",
     ]
+    if lane.secret_env_file:
+        # the operator's secrets for this lane: root 0600, read by systemd at start (never in `systemctl show`)
+        lines.append(f"EnvironmentFile={lane.secret_env_file}")
     if lane.exec:
         lines += ["ExecStart=", f"ExecStart={exec_line(lane.exec)}"]
     lines += [f"Environment={env_assignment(k, v)}" for k, v in lane_env(name, lane, fleet).items()]
@@ -217,19 +220,48 @@ def render_slice(fleet: LaneSet) -> str:
     return "\n".join(lines + resource_lines(r)) + "\n"
 
 
+def runtime_paths(prog: str) -> list[str]:
+    """Every path systemd needs to see to run ``prog``: the path itself, the file its links resolve to, and for a
+    venv's interpreter the ``home`` of its ``pyvenv.cfg`` (where the base interpreter and its stdlib live)."""
+    import os
+
+    seen = [prog]
+    real = os.path.realpath(prog)
+    if real not in seen:
+        seen.append(real)
+    cfg = Path(prog).parent.parent / "pyvenv.cfg"
+    try:
+        text = cfg.read_text()
+    except (OSError, UnicodeDecodeError):
+        text = ""
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.strip() == "home" and value.strip().startswith("/"):
+            home = value.strip()
+            seen += [p for p in (home, os.path.realpath(home)) if p not in seen]
+    return seen
+
+
 def check_runtime_visible(name: str, lane: Lane, python: str, file: str) -> list[Problem]:
-    """An interpreter the sandbox hides fails with status=203/EXEC; say so before any unit is written."""
+    """An interpreter the sandbox hides fails with status=203/EXEC; say so before any unit is written. Symlinks
+    are resolved and a venv's base interpreter is followed: a venv in /opt made from a pyenv under /root is hidden
+    as much as the pyenv itself."""
     prog = (lane.exec or [python])[0]
+    field = "exec" if lane.exec else "python"
     out = []
-    if lane.protect_home != "read-only" and prog.startswith(HIDDEN_ROOTS):
-        out.append(Problem(f"program {prog} is under a home directory, which ProtectHome={lane.protect_home} hides",
-                           file, "exec" if lane.exec else "python", "install lanectl with scripts/setup "
-                           "(into /opt/lanectl), set python= in lanectl.toml, or set protect_home = 'read-only'",
-                           "runtime_hidden", name))
-    if prog.startswith(PRIVATE_TMP_ROOTS):
-        out.append(Problem(f"program {prog} is under /tmp or /var/tmp, which PrivateTmp=yes hides", file,
-                           "exec" if lane.exec else "python", "install it elsewhere, e.g. /opt",
-                           "runtime_hidden", name))
+    for path in runtime_paths(prog):
+        via = "" if path == prog else f" (through {prog})"
+        probe = path.rstrip("/") + "/"
+        if lane.protect_home != "read-only" and probe.startswith(HIDDEN_ROOTS):
+            out.append(Problem(f"program {path}{via} is under a home directory, which ProtectHome={lane.protect_home} "
+                               "hides", file, field, "install lanectl with scripts/setup (into /opt/lanectl) from an "
+                               "interpreter outside /root and /home, set python= in lanectl.toml, or set "
+                               "protect_home = 'read-only'", "runtime_hidden", name))
+            break
+        if probe.startswith(PRIVATE_TMP_ROOTS):
+            out.append(Problem(f"program {path}{via} is under /tmp or /var/tmp, which PrivateTmp=yes hides", file,
+                               field, "install it elsewhere, e.g. /opt", "runtime_hidden", name))
+            break
     return out
 
 

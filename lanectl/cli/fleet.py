@@ -83,8 +83,6 @@ def restart(lane: str = typer.Argument(...),
     if not graceful:
         _report(operate.restart(lanes, lane), json_out, "restarted")
         return
-    import time
-
     from lanectl import config
     from lanectl.cli.ops import graceful_restart
 

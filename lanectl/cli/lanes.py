@@ -5,7 +5,7 @@ from typing import Optional
 
 import typer
 
-from lanectl import config, lanefiles
+from lanectl import config, lanefiles, units
 from lanectl.cli.options import CONFIG, JSON
 from lanectl.errors import ExitCode
 from lanectl.output import command, escape, finish, stdout_console
@@ -30,7 +30,8 @@ def validate(
     Reports every problem at once, each naming file, field and fix; exits 3 if any is an error. A port already
     taken on this host is a warning (it may be the lane itself).
     """
-    fleet = config.load(directory or config_dir, check_host_ports=True)
+    fleet = config.load(directory or config_dir, check_host_ports=True, check_host=True)
+    units.render(fleet)  # whatever render (and so install) would refuse, validate refuses too (exit 3)
     data = {"config_dir": str(fleet.config_dir), "lanes": sorted(fleet.lanes), "valid": True}
 
     def human() -> None:

@@ -1,18 +1,20 @@
 """submit, missions, mission show/cancel/retry/explain, and dispatch --once."""
 from __future__ import annotations
 
+import io
 import json
+import os
 import re
+import stat
 import sys
 import time
 from datetime import datetime
-from pathlib import Path
-from typing import Any, List, Optional, Union
+from typing import Any, BinaryIO, List, Optional, Union
 
 import typer
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from lanectl import config, paths
+from lanectl import config
 from lanectl.cli import missionview
 from lanectl.cli.options import CONFIG, JSON
 from lanectl.client import Client
@@ -25,8 +27,10 @@ mission_app = typer.Typer(help="Inspect and act on one mission.", no_args_is_hel
 
 LEDGER = typer.Option(None, "--ledger", metavar="PATH", help="Ledger file.",
                       show_default="$LANECTL_LEDGER or $STATE_DIRECTORY/ledger.db")
-RELATIVE_RE = re.compile(r"^\+(\d+(?:\.\d+)?)([smhd])$")
-UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+BATCH_MAX_BYTES = 32 * 1024 * 1024
+"""The largest batch file `submit --batch` reads; a larger one is refused before it is read."""
+BATCH_MAX_LINE_BYTES = ms.MAX_PAYLOAD_BYTES + 64 * 1024
+"""The longest line of a batch file: a payload at its limit plus room for the other keys."""
 
 
 def register(app: typer.Typer) -> None:
@@ -40,10 +44,18 @@ def parse_deadline(text: str | None, now: float) -> float | None:
     """``+30s``/``+10m``/``+2h``/``+1d``, an RFC 3339 time (UTC if no offset), or seconds since the epoch."""
     if text is None:
         return None
-    m = RELATIVE_RE.match(text.strip())
-    if m:
-        return now + float(m.group(1)) * UNIT_S[m.group(2)]
+    rel = ms.relative_deadline(text, now)
+    if rel is not None:
+        return rel
     return absolute_time(text, "deadline", "use +10m, 2030-01-01T12:00:00Z or epoch seconds", "bad_deadline")
+
+
+def deadline_request(text: str | None, now: float) -> float | str | None:
+    """A deadline for a submit: a relative one stays text (``+30m``), resolved by the ledger at the submit that
+    creates the mission, so that a retry with the same idempotency key and text is the same request."""
+    if text is not None and ms.RELATIVE_RE.match(text.strip()):
+        return text.strip()
+    return parse_deadline(text, now)
 
 
 def absolute_time(text: str, field: str, hint: str, code: str) -> float:
@@ -70,7 +82,9 @@ def submit(
                                                help="Command for the reference runtime (stored as {argv: [...]})."),
     cls: str = typer.Option("background", "--class", help="interactive, deadline or background."),
     payload: Optional[str] = typer.Option(None, "--payload", help="Payload as a JSON document."),
-    deadline: Optional[str] = typer.Option(None, help="Deadline: +10m, RFC 3339 time or epoch seconds."),
+    deadline: Optional[str] = typer.Option(
+        None, help="Deadline: +10m (a retry with the same text and --idempotency-key is the same request), "
+                   "RFC 3339 time or epoch seconds."),
     lane: Optional[str] = typer.Option(None, help="Run on this lane (or its fallback)."),
     tag: Optional[List[str]] = typer.Option(None, "--tag", help="Require a lane with this tag (repeatable)."),
     session: Optional[str] = typer.Option(None, help="Session PREFIX:ID; runs on the lane owning it."),
@@ -79,7 +93,7 @@ def submit(
     batch: Optional[str] = typer.Option(
         None, "--batch", metavar="FILE",
         help=f"Queue many missions at once, all or nothing: one JSON object per line ('-' for stdin), at most "
-             f"{ms.MAX_BATCH}; keys: class, payload or argv, deadline, lane, tags, session, idempotency_key, "
+             f"{ms.MAX_BATCH} and {BATCH_MAX_BYTES // 2**20} MiB; keys: class, payload or argv, deadline, lane, tags, session, idempotency_key, "
              f"max_attempts."),
     ledger: Optional[str] = LEDGER,
     config_dir: Optional[str] = CONFIG,
@@ -103,11 +117,12 @@ def submit(
     if payload is None and not argv:
         raise ms.invalid("payload", "no payload", "give --payload JSON or '-- COMMAND ARGS'", "payload_missing")
     body: Any = payload if payload is not None else {"argv": list(argv or [])}
-    when = parse_deadline(deadline, now)
+    req = ms.SubmitRequest(cls, body, deadline_request(deadline, now), lane, tuple(tag or ()), session,
+                           idempotency_key, max_attempts)
     fleet = config.load(config_dir)
+    ms.check_requests(fleet, [req], now)  # a refused request creates no ledger file
     with config.open_ledger(config_dir, ledger) as led:
-        res = ms.submit(led, fleet, cls=cls, payload=body, now=now, deadline=when, lane=lane, tags=tag or (),
-                        session=session, idempotency_key=idempotency_key, max_attempts=max_attempts)
+        res = ms.submit_many(led, fleet, [req], now=now)[0]
     data = {**res.mission.as_dict(), "changed": res.created}
 
     def human() -> None:
@@ -132,16 +147,43 @@ class BatchLine(BaseModel):
     max_attempts: Optional[int] = None
 
 
-def read_batch(text: str, source: str, now: float) -> tuple[list[ms.SubmitRequest], list[int]]:
+def read_batch(text: str | bytes, source: str, now: float) -> tuple[list[ms.SubmitRequest], list[int]]:
+    """Parse a batch held in memory (see ``read_batch_stream``)."""
+    data = text.encode() if isinstance(text, str) else text
+    return read_batch_stream(io.BytesIO(data), source, now)
+
+
+def read_batch_stream(fh: BinaryIO, source: str, now: float) -> tuple[list[ms.SubmitRequest], list[int]]:
     """Parse a batch file (JSON lines; blank lines and lines starting with # are skipped) into requests and their
-    line numbers; the first bad line is an error naming the file, the line and the field, exit 2."""
+    line numbers, reading it line by line: the first bad line is an error naming the file, the line and the field,
+    exit 2. A file beyond ``BATCH_MAX_BYTES``, a line beyond ``BATCH_MAX_LINE_BYTES`` and a mission beyond
+    ``MAX_BATCH`` are refused as soon as they are met, so a huge input is never read whole."""
     out: list[ms.SubmitRequest] = []
     numbers: list[int] = []
-    for n, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
+    total = 0
+    n = 0
+    while True:
+        raw_bytes = fh.readline(BATCH_MAX_LINE_BYTES + 1)
+        if not raw_bytes:
+            break
+        n += 1
+        total += len(raw_bytes)
+        if total > BATCH_MAX_BYTES:
+            raise _batch_error(source, "", f"is larger than {BATCH_MAX_BYTES} bytes",
+                               f"split it into batches of at most {ms.MAX_BATCH} lines, e.g. split -l {ms.MAX_BATCH}")
+        where = f"line {n}"
+        if len(raw_bytes) > BATCH_MAX_LINE_BYTES:
+            raise _batch_error(source, where, f"is longer than {BATCH_MAX_LINE_BYTES} bytes",
+                               "store large inputs in the lane's workspace and pass their path")
+        try:
+            line = raw_bytes.decode().strip()
+        except UnicodeDecodeError as exc:
+            raise _batch_error(source, where, "is not UTF-8", "write the batch file in UTF-8") from exc
         if not line or line.startswith("#"):
             continue
-        where = f"line {n}"
+        if len(out) >= ms.MAX_BATCH:
+            raise _batch_error(source, where, f"is mission {len(out) + 1}, more than {ms.MAX_BATCH} in one batch",
+                               f"split it, e.g. split -l {ms.MAX_BATCH}")
         try:
             doc = json.loads(line)
         except ValueError as exc:
@@ -164,15 +206,12 @@ def read_batch(text: str, source: str, now: float) -> tuple[list[ms.SubmitReques
         numbers.append(n)
     if not out:
         raise _batch_error(source, "", "holds no missions", "write one JSON object per line")
-    if len(out) > ms.MAX_BATCH:
-        raise _batch_error(source, "", f"holds {len(out)} missions, more than {ms.MAX_BATCH} in one batch",
-                           f"split it, e.g. split -l {ms.MAX_BATCH}")
     return out, numbers
 
 
-def _line_deadline(source: str, where: str, text: str, now: float) -> float | None:
+def _line_deadline(source: str, where: str, text: str, now: float) -> float | str | None:
     try:
-        return parse_deadline(text, now)
+        return deadline_request(text, now)
     except LanectlError as exc:
         raise _batch_error(source, f"{where}.deadline", exc.message.removeprefix("deadline: "),
                            exc.hint or "") from exc
@@ -186,27 +225,35 @@ def _batch_error(source: str, where: str, message: str, hint: str) -> LanectlErr
 
 def _submit_batch(batch: str, now: float, ledger: str | None, config_dir: str | None, json_out: bool) -> None:
     if batch == "-":
-        text, source = sys.stdin.read(), "<stdin>"
+        requests, numbers = read_batch_stream(sys.stdin.buffer, "<stdin>", now)
+        source = "<stdin>"
     else:
+        source = batch
         try:
-            text, source = Path(batch).read_text(), batch
-        except (OSError, UnicodeDecodeError) as exc:
+            with open(batch, "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                if stat.S_ISREG(os.fstat(fh.fileno()).st_mode) and size > BATCH_MAX_BYTES:
+                    raise _batch_error(source, "", f"is {size} bytes, larger than {BATCH_MAX_BYTES}",
+                                       f"split it into batches of at most {ms.MAX_BATCH} lines, e.g. "
+                                       f"split -l {ms.MAX_BATCH}")
+                requests, numbers = read_batch_stream(fh, source, now)
+        except OSError as exc:
             raise LanectlError(f"{batch}: cannot read the batch file ({exc})", "check the path",
                                "bad_batch", ExitCode.USAGE) from exc
-    requests, numbers = read_batch(text, source, now)
     fleet = config.load(config_dir)
-    with config.open_ledger(config_dir, ledger) as led:
-        try:
+    try:
+        ms.check_requests(fleet, requests, now)  # every refusal before the ledger is opened (or created)
+        with config.open_ledger(config_dir, ledger) as led:
             results = ms.submit_many(led, fleet, requests, now=now)
-        except LanectlError as exc:
-            m = re.match(r"request (\d+): ", exc.message)
-            if m:  # name the file and line, not the index of the request
-                where = f"line {numbers[int(m.group(1))]}"
-                exc.message = f"{source}: {where}: {exc.message[m.end():]}"
-                for p in exc.problems:
-                    p.file = source
-                    p.field = (p.field or "").replace(f"requests[{m.group(1)}]", where)
-            raise
+    except LanectlError as exc:
+        m = re.match(r"request (\d+): ", exc.message)
+        if m:  # name the file and line, not the index of the request
+            where = f"line {numbers[int(m.group(1))]}"
+            exc.message = f"{source}: {where}: {exc.message[m.end():]}"
+            for p in exc.problems:
+                p.file = source
+                p.field = (p.field or "").replace(f"requests[{m.group(1)}]", where)
+        raise
     data = {"missions": [{"id": r.mission.id, "created": r.created, "class": r.mission.cls} for r in results],
             "created": sum(r.created for r in results), "existing": sum(not r.created for r in results)}
 

@@ -179,7 +179,7 @@ def apply(
     supervisor is restarted when the fleet changed. Exits 7 if a lane did not drain in time (it is left
     draining), 8 if a lane did not come back up.
     """
-    fleet = config.load(config_dir)
+    fleet = config.load(config_dir, check_host=True)  # what install checks (accounts, secret env files)
     udir = paths.unit_dir(unit_dir)
     res = installer.install(fleet, udir)
     template_changed = any(p in (units.TEMPLATE, units.SLICE) for p in res.written)
@@ -206,10 +206,12 @@ def apply(
                 if exc.exit_code == ExitCode.TIMEOUT:
                     raise
     data = {"written": res.written, "removed": res.removed, "restarted": restarted, "failed": failed,
-            "changed": res.changed}
+            "notices": res.notices, "changed": res.changed}
 
     def human() -> None:
         con = stdout_console()
+        for n in res.notices:
+            con.print(f"[yellow]left alone[/]: {escape(n)}")
         if not res.changed:
             con.print("nothing changed")
         for p in res.written:

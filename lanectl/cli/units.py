@@ -89,13 +89,16 @@ def install(
     lanectl wrote for lanes that no longer exist are removed; systemd is reloaded only when something changed.
     A second install changes nothing and says so (exit 0).
     """
-    fleet = config.load(config_dir)
+    fleet = config.load(config_dir, check_host=True)
     res = installer.install(fleet, paths.unit_dir(unit_dir), python=python, reload=reload, do_provision=provision)
     data = {"unit_dir": res.unit_dir, "written": res.written, "removed": res.removed, "unchanged": res.unchanged,
-            "reloaded": res.reloaded, "provisioned": res.provisioned, "changed": res.changed}
+            "reloaded": res.reloaded, "provisioned": res.provisioned, "notices": res.notices,
+            "changed": res.changed}
 
     def human() -> None:
         con = stdout_console()
+        for n in res.notices:
+            con.print(f"[yellow]left alone[/]: {escape(n)}")
         if not res.changed and not res.provisioned:
             con.print(f"nothing changed: {len(res.unchanged)} file(s) already current in {escape(res.unit_dir)}")
             return

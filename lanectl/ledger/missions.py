@@ -39,6 +39,15 @@ MAX_PAYLOAD_BYTES: Final = 256 * 1024
 """Largest payload accepted, as canonical JSON (``payload_too_large`` beyond it)."""
 SESSION_RE: Final = re.compile(r"^([a-z][a-z0-9-]{0,30}):([A-Za-z0-9._-]{1,128})$")
 KEY_RE: Final = re.compile(r"^[\x21-\x7e]{1,200}$")
+RELATIVE_RE: Final = re.compile(r"^\+(\d+(?:\.\d+)?)([smhd])$")
+"""A relative deadline as a producer writes it: +30s, +10m, +2h, +1d."""
+_UNIT_S: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def relative_deadline(text: str, now: float) -> float | None:
+    """``+30m`` resolved against ``now``; None when the text is not a relative deadline."""
+    m = RELATIVE_RE.match(text.strip())
+    return now + float(m.group(1)) * _UNIT_S[m.group(2)] if m else None
 COLUMNS: Final = ("id, class, state, payload, idempotency_key, lane, tags, session, deadline, max_attempts, "
                   "attempts, round_start, current_lane, wait_reason, created_at, updated_at, result, error, "
                   "(SELECT a.lane FROM attempts a WHERE a.mission = missions.id AND a.n = missions.attempts)")
@@ -157,9 +166,9 @@ class _Request:
     hash: str = field(default="")
 
 
-def _validate(fleet: LaneSet, *, cls: str, payload: Any, deadline: float | None, lane: str | None,
+def _validate(fleet: LaneSet, *, cls: str, payload: Any, deadline: float | str | None, lane: str | None,
               tags: Iterable[str], session: str | None, key: str | None, max_attempts: int | None,
-              now: float, known_sessions: Mapping[str, str]) -> _Request:
+              now: float, known_sessions: Mapping[str, str] | None) -> _Request:
     if cls not in RANK:
         raise invalid("class", f"{cls!r} is not a mission class", "use interactive, deadline or background",
                       "unknown_class")
@@ -178,6 +187,17 @@ def _validate(fleet: LaneSet, *, cls: str, payload: Any, deadline: float | None,
     if size > MAX_PAYLOAD_BYTES:
         raise invalid("payload", f"is {size} bytes, more than the {MAX_PAYLOAD_BYTES} allowed",
                       "store large inputs in the lane's workspace and pass their path", "payload_too_large")
+    # The idempotency fingerprint covers the request as the producer wrote it: a relative deadline is its text
+    # ("+30m", resolved once, at the submit that creates the mission), so a retry of the same text is the same
+    # request however much later it comes, and another text is another request.
+    deadline_as_written: Any = deadline
+    if isinstance(deadline, str):
+        text = deadline.strip()
+        resolved = relative_deadline(text, now)
+        if resolved is None:
+            raise invalid("deadline", f"{deadline!r} is not a relative deadline",
+                          "give +30s, +10m, +2h or +1d, or a time as seconds since the epoch", "bad_deadline")
+        deadline, deadline_as_written = resolved, {"relative": text}
     if deadline is not None and deadline <= now:
         raise invalid("deadline", f"{iso(deadline)} is not in the future (now {iso(now)})",
                       "give a later time, e.g. --deadline +10m", "deadline_past")
@@ -205,13 +225,17 @@ def _validate(fleet: LaneSet, *, cls: str, payload: Any, deadline: float | None,
             raise NotFound(f"tag: no lane carries the tag {tag!r}", "check the tags in lanes.d/*.toml",
                            "tag_not_found")
     owner = None
-    if session is not None:
+    if session is not None and known_sessions is None:  # checked against the ledger's sessions later
+        if not SESSION_RE.match(session):
+            raise invalid("session", f"{session!r} is not a session id", "use PREFIX:ID, e.g. alpha:chat-42",
+                          "bad_session")
+    elif session is not None:
         owner = _session_owner(fleet, session, known_sessions)
         if lane is not None and lane != owner:
             raise Conflict(f"session: {session!r} belongs to lane {owner!r}, not {lane!r}",
                            "drop --lane, or submit without --session", "session_lane_mismatch")
     req = _Request(cls, payload_json, deadline, lane, tags, session, owner, key, max_attempts)
-    req.hash = hashlib.sha256(canonical([cls, payload_json, deadline, lane, tags, session, max_attempts])
+    req.hash = hashlib.sha256(canonical([cls, payload_json, deadline_as_written, lane, tags, session, max_attempts])
                               .encode()).hexdigest()
     return req
 
@@ -237,7 +261,8 @@ class SubmitRequest:
 
     cls: str
     payload: Any
-    deadline: float | None = None
+    deadline: float | str | None = None
+    """Seconds since the epoch, or a relative deadline as text (``+30m``): see ``relative_deadline``."""
     lane: str | None = None
     tags: tuple[str, ...] = ()
     session: str | None = None
@@ -252,7 +277,8 @@ _MISSION_INSERT: Final = ("INSERT INTO missions (class, rank, state, payload, re
                           "tags, session, target, deadline, max_attempts, created_at, updated_at) VALUES ")
 
 
-def submit(ledger: Ledger, fleet: LaneSet, *, cls: str, payload: Any, now: float, deadline: float | None = None,
+def submit(ledger: Ledger, fleet: LaneSet, *, cls: str, payload: Any, now: float,
+           deadline: float | str | None = None,
            lane: str | None = None, tags: Iterable[str] = (), session: str | None = None,
            idempotency_key: str | None = None, max_attempts: int | None = None) -> SubmitResult:
     """Queue a mission; the same idempotency key and request returns the existing one (``created=False``)."""
@@ -346,8 +372,17 @@ def _known_sessions(conn: Any, sessions: Sequence[str]) -> dict[str, str]:
     return known
 
 
+def check_requests(fleet: LaneSet, requests: Sequence[SubmitRequest], now: float) -> None:
+    """Every check of ``submit_many`` that needs no ledger (sessions' owners excepted), with the same errors: run
+    it before opening the ledger, so that a refused request creates no ledger file."""
+    if len(requests) > MAX_BATCH:
+        raise invalid("requests", f"{len(requests)} missions in one batch, more than {MAX_BATCH}",
+                      f"split the batch into chunks of at most {MAX_BATCH}", "batch_too_large")
+    _validate_all(fleet, requests, now, None)
+
+
 def _validate_all(fleet: LaneSet, requests: Sequence[SubmitRequest], now: float,
-                  known: Mapping[str, str]) -> list[_Request]:
+                  known: Mapping[str, str] | None) -> list[_Request]:
     out = []
     for i, r in enumerate(requests):
         try:
