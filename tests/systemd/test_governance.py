@@ -25,8 +25,10 @@ failure_rate = 0.5
 fallback_rate = 0.5
 interactive_starvation_sec = 3
 max_lease_expiries = 2
-max_restarts = 3
 cooldown_sec = 0
+
+[health]
+recover_sec = 3
 
 [promotion]
 window_sec = 600
