@@ -135,8 +135,19 @@ class RestartPolicy(Model):
     restart_sec: Annotated[float, Field(ge=0, le=3600)] = 1.0
     start_limit_burst: Annotated[int, Field(ge=1, le=1000)] = 5
     start_limit_interval_sec: Annotated[float, Field(ge=1, le=86400)] = 120.0
-    max_restarts: Annotated[int, Field(ge=1, le=10_000)] = 5
-    """Restarts within the supervisor's window after which the lane counts as degraded."""
+    max_restarts: Annotated[int, Field(ge=1, le=10_000)] = 3
+    """Restarts systemd did on its own within ``health.restart_window_sec`` that make the lane degraded."""
+
+    @model_validator(mode="after")
+    def _degrade_before_the_start_limit(self) -> RestartPolicy:
+        # the start limit counts starts (the first one too): systemd must still be restarting the lane when the
+        # supervisor counts max_restarts restarts, or the lane ends `failed` instead of degraded-then-recovered
+        if self.start_limit_burst <= self.max_restarts:
+            raise ValueError(
+                f"start_limit_burst ({self.start_limit_burst}) must be greater than max_restarts "
+                f"({self.max_restarts}), or systemd stops the lane before the supervisor degrades it; "
+                f"raise start_limit_burst to at least {self.max_restarts + 1} or lower max_restarts")
+        return self
 
 
 class Quota(Model):
@@ -332,10 +343,19 @@ class RollbackSettings(Model):
     fallback_rate: Annotated[float, Field(gt=0, le=1)] = 0.5
     interactive_starvation_sec: Annotated[float, Field(gt=0)] = 120.0
     max_lease_expiries: Annotated[int, Field(ge=1)] = 5
-    max_restarts: Annotated[int, Field(ge=1)] = 5
     cooldown_sec: Annotated[float, Field(ge=0)] = 600.0
     """After an alert (no action taken), the same lane and trigger alert again only after this long."""
     snapshots: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_restart_trigger(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "max_restarts" in data:
+            raise ValueError(
+                "max_restarts is no longer a rollback trigger: a lane that restarts too often becomes degraded "
+                "and recovers by itself (docs/supervisor.md); delete this line and set [restart] max_restarts "
+                "in the lane file instead")
+        return data
 
 
 class PromotionSettings(Model):

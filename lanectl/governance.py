@@ -5,11 +5,16 @@ fallback rates and its p95 queue wait meet the policy, no interactive mission st
 lane is recent enough. ``--force`` records an override with the operator's reason.
 
 *Rollback triggers*, evaluated by the supervisor every tick over ``[rollback] window_sec``: a failure spike, a
-fallback spike, interactive starvation, heartbeat instability (leases expiring) or restart instability. A tripped
-lane is drained, its queued work and idle sessions move to its fallback, a snapshot is captured and a
-``rollback`` event records trigger and evidence. An automatic action never takes out the last healthy lane that
-serves a class: then an ``alert`` is recorded instead (once per cooldown), because a fleet-wide false alarm must
-not become an outage.
+fallback spike, interactive starvation or heartbeat instability (leases expiring). A tripped lane is drained, its
+queued work and idle sessions move to its fallback, a snapshot is captured and a ``rollback`` event records
+trigger and evidence. A lane is judged against the fleet: a failure spike that every lane with evidence shows
+alike is the work's fault, not a lane's, and gives one fleet-wide ``alert`` instead of drains. A lane's evidence
+window starts afresh when it returns to service (an operator's undrain, its recovery from degraded), so the
+failures that got it drained cannot drain it again. An automatic action never takes out the last healthy lane
+that serves a class, and one pass drains at most one lane per trigger (the supervisor's ``govern``): otherwise
+an ``alert`` is recorded instead (once per cooldown), because a fleet-wide false alarm must not become an outage.
+Restart storms are not a rollback trigger: the supervisor degrades such a lane, and it recovers by itself
+(docs/supervisor.md).
 
 All figures come from indexed queries bounded by time, so a tick costs the same on a large ledger.
 """
@@ -111,48 +116,117 @@ def lane_evidence(conn: sqlite3.Connection, lane: str, *, now: float, window_s: 
 
 
 # ------------------------------------------------------------------------------------------------ rollback
+FLEET: str = "*"
+"""The ``lane`` of a fleet-wide trip (every lane shows it alike: the work's fault, not a lane's)."""
+
+
 @dataclass
 class Trip:
     lane: str
     trigger: str
     detail: str
     evidence: dict[str, Any] = field(default_factory=dict)
+    lanes: list[str] = field(default_factory=list)
+    """For a fleet-wide trip (``lane == FLEET``): the lanes that show it."""
+
+    @property
+    def fleet_wide(self) -> bool:
+        return self.lane == FLEET
+
+
+def evidence_starts(conn: sqlite3.Connection, *, now: float, window_s: float) -> dict[str, float]:
+    """Lanes that returned to service within the window, and when: an ``undrain`` (by an operator, or at the end of
+    a graceful restart) or the recovery of a degraded lane. Their evidence counts only from then on."""
+    since = now - window_s
+    starts: dict[str, float] = {}
+    for lane, at in conn.execute("SELECT lane, max(at) FROM events WHERE kind = 'undrain' AND at >= ? "
+                                 "GROUP BY lane", (since,)):
+        if lane is not None:
+            starts[lane] = at
+    for lane, at in conn.execute(
+            "SELECT lane, max(at) FROM events WHERE kind = 'lane_state' AND at >= ? "
+            "AND json_extract(data, '$.to') = 'active' AND json_extract(data, '$.previous') = 'degraded' "
+            "GROUP BY lane", (since,)):
+        if lane is not None:
+            starts[lane] = max(at, starts.get(lane, at))
+    return starts
+
+
+def windowed_evidence(conn: sqlite3.Connection, lanes: list[str], *, now: float,
+                      window_s: float) -> dict[str, LaneEvidence]:
+    """``fleet_evidence`` where each lane's window starts no earlier than its return to service."""
+    starts = evidence_starts(conn, now=now, window_s=window_s)
+    out = fleet_evidence(conn, [n for n in lanes if n not in starts], now=now, window_s=window_s)
+    for name in lanes:
+        if name in starts:
+            out[name] = fleet_evidence(conn, [name], now=now, window_s=max(0.0, now - starts[name]))[name]
+    return out
 
 
 def rollback_trips(conn: sqlite3.Connection, fleet: LaneSet, *, now: float,
                    states: dict[str, str] | None = None) -> list[Trip]:
-    """Every lane (taking work) whose evidence crosses a rollback threshold, with the first trigger it trips."""
+    """Every lane (taking work) whose evidence crosses a rollback threshold, with the first trigger it trips; and
+    one fleet-wide trip (``lane == FLEET``) when the failure spike is everywhere alike (see ``judge_trips``)."""
     pol = fleet.settings.rollback
     if not pol.enabled:
         return []
     states = states if states is not None else dict(conn.execute("SELECT name, state FROM lanes").fetchall())
-    trips = []
-    watched = [n for n, ln in sorted(fleet.lanes.items())
-               if ln.enabled and states.get(n, "active") in ("active", "degraded")]
-    evidence = fleet_evidence(conn, watched, now=now, window_s=pol.window_sec)
-    for name in watched:
+    enabled = [n for n, ln in sorted(fleet.lanes.items()) if ln.enabled]
+    evidence = windowed_evidence(conn, enabled, now=now, window_s=pol.window_sec)
+    return judge_trips(evidence, {n: states.get(n, "active") for n in enabled}, pol)
+
+
+def judge_trips(evidence: dict[str, LaneEvidence], states: dict[str, str], pol: Any) -> list[Trip]:
+    """The rollback rules over the evidence of every enabled lane (a pure function: tests feed it windows).
+
+    - Only lanes taking work (``active``, ``degraded``) can trip; every enabled lane's evidence is the fleet's.
+    - ``failure_spike`` is judged against the fleet: when the other lanes with enough samples all fail at the
+      threshold too, the failures are the work's, and the lane trips nothing; such lanes are reported together as
+      one fleet-wide trip. Peers without enough samples are no evidence either way (the lane is judged alone).
+    - A degraded lane's work goes to its fallback by design: that traffic is no ``fallback_spike`` of its own.
+    """
+    trips: list[Trip] = []
+    alike: list[str] = []
+    for name in sorted(evidence):
+        if states.get(name, "active") not in ("active", "degraded"):
+            continue
         ev = evidence[name]
-        trip = _first_trigger(ev, pol)
-        if trip is not None:
-            trips.append(Trip(name, trip[0], trip[1], ev.as_dict()))
+        for trigger, detail in _triggers(ev, pol, degraded=states.get(name) == "degraded"):
+            if trigger == "failure_spike":
+                peers = [p for n, p in evidence.items() if n != name and p.finished >= pol.min_samples]
+                if peers and all(p.failure_rate >= pol.failure_rate for p in peers):
+                    alike.append(name)
+                    continue  # the work's fault: look at the lane's other triggers
+            trips.append(Trip(name, trigger, detail, ev.as_dict()))
+            break
+    if alike:
+        failing = sorted(n for n, p in evidence.items()
+                         if p.finished >= pol.min_samples and p.failure_rate >= pol.failure_rate)
+        finished = sum(evidence[n].finished for n in failing)
+        failed = sum(evidence[n].failed for n in failing)
+        trips.append(Trip(FLEET, "failure_spike",
+                          f"every lane with evidence fails alike ({', '.join(failing)}: {failed} of {finished} "
+                          f"failed, >= {pol.failure_rate:.0%} each): the work, not a lane",
+                          {n: evidence[n].as_dict() for n in failing}, failing))
     return trips
 
 
-def _first_trigger(ev: LaneEvidence, pol: Any) -> tuple[str, str] | None:
+def _triggers(ev: LaneEvidence, pol: Any, *, degraded: bool = False) -> list[tuple[str, str]]:
+    out = []
     if ev.finished >= pol.min_samples and ev.failure_rate >= pol.failure_rate:
-        return "failure_spike", f"failure rate {ev.failure_rate:.0%} of {ev.finished} >= {pol.failure_rate:.0%}"
+        out.append(("failure_spike",
+                    f"failure rate {ev.failure_rate:.0%} of {ev.finished} >= {pol.failure_rate:.0%}"))
     meant = ev.dispatched + ev.fallback_away
-    if meant >= pol.min_samples and ev.fallback_rate >= pol.fallback_rate:
-        return "fallback_spike", f"fallback rate {ev.fallback_rate:.0%} of {meant} >= {pol.fallback_rate:.0%}"
+    if not degraded and meant >= pol.min_samples and ev.fallback_rate >= pol.fallback_rate:
+        out.append(("fallback_spike",
+                    f"fallback rate {ev.fallback_rate:.0%} of {meant} >= {pol.fallback_rate:.0%}"))
     if ev.oldest_interactive_wait_s >= pol.interactive_starvation_sec:
-        return ("interactive_starvation",
-                f"an interactive mission bound to it waits {ev.oldest_interactive_wait_s:.0f}s "
-                f">= {pol.interactive_starvation_sec:g}s")
+        out.append(("interactive_starvation",
+                    f"an interactive mission bound to it waits {ev.oldest_interactive_wait_s:.0f}s "
+                    f">= {pol.interactive_starvation_sec:g}s"))
     if ev.lease_expiries >= pol.max_lease_expiries:
-        return "heartbeat_instability", f"{ev.lease_expiries} leases expired >= {pol.max_lease_expiries}"
-    if ev.restarts >= pol.max_restarts:
-        return "restart_instability", f"{ev.restarts} restarts >= {pol.max_restarts}"
-    return None
+        out.append(("heartbeat_instability", f"{ev.lease_expiries} leases expired >= {pol.max_lease_expiries}"))
+    return out
 
 
 def last_healthy_for(fleet: LaneSet, lane: str, states: dict[str, str], healthy: dict[str, bool]) -> list[str]:

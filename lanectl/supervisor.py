@@ -518,27 +518,43 @@ class Supervisor:
 
     def govern(self, now: float) -> None:
         """Rollback triggers: drain a tripped lane, move its work to the fallback, snapshot, record; or alert
-        when acting would take out the last healthy lane of a class."""
+        instead when the trip is fleet-wide (the work's fault), when acting would take out the last healthy lane
+        of a class, or when this pass already drained a lane for the same trigger (rollbacks are bounded)."""
         from lanectl import governance
 
         assert self.ledger is not None
         states = dict(self.ledger.conn.execute("SELECT name, state FROM lanes").fetchall())
+        acted: dict[str, str] = {}  # trigger -> the lane this pass drained for it
         for trip in governance.rollback_trips(self.ledger.conn, self.fleet, now=now, states=states):
+            if trip.fleet_wide:
+                self.alert(trip, now, lane=None, lanes=trip.lanes,
+                           reason="not acted on: every lane with evidence shows it alike (the work, not a lane)")
+                continue
+            if trip.trigger in acted:
+                self.alert(trip, now, lane=trip.lane, reason=f"not acted on: this pass already rolled back "
+                                                             f"{acted[trip.trigger]} for {trip.trigger}")
+                continue
             healthy = {n: w.healthy for n, w in self.lanes.items()}
             guard = governance.last_healthy_for(self.fleet, trip.lane, states, healthy)
             if guard:
-                key = (trip.lane, trip.trigger)
-                if now - self.alerted.get(key, 0.0) >= self.settings.rollback.cooldown_sec:
-                    self.alerted[key] = now
-                    log.warning("rollback trigger %s on %s not acted on: last healthy lane for %s", trip.trigger,
-                                trip.lane, ", ".join(guard))
-                    lane_ops.record(self.ledger, EventKind.ALERT, now=now, lane=trip.lane, trigger=trip.trigger,
-                                    detail=trip.detail, evidence=trip.evidence, classes=guard,
-                                    actor="lanectl-supervisor",
-                                    reason="not acted on: it is the last healthy lane for " + ", ".join(guard))
+                self.alert(trip, now, lane=trip.lane, classes=guard,
+                           reason="not acted on: it is the last healthy lane for " + ", ".join(guard))
                 continue
             self.rollback(trip, now)
+            acted[trip.trigger] = trip.lane
             states[trip.lane] = "draining"
+
+    def alert(self, trip: Any, now: float, *, lane: str | None, reason: str, **data: Any) -> None:
+        """An ``alert`` event instead of an action, at most once per ``rollback.cooldown_sec`` per lane (or the
+        fleet) and trigger."""
+        assert self.ledger is not None
+        key = (trip.lane, trip.trigger)
+        if now - self.alerted.get(key, float("-inf")) < self.settings.rollback.cooldown_sec:
+            return
+        self.alerted[key] = now
+        log.warning("rollback trigger %s on %s: %s", trip.trigger, lane or "the fleet", reason)
+        lane_ops.record(self.ledger, EventKind.ALERT, now=now, lane=lane, trigger=trip.trigger, detail=trip.detail,
+                        evidence=trip.evidence, actor="lanectl-supervisor", reason=reason, **data)
 
     def rollback(self, trip: Any, now: float) -> None:
         assert self.ledger is not None
@@ -758,8 +774,10 @@ class Supervisor:
             if w.running and inv and inv != w.invocation:
                 if w.invocation:
                     self.settle_from_log(w, w.invocation, now)
+                # only restarts systemd did on its own (NRestarts) count: an operator's `lanectl restart` or
+                # `apply` starts a new invocation with restarts 0; None: the supervisor cannot tell (it was down)
                 lost = ms.set_lane(self.ledger, w.name, now=now, invocation=inv,
-                                   restarts=max(1, w.unrecorded_restarts) if w.invocation else None)
+                                   restarts=w.unrecorded_restarts if w.invocation else None)
                 w.unrecorded_restarts = 0
                 if lost:
                     self.counters["failovers"] += 1
@@ -780,21 +798,37 @@ class Supervisor:
                                                           for w in watches)
 
     def judge(self, w: LaneWatch, now: float) -> None:
-        """Degrade a lane whose unit failed or that restarts too often; let a stable one recover."""
+        """Degrade a lane whose unit failed or that restarts too often; let a stable one recover.
+
+        A restart storm is ``restart.max_restarts`` restarts systemd did on its own (NRestarts) within
+        ``health.restart_window_sec``; the lane's start limit is above it (config), so systemd is still restarting
+        it when it is degraded. A degraded lane that has been up and healthy for ``health.recover_sec`` with no
+        restart in that time becomes active again, with its restart count and its evidence window started afresh.
+        """
         assert self.ledger is not None
-        storm = len(w.restart_times) > w.max_restarts
+        storm = len(w.restart_times) >= w.max_restarts
+        recover = self.settings.health.recover_sec
         if w.state == "active" and w.enabled and (w.active == "failed" or storm):
-            why = "unit failed" if w.active == "failed" else f"{len(w.restart_times)} restarts in the window"
-            if w.active != "failed" and self.last_healthy_classes(w.name):
-                return  # a restarting lane that is still the only one for a class keeps serving it
+            why = ("unit failed" if w.active == "failed" else
+                   f"restart_instability: {len(w.restart_times)} restarts in "
+                   f"{self.settings.health.restart_window_sec:g}s >= {w.max_restarts}")
+            guard = self.last_healthy_classes(w.name) if w.active != "failed" else []
+            if guard:  # a restarting lane that is still the only one for a class keeps serving it
+                from lanectl.governance import Trip
+
+                self.alert(Trip(w.name, "restart_instability", why), now, lane=w.name, classes=guard,
+                           reason="not degraded: it is the last healthy lane for " + ", ".join(guard))
+                return
             self.degrade(w, why, now)
-        elif (w.state == "degraded" and w.healthy and not storm and w.healthy_since is not None
-              and now - w.healthy_since >= self.settings.health.recover_sec):
+        elif (w.state == "degraded" and w.healthy and w.healthy_since is not None
+              and now - w.healthy_since >= recover
+              and (not w.restart_times or now - w.restart_times[-1] >= recover)):
             with self.ledger.transaction() as conn:
                 conn.execute("UPDATE lanes SET state = 'active', updated_at = ? WHERE name = ?", (now, w.name))
                 append(conn, EventKind.LANE_STATE, now, lane=w.name, to="active", previous="degraded",
-                       reason=f"healthy for {self.settings.health.recover_sec:g}s")
+                       reason=f"healthy for {recover:g}s")
             w.state = "active"
+            w.restart_times.clear()  # the storm that degraded it is over: count afresh
             self.dirty = True
 
     def last_healthy_classes(self, lane: str) -> list[str]:

@@ -4,8 +4,8 @@ Phases: set up a private fleet (ledger on a small tmpfs, a 4th lane `delta` runn
 producers at a steady rate across the three classes while a seeded schedule injects faults, stop, heal every
 fault, wait (bounded) for every mission to end, then reconcile every accepted mission against the ledger (read
 only) and against what the lanes executed (every lane's .lanectl/executions.log). The last line of stdout is
-`key=value` pairs; the exit status is 1 when lost, duplicated or orphaned is not 0 or a fault kind was never
-injected, 2 when the fleet could not be set up.
+`key=value` pairs; the exit status is 1 when lost, duplicated or orphaned is not 0, a fault kind was never
+injected or the always-failing burst (fail_burst) drained more than one lane, 2 when the fleet could not be set up.
 
 Everything is bounded: the run (--duration), every fault, every command (timeouts), and the final wait (--wait).
 Loopback only: the lanes and the supervisor listen on 127.0.0.1, inside the sandbox's own network namespace.
@@ -44,7 +44,10 @@ TERMINAL = ("succeeded", "failed", "dead", "cancelled", "expired")
 SUPERVISOR_UNIT = "lanectl-supervisor.service"
 SUPERVISOR_URL = "http://127.0.0.1:8700/healthz"
 # every kind of fault; each is injected at least once per run
-KINDS = ["kill_lane", "stop_lane", "kill_supervisor", "http500", "silent", "disk_full", "drain", "reroute", "apply"]
+KINDS = ["kill_lane", "stop_lane", "kill_supervisor", "http500", "silent", "disk_full", "drain", "reroute", "apply",
+         "fail_burst"]
+BURST = 36
+"""fail_burst: this many missions that always fail (/bin/false), unpinned deadline work every lane may take."""
 DELTA_TOML = """# chaos-only lane: the reference runtime with a switchable failure mode (scripts/chaos_lane.py)
 description = "chaos lane"
 port = 8704
@@ -291,6 +294,8 @@ class Faults:
         self.stopped_pids: list[tuple[str, int, float]] = []
         self.anomalies: list[str] = []
         self.gen = 0
+        self.burst_ids: list[int] = []
+        self.burst_at: list[float] = []
         lo, hi = 3.0, max(duration - 8.0, 12.0)
         self.kinds = kinds or KINDS
         n = max(len(self.kinds), int((hi - lo) / every))
@@ -463,6 +468,39 @@ class Faults:
                         f"{f' after {refused} refusal(s) (exit 6)' if refused else ''}", ok=proc.returncode == 0)
             if proc.returncode != 0:
                 self.anomaly(f"lanectl apply exited {proc.returncode}: {errtext(proc)}")
+
+
+    def f_fail_burst(self, p: float, c: int) -> None:
+        """Missions that always fail, all at once: the work's fault, not a lane's. The rollback rules may drain at
+        most one lane for it (docs/governance.md); the run counts the lanes drained after it (burst_drained)."""
+        from lanectl.client import Client
+        from lanectl.errors import LanectlError
+
+        ids, refused = [], 0
+        at = time.time()
+        client = Client(config_dir=str(CONFIG_DIR))
+        try:
+            for _ in range(BURST):
+                try:
+                    ids.append(client.submit("deadline", {"argv": ["/bin/false"]}, deadline=time.time() + 600).id)
+                except LanectlError:
+                    refused += 1
+        finally:
+            client.close()
+        with self.lock:
+            self.burst_ids += ids
+            self.burst_at.append(at)
+        self.record("fail_burst", "deadline", f"{len(ids)} missions running /bin/false submitted"
+                    f"{f', {refused} refused' if refused else ''}", ok=bool(ids))
+
+
+def burst_drained(faults: Faults) -> list[str]:
+    """Lanes a failure_spike rollback drained after the first fail_burst (at most one may be)."""
+    if not faults.burst_at:
+        return []
+    return [r[0] for r in ledger_rows(
+        "SELECT DISTINCT lane FROM events WHERE kind = 'rollback' AND at >= ? "
+        "AND json_extract(data, '$.trigger') = 'failure_spike' ORDER BY lane", min(faults.burst_at))]
 
 
 # ------------------------------------------------------------------------------------------------ heal, wait
@@ -694,13 +732,15 @@ def main() -> int:
     say(f"load stopped: {len(prod.ids)} submitted; waiting for faults in progress")
     faults.join(timeout=180)
     ran_for = time.monotonic() - t_start
+    drained_by_burst = burst_drained(faults)  # before heal undrains them
     say("healing every fault")
     heal(faults)
-    waited = wait_terminal(prod.ids, a.wait)
-    rec = reconcile(prod.ids)
+    all_ids = prod.ids + faults.burst_ids
+    waited = wait_terminal(all_ids, a.wait)
+    rec = reconcile(all_ids)
     integ = integrity()
 
-    submitted = len(prod.ids)
+    submitted = len(all_ids)
     st = rec["states"]
     refused = sum(prod.refused.values()) + sum(prod.raw_errors.values())
     p99 = pct(rec["waits"], 99)
@@ -715,6 +755,7 @@ def main() -> int:
         "p99_interactive_wait_ms": round(p99, 1), "retried": rec["retried"], "reran": rec["reran"],
         "executions": rec["executions"], "swallowed": rec["swallowed"], "anomalies": len(faults.anomalies),
         "integrity": "ok" if integ == "ok" else "FAILED", "ledger_read_errors": sum(READ_ERRORS.values()),
+        "burst_drained": len(drained_by_burst),
         **{f"faults_{k}": faults.counts[k] for k in KINDS},
     }
     out = sys.stdout
@@ -734,6 +775,9 @@ def main() -> int:
         print(f"  read-only ledger reads that failed (retried): {dict(READ_ERRORS)}", file=out)
     lanes_now = ledger_rows("SELECT name, state FROM lanes ORDER BY name")
     print(f"  lanes in the ledger at the end: {dict(lanes_now)}", file=out)
+    if faults.burst_at:
+        print(f"  fail_burst: {len(faults.burst_ids)} always-failing missions; lanes drained by failure_spike "
+              f"after it: {drained_by_burst or 'none'} (at most 1)", file=out)
     print(f"  lost {len(rec['lost_ids'])} (missing {len(rec['missing'])}, not terminal {len(rec['not_terminal'])}, "
           f"succeeded without a logged execution {len(rec['succeeded_no_exec'])}); duplicated "
           f"{len(rec['dup_ids'])} (ledger {len(rec['dup_ledger'])}, executions {len(rec['dup_exec'])}); "
@@ -763,7 +807,8 @@ def main() -> int:
                                               "raw_errors": dict(prod.raw_errors)}, indent=1))
     out.flush()
     print(" ".join(f"{k}={v}" for k, v in summary.items()), flush=True)
-    bad = summary["lost"] or summary["duplicated"] or summary["orphaned"] or missing_kinds or integ != "ok"
+    bad = (summary["lost"] or summary["duplicated"] or summary["orphaned"] or missing_kinds or integ != "ok"
+           or len(drained_by_burst) > 1)
     return 1 if bad else 0
 
 

@@ -32,7 +32,7 @@ class EventKind(StrEnum):
     SESSION_CREATED = "session_created"  #: a session got its owner lane
     SESSION_MOVED = "session_moved"  #: a session moved to another lane (fallback or reroute)
     LANE_STATE = "lane_state"  #: a lane's dispatch state or health changed
-    LANE_INVOCATION = "lane_invocation"  #: a lane restarted (new systemd InvocationID)
+    LANE_INVOCATION = "lane_invocation"  #: new InvocationID (data: restarts, automatic ones only)
     DRAIN = "drain"  #: an operator drained a lane (data: actor, reason)
     UNDRAIN = "undrain"  #: an operator put a drained lane back into service (data: actor, reason)
     REROUTE = "reroute"  #: an operator moved a lane's queued work (data: to, missions, sessions, actor, reason)
@@ -43,7 +43,7 @@ class EventKind(StrEnum):
     PROMOTE = "promote"  #: a lane's weight was raised on evidence, or forced (data: weight, evidence, forced, actor)
     PROMOTE_REFUSED = "promote_refused"  #: a promotion was refused: the evidence did not meet the policy
     ROLLBACK = "rollback"  #: a rollback trigger drained a lane and moved its work (data: trigger, evidence, snapshot)
-    ALERT = "alert"  #: a trigger fired but acting would take out the last healthy lane of a class
+    ALERT = "alert"  #: a trigger not acted on: fleet-wide, last healthy lane, or one rollback per pass
     DRILL = "drill"  #: a recovery drill ran (data: type, detect_s, recover_s, orphaned, passed)
 
 
