@@ -56,7 +56,8 @@ def write_config(d: Path, ledger_table: str | None) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     (d / "lanes.d").mkdir(exist_ok=True)
     (d / "lanes.d" / "alpha.toml").write_text('port = 9001\nworkspace = "/var/lib/lanes/alpha"\ncapacity = 2\n')
-    (d / "lanectl.toml").write_text(ledger_table or "")
+    # the box's state (secret, keys) in the test's own directory, never the host's /var/lib/lanectl
+    (d / "lanectl.toml").write_text(f'state_dir = "{d.parent / "state"}"\n' + (ledger_table or ""))
     return d
 
 
@@ -84,7 +85,8 @@ def test_supervisor_and_checkpointer_use_the_configured_synchronous(tmp_path: Pa
     fleet = config.load(write_config(tmp_path / "etc", table))
     ledger = tmp_path / "state" / "ledger.db"
     with traced_sql() as trace:
-        sup = Supervisor(fleet, ledger, use_systemd=False)
+        # its callback socket in the test's directory; its TCP port may be taken: it retries that and runs on
+        sup = Supervisor(fleet, ledger, use_systemd=False, callback_socket=tmp_path / "cb.sock", lane_uids={})
         sup.open()
         try:
             assert sup.ledger is not None

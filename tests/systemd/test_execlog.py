@@ -212,8 +212,6 @@ os.kill(os.getppid(), signal.SIGKILL)
 '''
 
 
-@pytest.mark.xfail(strict=True, reason="a mission reads the dispatch key from /proc/PPID/environ until the runtime "
-                                       "is non-dumpable (helper AUTH); drop this mark when that is merged")
 def test_a_mission_cannot_steal_the_log_key(fleet: Fleet) -> None:
     wait_for(lambda: all_up(fleet) and lane_ready(fleet, "alpha"), 90, interval=0.5, what="all lanes healthy")
     (victim,) = submit_many(fleet, [{"cls": "deadline", "lane": "alpha", "argv": ["/bin/sh", "-c",
