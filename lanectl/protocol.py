@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 MAX_BODY = 1 << 20
 """Largest request body either side accepts (413 beyond)."""
@@ -353,6 +353,32 @@ def peer_cred(sock: socket.socket) -> tuple[int, int, int]:
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", raw)
     return pid, uid, gid
+
+
+_ANY_OR_LOOPBACK: Final = frozenset({"0100007F", "00000000", "00000000000000000000000000000000",
+                                      "00000000000000000000000001000000", "0000000000000000FFFF00000100007F"})
+
+
+def tcp_listener_uids(ports: set[int], proc_net: str = "/proc/net") -> dict[int, set[int]]:
+    """For each port, the uids owning the sockets that listen on it on loopback or any address, from the kernel's
+    socket tables (``/proc/net/tcp`` and ``tcp6`` of this network namespace: the lanes'). What answers a dispatch
+    to 127.0.0.1:PORT is one of them; a lane's port held by any other uid is not the lane."""
+    out: dict[int, set[int]] = {p: set() for p in ports}
+    for name in ("tcp", "tcp6"):
+        try:
+            with open(os.path.join(proc_net, name), encoding="ascii", errors="replace") as fh:
+                next(fh, None)
+                for line in fh:
+                    f = line.split()
+                    if len(f) < 8 or f[3] != "0A":  # 0A: LISTEN
+                        continue
+                    addr, _, port = f[1].rpartition(":")
+                    p = int(port, 16)
+                    if p in out and addr in _ANY_OR_LOOPBACK:
+                        out[p].add(int(f[7]))
+        except (OSError, ValueError):
+            continue
+    return out
 
 
 class PeerMismatch(OSError):

@@ -381,7 +381,8 @@ class LaneRuntime:
 
             def do_GET(self) -> None:  # noqa: N802 (http.server naming)
                 if self.path.split("?", 1)[0] in (runtime.info.health_path, "/healthz"):
-                    self._send(200, runtime.health())
+                    # while it stops (missions being ended, the port still held) the lane is not up
+                    self._send(503 if runtime.stop.is_set() else 200, runtime.health())
                 else:
                     self._send(404, {"error": "not_found", "message": f"no endpoint {self.path[:100]}"})
 
@@ -433,6 +434,8 @@ class LaneRuntime:
         argv = payload.get("argv") if isinstance(payload, dict) else None
         if not (isinstance(argv, list) and argv and all(isinstance(a, str) for a in argv)):
             return "the reference runtime runs payload.argv, a non-empty list of strings"
+        if any("\0" in a for a in argv):
+            return "payload.argv may not contain NUL characters (no program can receive them)"
         timeout = payload.get("timeout_sec", float(os.environ.get("LANECTL_MISSION_TIMEOUT", DEFAULT_TIMEOUT_S)))
         if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
             return "payload.timeout_sec must be a positive number"
@@ -445,8 +448,8 @@ class LaneRuntime:
             with open(r.out_path, "wb") as out:
                 r.proc = subprocess.Popen(argv, cwd=self.info.workspace, stdin=subprocess.DEVNULL, stdout=out,
                                           stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        except OSError as exc:
-            return f"cannot start {argv[0]!r}: {exc.strerror or exc}"
+        except (OSError, ValueError) as exc:
+            return f"cannot start {argv[0]!r}: {getattr(exc, 'strerror', None) or exc}"
         r.deadline_at = time.monotonic() + float(timeout)
         return None
 
@@ -506,7 +509,11 @@ class LaneRuntime:
                 if r.cancel_requested:
                     self.finish(r, "cancelled", error="cancelled before it started")
                     continue
-                err = self.start_mission(r)
+                try:
+                    err = self.start_mission(r)
+                except Exception as exc:  # a mission must never take its lane down with it
+                    log.exception("mission %d attempt %d could not be started", r.msg.mission, r.msg.attempt)
+                    err = f"the runtime could not start it: {type(exc).__name__}: {exc}"[:2000]
                 r.started_at = now
                 if err is not None:
                     r.started_at = None
@@ -587,8 +594,6 @@ class LaneRuntime:
         """SIGTERM: stop taking work, end running missions; the supervisor re-queues them (new invocation)."""
         self.notifier.send("STOPPING=1\nSTATUS=stopping")
         assert self.server is not None
-        self.server.shutdown()
-        self.server.server_close()
         end = time.monotonic() + KILL_GRACE_S
         with self.lock:
             held = list(self.held.values())
@@ -596,6 +601,10 @@ class LaneRuntime:
             self.kill_mission(r, time.monotonic())
         while any(r.proc is not None and r.proc.poll() is None for r in held) and time.monotonic() < end:
             time.sleep(0.05)
+        # The listening socket stays open (new dispatches get 503 "stopping") until the process exits: a port
+        # freed while the runtime still lives would let another local process take it while the supervisor
+        # still counts this lane as up (issue 10); at exit the supervisor's pidfd sees it go at once.
+        self.server.shutdown()
         return 0
 
 

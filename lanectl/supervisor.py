@@ -48,7 +48,8 @@ from lanectl.ledger import lanes as lane_ops
 from lanectl.ledger import tick as ticks
 from lanectl.ledger.events import EventKind, append
 from lanectl.protocol import (BadMessage, BoundedServer, CallbackMsg, DeadlineHandler, DispatchMsg, LogScan, log_key,
-                              parse_callback, peer_cred, read_body, scan_execution_log, send_json)
+                              parse_callback, peer_cred, read_body, scan_execution_log, send_json,
+                              tcp_listener_uids)
 from lanectl.status import check_health_many
 from lanectl.units import unit_name
 
@@ -755,6 +756,8 @@ class Supervisor:
         else:
             props = {}
         healths = check_health_many([(w.port, w.health_path) for w in watches], self.settings.health.health_timeout_sec)
+        # who holds each lane's port: only the lane's own user may (with systemd: real lane users)
+        holders = tcp_listener_uids({w.port for w in watches}) if self.use_systemd else {}
         states = dict(self.ledger.conn.execute("SELECT name, state FROM lanes").fetchall())
         for w, h in zip(watches, healths):
             p = props.get(w.unit, {})
@@ -787,6 +790,13 @@ class Supervisor:
                 self.watch_pid(w, int(p.get("MainPID") or 0) if w.running else 0)
             body = h.body or {}
             ok = h.ok and (not self.use_systemd or w.running) and body.get("lane", w.name) == w.name
+            uid = self.lane_uid(w.name) if holders else None
+            if ok and uid is not None and holders.get(w.port) != {uid}:
+                ok = False  # another process holds the lane's port: it would get the lane's dispatches and key
+                if self.alerted.get((w.name, "port_taken"), 0.0) < now - 60:
+                    self.alerted[(w.name, "port_taken")] = now
+                    log.error("lane %s: port %d is held by uid(s) %s, not by the lane's user (uid %d): no work is "
+                              "sent there", w.name, w.port, sorted(holders.get(w.port) or ()), uid)
             self.set_health(w, ok, now)
             if ok:
                 w.held = {int(x) for x in body.get("missions", []) if isinstance(x, int)}

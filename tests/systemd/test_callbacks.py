@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from typing import Any
 
 import pytest
@@ -161,6 +162,80 @@ def test_a_squatter_on_the_supervisor_address_gets_nothing_of_another_lane(fleet
     assert "callback_rejected" not in kinds and kinds.count("succeeded") == 1, kinds
     # beta's lane row says nothing of alpha either
     assert sql(fleet, "SELECT count(*) FROM attempts WHERE mission = ? AND lane != 'beta'", real)[0][0] == 0
+
+
+# ---------------------------------------------------------------------------------------------------- lane port
+LANE_SQUAT = r'''
+import json, socket, sys, time
+port, lane = int(sys.argv[1]), sys.argv[2]
+out = {"bound": None, "requests": []}
+s = None
+end = time.monotonic() + 40
+while time.monotonic() < end:  # take the other lane's port the moment it is free
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind(("127.0.0.1", port))
+        s.listen(64)
+        break
+    except OSError:
+        s.close()
+        s = None
+        time.sleep(0.003)
+if s is not None:
+    out["bound"] = time.time()
+    print("bound", flush=True)
+    s.settimeout(0.2)
+    hold = time.monotonic() + 12
+    while time.monotonic() < hold:  # pose as the lane: healthy, accepting every dispatch
+        try:
+            c, _ = s.accept()
+        except OSError:
+            continue
+        c.settimeout(1)
+        try:
+            head = c.recv(65536).decode("latin-1")
+            out["requests"].append(head.split("\r\n", 1)[0] + (" AUTH" if "uthorization" in head else ""))
+            body = json.dumps({"lane": lane, "pid": 1, "invocation": "x", "in_flight": 0, "capacity": 4,
+                               "missions": [], "reporting": []}).encode()
+            code = b"200 OK" if head.startswith("GET") else b"202 Accepted"
+            c.sendall(b"HTTP/1.1 " + code + b"\r\nContent-Type: application/json\r\nContent-Length: "
+                      + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+        except OSError:
+            pass
+        c.close()
+    s.close()
+print(json.dumps(out), flush=True)
+'''
+
+
+def test_a_mission_squatting_another_lanes_port_while_it_restarts_gets_no_dispatch(fleet: Fleet) -> None:
+    """Found by the issue-10 attack: beta's runtime closed its port as soon as it began to stop and then waited
+    for its missions; a mission on alpha bound the port, answered /healthz as beta and was sent beta's dispatches
+    with beta's key. Now the runtime holds its port until it exits (the supervisor sees the exit at once) and the
+    supervisor sends nothing to a lane whose port another uid holds."""
+    wait_for(lambda: all_up(fleet), 60, interval=0.5, what="all lanes healthy")
+    squat = mission(fleet, "alpha", LANE_SQUAT, "8702", "beta")
+    (slow,) = submit_many(fleet, [{"cls": "background", "lane": "beta",
+                                   "argv": ["/bin/sh", "-c", 'trap "sleep 4; exit 0" TERM; sleep 300 & wait']}])
+    wait_for(lambda: running(fleet, squat, slow), 30, what="the squatter and beta's slow-to-stop mission to run")
+    fleet.sb.exec(["systemctl", "restart", "--no-block", "lanectl-lane@beta.service"], check=True)
+    try:
+        pinned = []
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # work for beta keeps coming while it restarts
+            pinned += submit_many(fleet, [{"cls": "background", "lane": "beta", "argv": ["/bin/true"]}])
+            time.sleep(0.5)
+        st = wait_terminal(fleet, [squat], 60)
+        report = last_json(output(fleet, "alpha", squat))
+        assert st[squat] == "succeeded" and report is not None, output(fleet, "alpha", squat)
+        assert not [r for r in report["requests"] if r.startswith("POST") or r.endswith("AUTH")], report
+    finally:  # beta could not bind while the squatter held its port: put it back for the next tests
+        fleet.sb.exec(["systemctl", "reset-failed", "lanectl-lane@beta.service"], check=False)
+        fleet.sb.exec(["systemctl", "restart", "lanectl-lane@beta.service"], check=False)
+        wait_for(lambda: all_up(fleet), 90, interval=0.5, what="all lanes healthy again")
+    wait_terminal(fleet, pinned, 120)  # nothing was lost to the squatter: beta (or its fallback) ran them all
+    assert all(s == "succeeded" for s in states(fleet, pinned).values()), states(fleet, pinned)
 
 
 # ---------------------------------------------------------------------------------------------------- /proc

@@ -1,0 +1,51 @@
+"""Fixes from the issue-10 attack: who holds a lane's port (read from the kernel), and a mission that cannot even
+be started fails alone instead of taking its lane's runtime down."""
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+
+from lanectl.protocol import DispatchMsg, tcp_listener_uids
+from lanectl.runtime import LaneInfo, LaneRuntime, Running
+
+
+def test_the_listener_of_a_port_and_its_uid_come_from_the_kernel() -> None:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    try:
+        assert tcp_listener_uids({port}) == {port: set()}  # bound, not listening: nobody answers there
+        s.listen(1)
+        assert tcp_listener_uids({port}) == {port: {os.getuid()}}
+    finally:
+        s.close()
+    assert tcp_listener_uids({port}) == {port: set()}
+
+
+def _runtime(tmp_path: Path) -> LaneRuntime:
+    return LaneRuntime(LaneInfo("alpha", 0, str(tmp_path), "alpha", 2, dispatch_key="k" * 64))
+
+
+def test_a_nul_in_argv_fails_the_mission_and_not_the_runtime(tmp_path: Path) -> None:
+    rt = _runtime(tmp_path)
+    (tmp_path / ".lanectl" / "out").mkdir(parents=True)
+    msg = DispatchMsg(1, 1, "alpha", "t", "background", None, None, {"argv": ["/bin/echo", "a\0b"]})
+    err = rt.start_mission(Running(msg, time.monotonic()))
+    assert err is not None and "NUL" in err
+
+
+def test_a_runtime_whose_start_raises_fails_that_mission_only(tmp_path: Path) -> None:
+    class Broken(LaneRuntime):
+        def start_mission(self, r: Running) -> str | None:
+            raise ValueError("embedded null byte")
+
+    rt = Broken(LaneInfo("alpha", 0, str(tmp_path), "alpha", 2, dispatch_key="k" * 64))
+    (tmp_path / ".lanectl" / "out").mkdir(parents=True)
+    msg = DispatchMsg(7, 1, "alpha", "t", "background", None, None, {"argv": ["/bin/true"]})
+    rt.held[7] = Running(msg, time.monotonic())
+    rt.work_once()  # must not raise
+    assert 7 not in rt.held
+    cb = rt.reporter.q.get_nowait()  # the callback the lane will deliver (its reporter thread is not started)
+    assert (cb.mission, cb.event) == (7, "failed") and "embedded null byte" in (cb.error or "")
