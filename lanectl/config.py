@@ -743,6 +743,20 @@ def check_secret_file(path: str, file: str, lane: str) -> list[Problem]:
         return [Problem(f"secret_env_file {path} is owned by uid {st.st_uid} with mode {stat.S_IMODE(st.st_mode):04o}"
                         "; other users could read or change it", file, "secret_env_file",
                         f"chown root:root {path} && chmod 0600 {path}", "secret_env_unsafe", lane)]
+    # whoever can write a directory on its path can put another file in its place (a lane's workspace holding
+    # another lane's secret file would hand that lane's environment, and its key, to the first lane's missions)
+    for parent in PurePosixPath(path).parents:
+        try:
+            pst = os.stat(parent)
+        except OSError as exc:
+            return [Problem(f"secret_env_file {path}: {parent} cannot be checked: {exc.strerror}", file,
+                            "secret_env_file", "run validate/install as root", "secret_env_unreadable", lane)]
+        if pst.st_uid != 0 or (pst.st_mode & 0o022 and not pst.st_mode & stat.S_ISVTX):  # sticky: only root may
+            # rename or remove root's file there
+            return [Problem(f"secret_env_file {path} is inside {parent}, which uid {pst.st_uid} owns with mode "
+                            f"{stat.S_IMODE(pst.st_mode):04o}: someone other than root could replace the file",
+                            file, "secret_env_file", "keep secret files in a directory only root can write, e.g. "
+                            f"/etc/lanectl/secrets/{lane}.env", "secret_env_unsafe", lane)]
     try:  # as root (install): its names must not override what lanectl or systemd set (values never shown)
         with open(path, encoding="utf-8", errors="replace") as fh:
             names = [ln.split("=", 1)[0].strip().removeprefix("export ").strip() for ln in fh

@@ -187,6 +187,28 @@ def test_a_symlinked_secret_env_file_is_refused(one_lane: Path, tmp_path: Path) 
     assert [e["code"] for e in errors_of(one_lane)] == ["secret_env_unsafe"]
 
 
+def test_a_secret_env_file_in_a_directory_another_user_can_write_is_refused(one_lane: Path, tmp_path: Path) -> None:
+    """Found by the issue-10 attack: gamma's secret file in alpha's workspace let alpha's missions replace it (and
+    set gamma's dispatch key). Every directory on the path must be root's and not writable by others."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to own files as root and as another user")
+    other = tmp_path / "other-lanes-workspace"
+    other.mkdir()
+    f = other / "alpha.env"
+    f.write_text("TOKEN=s3cret\n")
+    os.chmod(f, 0o600)
+    os.chown(other, 65534, 65534)
+    secret_lane(one_lane, f)
+    errs = errors_of(one_lane)
+    assert [(e["field"], e["code"]) for e in errs] == [("secret_env_file", "secret_env_unsafe")]
+    assert "only root can write" in errs[0]["hint"]
+    os.chown(other, 0, 0)
+    os.chmod(other, 0o777)  # world-writable without the sticky bit: anyone may rename root's file away
+    assert [e["code"] for e in errors_of(one_lane)] == ["secret_env_unsafe"]
+    os.chmod(other, 0o1777)  # sticky, like /tmp: only root may rename or remove root's file
+    assert validate(one_lane)[0] == 0
+
+
 def test_a_secret_env_file_inside_the_workspace_is_refused(one_lane: Path) -> None:
     secret_lane(one_lane, Path("/var/lib/lanes/alpha/secret.env"))
     code, doc = validate(one_lane)
