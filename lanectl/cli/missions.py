@@ -188,6 +188,8 @@ def read_batch_stream(fh: BinaryIO, source: str, now: float) -> tuple[list[ms.Su
             doc = json.loads(line)
         except ValueError as exc:
             raise _batch_error(source, where, f"is not JSON ({exc})", "write one JSON object per line") from exc
+        except RecursionError as exc:
+            raise _batch_error(source, where, "is nested too deeply to read", "flatten the payload") from exc
         try:
             item = BatchLine.model_validate(doc)
         except ValidationError as exc:

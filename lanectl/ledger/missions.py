@@ -15,6 +15,7 @@ import base64
 import hashlib
 import hmac
 import json
+import math
 import re
 import secrets
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -42,6 +43,10 @@ KEY_RE: Final = re.compile(r"^[\x21-\x7e]{1,200}$")
 RELATIVE_RE: Final = re.compile(r"^\+(\d+(?:\.\d+)?)([smhd])$")
 """A relative deadline as a producer writes it: +30s, +10m, +2h, +1d."""
 _UNIT_S: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+MAX_DEADLINE: Final = 253402300799.0
+"""9999-12-31T23:59:59Z: the latest deadline (every reader prints deadlines as dates)."""
 
 
 def relative_deadline(text: str, now: float) -> float | None:
@@ -180,7 +185,7 @@ def _validate(fleet: LaneSet, *, cls: str, payload: Any, deadline: float | str |
                           "payload_not_json") from exc
     try:
         payload_json = canonical(payload)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:
         raise invalid("payload", f"cannot be stored as JSON ({exc})", "use only JSON types (no NaN)",
                       "payload_not_json") from exc
     size = len(payload_json.encode())
@@ -198,6 +203,10 @@ def _validate(fleet: LaneSet, *, cls: str, payload: Any, deadline: float | str |
             raise invalid("deadline", f"{deadline!r} is not a relative deadline",
                           "give +30s, +10m, +2h or +1d, or a time as seconds since the epoch", "bad_deadline")
         deadline, deadline_as_written = resolved, {"relative": text}
+    if deadline is not None and not (isinstance(deadline, (int, float)) and math.isfinite(deadline)
+                                     and deadline <= MAX_DEADLINE):
+        raise invalid("deadline", f"{deadline!r} is not a time lanectl can store (at most {iso(MAX_DEADLINE)})",
+                      "give a time before the year 10000, e.g. --deadline +30d", "bad_deadline")
     if deadline is not None and deadline <= now:
         raise invalid("deadline", f"{iso(deadline)} is not in the future (now {iso(now)})",
                       "give a later time, e.g. --deadline +10m", "deadline_past")

@@ -160,3 +160,24 @@ def test_the_client_takes_a_relative_deadline_as_text(led, tmp_path):
     with pytest.raises(LanectlError) as ei:
         ms.submit(led, fleet, cls="deadline", payload=1, now=T0, deadline="tomorrow")
     assert ei.value.code == "bad_deadline"
+
+
+# ------------------------------------------------------------------------------------------ found by the attack
+@pytest.mark.parametrize("line", [
+    '{"argv": ["true"], "deadline": NaN}',
+    '{"argv": ["true"], "deadline": 1e400}',
+    '{"payload": ' + "[" * 100_000 + "]" * 100_000 + "}",
+], ids=["nan-deadline", "infinite-deadline", "deeply-nested"])
+def test_odd_batch_lines_are_refused_cleanly_and_write_nothing(app, env, line):
+    res, doc = run(app, "submit", "--batch", "-", input=line + "\n")
+    assert res.exit_code == ExitCode.USAGE and doc is not None, res.output
+    assert not (env / "state" / "ledger.db").exists()
+
+
+def test_a_deadline_no_date_can_show_is_refused_before_it_breaks_every_reader(app, env):
+    """A +99999999999d deadline was stored, then `missions`, `mission show` and `metrics` failed on it."""
+    res, doc = run(app, "submit", "--class", "deadline", "--deadline", "+99999999999d", "--payload", "{}")
+    assert res.exit_code == ExitCode.USAGE and doc["errors"][0]["code"] == "bad_deadline", res.output
+    assert not (env / "state" / "ledger.db").exists()
+    res, doc = run(app, "submit", "--class", "deadline", "--deadline", "+30d", "--payload", "{}")
+    assert res.exit_code == 0, res.output
