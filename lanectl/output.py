@@ -105,6 +105,12 @@ def command(*name: str) -> Callable[[F], F]:
                 return fn(*args, **kwargs)
             except LanectlError as exc:
                 fail(list(name), exc, bool(kwargs.get("json_out")))
+            except PermissionError as exc:  # a file or directory this user may not write (or read)
+                where = f" {exc.filename}" if exc.filename else ""
+                fail(list(name), LanectlError(
+                    f"permission denied:{where} ({exc.strerror or exc})",
+                    "run it as root (sudo lanectl ...): it writes lanectl's state, units or lane files",
+                    "permission_denied", ExitCode.UNAVAILABLE), bool(kwargs.get("json_out")))
             except Exception as exc:
                 sqlite3 = sys.modules.get("sqlite3")
                 if sqlite3 is None or not isinstance(exc, sqlite3.Error):

@@ -153,3 +153,16 @@ def test_a_corrupt_ledger_is_corrupt_not_busy(box: Path) -> None:
     assert err["code"] == "ledger_corrupt" and str(path) in err["message"]
     code, doc, _ = lanectl(box, *SUBMIT)
     assert code == ExitCode.CONFIG and error_of(doc)["code"] == "ledger_corrupt"
+
+
+def test_a_command_that_writes_files_this_user_may_not_says_so_without_a_traceback(box: Path) -> None:
+    """Found by attacking issue 10's fixes: `lane add` (and `snapshot`, `install`) as another user died in a
+    PermissionError traceback. Now: permission_denied, exit 6, naming the path and the fix."""
+    cmd = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", LANECTL_BIN, "lane", "add", "zeta",
+           "--config", str(box / "etc"), "--json"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd="/")
+    assert "Traceback" not in res.stderr, res.stderr
+    err = error_of(json.loads(res.stdout))
+    assert res.returncode == ExitCode.UNAVAILABLE and err["code"] == "permission_denied", res.stdout
+    assert str(box / "etc" / "lanes.d") in err["message"] and "root" in err["hint"]
+    assert not (box / "etc" / "lanes.d" / "zeta.toml").exists()
