@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -120,8 +121,14 @@ def queue_groups(conn: sqlite3.Connection) -> list[GroupKey]:
     return out
 
 
+_NOT_BUSY: Final = (" AND (m.session IS NULL OR NOT EXISTS (SELECT 1 FROM missions b WHERE b.session = m.session "
+                    "AND b.state IN ('dispatched', 'running')))")
+"""A mission of a session that has missions in flight can only go where they run: it is read per session (below),
+never as part of its group, so that a busy session's backlog cannot fill its group's head."""
+
+
 def queue_head(conn: sqlite3.Connection, groups: list[tuple[GroupKey, int]], *, now: float | None = None,
-               backoff_s: float = 0.0) -> list[QueuedMission]:
+               backoff_s: float = 0.0, sessions: Sequence[tuple[str, int]] = ()) -> list[QueuedMission]:
     """The first missions of each group by id (and of the deadline class by deadline too), ``n`` for each.
 
     Retries back off: a mission on its second attempt is taken at once (failover must be fast); from the third
@@ -138,13 +145,18 @@ def queue_head(conn: sqlite3.Connection, groups: list[tuple[GroupKey, int]], *, 
     for (rank, target, tags), n in groups:
         # the partial indexes by name: with few rows (or no statistics) the planner would rather take
         # missions_state and sort, which grows with the queue
-        rows = conn.execute(base % "missions_queue" + f"WHERE m.state = 'queued' AND m.rank = {rank:d} AND m.target = ? AND m.tags = ?"
-                            + ready + " ORDER BY m.id LIMIT ?", (target, tags, *args, n)).fetchall()
+        rows = conn.execute(base % "missions_queue" + f"WHERE m.state = 'queued' AND m.rank = {rank:d} "
+                            "AND m.target = ? AND m.tags = ?" + ready + _NOT_BUSY + " ORDER BY m.id LIMIT ?",
+                            (target, tags, *args, n)).fetchall()
         if rank == 1:
-            rows += conn.execute(base % "missions_group_edf" + "WHERE m.state = 'queued' AND m.rank = 1 AND m.deadline IS NOT NULL "
-                                 "AND m.target = ? AND m.tags = ?" + ready + " ORDER BY m.deadline LIMIT ?",
-                                 (target, tags, *args, n)).fetchall()
+            rows += conn.execute(base % "missions_group_edf" + "WHERE m.state = 'queued' AND m.rank = 1 "
+                                 "AND m.deadline IS NOT NULL AND m.target = ? AND m.tags = ?" + ready + _NOT_BUSY
+                                 + " ORDER BY m.deadline LIMIT ?", (target, tags, *args, n)).fetchall()
         for r in rows:
+            seen.setdefault(r[0], r)
+    for session, n in sessions:  # busy sessions: few (at most the missions in flight), each read on its own
+        for r in conn.execute(base % "missions_session" + "WHERE m.session = ? AND m.state = 'queued'" + ready
+                              + " ORDER BY m.id LIMIT ?", (session, *args, n)):
             seen.setdefault(r[0], r)
     active: dict[str, str] = {}
     for session in {r[6] for r in seen.values() if r[6] is not None}:
@@ -179,10 +191,16 @@ def read_queue(conn: sqlite3.Connection, fleet: LaneSet, now: float) -> QueueVie
         else:
             plan.append((key, 1))
             blocked[key] = None
-    queue = queue_head(conn, plan, now=now, backoff_s=fleet.settings.leases.retry_backoff_sec)
+    busy = []
+    for session, lane in conn.execute("SELECT session, min(current_lane) FROM missions WHERE state IN "
+                                      "('dispatched', 'running') AND session IS NOT NULL GROUP BY session"):
+        view = views.get(lane)
+        free = view.capacity - view.in_flight if view is not None and view.available else 0
+        busy.append((session, min(HEAD_MAX, max(HEAD_MIN, 2 * free)) if free > 0 else 1))
+    queue = queue_head(conn, plan, now=now, backoff_s=fleet.settings.leases.retry_backoff_sec, sessions=busy)
     for q in queue:
         key = (dispatch.RANK[q.cls], _target(q), _tags_text(q.tags))
-        if key in blocked and blocked[key] is None:
+        if key in blocked and blocked[key] is None and q.session_active_lane is None:
             blocked[key] = q.id
     max_wait = {c: p.max_wait_sec for c, p in fleet.settings.classes.items()}
     return QueueView(Snapshot(lanes, tuple(queue), max_wait, swrr), groups, blocked)
@@ -251,7 +269,13 @@ def explain(ledger: Ledger, fleet: LaneSet, mission_id: int, *, now: float) -> d
                          (ms.RANK[m.cls],)).fetchone()[0]
     out["higher_class_queued"] = ahead
     out["aged"] = dispatch.is_aged(q, snap.max_wait, now)
-    if any(v.eligible for v in verdicts):
+    lost = m.attempts - m.round_start
+    backoff = fleet.settings.leases.retry_backoff_sec
+    ready_at = m.updated_at + min(BACKOFF_CAP_S, backoff * 2 ** min(lost - 2, 16)) if lost >= 2 and backoff else None
+    if ready_at is not None and ready_at > now:
+        out["summary"] = (f"backing off after {lost} lost attempts: it may be dispatched again in "
+                          f"{ready_at - now:.0f}s")
+    elif any(v.eligible for v in verdicts):
         out["summary"] = "eligible now: it waits for its turn (priority order) or the next tick"
     else:
         out["summary"] = "no lane can take it: " + "; ".join(sorted({v.reason for v in verdicts})[:3])

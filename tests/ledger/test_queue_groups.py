@@ -230,3 +230,33 @@ def test_blocked_groups_are_read_by_a_sample_only(led, tmp_path, cause):
     submit_many(led, fleet, 300, T0 + 1, lane="gamma")
     view = tick.read_queue(led.conn, fleet, T0 + 2)
     assert len(view.snapshot.queue) == 1 and list(view.blocked) == [(2, "gamma", "[]")]
+
+
+def test_a_busy_sessions_backlog_does_not_hide_other_work_bound_to_its_lane(led, tmp_path):
+    """Found by attacking these fixes: a session with a mission still running on its draining lane, and 10 more
+    queued, filled its group's head; 3 missions bound to that lane by --lane (which may take its fallback) were
+    never read, with no wait reason, past the aging bound."""
+    fleet = big_fleet(tmp_path)
+    submit_many(led, fleet, 1, T0, session="beta:s1")
+    assert [d.lane for d in tick.run_once(led, fleet, now=T0).dispatches] == ["beta"]
+    lane_ops.drain(led, fleet, "beta", now=T0 + 1, who="test")  # draining: the session's mission runs on
+    session = submit_many(led, fleet, 10, T0 + 2, session="beta:s1")  # these must wait for beta
+    pinned = submit_many(led, fleet, 3, T0 + 3, lane="beta")  # these may take beta's fallback, alpha
+    res = tick.run_once(led, fleet, now=T0 + 10)
+    placed = {d.mission: d.lane for d in res.dispatches}
+    assert placed == {m: "alpha" for m in pinned[:2]}  # alpha's capacity is 2
+    assert not set(session) & set(placed)
+    res = tick.run_once(led, fleet, now=T0 + 11)
+    assert ms.get(led, session[0]).wait_reason is not None  # the session's own missions say why they wait
+
+
+def test_explain_says_a_mission_backs_off_rather_than_that_it_is_eligible(led, tmp_path):
+    fleet = big_fleet(tmp_path)
+    (m,) = submit_many(led, fleet, 1, T0)
+    with led.transaction() as conn:  # as after three lost attempts: the third retry waits 2**2 backoffs
+        conn.execute("UPDATE missions SET attempts = 4, updated_at = ? WHERE id = ?", (T0 + 1, m))
+    backoff = fleet.settings.leases.retry_backoff_sec
+    summary = tick.explain(led, fleet, m, now=T0 + 1.5)["summary"]
+    assert summary.startswith("backing off after 4 lost attempts"), summary
+    later = T0 + 1 + min(tick.BACKOFF_CAP_S, backoff * 4) + 1
+    assert tick.explain(led, fleet, m, now=later)["summary"].startswith("eligible now")
