@@ -84,6 +84,7 @@ class Assignment:
     fallback_from: str | None = None
     session: str | None = None
     session_move: tuple[str, str] | None = None  # (from lane, to lane)
+    budget_spent: bool = False  # fell back because the bound lane's daily budget is spent (not because it is away)
 
 
 @dataclass
@@ -163,7 +164,14 @@ def group_room(target: str | None, tags: frozenset[str], cls: str, lanes: Mappin
         pinned, _, wait = route(QueuedMission(0, cls, 0.0, lane=target, tags=tags), lanes)
         if wait is not None or pinned is None:
             return 0
-        candidates: Iterable[LaneView] = (lanes[pinned],)
+        # from the lane it routes to on along its fallback chain: a daily budget spent within this pass sends
+        # the rest of the group further down the chain (an upper bound is enough: it only sizes a read)
+        chain: list[LaneView] = []
+        current: str | None = pinned
+        while current is not None and current in lanes and all(c.name != current for c in chain):
+            chain.append(lanes[current])
+            current = lanes[current].fallback
+        candidates: Iterable[LaneView] = chain
     else:
         candidates = lanes.values()
     return sum(_room(ln, cls, tags) for ln in candidates)
@@ -247,8 +255,9 @@ def decide(snapshot: Snapshot, now: float) -> Decision:
             session_lane[m.session] = best.name
             if m.session_lane is not None and m.session_lane != best.name:
                 move = (m.session_lane, best.name)
+        spent = fallback_from is not None and fallback_from in lanes and lanes[fallback_from].available
         out.append(Assignment(m.id, best.name, m.cls, is_aged(m, snapshot.max_wait, now), fallback_from,
-                              m.session, move))
+                              m.session, move, spent))
     return Decision(out, expired, waiting, swrr)
 
 

@@ -80,6 +80,7 @@ def fleet_evidence(conn: sqlite3.Connection, lanes: list[str], *, now: float, wi
     for lane, n in conn.execute(
             "SELECT json_extract(e.data, '$.fallback_from'), count(*) FROM events e JOIN missions m ON m.id = e.mission "
             "WHERE e.kind = 'dispatched' AND e.at >= ? AND e.data LIKE '%fallback_from%' "
+            "AND json_extract(e.data, '$.budget_spent') IS NULL "  # a spent budget is the plan, not the lane
             "AND json_extract(m.payload, '$.drill') IS NULL GROUP BY 1", (since,)):
         if lane in out:
             out[lane].fallback_away = n
@@ -95,8 +96,8 @@ def fleet_evidence(conn: sqlite3.Connection, lanes: list[str], *, now: float, wi
     for lane, oldest in conn.execute(
             "SELECT coalesce(m.lane, s.lane), min(m.created_at) FROM missions m LEFT JOIN sessions s "
             "ON s.id = m.session WHERE m.state = 'queued' AND m.rank = 0 GROUP BY 1"):
-        if lane in out and oldest is not None:
-            out[lane].oldest_interactive_wait_s = max(0.0, now - oldest)
+        if lane in out and oldest is not None:  # from the window's start: a lane back in service starts afresh
+            out[lane].oldest_interactive_wait_s = max(0.0, now - max(oldest, since))
     for lane, at, data in conn.execute(
             "SELECT lane, max(at), data FROM events WHERE kind = 'drill' GROUP BY lane"):
         if lane in out:

@@ -531,6 +531,10 @@ class Supervisor:
                 self.alert(trip, now, lane=None, lanes=trip.lanes,
                            reason="not acted on: every lane with evidence shows it alike (the work, not a lane)")
                 continue
+            if trip.trigger == "fallback_spike":  # the policy already routes around a lane that cannot take work
+                self.alert(trip, now, lane=trip.lane, reason="its pinned work goes to its fallback; not drained: "
+                           "draining a lane that is away anyway would only keep it away once it is back")
+                continue
             if trip.trigger in acted:
                 self.alert(trip, now, lane=trip.lane, reason=f"not acted on: this pass already rolled back "
                                                              f"{acted[trip.trigger]} for {trip.trigger}")

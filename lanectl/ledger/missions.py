@@ -572,7 +572,8 @@ def assign_in(conn: Any, assignments: Sequence[Assignment], *, now: float, lease
         attempts.append((a.mission, n, a.lane, cls, invocation, token_hash(token), now, now + lease_sec))
         usage[(a.lane, cls)] = usage.get((a.lane, cls), 0) + 1
         evs.append(events.row(EventKind.DISPATCHED, now, mission=a.mission, lane=a.lane, session=session, attempt=n,
-                              cls=cls, fallback_from=a.fallback_from, aged=a.aged or None))
+                              cls=cls, fallback_from=a.fallback_from, aged=a.aged or None,
+                              budget_spent=a.budget_spent or None))
         out.append(Dispatch(a.mission, n, a.lane, token, cls, session, deadline, json.loads(payload), invocation,
                             now + lease_sec))
     if attempts:

@@ -131,13 +131,21 @@ def test_failure_spike_rolls_back_to_the_fallback(fresh_sandbox, tmp_path: Path)
     assert sql(f, "SELECT count(*) FROM events WHERE kind='rollback' AND lane='alpha'")[0][0] == 1
 
 
-def test_fallback_spike(fresh_sandbox, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_fallback_spike_alerts_and_does_not_drain(fresh_sandbox, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A lane whose pinned work goes to its fallback is away already (stopped, crashed, restarting): the policy
+    routes around it. Draining it would only keep it away once it is back (found by attacking issue 16's fixes:
+    one crash plus pinned traffic drained a healthy lane until an operator undrained it). It is an alert."""
     f = boot(fresh_sandbox, tmp_path)
     f.sb.exec(["systemctl", "stop", "lanectl-lane@alpha.service"], check=True)
     ids = submit_many(f, [{"cls": "interactive", "lane": "alpha", "argv": ["/bin/true"]} for _ in range(6)])
     wait_terminal(f, ids, 30)
-    data = rolled_back(f, "alpha", "fallback_spike")
-    assert data["evidence"]["fallback_rate"] >= 0.5
+    rows = wait_for(lambda: sql(f, "SELECT data FROM events WHERE kind='alert' AND lane='alpha'"), 30,
+                    interval=0.2, what="an alert for alpha")
+    data = json.loads(rows[0][0])
+    assert data["trigger"] == "fallback_spike" and data["evidence"]["fallback_rate"] >= 0.5, data
+    f.sb.exec(["systemctl", "start", "lanectl-lane@alpha.service"], check=True)
+    assert not sql(f, "SELECT 1 FROM events WHERE kind='rollback' AND lane='alpha'")
+    assert sql(f, "SELECT state FROM lanes WHERE name='alpha'")[0][0] == "active"
 
 
 def test_interactive_starvation(fresh_sandbox, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
