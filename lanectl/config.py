@@ -565,6 +565,7 @@ def load(path: str | Path | None = None, *, check_host_ports: bool = False, requ
                 lanes[file.stem] = lane
     problems.extend(cross_check(lanes, lanes_dir, check_host_ports=check_host_ports))
     problems.extend(check_control_dirs(lanes, lanes_dir, settings, config_dir))
+    problems.extend(check_restart_windows(lanes, lanes_dir, settings))
     if check_host:
         problems.extend(host_checks(lanes, lanes_dir))
     if any(p.severity == "error" for p in problems):
@@ -609,6 +610,20 @@ def load_lane_file(file: Path, problems: list[Problem]) -> Lane | None:
 
 def _nested(a: str, b: str) -> bool:
     return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
+
+
+def check_restart_windows(lanes: dict[str, Lane], lanes_dir: Path, settings: Settings) -> list[Problem]:
+    """The supervisor must call a crash-looping lane degraded before systemd gives up on it: every run of
+    ``start_limit_burst`` starts within ``start_limit_interval_sec`` must hold ``max_restarts`` restarts within
+    ``health.restart_window_sec``, so that window may not be the shorter one (``start_limit_burst`` >
+    ``max_restarts`` is checked per lane)."""
+    window = settings.health.restart_window_sec
+    return [Problem(f"restart.start_limit_interval_sec ({lane.restart.start_limit_interval_sec:g}) is longer than "
+                    f"health.restart_window_sec ({window:g}) in lanectl.toml: systemd could stop the lane for good "
+                    "before the supervisor counts enough restarts to call it degraded",
+                    str(lanes_dir / f"{name}.toml"), "restart.start_limit_interval_sec",
+                    f"set it to at most {window:g}, or raise health.restart_window_sec", "restart_window_short", name)
+            for name, lane in sorted(lanes.items()) if lane.restart.start_limit_interval_sec > window]
 
 
 def cross_check(lanes: dict[str, Lane], lanes_dir: Path, *, check_host_ports: bool = False) -> list[Problem]:

@@ -151,6 +151,18 @@ def test_the_start_limit_must_leave_room_to_degrade(fleet_dir: Path) -> None:
     assert "raise start_limit_burst to at least 4" in p.hint
 
 
+def test_the_start_limit_interval_may_not_outlast_the_restart_window(fleet_dir: Path) -> None:
+    """Found by attacking issue 16's fixes: restart_window_sec = 5 against a 120 s start limit let systemd stop a
+    crash-looping lane for good (failed, operator-only) before the supervisor ever saw 3 restarts in 5 s."""
+    toml = fleet_dir / "lanectl.toml"
+    toml.write_text(toml.read_text() + "\n[health]\nrestart_window_sec = 5\n")
+    found = [p for p in problems(fleet_dir) if p.code == "restart_window_short"]
+    assert {Path(p.file).name for p in found} == {"alpha.toml", "beta.toml", "gamma.toml"}
+    assert found[0].field == "restart.start_limit_interval_sec" and "at most 5" in found[0].hint
+    toml.write_text(toml.read_text().replace("restart_window_sec = 5", "restart_window_sec = 120"))
+    config.load(fleet_dir)  # equal windows agree
+
+
 def test_rollback_max_restarts_is_refused_with_the_fix(fleet_dir: Path) -> None:
     toml = fleet_dir / "lanectl.toml"
     toml.write_text(toml.read_text() + "\n[rollback]\nmax_restarts = 5\n")
@@ -162,3 +174,4 @@ def test_rollback_max_restarts_is_refused_with_the_fix(fleet_dir: Path) -> None:
 def test_defaults_agree() -> None:
     pol = config.RestartPolicy()
     assert pol.start_limit_burst > pol.max_restarts
+    assert pol.start_limit_interval_sec <= config.HealthSettings().restart_window_sec
