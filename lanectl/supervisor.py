@@ -464,6 +464,8 @@ class Supervisor:
                     * len(batch)
         for p, answer in zip(batch, answers):
             p.future.set_result(answer)
+        if self.full:  # a lane that reports an outcome has a slot free again: no need to wait for its health report
+            self.full.difference_update(cb.lane for cb in cbs if cb.kind in ("succeeded", "failed", "cancelled"))
         self.dirty = True
         return len(batch)
 
@@ -825,6 +827,7 @@ class Supervisor:
         self.unwatch_pid(lane)
         lane.main_pid = 0
         self.drop_cancels(lane.name)
+        self.full.discard(lane.name)
         self.settle_from_log(lane, lane.invocation, now)
         lost = ms.requeue_lane(self.ledger, lane.name, "lane process exited", now=now)
         if lost:
