@@ -4,8 +4,11 @@ One thread owns the ledger and decides (the main loop); HTTP handler threads onl
 a small pool sends dispatches. Each turn of the main loop:
 
 1. callbacks that arrived are applied in one transaction (group commit), fenced by mission, lane, attempt, token;
-2. results of dispatch POSTs are applied (a lane that refused or could not be reached loses the attempt);
-3. a lane process that exited (seen at once through a pidfd) has its missions re-queued at once;
+2. results of dispatch POSTs are applied (a lane that answered 429 full / 503 stopping gets the attempt back
+   uncharged and no work until its next health report; one that refused otherwise or could not be reached loses
+   the attempt); cancels a lane did not take are sent again;
+3. a lane process that exited (seen at once through a pidfd, kept until the process is gone) has its missions
+   re-queued at once;
 4. every ``health.observe_sec``: systemd's view of every lane (active state, InvocationID, restarts) and its
    health endpoint; a new invocation re-queues what the old one held; failed units and restart storms make a lane
    degraded (its sessions move to its fallback) and a stable one recovers;
@@ -14,7 +17,9 @@ a small pool sends dispatches. Each turn of the main loop:
 6. draining lanes with nothing in flight become drained; ``WATCHDOG=1`` and ``STATUS=``.
 
 Side effects (POSTs) happen only after the assignment committed; a supervisor killed between the two leaves
-attempts that the lane never got, which its restart reconciles against each lane's ``/healthz``.
+attempts that the lane never got, which its restart reconciles against each lane's ``/healthz`` (repeatedly, for
+RECONCILE_FOR_S). A restart forgives the outage: every lease runs from the supervisor's return. Durations and
+deadlines are measured on one :class:`Clock` (wall time at start + monotonic since): wall-clock steps change nothing.
 """
 from __future__ import annotations
 

@@ -204,7 +204,8 @@ key = [l.split("=", 1)[1].strip() for l in open(sys.argv[2]) if l.startswith("LA
 body = {"mission": int(sys.argv[3]), "attempt": 1, "lane": sys.argv[1], "token": "t" * 32, "class": "background",
         "session": None, "deadline": None, "payload": {"argv": ["/bin/sh", "-c", "trap '' TERM; sleep 20"]}}
 req = urllib.request.Request("http://127.0.0.1:" + sys.argv[4] + "/missions", data=json.dumps(body).encode(),
-                             method="POST", headers={"Content-Type": "application/json", "Authorization": "Bearer " + key})
+                             method="POST",
+                             headers={"Content-Type": "application/json", "Authorization": "Bearer " + key})
 print(urllib.request.urlopen(req, timeout=5).status)
 '''
 

@@ -113,7 +113,8 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
                      lane_uids={"alpha": os.getuid()}, clock=Clock(wall, time.monotonic))
     sup.open()  # makes the box secret in state_dir; the lane gets its derived key
     info = LaneInfo(lane="alpha", port=port, workspace=str(ws), session_prefix="alpha", capacity=1,
-                    callback_url=f"unix:{sock}", dispatch_key=sup.lanes["alpha"].key, heartbeat_sec=0.5, supervisor_uid=os.getuid())
+                    callback_url=f"unix:{sock}", dispatch_key=sup.lanes["alpha"].key, heartbeat_sec=0.5,
+                    supervisor_uid=os.getuid())
     lane = LaneRuntime(info, notifier=Null())  # type: ignore[arg-type]
     th = threading.Thread(target=lane.run, name="lane-main", daemon=True)
     th.start()
