@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Final, Literal, get_args
@@ -48,6 +49,42 @@ def _not_sqlite(path: Path, detail: str) -> LanectlError:
     )
 
 
+_HELD: dict[tuple[int, int], int] = {}
+"""(st_dev, st_ino) of every ledger file this process holds a ``Ledger`` connection to, and how many. While one is
+held, nothing in this process may open and close that file by itself: closing any descriptor of a file drops all
+of the process's POSIX locks on it (fcntl semantics), SQLite's included, and another process closing its own
+connection then believes it is the last, checkpoints and deletes the WAL under this process's connections, whose
+later commits vanish (and the ledger may then read as malformed)."""
+_HELD_LOCK = threading.Lock()
+
+
+def _hold(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    key = (st.st_dev, st.st_ino)
+    with _HELD_LOCK:
+        _HELD[key] = _HELD.get(key, 0) + 1
+    return key
+
+
+def _release(key: tuple[int, int] | None) -> None:
+    if key is None:
+        return
+    with _HELD_LOCK:
+        n = _HELD.get(key, 0) - 1
+        if n > 0:
+            _HELD[key] = n
+        else:
+            _HELD.pop(key, None)
+
+
+def _held(st: os.stat_result) -> bool:
+    with _HELD_LOCK:
+        return (st.st_dev, st.st_ino) in _HELD
+
+
 class Ledger:
     """An open ledger connection (autocommit; explicit transactions only)."""
 
@@ -58,6 +95,7 @@ class Ledger:
         self._depth = 0
         self._busy_timeout_ms = int(busy_timeout_s * 1000)
         self._busy_poll = busy_poll
+        self._held: tuple[int, int] | None = None
 
     @classmethod
     def open(cls, path: str | Path, *, synchronous: Synchronous = DEFAULT_SYNCHRONOUS,
@@ -103,10 +141,14 @@ class Ledger:
             os.chmod(path, FILE_MODE)
         global _last_opened
         _last_opened = path
-        return cls(conn, path, busy_timeout_s, busy_poll)
+        led = cls(conn, path, busy_timeout_s, busy_poll)
+        led._held = _hold(path)
+        return led
 
     def close(self) -> None:
         self.conn.close()
+        _release(self._held)
+        self._held = None
 
     def __enter__(self) -> Ledger:
         return self
@@ -431,6 +473,8 @@ def _create_file(path: Path) -> None:
 
         if stat.S_ISDIR(st.st_mode):
             raise _not_sqlite(path, "it is a directory")
+        if _held(st):
+            return  # open in this process already (and so an SQLite file): opening it here would drop its locks
         with path.open("rb") as fh:
             head = fh.read(len(SQLITE_MAGIC))
         if head and head != SQLITE_MAGIC:
