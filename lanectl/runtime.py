@@ -36,6 +36,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import ThreadingHTTPServer
 from pathlib import Path
@@ -167,17 +168,21 @@ class Running:
     last_heartbeat: float = 0.0
     cancel_requested: bool = False
     killed_at: float | None = None
-    outcome: str | None = None  # timeout | cancelled
+    outcome: str | None = None  # timeout | cancelled | fenced
     out_path: Path | None = None
 
 
 class Reporter(threading.Thread):
     """Delivers callbacks in order over the supervisor's unix socket, retrying with backoff until the supervisor
     answers (2xx, or a 4xx that says the attempt is no longer ours); never blocks the work loop. An answer counts
-    only from a listener running as ``supervisor_uid`` (SO_PEERCRED): anything else keeps the callback."""
+    only from a listener running as ``supervisor_uid`` (SO_PEERCRED): anything else keeps the callback.
+    ``on_fenced`` is called with a ``started`` or ``heartbeat`` the supervisor fenced (409 ``lease_fenced``): the
+    ledger no longer counts that attempt as running here, so the runtime stops it."""
 
-    def __init__(self, url: str, supervisor_uid: int = 0) -> None:
+    def __init__(self, url: str, supervisor_uid: int = 0,
+                 on_fenced: Callable[[CallbackMsg], None] | None = None) -> None:
         super().__init__(name="reporter", daemon=True)
+        self.on_fenced = on_fenced
         self.url = url
         self.path = callback_socket(url) if url else ""
         self.supervisor_uid = supervisor_uid
@@ -226,7 +231,7 @@ class Reporter(threading.Thread):
                 conn.request("POST", "/callbacks", body=body, headers={"Content-Type": "application/json",
                                                                    "Connection": "close"})  # frees its slot at once
                 resp = conn.getresponse()
-                resp.read()
+                answer = resp.read()
                 if 200 <= resp.status < 300:
                     self.delivered += 1
                     return
@@ -234,6 +239,9 @@ class Reporter(threading.Thread):
                     log.warning("callback %s for mission %d attempt %d refused: HTTP %d", msg.event, msg.mission,
                                 msg.attempt, resp.status)
                     self.dropped += 1
+                    if (resp.status == 409 and msg.event in ("started", "heartbeat") and self.on_fenced is not None
+                            and _error_code(answer) == "lease_fenced"):
+                        self.on_fenced(msg)
                     return
             except PeerMismatch as exc:
                 log.warning("callback not sent: %s; retrying", exc)
@@ -243,6 +251,14 @@ class Reporter(threading.Thread):
                 conn.close()
             time.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
+
+
+def _error_code(body: bytes) -> str | None:
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return None
+    return doc.get("error") if isinstance(doc, dict) else None
 
 
 _APPEND = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
@@ -320,7 +336,7 @@ class LaneRuntime:
         self.held: dict[int, Running] = {}  # mission id -> what this lane holds
         self.retired: list[Running] = []  # superseded attempts still to stop and reap
         self.inbox: queue.Queue[int] = queue.Queue()
-        self.reporter = Reporter(info.callback_url, info.supervisor_uid)
+        self.reporter = Reporter(info.callback_url, info.supervisor_uid, on_fenced=self.fenced)
         self.loops = 0
         self.done = 0
         self.server: ThreadingHTTPServer | None = None
@@ -366,6 +382,18 @@ class LaneRuntime:
             cur.cancel_requested = True
         self.inbox.put(mission)
         return 202, {"cancelling": True}
+
+    def fenced(self, msg: CallbackMsg) -> None:
+        """The supervisor fenced this attempt (its lease ran out, or it went to another lane): stop its process, so
+        that a mission never goes on running here while the ledger has given it to another attempt."""
+        with self.lock:
+            cur = self.held.get(msg.mission)
+            if cur is None or cur.msg.attempt != msg.attempt or cur.msg.token != msg.token:
+                return
+            cur.cancel_requested = True
+            cur.outcome = cur.outcome or "fenced"
+        log.warning("mission %d attempt %d: the supervisor fenced it; stopping it", msg.mission, msg.attempt)
+        self.inbox.put(msg.mission)
 
     def bind(self) -> None:
         runtime = self
@@ -526,7 +554,9 @@ class LaneRuntime:
                 continue
             code = self.poll_mission(r)
             if code is not None:
-                if r.outcome == "cancelled" or (r.cancel_requested and r.outcome is None):
+                if r.outcome == "fenced":
+                    self.finish(r, "cancelled", exit_code=code, error="stopped: the supervisor fenced this attempt")
+                elif r.outcome == "cancelled" or (r.cancel_requested and r.outcome is None):
                     self.finish(r, "cancelled", exit_code=code, error="cancelled")
                 elif r.outcome == "timeout":
                     self.finish(r, "failed", exit_code=code, error="timed out")

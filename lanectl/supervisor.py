@@ -4,8 +4,11 @@ One thread owns the ledger and decides (the main loop); HTTP handler threads onl
 a small pool sends dispatches. Each turn of the main loop:
 
 1. callbacks that arrived are applied in one transaction (group commit), fenced by mission, lane, attempt, token;
-2. results of dispatch POSTs are applied (a lane that refused or could not be reached loses the attempt);
-3. a lane process that exited (seen at once through a pidfd) has its missions re-queued at once;
+2. results of dispatch POSTs are applied (a lane that answered 429 full / 503 stopping gets the attempt back
+   uncharged and no work until its next health report; one that refused otherwise or could not be reached loses
+   the attempt); cancels a lane did not take are sent again;
+3. a lane process that exited (seen at once through a pidfd, kept until the process is gone) has its missions
+   re-queued at once;
 4. every ``health.observe_sec``: systemd's view of every lane (active state, InvocationID, restarts) and its
    health endpoint; a new invocation re-queues what the old one held; failed units and restart storms make a lane
    degraded (its sessions move to its fallback) and a stable one recovers;
@@ -14,7 +17,9 @@ a small pool sends dispatches. Each turn of the main loop:
 6. draining lanes with nothing in flight become drained; ``WATCHDOG=1`` and ``STATUS=``.
 
 Side effects (POSTs) happen only after the assignment committed; a supervisor killed between the two leaves
-attempts that the lane never got, which its restart reconciles against each lane's ``/healthz``.
+attempts that the lane never got, which its restart reconciles against each lane's ``/healthz`` (repeatedly, for
+RECONCILE_FOR_S). A restart forgives the outage: every lease runs from the supervisor's return. Durations and
+deadlines are measured on one :class:`Clock` (wall time at start + monotonic since): wall-clock steps change nothing.
 """
 from __future__ import annotations
 
@@ -67,6 +72,13 @@ METRICS_WINDOW_S = 900.0
 METRICS_CACHE_S = 5.0
 RECONCILE_GRACE_S = 5.0
 """An attempt dispatched this recently may still be on its way to the lane; reconciliation leaves it alone."""
+RECONCILE_FOR_S = 2 * RECONCILE_GRACE_S
+"""After a start, reconciliation runs after every observation for this long (not once): an attempt recorded just
+before the previous process died and never sent is re-queued as soon as it is RECONCILE_GRACE_S old."""
+CANCEL_RETRY_S = 0.5
+CANCEL_RETRY_MAX_S = 10.0
+"""A cancel that did not reach its lane is sent again, backing off from CANCEL_RETRY_S to CANCEL_RETRY_MAX_S, until
+the lane acknowledges it (202) or says it does not hold the mission (404), or its process is gone."""
 LOG_READ_TIMEOUT_S = 1.0
 """The longest the main loop waits for a lane's execution log to be read (in a thread); at most a quarter of the
 supervisor's watchdog."""
@@ -78,6 +90,28 @@ SOCKET_PER_PEER = 8
 """Connections one uid may hold on the callback socket at once: one lane cannot starve the others' callbacks."""
 UID_RESOLVE_S = 5.0
 TCP_RETRY_S = 1.0
+
+
+class Clock:
+    """The supervisor's one clock: wall time as of its start plus the monotonic time since.
+
+    Every duration and deadline the supervisor keeps (leases, retry backoff, aging, rollback windows, rate
+    windows, budgets' days, settle and observe intervals) is measured on it, so a step of the wall clock (an NTP
+    correction) changes nothing until the supervisor restarts; the timestamps it writes still read as wall time
+    to people. ``wall`` and ``mono`` are injectable for tests."""
+
+    def __init__(self, wall: Any = time.time, mono: Any = time.monotonic) -> None:
+        self.wall = wall
+        self.mono = mono
+        self.base_wall = wall()
+        self.base_mono = mono()
+
+    def now(self) -> float:
+        return self.base_wall + (self.mono() - self.base_mono)
+
+    def skew(self) -> float:
+        """How far the wall clock has moved away from this clock since the supervisor started (seconds)."""
+        return self.wall() - self.now()
 
 
 @dataclass
@@ -119,10 +153,11 @@ class Pending:
 class Supervisor:
     def __init__(self, fleet: LaneSet, ledger_path: Path | None = None, *, notifier: Any = None,
                  use_systemd: bool = True, callback_socket: Path | str | None = None,
-                 lane_uids: dict[str, int] | None = None) -> None:
+                 lane_uids: dict[str, int] | None = None, clock: Clock | None = None) -> None:
         """``callback_socket`` and ``lane_uids`` (lane -> the uid its callbacks must come from) replace the
-        configured socket path and the lane users' uids: for in-process tests only."""
+        configured socket path and the lane users' uids, ``clock`` the real clocks: for in-process tests only."""
         self.fleet = fleet
+        self.clock = clock or Clock()
         self.settings = fleet.settings
         self.ledger_path = ledger_path or paths.ledger_path(fleet.settings.ledger.path)
         self.notifier = notifier
@@ -168,6 +203,14 @@ class Supervisor:
         self.alerted: dict[tuple[str, str], float] = {}
         self.checkpointer: Checkpointer | None = None
         self.log_read: Future[LogScan] | None = None
+        self.started_at = 0.0  # the clock's reading when this process started supervising
+        self.started_mono = 0.0
+        self.full: set[str] = set()
+        """Lanes that refused a dispatch as full (429) or stopping (503), or reported no room, since their last
+        health report: the policy gives them nothing until the next one says otherwise (no hot loop of 429s)."""
+        self.cancels: dict[tuple[int, str], list[float]] = {}
+        """Cancels to forward: (mission, lane) -> [when next due (mono), backoff, 1 while a POST is out]."""
+        self.cancel_results: queue.Queue[tuple[int, str, int | None]] = queue.Queue()
 
     # ------------------------------------------------------------------------------------------ setup
     def open(self) -> None:
@@ -427,6 +470,8 @@ class Supervisor:
                     * len(batch)
         for p, answer in zip(batch, answers):
             p.future.set_result(answer)
+        if self.full:  # a lane that reports an outcome has a slot free again: no need to wait for its health report
+            self.full.difference_update(cb.lane for cb in cbs if cb.kind in ("succeeded", "failed", "cancelled"))
         self.dirty = True
         return len(batch)
 
@@ -493,6 +538,19 @@ class Supervisor:
             if status is not None and 200 <= status < 300:
                 continue
             self.counters["dispatch_failed"] += 1
+            if status in (429, 503):
+                # the lane ran nothing (full, or stopping): the mission goes back uncharged, and the lane gets no
+                # more work until its next health report
+                why = "lane full" if status == 429 else "lane stopping"
+                log.info("mission %d attempt %d -> %s: %s (HTTP %d), re-queued, not charged", d.mission, d.attempt,
+                         d.lane, why, status)
+                ms.return_attempt(self.ledger, d.mission, d.attempt, d.lane, d.token,
+                                  f"{why} (HTTP {status}): not charged", now=now)
+                self.full.add(d.lane)
+                if status == 503:
+                    self.set_health(self.lanes[d.lane], False, now)
+                self.dirty = True
+                continue
             reason = f"lane refused the dispatch (HTTP {status}): {text[:200]}" if status else f"lane unreachable: {text}"
             log.warning("mission %d attempt %d -> %s: %s", d.mission, d.attempt, d.lane, reason)
             try:
@@ -506,7 +564,7 @@ class Supervisor:
 
     def tick(self, now: float) -> None:
         assert self.ledger is not None
-        res = ticks.run_once(self.ledger, self.fleet, now=now)
+        res = ticks.run_once(self.ledger, self.fleet, now=now, full=frozenset(self.full))
         self.last_tick = now
         for d in res.dispatches:
             self.counters["dispatched"] += 1
@@ -607,22 +665,60 @@ class Supervisor:
             "SELECT mission, lane FROM events WHERE id > ? AND id <= ? AND kind = 'cancelled' AND lane IS NOT NULL "
             "ORDER BY id", (self.cancel_cursor, top)).fetchall()
         self.cancel_cursor = top
+        mono = self.clock.mono()
         for mission, lane in rows:
-            w = self.lanes.get(lane)
-            if w is None:
+            if lane in self.lanes:
+                self.cancels.setdefault((mission, lane), [mono, CANCEL_RETRY_S, 0])
+        self.send_cancels(mono)
+
+    def send_cancels(self, mono: float) -> None:
+        """POST the cancels that are due; each is sent again (backing off) until its lane answers 202 or 404."""
+        for (mission, lane), entry in self.cancels.items():
+            if entry[2] or entry[0] > mono:
                 continue
+            entry[2] = 1
+            w = self.lanes[lane]
             req = urllib.request.Request(f"http://127.0.0.1:{w.port}/missions/{mission}/cancel", data=b"{}",
                                          method="POST", headers={"Content-Type": "application/json",
                                                                  "Authorization": f"Bearer {w.key}"})
 
-            def post(req: urllib.request.Request = req) -> None:
+            def post(req: urllib.request.Request = req, mission: int = mission, lane: str = lane) -> None:
+                status: int | None = None
                 try:
                     with urllib.request.urlopen(req, timeout=DISPATCH_TIMEOUT_S) as resp:
                         resp.read()
+                        status = resp.status
+                except urllib.error.HTTPError as exc:
+                    status = exc.code
                 except (OSError, ValueError):
-                    pass  # the lane is gone or no longer holds it: nothing left to stop
+                    pass
+                self.cancel_results.put((mission, lane, status))
+                self.wake()
 
             self.pool.submit(post)
+
+    def apply_cancel_results(self, mono: float) -> None:
+        while True:
+            try:
+                mission, lane, status = self.cancel_results.get_nowait()
+            except queue.Empty:
+                break
+            entry = self.cancels.get((mission, lane))
+            if entry is None:
+                continue  # the lane's process is gone meanwhile: nothing left to stop
+            if status is not None and (200 <= status < 300 or status == 404):
+                del self.cancels[(mission, lane)]  # stopping, or not held (never got it, or over)
+                continue
+            log.warning("cancel of mission %d did not reach lane %s (%s); retrying in %gs", mission, lane,
+                        f"HTTP {status}" if status else "unreachable", entry[1])
+            entry[:] = [mono + entry[1], min(entry[1] * 2, CANCEL_RETRY_MAX_S), 0]
+        if self.cancels:
+            self.send_cancels(mono)
+
+    def drop_cancels(self, lane: str) -> None:
+        """The lane's process is gone: what it ran is stopped with it."""
+        for key in [k for k in self.cancels if k[1] == lane]:
+            del self.cancels[key]
 
     # ------------------------------------------------------------------------------------------ lanes
     def set_health(self, lane: LaneWatch, healthy: bool, now: float) -> None:
@@ -636,6 +732,10 @@ class Supervisor:
 
     def watch_pid(self, lane: LaneWatch, pid: int) -> None:
         if pid == lane.main_pid and lane.pidfd is not None:
+            return
+        if pid <= 0 and lane.pidfd is not None:
+            # systemd names no main process (the unit is stopping) but ours may still run: keep watching it until
+            # it is gone, or its exit would go unseen (its pidfd turns readable then, and lane_exited re-queues)
             return
         self.unwatch_pid(lane)
         lane.main_pid = pid
@@ -736,6 +836,8 @@ class Supervisor:
         assert self.ledger is not None
         self.unwatch_pid(lane)
         lane.main_pid = 0
+        self.drop_cancels(lane.name)
+        self.full.discard(lane.name)
         self.settle_from_log(lane, lane.invocation, now)
         lost = ms.requeue_lane(self.ledger, lane.name, "lane process exited", now=now)
         if lost:
@@ -743,14 +845,14 @@ class Supervisor:
             log.warning("lane %s exited; re-queued missions %s", lane.name, lost)
         self.set_health(lane, False, now)
         self.settling = True
-        self.settle_until = time.monotonic() + SETTLE_S
+        self.settle_until = self.clock.mono() + SETTLE_S
         self.dirty = True
 
     def observe(self, now: float) -> None:
         """systemd's view and the health endpoint of every lane; invocation changes, degradation, recovery."""
         assert self.ledger is not None
         watches = list(self.lanes.values())
-        mono = time.monotonic()
+        mono = self.clock.mono()
         # process exits come through pidfds at once; systemd itself is asked less often unless a lane is settling
         ask = self.use_systemd and (self.settling or mono - self.last_systemd >= self.settings.health.systemd_sec)
         if ask:
@@ -788,10 +890,14 @@ class Supervisor:
                 w.unrecorded_restarts = 0
                 if lost:
                     self.counters["failovers"] += 1
+                self.drop_cancels(w.name)
                 w.invocation = inv
                 self.dirty = True
             if ask:
                 self.watch_pid(w, int(p.get("MainPID") or 0) if w.running else 0)
+                if (w.active in ("failed", "inactive") and w.pidfd is None
+                        and lane_ops.in_flight(self.ledger, w.name)):
+                    self.lane_exited(w, now)  # its process is gone and the pidfd missed it: re-queue at once
             body = h.body or {}
             ok = h.ok and (not self.use_systemd or w.running) and body.get("lane", w.name) == w.name
             uid = self.lane_uid(w.name) if holders else None
@@ -802,9 +908,18 @@ class Supervisor:
                     log.error("lane %s: port %d is held by uid(s) %s, not by the lane's user (uid %d): no work is "
                               "sent there", w.name, w.port, sorted(holders.get(w.port) or ()), uid)
             self.set_health(w, ok, now)
+            self.full.discard(w.name)
             if ok:
                 w.held = {int(x) for x in body.get("missions", []) if isinstance(x, int)}
                 w.held |= {int(x) for x in body.get("reporting", []) if isinstance(x, int)}
+                cap = body.get("capacity")
+                if isinstance(cap, int) and isinstance(body.get("in_flight"), int) and body["in_flight"] >= cap:
+                    self.full.add(w.name)
+                if w.held and (not self.use_systemd or body.get("invocation") in (None, w.invocation)):
+                    # what the lane says it holds is alive: its lease runs on, even when its heartbeats are late
+                    lease = self.settings.leases.lease_sec
+                    ms.extend_leases(self.ledger, until=now + lease, below=now + lease / 2, lane=w.name,
+                                     missions=sorted(w.held))
             self.judge(w, now)
         # for a while after a lane went down, look again soon: its new invocation should be seen at once (a lane
         # stopped on purpose must not keep systemd busy forever, hence the time limit)
@@ -872,16 +987,16 @@ class Supervisor:
         self.dirty = True
 
     def reconcile(self, now: float) -> None:
-        """After a supervisor restart: attempts the ledger gave to a lane that the lane does not hold are lost."""
+        """After a supervisor restart: attempts an earlier process gave to a lane that the lane does not hold (by
+        its last health report), and that are at least RECONCILE_GRACE_S old, are lost. Runs at the start and after
+        every observation for RECONCILE_FOR_S, so an attempt recorded just before a crash is re-queued within
+        seconds rather than when its lease runs out."""
         assert self.ledger is not None
+        before = min(now - RECONCILE_GRACE_S, self.started_at or now)
         for w in self.lanes.values():
             if not w.healthy:
                 continue
-            rows = self.ledger.conn.execute(
-                "SELECT m.id, m.attempts FROM missions m JOIN attempts a ON a.mission = m.id AND a.n = m.attempts "
-                "WHERE m.state IN ('dispatched', 'running') AND m.current_lane = ? AND a.dispatched_at < ?",
-                (w.name, now - RECONCILE_GRACE_S)).fetchall()
-            for mission, attempt in rows:
+            for mission, attempt in ms.active_on(self.ledger, w.name, dispatched_before=before):
                 if mission in w.held:
                     continue
                 ms.lose_attempt(self.ledger, mission, attempt, w.name, "lane does not hold it (supervisor restart)",
@@ -915,7 +1030,7 @@ class Supervisor:
         from lanectl import evidence
 
         with self.metrics_lock:
-            now = time.time()
+            now = self.clock.now()
             if self.metrics_cache is None or now - self.metrics_cache[0] >= METRICS_CACHE_S:
                 conn = sqlite3.connect(f"file:{self.ledger_path}?mode=ro", uri=True, timeout=5)
                 try:
@@ -955,6 +1070,7 @@ class Supervisor:
             "lanes_up": up, "queued": counts.get("queued", 0),
             "in_flight": counts.get("dispatched", 0) + counts.get("running", 0),
             "counters": dict(self.counters), "refused": self.refused_counts(), "last_tick": self.last_tick,
+            "clock_skew_s": round(self.clock.skew(), 3),
         }
 
     def status_line(self) -> str:
@@ -970,8 +1086,14 @@ class Supervisor:
     def run(self) -> int:
         self.open()
         assert self.ledger is not None
-        now = time.time()
-        self.observe(now)
+        now = self.clock.now()
+        self.started_at, self.started_mono = now, self.clock.mono()
+        self.observe(now)  # what every lane holds, before anything is reaped
+        # the outage is forgiven: every lease runs from the supervisor's return; what a lane holds is kept alive by
+        # its heartbeats and health reports, what it does not hold is reconciled below
+        moved = ms.extend_leases(self.ledger, until=now + self.settings.leases.lease_sec)
+        if moved:
+            log.info("%d leases restarted from now (the supervisor was away)", moved)
         self.reconcile(now)
         self.refresh_summary()
         # Everything imported and built so far lives as long as the process: keep it out of the collector's
@@ -983,9 +1105,9 @@ class Supervisor:
         from lanectl.runtime import Notifier
 
         ping = Notifier.watchdog_interval() or 1.0
-        last_ping = last_observe = last_summary = time.monotonic()
+        last_ping = last_observe = last_summary = self.clock.mono()
         while not self.stop.is_set():
-            mono = time.monotonic()
+            mono = self.clock.mono()
             try:
                 last_observe = self.turn(mono, last_observe)
                 self.ledger_error = None
@@ -1017,23 +1139,27 @@ class Supervisor:
     def turn(self, mono: float, last_observe: float) -> float:
         """One turn of the main loop (the module docstring lists the steps); returns when it last observed."""
         assert self.ledger is not None
-        now = time.time()
+        now = self.clock.now()
         self.apply_callbacks(now)
         self.apply_results(now)
         every = min(0.25, self.settings.health.observe_sec) if self.settling else self.settings.health.observe_sec
         if mono - last_observe >= every:
             self.observe(now)
             last_observe = mono
+            if mono - self.started_mono <= RECONCILE_FOR_S + every:
+                self.reconcile(now)
+        if self.cancels or not self.cancel_results.empty():
+            self.apply_cancel_results(mono)
         version = self.ledger.conn.execute("PRAGMA data_version").fetchone()[0]
         if version != self.data_version or self.dirty or now - self.last_tick >= self.settings.supervisor.tick_sec:
             self.data_version = version
             self.dirty = False
-            self.tick(time.time())
+            self.tick(self.clock.now())
         return last_observe
 
     def wait(self, timeout: float) -> None:
         ready = self.sel.select(timeout)
-        now = time.time()  # after the wait: events are stamped with when they were seen
+        now = self.clock.now()  # after the wait: events are stamped with when they were seen
         for key, _ in ready:
             if key.data is None:
                 try:
@@ -1051,7 +1177,7 @@ class Supervisor:
                     # not recorded: the next look at systemd sees the new invocation and re-queues then
                     log.error("lane %s exited but the ledger is unavailable: %s", lane.name, exc)
                     self.settling = True
-                    self.settle_until = time.monotonic() + SETTLE_S
+                    self.settle_until = self.clock.mono() + SETTLE_S
 
     def close(self) -> None:
         if self.server is not None:

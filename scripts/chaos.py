@@ -5,7 +5,8 @@ producers at a steady rate across the three classes while a seeded schedule inje
 fault, wait (bounded) for every mission to end, then reconcile every accepted mission against the ledger (read
 only) and against what the lanes executed (every lane's .lanectl/executions.log). The last line of stdout is
 `key=value` pairs; the exit status is 1 when lost, duplicated or orphaned is not 0, a fault kind was never
-injected or the always-failing burst (fail_burst) drained more than one lane, 2 when the fleet could not be set up.
+injected, the always-failing burst (fail_burst) drained more than one lane or a supervisor outage longer than
+lease_sec (supervisor_outage) cost an attempt, 2 when the fleet could not be set up.
 
 Everything is bounded: the run (--duration), every fault, every command (timeouts), and the final wait (--wait).
 Loopback only: the lanes and the supervisor listen on 127.0.0.1, inside the sandbox's own network namespace.
@@ -45,7 +46,11 @@ SUPERVISOR_UNIT = "lanectl-supervisor.service"
 SUPERVISOR_URL = "http://127.0.0.1:8700/healthz"
 # every kind of fault; each is injected at least once per run
 KINDS = ["kill_lane", "stop_lane", "kill_supervisor", "http500", "silent", "disk_full", "drain", "reroute", "apply",
-         "fail_burst"]
+         "fail_burst", "supervisor_outage"]
+LEASE_S = 15
+"""leases.lease_sec of the chaos fleet (shorter than the default 30 s, so that an outage longer than it fits)."""
+OUTAGE_S = LEASE_S + 5
+"""supervisor_outage: the supervisor is stopped this long (an upgrade that takes longer than lease_sec)."""
 BURST = 36
 """fail_burst: this many missions that always fail (/bin/false), unpinned deadline work every lane may take."""
 DELTA_TOML = """# chaos-only lane: the reference runtime with a switchable failure mode (scripts/chaos_lane.py)
@@ -171,7 +176,8 @@ def setup(src: Path, tmpfs_size: str) -> None:
     if CONFIG_DIR.exists():
         shutil.rmtree(CONFIG_DIR)
     (CONFIG_DIR / "lanes.d").mkdir(parents=True)
-    (CONFIG_DIR / "lanectl.toml").write_text(f'ledger = "{LEDGER}"\n' + (src / "lanectl.toml").read_text())
+    (CONFIG_DIR / "lanectl.toml").write_text(f'ledger = "{LEDGER}"\n' + (src / "lanectl.toml").read_text()
+                                             + f"\n[leases]\nlease_sec = {LEASE_S}\n")
     for f in sorted((src / "lanes.d").glob("*.toml")):
         (CONFIG_DIR / "lanes.d" / f.name).write_text(f.read_text())
     (CONFIG_DIR / "lanes.d" / "delta.toml").write_text(DELTA_TOML.format(python=PYTHON, bin=BIN_DIR))
@@ -296,6 +302,7 @@ class Faults:
         self.gen = 0
         self.burst_ids: list[int] = []
         self.burst_at: list[float] = []
+        self.outages: list[tuple[float, float]] = []  # (stopped, started again), wall time
         lo, hi = 3.0, max(duration - 8.0, 12.0)
         self.kinds = kinds or KINDS
         n = max(len(self.kinds), int((hi - lo) / every))
@@ -387,8 +394,26 @@ class Faults:
             say(f"  {lane}: frozen pid {pid} replaced after {time.monotonic() - t0:.1f}s")
 
     def f_kill_supervisor(self, p: float, c: int) -> None:
-        pid = self._kill("kill_supervisor", SUPERVISOR_UNIT, signal.SIGKILL)
+        with self.busy["supervisor"]:
+            pid = self._kill("kill_supervisor", SUPERVISOR_UNIT, signal.SIGKILL)
         self.record("kill_supervisor", "supervisor", f"kill -9 {pid}" if pid else "no MainPID for 5 s", ok=bool(pid))
+
+    def f_supervisor_outage(self, p: float, c: int) -> None:
+        """The supervisor stopped for longer than lease_sec (a slow upgrade), while lanes run missions: when it is
+        back, nothing a lane held may be re-run and no attempt charged (outage_charged counts lease expiries right
+        after its return: there must be none, every lease restarts from it)."""
+        with self.busy["supervisor"]:
+            at = time.time()
+            stop = run(["systemctl", "stop", SUPERVISOR_UNIT], timeout=60)
+            self.record("supervisor_outage", "supervisor", f"systemctl stop for {OUTAGE_S}s (lease_sec {LEASE_S})",
+                        ok=stop.returncode == 0)
+            time.sleep(OUTAGE_S)
+            start = run(["systemctl", "start", SUPERVISOR_UNIT], timeout=90)
+            if start.returncode != 0:
+                self.anomaly(f"systemctl start {SUPERVISOR_UNIT} after the outage exited {start.returncode}")
+            with self.lock:
+                self.outages.append((at, time.time()))
+            say(f"  supervisor: back after {time.time() - at:.1f}s")
 
     def _delta_mode(self, kind: str, mode: str, p: float) -> None:
         hold = 5 + 10 * p
@@ -492,6 +517,16 @@ class Faults:
             self.burst_at.append(at)
         self.record("fail_burst", "deadline", f"{len(ids)} missions running /bin/false submitted"
                     f"{f', {refused} refused' if refused else ''}", ok=bool(ids))
+
+
+def outage_charged(faults: Faults) -> int:
+    """Attempts lost to a lease expiry within lease_sec/2 of the supervisor's return from an outage: the outage's
+    cost (every lease restarts from the return, so there must be none)."""
+    n = 0
+    for _, back in faults.outages:
+        n += ledger_rows("SELECT count(*) FROM events WHERE kind IN ('requeued', 'dead') AND at BETWEEN ? AND ? "
+                         "AND json_extract(data, '$.reason') = 'lease expired'", back - 2, back + LEASE_S / 2)[0][0]
+    return n
 
 
 def burst_drained(faults: Faults) -> list[str]:
@@ -733,6 +768,7 @@ def main() -> int:
     faults.join(timeout=180)
     ran_for = time.monotonic() - t_start
     drained_by_burst = burst_drained(faults)  # before heal undrains them
+    charged_by_outage = outage_charged(faults)
     say("healing every fault")
     heal(faults)
     all_ids = prod.ids + faults.burst_ids
@@ -755,7 +791,7 @@ def main() -> int:
         "p99_interactive_wait_ms": round(p99, 1), "retried": rec["retried"], "reran": rec["reran"],
         "executions": rec["executions"], "swallowed": rec["swallowed"], "anomalies": len(faults.anomalies),
         "integrity": "ok" if integ == "ok" else "FAILED", "ledger_read_errors": sum(READ_ERRORS.values()),
-        "burst_drained": len(drained_by_burst),
+        "burst_drained": len(drained_by_burst), "outage_charged": charged_by_outage,
         **{f"faults_{k}": faults.counts[k] for k in KINDS},
     }
     out = sys.stdout
@@ -775,6 +811,9 @@ def main() -> int:
         print(f"  read-only ledger reads that failed (retried): {dict(READ_ERRORS)}", file=out)
     lanes_now = ledger_rows("SELECT name, state FROM lanes ORDER BY name")
     print(f"  lanes in the ledger at the end: {dict(lanes_now)}", file=out)
+    if faults.outages:
+        print(f"  supervisor_outage: {len(faults.outages)} outage(s) of {OUTAGE_S}s (lease_sec {LEASE_S}); attempts "
+              f"lost to a lease expiry right after its return: {charged_by_outage} (must be 0)", file=out)
     if faults.burst_at:
         print(f"  fail_burst: {len(faults.burst_ids)} always-failing missions; lanes drained by failure_spike "
               f"after it: {drained_by_burst or 'none'} (at most 1)", file=out)
@@ -808,7 +847,7 @@ def main() -> int:
     out.flush()
     print(" ".join(f"{k}={v}" for k, v in summary.items()), flush=True)
     bad = (summary["lost"] or summary["duplicated"] or summary["orphaned"] or missing_kinds or integ != "ok"
-           or len(drained_by_burst) > 1)
+           or len(drained_by_burst) > 1 or charged_by_outage)
     return 1 if bad else 0
 
 

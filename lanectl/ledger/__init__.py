@@ -102,7 +102,8 @@ class Ledger:
             os.chmod(path, FILE_MODE)
         global _last_opened
         _last_opened = path
-        return cls(conn, path, busy_timeout_s, busy_poll)
+        led = cls(conn, path, busy_timeout_s, busy_poll)
+        return led
 
     def close(self) -> None:
         self.conn.close()

@@ -22,7 +22,7 @@ class EventKind(StrEnum):
     STARTED = "started"  #: the lane reported that it started the attempt
     SUCCEEDED = "succeeded"  #: the lane reported success
     FAILED = "failed"  #: the lane reported a failure that is not retried
-    REQUEUED = "requeued"  #: an attempt was lost (lease expired, lane failed over, retryable failure)
+    REQUEUED = "requeued"  #: an attempt was lost (lease expired, failover, retryable failure) or refused uncharged
     DEAD = "dead"  #: an attempt was lost or failed with no attempts left
     CANCELLED = "cancelled"  #: cancelled by an operator or producer
     RETRIED = "retried"  #: an operator put a finished mission back in the queue

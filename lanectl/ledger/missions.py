@@ -840,6 +840,57 @@ def lose_attempt(ledger: Ledger, mission_id: int, attempt: int, lane: str, reaso
         return True
 
 
+def return_attempt(ledger: Ledger, mission_id: int, attempt: int, lane: str, token: str, reason: str, *,
+                   now: float) -> bool:
+    """The lane refused the dispatch before running anything (429 full, 503 stopping): the mission goes back to
+    the queue and the attempt is not charged (``round_start`` moves with it, so ``max_attempts`` and the retry
+    backoff count only attempts that reached a lane). Fenced like a callback; False if it is no longer the
+    mission's current, active attempt on that lane."""
+    with ledger.transaction() as conn:
+        row = conn.execute("SELECT m.attempts, m.state, m.current_lane, a.token_hash FROM missions m JOIN attempts a "
+                           "ON a.mission = m.id AND a.n = ? WHERE m.id = ?", (attempt, mission_id)).fetchone()
+        if (row is None or row[0] != attempt or row[1] not in ACTIVE or row[2] != lane
+                or not hmac.compare_digest(row[3], token_hash(token))):
+            return False
+        conn.execute("UPDATE attempts SET state = 'lost', finished_at = ? WHERE mission = ? AND n = ?",
+                     (now, mission_id, attempt))
+        conn.execute("UPDATE missions SET state = 'queued', current_lane = NULL, round_start = round_start + 1, "
+                     "updated_at = ? WHERE id = ?", (now, mission_id))
+        append(conn, EventKind.REQUEUED, now, mission=mission_id, lane=lane, attempt=attempt, reason=reason,
+               charged=False)
+        return True
+
+
+def extend_leases(ledger: Ledger, *, until: float, lane: str | None = None,
+                  missions: Sequence[int] | None = None, below: float | None = None) -> int:
+    """Push the lease of active attempts out to ``until``: every one (the supervisor's start: an outage is
+    forgiven, measured from its return), or those of ``lane`` among ``missions`` (what the lane says it holds);
+    only leases that end before ``below`` (default ``until``) move. Returns how many did."""
+    sql = ("UPDATE attempts SET lease_expires = ? WHERE state IN ('dispatched', 'running') AND lease_expires < ? "
+           "AND EXISTS (SELECT 1 FROM missions m WHERE m.id = attempts.mission AND m.attempts = attempts.n)")
+    args: list[Any] = [until, until if below is None else below]
+    if lane is not None:
+        sql += " AND lane = ?"
+        args.append(lane)
+    with ledger.transaction() as conn:
+        if missions is None:
+            return conn.execute(sql, args).rowcount
+        moved = 0
+        ids = sorted(set(missions))
+        for i in range(0, len(ids), _CLAIM_CHUNK):
+            chunk = ids[i:i + _CLAIM_CHUNK]
+            moved += conn.execute(sql + f" AND mission IN ({','.join('?' * len(chunk))})", [*args, *chunk]).rowcount
+        return moved
+
+
+def active_on(ledger: Ledger, lane: str, *, dispatched_before: float) -> list[tuple[int, int]]:
+    """(mission, attempt) of every active current attempt on ``lane`` dispatched before the given time."""
+    return [(r[0], r[1]) for r in ledger.conn.execute(
+        "SELECT m.id, m.attempts FROM missions m JOIN attempts a ON a.mission = m.id AND a.n = m.attempts "
+        "WHERE m.state IN ('dispatched', 'running') AND m.current_lane = ? AND a.dispatched_at < ?",
+        (lane, dispatched_before))]
+
+
 def settle_from_lane(ledger: Ledger, mission_id: int, attempt: int, lane: str, outcome: str, *, now: float,
                      result: Any = None, error: str | None = None) -> bool:
     """Apply an outcome the lane recorded in its own execution log but could not report before it died.

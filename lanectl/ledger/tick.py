@@ -56,7 +56,10 @@ class TickResult:
         }
 
 
-def lane_views(conn: sqlite3.Connection, fleet: LaneSet, now: float) -> tuple[tuple[LaneView, ...], dict[str, int]]:
+def lane_views(conn: sqlite3.Connection, fleet: LaneSet, now: float, full: frozenset[str] = frozenset()
+               ) -> tuple[tuple[LaneView, ...], dict[str, int]]:
+    """Every lane as the policy sees it; a lane in ``full`` (it refused a dispatch as full since its last health
+    report) counts as having no room, whatever the ledger says it holds."""
     rows = {r[0]: r[1:] for r in conn.execute("SELECT name, state, healthy, invocation, swrr, weight FROM lanes")}
     flight = dict(conn.execute("SELECT current_lane, count(*) FROM missions "
                                "WHERE state IN ('dispatched', 'running') GROUP BY current_lane").fetchall())
@@ -74,7 +77,8 @@ def lane_views(conn: sqlite3.Connection, fleet: LaneSet, now: float) -> tuple[tu
                                     "AND dispatched_at > ?", (name, c, now - RATE_WINDOW_S)).fetchone()[0]
                     for c in rate}
         views.append(LaneView(name=name, capacity=lane.capacity, classes=frozenset(lane.classes), state=state,
-                              healthy=bool(healthy), in_flight=flight.get(name, 0),
+                              healthy=bool(healthy),
+                              in_flight=max(flight.get(name, 0), lane.capacity if name in full else 0),
                               weight=lane.weight if promoted is None else promoted,
                               fallback=lane.fallback, tags=frozenset(lane.tags), rate_per_minute=rate,
                               daily_budget=budget, used_minute=used_min,
@@ -177,8 +181,8 @@ class QueueView:
     blocked: dict[GroupKey, int | None]
 
 
-def read_queue(conn: sqlite3.Connection, fleet: LaneSet, now: float) -> QueueView:
-    lanes, swrr = lane_views(conn, fleet, now)
+def read_queue(conn: sqlite3.Connection, fleet: LaneSet, now: float, full: frozenset[str] = frozenset()) -> QueueView:
+    lanes, swrr = lane_views(conn, fleet, now, full)
     views = {ln.name: ln for ln in lanes}
     groups = queue_groups(conn)
     plan: list[tuple[GroupKey, int]] = []
@@ -222,13 +226,15 @@ def _target(q: QueuedMission) -> str:
     return q.session_lane or q.lane or ""
 
 
-def run_once(ledger: Ledger, fleet: LaneSet, *, now: float, sweep: int = WAIT_SWEEP) -> TickResult:
+def run_once(ledger: Ledger, fleet: LaneSet, *, now: float, sweep: int = WAIT_SWEEP,
+             full: frozenset[str] = frozenset()) -> TickResult:
     """One atomic policy pass: reap leases, expire deadlines, plan, record assignments and waits (the waits of
-    whole groups that cannot be placed are written onto their missions ``sweep`` missions a pass)."""
+    whole groups that cannot be placed are written onto their missions ``sweep`` missions a pass); lanes in
+    ``full`` get nothing this pass."""
     with ledger.transaction() as conn:
         leases = ms.expire_leases_in(conn, now=now)
         deadlines = ms.expire_deadlines_in(conn, now=now)
-        view = read_queue(conn, fleet, now)
+        view = read_queue(conn, fleet, now, full)
         snap = view.snapshot
         decision = dispatch.decide(snap, now)
         invocations = {ln.name: ln.invocation for ln in snap.lanes}

@@ -1,10 +1,10 @@
 """The CI chaos run (docs/reliability.md): `scripts/chaos --duration 120 --seed 1` boots its own private systemd,
 drives producers across all classes while a seeded schedule injects every fault kind (kill -9 and SIGSTOP of
 lanes, kill -9 of the supervisor, a lane answering 500s, a lane that never calls back, disk-full on the ledger's
-tmpfs, drain, reroute, config change + apply, a burst of 36 always-failing missions), heals, and reconciles every
-mission against the ledger and the lanes' execution logs. Nothing may be lost, duplicated or orphaned, every fault
-kind must have been injected, and the failing burst may drain at most one lane (issue 16).
-About 2.5 minutes; bounded at 290 s."""
+tmpfs, drain, reroute, config change + apply, a burst of 36 always-failing missions, the supervisor stopped for
+longer than lease_sec), heals, and reconciles every mission against the ledger and the lanes' execution logs.
+Nothing may be lost, duplicated or orphaned, every fault kind must have been injected, the failing burst may drain
+at most one lane, and the outage may cost no attempt (issue 16). About 3 minutes; bounded at 290 s."""
 from __future__ import annotations
 
 import os
@@ -19,7 +19,7 @@ from tests.systemd.conftest import _skip_reason
 pytestmark = pytest.mark.systemd
 ROOT = Path(__file__).resolve().parents[2]
 KINDS = ["kill_lane", "stop_lane", "kill_supervisor", "http500", "silent", "disk_full", "drain", "reroute", "apply",
-         "fail_burst"]
+         "fail_burst", "supervisor_outage"]
 LIMIT_S = 290
 
 
@@ -44,5 +44,6 @@ def test_chaos_two_minutes_nothing_lost_duplicated_or_orphaned() -> None:
     assert last.get("orphaned") == "0", report
     assert all(int(last.get(f"faults_{k}", "0")) >= 1 for k in KINDS), report
     assert int(last.get("burst_drained", "99")) <= 1, report
+    assert last.get("outage_charged") == "0", report  # a supervisor outage longer than lease_sec costs no attempt
     assert int(last["submitted"]) > 500, report
     assert proc.returncode == 0, report

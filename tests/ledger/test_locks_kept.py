@@ -1,0 +1,47 @@
+"""A second ``Ledger.open`` in a process that holds a connection must not drop that process's SQLite locks.
+
+Closing any descriptor of a file drops all of the process's POSIX (fcntl) locks on it. ``Ledger.open`` used to read
+the file's header with ``open()``/``close()`` every time: in a producer holding several clients (the chaos driver),
+that dropped the locks of the clients already open; the supervisor, stopping, then closed its own connection as if
+it were the last one, checkpointed and deleted the WAL, and the producers' next commits went into the deleted file:
+lost (issue 16: found by the supervisor_outage chaos fault). Real processes, real SQLite; no mocks.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from lanectl.ledger import Ledger
+
+
+def _in_other_process(db: Path, code: str) -> str:
+    return subprocess.run([sys.executable, "-c", f"import sqlite3\nc = sqlite3.connect({str(db)!r})\n{code}\n"
+                                                 "c.close()"], check=True, capture_output=True, text=True,
+                          timeout=60).stdout.strip()
+
+
+def test_commits_survive_another_process_closing_after_a_second_open(tmp_path: Path) -> None:
+    db = tmp_path / "ledger.db"
+    first = Ledger.open(db)
+    first.conn.execute("CREATE TABLE t (x)")
+    first.conn.execute("INSERT INTO t VALUES (1)")
+    second = Ledger.open(db)  # another client in the same process
+    try:
+        # another process (the supervisor stopping) opens and closes its connection
+        _in_other_process(db, "c.execute('SELECT count(*) FROM t').fetchone()")
+        assert Path(str(db) + "-wal").exists(), "the WAL was deleted under this process's open connections"
+        first.conn.execute("INSERT INTO t VALUES (2)")
+        assert _in_other_process(db, "print(c.execute('SELECT count(*) FROM t').fetchone()[0])") == "2"
+    finally:
+        second.close()
+        first.close()
+
+
+def test_a_closed_ledger_is_checked_again(tmp_path: Path) -> None:
+    db = tmp_path / "ledger.db"
+    Ledger.open(db).close()
+    Ledger.open(db).close()  # nothing held: the header is read again, and nothing is left registered
+    from lanectl.ledger import _HELD
+
+    assert not _HELD
