@@ -38,10 +38,15 @@ def test_commits_survive_another_process_closing_after_a_second_open(tmp_path: P
         first.close()
 
 
-def test_a_closed_ledger_is_checked_again(tmp_path: Path) -> None:
-    db = tmp_path / "ledger.db"
-    Ledger.open(db).close()
-    Ledger.open(db).close()  # nothing held: the header is read again, and nothing is left registered
-    from lanectl.ledger import _HELD
 
-    assert not _HELD
+def test_a_file_that_is_not_sqlite_is_still_refused(tmp_path: Path) -> None:
+    """SQLite checks the header itself now (lanectl never opens the file): a text file is ledger_not_sqlite."""
+    import pytest
+
+    from lanectl.errors import LanectlError
+
+    db = tmp_path / "ledger.db"
+    db.write_text("not a ledger, just some text long enough to be read as a header\n" * 4)
+    with pytest.raises(LanectlError) as err:
+        Ledger.open(db)
+    assert err.value.code == "ledger_not_sqlite"
