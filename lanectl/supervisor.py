@@ -135,6 +135,12 @@ class LaneWatch:
     unrecorded_restarts: int = 0
     """Restarts systemd counted (NRestarts) that no lane_invocation event carries yet."""
     healthy: bool = False
+    health_recorded: bool = False
+    """Whether this process has written the lane's health to the ledger yet (the ledger may hold an earlier
+    process's verdict: the first observation always writes)."""
+    recorded_invocation: str = ""
+    """The invocation the ledger bound the lane's attempts to before this process started: the execution log to
+    settle from when that invocation turns out to be gone."""
     healthy_since: float | None = None
     held: set[int] = field(default_factory=set)
     state: str = "active"  # the ledger's dispatch state (active, draining, drained, degraded, disabled)
@@ -230,6 +236,9 @@ class Supervisor:
         for name, lane in sorted(self.fleet.lanes.items()):
             self.lanes[name] = LaneWatch(name, unit_name(name), lane.port, lane_keys[name], lane.health_path,
                                          lane.restart.max_restarts, lane.enabled)
+        for name, inv in lane_ops.recorded_invocations(self.ledger).items():
+            if name in self.lanes:
+                self.lanes[name].recorded_invocation = inv
         self.resolve_uids()
         self.bind()
 
@@ -722,8 +731,9 @@ class Supervisor:
 
     # ------------------------------------------------------------------------------------------ lanes
     def set_health(self, lane: LaneWatch, healthy: bool, now: float) -> None:
-        if lane.healthy == healthy:
+        if lane.healthy == healthy and lane.health_recorded:
             return
+        lane.health_recorded = True
         lane.healthy = healthy
         lane.healthy_since = now if healthy else None
         assert self.ledger is not None
@@ -838,7 +848,7 @@ class Supervisor:
         lane.main_pid = 0
         self.drop_cancels(lane.name)
         self.full.discard(lane.name)
-        self.settle_from_log(lane, lane.invocation, now)
+        self.settle_from_log(lane, lane.invocation or lane.recorded_invocation, now)
         lost = ms.requeue_lane(self.ledger, lane.name, "lane process exited", now=now)
         if lost:
             self.counters["failovers"] += 1
@@ -881,8 +891,8 @@ class Supervisor:
                 w.restart_times.popleft()
             inv = p.get("InvocationID", "")
             if w.running and inv and inv != w.invocation:
-                if w.invocation:
-                    self.settle_from_log(w, w.invocation, now)
+                if w.invocation or w.recorded_invocation:  # at start: the invocation of before the outage
+                    self.settle_from_log(w, w.invocation or w.recorded_invocation, now)
                 # only restarts systemd did on its own (NRestarts) count: an operator's `lanectl restart` or
                 # `apply` starts a new invocation with restarts 0; None: the supervisor cannot tell (it was down)
                 lost = ms.set_lane(self.ledger, w.name, now=now, invocation=inv,

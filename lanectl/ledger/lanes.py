@@ -33,6 +33,11 @@ def state_of(ledger: Ledger, lane: str) -> str:
     return row[0] if row else "active"
 
 
+def recorded_invocations(ledger: Ledger) -> dict[str, str]:
+    """Each lane's systemd InvocationID as the ledger last recorded it (what its in-flight attempts are bound to)."""
+    return {r[0]: r[1] for r in ledger.conn.execute("SELECT name, invocation FROM lanes WHERE invocation IS NOT NULL")}
+
+
 def in_flight(ledger: Ledger, lane: str) -> list[int]:
     return [r[0] for r in ledger.conn.execute(
         "SELECT id FROM missions WHERE current_lane = ? AND state IN ('dispatched', 'running') ORDER BY id", (lane,))]

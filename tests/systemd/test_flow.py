@@ -225,3 +225,46 @@ def test_a_full_lane_refusing_a_dispatch_costs_no_attempt(fleet: Fleet) -> None:
     assert all(json.loads(d).get("charged") is False for *_, d in refused), refused
     used = sql(fleet, "SELECT attempts - round_start FROM missions WHERE id = ?", mid)[0][0]
     assert used == 1, history(fleet, [mid], unless="")
+
+
+def test_a_lane_down_when_the_supervisor_starts_gets_no_work_and_costs_none(fleet: Fleet) -> None:
+    """Found by attacking issue 16's fixes: the new supervisor knew alpha was down but never wrote it (it started
+    believing 'unhealthy' and skipped the write as 'no change'); the ledger still said healthy from the previous
+    process, and a mission pinned to alpha burned its three attempts on the dead port within a second."""
+    wait_for(lambda: all_up(fleet), 60, interval=0.5, what="all lanes up")
+    fleet.sb.exec(["systemctl", "stop", SUP], check=True)
+    fleet.sb.exec(["systemctl", "stop", "lanectl-lane@alpha.service"], check=True)
+    try:
+        fleet.sb.exec(["systemctl", "start", SUP], check=True)
+        wait_for(lambda: sql(fleet, "SELECT healthy FROM lanes WHERE name = 'alpha'") == [[0]], 20, interval=0.2,
+                 what="the ledger to say alpha is not healthy")
+        (mid,) = submit_many(fleet, [{"cls": "interactive", "lane": "alpha", "argv": ["true"]}])
+        assert wait_terminal(fleet, [mid], 60)[mid] == "succeeded"  # on alpha's fallback, beta
+        # no attempt went to the dead port: dispatched once, to beta, nothing lost or re-queued
+        kinds = [r[0] for r in sql(fleet, "SELECT kind FROM events WHERE mission = ? ORDER BY id", mid)]
+        assert "requeued" not in kinds and "dead" not in kinds, history(fleet, [mid], unless="")
+        assert sql(fleet, "SELECT lane FROM attempts WHERE mission = ?", mid) == [["beta"]]
+    finally:
+        fleet.sb.exec(["systemctl", "start", "lanectl-lane@alpha.service"], check=True)
+
+
+def test_a_lane_killed_during_an_outage_has_its_logged_outcomes_settled_not_rerun(fleet: Fleet) -> None:
+    """Found by attacking issue 16's fixes: missions that finished on beta while the supervisor was away (outcome
+    logged, callback held back), then beta killed before the supervisor returned: the new supervisor had no
+    invocation of its own to settle from and re-ran all three. It now settles from the ledger's."""
+    wait_for(lambda: all_up(fleet), 60, interval=0.5, what="all lanes up")
+    ids = submit_many(fleet, [{"cls": "background", "lane": "beta", "argv": ["/bin/sh", "-c", "sleep 2"]}
+                              for _ in range(3)])
+    wait_for(lambda: running(fleet, ids) == len(ids), 30, interval=0.2, what="beta's missions to run")
+    fleet.sb.exec(["systemctl", "stop", SUP], check=True)
+    try:
+        log = "/var/lib/lanes/beta/.lanectl/executions.log"
+        wait_for(lambda: sum('"event":"end"' in line and any(f'"mission":{m},' in line for m in ids)
+                             for line in fleet.read_file(log).splitlines()) == len(ids), 30, interval=0.2,
+                 what="beta to log the three ends")
+        fleet.sb.exec(["systemctl", "kill", "-s", "KILL", "--kill-whom=main", "lanectl-lane@beta.service"], check=True)
+    finally:
+        fleet.sb.exec(["systemctl", "start", SUP], check=True)
+    st = wait_terminal(fleet, ids, 60)
+    assert set(st.values()) == {"succeeded"}, st
+    assert sql(fleet, "SELECT count(*) FROM attempts WHERE mission BETWEEN ? AND ?", min(ids), max(ids)) == [[3]]
