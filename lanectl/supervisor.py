@@ -891,8 +891,9 @@ class Supervisor:
                 w.restart_times.popleft()
             inv = p.get("InvocationID", "")
             if w.running and inv and inv != w.invocation:
-                if w.invocation or w.recorded_invocation:  # at start: the invocation of before the outage
-                    self.settle_from_log(w, w.invocation or w.recorded_invocation, now)
+                prev = w.invocation or w.recorded_invocation  # at start: the invocation of before the outage
+                if prev and prev != inv:  # that one is gone: what it logged as done but could not report
+                    self.settle_from_log(w, prev, now)
                 # only restarts systemd did on its own (NRestarts) count: an operator's `lanectl restart` or
                 # `apply` starts a new invocation with restarts 0; None: the supervisor cannot tell (it was down)
                 lost = ms.set_lane(self.ledger, w.name, now=now, invocation=inv,

@@ -47,8 +47,11 @@ def one_lane(fleet_dir: Path) -> Path:
 
 @pytest.fixture
 def outside_tmp() -> Iterator[Path]:
-    """A scratch dir outside /tmp (PrivateTmp hides /tmp, which would mask what a test checks)."""
-    d = Path(tempfile.mkdtemp(prefix=".test-runtime-", dir=ROOT))
+    """A scratch dir that lanes could see: not under /tmp (PrivateTmp) nor under /root or /home (ProtectHome), which
+    would mask what a test checks (the checkout itself may be in /root)."""
+    if not os.access("/var/lib", os.W_OK):
+        pytest.skip("needs a directory outside /tmp and /home it can write: /var/lib (run as root)")
+    d = Path(tempfile.mkdtemp(prefix="lanectl-test-runtime-", dir="/var/lib"))
     yield d
     shutil.rmtree(d)
 
