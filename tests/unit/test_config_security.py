@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from lanectl import config, units
 from lanectl.cli.main import app
 from lanectl.errors import ExitCode, LanectlError
-from tests.conftest import ROOT, RUNTIME_PY, write_lane
+from tests.conftest import RUNTIME_PY, write_lane
 
 runner = CliRunner()
 
