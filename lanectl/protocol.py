@@ -163,8 +163,35 @@ class CallbackMsg:
                 "output_tail": self.output_tail, "error": self.error}
 
 
+MAX_CALLBACK_BATCH = 64
+"""Most callbacks one ``POST /callbacks`` carries (``{"callbacks": [...]}``; 64 full ones stay under MAX_BODY)."""
+
+
 def parse_callback(raw: bytes) -> CallbackMsg:
+    return _callback(loads_object(raw))
+
+
+def parse_callbacks(raw: bytes) -> tuple[list[CallbackMsg], bool]:
+    """The callbacks of one request and whether it was a batch: ``{"callbacks": [CALLBACK, ...]}`` (1 to
+    MAX_CALLBACK_BATCH, in the order they happened) or a single CALLBACK object."""
     doc = loads_object(raw)
+    if "callbacks" not in doc:
+        return [_callback(doc)], False
+    items = doc["callbacks"]
+    if not isinstance(items, list) or not 1 <= len(items) <= MAX_CALLBACK_BATCH:
+        raise BadMessage(f"field 'callbacks' must be a list of 1 to {MAX_CALLBACK_BATCH} callbacks")
+    out = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise BadMessage(f"callbacks[{i}] must be a JSON object")
+        try:
+            out.append(_callback(item))
+        except BadMessage as exc:
+            raise BadMessage(f"callbacks[{i}]: {exc}", exc.status) from None
+    return out, True
+
+
+def _callback(doc: dict[str, Any]) -> CallbackMsg:
     event = _short(doc, "event")
     if event not in EVENTS:
         raise BadMessage(f"field 'event' must be one of {', '.join(EVENTS)}")

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from lanectl import __version__
-from lanectl.protocol import (LOG_NAME, MAX_TAIL, STATE_DIR_NAME, BadMessage, BoundedServer, CallbackMsg,
+from lanectl.protocol import (LOG_NAME, MAX_CALLBACK_BATCH, MAX_TAIL, STATE_DIR_NAME, BadMessage, BoundedServer, CallbackMsg,
                               DeadlineHandler, DispatchMsg, LogRefused, PeerMismatch, UnixHTTPConnection, bearer_ok,
                               callback_socket, log_key, open_state_dir, parse_dispatch, read_body, send_json,
                               sign_log_entry)
@@ -207,50 +207,112 @@ class Reporter(threading.Thread):
         return self.q.qsize()
 
     def run(self) -> None:
-        while True:
+        """Deliver what is queued, up to MAX_CALLBACK_BATCH callbacks per request: one round trip (and one group
+        commit in the supervisor) for everything that happened since the last, in order."""
+        stop = False
+        while not stop:
             msg = self.q.get()
             if msg is None:
                 return
-            if msg.event == "heartbeat" and self.q.qsize() > 100:
-                self.dropped += 1  # under a backlog heartbeats are the first to go; outcomes never are
-                continue
-            self._deliver(msg)
-            if msg.event in ("succeeded", "failed", "cancelled"):
-                with self.lock:
-                    self.outcomes.discard(msg.mission)
+            batch = [msg]
+            while len(batch) < MAX_CALLBACK_BATCH:
+                try:
+                    nxt = self.q.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+            if self.q.qsize() > 100:  # under a backlog heartbeats are the first to go; outcomes never are
+                kept = [m for m in batch if m.event != "heartbeat"] or batch[-1:]
+                self.dropped += len(batch) - len(kept)
+                batch = kept
+            self._deliver_all(batch)
 
-    def _deliver(self, msg: CallbackMsg) -> None:
+    def _done(self, msg: CallbackMsg) -> None:
+        if msg.event in ("succeeded", "failed", "cancelled"):
+            with self.lock:
+                self.outcomes.discard(msg.mission)
+
+    def _deliver_all(self, batch: list[CallbackMsg]) -> None:
+        """Retry with backoff until every callback of the batch is answered for good (2xx, or a 4xx that says
+        the attempt is no longer ours); those the supervisor could not take yet (429, 503) go again, in order."""
         if not self.url:
             return
-        body = json.dumps(msg.as_json()).encode()
         backoff = 0.05
-        while True:
-            conn = UnixHTTPConnection(self.path, CALLBACK_TIMEOUT_S, expect_uid=self.supervisor_uid)
-            self.tries += 1
-            try:
-                conn.request("POST", "/callbacks", body=body, headers={"Content-Type": "application/json",
-                                                                   "Connection": "close"})  # frees its slot at once
-                resp = conn.getresponse()
-                answer = resp.read()
-                if 200 <= resp.status < 300:
-                    self.delivered += 1
+        while batch:
+            if len(batch) == 1:
+                verdicts = self._post_one(batch[0])
+            else:
+                verdicts = self._post_many(batch)
+            if verdicts is not None:
+                left = []
+                for msg, (status, code) in zip(batch, verdicts):
+                    if 200 <= status < 300:
+                        self.delivered += 1
+                        self._done(msg)
+                    elif 400 <= status < 500 and status != 429:
+                        log.warning("callback %s for mission %d attempt %d refused: HTTP %d", msg.event, msg.mission,
+                                    msg.attempt, status)
+                        self.dropped += 1
+                        self._done(msg)
+                        if (status == 409 and msg.event in ("started", "heartbeat") and self.on_fenced is not None
+                                and code == "lease_fenced"):
+                            self.on_fenced(msg)
+                    else:
+                        left.append(msg)
+                if not left:
                     return
-                if 400 <= resp.status < 500 and resp.status != 429:
-                    log.warning("callback %s for mission %d attempt %d refused: HTTP %d", msg.event, msg.mission,
-                                msg.attempt, resp.status)
-                    self.dropped += 1
-                    if (resp.status == 409 and msg.event in ("started", "heartbeat") and self.on_fenced is not None
-                            and _error_code(answer) == "lease_fenced"):
-                        self.on_fenced(msg)
-                    return
-            except PeerMismatch as exc:
-                log.warning("callback not sent: %s; retrying", exc)
-            except (OSError, ValueError, http.client.HTTPException) as exc:
-                log.debug("callback delivery failed (%s); retrying in %.2fs", exc, backoff)
-            finally:
-                conn.close()
+                batch = left
             time.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
+
+    def _post(self, body: bytes) -> tuple[int, bytes] | None:
+        """One request; (status, body), or None when no answer came (or it came from the wrong listener)."""
+        conn = UnixHTTPConnection(self.path, CALLBACK_TIMEOUT_S, expect_uid=self.supervisor_uid)
+        self.tries += 1
+        try:
+            conn.request("POST", "/callbacks", body=body, headers={"Content-Type": "application/json",
+                                                               "Connection": "close"})  # frees its slot at once
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+        except PeerMismatch as exc:
+            log.warning("callback not sent: %s; retrying", exc)
+        except (OSError, ValueError, http.client.HTTPException) as exc:
+            log.debug("callback delivery failed (%s); retrying", exc)
+        finally:
+            conn.close()
+        return None
+
+    def _post_one(self, msg: CallbackMsg) -> list[tuple[int, str | None]] | None:
+        got = self._post(json.dumps(msg.as_json()).encode())
+        return None if got is None else [(got[0], _error_code(got[1]))]
+
+    def _post_many(self, batch: list[CallbackMsg]) -> list[tuple[int, str | None]] | None:
+        got = self._post(json.dumps({"callbacks": [m.as_json() for m in batch]}).encode())
+        if got is None:
+            return None
+        status, body = got
+        if status == 200:
+            try:
+                results = json.loads(body)["results"]
+                if isinstance(results, list) and len(results) == len(batch):
+                    return [(int(r["status"]), r.get("error")) for r in results]
+            except (ValueError, KeyError, TypeError):
+                pass
+            log.warning("the supervisor's answer to %d callbacks was not understood; sending them one by one",
+                        len(batch))
+        elif not (status == 400 or status == 429 or status >= 500):
+            return [(status, _error_code(body))] * len(batch)  # refused as a whole (403): each is refused
+        elif status != 400:
+            return [(status, None)] * len(batch)  # busy: all go again
+        # 400 from a supervisor that takes one callback per request (or an answer not understood): one by one
+        out: list[tuple[int, str | None]] = []
+        for msg in batch:
+            one = self._post_one(msg)
+            out.append(one[0] if one is not None else (503, None))
+        return out
 
 
 def _error_code(body: bytes) -> str | None:

@@ -53,7 +53,7 @@ from lanectl.ledger import lanes as lane_ops
 from lanectl.ledger import tick as ticks
 from lanectl.ledger.events import EventKind, append
 from lanectl.protocol import (BadMessage, BoundedServer, CallbackMsg, DeadlineHandler, DispatchMsg, LogScan, log_key,
-                              parse_callback, peer_cred, read_body, scan_execution_log, send_json,
+                              parse_callbacks, peer_cred, read_body, scan_execution_log, send_json,
                               tcp_listener_uids)
 from lanectl.status import check_health_many
 from lanectl.units import unit_name
@@ -358,13 +358,18 @@ class Supervisor:
                         sup.refuse("unauthenticated")
                         self._send(403, {"error": "not_a_lane", "message": f"uid {self.peer_uid} is no lane's user"})
                         return
-                    msg = parse_callback(raw)
-                    if msg.lane not in allowed:  # a lane speaking for another: refused, no ledger write
+                    msgs, batch = parse_callbacks(raw)
+                    foreign = next((m.lane for m in msgs if m.lane not in allowed), None)
+                    if foreign is not None:  # a lane speaking for another: all refused, no ledger write
                         sup.refuse("foreign_lane")
                         self._send(403, {"error": "not_your_lane", "message": f"uid {self.peer_uid} cannot send "
-                                         f"callbacks of lane {msg.lane!r}"})
+                                         f"callbacks of lane {foreign!r}"})
                         return
-                    self._send(*sup.submit_callback(msg))
+                    if not batch:
+                        self._send(*sup.submit_callback(msgs[0]))
+                        return
+                    results = sup.submit_callbacks(msgs)  # one answer per callback, in order
+                    self._send(200, {"results": [{"status": code, **doc} for code, doc in results]})
                 except BadMessage as exc:
                     self._send(exc.status, {"error": "bad_request", "message": str(exc)})
 
@@ -435,15 +440,31 @@ class Supervisor:
     # ------------------------------------------------------------------------------------------ callbacks
     def submit_callback(self, msg: CallbackMsg) -> tuple[int, dict[str, Any]]:
         """Called from an HTTP thread: hand the callback to the main loop and wait for its verdict."""
-        if msg.lane not in self.lanes:
-            return 409, {"error": "unknown_lane", "message": f"no lane {msg.lane!r}"}
-        fut: Future[tuple[int, dict[str, Any]]] = Future()
-        self.inbox.put(Pending(msg, fut))
+        return self.submit_callbacks([msg])[0]
+
+    def submit_callbacks(self, msgs: list[CallbackMsg]) -> list[tuple[int, dict[str, Any]]]:
+        """Several callbacks of one request, handed over together (so they land in one group commit, in order);
+        one verdict each."""
+        futures: list[Future[tuple[int, dict[str, Any]]] | tuple[int, dict[str, Any]]] = []
+        for msg in msgs:
+            if msg.lane not in self.lanes:
+                futures.append((409, {"error": "unknown_lane", "message": f"no lane {msg.lane!r}"}))
+                continue
+            fut: Future[tuple[int, dict[str, Any]]] = Future()
+            futures.append(fut)
+            self.inbox.put(Pending(msg, fut))
         self.wake()
-        try:
-            return fut.result(timeout=CALLBACK_WAIT_S)
-        except TimeoutError:
-            return 503, {"error": "busy", "message": "the supervisor did not answer in time; retry"}
+        deadline = time.monotonic() + CALLBACK_WAIT_S
+        out = []
+        for f in futures:
+            if not isinstance(f, Future):
+                out.append(f)
+                continue
+            try:
+                out.append(f.result(timeout=max(0.0, deadline - time.monotonic())))
+            except TimeoutError:
+                out.append((503, {"error": "busy", "message": "the supervisor did not answer in time; retry"}))
+        return out
 
     def apply_callbacks(self, now: float) -> int:
         """Apply every callback that arrived since the last turn in one transaction (group commit).

@@ -33,6 +33,7 @@ from lanectl.dispatch import Assignment
 from lanectl.ledger import Ledger
 from lanectl.ledger import missions as ms
 from lanectl.protocol import (
+    CallbackMsg,
     CLASSES,
     EVENTS,
     MAX_BODY,
@@ -185,11 +186,15 @@ class CallbackSink:
 
             def do_POST(self) -> None:
                 n = int(self.headers.get("Content-Length") or 0)
-                sink.received.append(json.loads(self.rfile.read(n)))
+                doc = json.loads(self.rfile.read(n))
+                items = doc["callbacks"] if "callbacks" in doc else [doc]  # a batch: one answer each, in order
+                sink.received.extend(items)
+                body = json.dumps({"results": [{"status": 200, "ok": True}] * len(items)} if "callbacks" in doc
+                                  else {}).encode()
                 self.send_response(200)
-                self.send_header("Content-Length", "2")
+                self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(b"{}")
+                self.wfile.write(body)
 
         self.dir = tempfile.mkdtemp(prefix="lanectl-sink-")
         self.server = socketserver.ThreadingUnixStreamServer(f"{self.dir}/cb.sock", H)
@@ -1158,9 +1163,10 @@ def test_regression_superseded_attempt_is_stopped(fresh_lane: Lane) -> None:
             with open(f"/proc/{pid}/stat") as fh:  # a zombie is gone for our purpose
                 return fh.read().split(") ", 1)[1].startswith("Z")
 
-        time.sleep(1.0)
-        ends = [(e["attempt"], e.get("outcome")) for e in lane.executions() if e["event"] == "end"]
-        assert old_gone() and (1, "superseded") in ends, (old_gone(), ends)
+        def ends() -> list[tuple[int, str | None]]:
+            return [(e["attempt"], e.get("outcome")) for e in lane.executions() if e["event"] == "end"]
+
+        wait_for(lambda: old_gone() and (1, "superseded") in ends(), what="attempt 1 killed and logged superseded")
         wait_for(lambda: any(c["attempt"] == 1 and c["event"] == "cancelled" for c in lane.sink.received),
                  what="the lane to report attempt 1 stopped")
     finally:
@@ -1288,3 +1294,59 @@ def test_the_lane_keeps_an_outcome_until_the_supervisor_is_verified(tmp_path: Pa
         rep.q.put(None)
         rep.join(10)
         sink.close()
+
+
+# ==================================================================================================== supervisor: batches
+def post_batch(s: Sup, items: Any) -> tuple[int, Any]:
+    status, body = request(s.sock, "POST", "/callbacks", json.dumps({"callbacks": items}).encode(),
+                           {"Content-Type": "application/json"})
+    try:
+        return status, json.loads(body)
+    except ValueError:
+        return status, body
+
+
+def test_supervisor_batch_answers_each_callback_in_order(sup: Sup) -> None:
+    """One request, several callbacks: one verdict each, in order; a fenced one is refused and recorded alone."""
+    before = sup.snapshot()
+    ok = callback_doc(mission=2, event="heartbeat", token=sup.tokens[2])
+    status, doc = post_batch(sup, [ok, callback_doc(mission=1, token="forged"), ok])
+    assert status == 200, doc
+    assert [r["status"] for r in doc["results"]] == [200, 409, 200]
+    assert doc["results"][1]["error"] == "lease_fenced" and doc["results"][0] == {"status": 200, "ok": True,
+                                                                                    "changed": False, "state": "running"}
+    sup.assert_unchanged(before, rejected=1)
+
+
+def test_supervisor_batch_naming_another_lane_is_refused_whole(sup: Sup) -> None:
+    before = sup.snapshot()
+    ok = callback_doc(mission=2, event="heartbeat", token=sup.tokens[2])
+    status, _ = post_batch(sup, [ok, callback_doc(mission=3, lane="zulu")])
+    assert status == 403
+    sup.assert_unchanged(before, rejected=0)
+
+
+@pytest.mark.parametrize("items", [
+    [], {}, "x", None, 1, [1], [None], [[]], [callback_doc(event="nope")], [{"mission": 1}],
+    [callback_doc()] * 65,
+], ids=lambda v: repr(v)[:20])
+def test_supervisor_malformed_batches_are_400(sup: Sup, items: Any) -> None:
+    assert post_batch(sup, items)[0] == 400
+
+
+def test_reporter_sends_what_queued_up_in_one_request(sup: Sup) -> None:
+    """The lane runtime's Reporter: 20 callbacks queued while it was not running go in one request, each
+    answered on its own (the forged one refused and dropped, the rest delivered)."""
+    from lanectl.runtime import Reporter
+
+    before = sup.snapshot()
+    r = Reporter(f"unix:{sup.sock}", supervisor_uid=os.getuid())
+    for _ in range(19):
+        r.send(CallbackMsg(2, 1, "alpha", sup.tokens[2], "heartbeat", "inv"))
+    r.send(CallbackMsg(1, 1, "alpha", "forged", "started", "inv"))
+    r.start()
+    wait_for(lambda: r.delivered + r.dropped == 20, what="every callback answered")
+    assert (r.delivered, r.dropped, r.tries) == (19, 1, 1)
+    r.q.put(None)
+    r.join(5)
+    sup.assert_unchanged(before, rejected=1)
