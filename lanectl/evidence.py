@@ -28,12 +28,15 @@ from __future__ import annotations
 import json
 import math
 import sqlite3
+import struct
 import time
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Callable, Final
 
+from lanectl.ledger import rollups
 from lanectl.ledger.events import EventKind
 
 QUANTILES: Final = (50, 95, 99)
@@ -330,25 +333,40 @@ def metrics_conn(conn: sqlite3.Connection, *, window_s: float, now: float, lane:
 
     # 3. attempts in flight now (the partial attempts_lease index), busy until the end of the window
     in_flight: dict[tuple[str, str], int] = {}
+    for (ln, cls), (n, busy) in _in_flight(conn, t0, t1, lane).items():
+        in_flight[(ln, cls)] = n
+        a = groups.get((ln, cls))
+        if a is None:
+            a = groups[(ln, cls)] = _Acc()
+        a.busy_s += busy
+
+    return _assemble(groups, in_flight, _restarts(conn, t0, t1, lane), _capacities(fleet, capacity), window_s, now,
+                     lane)
+
+
+def _in_flight(conn: sqlite3.Connection, t0: float, t1: float,
+               lane: str | None) -> dict[tuple[str, str], tuple[int, float]]:
+    """(lane, class) -> (attempts dispatched or running now, their busy seconds in the window)."""
+    out: dict[tuple[str, str], tuple[int, float]] = {}
     for ln, cls, dispatched in conn.execute(
             "SELECT lane, class, dispatched_at FROM attempts INDEXED BY attempts_lease "
             "WHERE state IN ('dispatched', 'running')" + (" AND lane = ?" if lane is not None else ""),
             [lane] if lane is not None else []):
-        in_flight[(ln, cls)] = in_flight.get((ln, cls), 0) + 1
-        a = groups.get((ln, cls))
-        if a is None:
-            a = groups[(ln, cls)] = _Acc()
-        a.busy_s += max(0.0, t1 - max(dispatched, t0))
+        n, busy = out.get((ln, cls), (0, 0.0))
+        out[(ln, cls)] = (n + 1, busy + max(0.0, t1 - max(dispatched, t0)))
+    return out
 
-    # 4. restarts
+
+def _restarts(conn: sqlite3.Connection, t0: float, t1: float, lane: str | None) -> dict[str, dict[str, int]]:
+    idx = "events_lane" if lane is not None else "events_kind"
+    lf, lp = _lane_filter(lane)
     restarts: dict[str, dict[str, int]] = {}
     for ln, kind, count in conn.execute(
             f"SELECT e.lane, e.kind, count(*) FROM events e INDEXED BY {idx} "
             f"WHERE e.kind IN ('lane_invocation', 'lane_restart') AND e.at >= ? AND e.at < ?{lf} "
             f"GROUP BY e.lane, e.kind", (t0, t1, *lp)):
         restarts.setdefault(ln or "-", {})[kind] = count
-
-    return _assemble(groups, in_flight, restarts, _capacities(fleet, capacity), window_s, now, lane)
+    return restarts
 
 
 def _assemble(groups: dict[tuple[str, str], _Acc], in_flight: dict[tuple[str, str], int],
@@ -401,6 +419,133 @@ def metrics(ledger: Ledgerish, window_s: float, now: float | None = None, lane: 
     finally:
         if own:
             conn.close()
+
+
+# ------------------------------------------------------------------------------------------------ report figures
+
+_SIGN: Final = 1 << 63
+
+
+def _order_key(x: float) -> int:
+    """An integer that sorts like the float (IEEE 754 bits, sign-adjusted)."""
+    b = struct.unpack("<Q", struct.pack("<d", x))[0]
+    return b ^ 0xFFFFFFFFFFFFFFFF if b & _SIGN else b | _SIGN
+
+
+def _from_key(k: int) -> float:
+    b = k ^ _SIGN if k & _SIGN else k ^ 0xFFFFFFFFFFFFFFFF
+    return struct.unpack("<d", struct.pack("<Q", b))[0]
+
+
+class _Runs:
+    """The samples of a group as the sorted runs they were stored in (roll-ups, raw parts), never merged: the
+    k-th smallest is found by bisecting the value range and counting each run with ``bisect``."""
+
+    __slots__ = ("runs", "n")
+
+    def __init__(self) -> None:
+        self.runs: list[Sequence[float]] = []
+        self.n = 0
+
+    def add(self, run: Sequence[float]) -> None:
+        if run:
+            self.runs.append(run)
+            self.n += len(run)
+
+    def extend(self, other: _Runs) -> None:
+        for r in other.runs:
+            self.add(r)
+
+    def percentile(self, p: float) -> float | None:
+        """The nearest-rank percentile, as ``percentile`` gives it over all the samples (exactly the same value)."""
+        if not self.n:
+            return None
+        k = max(1, math.ceil(p / 100 * self.n - 1e-9))
+        lo = _order_key(min(r[0] for r in self.runs))
+        hi = _order_key(max(r[-1] for r in self.runs))
+        while lo < hi:  # the smallest value with at least k samples at or below it
+            mid = (lo + hi) // 2
+            v = _from_key(mid)
+            if sum(bisect_right(r, v) for r in self.runs) >= k:
+                hi = mid
+            else:
+                lo = mid + 1
+        v = _from_key(lo)
+        for r in self.runs:  # the stored sample itself (-0.0 and 0.0 compare equal but print differently)
+            i = bisect_left(r, v)
+            if i < len(r) and r[i] == v:
+                return float(r[i])
+        return v
+
+
+def report_figures(conn: sqlite3.Connection, t0: float, t1: float, *, lane: str | None = None,
+                   capacity: Mapping[str, int] | None = None, fast: bool = True) -> dict[str, Any]:
+    """What the report prints about a window: per lane and in total, finished, failure and fallback rates, p95 of
+    queue wait, run time and end-to-end, restarts, utilization, in flight; and the traffic counts per kind.
+
+    ``fast`` reads the roll-ups the supervisor maintains (lanectl/ledger/rollups.py) for the buckets the window
+    covers wholly and raw events for the rest; without it, every event of the window is read (``metrics_conn``).
+    Both give the same figures: the samples are the same floats and the percentiles the same nearest-rank picks
+    (busy time, a sum, may differ in its last bits)."""
+    cap = dict(capacity or {})
+    window_s = t1 - t0
+    flight = _in_flight(conn, t0, t1, lane)
+    restarts = _restarts(conn, t0, t1, lane)
+    if not fast:
+        m = metrics_conn(conn, window_s=window_s, now=t1, lane=lane, capacity=cap)
+        rows = {r["lane"]: r for r in m["lanes"]}
+        traffic = rollups.traffic_counts(conn, t0, t1) if lane is None else {}
+
+        def pick(r: Mapping[str, Any]) -> dict[str, Any]:
+            return {k: r.get(k) for k in ("finished", "failure_rate", "fallback_rate", "dispatched", "in_flight",
+                                          "restarts", "utilization")} | {
+                "queue_wait_p95": r["queue_wait_s"]["p95"], "run_time_p95": r["run_time_s"]["p95"],
+                "end_to_end_p95": r["end_to_end_s"]["p95"]}
+
+        return {"lanes": {ln: pick(r) | {"lane": ln} for ln, r in rows.items()}, "total": pick(m["total"]),
+                "traffic": traffic}
+    w = rollups.read_window(conn, t0, t1, lane)
+    groups: dict[str, dict[str, Any]] = {}
+
+    def acc(key: str) -> dict[str, Any]:
+        if key not in groups:
+            groups[key] = {"counts": dict.fromkeys(("succeeded", "failed", "dead", "dispatched", "fallback"), 0),
+                           "busy": 0.0, "in_flight": 0, **{k: _Runs() for k in rollups.SAMPLES}}
+        return groups[key]
+
+    for (ln, _cls), parts in w.groups.items():
+        for g in (acc(ln), acc("*")):
+            for a, _start in parts:
+                for k in g["counts"]:
+                    g["counts"][k] += getattr(a, k)
+                for k in rollups.SAMPLES:
+                    g[k].add(getattr(a, k))
+            g["busy"] += rollups.busy(parts, t0)
+    for (ln, _cls), (n, busy) in flight.items():
+        for g in (acc(ln), acc("*")):
+            g["in_flight"] += n
+            g["busy"] += busy
+    lanes = sorted({k for k in groups if k != "*"} | set(restarts) | ({lane} if lane else set())
+                   | (set(cap) if lane is None else set()))
+
+    def row(g: dict[str, Any] | None, n_restarts: int, c: int | None) -> dict[str, Any]:
+        g = g or acc("\0empty")
+        n = g["counts"]
+        finished = n["succeeded"] + n["failed"] + n["dead"]
+        busy = round(g["busy"], 6)
+        return {"finished": finished, "dispatched": n["dispatched"], "in_flight": g["in_flight"],
+                "failure_rate": (n["failed"] + n["dead"]) / finished if finished else None,
+                "fallback_rate": n["fallback"] / n["dispatched"] if n["dispatched"] else None,
+                "restarts": n_restarts,
+                "utilization": busy / (c * window_s) if c and window_s > 0 else None,
+                **{f"{k}_p95": (None if (v := g[k].percentile(95)) is None else round(v, 6))
+                   for k in rollups.SAMPLES}}
+
+    out_lanes = {ln: row(groups.get(ln), restarts.get(ln, {}).get("lane_invocation", 0), cap.get(ln)) | {"lane": ln}
+                 for ln in lanes}
+    total = row(groups.get("*"), sum(r.get("lane_invocation", 0) for r in restarts.values()), None)
+    total["utilization"] = None
+    return {"lanes": out_lanes, "total": total, "traffic": w.traffic if lane is None else {}}
 
 
 # ------------------------------------------------------------------------------------------------ Prometheus
@@ -510,16 +655,15 @@ def _secs(v: float | None) -> str:
 
 
 def _evidence(conn: sqlite3.Connection, lane: str | None, at: float,
-              cache: dict[tuple[str | None, float], dict[str, Any]]) -> str:
+              cache: dict[tuple[str | None, float], dict[str, Any]], fast: bool = True) -> str:
     key = (lane, at)
     if key not in cache:
-        m = metrics_conn(conn, window_s=EVIDENCE_WINDOW_S, now=at, lane=lane)
-        row = next((r for r in m["lanes"] if r["lane"] == lane), None) if lane else m["total"]
-        cache[key] = row or {}
+        f = report_figures(conn, at - EVIDENCE_WINDOW_S, at, lane=lane, fast=fast)
+        cache[key] = (f["lanes"].get(lane) if lane else f["total"]) or {}
     r = cache[key]
     if not r or not (r.get("finished") or r.get("dispatched")):
         return "no traffic in the hour before"
-    return (f"failure {_pct(r['failure_rate'])} of {r['finished']}, p95 queue wait {_secs(r['queue_wait_s']['p95'])}"
+    return (f"failure {_pct(r['failure_rate'])} of {r['finished']}, p95 queue wait {_secs(r['queue_wait_p95'])}"
             f", fallback {_pct(r['fallback_rate'])}, restarts {r.get('restarts', 0)}")
 
 
@@ -555,39 +699,40 @@ def decisions(conn: sqlite3.Connection, since: float, until: float) -> list[dict
 
 
 def report(ledger: Ledgerish, since: float, until: float | None = None, now: float | None = None, *,
-           fleet: Any = None, capacity: Mapping[str, int] | None = None) -> str:
+           fleet: Any = None, capacity: Mapping[str, int] | None = None, fast: bool = True) -> str:
     """A Markdown status and decision log for ``[since, until)``: the lanes now, the period's figures per lane,
     and every decision with who, when, why and the evidence at the time (the lane's metrics over the hour
-    before it; fleet-wide for a decision without a lane)."""
+    before it; fleet-wide for a decision without a lane). ``fast``: from the roll-ups (``report_figures``)."""
     now = time.time() if now is None else now
     until = now if until is None else until
     conn, own = _conn(ledger)
     try:
-        return _report(conn, since, until, now, _capacities(fleet, capacity))
+        return _report(conn, since, until, now, _capacities(fleet, capacity), fast)
     finally:
         if own:
             conn.close()
 
 
-def _report(conn: sqlite3.Connection, since: float, until: float, now: float, capacity: dict[str, int]) -> str:
+def _report(conn: sqlite3.Connection, since: float, until: float, now: float, capacity: dict[str, int],
+            fast: bool = True) -> str:
     lines = [f"# lanectl report {rfc3339(since)} to {rfc3339(until)}", "",
              f"Generated {rfc3339(now)} from the ledger's events. Times are UTC (RFC 3339).", ""]
     states = {name: (state, bool(healthy)) for name, state, healthy in
               conn.execute("SELECT name, state, healthy FROM lanes")}
-    period = metrics_conn(conn, window_s=until - since, now=until, capacity=capacity)
+    period = report_figures(conn, since, until, capacity=capacity, fast=fast)
+    tot = period["total"]
     lines += ["## Status", "",
-              f"Over the period: {period['total']['finished']} finished, failure rate "
-              f"{_pct(period['total']['failure_rate'])}, p95 queue wait {_secs(period['total']['queue_wait_s']['p95'])}"
-              f", p95 end-to-end {_secs(period['total']['end_to_end_s']['p95'])}, {period['total']['in_flight']} in "
-              "flight now.", "",
+              f"Over the period: {tot['finished']} finished, failure rate {_pct(tot['failure_rate'])}, p95 queue "
+              f"wait {_secs(tot['queue_wait_p95'])}, p95 end-to-end {_secs(tot['end_to_end_p95'])}, "
+              f"{tot['in_flight']} in flight now.", "",
               "| lane | state | healthy | in flight | finished | failure rate | fallback rate | p95 queue wait "
               "| p95 run time | restarts | utilization |",
               "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for r in period["lanes"]:
+    for r in period["lanes"].values():
         state, healthy = states.get(r["lane"], ("active", True))
         lines.append(f"| {_md(r['lane'])} | {state} | {'yes' if healthy else 'no'} | {r['in_flight']} | "
                      f"{r['finished']} | {_pct(r['failure_rate'])} | {_pct(r['fallback_rate'])} | "
-                     f"{_secs(r['queue_wait_s']['p95'])} | {_secs(r['run_time_s']['p95'])} | {r['restarts']} | "
+                     f"{_secs(r['queue_wait_p95'])} | {_secs(r['run_time_p95'])} | {r['restarts']} | "
                      f"{_pct(r['utilization'])} |")
     evs = decisions(conn, since, until)
     lines += ["", "## Decisions", ""]
@@ -600,10 +745,8 @@ def _report(conn: sqlite3.Connection, since: float, until: float, now: float, ca
         for ev in evs:
             lines.append(f"| {ev['at']} | {_md(ev['kind'])} | {_md(ev['lane'])} | {_md(ev['data'].get('actor'))} | "
                          f"{_md(ev['data'].get('reason'))} | {_md(_details(ev))} | "
-                         f"{_md(_evidence(conn, ev['lane'], ev['ts'], cache))} |")
-    counts = dict(conn.execute(
-        f"SELECT kind, count(*) FROM events INDEXED BY events_kind WHERE kind IN ({_placeholders(len(ENDS) + 2)}) "
-        "AND at >= ? AND at < ? GROUP BY kind", (*ENDS, "submitted", "callback_rejected", since, until)))
+                         f"{_md(_evidence(conn, ev['lane'], ev['ts'], cache, fast))} |")
+    counts = period["traffic"]
     lines += ["", "## Traffic", "",
               ", ".join(f"{k} {counts.get(k, 0)}" for k in ("submitted", *ENDS, "callback_rejected")) + ".", ""]
     return "\n".join(lines)

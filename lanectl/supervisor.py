@@ -50,6 +50,7 @@ from lanectl.errors import Conflict, LanectlError, NotFound
 from lanectl.ledger import Checkpointer, Ledger
 from lanectl.ledger import missions as ms
 from lanectl.ledger import lanes as lane_ops
+from lanectl.ledger import rollups
 from lanectl.ledger import tick as ticks
 from lanectl.ledger.events import EventKind, append
 from lanectl.protocol import (BadMessage, BoundedServer, CallbackMsg, DeadlineHandler, DispatchMsg, LogScan, log_key,
@@ -62,6 +63,8 @@ log = logging.getLogger("lanectl.supervisor")
 POLL_S = 0.01
 """Without inotify: how often the main loop looks for commits of other processes (PRAGMA data_version)."""
 SETTLE_S = 30.0
+ROLLUP_EVERY_S = 10.0
+"""How often the supervisor rolls closed 5-minute buckets up (sooner while it is catching up)."""
 """After a lane process exits, systemd is read every 0.25 s for this long (or until the lane is back)."""
 IDLE_S = 0.1
 """With inotify (a wake-up per commit): the longest the main loop sleeps when nothing happens."""
@@ -211,6 +214,7 @@ class Supervisor:
         self.log_read: Future[LogScan] | None = None
         self.started_at = 0.0  # the clock's reading when this process started supervising
         self.started_mono = 0.0
+        self.next_rollup = 0.0  # monotonic time of the next roll-up (lanectl/ledger/rollups.py)
         self.full: set[str] = set()
         """Lanes that refused a dispatch as full (429) or stopping (503), or reported no room, since their last
         health report: the policy gives them nothing until the next one says otherwise (no hot loop of 429s)."""
@@ -1187,7 +1191,21 @@ class Supervisor:
             self.data_version = version
             self.dirty = False
             self.tick(self.clock.now())
+        if mono >= self.next_rollup:
+            self.roll_up(mono)
         return last_observe
+
+    def roll_up(self, mono: float) -> None:
+        """Roll closed buckets of traffic up for report and long metrics windows: a couple per turn, each turn
+        a short write transaction, so a ledger with a long history catches up without holding callbacks."""
+        assert self.ledger is not None
+        try:
+            with self.ledger.transaction() as conn:
+                rolled = rollups.roll_up(conn, self.clock.now())
+        except (sqlite3.Error, LanectlError) as exc:
+            log.warning("rolling metrics up failed (report reads raw events meanwhile): %s", exc)
+            rolled = 0
+        self.next_rollup = mono + (0.5 if rolled else ROLLUP_EVERY_S)
 
     def wait(self, timeout: float) -> None:
         ready = self.sel.select(timeout)

@@ -238,11 +238,42 @@ BEGIN UPDATE queue_waits SET cursor = NEW.id - 1
     WHERE rank = NEW.rank AND target = NEW.target AND tags = NEW.tags AND cursor >= NEW.id; END;
 """
 
+# Pre-aggregated metric windows (lanectl/ledger/rollups.py): what report and long metrics windows read.
+_V_ROLLUPS: Final = """
+CREATE TABLE rollups (
+    bucket_s INTEGER NOT NULL CHECK (bucket_s IN (300, 3600)),
+    start REAL NOT NULL,
+    lane TEXT NOT NULL,
+    class TEXT NOT NULL,
+    succeeded INTEGER NOT NULL, failed INTEGER NOT NULL, dead INTEGER NOT NULL, cancelled INTEGER NOT NULL,
+    expired INTEGER NOT NULL, requeued INTEGER NOT NULL, dispatched INTEGER NOT NULL, fallback INTEGER NOT NULL,
+    busy REAL NOT NULL,
+    early BLOB NOT NULL,
+    queue_wait BLOB NOT NULL,
+    run_time BLOB NOT NULL,
+    end_to_end BLOB NOT NULL,
+    PRIMARY KEY (bucket_s, start, lane, class)
+) STRICT;
+CREATE TABLE rollup_traffic (
+    bucket_s INTEGER NOT NULL,
+    start REAL NOT NULL,
+    kind TEXT NOT NULL,
+    n INTEGER NOT NULL,
+    PRIMARY KEY (bucket_s, start, kind)
+) STRICT, WITHOUT ROWID;
+CREATE TABLE rollup_state (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    rolled_until REAL NOT NULL,
+    watermark INTEGER NOT NULL
+) STRICT;
+"""
+
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration("0001_missions_attempts_events_sessions_lanes", _V1),
     Migration("0002_lane_weight_override", _V2),
     Migration("0003_mission_ids_never_reused", _missions_autoincrement(), rebuilds=True),
     Migration("0004_queue_groups", _V4),
+    Migration("0008_metric_rollups", _V_ROLLUPS),
 )
 LATEST: Final = len(MIGRATIONS)
 
