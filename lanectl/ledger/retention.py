@@ -37,8 +37,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from lanectl.errors import Conflict, ExitCode, LanectlError
-from lanectl.ledger import Ledger, schema
+from lanectl.errors import Conflict, ExitCode, LanectlError, Unavailable
+from lanectl.ledger import Ledger, events, schema
+from lanectl.ledger.events import EventKind
 
 ARCHIVE_VERSION: Final = 1
 FINISHED: Final = ("succeeded", "failed", "cancelled", "expired", "dead")
@@ -198,9 +199,10 @@ def _check_existing(led: Ledger, path: Path) -> None:
 
 
 def prune(led: Ledger, *, cutoff: float, archive: str | Path, now: float | None = None, batch: int = BATCH,
-          vacuum: bool = False, progress: Callable[[str, int], None] | None = None) -> PruneResult:
-    """Archive, then delete, finished history older than ``cutoff`` (module docstring). With nothing to prune no
-    archive is written (``PruneResult.archive`` is None)."""
+          vacuum: bool = False, actor: str | None = None,
+          progress: Callable[[str, int], None] | None = None) -> PruneResult:
+    """Archive, then delete, finished history older than ``cutoff`` (module docstring); records a ``prune`` event.
+    With nothing to prune no archive is written (``PruneResult.archive`` is None) and no event recorded."""
     started = time.monotonic()
     now = time.time() if now is None else now
     path = Path(archive)
@@ -209,6 +211,8 @@ def prune(led: Ledger, *, cutoff: float, archive: str | Path, now: float | None 
     # ---------------------------------------------------------------- 1. archive
     mission_ids = array("q", (r[0] for r in conn.execute(
         f"SELECT id FROM missions WHERE {_FIN_SQL} AND updated_at < ? ORDER BY id", (cutoff,))))
+    # the newest event is never taken (its id would be handed out again); a mission's events newer than the
+    # archive (a late callback rejection) stay, and a later prune takes them as events of no mission
     top_event = int(conn.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0])
     stray_sql = ("SELECT id FROM events WHERE at < ? AND id < ? AND (mission IS NULL OR NOT EXISTS "
                  "(SELECT 1 FROM missions m WHERE m.id = events.mission)) ORDER BY id")
@@ -223,7 +227,12 @@ def prune(led: Ledger, *, cutoff: float, archive: str | Path, now: float | None 
         raise LanectlError(f"{path}: its directory {path.parent} does not exist", "create it, or name another file",
                            "archive_dir_missing", ExitCode.CONFIG)
     _check_existing(led, path)
-    writer = _ArchiveWriter(path)
+    try:
+        writer = _ArchiveWriter(path)
+    except OSError as exc:
+        raise Unavailable(f"{path}: cannot create the archive ({exc.strerror or exc}); nothing was deleted",
+                          "name a file in a directory lanectl may write, then run the prune again",
+                          "archive_write_failed") from exc
     try:
         writer.header({"lanectl_archive": ARCHIVE_VERSION, "cutoff": cutoff, "created_at": now,
                        "ledger": str(led.path), "schema": schema.current_version(conn)})
@@ -239,7 +248,7 @@ def prune(led: Ledger, *, cutoff: float, archive: str | Path, now: float | None 
                                             "ORDER BY mission, n", chunk), _ATTEMPT_COLS):
                     attempts.setdefault(a["mission"], []).append(a)
                 evs: dict[int, list[dict[str, Any]]] = {}
-                for e in _rows(conn.execute(f"SELECT {ecols} FROM events WHERE mission IN ({marks}) AND id <= ? "
+                for e in _rows(conn.execute(f"SELECT {ecols} FROM events WHERE mission IN ({marks}) AND id < ? "
                                             "ORDER BY mission, id", (*chunk, top_event)), _EVENT_COLS):
                     evs.setdefault(e["mission"], []).append(e)
             for m in missions:
@@ -256,6 +265,11 @@ def prune(led: Ledger, *, cutoff: float, archive: str | Path, now: float | None 
                                         "ORDER BY id", chunk), _EVENT_COLS):
                 writer.write("events", e)
         res.archive_bytes = writer.commit()
+    except OSError as exc:
+        writer.abort()
+        raise Unavailable(f"{path}: cannot write the archive ({exc.strerror or exc}); nothing was deleted",
+                          "free space or fix the directory's permissions, then run the prune again",
+                          "archive_write_failed") from exc
     except BaseException:
         writer.abort()
         raise
@@ -274,7 +288,7 @@ def prune(led: Ledger, *, cutoff: float, archive: str | Path, now: float | None 
                 gm = ",".join("?" * len(gone))
                 res.attempts += conn.execute(f"DELETE FROM attempts WHERE mission IN ({gm})", gone).rowcount
                 res.missions += conn.execute(f"DELETE FROM missions WHERE id IN ({gm})", gone).rowcount
-                res.events += conn.execute(f"DELETE FROM events WHERE mission IN ({gm}) AND id <= ?",
+                res.events += conn.execute(f"DELETE FROM events WHERE mission IN ({gm}) AND id < ?",
                                            (*gone, top_event)).rowcount
         if progress:
             progress("deleted", min(i + batch, len(mission_ids)))
@@ -287,6 +301,9 @@ def prune(led: Ledger, *, cutoff: float, archive: str | Path, now: float | None 
         conn.execute("UPDATE retention SET pruned_missions = pruned_missions + ?, pruned_attempts = "
                      "pruned_attempts + ?, pruned_events = pruned_events + ?, last_prune_at = ?, last_archive = ? "
                      "WHERE id = 1", (res.missions, res.attempts, res.events, now, res.archive))
+        events.append(conn, EventKind.PRUNE, now, cutoff=cutoff, missions=res.missions, attempts=res.attempts,
+                      events=res.events, kept=res.kept, archive=res.archive, archive_bytes=res.archive_bytes,
+                      actor=actor)
     # ---------------------------------------------------------------- 3. reclaim
     res.reclaimed_bytes = _reclaim(led, vacuum)
     res.file_bytes_after = _file_bytes(led)

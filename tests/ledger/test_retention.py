@@ -145,7 +145,10 @@ def test_prune_archives_exactly_the_finished_old_history(world, tmp_path: Path) 
     after = {t: dump(conn, t, k) for t, k in (("missions", "id"), ("attempts", "mission,n"), ("events", "id"))}
     assert after["missions"] == {k: v for k, v in before["missions"].items() if k not in finished_old}
     assert after["attempts"] == {k: v for k, v in before["attempts"].items() if k not in want_attempts}
-    assert after["events"] == {k: v for k, v in before["events"].items() if k not in want_events}
+    prune_events = {k: e for k, e in after["events"].items() if e["kind"] == "prune"}
+    assert len(prune_events) == 1 and json.loads(next(iter(prune_events.values()))["data"])["archive"] == str(archive)
+    assert {k: e for k, e in after["events"].items() if k not in prune_events} == \
+        {k: v for k, v in before["events"].items() if k not in want_events}
     assert unfinished_old <= set(after["missions"])
     assert any(e["at"] < CUTOFF for e in after["events"].values())  # old events of unfinished missions are kept
     assert (res.missions, res.attempts, res.events, res.kept) == (len(finished_old), len(want_attempts),
@@ -258,3 +261,37 @@ def test_an_old_ledger_reuses_pages_and_vacuum_converts_it(tmp_path: Path) -> No
         res = retention.prune(led, cutoff=CUTOFF, archive=tmp_path / "a" / "2.jsonl.gz", now=YOUNG, vacuum=True)
         assert led.conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2
         assert res.reclaimed_bytes > 0 and led.conn.execute("PRAGMA freelist_count").fetchone()[0] == 0
+
+
+def test_cli_ledger_prune(world, tmp_path: Path) -> None:
+    """`lanectl ledger prune`: the result in the JSON envelope, a prune event, clear refusals with their exits."""
+    import os
+    import subprocess
+    import sys
+
+    led, fleet, old, young = world
+    # the generated history is dated 2023; a cutoff of 30 days before today takes every finished mission
+    n_finished = led.conn.execute(f"SELECT count(*) FROM missions WHERE {retention._FIN_SQL}").fetchone()[0]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "LANECTL_CONFIG_DIR": str(tmp_path)}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "lanectl", "ledger", "prune", "--ledger", str(led.path), *args],
+                              capture_output=True, text=True, env=env, timeout=300)
+
+    r = cli("--older-than", "30d", "--archive", str(tmp_path / "nodir" / "a.gz"))
+    assert r.returncode == 3 and "does not exist" in r.stderr
+    r = cli("--older-than", "soon", "--archive", str(tmp_path / "a.gz"))
+    assert r.returncode == 2 and "older-than" in r.stderr
+    r = cli("--older-than", "30d", "--archive", str(tmp_path / "a.gz"), "--dry-run", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["data"]["missions"] == n_finished
+    r = cli("--older-than", "30d", "--archive", str(tmp_path / "a.gz"), "--json")
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)["data"]
+    assert data["missions"] == n_finished and data["archive"] == str(tmp_path / "a.gz")
+    assert len(retention.load_archive(tmp_path / "a.gz")["missions"]) == n_finished
+    ev = led.conn.execute("SELECT data FROM events WHERE kind = 'prune'").fetchall()
+    assert len(ev) == 1 and json.loads(ev[0][0])["missions"] == n_finished
+    (tmp_path / "b.gz").write_bytes(b"not an archive")
+    generation(led, fleet, OLD, 10)
+    r = cli("--older-than", "30d", "--archive", str(tmp_path / "b.gz"))
+    assert r.returncode == 5 and "already there" in r.stderr and (tmp_path / "b.gz").read_bytes() == b"not an archive"
