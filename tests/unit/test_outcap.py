@@ -1,0 +1,119 @@
+"""Mission output with bounds (lanectl.outcap) and reading it back safely (lanectl.missionlogs), with real processes
+and real files; the 100 MB mission under real systemd is tests/systemd/test_output_bounds.py."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lanectl import missionlogs, outcap
+from lanectl.protocol import LogRefused
+
+WRITER = ("import sys, hashlib\n"
+          "n = int(sys.argv[1]); out = sys.stdout.buffer; i = 0\n"
+          "while i < n:\n"
+          "    b = hashlib.sha256(str(i).encode()).hexdigest().encode()[: min(64, n - i)]\n"
+          "    out.write(b); i += len(b)\n"
+          "sys.stderr.write('')\n")
+
+
+def expected(n: int) -> bytes:
+    import hashlib
+
+    out, i = [], 0
+    while i < n:
+        b = hashlib.sha256(str(i).encode()).hexdigest().encode()[: min(64, n - i)]
+        out.append(b)
+        i += len(b)
+    return b"".join(out)
+
+
+def run_captured(out_dir: Path, name: str, max_bytes: int, argv: list[str]) -> tuple[outcap.Capture, int]:
+    cap = outcap.open_capture(out_dir, name, max_bytes)
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=cap.write_fd, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    cap.start()
+    code = proc.wait(timeout=300)
+    deadline = time.monotonic() + 60
+    while not cap.settle():
+        assert time.monotonic() < deadline, "the output never settled"
+        time.sleep(0.02)
+    return cap, code
+
+
+@pytest.mark.parametrize("n", [0, 100, 65536, 65537, 3 << 20])
+def test_head_and_tail_are_kept_and_the_cut_is_said(tmp_path: Path, n: int) -> None:
+    cap, code = run_captured(tmp_path, "7-1.log", 65536, [sys.executable, "-c", WRITER, str(n)])
+    assert code == 0
+    got = (tmp_path / "7-1.log").read_bytes()
+    data = expected(n)
+    if n <= 65536:
+        assert got == data
+    else:
+        line = f"\n[lanectl: {n} bytes of output; {n - 65536} bytes cut here; the first 32768 and the last 32768 are kept]\n"
+        assert got == data[:32768] + line.encode() + data[-32768:]
+    assert (tmp_path / "7-1.log").stat().st_mode & 0o777 == 0o600
+    assert sorted(os.listdir(tmp_path)) == ["7-1.log"]  # the ring buffer leaves nothing behind
+
+
+def test_a_child_holding_the_pipe_does_not_hold_the_mission(tmp_path: Path) -> None:
+    # the mission exits at once, its background child keeps stdout open for a long time
+    cap, code = run_captured(tmp_path, "8-1.log", 65536, ["sh", "-c", "echo before; sleep 600 & echo pid=$!"])
+    text = (tmp_path / "8-1.log").read_text()
+    pid = int(text.split("pid=")[1])
+    try:
+        assert code == 0 and cap.done.is_set()
+        assert text == f"before\npid={pid}\n"
+    finally:
+        os.kill(pid, signal.SIGKILL)  # the sleep this test started
+
+
+def test_out_dir_is_pruned_oldest_first_within_bytes_and_files(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    for i in range(1, 11):
+        p = out / f"{i}-1.log"
+        p.write_bytes(b"x" * 8192)
+        os.utime(p, (1_700_000_000 + i, 1_700_000_000 + i))
+    (out / "notes.txt").write_bytes(b"y" * 100_000)  # not a mission log: never touched
+    os.symlink("/etc/passwd", out / "11-1.log")  # a link with a log's name: never followed nor counted
+    limits = outcap.Limits(max_bytes=8192, keep_bytes=5 * 8192, keep_files=100)
+    deleted, freed = outcap.prune(out, limits, active={"1-1.log"})
+    left = sorted(os.listdir(out))
+    assert "1-1.log" in left and "notes.txt" in left and "11-1.log" in left  # active, foreign, link
+    # a running mission's file is neither deleted nor counted (out/ holds at most keep_bytes + capacity x max_bytes)
+    assert [f"{i}-1.log" for i in range(2, 6)] == [f for f in [f"{i}-1.log" for i in range(2, 11)] if f not in left]
+    assert deleted == 4 and freed >= 4 * 8192
+    deleted, _ = outcap.prune(out, outcap.Limits(max_bytes=8192, keep_bytes=1 << 30, keep_files=2), active=set())
+    assert deleted == 4 and sorted(f for f in os.listdir(out) if f.endswith("-1.log") and not
+                                   os.path.islink(out / f)) == ["10-1.log", "9-1.log"]
+    assert Path("/etc/passwd").exists()
+
+
+def test_reading_stored_output_refuses_traps(tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    (ws / ".lanectl" / "out").mkdir(parents=True)
+    me = os.getuid()
+    (ws / ".lanectl" / "out" / "1-1.log").write_bytes(b"hello\n" * 10)
+    assert missionlogs.read_output(str(ws), "1-1.log", me, 1 << 20) == (b"hello\n" * 10, 60)
+    assert missionlogs.read_output(str(ws), "1-1.log", me, 12) == (b"hello\nhello\n", 60)  # bounded
+    os.symlink("/etc/passwd", ws / ".lanectl" / "out" / "2-1.log")
+    with pytest.raises(LogRefused):
+        missionlogs.read_output(str(ws), "2-1.log", me, 1 << 20)
+    os.mkfifo(ws / ".lanectl" / "out" / "3-1.log")
+    with pytest.raises(LogRefused):  # never blocks on a FIFO
+        missionlogs.read_output(str(ws), "3-1.log", me, 1 << 20)
+    with pytest.raises(LogRefused):  # owned by someone else than the lane
+        missionlogs.read_output(str(ws), "1-1.log", me + 1, 1 << 20)
+    with pytest.raises(FileNotFoundError):
+        missionlogs.read_output(str(ws), "4-1.log", me, 1 << 20)
+    # a linked out/ directory
+    os.rename(ws / ".lanectl" / "out", ws / ".lanectl" / "real")
+    os.symlink(ws / ".lanectl" / "real", ws / ".lanectl" / "out")
+    with pytest.raises(LogRefused):
+        missionlogs.read_output(str(ws), "1-1.log", me, 1 << 20)
