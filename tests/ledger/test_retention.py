@@ -167,6 +167,14 @@ def test_prune_archives_exactly_the_finished_old_history(world, tmp_path: Path) 
     ms.set_lane(led, "gamma", now=YOUNG + 2 * DAY, state="active")
     assert tick.run_once(led, fleet, now=YOUNG + 2 * DAY).dispatches
 
+    # a pruned mission is not found, and the error says where its record went
+    with pytest.raises(LanectlError) as err:
+        ms.get(led, old["succeeded"][0])
+    assert err.value.exit_code == ExitCode.NOT_FOUND and "pruned" in err.value.hint and str(archive) in err.value.hint
+    with pytest.raises(LanectlError) as err:
+        ms.get(led, 10**9)  # never handed out
+    assert "pruned" not in err.value.hint
+
     # a second prune with the same cutoff finds nothing and writes no archive
     again = retention.prune(led, cutoff=CUTOFF, archive=tmp_path / "archive" / "again.jsonl.gz", now=YOUNG + DAY)
     assert again.archive is None and again.missions == again.events == 0
