@@ -659,6 +659,10 @@ class LaneRuntime:
             self.kill_mission(r, time.monotonic())
         while any(r.proc is not None and r.proc.poll() is None for r in held) and time.monotonic() < end:
             time.sleep(0.05)
+        for r in held:  # what they wrote last is kept (the tail of a stopped mission says most)
+            if r.capture is not None and r.proc is not None and r.proc.poll() is not None:
+                r.capture.settle()
+                r.capture.done.wait(max(0.0, end - time.monotonic()) + outcap.OUTPUT_GRACE_S)
         # The listening socket stays open (new dispatches get 503 "stopping") until the process exits: a port
         # freed while the runtime still lives would let another local process take it while the supervisor
         # still counts this lane as up (issue 10); at exit the supervisor's pidfd sees it go at once.

@@ -117,3 +117,69 @@ def test_reading_stored_output_refuses_traps(tmp_path: Path) -> None:
     os.symlink(ws / ".lanectl" / "real", ws / ".lanectl" / "out")
     with pytest.raises(LogRefused):
         missionlogs.read_output(str(ws), "1-1.log", me, 1 << 20)
+
+
+class _Null:
+    def send(self, msg: str) -> None:
+        pass
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(pred, what: str, timeout: float = 120.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_the_runtime_caps_output_and_keeps_the_tail_of_a_stopped_mission(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reference runtime end to end (no supervisor: callbacks go nowhere): a mission's output is capped to
+    LANECTL_OUTPUT_MAX_BYTES, out/ is pruned to LANECTL_OUTPUT_KEEP_FILES, and a mission stopped with its lane keeps
+    the tail of what it wrote."""
+    import threading
+
+    from lanectl.protocol import DispatchMsg
+    from lanectl.runtime import LaneInfo, LaneRuntime
+
+    monkeypatch.setenv("LANECTL_OUTPUT_MAX_BYTES", "65536")
+    monkeypatch.setenv("LANECTL_OUTPUT_KEEP_FILES", "2")
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    rt = LaneRuntime(LaneInfo(lane="alpha", port=_free_port(), workspace=str(ws), session_prefix="alpha",
+                              capacity=4, dispatch_key="k" * 32), notifier=_Null())  # type: ignore[arg-type]
+    th = threading.Thread(target=rt.run, daemon=True)
+    th.start()
+    out = ws / ".lanectl" / "out"
+
+    def dispatch(mission: int, script: str) -> None:
+        code, _ = rt.accept(DispatchMsg(mission, 1, "alpha", "t" * 32, "background", None, None,
+                                        {"argv": ["sh", "-c", script]}))
+        assert code == 202
+
+    try:
+        for m in (1, 2, 3):
+            dispatch(m, f"echo first-{m}; yes abc | head -c 1000000; echo last-{m}")
+            _wait(lambda: rt.done >= m, f"mission {m} to end")
+        _wait(lambda: sorted(os.listdir(out)) == ["2-1.log", "3-1.log"], "out/ pruned to two files")
+        text = (out / "3-1.log").read_text()
+        assert text.startswith("first-3\n") and text.endswith("abc\nlast-3\n") and "bytes cut here" in text
+        assert len(text) < 65536 + 200
+        # stopped with its lane: the tail of what it wrote is kept
+        dispatch(4, "echo first-4; yes abc | head -c 300000; echo last-4; exec sleep 600")
+        _wait(lambda: 4 in rt.held and rt.held[4].capture is not None and rt.held[4].capture.total >= 300013,
+              "mission 4 to write its output")
+    finally:
+        rt.stop.set()
+        rt.inbox.put(0)
+        th.join(60)
+    assert not th.is_alive()
+    text = (out / "4-1.log").read_text()
+    assert text.startswith("first-4\n") and text.endswith("last-4\n") and "bytes cut here" in text
