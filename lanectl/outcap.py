@@ -36,6 +36,7 @@ MIN_MAX_BYTES: Final = 8192
 OUTPUT_GRACE_S: Final = 2.0
 """How long output is still read after the mission's process exited, for children that hold the pipe."""
 CHUNK: Final = 1 << 16
+OUT_DIR: Final = "out"
 LOG_RE: Final = re.compile(r"^[0-9]{1,19}-[0-9]{1,9}\.log$")
 """The only names ``prune()`` ever deletes."""
 
@@ -200,16 +201,36 @@ class Capture:
             self.done.set()
 
 
-def open_capture(out_dir: str | os.PathLike[str], name: str, max_bytes: int) -> Capture:
-    """A capture of ``out_dir/name``; the directory is opened without following a link and must be this lane's."""
-    dfd = os.open(out_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        st = os.fstat(dfd)
-        if st.st_uid != os.geteuid():
-            raise OSError(errno.EPERM, f"{out_dir} is not this lane's directory")
-        return Capture(dfd, name, max_bytes)
-    finally:
-        os.close(dfd)
+def open_capture(state_fd: int, name: str, max_bytes: int) -> Capture:
+    """A capture of ``out/NAME`` under the lane's state directory (``state_fd``, opened by the runtime). ``out`` is
+    opened without following a link and must be a directory of this process's uid; anything else there (a link a
+    mission planted, a file) is moved aside and a fresh directory made."""
+    for _ in range(3):
+        try:
+            dfd = os.open(OUT_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=state_fd)
+        except FileNotFoundError:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(OUT_DIR, 0o700, dir_fd=state_fd)
+            continue
+        except OSError as exc:
+            if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                raise
+            _aside(state_fd, f"not a directory ({os.strerror(exc.errno)})")
+            continue
+        try:
+            if os.fstat(dfd).st_uid != os.geteuid():
+                _aside(state_fd, f"owned by uid {os.fstat(dfd).st_uid}")
+                continue
+            return Capture(dfd, name, max_bytes)
+        finally:
+            os.close(dfd)
+    raise OSError(errno.EAGAIN, f"{OUT_DIR} keeps being replaced")
+
+
+def _aside(state_fd: int, why: str) -> None:
+    dest = f"{OUT_DIR}.refused-{time.time_ns()}"
+    os.rename(OUT_DIR, dest, src_dir_fd=state_fd, dst_dir_fd=state_fd)
+    log.warning("%s: %s; moved it aside to %s", OUT_DIR, why, dest)
 
 
 def prune(out_dir: str | os.PathLike[str], limits: Limits, active: set[str]) -> tuple[int, int]:

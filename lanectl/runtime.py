@@ -479,7 +479,11 @@ class LaneRuntime:
                "LANECTL_SESSION": r.msg.session or "", "LANECTL_CLASS": r.msg.cls}
         env.pop("NOTIFY_SOCKET", None)
         try:
-            r.capture = outcap.open_capture(out_dir, r.out_path.name, self.out_limits.max_bytes)
+            sd = own_state_dir(self.info.workspace)  # a link or a file planted at .lanectl is moved aside
+            try:
+                r.capture = outcap.open_capture(sd, r.out_path.name, self.out_limits.max_bytes)
+            finally:
+                os.close(sd)
         except OSError as exc:
             return f"cannot keep its output in {r.out_path}: {exc.strerror or exc}"
         try:
@@ -515,13 +519,19 @@ class LaneRuntime:
     def tail(self, r: Running) -> str:
         if r.out_path is None:
             return ""
-        try:
-            with open(r.out_path, "rb") as fh:
-                fh.seek(0, os.SEEK_END)
-                fh.seek(max(0, fh.tell() - MAX_TAIL))
-                return fh.read().decode(errors="replace")
+        try:  # the mission may have put a link or a FIFO in its place: never follow one, never block on one
+            fd = os.open(r.out_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
         except OSError:
             return ""
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return ""
+            return os.pread(fd, MAX_TAIL, max(0, st.st_size - MAX_TAIL)).decode(errors="replace")
+        except OSError:
+            return ""
+        finally:
+            os.close(fd)
 
     def finish(self, r: Running, event: str, *, exit_code: int | None = None, error: str | None = None) -> None:
         with self.lock:

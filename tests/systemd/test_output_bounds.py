@@ -75,3 +75,36 @@ def test_out_is_pruned_to_keep_files(fleet: Fleet) -> None:
     assert kept == sorted(ids)[-len(kept):]  # the newest are kept
     gone = fleet.lanectl("mission", "logs", str(min(ids)))
     assert gone.returncode == 4 and "keep_files" in gone.stderr
+
+
+@pytest.mark.parametrize("trap", ["ln -sf /etc/shadow {f}", "rm -f {f} && mkfifo {f}"])
+def test_a_mission_that_replaces_its_log_cannot_make_root_read_it(fleet: Fleet, trap: str) -> None:
+    """The mission swaps its stored output for a link to /etc/shadow or a FIFO: its lane neither follows nor blocks
+    on it (the mission ends, the lane stays up), and `lanectl mission logs` (root) refuses it, without reading
+    /etc/shadow and without hanging."""
+    before = fleet.show("lanectl-lane@alpha.service", "MainPID", "NRestarts")
+    f = ".lanectl/out/$LANECTL_MISSION-$LANECTL_ATTEMPT.log"
+    (mid,) = submit_many(fleet, [{"cls": "interactive", "lane": "alpha",
+                                  "argv": ["sh", "-c", f"echo secret-free; {trap.format(f=f)}"]}])
+    assert wait_terminal(fleet, [mid], timeout=120) == {mid: "succeeded"}
+    proc = fleet.lanectl("mission", "logs", str(mid))
+    assert proc.returncode == 5 and "output_refused" not in proc.stdout and "refused" in proc.stderr
+    assert "root:" not in proc.stdout + proc.stderr
+    assert fleet.show("lanectl-lane@alpha.service", "MainPID", "NRestarts") == before
+    (nxt,) = submit_many(fleet, [{"cls": "interactive", "lane": "alpha", "argv": ["echo", "after"]}])
+    assert wait_terminal(fleet, [nxt], timeout=120) == {nxt: "succeeded"}
+    fleet.sb.exec(["sh", "-c", f"rm -f {OUT}/{mid}-1.log"], check=False)
+
+
+def test_a_planted_out_link_is_moved_aside(fleet: Fleet) -> None:
+    """A mission replaces out/ with a link to another directory of its user's: the next mission's output goes to a
+    fresh out/, nothing is written through the link."""
+    (mid,) = submit_many(fleet, [{"cls": "interactive", "lane": "alpha", "argv": [
+        "sh", "-c", "mkdir -p trap && mv .lanectl/out .lanectl/out.old && ln -s ../trap .lanectl/out"]}])
+    assert wait_terminal(fleet, [mid], timeout=120) == {mid: "succeeded"}
+    (nxt,) = submit_many(fleet, [{"cls": "interactive", "lane": "alpha", "argv": ["echo", "fresh"]}])
+    assert wait_terminal(fleet, [nxt], timeout=120) == {nxt: "succeeded"}
+    assert fleet.sb.exec(["ls", "/var/lib/lanes/alpha/trap"], check=True).stdout == ""
+    assert fleet.lanectl("mission", "logs", str(nxt)).stdout == "fresh\n"
+    fleet.sb.exec(["sh", "-c", "cd /var/lib/lanes/alpha && rm -rf trap .lanectl/out.old .lanectl/out.refused-*"],
+                  check=False)

@@ -33,8 +33,17 @@ def expected(n: int) -> bytes:
     return b"".join(out)
 
 
+def capture_in(out_dir: Path, name: str, max_bytes: int) -> outcap.Capture:
+    """A capture of out_dir/name (out_dir is STATE/out)."""
+    sd = os.open(out_dir.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return outcap.open_capture(sd, name, max_bytes)
+    finally:
+        os.close(sd)
+
+
 def run_captured(out_dir: Path, name: str, max_bytes: int, argv: list[str]) -> tuple[outcap.Capture, int]:
-    cap = outcap.open_capture(out_dir, name, max_bytes)
+    cap = capture_in(out_dir, name, max_bytes)
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=cap.write_fd, stderr=subprocess.STDOUT,
                             start_new_session=True)
     cap.start()
@@ -48,6 +57,7 @@ def run_captured(out_dir: Path, name: str, max_bytes: int, argv: list[str]) -> t
 
 @pytest.mark.parametrize("n", [0, 100, 65536, 65537, 3 << 20])
 def test_head_and_tail_are_kept_and_the_cut_is_said(tmp_path: Path, n: int) -> None:
+    tmp_path = tmp_path / "out"
     cap, code = run_captured(tmp_path, "7-1.log", 65536, [sys.executable, "-c", WRITER, str(n)])
     assert code == 0
     got = (tmp_path / "7-1.log").read_bytes()
@@ -62,6 +72,7 @@ def test_head_and_tail_are_kept_and_the_cut_is_said(tmp_path: Path, n: int) -> N
 
 
 def test_a_child_holding_the_pipe_does_not_hold_the_mission(tmp_path: Path) -> None:
+    tmp_path = tmp_path / "out"
     # the mission exits at once, its background child keeps stdout open for a long time
     cap, code = run_captured(tmp_path, "8-1.log", 65536, ["sh", "-c", "echo before; sleep 600 & echo pid=$!"])
     text = (tmp_path / "8-1.log").read_text()
@@ -71,6 +82,19 @@ def test_a_child_holding_the_pipe_does_not_hold_the_mission(tmp_path: Path) -> N
         assert text == f"before\npid={pid}\n"
     finally:
         os.kill(pid, signal.SIGKILL)  # the sleep this test started
+
+
+def test_a_planted_out_link_is_moved_aside_not_followed(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    state = tmp_path / "state"
+    state.mkdir()
+    os.symlink(victim, state / "out")  # a mission planted it, hoping the lane writes through it
+    cap, code = run_captured(state / "out", "9-1.log", 65536, ["echo", "hi"])
+    assert code == 0 and os.listdir(victim) == []
+    assert (state / "out").is_dir() and not (state / "out").is_symlink()
+    assert (state / "out" / "9-1.log").read_text() == "hi\n"
+    assert [n for n in os.listdir(state) if n.startswith("out.refused-")]
 
 
 def test_out_dir_is_pruned_oldest_first_within_bytes_and_files(tmp_path: Path) -> None:
