@@ -31,6 +31,26 @@ SAFE_PATH_RE = re.compile(r"^/[A-Za-z0-9._@+/-]*$")
 SIZE_RE = re.compile(r"^(\d+)([KMGT]?)$|^(100|[1-9]?\d)%$|^infinity$")
 CPU_RE = re.compile(r"^[1-9]\d{0,4}%$")
 TAG_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,31}$")
+DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
+DURATION_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+BYTES_RE = re.compile(r"^(\d+)([KMGT]?)$")
+BYTES_UNIT = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def duration_s(text: str) -> float:
+    """``90s``, ``15m``, ``6h``, ``30d``, ``2w`` -> seconds; ValueError naming the form otherwise."""
+    m = DURATION_RE.match(text.strip()) if isinstance(text, str) else None
+    if not m:
+        raise ValueError(f"{text!r} is not a duration; use a number and one of s m h d w, e.g. 30d or 12h")
+    return float(m.group(1)) * DURATION_UNIT_S[m.group(2)]
+
+
+def size_bytes(text: str) -> int:
+    """``65536``, ``512K``, ``8M``, ``1G`` -> bytes (powers of 1024); ValueError naming the form otherwise."""
+    m = BYTES_RE.match(text.strip()) if isinstance(text, str) else None
+    if not m:
+        raise ValueError(f"{text!r} is not a size; use bytes or a number with K, M, G or T, e.g. 8M or 1G")
+    return int(m.group(1)) * BYTES_UNIT[m.group(2)]
 FORBIDDEN_PATH_ROOTS = ("/proc", "/sys", "/dev", "/run", "/etc", "/usr", "/boot", "/bin", "/sbin", "/lib")
 # Directories a workspace must never be (install would hand them to the lane user): the trees of the system
 # themselves. A workspace below one of them (/srv/lanes/x, /var/lib/lanes-x/y) is fine, except under /root.
@@ -155,6 +175,36 @@ class Quota(Model):
     daily_budget: Annotated[int, Field(ge=1, le=100_000_000)] | None = None
 
 
+class OutputSettings(Model):
+    """``[output]`` in a lane file: how much of each mission's stdout and stderr the lane keeps, and how much of
+    ``WORKSPACE/.lanectl/out/`` it keeps (docs/lanes.md, "Mission output")."""
+
+    max_bytes: str = "8M"
+    """Stored output of one mission (attempt) at most: its first and last halves are kept, what was cut between
+    them is replaced by one line that says how many bytes were cut."""
+    keep_bytes: str = "1G"
+    """out/ as a whole: once finished missions' files pass this, the oldest are deleted."""
+    keep_files: Annotated[int, Field(ge=1, le=10_000_000)] = 10_000
+    """out/ as a whole: at most this many finished missions' files; the oldest are deleted first."""
+
+    @field_validator("max_bytes", "keep_bytes")
+    @classmethod
+    def _size(cls, v: str) -> str:
+        n = size_bytes(v)
+        if n < 8192:
+            raise ValueError(f"{v!r} is below 8K; a mission's head and tail need at least that, e.g. 8M")
+        if n > 1 << 40:
+            raise ValueError(f"{v!r} is above 1T; use a smaller size, e.g. 8M")
+        return v
+
+    @model_validator(mode="after")
+    def _keep_holds_one(self) -> OutputSettings:
+        if size_bytes(self.keep_bytes) < size_bytes(self.max_bytes):
+            raise ValueError(f"keep_bytes ({self.keep_bytes}) is smaller than max_bytes ({self.max_bytes}): out/ "
+                             "could not hold one mission's output; raise keep_bytes or lower max_bytes")
+        return self
+
+
 class Lane(Model):
     """One runtime lane: ``lanes.d/NAME.toml``."""
 
@@ -182,6 +232,7 @@ class Lane(Model):
     resources: Resources = Resources()
     restart: RestartPolicy = RestartPolicy()
     quotas: dict[MissionClass, Quota] = Field(default_factory=dict)
+    output: OutputSettings = OutputSettings()
 
     @field_validator("name", "session_prefix", "fallback")
     @classmethod
@@ -386,10 +437,37 @@ class LedgerSettings(Model):
     NORMAL: faster, but an OS crash or power cut can lose the last commits (never corrupts the file, loses
     nothing on a process crash)."""
 
-    @field_validator("path")
+    retention: str | None = None
+    """Finished missions (with their attempts and events) last changed longer ago than this, and events of no
+    mission as old, are archived to ``archive_dir`` and deleted by the supervisor (docs/ledger.md, "Retention");
+    unset: kept for ever. E.g. ``"30d"``; at least ``1h``."""
+    archive_dir: str | None = None
+    """Where the supervisor writes its retention archives; default: STATE_DIR/archive."""
+    prune_every: str = "1h"
+    """How often the supervisor looks for history past ``retention`` (at least 1m)."""
+
+    @field_validator("path", "archive_dir")
     @classmethod
     def _path(cls, v: str | None) -> str | None:
         return None if v is None else check_path(v)
+
+    @field_validator("retention")
+    @classmethod
+    def _retention(cls, v: str | None) -> str | None:
+        if v is not None and duration_s(v) < 3600:
+            raise ValueError(f"{v!r} is shorter than 1h; producers may still be reading missions that young; "
+                             "use e.g. 30d")
+        return v
+
+    @field_validator("prune_every")
+    @classmethod
+    def _every(cls, v: str) -> str:
+        if duration_s(v) < 60:
+            raise ValueError(f"{v!r} is shorter than 1m; use e.g. 1h")
+        return v
+
+    def retention_s(self) -> float | None:
+        return None if self.retention is None else duration_s(self.retention)
 
 
 class Settings(Model):

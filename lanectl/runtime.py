@@ -17,7 +17,9 @@ supervisor that is down never stalls the work loop.
 
 The reference runtime runs ``payload.argv`` in the lane's workspace (``payload.timeout_sec``, default
 ``$LANECTL_MISSION_TIMEOUT`` or 3600 s) and keeps an execution log (``.lanectl/executions.log``, one authenticated
-JSON line per start and end) in the workspace. Other runtimes subclass :class:`LaneRuntime` and override
+JSON line per start and end) in the workspace. It keeps each mission's stdout and stderr in
+``.lanectl/out/MISSION-ATTEMPT.log``, at most ``[output] max_bytes`` of it (head and tail; ``lanectl.outcap``), and
+keeps ``out/`` within ``keep_bytes`` and ``keep_files``. Other runtimes subclass :class:`LaneRuntime` and override
 :meth:`start_mission` and :meth:`poll_mission`, or implement the same HTTP contract in any language.
 """
 from __future__ import annotations
@@ -42,7 +44,7 @@ from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from lanectl import __version__
+from lanectl import __version__, outcap
 from lanectl.protocol import (LOG_NAME, MAX_CALLBACK_BATCH, MAX_TAIL, STATE_DIR_NAME, BadMessage, BoundedServer, CallbackMsg,
                               DeadlineHandler, DispatchMsg, LogRefused, PeerMismatch, UnixHTTPConnection, bearer_ok,
                               callback_socket, log_key, open_state_dir, parse_dispatch, read_body, send_json,
@@ -170,6 +172,7 @@ class Running:
     killed_at: float | None = None
     outcome: str | None = None  # timeout | cancelled | fenced
     out_path: Path | None = None
+    capture: outcap.Capture | None = None  # the pump keeping its output within [output] max_bytes
 
 
 class Reporter(threading.Thread):
@@ -404,6 +407,9 @@ class LaneRuntime:
         self.server: ThreadingHTTPServer | None = None
         self.state_dir = Path(info.workspace) / STATE_DIR_NAME
         self.log_key = log_key(info.dispatch_key, info.lane)
+        self.out_limits = outcap.Limits.from_env()
+        self.out_pruned_at = 0.0
+        self.out_dirty = True
 
     # ------------------------------------------------------------------------------------------ endpoints
     def health(self) -> dict[str, Any]:
@@ -535,18 +541,31 @@ class LaneRuntime:
                "LANECTL_SESSION": r.msg.session or "", "LANECTL_CLASS": r.msg.cls}
         env.pop("NOTIFY_SOCKET", None)
         try:
-            with open(r.out_path, "wb") as out:
-                r.proc = subprocess.Popen(argv, cwd=self.info.workspace, stdin=subprocess.DEVNULL, stdout=out,
-                                          stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            sd = own_state_dir(self.info.workspace)  # a link or a file planted at .lanectl is moved aside
+            try:
+                r.capture = outcap.open_capture(sd, r.out_path.name, self.out_limits.max_bytes)
+            finally:
+                os.close(sd)
+        except OSError as exc:
+            return f"cannot keep its output in {r.out_path}: {exc.strerror or exc}"
+        try:
+            r.proc = subprocess.Popen(argv, cwd=self.info.workspace, stdin=subprocess.DEVNULL,
+                                      stdout=r.capture.write_fd, stderr=subprocess.STDOUT, env=env,
+                                      start_new_session=True)
         except (OSError, ValueError) as exc:
+            r.capture.abandon()
             return f"cannot start {argv[0]!r}: {getattr(exc, 'strerror', None) or exc}"
+        r.capture.start()
         r.deadline_at = time.monotonic() + float(timeout)
         return None
 
     def poll_mission(self, r: Running) -> int | None:
-        """The exit code once the mission's process ended, else None."""
+        """The exit code once the mission's process ended and its output is kept, else None."""
         assert r.proc is not None
-        return r.proc.poll()
+        code = r.proc.poll()
+        if code is None or r.capture is None:
+            return code
+        return code if r.capture.settle() else None
 
     def kill_mission(self, r: Running, now: float) -> None:
         if r.proc is None or r.proc.poll() is not None:
@@ -562,19 +581,26 @@ class LaneRuntime:
     def tail(self, r: Running) -> str:
         if r.out_path is None:
             return ""
-        try:
-            with open(r.out_path, "rb") as fh:
-                fh.seek(0, os.SEEK_END)
-                fh.seek(max(0, fh.tell() - MAX_TAIL))
-                return fh.read().decode(errors="replace")
+        try:  # the mission may have put a link or a FIFO in its place: never follow one, never block on one
+            fd = os.open(r.out_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
         except OSError:
             return ""
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return ""
+            return os.pread(fd, MAX_TAIL, max(0, st.st_size - MAX_TAIL)).decode(errors="replace")
+        except OSError:
+            return ""
+        finally:
+            os.close(fd)
 
     def finish(self, r: Running, event: str, *, exit_code: int | None = None, error: str | None = None) -> None:
         with self.lock:
             if self.held.get(r.msg.mission) is r:
                 del self.held[r.msg.mission]
         self.done += 1
+        self.out_dirty = True
         if r.started_at is not None:  # logged before the callback is queued: the supervisor reads it if we die
             self.journal(event="end", mission=r.msg.mission, attempt=r.msg.attempt, outcome=event,
                          exit_code=exit_code, error=None if error is None else error[:2000])
@@ -594,6 +620,8 @@ class LaneRuntime:
             retired = list(self.retired)
         for r in retired:
             self.reap_retired(r, now)
+        if self.out_dirty and now - self.out_pruned_at >= 1.0:
+            self.prune_output(now)
         for r in held:
             if r.proc is None and r.started_at is None:
                 if r.cancel_requested:
@@ -649,6 +677,16 @@ class LaneRuntime:
                          exit_code=r.proc.returncode if r.proc else None, error="superseded by a newer attempt")
         self.report(r, "cancelled", error="superseded by a newer attempt")
 
+    def prune_output(self, now: float) -> None:
+        """Keep out/ within [output] keep_bytes and keep_files (outcap.prune), never a running mission's file."""
+        self.out_pruned_at, self.out_dirty = now, False
+        with self.lock:
+            active = {r.out_path.name for r in [*self.held.values(), *self.retired] if r.out_path is not None}
+        deleted, freed = outcap.prune(self.state_dir / "out", self.out_limits, active)
+        if deleted:
+            log.info("out/: deleted the %d oldest mission logs (%d bytes) to stay within %d bytes and %d files",
+                     deleted, freed, self.out_limits.keep_bytes, self.out_limits.keep_files)
+
     def status_line(self) -> str:
         return (f"lane {self.info.lane}: {len(self.held)}/{self.info.capacity} in flight, "
                 f"{self.done} done, port {self.info.port}")
@@ -693,6 +731,10 @@ class LaneRuntime:
             self.kill_mission(r, time.monotonic())
         while any(r.proc is not None and r.proc.poll() is None for r in held) and time.monotonic() < end:
             time.sleep(0.05)
+        for r in held:  # what they wrote last is kept (the tail of a stopped mission says most)
+            if r.capture is not None and r.proc is not None and r.proc.poll() is not None:
+                r.capture.settle()
+                r.capture.done.wait(max(0.0, end - time.monotonic()) + outcap.OUTPUT_GRACE_S)
         # The listening socket stays open (new dispatches get 503 "stopping") until the process exits: a port
         # freed while the runtime still lives would let another local process take it while the supervisor
         # still counts this lane as up (issue 10); at exit the supervisor's pidfd sees it go at once.

@@ -14,7 +14,10 @@ a small pool sends dispatches. Each turn of the main loop:
    degraded (its sessions move to its fallback) and a stable one recovers;
 5. when the ledger changed (another process committed: a submit, an operator verb) or a callback freed capacity,
    one policy pass (``ledger.tick.run_once``) and the POSTs of what it assigned;
-6. draining lanes with nothing in flight become drained; ``WATCHDOG=1`` and ``STATUS=``.
+6. draining lanes with nothing in flight become drained; ``WATCHDOG=1`` and ``STATUS=``;
+7. with ``[ledger] retention`` set, every ``prune_every`` (first RETENTION_FIRST_S after start) a thread with its
+   own connection archives and deletes finished history older than the retention (``retention_pass``), in short
+   transactions the loop's own interleave with.
 
 Side effects (POSTs) happen only after the assignment committed; a supervisor killed between the two leaves
 attempts that the lane never got, which its restart reconciles against each lane's ``/healthz`` (repeatedly, for
@@ -93,6 +96,8 @@ SOCKET_PER_PEER = 8
 """Connections one uid may hold on the callback socket at once: one lane cannot starve the others' callbacks."""
 UID_RESOLVE_S = 5.0
 TCP_RETRY_S = 1.0
+RETENTION_FIRST_S = 60.0
+"""The first retention pass runs this long after start (not in the middle of a restart's reconciliation)."""
 
 
 class Clock:
@@ -221,6 +226,9 @@ class Supervisor:
         self.cancels: dict[tuple[int, str], list[float]] = {}
         """Cancels to forward: (mission, lane) -> [when next due (mono), backoff, 1 while a POST is out]."""
         self.cancel_results: queue.Queue[tuple[int, str, int | None]] = queue.Queue()
+        self.pruning: threading.Thread | None = None
+        self.next_prune = 0.0  # monotonic; set by run()
+        self.last_prune: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------------------------------ setup
     def open(self) -> None:
@@ -1142,6 +1150,7 @@ class Supervisor:
 
         ping = Notifier.watchdog_interval() or 1.0
         last_ping = last_observe = last_summary = self.clock.mono()
+        self.next_prune = last_ping + RETENTION_FIRST_S
         while not self.stop.is_set():
             mono = self.clock.mono()
             try:
@@ -1160,6 +1169,7 @@ class Supervisor:
             if mono - last_ping >= ping:
                 self.notify("WATCHDOG=1")
                 last_ping = mono
+            self.maybe_prune(mono)
             if mono - last_summary >= 1.0:
                 try:
                     self.refresh_summary()
@@ -1206,6 +1216,49 @@ class Supervisor:
             log.warning("rolling metrics up failed (report reads raw events meanwhile): %s", exc)
             rolled = 0
         self.next_rollup = mono + (0.5 if rolled else ROLLUP_EVERY_S)
+
+    # ------------------------------------------------------------------------------------------ retention
+    def maybe_prune(self, mono: float) -> threading.Thread | None:
+        """Start a retention pass in a thread when ``[ledger] retention`` is set, one is due and none is running."""
+        led = self.settings.ledger
+        if led.retention is None or mono < self.next_prune or (self.pruning and self.pruning.is_alive()):
+            return None
+        from lanectl.config import duration_s
+
+        self.next_prune = mono + duration_s(led.prune_every)
+        now = self.clock.now()
+
+        def run() -> None:
+            try:
+                self.retention_pass(now)
+            except Exception:  # a failed pass is logged and tried again at the next one; nothing was lost
+                log.exception("retention pass failed")
+
+        self.pruning = threading.Thread(target=run, name="retention", daemon=True)
+        self.pruning.start()
+        return self.pruning
+
+    def retention_pass(self, now: float) -> Any:
+        """Archive and delete finished history older than ``[ledger] retention`` (lanectl.ledger.retention.prune)
+        into ``[ledger] archive_dir`` (default STATE_DIR/archive, created 0700), through a connection of its own.
+        Returns the PruneResult, None when retention is off."""
+        from lanectl.ledger import retention
+
+        keep = self.settings.ledger.retention_s()
+        if keep is None:
+            return None
+        where = Path(self.settings.ledger.archive_dir or Path(self.settings.state_dir) / "archive")
+        where.mkdir(mode=0o700, parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+        with Ledger.open(self.ledger_path, synchronous=self.settings.ledger.synchronous, migrate=False) as led:
+            res = retention.prune(led, cutoff=now - keep, archive=where / f"ledger-{stamp}.jsonl.gz", now=now,
+                                  actor="supervisor")
+        self.last_prune = res.as_dict()
+        if res.archive is not None:
+            log.info("retention: archived %d missions, %d attempts, %d events older than %s to %s; ledger %d -> %d "
+                     "bytes", res.missions, res.attempts, res.events, self.settings.ledger.retention, res.archive,
+                     res.file_bytes_before, res.file_bytes_after)
+        return res
 
     def wait(self, timeout: float) -> None:
         ready = self.sel.select(timeout)

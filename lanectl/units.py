@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lanectl import __version__, keys
-from lanectl.config import RUNTIME_MODULE, SAFE_PATH_RE, Lane, LaneSet, check_text
+from lanectl.config import RUNTIME_MODULE, SAFE_PATH_RE, Lane, LaneSet, check_text, size_bytes
 from lanectl.errors import Problem, config_error
 
 TEMPLATE = "lanectl-lane@.service"
@@ -155,6 +155,10 @@ def lane_env(name: str, lane: Lane, fleet: LaneSet) -> dict[str, str]:
         # a literal socket path (never a name resolved per lane) in a directory only root can create files in
         "LANECTL_CALLBACK_URL": f"unix:{sup.socket}",
         "LANECTL_HEARTBEAT_SEC": f"{fleet.settings.leases.heartbeat_sec:g}",
+        # [output]: each mission's stored output, and out/ as a whole (lanectl.outcap)
+        "LANECTL_OUTPUT_MAX_BYTES": str(size_bytes(lane.output.max_bytes)),
+        "LANECTL_OUTPUT_KEEP_BYTES": str(size_bytes(lane.output.keep_bytes)),
+        "LANECTL_OUTPUT_KEEP_FILES": str(lane.output.keep_files),
     }
     env.update(lane.env)
     return env

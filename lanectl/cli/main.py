@@ -4,7 +4,7 @@ from __future__ import annotations
 import typer
 
 from lanectl import __version__
-from lanectl.cli import evidence, fleet, governance, lanes, missions, ops, units
+from lanectl.cli import evidence, fleet, governance, lanes, ledgercmd, missions, ops, units
 
 app = typer.Typer(
     name="lanectl",
@@ -41,3 +41,4 @@ missions.register(app)
 ops.register(app)
 governance.register(app)
 evidence.register(app)
+ledgercmd.register(app)

@@ -304,6 +304,33 @@ def show(
     finish(["mission", "show"], data, json_mode=json_out, human=lambda: missionview.human_mission(m))
 
 
+@mission_app.command("logs")
+@command("mission", "logs")
+def logs(mission_id: int = typer.Argument(..., metavar="ID"),
+         attempt: Optional[int] = typer.Option(None, "--attempt", min=1, help="This attempt (default: the latest)."),
+         max_bytes: Optional[int] = typer.Option(None, "--max-bytes", min=1, show_default="the lane's [output] "
+                                                 "max_bytes + 4096", help="Read at most this many bytes."),
+         ledger: Optional[str] = LEDGER, config_dir: Optional[str] = CONFIG, json_out: bool = JSON) -> None:
+    """Print a mission's stored output (stdout and stderr, at most the lane's [output] max_bytes: its head and tail,
+    with a line saying what was cut). The file's path goes to stderr first. Read from the lane's workspace without
+    following links, only if the lane's user owns it."""
+    from lanectl import missionlogs
+
+    fleet = config.load(config_dir, require_lanes=False)
+    with config.open_ledger(fleet, ledger) as led:
+        out = missionlogs.mission_output(fleet, led, mission_id, attempt=attempt, limit=max_bytes)
+    raw = out.pop("output")
+
+    def human() -> None:
+        more = f", first {out['shown']} shown" if out["truncated"] else ""
+        sys.stderr.write(f"# mission {mission_id} attempt {out['attempt']} on lane {out['lane']}: {out['path']} "
+                         f"({out['bytes']} bytes{more})\n")
+        sys.stderr.flush()
+        sys.stdout.buffer.write(raw)
+        sys.stdout.flush()
+    finish(["mission", "logs"], {**out, "output": raw.decode(errors="replace")}, json_mode=json_out, human=human)
+
+
 @mission_app.command("cancel")
 @command("mission", "cancel")
 def cancel(mission_id: int = typer.Argument(..., metavar="ID"), ledger: Optional[str] = LEDGER,

@@ -77,6 +77,10 @@ class Ledger:
                 "ledger_unavailable") from exc
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000):d}")
+            if conn.execute("PRAGMA page_count").fetchone()[0] == 0:
+                # a new ledger: pages freed by a prune go back to the file system in short steps (retention.py);
+                # only possible before the first table exists
+                conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise Unavailable(f"{path}: cannot switch the ledger to WAL (got {mode})",

@@ -45,6 +45,7 @@ class EventKind(StrEnum):
     ROLLBACK = "rollback"  #: a rollback trigger drained a lane and moved its work (data: trigger, evidence, snapshot)
     ALERT = "alert"  #: a trigger not acted on: fleet-wide, last healthy lane, or one rollback per pass
     DRILL = "drill"  #: a recovery drill ran (data: type, detect_s, recover_s, orphaned, passed)
+    PRUNE = "prune"  #: finished history older than a cutoff was archived and deleted (data: cutoff, counts, archive)
 
 
 #: Mission state after each mission event kind (None: the kind does not change the mission's state).

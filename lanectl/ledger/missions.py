@@ -457,8 +457,14 @@ def _insert_new(conn: Any, reqs: list[_Request], creating: list[int], results: l
 def get(ledger: Ledger, mission_id: int) -> Mission:
     row = ledger.conn.execute(f"SELECT {COLUMNS} FROM missions WHERE id = ?", (mission_id,)).fetchone()
     if row is None:
-        raise NotFound(f"no mission {mission_id} in {ledger.path}", "list them with 'lanectl missions'",
-                       "mission_not_found")
+        hint = "list them with 'lanectl missions'"
+        pruned = ledger.conn.execute(
+            "SELECT r.horizon, r.last_archive FROM retention r, sqlite_sequence s WHERE r.id = 1 AND "
+            "r.pruned_missions > 0 AND s.name = 'missions' AND ? <= s.seq", (mission_id,)).fetchone()
+        if pruned is not None:  # the id was handed out: it finished before the retention horizon and was pruned
+            hint = (f"it was pruned if it finished before {iso(pruned[0])} (the retention horizon): its record is in "
+                    f"a retention archive (the latest: {pruned[1]}); else {hint}")
+        raise NotFound(f"no mission {mission_id} in {ledger.path}", hint, "mission_not_found")
     return Mission.from_row(row)
 
 

@@ -276,9 +276,10 @@ def _make_hour(conn: sqlite3.Connection, h: float) -> None:
 
 
 def prune_before(conn: sqlite3.Connection, cutoff: float) -> int:
-    """Drop roll-ups of buckets that begin before ``cutoff`` (with the raw rows they summarise)."""
-    n = conn.execute("DELETE FROM rollups WHERE start < ?", (cutoff,)).rowcount
-    conn.execute("DELETE FROM rollup_traffic WHERE start < ?", (cutoff,))
+    """Drop the roll-ups of buckets that end at or before ``cutoff`` (retention: they go with their events; a
+    bucket that straddles the horizon keeps its figures, pruned missions included)."""
+    n = conn.execute("DELETE FROM rollups WHERE start + bucket_s <= ?", (cutoff,)).rowcount
+    conn.execute("DELETE FROM rollup_traffic WHERE start + bucket_s <= ?", (cutoff,))
     return n
 
 

@@ -238,6 +238,42 @@ BEGIN UPDATE queue_waits SET cursor = NEW.id - 1
     WHERE rank = NEW.rank AND target = NEW.target AND tags = NEW.tags AND cursor >= NEW.id; END;
 """
 
+_V5: Final = """
+-- Retention (issue 17): finished history older than the retention horizon may be archived and deleted
+-- (lanectl.ledger.retention); everything younger stays append-only. The horizon only moves forward.
+CREATE TABLE retention (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    horizon REAL NOT NULL DEFAULT 0,
+    pruned_missions INTEGER NOT NULL DEFAULT 0 CHECK (pruned_missions >= 0),
+    pruned_attempts INTEGER NOT NULL DEFAULT 0 CHECK (pruned_attempts >= 0),
+    pruned_events INTEGER NOT NULL DEFAULT 0 CHECK (pruned_events >= 0),
+    last_prune_at REAL,
+    last_archive TEXT
+) STRICT;
+INSERT INTO retention (id, horizon) VALUES (1, 0);
+CREATE TRIGGER retention_forward BEFORE UPDATE OF horizon ON retention WHEN NEW.horizon < OLD.horizon
+BEGIN SELECT RAISE(ABORT, 'the retention horizon only moves forward'); END;
+CREATE TRIGGER retention_no_delete BEFORE DELETE ON retention
+BEGIN SELECT RAISE(ABORT, 'the retention row cannot be deleted'); END;
+-- An event may be deleted only once it is older than the horizon, its mission (if any) is gone, and it is not the
+-- newest event (whose id the next event would otherwise reuse: event ids are cursors for 'events --after').
+DROP TRIGGER events_no_delete;
+CREATE TRIGGER events_no_delete BEFORE DELETE ON events
+    WHEN OLD.at >= (SELECT horizon FROM retention WHERE id = 1)
+      OR OLD.id >= (SELECT max(id) FROM events)
+      OR (OLD.mission IS NOT NULL AND EXISTS (SELECT 1 FROM missions WHERE id = OLD.mission))
+BEGIN SELECT RAISE(ABORT, 'events are append-only (only finished history older than the retention horizon may be pruned)'); END;
+-- A mission (and its attempts) may be deleted only when it is finished and last changed before the horizon.
+CREATE TRIGGER missions_no_delete BEFORE DELETE ON missions
+    WHEN OLD.state IN ('queued', 'dispatched', 'running')
+      OR OLD.updated_at >= (SELECT horizon FROM retention WHERE id = 1)
+BEGIN SELECT RAISE(ABORT, 'only finished missions older than the retention horizon may be deleted'); END;
+CREATE TRIGGER attempts_no_delete BEFORE DELETE ON attempts
+    WHEN EXISTS (SELECT 1 FROM missions WHERE id = OLD.mission AND (state IN ('queued', 'dispatched', 'running')
+                 OR updated_at >= (SELECT horizon FROM retention WHERE id = 1)))
+BEGIN SELECT RAISE(ABORT, 'only attempts of finished missions older than the retention horizon may be deleted'); END;
+"""
+
 # Pre-aggregated metric windows (lanectl/ledger/rollups.py): what report and long metrics windows read.
 _V_ROLLUPS: Final = """
 CREATE TABLE rollups (
@@ -273,7 +309,8 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration("0002_lane_weight_override", _V2),
     Migration("0003_mission_ids_never_reused", _missions_autoincrement(), rebuilds=True),
     Migration("0004_queue_groups", _V4),
-    Migration("0008_metric_rollups", _V_ROLLUPS),
+    Migration("0005_retention", _V5),
+    Migration("0006_metric_rollups", _V_ROLLUPS),
 )
 LATEST: Final = len(MIGRATIONS)
 

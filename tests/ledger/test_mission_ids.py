@@ -18,7 +18,9 @@ def test_mission_ids_are_never_reused_after_the_newest_is_gone(tmp_path: Path) -
     fleet = make_fleet(tmp_path)
     with Ledger.open(tmp_path / "state" / "ledger.db") as led:
         ids = [_submit(led, fleet, i) for i in range(3)]
+        ms.cancel(led, ids[-1], now=T0 + 5)
         with led.transaction() as conn:  # what a lost commit, a prune or a hand edit leaves
+            conn.execute("UPDATE retention SET horizon = ?", (T0 + 6,))  # a prune (only old finished ones go)
             conn.execute("DELETE FROM missions WHERE id = ?", (ids[-1],))
         assert _submit(led, fleet, 9) == ids[-1] + 1
 

@@ -149,3 +149,22 @@ def test_runs_pick_the_same_percentile_as_sorting(day: Path) -> None:
         for p in (1, 50, 95, 99, 100):
             got, want = r.percentile(p), evidence.percentile(flat, p) if flat else None
             assert got == want and str(got) == str(want), (p, runs)
+
+
+def test_prune_drops_the_roll_ups_behind_the_horizon(tmp_path: Path) -> None:
+    from lanectl.ledger import retention
+
+    write_config(tmp_path / "etc")
+    build(tmp_path / "ledger.db", 2000, END)
+    roll_all(tmp_path / "ledger.db", END)
+    cutoff = END - 43_200 + 100  # mid-bucket: that bucket keeps its figures
+    led = Ledger.open(tmp_path / "ledger.db")
+    try:
+        retention.prune(led, cutoff=cutoff, archive=tmp_path / "a.jsonl.gz", now=END)
+        starts = [r[0] + r[1] for r in led.conn.execute("SELECT start, bucket_s FROM rollups")]
+    finally:
+        led.close()
+    assert starts and min(starts) > cutoff
+    t0, t1 = END - 40_000.5, END - 61.5  # after the horizon: still the same figures both ways
+    assert_same(figures(tmp_path / "ledger.db", t0, t1, None, True), figures(tmp_path / "ledger.db", t0, t1, None,
+                                                                               False))

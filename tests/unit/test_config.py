@@ -154,3 +154,47 @@ def test_callback_url_is_the_literal_socket_path(fleet_dir: Path) -> None:
     dropin = units.render_dropin("alpha", fleet.lanes["alpha"], fleet)
     assert f"SocketBindAllow=ipv4:tcp:{fleet.lanes['alpha'].port}\n" in dropin
     assert "SocketBindDeny=any\n" in units.template_text(units.TEMPLATE)
+
+
+@pytest.mark.parametrize("output, field, words", [
+    ('max_bytes = "8Q"', "output.max_bytes", "not a size"),
+    ('max_bytes = "100"', "output.max_bytes", "below 8K"),
+    ('max_bytes = "2T"', "output.max_bytes", "above 1T"),
+    ('keep_bytes = "4M"', "output", "smaller than max_bytes"),
+    ("keep_files = 0", "output.keep_files", ""),
+    ("bogus = 1", "output.bogus", ""),
+])
+def test_lane_output_settings_are_validated(fleet_dir: Path, output: str, field: str, words: str) -> None:
+    write_lane(fleet_dir, "alpha", f'port = 8701\nworkspace = "/var/lib/lanes/alpha"\n[output]\n{output}\n')
+    (p,) = [p for p in problems(fleet_dir) if p.file.endswith("alpha.toml")]
+    assert p.field == field and words in p.message and p.hint
+
+
+def test_lane_output_settings_reach_the_lane(fleet_dir: Path) -> None:
+    from lanectl import units
+
+    write_lane(fleet_dir, "alpha", 'port = 8701\nworkspace = "/var/lib/lanes/alpha"\n'
+                                   '[output]\nmax_bytes = "64K"\nkeep_bytes = "1M"\nkeep_files = 7\n')
+    fleet = config.load(fleet_dir)
+    env = units.lane_env("alpha", fleet.lanes["alpha"], fleet)
+    assert (env["LANECTL_OUTPUT_MAX_BYTES"], env["LANECTL_OUTPUT_KEEP_BYTES"], env["LANECTL_OUTPUT_KEEP_FILES"]) == \
+        ("65536", "1048576", "7")
+
+
+@pytest.mark.parametrize("ledger, field, words", [
+    ('retention = "30 days"', "ledger.retention", "not a duration"),
+    ('retention = "30m"', "ledger.retention", "shorter than 1h"),
+    ('prune_every = "5s"', "ledger.prune_every", "shorter than 1m"),
+    ('archive_dir = "relative"', "ledger.archive_dir", ""),
+])
+def test_ledger_retention_settings_are_validated(fleet_dir: Path, ledger: str, field: str, words: str) -> None:
+    write_lane(fleet_dir, "alpha", 'port = 8701\nworkspace = "/var/lib/lanes/alpha"\n')
+    (fleet_dir / "lanectl.toml").write_text(f"[ledger]\n{ledger}\n")
+    (p,) = [p for p in problems(fleet_dir) if p.file.endswith("lanectl.toml")]
+    assert p.field == field and words in p.message and p.hint
+
+
+def test_ledger_retention_setting(fleet_dir: Path) -> None:
+    write_lane(fleet_dir, "alpha", 'port = 8701\nworkspace = "/var/lib/lanes/alpha"\n')
+    (fleet_dir / "lanectl.toml").write_text('[ledger]\nretention = "30d"\n')
+    assert config.load(fleet_dir).settings.ledger.retention_s() == 30 * 86400
