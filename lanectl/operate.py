@@ -115,3 +115,63 @@ def wait_up(lanes: dict[str, dict[str, Any]], name: str, timeout: float, poll: f
         if time.monotonic() >= deadline:
             return False
         time.sleep(poll)
+
+
+def _supervisor_health(port: int) -> dict[str, Any] | None:
+    import json
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2.0) as resp:
+            doc = json.loads(resp.read())
+            return doc if isinstance(doc, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def reload_supervisor(port: int, lanes: list[str], timeout: float = 30.0, poll: float = 0.1) -> str | None:
+    """``systemctl reload`` the supervisor (SIGHUP: it re-reads the configuration) and wait until its /healthz
+    shows a new configuration generation with exactly ``lanes``; None when it did, else what went wrong."""
+    import time
+
+    before = _supervisor_health(port)
+    proc = systemd.run("reload", SUPERVISOR, check=False)
+    if proc.returncode != 0:
+        return (proc.stderr.strip().splitlines() or ["reload failed"])[0]
+    if before is None:
+        return None  # its /healthz does not answer (port taken?): the reload was sent, it cannot be confirmed
+    deadline = time.monotonic() + timeout
+    while True:
+        now = _supervisor_health(port)
+        if now is not None and now.get("pid") != before.get("pid"):
+            return None  # restarted meanwhile: it loaded the fleet from scratch
+        if now is not None and (now.get("reloads") or 0) > (before.get("reloads") or 0):
+            if now.get("reload_error"):
+                return f"the supervisor kept its previous configuration: {now['reload_error']}"
+            if sorted(now.get("lanes") or {}) == sorted(lanes):
+                return None
+        if time.monotonic() >= deadline:
+            return f"the supervisor did not confirm the reload within {timeout:g}s"
+        time.sleep(poll)
+
+
+def bound_warnings(ledger_path: Any, names: list[str]) -> list[Any]:
+    """Warnings for lanes going down with work or sessions bound to them (it waits until they are up again).
+    An unreadable or missing ledger gives none: ``down`` must work without it."""
+    from lanectl.errors import LanectlError, Problem
+    from lanectl.ledger import Ledger
+    from lanectl.ledger import lanes as lane_ops
+
+    out = []
+    try:
+        with Ledger.open(ledger_path, migrate=False, create=False) as led:
+            for name in names:
+                left = lane_ops.bound(led, name)
+                if left:
+                    out.append(Problem(f"lane {name!r} is down with work bound to it: {left.describe()}",
+                                       hint=f"it waits until 'lanectl up {name}', or move it: 'lanectl reroute "
+                                            f"{name} --to LANE --sessions'", code="lane_down_with_work",
+                                       lane=name, severity="warning"))
+    except LanectlError:
+        pass
+    return out

@@ -90,16 +90,18 @@ def install(
     A second install changes nothing and says so (exit 0).
     """
     fleet = config.load(config_dir, check_host=True)
-    res = installer.install(fleet, paths.unit_dir(unit_dir), python=python, reload=reload, do_provision=provision)
+    udir = paths.unit_dir(unit_dir)
+    res = installer.install_fleet(fleet, udir, python=python, reload=reload, do_provision=provision, by="install")
     data = {"unit_dir": res.unit_dir, "written": res.written, "removed": res.removed, "unchanged": res.unchanged,
             "reloaded": res.reloaded, "provisioned": res.provisioned, "notices": res.notices,
-            "changed": res.changed}
+            "ledger_created": res.ledger_created, "supervisor": res.supervisor,
+            "supervisor_error": res.supervisor_error, "changed": res.changed}
 
     def human() -> None:
         con = stdout_console()
         for n in res.notices:
             con.print(f"[yellow]left alone[/]: {escape(n)}")
-        if not res.changed and not res.provisioned:
+        if not res.changed and not res.provisioned and not res.ledger_created:
             con.print(f"nothing changed: {len(res.unchanged)} file(s) already current in {escape(res.unit_dir)}")
             return
         for p in res.provisioned:
@@ -110,5 +112,9 @@ def install(
             con.print(f"removed {escape(p)}")
         if res.reloaded:
             con.print("systemd reloaded")
+        if res.ledger_created:
+            con.print(f"created the ledger {escape(res.ledger_created)}")
+        installer.print_supervisor(con, res)
 
-    finish(["install"], data, json_mode=json_out, human=human, warnings=fleet.warnings)
+    finish(["install"], data, json_mode=json_out, human=human, warnings=fleet.warnings,
+           exit_code=ExitCode.UNHEALTHY if res.supervisor_error else ExitCode.OK)
