@@ -81,6 +81,21 @@ def drift(files: list[UnitFile], unit_dir: Path) -> list[Drift]:
     return out
 
 
+def drift_diffs(files: list[UnitFile], unit_dir: Path, found: list[Drift]) -> dict[str, str]:
+    """A unified diff per drifted file: what is on disk (a/) against what install would write (b/)."""
+    import difflib
+
+    wanted = {f.path: f.text for f in files}
+    out = {}
+    for d in found:
+        have = read_text_or_none(unit_dir / d.path) or ""
+        want = wanted.get(d.path, "")  # stale: install would remove it
+        out[d.path] = "".join(difflib.unified_diff(have.splitlines(keepends=True), want.splitlines(keepends=True),
+                                                   f"a/{d.path}" if d.state != "missing" else "/dev/null",
+                                                   f"b/{d.path}" if d.state != "stale" else "/dev/null"))
+    return out
+
+
 def write_files(files: list[UnitFile], unit_dir: Path, result: InstallResult) -> None:
     for f in files:
         target = unit_dir / f.path

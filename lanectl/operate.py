@@ -175,3 +175,39 @@ def bound_warnings(ledger_path: Any, names: list[str]) -> list[Any]:
     except LanectlError:
         pass
     return out
+
+
+def journal_argv(lanes: dict[str, dict[str, Any]], names: list[str] | None, *, supervisor: bool = False,
+                 follow: bool = False, since: str | None = None, lines: int | None = None) -> list[str]:
+    """The journalctl command for ``lanectl logs``: the named lanes (and/or the supervisor), else every lane and
+    the supervisor, interleaved by time. ``supervisor`` as a name means the supervisor unless a lane has that
+    name."""
+    import shutil
+
+    from lanectl.errors import Unavailable
+
+    names = list(names or [])
+    if "supervisor" in names and "supervisor" not in lanes:
+        names.remove("supervisor")
+        supervisor = True
+    units = [lanes[n]["unit"] for n in select(lanes, names, enabled_only=False)] if names else []
+    if supervisor:
+        units.append(SUPERVISOR)
+    if not units:
+        units = [lanes[n]["unit"] for n in sorted(lanes)] + [SUPERVISOR]
+    exe = shutil.which("journalctl")
+    if exe is None:
+        raise Unavailable("journalctl is not installed here", "install systemd, or read the logs where journald runs",
+                          "journal_unavailable")
+    argv = [exe, "--no-pager", "-o", "short-iso"]
+    for u in units:
+        argv += ["-u", u]
+    if since:
+        argv += ["--since", since]
+    if lines is not None:
+        argv += ["-n", str(lines)]
+    elif not since:
+        argv += ["-n", "100"]
+    if follow:
+        argv.append("-f")
+    return argv

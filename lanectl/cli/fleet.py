@@ -11,7 +11,15 @@ from lanectl.errors import ExitCode
 from lanectl.cli.statusview import run_status
 from lanectl.output import command, escape, finish, stderr_console, stdout_console
 
-LANES = typer.Argument(None, metavar="[LANE]...", help="Lanes to act on (default: all).")
+def complete_lanes(incomplete: str) -> list[str]:
+    """Shell completion of lane names: the installed fleet's."""
+    from lanectl import manifest
+
+    data = manifest.read(paths.unit_dir()) or {}
+    return [n for n in sorted(data.get("lanes", {})) if n.startswith(incomplete)]
+
+
+LANES = typer.Argument(None, metavar="LANE", help="Lanes to act on (default: all).", autocompletion=complete_lanes)
 
 
 def register(app: typer.Typer) -> None:
@@ -20,6 +28,7 @@ def register(app: typer.Typer) -> None:
     app.command("restart")(restart)
     app.command("status")(status)
     app.command("probe")(probe)
+    app.command("logs")(logs)
 
 
 def _lanes(unit_dir: Optional[str], config_dir: Optional[str]) -> dict[str, dict[str, Any]]:
@@ -138,3 +147,25 @@ def probe(lanes: Optional[List[str]] = LANES, unit_dir: Optional[str] = UNIT_DIR
     if ledger:
         data = {**data, "ledger": ledger}
     run_probe(data, lanes or None, json_out)
+
+
+@command("logs")
+def logs(lanes: Optional[List[str]] = typer.Argument(
+             None, metavar="LANE", autocompletion=complete_lanes,
+             help="Lanes whose journal to show; 'supervisor' is the supervisor's (default: every lane and it)."),
+         supervisor: bool = typer.Option(False, "--supervisor", help="Show the supervisor's journal too."),
+         follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new entries."),
+         since: Optional[str] = typer.Option(None, "--since", metavar="TIME",
+                                             help="From this time on: '-1h', '10 min ago', '2026-01-31 12:00'."),
+         lines: Optional[int] = typer.Option(None, "--lines", "-n", metavar="N", min=0,
+                                             help="The last N entries.", show_default="100 unless --since"),
+         unit_dir: Optional[str] = UNIT_DIR, config_dir: Optional[str] = CONFIG) -> None:
+    """Show the lanes' and the supervisor's logs from journald (journalctl underneath).
+
+    Exits 4 for a lane that is not installed, 6 when journalctl is missing; otherwise journalctl's own code.
+    """
+    import os
+
+    argv = operate.journal_argv(_lanes(unit_dir, config_dir), lanes or None, supervisor=supervisor, follow=follow,
+                                since=since, lines=lines)
+    os.execv(argv[0], argv)

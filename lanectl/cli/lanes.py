@@ -20,7 +20,7 @@ def register(app: typer.Typer) -> None:
 
 @command("validate")
 def validate(
-    directory: Optional[str] = typer.Argument(None, metavar="[DIR]",
+    directory: Optional[str] = typer.Argument(None, metavar="DIR",
                                               help="Config dir or lanes.d dir (default: --config)."),
     config_dir: Optional[str] = CONFIG,
     json_out: bool = JSON,

@@ -25,6 +25,7 @@ def register(app: typer.Typer) -> None:
 def render(
     out: Optional[str] = typer.Option(None, "--out", metavar="DIR", help="Write the files into DIR."),
     check: bool = typer.Option(False, "--check", help="Compare with DIR (or the unit dir); exit 8 on drift."),
+    diff: bool = typer.Option(False, "--diff", help="With --check: show how each drifted file differs (unified diff)."),
     unit_dir: Optional[str] = UNIT_DIR,
     python: Optional[str] = PYTHON,
     config_dir: Optional[str] = CONFIG,
@@ -33,14 +34,21 @@ def render(
     """Render the units of the fleet (stdout, a dir, or a drift check).
 
     Without --out or --check, prints every file. --check exits 8 when a file is missing, differs, was edited
-    by hand, or is left over from a removed lane.
+    by hand, or is left over from a removed lane; --diff shows each difference (what is on disk against what
+    install would write).
     """
+    if diff and not check:
+        from lanectl.errors import LanectlError
+
+        raise LanectlError("--diff needs --check", "run 'lanectl render --check --diff'", "usage", ExitCode.USAGE)
     fleet = config.load(config_dir)
     files = units.render(fleet, python)
     if check:
         target = Path(out) if out else paths.unit_dir(unit_dir)
         found = installer.drift(files, target)
-        data = {"dir": str(target), "drift": [d.as_dict() for d in found], "in_sync": not found}
+        diffs = installer.drift_diffs(files, target, found) if diff else {}
+        data = {"dir": str(target), "drift": [{**d.as_dict(), **({"diff": diffs[d.path]} if diff else {})}
+                                              for d in found], "in_sync": not found}
 
         def human() -> None:
             con = stdout_console()
@@ -48,6 +56,8 @@ def render(
                 con.print(f"[green]in sync[/]: {len(files)} file(s) in {escape(str(target))}")
             for d in found:
                 con.print(f"[red]{d.state}[/]: {escape(d.path)}")
+                if diff:
+                    print(diffs[d.path], end="", flush=True)
 
         finish(["render"], data, json_mode=json_out, human=human,
                exit_code=ExitCode.UNHEALTHY if found else ExitCode.OK)
