@@ -133,3 +133,17 @@ def test_sessions_of_a_lane_gone_by_hand_are_refused_until_rerouted(cfg: Path) -
     assert run(*submit)[0] == 0
     code, doc = run("reroute", "never-was", "--to", "beta", "-c", str(cfg))
     assert code == ExitCode.NOT_FOUND
+
+
+def test_status_and_probe_honour_c_over_the_installed_fleet(cfg: Path, tmp_path: Path) -> None:
+    from lanectl.status import installed_fleet
+
+    units = tmp_path / "units"
+    code, doc = run("install", "--unit-dir", str(units), "--no-reload", "--no-provision", "-c", str(cfg))
+    assert code == 0, doc
+    other = tmp_path / "other"
+    shutil.copytree(cfg, other)
+    write_lane(other, "delta", 'port = 8714\nworkspace = "/var/lib/lanes/delta"\n')
+    assert sorted(installed_fleet(units)["lanes"]) == ["alpha", "beta", "gamma"]  # the installed one
+    assert sorted(installed_fleet(units, str(cfg))["lanes"]) == ["alpha", "beta", "gamma"]  # -c names it
+    assert sorted(installed_fleet(units, str(other))["lanes"]) == ["alpha", "beta", "delta", "gamma"]

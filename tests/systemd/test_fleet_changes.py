@@ -98,6 +98,11 @@ def test_a_new_lane_gets_its_pinned_mission_and_the_reload_keeps_in_flight_work(
     ev = sql(fleet, "SELECT data FROM events WHERE kind = 'supervisor' ORDER BY id DESC LIMIT 1")
     data = json.loads(ev[0][0])
     assert data["action"] == "reloaded" and data["by"] == "install" and data["added"] == ["delta"], data
+    # and its journal says so, through lanectl logs
+    proc = fleet.sb.exec([LANECTL, "logs", "supervisor", "--since", "-10min"], check=False)
+    assert proc.returncode == 0 and "lane delta added to the fleet" in proc.stdout, proc.stdout + proc.stderr
+    proc = fleet.sb.exec([LANECTL, "logs", "delta", "-n", "5"], check=False)
+    assert proc.returncode == 0 and "lanectl-lane@delta" in proc.stdout, proc.stdout + proc.stderr
 
 
 def test_apply_says_it_reloads_the_supervisor_and_records_it(fleet: Fleet) -> None:
