@@ -101,7 +101,7 @@ def test_a_new_lane_gets_its_pinned_mission_and_the_reload_keeps_in_flight_work(
     # and its journal says so, through lanectl logs
     proc = fleet.sb.exec([LANECTL, "logs", "supervisor", "--since", "-10min"], check=False)
     assert proc.returncode == 0 and "lane delta added to the fleet" in proc.stdout, proc.stdout + proc.stderr
-    proc = fleet.sb.exec([LANECTL, "logs", "delta", "-n", "5"], check=False)
+    proc = fleet.sb.exec([LANECTL, "logs", "delta", "--since", "-10min"], check=False)
     assert proc.returncode == 0 and "lanectl-lane@delta" in proc.stdout, proc.stdout + proc.stderr
 
 
