@@ -14,6 +14,7 @@ from lanectl import keys, paths, systemd
 from lanectl.config import USER_MARKER, LaneSet
 from lanectl.errors import LanectlError
 from lanectl.fsutil import atomic_write, read_text_or_none
+from lanectl.units import SUPERVISOR as SUPERVISOR_UNIT
 from lanectl.units import UnitFile, parse_generated, render, unit_name
 
 LIVE_UNIT_DIRS = (Path("/etc/systemd/system"), Path("/run/systemd/system"))
@@ -255,8 +256,15 @@ def install(fleet: LaneSet, unit_dir: Path, *, python: str | None = None, reload
         result.ledger_created = ensure_ledger(fleet)
     write_files(files, unit_dir, result)
     remove_stale(files, unit_dir, result)
-    data = json.dumps(manifest(fleet), indent=2, sort_keys=True) + "\n"
+    new = manifest(fleet)
+    data = json.dumps(new, indent=2, sort_keys=True) + "\n"
     mpath = paths.manifest_path(unit_dir)
+    from lanectl import manifest as installed
+
+    old = installed.read(unit_dir) or {}
+    # what the supervisor binds at start (its port, its ledger) cannot change by a reload
+    restart = SUPERVISOR_UNIT in result.written or any(
+        key in old and old[key] != new[key] for key in ("supervisor", "ledger"))
     if read_text_or_none(mpath) != data:
         atomic_write(mpath, data, 0o644)
         result.manifest_changed = True
@@ -264,7 +272,7 @@ def install(fleet: LaneSet, unit_dir: Path, *, python: str | None = None, reload
         systemd.daemon_reload()
         result.reloaded = True
     if result.changed and (supervisor if supervisor is not None else live):
-        signal_supervisor(fleet, result)
+        signal_supervisor(fleet, result, restart=restart)
     return result
 
 
@@ -279,14 +287,14 @@ def ensure_ledger(fleet: LaneSet) -> str | None:
     return str(path)
 
 
-def signal_supervisor(fleet: LaneSet, result: InstallResult) -> None:
-    """Reload a running supervisor (restart it when its unit changed) and wait until it runs the new fleet."""
+def signal_supervisor(fleet: LaneSet, result: InstallResult, *, restart: bool = False) -> None:
+    """Reload a running supervisor (``restart``: restart it) and wait until it runs the new fleet."""
     from lanectl import operate
     from lanectl.units import SUPERVISOR
 
     if operate._active([SUPERVISOR]).get(SUPERVISOR) not in ("active", "reloading"):
         return  # not running: it loads the new fleet when it starts
-    if SUPERVISOR in result.written:
+    if restart:
         proc = systemd.run("restart", SUPERVISOR, check=False)
         result.supervisor = "restarted"
     else:

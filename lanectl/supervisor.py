@@ -155,6 +155,15 @@ class LaneWatch:
         return self.active == "active" and self.sub == "running"
 
 
+def bound_settings(old: Any, new: Any) -> list[tuple[str, Any, Any]]:
+    """The settings the supervisor takes once, at start, that differ between ``old`` and ``new``: a reload cannot
+    change them (``lanectl install`` restarts it when the port or the ledger changed)."""
+    keys_ = (("[supervisor] host", lambda s: s.supervisor.host), ("[supervisor] port", lambda s: s.supervisor.port),
+             ("[supervisor] socket", lambda s: s.supervisor.socket), ("[ledger] path", lambda s: s.ledger.path),
+             ("[ledger] synchronous", lambda s: s.ledger.synchronous), ("state_dir", lambda s: s.state_dir))
+    return [(name, get(old), get(new)) for name, get in keys_ if get(old) != get(new)]
+
+
 @dataclass
 class Pending:
     msg: CallbackMsg
@@ -314,10 +323,8 @@ class Supervisor:
             else:
                 w.port, w.key, w.health_path = lane.port, lane_keys[name], lane.health_path
                 w.max_restarts, w.enabled = lane.restart.max_restarts, lane.enabled
-        bound = ("ledger", "supervisor")  # taken at start: a change needs a restart, which apply does
-        for part in bound:
-            if getattr(fleet.settings, part) != getattr(self.settings, part):
-                log.warning("[%s] of lanectl.toml changed: it takes effect when the supervisor restarts", part)
+        for name, was, now_ in bound_settings(self.settings, fleet.settings):
+            log.warning("%s changed (%r -> %r): it takes effect when the supervisor restarts", name, was, now_)
         self.fleet = fleet
         self.settings = fleet.settings
         if self.fixed_uids is None:
