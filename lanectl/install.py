@@ -45,6 +45,8 @@ class InstallResult:
     supervisor: str | None = None
     """What install did to a running supervisor: "reloaded", "restarted" (its unit changed), or None."""
     supervisor_error: str | None = None
+    stopped: list[str] = field(default_factory=list)
+    """Lanes removed from the fleet whose units apply stopped and disabled."""
 
     @property
     def changed(self) -> bool:
@@ -322,6 +324,7 @@ def install_fleet(fleet: LaneSet, unit_dir: Path, *, ledger: str | Path | None =
     check_removals(fleet, unit_dir, ledger)
     before = set((installed.read(unit_dir) or {}).get("lanes", {}))
     res = install(fleet, unit_dir, **kwargs)
+    stop_removed(sorted(before - set(fleet.lanes)), res, stop=by == "apply")
     if res.supervisor and config.ledger_path(fleet, ledger).exists():
         with config.open_ledger(fleet, ledger) as led:
             lane_ops.record(led, EventKind.SUPERVISOR, now=time.time(), action=res.supervisor, by=by,
@@ -340,3 +343,22 @@ def print_supervisor(con: Any, res: InstallResult) -> None:
         con.print("supervisor reloaded: it runs the new fleet (in-flight work kept)")
     elif res.supervisor == "restarted":
         con.print("supervisor restarted: its unit changed (in-flight work is reconciled)")
+
+
+def stop_removed(gone: list[str], res: InstallResult, *, stop: bool) -> None:
+    """A lane removed from the fleet whose unit still runs would go on without its drop-in (template defaults,
+    no port of its own): ``apply`` stops and disables it, ``install`` says so."""
+    if not gone or not systemd.available():
+        return
+    from lanectl import operate
+
+    units = {unit_name(n): n for n in gone}
+    running = [u for u, state in operate._active(list(units)).items() if state not in ("inactive", "failed", "unknown")]
+    if not running:
+        return
+    if stop:
+        systemd.run("disable", "--now", "--quiet", *running, check=False)
+        res.stopped = [units[u] for u in running]
+    else:
+        res.notices += [f"lane {units[u]} was removed but its unit {u} still runs: 'lanectl down {units[u]}' "
+                        f"(or 'lanectl apply' stops it)" for u in running]

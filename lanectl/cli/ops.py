@@ -230,7 +230,7 @@ def apply(
                     raise
     data = {"written": res.written, "removed": res.removed, "restarted": restarted, "failed": failed,
             "notices": res.notices, "supervisor": res.supervisor, "supervisor_error": res.supervisor_error,
-            "ledger_created": res.ledger_created, "changed": res.changed}
+            "ledger_created": res.ledger_created, "stopped": res.stopped, "changed": res.changed}
 
     def human() -> None:
         con = stdout_console()
@@ -242,6 +242,8 @@ def apply(
             con.print(f"wrote {escape(p)}")
         for p in res.removed:
             con.print(f"removed {escape(p)}")
+        for n in res.stopped:
+            con.print(f"{escape(n)}: removed from the fleet, unit stopped and disabled")
         if res.ledger_created:
             con.print(f"created the ledger {escape(res.ledger_created)}")
         installer.print_supervisor(con, res)
