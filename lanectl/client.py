@@ -6,6 +6,9 @@
     c.submit_many([SubmitRequest("background", {"argv": ["true"]}) for _ in range(100)])  # one commit
     done = c.wait(m.id, timeout=60)   # raises lanectl.errors.Timeout (exit 7) when it does not finish in time
 
+The ledger must exist (``lanectl install`` or ``lanectl ledger init`` creates it): a missing one is
+``ledger_missing`` (exit 6), so a mistyped path never starts a ledger nothing reads.
+
 Errors are ``lanectl.errors.LanectlError`` subclasses with a stable ``code`` (``queue_full`` is backpressure:
 retry later) and the documented ``exit_code``.
 """

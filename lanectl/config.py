@@ -895,8 +895,11 @@ def _settings_of(where: LaneSet | str | Path | None) -> Settings:
 
 
 def open_ledger(where: LaneSet | str | Path | None = None, override: str | Path | None = None,
-                **kwargs: Any) -> Any:
-    """``Ledger.open`` of ``ledger_path(where, override)`` with the ``[ledger]`` settings of lanectl.toml."""
+                create: bool = False, **kwargs: Any) -> Any:
+    """``Ledger.open`` of ``ledger_path(where, override)`` with the ``[ledger]`` settings of lanectl.toml.
+
+    A ledger that does not exist is an error (``ledger_missing``, exit 6) unless ``create``: only ``install``
+    and ``ledger init`` create one, so a typo in a path never starts an empty ledger that nothing reads."""
     from lanectl.errors import LanectlError
     from lanectl.ledger import Ledger
 
@@ -906,7 +909,8 @@ def open_ledger(where: LaneSet | str | Path | None = None, override: str | Path 
         if not (override or os.environ.get("LANECTL_LEDGER")):
             raise
         settings = Settings()  # the ledger is named explicitly: a broken lanectl.toml leaves the default (FULL)
-    return Ledger.open(ledger_path(settings, override), synchronous=settings.ledger.synchronous, **kwargs)
+    return Ledger.open(ledger_path(settings, override), synchronous=settings.ledger.synchronous, create=create,
+                       **kwargs)
 
 
 def ledger_path(where: LaneSet | Settings | str | Path | None = None, override: str | Path | None = None) -> Path:

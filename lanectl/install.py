@@ -8,11 +8,13 @@ import pwd
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from lanectl import keys, paths, systemd
 from lanectl.config import USER_MARKER, LaneSet
 from lanectl.errors import LanectlError
 from lanectl.fsutil import atomic_write, read_text_or_none
+from lanectl.units import SUPERVISOR as SUPERVISOR_UNIT
 from lanectl.units import UnitFile, parse_generated, render, unit_name
 
 LIVE_UNIT_DIRS = (Path("/etc/systemd/system"), Path("/run/systemd/system"))
@@ -37,10 +39,18 @@ class InstallResult:
     provisioned: list[str] = field(default_factory=list)
     notices: list[str] = field(default_factory=list)
     """What install found and left alone for the operator to fix (a workspace it did not create, ...)."""
+    manifest_changed: bool = False
+    """The installed fleet (lanes, their ports, classes, weights, ...) differs from what was installed before."""
+    ledger_created: str | None = None
+    supervisor: str | None = None
+    """What install did to a running supervisor: "reloaded", "restarted" (its unit changed), or None."""
+    supervisor_error: str | None = None
+    stopped: list[str] = field(default_factory=list)
+    """Lanes removed from the fleet whose units apply stopped and disabled."""
 
     @property
     def changed(self) -> bool:
-        return bool(self.written or self.removed)
+        return bool(self.written or self.removed or self.manifest_changed)
 
 
 def generated_on_disk(unit_dir: Path) -> list[str]:
@@ -71,6 +81,21 @@ def drift(files: list[UnitFile], unit_dir: Path) -> list[Drift]:
         elif text != f.text:
             out.append(Drift(f.path, "differs"))
     out += [Drift(p, "stale") for p in generated_on_disk(unit_dir) if p not in wanted]
+    return out
+
+
+def drift_diffs(files: list[UnitFile], unit_dir: Path, found: list[Drift]) -> dict[str, str]:
+    """A unified diff per drifted file: what is on disk (a/) against what install would write (b/)."""
+    import difflib
+
+    wanted = {f.path: f.text for f in files}
+    out = {}
+    for d in found:
+        have = read_text_or_none(unit_dir / d.path) or ""
+        want = wanted.get(d.path, "")  # stale: install would remove it
+        out[d.path] = "".join(difflib.unified_diff(have.splitlines(keepends=True), want.splitlines(keepends=True),
+                                                   f"a/{d.path}" if d.state != "missing" else "/dev/null",
+                                                   f"b/{d.path}" if d.state != "stale" else "/dev/null"))
     return out
 
 
@@ -192,21 +217,148 @@ def provision(fleet: LaneSet, notices: list[str] | None = None) -> list[str]:
     return done
 
 
+def check_removals(fleet: LaneSet, unit_dir: Path, ledger: str | Path | None = None) -> None:
+    """Refuse (``lane_in_use``, exit 5) to uninstall a lane that work or sessions are still bound to in the ledger:
+    the installed lanes missing from ``fleet`` (a lane file removed or renamed by hand) would strand them."""
+    from lanectl import config, manifest as installed
+    from lanectl.errors import Conflict
+    from lanectl.ledger import lanes as lane_ops
+
+    before = installed.read(unit_dir)
+    gone = sorted(set((before or {}).get("lanes", {})) - set(fleet.lanes))
+    path = config.ledger_path(fleet, ledger)
+    if not gone or not path.exists():
+        return
+    with config.open_ledger(fleet, ledger) as led:
+        for name in gone:
+            left = lane_ops.bound(led, name)
+            if left:
+                raise Conflict(f"lane {name!r} is gone from {fleet.lanes_dir} but still has work bound to it: "
+                               f"{left.describe()}",
+                               f"move it to a lane that stays ('lanectl reroute {name} --to LANE --sessions'; "
+                               f"wait for what is in flight), or put its lane file back; then install again",
+                               "lane_in_use")
+
+
 def install(fleet: LaneSet, unit_dir: Path, *, python: str | None = None, reload: bool | None = None,
-            do_provision: bool | None = None) -> InstallResult:
-    """Render, then write only what changed; remove what lanectl wrote for lanes that are gone; reload once."""
+            do_provision: bool | None = None, create_ledger: bool | None = None,
+            supervisor: bool | None = None) -> InstallResult:
+    """Render, then write only what changed; remove what lanectl wrote for lanes that are gone; reload once.
+
+    Where the unit dir is live (default) it also creates the configured ledger when there is none
+    (``create_ledger``: the only command besides ``ledger init`` that does) and makes a running supervisor pick
+    up a changed fleet (``supervisor``): a reload (SIGHUP: re-reads the configuration, in-flight work runs on),
+    or a restart when its own unit changed."""
     files = render(fleet, python)  # validates everything before the first byte is written
     live = unit_dir.resolve() in [d.resolve() for d in LIVE_UNIT_DIRS if d.exists()] and systemd.available()
     result = InstallResult(str(unit_dir))
     if do_provision if do_provision is not None else (live and os.geteuid() == 0):
         result.provisioned = provision(fleet, result.notices)
+    if create_ledger if create_ledger is not None else live:
+        result.ledger_created = ensure_ledger(fleet)
     write_files(files, unit_dir, result)
     remove_stale(files, unit_dir, result)
-    data = json.dumps(manifest(fleet), indent=2, sort_keys=True) + "\n"
+    new = manifest(fleet)
+    data = json.dumps(new, indent=2, sort_keys=True) + "\n"
     mpath = paths.manifest_path(unit_dir)
+    from lanectl import manifest as installed
+
+    old = installed.read(unit_dir) or {}
+    # what the supervisor binds at start (its port, its ledger) cannot change by a reload
+    restart = SUPERVISOR_UNIT in result.written or any(
+        key in old and old[key] != new[key] for key in ("supervisor", "ledger"))
     if read_text_or_none(mpath) != data:
         atomic_write(mpath, data, 0o644)
-    if result.changed and (reload if reload is not None else live):
+        result.manifest_changed = True
+    if (result.written or result.removed) and (reload if reload is not None else live):
         systemd.daemon_reload()
         result.reloaded = True
+    if result.changed and (supervisor if supervisor is not None else live):
+        signal_supervisor(fleet, result, restart=restart)
     return result
+
+
+def ensure_ledger(fleet: LaneSet) -> str | None:
+    """Create (and migrate) the configured ledger when it does not exist; its path when created."""
+    from lanectl import config
+
+    path = config.ledger_path(fleet)
+    if path.exists():
+        return None
+    config.open_ledger(fleet, create=True).close()
+    return str(path)
+
+
+def signal_supervisor(fleet: LaneSet, result: InstallResult, *, restart: bool = False) -> None:
+    """Reload a running supervisor (``restart``: restart it) and wait until it runs the new fleet."""
+    from lanectl import operate
+    from lanectl.units import SUPERVISOR
+
+    if operate._active([SUPERVISOR]).get(SUPERVISOR) not in ("active", "reloading"):
+        return  # not running: it loads the new fleet when it starts
+    if restart:
+        proc = systemd.run("restart", SUPERVISOR, check=False)
+        result.supervisor = "restarted"
+    else:
+        proc = None
+        err = operate.reload_supervisor(fleet.settings.supervisor.port, sorted(fleet.lanes))
+        result.supervisor = "reloaded"
+        if err:
+            result.supervisor_error = err
+    if proc is not None and proc.returncode != 0:
+        result.supervisor_error = (proc.stderr.strip().splitlines() or ["restart failed"])[0]
+
+
+def install_fleet(fleet: LaneSet, unit_dir: Path, *, ledger: str | Path | None = None, by: str = "install",
+                  reason: str | None = None, **kwargs: Any) -> InstallResult:
+    """What ``lanectl install`` and ``apply`` do: refuse to strand work (``check_removals``), install, and
+    record a supervisor reload or restart as a ``supervisor`` event."""
+    import time
+
+    from lanectl import config
+    from lanectl.ledger import lanes as lane_ops
+    from lanectl.ledger.events import EventKind
+
+    from lanectl import manifest as installed
+
+    check_removals(fleet, unit_dir, ledger)
+    before = set((installed.read(unit_dir) or {}).get("lanes", {}))
+    res = install(fleet, unit_dir, **kwargs)
+    stop_removed(sorted(before - set(fleet.lanes)), res, stop=by == "apply")
+    if res.supervisor and config.ledger_path(fleet, ledger).exists():
+        with config.open_ledger(fleet, ledger) as led:
+            lane_ops.record(led, EventKind.SUPERVISOR, now=time.time(), action=res.supervisor, by=by,
+                            lanes=sorted(fleet.lanes), added=sorted(set(fleet.lanes) - before),
+                            removed=sorted(before - set(fleet.lanes)), error=res.supervisor_error, reason=reason)
+    return res
+
+
+def print_supervisor(con: Any, res: InstallResult) -> None:
+    """The human line about the supervisor (install and apply print it alike)."""
+    from lanectl.output import escape
+
+    if res.supervisor_error:
+        con.print(f"[red]supervisor {res.supervisor}, but: {escape(res.supervisor_error)}[/]")
+    elif res.supervisor == "reloaded":
+        con.print("supervisor reloaded: it runs the new fleet (in-flight work kept)")
+    elif res.supervisor == "restarted":
+        con.print("supervisor restarted: its unit changed (in-flight work is reconciled)")
+
+
+def stop_removed(gone: list[str], res: InstallResult, *, stop: bool) -> None:
+    """A lane removed from the fleet whose unit still runs would go on without its drop-in (template defaults,
+    no port of its own): ``apply`` stops and disables it, ``install`` says so."""
+    if not gone or not systemd.available():
+        return
+    from lanectl import operate
+
+    units = {unit_name(n): n for n in gone}
+    running = [u for u, state in operate._active(list(units)).items() if state not in ("inactive", "failed", "unknown")]
+    if not running:
+        return
+    if stop:
+        systemd.run("disable", "--now", "--quiet", *running, check=False)
+        res.stopped = [units[u] for u in running]
+    else:
+        res.notices += [f"lane {units[u]} was removed but its unit {u} still runs: 'lanectl down {units[u]}' "
+                        f"(or 'lanectl apply' stops it)" for u in running]

@@ -75,7 +75,18 @@ def show(name: str, config_path: str | Path | None = None) -> dict[str, Any]:
     }
 
 
-def remove(name: str, config_path: str | Path | None = None) -> Path:
+def remove(name: str, config_path: str | Path | None = None, *, ledger: str | Path | None = None,
+           reroute_to: str | None = None, reason: str | None = None) -> tuple[Path, dict[str, Any]]:
+    """Delete a lane file, never stranding work: refused (``lane_in_use``, exit 5) while missions or sessions are
+    bound to the lane in the ledger, unless ``reroute_to`` names a lane that takes them (the lane is drained
+    first; missions still in flight keep it refused until they finish). Returns the file and what was moved.
+
+    A ledger that does not exist yet (nothing was ever installed) binds nothing; one named explicitly
+    (``ledger``) must exist."""
+    import time
+
+    from lanectl.ledger import lanes as lane_ops
+
     _, lanes_dir = config.resolve_dirs(config_path)
     path = lanes_dir / f"{name}.toml"
     if not path.exists():
@@ -85,5 +96,16 @@ def remove(name: str, config_path: str | Path | None = None) -> Path:
     if users:
         raise Conflict(f"lanes {', '.join(users)} fall back to {name!r}",
                        "change their fallback first, then remove this lane", "lane_in_use")
+    if reroute_to is not None:
+        if reroute_to == name:
+            raise Conflict(f"cannot move lane {name!r}'s work to itself", "name another lane with --reroute-to",
+                           "reroute_self")
+        fleet.get(reroute_to)
+    moved: dict[str, Any] = {"missions": [], "sessions": []}
+    if ledger is not None or config.ledger_path(fleet).exists():
+        with config.open_ledger(fleet, ledger) as led:
+            _, res = lane_ops.release(led, fleet, name, reroute_to, now=time.time(), reason=reason)
+        if res is not None:
+            moved = {"missions": res.missions, "sessions": res.sessions}
     path.unlink()
-    return path
+    return path, moved

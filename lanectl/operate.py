@@ -115,3 +115,99 @@ def wait_up(lanes: dict[str, dict[str, Any]], name: str, timeout: float, poll: f
         if time.monotonic() >= deadline:
             return False
         time.sleep(poll)
+
+
+def _supervisor_health(port: int) -> dict[str, Any] | None:
+    import json
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2.0) as resp:
+            doc = json.loads(resp.read())
+            return doc if isinstance(doc, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def reload_supervisor(port: int, lanes: list[str], timeout: float = 30.0, poll: float = 0.1) -> str | None:
+    """``systemctl reload`` the supervisor (SIGHUP: it re-reads the configuration) and wait until its /healthz
+    shows a new configuration generation with exactly ``lanes``; None when it did, else what went wrong."""
+    import time
+
+    before = _supervisor_health(port)
+    proc = systemd.run("reload", SUPERVISOR, check=False)
+    if proc.returncode != 0:
+        return (proc.stderr.strip().splitlines() or ["reload failed"])[0]
+    if before is None:
+        return None  # its /healthz does not answer (port taken?): the reload was sent, it cannot be confirmed
+    deadline = time.monotonic() + timeout
+    while True:
+        now = _supervisor_health(port)
+        if now is not None and now.get("pid") != before.get("pid"):
+            return None  # restarted meanwhile: it loaded the fleet from scratch
+        if now is not None and (now.get("reloads") or 0) > (before.get("reloads") or 0):
+            if now.get("reload_error"):
+                return f"the supervisor kept its previous configuration: {now['reload_error']}"
+            if sorted(now.get("lanes") or {}) == sorted(lanes):
+                return None
+        if time.monotonic() >= deadline:
+            return f"the supervisor did not confirm the reload within {timeout:g}s"
+        time.sleep(poll)
+
+
+def bound_warnings(ledger_path: Any, names: list[str]) -> list[Any]:
+    """Warnings for lanes going down with work or sessions bound to them (it waits until they are up again).
+    An unreadable or missing ledger gives none: ``down`` must work without it."""
+    from lanectl.errors import LanectlError, Problem
+    from lanectl.ledger import Ledger
+    from lanectl.ledger import lanes as lane_ops
+
+    out = []
+    try:
+        with Ledger.open(ledger_path, migrate=False, create=False) as led:
+            for name in names:
+                left = lane_ops.bound(led, name)
+                if left:
+                    out.append(Problem(f"lane {name!r} is down with work bound to it: {left.describe()}",
+                                       hint=f"it waits until 'lanectl up {name}', or move it: 'lanectl reroute "
+                                            f"{name} --to LANE --sessions'", code="lane_down_with_work",
+                                       lane=name, severity="warning"))
+    except LanectlError:
+        pass
+    return out
+
+
+def journal_argv(lanes: dict[str, dict[str, Any]], names: list[str] | None, *, supervisor: bool = False,
+                 follow: bool = False, since: str | None = None, lines: int | None = None) -> list[str]:
+    """The journalctl command for ``lanectl logs``: the named lanes (and/or the supervisor), else every lane and
+    the supervisor, interleaved by time. ``supervisor`` as a name means the supervisor unless a lane has that
+    name."""
+    import shutil
+
+    from lanectl.errors import Unavailable
+
+    names = list(names or [])
+    if "supervisor" in names and "supervisor" not in lanes:
+        names.remove("supervisor")
+        supervisor = True
+    units = [lanes[n]["unit"] for n in select(lanes, names, enabled_only=False)] if names else []
+    if supervisor:
+        units.append(SUPERVISOR)
+    if not units:
+        units = [lanes[n]["unit"] for n in sorted(lanes)] + [SUPERVISOR]
+    exe = shutil.which("journalctl")
+    if exe is None:
+        raise Unavailable("journalctl is not installed here", "install systemd, or read the logs where journald runs",
+                          "journal_unavailable")
+    argv = [exe, "--no-pager", "-o", "short-iso"]
+    for u in units:
+        argv += ["-u", u]
+    if since:
+        argv += ["--since", since]
+    if lines is not None:
+        argv += ["-n", str(lines)]
+    elif not since:
+        argv += ["-n", "100"]
+    if follow:
+        argv.append("-f")
+    return argv

@@ -98,6 +98,7 @@ def run(manifest: dict[str, Any], lanes: list[str] | None = None, now: float | N
             try:
                 ledger["states"] = dict(conn.execute("SELECT name, state FROM lanes").fetchall())
                 ledger["queue"] = queue_figures(conn, th, now)
+                ledger["stranded"] = stranded(conn, manifest["lanes"])
             finally:
                 conn.close()
         except (OSError, sqlite3.Error) as exc:
@@ -120,7 +121,27 @@ def run(manifest: dict[str, Any], lanes: list[str] | None = None, now: float | N
             res.perf.append(("supervisor_up", 1 if up else 0, None, None, 0, 1))
     if "queue" in ledger:
         judge_queue(res, ledger["queue"], th)
+    if "stranded" in ledger:
+        judge_stranded(res, ledger["stranded"])
     return res
+
+
+def stranded(conn: sqlite3.Connection, lanes: dict[str, Any]) -> dict[str, int]:
+    """Queued missions bound (pinned, or through a session) to a lane that is not installed: no lane can ever take
+    them. One pass over the queue index's targets (the queue is bounded by admission control)."""
+    rows = conn.execute("SELECT target, count(*) FROM missions INDEXED BY missions_queue WHERE state = 'queued' "
+                        "AND target != '' GROUP BY target").fetchall()
+    return {t: n for t, n in rows if t not in lanes}
+
+
+def judge_stranded(res: ProbeResult, gone: dict[str, int]) -> None:
+    """CRITICAL: such missions wait forever unless an operator moves them ('lanectl reroute LANE --to OTHER')."""
+    total = sum(gone.values())
+    if total:
+        where = ", ".join(f"{n} on {lane}" for lane, n in sorted(gone.items()))
+        res.add("stranded", CRITICAL, f"{total} queued mission(s) bound to a lane that is gone ({where}): "
+                                      f"no lane can ever take them")
+    res.perf.append(("stranded", total, None, 0, 0, None))
 
 
 def judge_lanes(res: ProbeResult, rows: list[Any], states: dict[str, str], lanes: dict[str, Any], *,

@@ -268,12 +268,24 @@ def installed_lanes(unit_dir: Path, config_path: str | None = None) -> dict[str,
 
 
 def installed_fleet(unit_dir: Path, config_path: str | None = None) -> dict[str, Any]:
+    """The installed fleet (its manifest); the configuration's own when nothing is installed, or when ``-c``
+    names another configuration than the installed one (``-c`` is honoured like by every other command)."""
     from lanectl import manifest as installed
 
     data = installed.read(unit_dir)
-    if data is not None:
+    if data is not None and (config_path is None or _same_config(config_path, data.get("config_dir"))):
         return data
     from lanectl import config
     from lanectl.install import manifest
 
     return manifest(config.load(config_path))
+
+
+def _same_config(config_path: str, installed_dir: Any) -> bool:
+    import os
+
+    from lanectl.config import resolve_dirs
+
+    if not isinstance(installed_dir, str):
+        return False
+    return os.path.realpath(resolve_dirs(config_path)[0]) == os.path.realpath(installed_dir)

@@ -19,6 +19,11 @@ a small pool sends dispatches. Each turn of the main loop:
    own connection archives and deletes finished history older than the retention (``retention_pass``), in short
    transactions the loop's own interleave with.
 
+SIGHUP (``systemctl reload``, which ``lanectl install`` and ``apply`` send after a change) re-reads the
+configuration between two turns: lanes added start being watched and get work, lanes removed stop (what was in
+flight on one is re-queued), every other lane's missions run on untouched. ``RELOADING=1`` ... ``READY=1`` bracket
+it; a configuration that does not load leaves the previous one running (logged, ``reload_error`` in /healthz).
+
 Side effects (POSTs) happen only after the assignment committed; a supervisor killed between the two leaves
 attempts that the lane never got, which its restart reconciles against each lane's ``/healthz`` (repeatedly, for
 RECONCILE_FOR_S). A restart forgives the outage: every lease runs from the supervisor's return. Durations and
@@ -158,6 +163,15 @@ class LaneWatch:
         return self.active == "active" and self.sub == "running"
 
 
+def bound_settings(old: Any, new: Any) -> list[tuple[str, Any, Any]]:
+    """The settings the supervisor takes once, at start, that differ between ``old`` and ``new``: a reload cannot
+    change them (``lanectl install`` restarts it when the port or the ledger changed)."""
+    keys_ = (("[supervisor] host", lambda s: s.supervisor.host), ("[supervisor] port", lambda s: s.supervisor.port),
+             ("[supervisor] socket", lambda s: s.supervisor.socket), ("[ledger] path", lambda s: s.ledger.path),
+             ("[ledger] synchronous", lambda s: s.ledger.synchronous), ("state_dir", lambda s: s.state_dir))
+    return [(name, get(old), get(new)) for name, get in keys_ if get(old) != get(new)]
+
+
 @dataclass
 class Pending:
     msg: CallbackMsg
@@ -167,10 +181,19 @@ class Pending:
 class Supervisor:
     def __init__(self, fleet: LaneSet, ledger_path: Path | None = None, *, notifier: Any = None,
                  use_systemd: bool = True, callback_socket: Path | str | None = None,
-                 lane_uids: dict[str, int] | None = None, clock: Clock | None = None) -> None:
+                 lane_uids: dict[str, int] | None = None, clock: Clock | None = None,
+                 config_source: str | Path | None = None) -> None:
         """``callback_socket`` and ``lane_uids`` (lane -> the uid its callbacks must come from) replace the
-        configured socket path and the lane users' uids, ``clock`` the real clocks: for in-process tests only."""
+        configured socket path and the lane users' uids, ``clock`` the real clocks: for in-process tests only.
+        ``config_source`` is what a reload loads (default: the fleet's config dir)."""
         self.fleet = fleet
+        self.config_source = str(config_source or fleet.config_dir)
+        self.reload_requested = False
+        self.generation = 0
+        """Configurations loaded since start: 0 the first, +1 per successful reload (in /healthz)."""
+        self.reload_error: str | None = None
+        self.reloads = 0
+        """Reloads attempted since start (in /healthz, with ``generation`` and ``reload_error``)."""
         self.clock = clock or Clock()
         self.settings = fleet.settings
         self.ledger_path = ledger_path or paths.ledger_path(fleet.settings.ledger.path)
@@ -253,6 +276,75 @@ class Supervisor:
                 self.lanes[name].recorded_invocation = inv
         self.resolve_uids()
         self.bind()
+
+    # ------------------------------------------------------------------------------------------ reload
+    def request_reload(self) -> None:
+        """From the SIGHUP handler: reload between two turns of the main loop (never inside one)."""
+        self.reload_requested = True
+        self.wake()
+
+    def reload(self, now: float) -> bool:
+        """Re-read the configuration and adopt its lanes; in-flight work of the lanes that stay is untouched.
+
+        A configuration that does not load (or whose lane keys cannot be read) changes nothing: the previous one
+        goes on, the error is logged and shown in /healthz as ``reload_error``."""
+        from lanectl import config
+
+        assert self.ledger is not None
+        self.reloads += 1
+        self.notify("RELOADING=1\nSTATUS=reloading the configuration")
+        try:
+            fleet = config.load(self.config_source)
+            lane_keys = keys.read_lane_keys(Path(fleet.settings.state_dir), sorted(fleet.lanes))
+        except (LanectlError, OSError) as exc:
+            msg = exc.message if isinstance(exc, LanectlError) else str(exc)
+            if isinstance(exc, LanectlError) and exc.problems:
+                msg += ": " + "; ".join(p.render() for p in exc.problems[:5])
+            self.reload_error = msg
+            log.error("reload failed, the previous configuration stays in force: %s", msg)
+            self.notify("READY=1\nSTATUS=reload failed (previous configuration in force): " + msg[:200])
+            return False
+        self.adopt(fleet, lane_keys, now)
+        self.generation += 1
+        self.reload_error = None
+        self.refresh_summary()
+        self.notify("READY=1\nSTATUS=" + self.status_line())
+        return True
+
+    def adopt(self, fleet: LaneSet, lane_keys: dict[str, str], now: float) -> None:
+        """Switch to ``fleet``: watch lanes that are new, forget lanes that are gone, update the others."""
+        assert self.ledger is not None
+        old, new = set(self.lanes), set(fleet.lanes)
+        for name in sorted(old - new):
+            w = self.lanes.pop(name)
+            self.unwatch_pid(w)
+            self.drop_cancels(name)
+            self.full.discard(name)
+            self.lane_uids.pop(name, None)
+            lost = ms.requeue_lane(self.ledger, name, "lane removed from the fleet", now=now)
+            log.warning("lane %s removed from the fleet%s", name, f"; re-queued missions {lost}" if lost else "")
+        recorded = lane_ops.recorded_invocations(self.ledger)
+        for name in sorted(new):
+            lane = fleet.lanes[name]
+            w = self.lanes.get(name)
+            if w is None:
+                w = self.lanes[name] = LaneWatch(name, unit_name(name), lane.port, lane_keys[name], lane.health_path,
+                                                 lane.restart.max_restarts, lane.enabled)
+                w.recorded_invocation = recorded.get(name, "")
+                log.info("lane %s added to the fleet (port %d)", name, lane.port)
+            else:
+                w.port, w.key, w.health_path = lane.port, lane_keys[name], lane.health_path
+                w.max_restarts, w.enabled = lane.restart.max_restarts, lane.enabled
+        for name, was, now_ in bound_settings(self.settings, fleet.settings):
+            log.warning("%s changed (%r -> %r): it takes effect when the supervisor restarts", name, was, now_)
+        self.fleet = fleet
+        self.settings = fleet.settings
+        if self.fixed_uids is None:
+            self.resolve_uids()
+        self.metrics_cache = None
+        self.dirty = True
+        self.last_systemd = 0.0  # look at systemd (and so the new lanes) at the next observation
+        self.observe(now)
 
     # ------------------------------------------------------------------------------------------ who is calling
     def resolve_uids(self) -> None:
@@ -1102,7 +1194,9 @@ class Supervisor:
         return "\n".join(out) + "\n"
 
     def health(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "version": __version__, "ledger": str(self.ledger_path), **self.summary}
+        return {"pid": os.getpid(), "version": __version__, "ledger": str(self.ledger_path),
+                "generation": self.generation, "reloads": self.reloads, "reload_error": self.reload_error,
+                **self.summary}
 
     def refresh_summary(self) -> None:
         assert self.ledger is not None
@@ -1154,6 +1248,9 @@ class Supervisor:
         while not self.stop.is_set():
             mono = self.clock.mono()
             try:
+                if self.reload_requested:
+                    self.reload_requested = False
+                    self.reload(self.clock.now())
                 last_observe = self.turn(mono, last_observe)
                 self.ledger_error = None
             except (sqlite3.Error, LanectlError, OSError) as exc:

@@ -11,7 +11,15 @@ from lanectl.errors import ExitCode
 from lanectl.cli.statusview import run_status
 from lanectl.output import command, escape, finish, stderr_console, stdout_console
 
-LANES = typer.Argument(None, metavar="[LANE]...", help="Lanes to act on (default: all).")
+def complete_lanes(incomplete: str) -> list[str]:
+    """Shell completion of lane names: the installed fleet's."""
+    from lanectl import manifest
+
+    data = manifest.read(paths.unit_dir()) or {}
+    return [n for n in sorted(data.get("lanes", {})) if n.startswith(incomplete)]
+
+
+LANES = typer.Argument(None, metavar="LANE", help="Lanes to act on (default: all).", autocompletion=complete_lanes)
 
 
 def register(app: typer.Typer) -> None:
@@ -20,6 +28,7 @@ def register(app: typer.Typer) -> None:
     app.command("restart")(restart)
     app.command("status")(status)
     app.command("probe")(probe)
+    app.command("logs")(logs)
 
 
 def _lanes(unit_dir: Optional[str], config_dir: Optional[str]) -> dict[str, dict[str, Any]]:
@@ -28,7 +37,7 @@ def _lanes(unit_dir: Optional[str], config_dir: Optional[str]) -> dict[str, dict
     return installed_lanes(paths.unit_dir(unit_dir), config_dir)
 
 
-def _report(res: operate.OpResult, json_out: bool, verb: str) -> None:
+def _report(res: operate.OpResult, json_out: bool, verb: str, warnings: list[Any] | None = None) -> None:
     data = {"action": res.action, "lanes": res.lanes, "changed": res.changed, "failed": res.failed}
 
     def human() -> None:
@@ -44,7 +53,7 @@ def _report(res: operate.OpResult, json_out: bool, verb: str) -> None:
             stderr_console().print("see 'lanectl status' and 'journalctl -u lanectl-lane@LANE'")
 
     code = ExitCode.UNHEALTHY if res.failed else ExitCode.OK
-    finish([res.action], data, json_mode=json_out, human=human, exit_code=code,
+    finish([res.action], data, json_mode=json_out, human=human, exit_code=code, warnings=warnings,
            status="partial" if res.failed and res.changed else None)
 
 
@@ -61,8 +70,15 @@ def up(lanes: Optional[List[str]] = LANES, unit_dir: Optional[str] = UNIT_DIR,
 @command("down")
 def down(lanes: Optional[List[str]] = LANES, unit_dir: Optional[str] = UNIT_DIR,
          config_dir: Optional[str] = CONFIG, json_out: bool = JSON) -> None:
-    """Stop and disable lanes (they stay down across reboots)."""
-    _report(operate.down(_lanes(unit_dir, config_dir), lanes or None), json_out, "stopped")
+    """Stop and disable lanes (they stay down across reboots).
+
+    Warns about missions and sessions bound to a lane it stops: they wait until the lane is up again.
+    """
+    from lanectl.status import installed_fleet
+
+    fleet = installed_fleet(paths.unit_dir(unit_dir), config_dir)
+    res = operate.down(fleet["lanes"], lanes or None)
+    _report(res, json_out, "stopped", operate.bound_warnings(fleet.get("ledger"), res.lanes) if lanes else None)
 
 
 @command("restart")
@@ -108,13 +124,17 @@ def status(lanes: Optional[List[str]] = LANES, unit_dir: Optional[str] = UNIT_DI
 
 
 def probe(lanes: Optional[List[str]] = LANES, unit_dir: Optional[str] = UNIT_DIR,
-          config_dir: Optional[str] = CONFIG, json_out: bool = JSON) -> None:
+          config_dir: Optional[str] = CONFIG,
+          ledger: Optional[str] = typer.Option(None, "--ledger", metavar="PATH", help="Ledger file.",
+                                               show_default="the installed fleet's"),
+          json_out: bool = JSON) -> None:
     """One check for cron and monitoring (monitoring-plugins).
 
     Exits 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN and prints one status line with perfdata. A lane that should
     run but is down or failed, or a supervisor that is down, is CRITICAL; a degraded lane or a threshold of
     lanectl.toml [probe] crossed is a WARNING or CRITICAL; a drained lane is not an alarm; a ledger or systemd
-    that cannot be read is UNKNOWN.
+    that cannot be read is UNKNOWN. Queued missions bound to a lane that is gone (no lane can ever take
+    them) are CRITICAL.
     """
     from lanectl.cli.probeview import run_probe
     from lanectl.status import installed_fleet
@@ -124,4 +144,28 @@ def probe(lanes: Optional[List[str]] = LANES, unit_dir: Optional[str] = UNIT_DIR
     except Exception as exc:  # no manifest and no valid config: UNKNOWN, as the convention wants
         print(f"LANECTL UNKNOWN - no installed fleet: {exc}")
         raise typer.Exit(3) from None
+    if ledger:
+        data = {**data, "ledger": ledger}
     run_probe(data, lanes or None, json_out)
+
+
+@command("logs")
+def logs(lanes: Optional[List[str]] = typer.Argument(
+             None, metavar="LANE", autocompletion=complete_lanes,
+             help="Lanes whose journal to show; 'supervisor' is the supervisor's (default: every lane and it)."),
+         supervisor: bool = typer.Option(False, "--supervisor", help="Show the supervisor's journal too."),
+         follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new entries."),
+         since: Optional[str] = typer.Option(None, "--since", metavar="TIME",
+                                             help="From this time on: '-1h', '10 min ago', '2026-01-31 12:00'."),
+         lines: Optional[int] = typer.Option(None, "--lines", "-n", metavar="N", min=0,
+                                             help="The last N entries.", show_default="100 unless --since"),
+         unit_dir: Optional[str] = UNIT_DIR, config_dir: Optional[str] = CONFIG) -> None:
+    """Show the lanes' and the supervisor's logs from journald (journalctl underneath).
+
+    Exits 4 for a lane that is not installed, 6 when journalctl is missing; otherwise journalctl's own code.
+    """
+    import os
+
+    argv = operate.journal_argv(_lanes(unit_dir, config_dir), lanes or None, supervisor=supervisor, follow=follow,
+                                since=since, lines=lines)
+    os.execv(argv[0], argv)

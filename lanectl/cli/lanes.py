@@ -20,7 +20,7 @@ def register(app: typer.Typer) -> None:
 
 @command("validate")
 def validate(
-    directory: Optional[str] = typer.Argument(None, metavar="[DIR]",
+    directory: Optional[str] = typer.Argument(None, metavar="DIR",
                                               help="Config dir or lanes.d dir (default: --config)."),
     config_dir: Optional[str] = CONFIG,
     json_out: bool = JSON,
@@ -107,12 +107,31 @@ def list_(config_dir: Optional[str] = CONFIG, json_out: bool = JSON) -> None:
 
 @lane_app.command("remove")
 @command("lane", "remove")
-def remove(name: str = typer.Argument(...), config_dir: Optional[str] = CONFIG, json_out: bool = JSON) -> None:
-    """Delete a lane file (stop the lane and re-install to drop its unit)."""
-    path = lanefiles.remove(name, config_dir)
+def remove(name: str = typer.Argument(..., metavar="LANE"),
+           reroute_to: Optional[str] = typer.Option(
+               None, "--reroute-to", metavar="LANE",
+               help="Drain the lane and move its queued missions and sessions to this lane first."),
+           reason: Optional[str] = typer.Option(None, "--reason", metavar="TEXT",
+                                                help="Why: recorded with the moves."),
+           config_dir: Optional[str] = CONFIG,
+           ledger: Optional[str] = typer.Option(None, "--ledger", metavar="PATH", help="Ledger file.",
+                                                show_default="ledger= in lanectl.toml"),
+           json_out: bool = JSON) -> None:
+    """Delete a lane file, never stranding work.
+
+    Refused (exit 5) while missions or sessions are bound to the lane, unless --reroute-to moves them (missions
+    still running keep it refused until they finish; the lane is draining meanwhile). A rename is an add of the
+    new name, then a remove of the old one with --reroute-to NEW. Then stop the lane and re-install
+    ('lanectl down LANE', 'lanectl install').
+    """
+    path, moved = lanefiles.remove(name, config_dir, ledger=ledger, reroute_to=reroute_to, reason=reason)
 
     def human() -> None:
-        stdout_console().print(f"removed {escape(str(path))}; run 'lanectl down {name}' and 'lanectl install'")
+        con = stdout_console()
+        if moved["missions"] or moved["sessions"]:
+            con.print(f"moved {len(moved['missions'])} mission(s) and {len(moved['sessions'])} session(s) to "
+                      f"{escape(reroute_to or '')}")
+        con.print(f"removed {escape(str(path))}; run 'lanectl down {name}' and 'lanectl install'")
 
-    finish(["lane", "remove"], {"file": str(path), "lane": name, "changed": True}, json_mode=json_out,
-           human=human, exit_code=ExitCode.OK)
+    finish(["lane", "remove"], {"file": str(path), "lane": name, "changed": True, "moved": moved},
+           json_mode=json_out, human=human, exit_code=ExitCode.OK)

@@ -1,4 +1,5 @@
-"""``lanectl ledger prune``: retention of the ledger's history (lanectl.ledger.retention does the work)."""
+"""``lanectl ledger init`` (the only command besides install that creates a ledger) and ``lanectl ledger prune``
+(retention of the ledger's history: lanectl.ledger.retention does the work)."""
 from __future__ import annotations
 
 import time
@@ -14,7 +15,8 @@ from lanectl.ledger import retention
 from lanectl.ledger.missions import invalid
 from lanectl.output import command, escape, finish, stdout_console
 
-ledger_app = typer.Typer(help="Ledger maintenance: archive and delete old finished history.", no_args_is_help=True)
+ledger_app = typer.Typer(help="The ledger file: create it, archive and delete old finished history.",
+                         no_args_is_help=True)
 LEDGER = typer.Option(None, "--ledger", metavar="PATH", help="Ledger file.",
                       show_default="$LANECTL_LEDGER, ledger= in lanectl.toml, else $STATE_DIRECTORY/ledger.db")
 
@@ -25,6 +27,22 @@ def register(app: typer.Typer) -> None:
 
 def _mib(n: int) -> str:
     return f"{n / (1 << 20):.1f} MiB"
+
+
+@ledger_app.command("init")
+@command("ledger", "init")
+def ledger_init(config_dir: Optional[str] = CONFIG, ledger: Optional[str] = LEDGER, json_out: bool = JSON) -> None:
+    """Create the ledger (and apply its migrations); nothing else creates one but 'lanectl install'.
+
+    Every other command refuses a ledger that does not exist (exit 6), so a mistyped --ledger is an error, not
+    a new empty ledger. Idempotent: an existing ledger is only migrated (exit 0).
+    """
+    existed = config.ledger_path(config_dir, ledger).exists()
+    with config.open_ledger(config_dir, ledger, create=True) as led:
+        path = led.path
+    created = not existed
+    finish(["ledger", "init"], {"ledger": str(path), "changed": created}, json_mode=json_out,
+           human=lambda: stdout_console().print(f"{'created' if created else 'ready'}: {escape(str(path))}"))
 
 
 @ledger_app.command("prune")

@@ -78,7 +78,7 @@ def absolute_time(text: str, field: str, hint: str, code: str) -> float:
 
 @command("submit")
 def submit(
-    argv: Optional[List[str]] = typer.Argument(None, metavar="[-- COMMAND ARGS]",
+    argv: Optional[List[str]] = typer.Argument(None, metavar="-- COMMAND ARGS",
                                                help="Command for the reference runtime (stored as {argv: [...]})."),
     cls: str = typer.Option("background", "--class", help="interactive, deadline or background."),
     payload: Optional[str] = typer.Option(None, "--payload", help="Payload as a JSON document."),

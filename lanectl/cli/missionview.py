@@ -85,7 +85,7 @@ def fast(command: str, argv: list[str]) -> bool:
             return False
         filters = {LIST_OPTIONS[k]: v for k, v in opts.items() if k not in ("--limit", "--after", "--ledger")}
         try:
-            with Ledger.open(path) as led:
+            with Ledger.open(path, create=False) as led:
                 rows, data = list_data(led, limit=limit, after_id=after, **filters)
         except LanectlError as exc:
             fail(["missions"], exc, json_out)
@@ -101,7 +101,7 @@ def fast(command: str, argv: list[str]) -> bool:
     if path is None:
         return False
     try:
-        with Ledger.open(path) as led:
+        with Ledger.open(path, create=False) as led:
             m = ms.get(led, int(ident))
             data = show_data(led, m)
     except LanectlError as exc:

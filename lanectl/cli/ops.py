@@ -68,8 +68,10 @@ def supervise(config_dir: Optional[str] = CONFIG, ledger: Optional[str] = LEDGER
 
     setup_logging()
     fleet = config.load(config_dir)
-    sup = Supervisor(fleet, config.ledger_path(fleet, ledger), notifier=Notifier(), use_systemd=systemd.available())
+    sup = Supervisor(fleet, config.ledger_path(fleet, ledger), notifier=Notifier(), use_systemd=systemd.available(),
+                     config_source=config_dir)
     signal.signal(signal.SIGTERM, lambda *_: (sup.stop.set(), sup.wake()))
+    signal.signal(signal.SIGHUP, lambda *_: sup.request_reload())  # systemctl reload: re-read the configuration
     signal.signal(signal.SIGINT, lambda *_: (sup.stop.set(), sup.wake()))
     code = sup.run()
     raise typer.Exit(code)
@@ -175,13 +177,16 @@ def apply(
 ) -> None:
     """Re-render and install; gracefully restart only the lanes whose units changed.
 
-    One lane at a time: drain, wait until nothing is in flight, restart, wait until it is up, undrain. The
-    supervisor is restarted when the fleet changed. Exits 7 if a lane did not drain in time (it is left
-    draining), 8 if a lane did not come back up.
+    One lane at a time: drain, wait until nothing is in flight, restart, wait until it is up, undrain. A
+    running supervisor picks up a changed fleet: it is reloaded (it re-reads the configuration; in-flight work
+    runs on), or restarted when its own unit changed; either is said and recorded as a 'supervisor' event.
+    Refused (exit 5) while work or sessions are bound to a lane that is gone from lanes.d. Exits 7 if a lane
+    did not drain in time (it is left draining), 8 if a lane did not come back up or the supervisor did not
+    take the new fleet.
     """
     fleet = config.load(config_dir, check_host=True)  # what install checks (accounts, secret env files)
     udir = paths.unit_dir(unit_dir)
-    res = installer.install(fleet, udir)
+    res = installer.install_fleet(fleet, udir, ledger=ledger, by="apply", reason=reason)
     template_changed = any(p in (units.TEMPLATE, units.SLICE) for p in res.written)
     changed_lanes = sorted({n for n in fleet.lanes if units.dropin_path(n) in res.written} |
                            (set(fleet.lanes) if template_changed else set()))
@@ -193,8 +198,6 @@ def apply(
         if res.changed:
             lane_ops.record(led, EventKind.APPLY, now=time.time(), written=res.written, removed=res.removed,
                             lanes=changed_lanes, reason=reason)
-        if res.changed and operate._active([units.SUPERVISOR]).get(units.SUPERVISOR) == "active":
-            systemd.run("restart", units.SUPERVISOR)
         for name in changed_lanes:
             if active.get(lanes[name]["unit"]) != "active":
                 continue  # not running: the new unit applies when it starts
@@ -206,7 +209,8 @@ def apply(
                 if exc.exit_code == ExitCode.TIMEOUT:
                     raise
     data = {"written": res.written, "removed": res.removed, "restarted": restarted, "failed": failed,
-            "notices": res.notices, "changed": res.changed}
+            "notices": res.notices, "supervisor": res.supervisor, "supervisor_error": res.supervisor_error,
+            "ledger_created": res.ledger_created, "stopped": res.stopped, "changed": res.changed}
 
     def human() -> None:
         con = stdout_console()
@@ -216,13 +220,20 @@ def apply(
             con.print("nothing changed")
         for p in res.written:
             con.print(f"wrote {escape(p)}")
+        for p in res.removed:
+            con.print(f"removed {escape(p)}")
+        for n in res.stopped:
+            con.print(f"{escape(n)}: removed from the fleet, unit stopped and disabled")
+        if res.ledger_created:
+            con.print(f"created the ledger {escape(res.ledger_created)}")
+        installer.print_supervisor(con, res)
         for n in restarted:
             con.print(f"{escape(n)}: restarted gracefully")
         for n, why in failed.items():
             con.print(f"[red]{escape(n)}: {escape(why)}[/]")
 
     finish(["apply"], data, json_mode=json_out, human=human,
-           exit_code=ExitCode.UNHEALTHY if failed else ExitCode.OK)
+           exit_code=ExitCode.UNHEALTHY if failed or res.supervisor_error else ExitCode.OK)
 
 
 def graceful_restart(led: Ledger, fleet: config.LaneSet, lanes: dict[str, Any], name: str, timeout: float,

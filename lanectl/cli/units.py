@@ -25,6 +25,7 @@ def register(app: typer.Typer) -> None:
 def render(
     out: Optional[str] = typer.Option(None, "--out", metavar="DIR", help="Write the files into DIR."),
     check: bool = typer.Option(False, "--check", help="Compare with DIR (or the unit dir); exit 8 on drift."),
+    diff: bool = typer.Option(False, "--diff", help="With --check: show how each drifted file differs (unified diff)."),
     unit_dir: Optional[str] = UNIT_DIR,
     python: Optional[str] = PYTHON,
     config_dir: Optional[str] = CONFIG,
@@ -33,14 +34,21 @@ def render(
     """Render the units of the fleet (stdout, a dir, or a drift check).
 
     Without --out or --check, prints every file. --check exits 8 when a file is missing, differs, was edited
-    by hand, or is left over from a removed lane.
+    by hand, or is left over from a removed lane; --diff shows each difference (what is on disk against what
+    install would write).
     """
+    if diff and not check:
+        from lanectl.errors import LanectlError
+
+        raise LanectlError("--diff needs --check", "run 'lanectl render --check --diff'", "usage", ExitCode.USAGE)
     fleet = config.load(config_dir)
     files = units.render(fleet, python)
     if check:
         target = Path(out) if out else paths.unit_dir(unit_dir)
         found = installer.drift(files, target)
-        data = {"dir": str(target), "drift": [d.as_dict() for d in found], "in_sync": not found}
+        diffs = installer.drift_diffs(files, target, found) if diff else {}
+        data = {"dir": str(target), "drift": [{**d.as_dict(), **({"diff": diffs[d.path]} if diff else {})}
+                                              for d in found], "in_sync": not found}
 
         def human() -> None:
             con = stdout_console()
@@ -48,6 +56,8 @@ def render(
                 con.print(f"[green]in sync[/]: {len(files)} file(s) in {escape(str(target))}")
             for d in found:
                 con.print(f"[red]{d.state}[/]: {escape(d.path)}")
+                if diff:
+                    print(diffs[d.path], end="", flush=True)
 
         finish(["render"], data, json_mode=json_out, human=human,
                exit_code=ExitCode.UNHEALTHY if found else ExitCode.OK)
@@ -90,16 +100,18 @@ def install(
     A second install changes nothing and says so (exit 0).
     """
     fleet = config.load(config_dir, check_host=True)
-    res = installer.install(fleet, paths.unit_dir(unit_dir), python=python, reload=reload, do_provision=provision)
+    udir = paths.unit_dir(unit_dir)
+    res = installer.install_fleet(fleet, udir, python=python, reload=reload, do_provision=provision, by="install")
     data = {"unit_dir": res.unit_dir, "written": res.written, "removed": res.removed, "unchanged": res.unchanged,
             "reloaded": res.reloaded, "provisioned": res.provisioned, "notices": res.notices,
-            "changed": res.changed}
+            "ledger_created": res.ledger_created, "supervisor": res.supervisor,
+            "supervisor_error": res.supervisor_error, "changed": res.changed}
 
     def human() -> None:
         con = stdout_console()
         for n in res.notices:
             con.print(f"[yellow]left alone[/]: {escape(n)}")
-        if not res.changed and not res.provisioned:
+        if not res.changed and not res.provisioned and not res.ledger_created:
             con.print(f"nothing changed: {len(res.unchanged)} file(s) already current in {escape(res.unit_dir)}")
             return
         for p in res.provisioned:
@@ -110,5 +122,9 @@ def install(
             con.print(f"removed {escape(p)}")
         if res.reloaded:
             con.print("systemd reloaded")
+        if res.ledger_created:
+            con.print(f"created the ledger {escape(res.ledger_created)}")
+        installer.print_supervisor(con, res)
 
-    finish(["install"], data, json_mode=json_out, human=human, warnings=fleet.warnings)
+    finish(["install"], data, json_mode=json_out, human=human, warnings=fleet.warnings,
+           exit_code=ExitCode.UNHEALTHY if res.supervisor_error else ExitCode.OK)

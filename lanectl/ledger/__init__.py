@@ -61,12 +61,16 @@ class Ledger:
     @classmethod
     def open(cls, path: str | Path, *, synchronous: Synchronous = DEFAULT_SYNCHRONOUS,
              busy_timeout_s: float = BUSY_TIMEOUT_S, migrate: bool = True, autocheckpoint: bool = True,
-             busy_poll: bool = True) -> Ledger:
-        """Open (create, migrate) the ledger. ``autocheckpoint=False`` leaves WAL checkpoints to a
+             busy_poll: bool = True, create: bool = True) -> Ledger:
+        """Open (create, migrate) the ledger. ``create=False`` refuses a file that does not exist
+        (``ledger_missing``, exit 6) instead of creating it: the CLI passes it everywhere but ``install`` and
+        ``ledger init``, so a mistyped ``--ledger`` path is an error rather than a new, empty ledger. ``autocheckpoint=False`` leaves WAL checkpoints to a
         ``Checkpointer`` (the supervisor), so no commit of this connection ever pays for one. ``busy_poll=False``
         waits for the write lock with SQLite's own busy handler instead of ``_begin``'s (for comparisons)."""
         path = Path(path)
         check_synchronous(synchronous)
+        if not create:
+            _require_file(path)
         _prepare_file(path)
         try:
             conn = sqlite3.connect(str(path), isolation_level=None, timeout=busy_timeout_s,
@@ -413,6 +417,18 @@ def _other(path: Path, exc: Exception) -> LanectlError:
 def _busy(path: Path, exc: Exception) -> LanectlError:
     return Unavailable(f"{path}: the ledger is busy ({exc})",
                        "another writer held the write lock past the busy timeout; retry", "ledger_busy")
+
+
+def _require_file(path: Path) -> None:
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        raise Unavailable(
+            f"{path}: no ledger there",
+            "check --ledger / LANECTL_LEDGER / ledger= in lanectl.toml for a typo; 'lanectl install' creates the "
+            "configured ledger, 'lanectl ledger init' creates one explicitly", "ledger_missing") from None
+    except OSError:
+        pass  # no permission and the like: opening it reports that with its own code
 
 
 def _prepare_file(path: Path) -> None:

@@ -39,6 +39,7 @@ class EventKind(StrEnum):
     REROUTED = "rerouted"  #: one queued mission moved to another lane (data: from_lane, actor)
     LANE_RESTART = "lane_restart"  #: lanectl restarted a lane's unit (graceful or not; data: actor, reason)
     APPLY = "apply"  #: lanectl apply installed changed units (data: written, lanes, actor)
+    SUPERVISOR = "supervisor"  #: install or apply reloaded or restarted the supervisor (data: action, by, lanes, error)
     SNAPSHOT = "snapshot"  #: an incident snapshot was written (data: path, reason, actor)
     PROMOTE = "promote"  #: a lane's weight was raised on evidence, or forced (data: weight, evidence, forced, actor)
     PROMOTE_REFUSED = "promote_refused"  #: a promotion was refused: the evidence did not meet the policy

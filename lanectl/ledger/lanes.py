@@ -90,14 +90,80 @@ class RerouteResult:
         return bool(self.missions or self.sessions)
 
 
+@dataclass
+class Bound:
+    """What the ledger binds to one lane: queued missions that only it may take (pinned with --lane or through
+    a session it owns), missions in flight on it, and the sessions it owns."""
+
+    lane: str
+    queued: list[int] = field(default_factory=list)
+    in_flight: list[int] = field(default_factory=list)
+    sessions: list[str] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.queued or self.in_flight or self.sessions)
+
+    def describe(self) -> str:
+        parts = []
+        if self.in_flight:
+            parts.append(f"{len(self.in_flight)} mission(s) in flight {_ids(self.in_flight)}")
+        if self.queued:
+            parts.append(f"{len(self.queued)} queued mission(s) pinned to it {_ids(self.queued)}")
+        if self.sessions:
+            parts.append(f"{len(self.sessions)} session(s) {', '.join(self.sessions[:5])}"
+                         + (" ..." if len(self.sessions) > 5 else ""))
+        return "; ".join(parts)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"lane": self.lane, "queued": self.queued, "in_flight": self.in_flight, "sessions": self.sessions}
+
+
+def _ids(ids: list[int]) -> str:
+    return "(" + ", ".join(map(str, ids[:10])) + (", ..." if len(ids) > 10 else "") + ")"
+
+
+def bound(ledger: Ledger, lane: str) -> Bound:
+    """Everything that would be stranded if the lane went away."""
+    conn = ledger.conn
+    return Bound(
+        lane,
+        queued=[r[0] for r in conn.execute("SELECT id FROM missions WHERE state = 'queued' AND target = ? ORDER BY id",
+                                           (lane,))],
+        in_flight=in_flight(ledger, lane),
+        sessions=[r[0] for r in conn.execute("SELECT id FROM sessions WHERE lane = ? ORDER BY id", (lane,))])
+
+
+def stranded(ledger: Ledger, lanes: Any) -> dict[str, int]:
+    """Queued missions bound to a lane that is not among ``lanes`` (no lane can ever take them): lane -> count."""
+    known = set(lanes)
+    rows = ledger.conn.execute("SELECT target, count(*) FROM missions WHERE state = 'queued' AND target != '' "
+                               "GROUP BY target").fetchall()
+    return {t: n for t, n in rows if t not in known}
+
+
+def known_in_ledger(ledger: Ledger, lane: str) -> bool:
+    """Whether the ledger remembers the lane (its state, sessions, missions pinned to it or run on it)."""
+    conn = ledger.conn
+    return any(conn.execute(q, (lane,)).fetchone() for q in (
+        "SELECT 1 FROM lanes WHERE name = ?",
+        "SELECT 1 FROM sessions WHERE lane = ? LIMIT 1",
+        "SELECT 1 FROM missions WHERE state = 'queued' AND target = ? LIMIT 1",
+        "SELECT 1 FROM missions WHERE current_lane = ? AND state IN ('dispatched', 'running') LIMIT 1"))
+
+
 def reroute(ledger: Ledger, fleet: LaneSet, lane: str, to: str, *, now: float, cls: str | None = None,
             sessions: bool = False, reason: str | None = None, who: str | None = None) -> RerouteResult:
     """Move the lane's queued missions (pinned to it) to ``to``, and with ``sessions`` its idle sessions too.
 
     Missions of a class ``to`` does not serve stay (and are listed in ``skipped``); running missions are never
-    moved. Every move is an event; running it again moves nothing more.
+    moved. Every move is an event; running it again moves nothing more. ``lane`` may be one that is gone from
+    the fleet but still known to the ledger (removed or renamed with work bound to it): its sessions are then
+    always moved, since nothing else could ever serve them.
     """
-    fleet.get(lane)
+    if lane not in fleet.lanes:
+        if not known_in_ledger(ledger, lane):
+            fleet.get(lane)  # NotFound, naming the known lanes
+        sessions = True
     target = fleet.get(to)
     if lane == to:
         raise Conflict(f"cannot reroute lane {lane!r} to itself", "name another lane with --to", "reroute_self")
@@ -133,3 +199,34 @@ def reroute(ledger: Ledger, fleet: LaneSet, lane: str, to: str, *, now: float, c
 def record(ledger: Ledger, kind: EventKind, *, now: float, lane: str | None = None, **data: Any) -> None:
     with ledger.transaction() as conn:
         append(conn, kind, now, lane=lane, actor=data.pop("actor", None) or actor(), **data)
+
+
+def release(ledger: Ledger, fleet: LaneSet, lane: str, to: str | None, *, now: float, reason: str | None = None,
+            who: str | None = None) -> tuple[Bound, RerouteResult | None]:
+    """Make the lane safe to remove: with ``to``, drain it and move its queued missions and sessions there first.
+
+    Raises ``Conflict`` (``lane_in_use``) while anything is still bound to it afterwards: without ``to`` any work
+    or session; with it, missions still in flight (the lane is left draining, so the next try finds them done)
+    or what ``to`` could not take. Returns what was bound before and what was moved."""
+    before = bound(ledger, lane)
+    moved = None
+    if to is not None and before:
+        if to == lane:
+            raise Conflict(f"cannot move lane {lane!r}'s work to itself", "name another lane with --reroute-to",
+                           "reroute_self")
+        fleet.get(to)
+        if lane in fleet.lanes:
+            drain(ledger, fleet, lane, now=now, reason=reason or f"removing the lane; work moves to {to}", who=who)
+        moved = reroute(ledger, fleet, lane, to, now=now, sessions=True,
+                        reason=reason or "lane removed", who=who)
+    left = bound(ledger, lane) if moved is not None else before
+    if left:
+        if to is None:
+            fix = (f"move it first: 'lanectl lane remove {lane} --reroute-to OTHER' (or 'lanectl reroute {lane} "
+                   f"--to OTHER --sessions'), or cancel it")
+        elif left.in_flight and not (left.queued or left.sessions):
+            fix = (f"the lane is draining: wait ('lanectl drain {lane} --wait') or cancel them, then run this again")
+        else:
+            fix = f"{to} could not take everything (see 'lanectl reroute {lane} --to {to} --sessions --json')"
+        raise Conflict(f"lane {lane!r} still has work bound to it: {left.describe()}", fix, "lane_in_use")
+    return before, moved

@@ -251,6 +251,10 @@ def _validate(fleet: LaneSet, *, cls: str, payload: Any, deadline: float | str |
 
 def _session_owner(fleet: LaneSet, session: str, known: Mapping[str, str]) -> str:
     if session in known:
+        if known[session] not in fleet.lanes:  # its lane was removed or renamed: nothing could ever run it
+            raise Conflict(f"session: {session!r} belongs to lane {known[session]!r}, which is no longer in the fleet",
+                           f"move its sessions: 'lanectl reroute {known[session]} --to LANE --sessions'",
+                           "session_lane_gone")
         return known[session]
     m = SESSION_RE.match(session)
     if not m:

@@ -40,7 +40,8 @@ def box() -> Iterator[Path]:
             p.chmod(0o755)
         (etc / "lanes.d" / "alpha.toml").chmod(0o644)
         (etc / "lanectl.toml").chmod(0o644)
-        assert lanectl(base, *SUBMIT)[0] == 0  # creates state/ (0750) and ledger.db (0640), owned by root
+        assert lanectl(base, "ledger", "init")[0] == 0  # creates state/ (0750) and ledger.db (0640), owned by root
+        assert lanectl(base, *SUBMIT)[0] == 0
         yield base
     finally:
         shutil.rmtree(base)

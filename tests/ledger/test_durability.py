@@ -70,6 +70,7 @@ def test_cli_submit_commits_at_the_configured_synchronous(tmp_path: Path, table:
                                                           expected: str) -> None:
     cfg = write_config(tmp_path / "etc", table)
     ledger = tmp_path / "state" / "ledger.db"
+    runner.invoke(app, ["ledger", "init", "--config", str(cfg), "--ledger", str(ledger)], prog_name="lanectl")
     with traced_sql() as trace:
         res = runner.invoke(app, ["submit", "--class", "interactive", "--payload", '{"argv": ["true"]}', "--config", str(cfg),
                                   "--ledger", str(ledger), "--json"], prog_name="lanectl")
@@ -110,7 +111,7 @@ def test_synchronous_setting_is_validated_and_the_short_ledger_form_still_works(
     assert config.ledger_path(cfg) == tmp_path / "x" / "ledger.db"
     cfg = write_config(tmp_path / "table", f'[ledger]\npath = "{tmp_path}/y/ledger.db"\nsynchronous = "NORMAL"\n')
     assert config.ledger_path(cfg) == tmp_path / "y" / "ledger.db"
-    with config.open_ledger(cfg) as led:
+    with config.open_ledger(cfg, create=True) as led:
         assert led.conn.execute("PRAGMA synchronous").fetchone()[0] == 1
     with pytest.raises(Exception, match="synchronous"):
         Ledger.open(tmp_path / "z.db", synchronous="FULL; DROP TABLE missions")  # type: ignore[arg-type]

@@ -8,6 +8,7 @@ import typer
 from typer.testing import CliRunner
 
 from lanectl.cli import missions
+from lanectl.ledger import Ledger
 
 runner = CliRunner()
 
@@ -28,6 +29,7 @@ def env(tmp_path, monkeypatch):
                                                 'classes = ["background"]\n')
     monkeypatch.setenv("LANECTL_CONFIG_DIR", str(cfg))
     monkeypatch.setenv("LANECTL_LEDGER", str(tmp_path / "state" / "ledger.db"))
+    Ledger.open(tmp_path / "state" / "ledger.db").close()  # as 'lanectl install' would: no other command creates it
     return tmp_path
 
 

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from conftest import T0, make_fleet
 from lanectl.cli import missions
+from lanectl.ledger import Ledger
 from lanectl.errors import ExitCode, LanectlError
 from lanectl.ledger import missions as ms
 from tests.conftest import LANECTL_BIN
@@ -36,6 +37,13 @@ def env(tmp_path, monkeypatch):
     monkeypatch.setenv("LANECTL_CONFIG_DIR", str(cfg))
     monkeypatch.setenv("LANECTL_LEDGER", str(tmp_path / "state" / "ledger.db"))
     return tmp_path
+
+
+@pytest.fixture
+def ledger_env(env):
+    """``env`` with its ledger created, as 'lanectl install' would (no other command creates one)."""
+    Ledger.open(env / "state" / "ledger.db").close()
+    return env
 
 
 def run(app, *args, input=None):
@@ -117,7 +125,8 @@ def test_an_overlong_line_is_refused_before_its_end(env):
 
 
 # ------------------------------------------------------------------------- finding 11: relative deadlines
-def test_a_retry_with_the_same_relative_deadline_is_the_same_mission(app, env, monkeypatch):
+def test_a_retry_with_the_same_relative_deadline_is_the_same_mission(app, ledger_env, monkeypatch):
+    env = ledger_env
     clock = [T0]
     monkeypatch.setattr(missions.time, "time", lambda: clock[0])
     res, doc = run(app, "submit", "--deadline", "+30m", "--idempotency-key", "job-1", "--payload", "1")
@@ -133,7 +142,8 @@ def test_a_retry_with_the_same_relative_deadline_is_the_same_mission(app, env, m
     assert res.exit_code == ExitCode.CONFLICT and doc["errors"][0]["code"] == "idempotency_conflict"
 
 
-def test_a_batch_retry_with_the_same_relative_deadline_is_the_same_mission(app, env, monkeypatch):
+def test_a_batch_retry_with_the_same_relative_deadline_is_the_same_mission(app, ledger_env, monkeypatch):
+    env = ledger_env
     clock = [T0]
     monkeypatch.setattr(missions.time, "time", lambda: clock[0])
     batch = env / "b.ndjson"
@@ -179,5 +189,6 @@ def test_a_deadline_no_date_can_show_is_refused_before_it_breaks_every_reader(ap
     res, doc = run(app, "submit", "--class", "deadline", "--deadline", "+99999999999d", "--payload", "{}")
     assert res.exit_code == ExitCode.USAGE and doc["errors"][0]["code"] == "bad_deadline", res.output
     assert not (env / "state" / "ledger.db").exists()
+    Ledger.open(env / "state" / "ledger.db").close()  # as 'lanectl install' would
     res, doc = run(app, "submit", "--class", "deadline", "--deadline", "+30d", "--payload", "{}")
     assert res.exit_code == 0, res.output

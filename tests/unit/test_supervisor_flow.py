@@ -202,3 +202,36 @@ def test_the_lane_stops_an_attempt_the_supervisor_fenced(rig: Rig) -> None:
     assert proc is not None
     rig.until(lambda: proc.poll() is not None, timeout=15, what="the lane to stop the fenced attempt")
     rig.until(lambda: 998 not in rig.lane.held, what="the lane to let go of it")
+
+
+def test_a_reload_adopts_added_and_removed_lanes_and_keeps_what_runs(rig: Rig, tmp_path: Path) -> None:
+    """Issue 15 item 4, in-process: SIGHUP's reload (``Supervisor.reload``) with a mission running on alpha."""
+    sup = rig.sup
+    mid = rig.submit(["/bin/sh", "-c", "sleep 2"], cls="background")
+    rig.until(lambda: rig.state(mid) == "running", what="the mission to run")
+    etc = Path(sup.config_source)
+    (etc / "lanes.d" / "delta.toml").write_text(f'port = {free_port()}\nworkspace = "{tmp_path}/delta"\n')
+    assert sup.reload(sup.clock.now()) is True
+    assert sorted(sup.lanes) == ["alpha", "delta"] and sorted(sup.fleet.lanes) == ["alpha", "delta"]
+    assert sup.health()["generation"] == 1 and sup.health()["reloads"] == 1 and sup.health()["reload_error"] is None
+    assert sorted(sup.health()["lanes"]) == ["alpha", "delta"]
+    # a configuration that does not load changes nothing
+    (etc / "lanes.d" / "delta.toml").write_text("port = 1\n")
+    assert sup.reload(sup.clock.now()) is False
+    assert sorted(sup.lanes) == ["alpha", "delta"] and sup.health()["generation"] == 1
+    assert "delta.toml" in sup.health()["reload_error"] and sup.health()["reloads"] == 2
+    (etc / "lanes.d" / "delta.toml").unlink()
+    assert sup.reload(sup.clock.now()) is True and sorted(sup.lanes) == ["alpha"]
+    assert sup.health()["reload_error"] is None
+    rig.until(lambda: rig.state(mid) == "succeeded", what="the mission to finish")
+    assert rig.q("SELECT count(*) FROM attempts WHERE mission = ?", mid) == [(1,)]
+
+
+def test_settings_bound_at_start_are_named_at_a_reload(tmp_path: Path) -> None:
+    from lanectl.config import Settings
+    from lanectl.supervisor import bound_settings
+
+    old = Settings()
+    new = Settings.model_validate({"supervisor": {"port": 8799, "tick_sec": 0.5}, "ledger": {"path": "/x.db"}})
+    assert [n for n, _, _ in bound_settings(old, new)] == ["[supervisor] port", "[ledger] path"]
+    assert bound_settings(old, Settings()) == []

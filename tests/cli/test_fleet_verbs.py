@@ -1,0 +1,149 @@
+"""Issue 15 items 6, 8 and 10 without systemd: ledger creation, help text, render --diff, logs, lane removal."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from lanectl import operate
+from lanectl.cli.main import app
+from lanectl.errors import ExitCode, NotFound
+from tests.conftest import write_lane
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def cfg(fleet_dir: Path, tmp_path: Path) -> Path:
+    """The example fleet with its ledger and state in the test's own directory (never the host's)."""
+    text = (fleet_dir / "lanectl.toml").read_text()
+    (fleet_dir / "lanectl.toml").write_text(f'ledger = "{tmp_path}/state/ledger.db"\nstate_dir = "{tmp_path}/state"\n'
+                                            + text)
+    return fleet_dir
+
+
+def run(*args: str) -> tuple[int, dict]:  # type: ignore[type-arg]
+    res = runner.invoke(app, [*args, "--json"], prog_name="lanectl")
+    return res.exit_code, json.loads(res.stdout) if res.stdout.strip() else {}
+
+
+def test_only_ledger_init_creates_a_ledger(cfg: Path, tmp_path: Path) -> None:
+    typo = tmp_path / "stat" / "ledger.db"
+    for args in (["submit", "--class", "interactive", "--payload", '{"argv": ["true"]}'], ["drain", "alpha"],
+                 ["missions"], ["reroute", "alpha", "--to", "beta"], ["events"]):
+        code, doc = run(*args, "-c", str(cfg), "--ledger", str(typo))
+        assert code == ExitCode.UNAVAILABLE, (args, doc)
+        assert doc["errors"][0]["code"] == "ledger_missing" and str(typo) in doc["errors"][0]["message"]
+        assert "ledger init" in doc["errors"][0]["hint"]
+    assert not typo.parent.exists()
+    code, doc = run("ledger", "init", "-c", str(cfg))
+    assert code == 0 and doc["data"] == {"ledger": f"{tmp_path}/state/ledger.db", "changed": True}
+    code, doc = run("ledger", "init", "-c", str(cfg))
+    assert code == 0 and doc["data"]["changed"] is False
+    code, _ = run("submit", "--class", "interactive", "--payload", '{"argv": ["true"]}', "-c", str(cfg))
+    assert code == 0
+
+
+def test_help_has_no_type_placeholders_and_paragraphs_are_not_broken() -> None:
+    from tests.test_docs import command_paths
+
+    for path in command_paths(app):
+        res = runner.invoke(app, [*path.split(), "--help"], prog_name="lanectl")
+        assert res.exit_code == 0, (path, res.output)
+        for placeholder in ("<bool>", "<str>", "<int>", "<float>", "<list"):
+            assert placeholder not in res.output, (path, res.output)
+    drain = runner.invoke(app, ["drain", "--help"], prog_name="lanectl", terminal_width=200).output
+    assert "With --wait, returns when nothing is in flight (exit 7 at --timeout)" in drain
+
+
+def test_render_check_diff_shows_each_difference(cfg: Path, tmp_path: Path) -> None:
+    out = tmp_path / "units"
+    assert run("render", "--out", str(out), "-c", str(cfg))[0] == 0
+    dropin = out / "lanectl-lane@alpha.service.d" / "50-lanectl.conf"
+    dropin.write_text(dropin.read_text().replace("MemoryMax=512M", "MemoryMax=1G"))
+    (out / "lanectl-lane@beta.service.d" / "50-lanectl.conf").unlink()
+    code, doc = run("render", "--check", "--diff", "--out", str(out), "-c", str(cfg))
+    assert code == ExitCode.UNHEALTHY
+    diffs = {d["path"]: d for d in doc["data"]["drift"]}
+    alpha = diffs["lanectl-lane@alpha.service.d/50-lanectl.conf"]["diff"]
+    assert "-MemoryMax=1G" in alpha and "+MemoryMax=512M" in alpha
+    beta = diffs["lanectl-lane@beta.service.d/50-lanectl.conf"]
+    assert beta["state"] == "missing" and beta["diff"].startswith("--- /dev/null")
+    res = runner.invoke(app, ["render", "--check", "--diff", "--out", str(out), "-c", str(cfg)], prog_name="lanectl")
+    assert res.exit_code == ExitCode.UNHEALTHY and "+MemoryMax=512M" in res.output
+    assert run("render", "--diff", "-c", str(cfg))[0] == ExitCode.USAGE
+
+
+@pytest.mark.skipif(not shutil.which("journalctl"), reason="no journalctl")
+def test_logs_reads_the_journal_of_the_named_units() -> None:
+    lanes = {"alpha": {"unit": "lanectl-lane@alpha.service"}, "beta": {"unit": "lanectl-lane@beta.service"}}
+    argv = operate.journal_argv(lanes, ["alpha", "supervisor"], follow=True, since="-1h")
+    assert argv[0].endswith("journalctl")
+    assert argv[argv.index("-u") + 1] == "lanectl-lane@alpha.service" and "lanectl-supervisor.service" in argv
+    assert "lanectl-lane@beta.service" not in argv and argv[-1] == "-f" and "-1h" in argv and "-n" not in argv
+    every = operate.journal_argv(lanes, None)
+    assert [every[i + 1] for i, a in enumerate(every) if a == "-u"] == [
+        "lanectl-lane@alpha.service", "lanectl-lane@beta.service", "lanectl-supervisor.service"]
+    assert every[every.index("-n") + 1] == "100"
+    with pytest.raises(NotFound):
+        operate.journal_argv(lanes, ["nope"])
+
+
+def test_lane_remove_refuses_while_work_is_bound_and_moves_it_with_reroute_to(cfg: Path) -> None:
+    write_lane(cfg, "delta", 'port = 8714\nworkspace = "/var/lib/lanes/delta"\n')
+    assert run("ledger", "init", "-c", str(cfg))[0] == 0
+    ids = [run("submit", "--class", "background", "--lane", "delta", "--payload", '{"argv": ["true"]}',
+               "-c", str(cfg))[1]["data"]["id"],
+           run("submit", "--class", "background", "--session", "delta:s1", "--payload", '{"argv": ["true"]}',
+               "-c", str(cfg))[1]["data"]["id"]]
+    code, doc = run("lane", "remove", "delta", "-c", str(cfg))
+    assert code == ExitCode.CONFLICT and doc["errors"][0]["code"] == "lane_in_use", doc
+    assert "2 queued mission(s)" in doc["errors"][0]["message"] and "delta:s1" in doc["errors"][0]["message"]
+    assert (cfg / "lanes.d" / "delta.toml").exists()
+    code, doc = run("lane", "remove", "delta", "--reroute-to", "delta", "-c", str(cfg))
+    assert code == ExitCode.CONFLICT and doc["errors"][0]["code"] == "reroute_self"
+    code, doc = run("lane", "remove", "delta", "--reroute-to", "beta", "-c", str(cfg))
+    assert code == 0, doc
+    assert doc["data"]["moved"] == {"missions": ids[:1], "sessions": ["delta:s1"]}
+    assert not (cfg / "lanes.d" / "delta.toml").exists()
+    for mid in ids:  # both wait for beta now, not for a lane that is gone
+        code, doc = run("mission", "explain", str(mid), "-c", str(cfg))
+        assert code == 0 and "delta" not in doc["data"]["summary"], doc
+    # the session moved with it: new work for it is accepted and goes to beta
+    code, doc = run("submit", "--class", "background", "--session", "delta:s1", "--payload", '{"argv": ["true"]}',
+                    "-c", str(cfg))
+    assert code == 0, doc
+
+
+def test_sessions_of_a_lane_gone_by_hand_are_refused_until_rerouted(cfg: Path) -> None:
+    write_lane(cfg, "eps", 'port = 8715\nworkspace = "/var/lib/lanes/eps"\n')
+    assert run("ledger", "init", "-c", str(cfg))[0] == 0
+    submit = ("submit", "--class", "background", "--session", "eps:s1", "--payload", '{"argv": ["true"]}',
+              "-c", str(cfg))
+    assert run(*submit)[0] == 0
+    (cfg / "lanes.d" / "eps.toml").unlink()  # removed by hand: the session's owner is gone
+    code, doc = run(*submit)
+    assert code == ExitCode.CONFLICT and doc["errors"][0]["code"] == "session_lane_gone", doc
+    assert "reroute eps" in doc["errors"][0]["hint"]
+    code, doc = run("reroute", "eps", "--to", "beta", "-c", str(cfg))
+    assert code == 0 and doc["data"]["sessions"] == ["eps:s1"], doc
+    assert run(*submit)[0] == 0
+    code, doc = run("reroute", "never-was", "--to", "beta", "-c", str(cfg))
+    assert code == ExitCode.NOT_FOUND
+
+
+def test_status_and_probe_honour_c_over_the_installed_fleet(cfg: Path, tmp_path: Path) -> None:
+    from lanectl.status import installed_fleet
+
+    units = tmp_path / "units"
+    code, doc = run("install", "--unit-dir", str(units), "--no-reload", "--no-provision", "-c", str(cfg))
+    assert code == 0, doc
+    other = tmp_path / "other"
+    shutil.copytree(cfg, other)
+    write_lane(other, "delta", 'port = 8714\nworkspace = "/var/lib/lanes/delta"\n')
+    assert sorted(installed_fleet(units)["lanes"]) == ["alpha", "beta", "gamma"]  # the installed one
+    assert sorted(installed_fleet(units, str(cfg))["lanes"]) == ["alpha", "beta", "gamma"]  # -c names it
+    assert sorted(installed_fleet(units, str(other))["lanes"]) == ["alpha", "beta", "delta", "gamma"]
