@@ -63,13 +63,24 @@ RESERVED_ENV = ("LANECTL_", "NOTIFY_SOCKET", "WATCHDOG_", "INVOCATION_ID")
 RUNTIME_MODULE = "lanectl.runtime"
 
 
+def is_noncharacter(c: str) -> bool:
+    """U+FDD0..U+FDEF and U+xFFFE/U+xFFFF: valid in Python strings, refused by systemd's UTF-8 check
+    (unichar_is_valid), so a unit file cannot carry them."""
+    o = ord(c)
+    return 0xFDD0 <= o <= 0xFDEF or (o & 0xFFFE) == 0xFFFE
+
+
 def check_text(value: str) -> str:
-    """Text that may go into a unit file: any printable character, no control characters."""
+    """Text that may go into a unit file: any printable character, no control characters or noncharacters."""
     bad = [c for c in value if ord(c) < 0x20 or ord(c) == 0x7F]
     if bad:
         raise ValueError(
             f"contains the control character {bad[0]!r}; unit files cannot carry it faithfully, remove it"
         )
+    odd = [c for c in value if is_noncharacter(c)]
+    if odd:
+        raise ValueError(f"contains the Unicode noncharacter U+{ord(odd[0]):04X}; systemd refuses it in unit files, "
+                         "remove it")
     return value
 
 

@@ -9,6 +9,7 @@ import pytest
 import tomli_w
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from lanectl.config import is_noncharacter
 from tests.systemd.lanehelpers import PYTHON, Fleet
 
 pytestmark = pytest.mark.systemd
@@ -26,7 +27,7 @@ while True:
 '''
 DROPIN = "/etc/systemd/system/lanectl-lane@echo.service.d/50-lanectl.conf"
 NASTY = ["a b", 'q"uote', "it's", "back\\slash", "trail\\", "100%", "%i %n %%", "$HOME", "${X}", "$$", ";", "\\;",
-         "-x", "@x", "~", "é ü 漢字 🙂", "=", "a=b", " lead", "trail ", "", "\u0085", "\u2028"]
+         "-x", "@x", "~", "é ü 漢字 🙂", "=", "a=b", " lead", "trail ", "", "\u0085", "\u2028", "\U0010fffd"]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,7 @@ def put_lane(f: Fleet, args: list[str], env: list[str]) -> None:
 
 
 def is_refused(s: str) -> bool:
-    return any(ord(c) < 0x20 or ord(c) == 0x7F for c in s)
+    return any(ord(c) < 0x20 or ord(c) == 0x7F or is_noncharacter(c) for c in s)
 
 
 def roundtrip(f: Fleet, args: list[str], env: list[str]) -> None:
@@ -72,7 +73,7 @@ def test_nasty_values_reach_the_process_unchanged(echo: Fleet) -> None:
 
 def test_control_characters_are_refused(echo: Fleet) -> None:
     roundtrip(echo, ["ok"], ["ok"])
-    for bad in ("a\nExecStartPre=/bin/false", "x\ry", "tab\there", "\x7f"):
+    for bad in ("a\nExecStartPre=/bin/false", "x\ry", "tab\there", "\x7f", "\ufffe", "\uffff", "\ufdd0", "\U0001fffe"):
         roundtrip(echo, [bad], ["ok"])
         roundtrip(echo, ["ok"], [bad])
 
