@@ -173,6 +173,7 @@ def roll_up(conn: sqlite3.Connection, now: float, *, max_buckets: int = 2, grace
     """Roll up to ``max_buckets`` closed 5-minute buckets (and every hour they complete), and fold in events that
     arrived for buckets already rolled. The caller holds a write transaction. Returns the buckets rolled."""
     until, watermark = state(conn)
+    before = (until, watermark)
     top = int(conn.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0])
     if until is None:
         first = conn.execute("SELECT min(at) FROM events INDEXED BY events_at").fetchone()[0]
@@ -207,8 +208,9 @@ def roll_up(conn: sqlite3.Connection, now: float, *, max_buckets: int = 2, grace
                 _make_hour(conn, h)
             h += HOUR_S
         until = end
-    conn.execute("INSERT INTO rollup_state (id, rolled_until, watermark) VALUES (1, ?, ?) ON CONFLICT (id) DO "
-                 "UPDATE SET rolled_until = excluded.rolled_until, watermark = excluded.watermark", (until, top))
+    if (until, top) != before:  # an idle ledger is not written to (no commit, no fsync)
+        conn.execute("INSERT INTO rollup_state (id, rolled_until, watermark) VALUES (1, ?, ?) ON CONFLICT (id) DO "
+                     "UPDATE SET rolled_until = excluded.rolled_until, watermark = excluded.watermark", (until, top))
     return rolled
 
 

@@ -168,3 +168,18 @@ def test_prune_drops_the_roll_ups_behind_the_horizon(tmp_path: Path) -> None:
     t0, t1 = END - 40_000.5, END - 61.5  # after the horizon: still the same figures both ways
     assert_same(figures(tmp_path / "ledger.db", t0, t1, None, True), figures(tmp_path / "ledger.db", t0, t1, None,
                                                                                False))
+
+
+def test_an_idle_ledger_is_not_written(tmp_path: Path) -> None:
+    """Roll-ups of a ledger where nothing happened write nothing (an idle supervisor does not fsync every pass)."""
+    led = Ledger.open(tmp_path / "l.db")
+    try:
+        with led.transaction() as conn:
+            rollups.roll_up(conn, END)
+        before = led.conn.execute("PRAGMA data_version").fetchone()[0], led.conn.total_changes
+        for k in range(5):
+            with led.transaction() as conn:
+                assert rollups.roll_up(conn, END + 10 * k) == 0
+        assert (led.conn.execute("PRAGMA data_version").fetchone()[0], led.conn.total_changes) == before
+    finally:
+        led.close()
