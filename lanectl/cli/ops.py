@@ -123,14 +123,35 @@ def drain(
 
 
 @command("undrain")
-def undrain(lane: str = typer.Argument(...), reason: Optional[str] = REASON, config_dir: Optional[str] = CONFIG,
-            ledger: Optional[str] = LEDGER, json_out: bool = JSON) -> None:
-    """Put a drained (or degraded) lane back into service."""
+def undrain(lane: str = typer.Argument(...), reason: Optional[str] = REASON, unit_dir: Optional[str] = UNIT_DIR,
+            config_dir: Optional[str] = CONFIG, ledger: Optional[str] = LEDGER, json_out: bool = JSON) -> None:
+    """Put a drained (or degraded) lane back into service.
+
+    A lane whose unit is stopped but enabled (as 'drain --stop' leaves it) is started too, and a failed one is
+    cleared first (reset-failed); a lane taken down with 'lanectl down' stays down (start it with 'lanectl up').
+    Exits 8 when the unit did not start.
+    """
     fleet, led = _open(config_dir, ledger)
     with led:
         changed = lane_ops.undrain(led, fleet, lane, now=time.time(), reason=reason)
-    finish(["undrain"], {"lane": lane, "changed": changed}, json_mode=json_out,
-           human=lambda: stdout_console().print(f"{escape(lane)}: {'active' if changed else 'already active'}"))
+    unit = operate.bring_back(lane, unit_dir, config_dir) if systemd.available() else None
+    data = {"lane": lane, "changed": changed or bool(unit and unit.get("started")), "unit": unit}
+
+    def human() -> None:
+        con = stdout_console()
+        text = f"{escape(lane)}: {'active' if changed else 'already active'}"
+        if unit and unit.get("reset"):
+            text += f"; its unit was failed ({escape(unit['reset'])}), cleared"
+        if unit and unit.get("started"):
+            text += "; unit started"
+        elif unit and unit.get("failed"):
+            text += f"; [red]its unit did not start[/]: {escape(unit['failed'])}"
+        elif unit and unit.get("note"):
+            text += f"; {escape(unit['note'])}"
+        con.print(text)
+
+    finish(["undrain"], data, json_mode=json_out, human=human,
+           exit_code=ExitCode.UNHEALTHY if unit and unit.get("failed") else ExitCode.OK)
 
 
 @command("reroute")
@@ -234,6 +255,7 @@ def graceful_restart(led: Ledger, fleet: config.LaneSet, lanes: dict[str, Any], 
     if left:
         raise Timeout(f"lane {name} still has {len(left)} mission(s) in flight after {timeout:g}s",
                       "it stays draining; wait, cancel them, or restart without --graceful", "drain_timeout")
+    systemd.run("reset-failed", lanes[name]["unit"], check=False)  # a unit systemd gave up on restarts too
     systemd.run("restart", lanes[name]["unit"])
     lane_ops.record(led, EventKind.LANE_RESTART, now=time.time(), lane=name, graceful=True, reason=reason)
     up = operate.wait_up(lanes, name, 60)
