@@ -17,7 +17,7 @@ class OpResult:
     failed: dict[str, str] = field(default_factory=dict)
     reset: dict[str, str] = field(default_factory=dict)
     """Lanes whose failed state was cleared first (``systemctl reset-failed``), with systemd's Result then
-    (``start-limit-hit``: systemd had given up restarting it)."""
+    (how its last run ended: ``signal``, ``exit-code``, ``start-limit-hit``)."""
 
 
 def select(lanes: dict[str, dict[str, Any]], names: list[str] | None, *, enabled_only: bool) -> list[str]:

@@ -182,9 +182,10 @@ def judge_lanes(res: ProbeResult, rows: list[Any], views: dict[str, dict[str, An
         elif r.state in ("degraded", "starting"):
             res.add(f"lane:{r.name}", WARNING, f"{r.name} {r.state} ({r.health.error or r.active_state})")
         else:
-            gave_up = " systemd gave up: start limit hit" if r.result == "start-limit-hit" else ""
+            gave_up = (f"; systemd gave up restarting it, last result {r.result or 'unknown'}: 'lanectl restart "
+                       f"{r.name}' clears it" if r.state == "failed" else "")
             res.add(f"lane:{r.name}", CRITICAL if known else UNKNOWN,
-                    f"{r.name} {r.state} ({r.active_state}/{r.sub_state}{';' if gave_up else ''}{gave_up})"
+                    f"{r.name} {r.state} ({r.active_state}/{r.sub_state}{gave_up})"
                     + ("" if known else ", drain state unknown"))
     res.add("lanes", OK, f"{up}/{len(rows)} lanes up")
     res.perf.append(("lanes_up", up, None, None, 0, len(rows)))

@@ -90,8 +90,9 @@ class LaneStatus(SimpleNamespace):
 
     @property
     def gave_up(self) -> bool:
-        """systemd stopped restarting it: its start limit was hit (``lanectl restart`` or ``up`` clears it)."""
-        return self.active_state == "failed" and self.result == "start-limit-hit"
+        """systemd stopped restarting the lane: its unit (Restart=on-failure) is ``failed``, which happens when its
+        start limit is hit; ``result`` says how its last run ended. ``lanectl restart`` or ``up`` clears it."""
+        return self.kind == "lane" and self.active_state == "failed"
 
     @property
     def running(self) -> bool:
@@ -100,13 +101,13 @@ class LaneStatus(SimpleNamespace):
     @property
     def ok(self) -> bool:
         """What ``status`` exits 0 on: a disabled lane; a lane an operator drained (stopped or not) whose unit
-        did not fail; else running and healthy. A lane lanectl drained by itself is not ok until an operator
-        acts, and neither is a degraded one."""
+        did not fail; else running and healthy (a degraded lane that runs healthy is recovering: ok). A lane
+        lanectl drained by itself is not ok until an operator acts."""
         if not self.enabled:
             return True
         if self.dispatch in ("draining", "drained"):
             return not self.automatic and self.active_state != "failed"
-        return self.running and self.health.ok and self.dispatch != "degraded"
+        return self.running and self.health.ok
 
     @property
     def state(self) -> str:

@@ -109,7 +109,7 @@ def status(lanes: Optional[List[str]] = LANES, unit_dir: Optional[str] = UNIT_DI
     The dispatch state is the ledger's: active, draining, drained (by whom), degraded; the weight is the one in
     force (a promoted one is marked). Without lane names the supervisor is shown too. Exits 0 when every enabled
     lane (and the supervisor) is running and healthy or drained by an operator, 8 when one is not (down,
-    failed, degraded, or drained by lanectl itself), 6 when systemd is unreachable.
+    failed: systemd gave up on it, or drained by lanectl itself), 6 when systemd is unreachable.
     """
     from lanectl.status import collect, installed_fleet
 
