@@ -93,11 +93,13 @@ def drain(
 ) -> None:
     """Take no new work on a lane; what it runs finishes.
 
-    Idempotent (draining a drained lane changes nothing, exit 0). With --wait, returns when nothing is in
-    flight (exit 7 at --timeout); with --stop, then stops the unit.
+    Idempotent (draining a drained lane changes nothing, exit 0). Draining a lane lanectl drained by itself (a
+    rollback) takes that drain over: it stays drained and 'lanectl probe' stops alarming. With --wait, returns
+    when nothing is in flight (exit 7 at --timeout); with --stop, then stops the unit ('undrain' starts it).
     """
     fleet, led = _open(config_dir, ledger)
     with led:
+        previous = lane_ops.state_of(led, lane)
         changed = lane_ops.drain(led, fleet, lane, now=time.time(), reason=reason)
         path = led.path
     left: list[int] = []
@@ -108,7 +110,7 @@ def drain(
         systemd.run("stop", units.unit_name(lane))
         stopped = True
     data = {"lane": lane, "changed": changed, "in_flight": left, "drained": not left if (wait or stop) else None,
-            "stopped": stopped}
+            "stopped": stopped, "previous": previous}
     if left:
         exc = Timeout(f"lane {lane} still has {len(left)} mission(s) in flight after {timeout:g}s: {left[:10]}",
                       "wait longer, or cancel them ('lanectl mission cancel ID')", "drain_timeout")
@@ -116,7 +118,9 @@ def drain(
 
     def human() -> None:
         con = stdout_console()
-        con.print(f"{escape(lane)}: {'draining' if changed else 'already draining or drained'}"
+        word = ("drain taken over from lanectl (the probe no longer alarms)" if changed and data["previous"]
+                in ("draining", "drained") else "draining" if changed else "already draining or drained")
+        con.print(f"{escape(lane)}: {word}"
                   + ("; nothing in flight" if (wait or stop) else "") + ("; unit stopped" if stopped else ""))
 
     finish(["drain"], data, json_mode=json_out, human=human)
