@@ -196,7 +196,8 @@ def test_validate_does_not_warn_about_a_running_lanes_own_port(fresh_sandbox, tm
     # another process on a lane's port is still a warning
     assert f.lanectl("down", "gamma").returncode == 0
     holder = f.sb.exec(["systemd-run", "--unit", "port-squatter", "/usr/bin/python3", "-c",
-                        "import socket, time; s = socket.socket(); s.bind(('127.0.0.1', 8703)); s.listen(); "
+                        "import socket, time; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
+                        "s.bind(('127.0.0.1', 8703)); s.listen(); "
                         "time.sleep(600)"], check=True)
     try:
         taken = [PYTHON, "-c", "import sys; from lanectl.config import port_taken; sys.exit(not port_taken(8703))"]
