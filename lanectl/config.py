@@ -705,9 +705,10 @@ def cross_check(lanes: dict[str, Lane], lanes_dir: Path, *, check_host_ports: bo
                 out.append(Problem(f"fallback {lane.fallback!r} is not a lane", where(name), "fallback",
                                    f"use one of: {', '.join(sorted(set(lanes) - {name})) or 'none'}",
                                    "fallback_unknown", name))
-        if check_host_ports and port_taken(lane.port) and port_holder_unit(lane.port) != f"lanectl-lane@{name}.service":
+        own = f"lanectl-lane@{name}.service"
+        if check_host_ports and port_taken(lane.port) and port_holder_unit(lane.port) != own:
             out.append(Problem(f"port {lane.port} is already taken on this host", where(name), "port",
-                               "if it is not this lane itself, pick a free port", "port_taken", name, "warning"))
+                               "another process holds it (not this lane's unit): stop it or pick a free port", "port_taken", name, "warning"))
     out.extend(_fallback_cycles(lanes, where))
     return out
 

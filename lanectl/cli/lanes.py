@@ -27,8 +27,9 @@ def validate(
 ) -> None:
     """Check every lane file and lanectl.toml.
 
-    Reports every problem at once, each naming file, field and fix; exits 3 if any is an error. A port already
-    taken on this host is a warning (it may be the lane itself).
+    Reports every problem at once, each naming file, field and fix, cross-file ones (duplicate ports, nested
+    workspaces) included even for files with errors of their own; exits 3 if any is an error. A port taken on
+    this host by something other than the lane's own running unit is a warning.
     """
     fleet = config.load(directory or config_dir, check_host_ports=True, check_host=True)
     units.render(fleet)  # whatever render (and so install) would refuse, validate refuses too (exit 3)

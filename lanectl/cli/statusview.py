@@ -43,7 +43,8 @@ def print_table(rows: list[LaneStatus]) -> None:
         name = escape(r.name) if r.kind == "lane" else "[bold](supervisor)[/]"
         if r.kind == "supervisor":
             t.add_section()
-        t.add_row(name, state, dispatch, weight, f"{r.active_state}/{r.sub_state}", str(r.main_pid or "-"), human_duration(r.uptime_s),
+        t.add_row(name, state, dispatch, weight, f"{r.active_state}/{r.sub_state}", str(r.main_pid or "-"),
+                  human_duration(r.uptime_s),
                   str(r.restarts), wd, human_bytes(r.memory_bytes),
                   "-" if r.cpu_percent_avg is None else f"{r.cpu_percent_avg:.1f}%",
                   f"{r.port}" + ("" if r.health.listening else " (closed)"), escape(health),

@@ -210,3 +210,28 @@ def test_validate_does_not_warn_about_a_running_lanes_own_port(fresh_sandbox, tm
     finally:
         f.sb.exec(["systemctl", "stop", "port-squatter"], check=False)
     assert holder.returncode == 0
+
+
+def test_a_drill_that_ends_with_its_lane_rolled_back_fails(fresh_sandbox, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Failures on the lane while it is drilled trip a rollback: the drill must not report `passed`."""
+    import threading
+
+    f = boot(fresh_sandbox, tmp_path)
+    out: dict[str, object] = {}
+    t = threading.Thread(target=lambda: out.update(proc=f.lanectl("drill", "alpha", "--kind", "crash", "--json")))
+    t.start()
+    try:
+        wait_for(lambda: sql(f, "SELECT 1 FROM missions WHERE json_extract(payload, '$.drill') IS NOT NULL "
+                                "AND state IN ('dispatched', 'running')"), 60, interval=0.05,
+                 what="the drill mission running")
+        submit_many(f, [{"cls": "interactive", "lane": "alpha", "argv": ["/bin/false"]} for _ in range(6)])
+    finally:
+        t.join(180)
+    proc = out["proc"]
+    doc = json.loads(proc.stdout)  # type: ignore[attr-defined]
+    assert sql(f, "SELECT 1 FROM events WHERE kind = 'rollback' AND lane = 'alpha'"), doc
+    assert proc.returncode == 8 and doc["data"]["passed"] is False, doc  # type: ignore[attr-defined]
+    assert doc["data"]["lane_state"] in ("draining", "drained")
+    assert any("drained by lanectl-supervisor" in why for why in doc["data"]["failures"]), doc
+    drill = json.loads(sql(f, "SELECT data FROM events WHERE kind = 'drill' AND lane = 'alpha'")[0][0])
+    assert drill["passed"] is False
