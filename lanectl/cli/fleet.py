@@ -122,9 +122,11 @@ def probe(lanes: Optional[List[str]] = LANES, unit_dir: Optional[str] = UNIT_DIR
     """One check for cron and monitoring (monitoring-plugins).
 
     Exits 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN and prints one status line with perfdata. A lane that should
-    run but is down or failed, or a supervisor that is down, is CRITICAL; a degraded lane or a threshold of
-    lanectl.toml [probe] crossed is a WARNING or CRITICAL; a drained lane is not an alarm; a ledger or systemd
-    that cannot be read is UNKNOWN.
+    run but is down or failed (systemd gave up on it), or a supervisor that is down, is CRITICAL, and so is a
+    lane lanectl drained by itself (a rollback) until an operator undrains it or takes the drain over with
+    'lanectl drain'; a degraded lane or a threshold of lanectl.toml [probe] crossed is a WARNING or CRITICAL; a
+    lane an operator drained is not an alarm (WARNING if its unit failed); a ledger or systemd that cannot be
+    read is UNKNOWN.
     """
     from lanectl.cli.probeview import run_probe
     from lanectl.status import installed_fleet
