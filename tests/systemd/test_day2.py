@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.systemd.lanehelpers import LANECTL, PYTHON, Fleet, sql, submit_many, wait_for, wait_terminal
-from tests.systemd.test_governance import boot, rolled_back
+from tests.systemd.lanehelpers import LANECTL, PYTHON, Fleet, copy_example, sql, submit_many, wait_for, wait_terminal
+from tests.systemd.test_governance import POLICY, boot, rolled_back
 
 pytestmark = pytest.mark.systemd
 
@@ -216,23 +216,33 @@ def test_a_drill_that_ends_with_its_lane_rolled_back_fails(fresh_sandbox, tmp_pa
     """Failures on the lane while it is drilled trip a rollback: the drill must not report `passed`."""
     import threading
 
-    f = boot(fresh_sandbox, tmp_path)
+    # alpha without a fallback: its pinned drill mission waits for it after the kill and runs on it again (2 s)
+    cfg = copy_example(tmp_path)
+    with open(cfg / "lanectl.toml", "a") as fh:
+        fh.write(POLICY)
+    alpha = cfg / "lanes.d" / "alpha.toml"
+    alpha.write_text("".join(line for line in alpha.read_text().splitlines(True) if not line.startswith("fallback")))
+    f = Fleet(fresh_sandbox, cfg)
+    assert f.json("install")[0] == 0 and f.json("up")[0] == 0
+    wait_for(lambda: probe(f)[0] == 0, 60, interval=0.3, what="every lane up and healthy")
     # four failures: below min_samples (5), nothing trips yet
     wait_terminal(f, submit_many(f, [{"cls": "interactive", "lane": "alpha", "argv": ["/bin/false"]}] * 4), 30)
     out: dict[str, object] = {}
     t = threading.Thread(target=lambda: out.update(proc=f.lanectl("drill", "alpha", "--kind", "crash", "--json")))
     t.start()
     try:
-        # the drill mission runs again after the kill (2 s): two more failures now trip the failure spike
+        # the drill mission runs on alpha again after the kill (2 s): two more failures now trip the failure spike
         wait_for(lambda: sql(f, "SELECT 1 FROM missions WHERE json_extract(payload, '$.drill') IS NOT NULL "
-                                "AND attempts >= 2 AND state = 'running'"), 60, interval=0.02,
-                 what="the drill mission running again")
+                                "AND attempts >= 2 AND state = 'running' AND current_lane = 'alpha'"), 60,
+                 interval=0.02, what="the drill mission running on alpha again")
         submit_many(f, [{"cls": "interactive", "lane": "alpha", "argv": ["/bin/false"]}] * 2)
     finally:
         t.join(180)
     proc = out["proc"]
     doc = json.loads(proc.stdout)  # type: ignore[attr-defined]
-    assert sql(f, "SELECT 1 FROM events WHERE kind = 'rollback' AND lane = 'alpha'"), doc
+    assert sql(f, "SELECT 1 FROM events WHERE kind = 'rollback' AND lane = 'alpha'"), "\n".join(map(str, sql(
+        f, "SELECT id, at, kind, mission, lane, data FROM events WHERE kind IN ('dispatched', 'failed', 'rollback', "
+           "'alert', 'lane_state', 'succeeded', 'requeued', 'drill') ORDER BY id")))
     assert proc.returncode == 8 and doc["data"]["passed"] is False, doc  # type: ignore[attr-defined]
     assert doc["data"]["lane_state"] in ("draining", "drained")
     assert any("drained by lanectl-supervisor" in why for why in doc["data"]["failures"]), doc
