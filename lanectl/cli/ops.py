@@ -100,7 +100,7 @@ def drain(
     fleet, led = _open(config_dir, ledger)
     with led:
         previous = lane_ops.state_of(led, lane)
-        changed = lane_ops.drain(led, fleet, lane, now=time.time(), reason=reason)
+        changed = lane_ops.drain(led, fleet, lane, now=time.time(), reason=reason, take_over=True)
         path = led.path
     left: list[int] = []
     if wait or stop:

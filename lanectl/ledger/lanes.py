@@ -60,17 +60,18 @@ def _set_state(conn: Any, lane: str, state: str, now: float) -> None:
 
 
 def drain(ledger: Ledger, fleet: LaneSet, lane: str, *, now: float, reason: str | None = None,
-          who: str | None = None) -> bool:
+          who: str | None = None, take_over: bool = False) -> bool:
     """No new work for the lane; what it runs finishes. False when it was draining or drained already.
 
-    An operator's drain of a lane the supervisor drained (a rollback) takes that drain over: the state stays, a
-    ``drain`` event records the operator (``taken_over``), and ``lanectl probe`` stops alarming about it."""
+    With ``take_over`` (an operator's ``lanectl drain``), draining a lane the supervisor drained (a rollback) takes
+    that drain over: the state stays, a ``drain`` event records the operator (``taken_over``), and ``lanectl
+    probe`` stops alarming about it. Other callers (a graceful restart) never take a drain over."""
     fleet.get(lane)
     who = who or actor()
     with ledger.transaction() as conn:
         old = state_of(ledger, lane)
         if old in ("draining", "drained"):
-            if who == SUPERVISOR_ACTOR or drained_by(ledger, lane) != SUPERVISOR_ACTOR:
+            if not take_over or who == SUPERVISOR_ACTOR or drained_by(ledger, lane) != SUPERVISOR_ACTOR:
                 return False
             append(conn, EventKind.DRAIN, now, lane=lane, actor=who, reason=reason, previous=old,
                    taken_over=SUPERVISOR_ACTOR)
