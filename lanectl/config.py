@@ -648,10 +648,13 @@ def load(path: str | Path | None = None, *, check_host_ports: bool = False, requ
                 )
             )
     else:
+        raw: dict[str, dict[str, Any]] = {}
         for file in sorted(lanes_dir.glob("*.toml")):
-            lane = load_lane_file(file, problems)
+            lane = load_lane_file(file, problems, raw)
             if lane is not None:
                 lanes[file.stem] = lane
+        # a file with an error of its own still takes part in the cross-file checks, in the same run
+        problems.extend(cross_check_invalid(lanes, {n: d for n, d in raw.items() if n not in lanes}, lanes_dir))
     problems.extend(cross_check(lanes, lanes_dir, check_host_ports=check_host_ports))
     problems.extend(check_control_dirs(lanes, lanes_dir, settings, config_dir))
     problems.extend(check_restart_windows(lanes, lanes_dir, settings))
@@ -662,7 +665,8 @@ def load(path: str | Path | None = None, *, check_host_ports: bool = False, requ
     return LaneSet(lanes, settings, config_dir, lanes_dir, [p for p in problems if p.severity == "warning"])
 
 
-def load_lane_file(file: Path, problems: list[Problem]) -> Lane | None:
+def load_lane_file(file: Path, problems: list[Problem], raw: dict[str, dict[str, Any]] | None = None) -> Lane | None:
+    """The lane of one file, or None with its problems added; ``raw`` receives the file's table as read."""
     stem = file.stem
     if not NAME_RE.match(stem):
         problems.append(
@@ -677,6 +681,8 @@ def load_lane_file(file: Path, problems: list[Problem]) -> Lane | None:
     data = _read_toml(file, problems)
     if data is None:
         return None
+    if raw is not None:
+        raw[stem] = data
     try:
         lane = Lane.model_validate(data)
     except ValidationError as exc:
@@ -713,6 +719,38 @@ def check_restart_windows(lanes: dict[str, Lane], lanes_dir: Path, settings: Set
                     str(lanes_dir / f"{name}.toml"), "restart.start_limit_interval_sec",
                     f"set it to at most {window:g}, or raise health.restart_window_sec", "restart_window_short", name)
             for name, lane in sorted(lanes.items()) if lane.restart.start_limit_interval_sec > window]
+
+
+def cross_check_invalid(lanes: dict[str, Lane], invalid: dict[str, dict[str, Any]], lanes_dir: Path) -> list[Problem]:
+    """Port and workspace clashes of lane files that have errors of their own (their valid lanes are checked by
+    ``cross_check``): a port or workspace that is well-formed in such a file is compared with every other lane's, so
+    that fixing one file does not reveal a clash only on the next run."""
+    out: list[Problem] = []
+    ports: dict[str, int] = {n: ln.port for n, ln in lanes.items()}
+    spaces: dict[str, str] = {n: ln.workspace for n, ln in lanes.items()}
+    for name, data in invalid.items():
+        port, ws = data.get("port"), data.get("workspace")
+        if isinstance(port, int) and not isinstance(port, bool):
+            ports[name] = port
+        if isinstance(ws, str) and ws.startswith("/"):
+            spaces[name] = os.path.normpath(ws)
+    for name in sorted(invalid):
+        where = str(lanes_dir / f"{name}.toml")
+        if name in ports:
+            clash = sorted(n for n, p in ports.items() if n != name and p == ports[name])
+            if clash:
+                out.append(Problem(f"port {ports[name]} is also used by lane {clash[0]!r}", where, "port",
+                                   "give each lane its own port ('lanectl lane add' picks a free one)",
+                                   "duplicate_port", name))
+        if name in spaces:
+            for other in sorted(n for n in spaces if n != name and _nested(spaces[name], spaces[n])):
+                if other in invalid and other < name:
+                    continue  # reported once, on the pair's first file
+                rel = "equals" if spaces[name] == spaces[other] else "is nested with"
+                out.append(Problem(f"workspace {spaces[name]} {rel} lane {other!r}'s {spaces[other]}", where,
+                                   "workspace", f"give each lane a separate directory, e.g. /var/lib/lanes/{name}",
+                                   "workspace_overlap", name))
+    return out
 
 
 def cross_check(lanes: dict[str, Lane], lanes_dir: Path, *, check_host_ports: bool = False) -> list[Problem]:
@@ -756,9 +794,10 @@ def cross_check(lanes: dict[str, Lane], lanes_dir: Path, *, check_host_ports: bo
                 out.append(Problem(f"fallback {lane.fallback!r} is not a lane", where(name), "fallback",
                                    f"use one of: {', '.join(sorted(set(lanes) - {name})) or 'none'}",
                                    "fallback_unknown", name))
-        if check_host_ports and port_taken(lane.port):
+        own = f"lanectl-lane@{name}.service"
+        if check_host_ports and port_taken(lane.port) and port_holder_unit(lane.port) != own:
             out.append(Problem(f"port {lane.port} is already taken on this host", where(name), "port",
-                               "if it is not this lane itself, pick a free port", "port_taken", name, "warning"))
+                               "another process holds it (not this lane's unit): stop it or pick a free port", "port_taken", name, "warning"))
     out.extend(_fallback_cycles(lanes, where))
     return out
 
@@ -947,6 +986,29 @@ def port_taken(port: int, host: str = "127.0.0.1") -> bool:
         except OSError:
             return True
     return False
+
+
+def port_holder_unit(port: int) -> str | None:
+    """The systemd unit whose process listens on 127.0.0.1:``port`` (or any address), from its cgroup; None when
+    no listener is visible to this user or it is in no service (validate does not warn about a lane's own port)."""
+    import psutil
+
+    try:
+        conns = psutil.net_connections(kind="tcp")
+    except (psutil.Error, OSError):
+        return None
+    for c in conns:
+        if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid:
+            try:
+                text = Path(f"/proc/{c.pid}/cgroup").read_text()
+            except OSError:
+                return None
+            for line in text.splitlines():
+                for part in reversed(line.rpartition(":")[2].split("/")):
+                    if part.endswith(".service"):
+                        return part
+            return None
+    return None
 
 
 def free_port(taken: set[int], start: int = 8701, end: int = 8999) -> int:

@@ -5,8 +5,14 @@ A drill submits one mission pinned to the lane, waits until the lane runs it, th
 (``crash``: SIGKILL) or freezes it (``hang``: SIGSTOP, so that only the watchdog can notice). It measures the time
 until the supervisor re-queued the mission (detect) and until the lane was up again (recover), checks that no
 mission was left active on the dead invocation (orphaned), waits for the mission to end, and records a ``drill``
-event with the figures. It passes when nothing was orphaned, the mission succeeded, and detection came within
-the limit: 5 s for a crash, ``watchdog_sec`` + 5 s for a hang.
+event with the figures. It passes when nothing was orphaned, the mission succeeded, detection came within the
+limit (5 s for a crash, ``watchdog_sec`` + 5 s for a hang), and the lane is still in service at the end: a drill
+after which the supervisor drained the lane (a rollback) has not shown that the lane recovers. A lane ``degraded``
+at the end passes (``lane_state`` says so): drills in a row are restarts in a row, which the supervisor counts as a
+storm, and a degraded lane returns to service by itself once stable. Every unmet condition is in ``failures``.
+
+A lane that does not run, or takes no work (drained, draining, degraded), is refused: exit 5 (``lane_down``,
+``lane_not_active``); a supervisor that does not run: exit 6.
 """
 from __future__ import annotations
 
@@ -41,6 +47,9 @@ class DrillResult:
     mission_state: str
     limit_s: float
     passed: bool
+    lane_state: str = "active"
+    """The lane's dispatch state when the drill ended (draining or drained fails it)."""
+    failures: list[str] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -112,8 +121,19 @@ def run(ledger: Ledger, fleet: LaneSet, lane: str, kind: str, *, timeout: float 
     final = _wait(lambda: (lambda m: m if m.state in ms.FINISHED else None)(ms.get(ledger, mission)), timeout,
                   "the drill mission to finish")
     end = time.time() - t0
-    passed = orphaned == 0 and final.state == "succeeded" and detect is not None and detect <= limit
-    res = DrillResult(lane, kind, mission, _r(detect), _r(recover), _r(end), orphaned, final.state, limit, passed)
+    after = lane_ops.state_of(ledger, lane)
+    failures = []
+    if orphaned:
+        failures.append(f"{orphaned} mission(s) left active on the dead invocation")
+    if final.state != "succeeded":
+        failures.append(f"the drill mission ended {final.state}")
+    if detect is None or detect > limit:
+        failures.append(f"detection took {_r(detect)}s > {limit:g}s")
+    if after not in ("active", "degraded"):  # degraded: the drill's own restarts made a storm; it returns by itself
+        why = lane_ops.drained_by(ledger, lane) if after in ("draining", "drained") else None
+        failures.append(f"the lane is {after} after the drill" + (f" (drained by {why})" if why else ""))
+    res = DrillResult(lane, kind, mission, _r(detect), _r(recover), _r(end), orphaned, final.state, limit,
+                      not failures, after, failures)
     data = res.as_dict()
     del data["lane"]
     lane_ops.record(ledger, EventKind.DRILL, now=time.time(), lane=lane, **data)

@@ -65,7 +65,8 @@ def fast(command: str, argv: list[str]) -> bool:
     from lanectl.status import collect
 
     try:
-        run_status(collect(data["lanes"], names or None, data.get("supervisor")), json_out)
+        run_status(collect(data["lanes"], names or None, data.get("supervisor"), ledger=data.get("ledger")),
+                   json_out)
     except LanectlError as exc:
         fail(["status"], exc, json_out)
     return True

@@ -75,6 +75,30 @@ def show(name: str, config_path: str | Path | None = None) -> dict[str, Any]:
     }
 
 
+def live(name: str, unit_dir: str | None = None, config_path: str | Path | None = None) -> dict[str, Any]:
+    """How the lane runs now, as ``lanectl status`` sees it: its unit, the ledger's dispatch state and the weight
+    in force. What cannot be read (no systemd, no ledger) is "unknown" with ``state_error`` saying why."""
+    from lanectl import paths
+    from lanectl.errors import LanectlError
+    from lanectl.status import collect, installed_fleet
+
+    try:
+        fleet = installed_fleet(paths.unit_dir(unit_dir), str(config_path) if config_path else None)
+        if name not in fleet["lanes"]:
+            return {"state": "not installed", "dispatch": "unknown"}
+        row = collect(fleet["lanes"], [name], ledger=fleet.get("ledger"))[0]
+    except LanectlError as exc:
+        return {"state": "unknown", "dispatch": "unknown", "state_error": exc.message}
+    out: dict[str, Any] = {"state": row.state, "unit_state": f"{row.active_state}/{row.sub_state}",
+                           "result": row.result, "gave_up": row.gave_up, "dispatch": row.dispatch,
+                           "weight_in_force": row.weight, "promoted": row.promoted}
+    if row.dispatch in ("draining", "drained"):
+        out.update(drained_by=row.drained_by, drain_reason=row.drain_reason, drained_by_lanectl=row.automatic)
+    if row.dispatch_error:
+        out["dispatch_error"] = row.dispatch_error
+    return out
+
+
 def remove(name: str, config_path: str | Path | None = None, *, ledger: str | Path | None = None,
            reroute_to: str | None = None, reason: str | None = None) -> tuple[Path, dict[str, Any]]:
     """Delete a lane file, never stranding work: refused (``lane_in_use``, exit 5) while missions or sessions are

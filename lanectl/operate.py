@@ -15,6 +15,9 @@ class OpResult:
     lanes: list[str]
     changed: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
+    reset: dict[str, str] = field(default_factory=dict)
+    """Lanes whose failed state was cleared first (``systemctl reset-failed``), with systemd's Result then
+    (how its last run ended: ``signal``, ``exit-code``, ``start-limit-hit``)."""
 
 
 def select(lanes: dict[str, dict[str, Any]], names: list[str] | None, *, enabled_only: bool) -> list[str]:
@@ -32,12 +35,26 @@ def _active(units: list[str]) -> dict[str, str]:
     return {u: p.get("ActiveState", "unknown") for u, p in systemd.show(units, ("Id", "ActiveState")).items()}
 
 
+def _clear_failed(res: OpResult, chosen: list[str], units: list[str]) -> dict[str, str]:
+    """``systemctl reset-failed`` on every chosen unit that is failed (systemd gave up on it, or its last run
+    failed): a failed unit that hit its start limit refuses start and restart until then. Returns the active
+    states as they were; ``res.reset`` names what was cleared, with systemd's Result."""
+    shown = systemd.show(units, ("Id", "ActiveState", "Result")) if units else {}
+    before = {u: p.get("ActiveState", "unknown") for u, p in shown.items()}
+    failed = [(n, u) for n, u in zip(chosen, units) if before.get(u) == "failed"]
+    if failed:
+        systemd.run("reset-failed", *(u for _, u in failed), check=False)
+        for n, u in failed:
+            res.reset[n] = shown[u].get("Result") or "failed"
+    return before
+
+
 def up(lanes: dict[str, dict[str, Any]], names: list[str] | None = None) -> OpResult:
     """Enable and start lanes (all enabled lanes and lanectl.target when none is named); waits for READY=1."""
     chosen = select(lanes, names, enabled_only=True)
     units = [lanes[n]["unit"] for n in chosen]
-    before = _active(units)
     res = OpResult("up", chosen)
+    before = _clear_failed(res, chosen, units)
     extra = [] if names else [TARGET, SUPERVISOR]
     if units or extra:
         systemd.run("enable", "--quiet", *extra, *([PROBE_TIMER] if extra else []), *units)
@@ -74,15 +91,39 @@ def down(lanes: dict[str, dict[str, Any]], names: list[str] | None = None) -> Op
 
 
 def restart(lanes: dict[str, dict[str, Any]], name: str) -> OpResult:
+    """Restart one lane; a failed one (systemd gave up on it) has its failed state cleared first."""
     chosen = select(lanes, [name], enabled_only=False)
     unit = lanes[chosen[0]]["unit"]
     res = OpResult("restart", chosen)
+    _clear_failed(res, chosen, [unit])
     proc = systemd.run("restart", unit, check=False)
     if proc.returncode != 0:
         res.failed[name] = (proc.stderr.strip().splitlines() or ["restart failed"])[0]
     else:
         res.changed.append(name)
     return res
+
+
+def bring_back(name: str, unit_dir: str | None, config_dir: str | None) -> dict[str, Any]:
+    """After an undrain: start the lane's unit if it is enabled but not running (``drain --stop`` stopped it),
+    clearing a failed state first. A disabled unit (``lanectl down``) stays down: an operator's down is not undone
+    by an undrain. Returns what happened (started, reset, failed, note)."""
+    from lanectl import paths
+    from lanectl.status import installed_lanes
+
+    lanes = installed_lanes(paths.unit_dir(unit_dir), config_dir)
+    if name not in lanes:
+        return {"note": "not installed"}
+    unit = lanes[name]["unit"]
+    props = systemd.show([unit], ("Id", "ActiveState", "UnitFileState", "Result")).get(unit, {})
+    active = props.get("ActiveState", "unknown")
+    if active in ("active", "activating", "reloading"):
+        return {"active_state": active}
+    if props.get("UnitFileState") not in ("enabled", "enabled-runtime") or not lanes[name].get("enabled", True):
+        return {"active_state": active, "note": f"its unit is {active} and disabled; start it with 'lanectl up {name}'"}
+    res = up(lanes, [name])
+    return {"active_state": active, "started": name in res.changed, "reset": res.reset.get(name),
+            "failed": res.failed.get(name)}
 
 
 # ----------------------------------------------------------------------------------------------- with the ledger

@@ -5,8 +5,10 @@ Exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN; one status line with perfdata::
     LANECTL CRITICAL - alpha down (failed) | lanes_up=2;;;0;3 supervisor_up=1;;;0;1 ...
 
 A lane that should run (enabled, not drained or draining) but is down or failed is CRITICAL, and so is a
-supervisor that is down; a degraded or unhealthy lane is a WARNING; a drained lane is not an alarm. A ledger or
-systemd that cannot be read is UNKNOWN. The queue (age of the oldest queued interactive mission) and the failure
+supervisor that is down; a degraded or unhealthy lane is a WARNING. A lane that lanectl itself took out of service
+(the supervisor's rollback drained it) is CRITICAL until an operator acts (``undrain``, or ``drain`` to take the
+drain over); a lane an operator drained is not an alarm, unless systemd gave up on its unit meanwhile (WARNING). A
+ledger or systemd that cannot be read is UNKNOWN. The queue (age of the oldest queued interactive mission) and the failure
 rate over ``probe.window_sec`` are checked against the thresholds in lanectl.toml ``[probe]``.
 
 It runs every minute, so it starts without typer or pydantic (the install manifest carries what it needs) and
@@ -81,6 +83,35 @@ def _ledger(path: str) -> sqlite3.Connection:
     return conn
 
 
+SUPERVISOR_ACTOR = "lanectl-supervisor"
+"""The ``actor`` of what the supervisor does by itself (a rollback's drain, a degrade)."""
+
+
+def lane_views(conn: sqlite3.Connection) -> dict[str, dict[str, Any]]:
+    """Each lane's dispatch state as the ledger has it: state, since, promoted weight (None: its lane file's), and
+    for a draining or drained lane who drained it and why (``automatic``: the supervisor did, by a rollback)."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, state, weight, since in conn.execute("SELECT name, state, weight, updated_at FROM lanes"):
+        view: dict[str, Any] = {"state": state, "since": since, "weight": weight}
+        if state in ("draining", "drained"):
+            row = conn.execute("SELECT at, json_extract(data, '$.actor'), json_extract(data, '$.reason') FROM events "
+                               "WHERE lane = ? AND kind = 'drain' ORDER BY at DESC, id DESC LIMIT 1",
+                               (name,)).fetchone()
+            at, who, why = row if row else (None, None, None)
+            view.update(drained_at=at, drained_by=who, drain_reason=why, automatic=who == SUPERVISOR_ACTOR)
+        out[name] = view
+    return out
+
+
+def read_lane_views(path: str) -> dict[str, dict[str, Any]]:
+    """``lane_views`` from the ledger file, read-only (raises OSError or sqlite3.Error when it cannot be read)."""
+    conn = _ledger(path)
+    try:
+        return lane_views(conn)
+    finally:
+        conn.close()
+
+
 def run(manifest: dict[str, Any], lanes: list[str] | None = None, now: float | None = None) -> ProbeResult:
     from lanectl.errors import LanectlError
     from lanectl.status import collect
@@ -96,7 +127,7 @@ def run(manifest: dict[str, Any], lanes: list[str] | None = None, now: float | N
         try:
             conn = _ledger(manifest.get("ledger") or "/var/lib/lanectl/ledger.db")
             try:
-                ledger["states"] = dict(conn.execute("SELECT name, state FROM lanes").fetchall())
+                ledger["views"] = lane_views(conn)
                 ledger["queue"] = queue_figures(conn, th, now)
                 ledger["stranded"] = stranded(conn, manifest["lanes"])
             finally:
@@ -112,7 +143,7 @@ def run(manifest: dict[str, Any], lanes: list[str] | None = None, now: float | N
     read_ledger()
     if "error" in ledger:
         res.add("ledger", UNKNOWN, ledger["error"])
-    judge_lanes(res, [r for r in rows if r.kind == "lane"], ledger.get("states", {}), manifest["lanes"],
+    judge_lanes(res, [r for r in rows if r.kind == "lane"], ledger.get("views", {}), manifest["lanes"],
                 known="error" not in ledger)
     for r in rows:
         if r.kind == "supervisor":
@@ -144,19 +175,27 @@ def judge_stranded(res: ProbeResult, gone: dict[str, int]) -> None:
     res.perf.append(("stranded", total, None, 0, 0, None))
 
 
-def judge_lanes(res: ProbeResult, rows: list[Any], states: dict[str, str], lanes: dict[str, Any], *,
+def judge_lanes(res: ProbeResult, rows: list[Any], views: dict[str, dict[str, Any]], lanes: dict[str, Any], *,
                 known: bool = True) -> None:
     """Per lane; without the ledger a stopped lane may be drained on purpose, so it is UNKNOWN, not CRITICAL."""
     up = 0
-    expected = 0
     for r in rows:
-        dispatch_state = states.get(r.name, "active")
-        if not lanes[r.name].get("enabled", True) or dispatch_state in ("drained", "draining", "disabled"):
-            note = "disabled" if not lanes[r.name].get("enabled", True) else dispatch_state
-            res.add(f"lane:{r.name}", OK, f"{r.name} {note}")
-            up += r.state == "up"
+        view = views.get(r.name) or {}
+        dispatch_state = view.get("state", "active")
+        up += r.state == "up"
+        if not lanes[r.name].get("enabled", True) or dispatch_state == "disabled":
+            res.add(f"lane:{r.name}", OK, f"{r.name} disabled")
             continue
-        expected += 1
+        if dispatch_state in ("drained", "draining"):
+            if view.get("automatic"):  # lanectl took it out of service: an alarm until an operator acts
+                res.add(f"lane:{r.name}", CRITICAL,
+                        f"{r.name} {dispatch_state} by lanectl ({view.get('drain_reason') or 'automatic'}); "
+                        f"undrain it or take the drain over with 'lanectl drain {r.name}'")
+            elif r.state == "failed":
+                res.add(f"lane:{r.name}", WARNING, f"{r.name} {dispatch_state}, its unit failed ({r.result or 'failed'})")
+            else:
+                res.add(f"lane:{r.name}", OK, f"{r.name} {dispatch_state}")
+            continue
         if r.state == "up" and dispatch_state == "degraded":
             res.add(f"lane:{r.name}", WARNING, f"{r.name} degraded (supervisor)")
         elif r.state == "up":
@@ -164,9 +203,11 @@ def judge_lanes(res: ProbeResult, rows: list[Any], states: dict[str, str], lanes
         elif r.state in ("degraded", "starting"):
             res.add(f"lane:{r.name}", WARNING, f"{r.name} {r.state} ({r.health.error or r.active_state})")
         else:
+            gave_up = (f"; systemd gave up restarting it, last result {r.result or 'unknown'}: 'lanectl restart "
+                       f"{r.name}' clears it" if r.state == "failed" else "")
             res.add(f"lane:{r.name}", CRITICAL if known else UNKNOWN,
-                    f"{r.name} {r.state} ({r.active_state}/{r.sub_state})" + ("" if known else ", drain state unknown"))
-        up += r.state == "up"
+                    f"{r.name} {r.state} ({r.active_state}/{r.sub_state}{gave_up})"
+                    + ("" if known else ", drain state unknown"))
     res.add("lanes", OK, f"{up}/{len(rows)} lanes up")
     res.perf.append(("lanes_up", up, None, None, 0, len(rows)))
 

@@ -55,13 +55,44 @@ class LaneStatus(SimpleNamespace):
     processes: int
     health: Health
     kind: str  # "lane" or "supervisor"
+    dispatch: str
+    """The ledger's dispatch state: active, draining, drained, degraded, disabled; "unknown" when the ledger
+    could not be read (``dispatch_error`` says why)."""
+    dispatch_since: float | None
+    dispatch_error: str | None
+    drained_by: str | None
+    drain_reason: str | None
+    automatic: bool
+    """Drained by lanectl itself (the supervisor's rollback), not by an operator."""
+    weight: int | None
+    """The traffic weight in force: a promoted one (``lanectl promote``), else the lane file's."""
+    promoted: bool
 
-    def __init__(self, name: str, unit: str, enabled: bool, port: int, kind: str = "lane") -> None:
+    def __init__(self, name: str, unit: str, enabled: bool, port: int, kind: str = "lane",
+                 weight: int | None = None) -> None:
         super().__init__(name=name, unit=unit, enabled=enabled, port=port, load_state="unknown",
                          active_state="unknown", sub_state="unknown", result="", main_pid=None, invocation_id="",
                          uptime_s=None, restarts=0, status_text="", watchdog_sec=None, watchdog_ping_age_s=None,
                          memory_bytes=None, cpu_seconds=None, cpu_percent_avg=None, processes=0, health=Health(),
-                         kind=kind)
+                         kind=kind, dispatch="unknown", dispatch_since=None, dispatch_error=None, drained_by=None,
+                         drain_reason=None, automatic=False, weight=weight, promoted=False)
+
+    def set_dispatch(self, view: dict[str, Any] | None) -> None:
+        """Take the ledger's view of the lane (lanectl.probe.lane_views); None: the ledger has no row, active."""
+        view = view or {}
+        self.dispatch = view.get("state", "active")
+        self.dispatch_since = view.get("since")
+        self.drained_by = view.get("drained_by")
+        self.drain_reason = view.get("drain_reason")
+        self.automatic = bool(view.get("automatic"))
+        if view.get("weight") is not None:
+            self.weight, self.promoted = int(view["weight"]), True
+
+    @property
+    def gave_up(self) -> bool:
+        """systemd stopped restarting the lane: its unit (Restart=on-failure) is ``failed``, which happens when its
+        start limit is hit; ``result`` says how its last run ended. ``lanectl restart`` or ``up`` clears it."""
+        return self.kind == "lane" and self.active_state == "failed"
 
     @property
     def running(self) -> bool:
@@ -69,8 +100,13 @@ class LaneStatus(SimpleNamespace):
 
     @property
     def ok(self) -> bool:
+        """What ``status`` exits 0 on: a disabled lane; a lane an operator drained (stopped or not) whose unit
+        did not fail; else running and healthy (a degraded lane that runs healthy is recovering: ok). A lane
+        lanectl drained by itself is not ok until an operator acts."""
         if not self.enabled:
             return True
+        if self.dispatch in ("draining", "drained"):
+            return not self.automatic and self.active_state != "failed"
         return self.running and self.health.ok
 
     @property
@@ -89,6 +125,7 @@ class LaneStatus(SimpleNamespace):
         d["health"] = dict(vars(self.health))
         d["ok"] = self.ok
         d["state"] = self.state
+        d["gave_up"] = self.gave_up
         return d
 
 
@@ -202,16 +239,17 @@ def _num(value: str | None) -> int:
 
 def collect(lanes: dict[str, dict[str, Any]], names: list[str] | None = None,
             supervisor: dict[str, Any] | None = None,
-            meanwhile: Callable[[], None] | None = None) -> list[LaneStatus]:
+            meanwhile: Callable[[], None] | None = None, ledger: str | None = None) -> list[LaneStatus]:
     """Status of the named lanes (default: all, and the supervisor when given), from one systemctl call and
-    parallel health checks; ``meanwhile`` runs while systemctl answers (the probe reads the ledger then)."""
+    parallel health checks; ``meanwhile`` runs while systemctl answers (the probe reads the ledger then). With
+    ``ledger`` (a path), each lane's dispatch state, drain and weight are read from it (read-only) meanwhile."""
     wanted = names or sorted(lanes)
     for n in wanted:
         if n not in lanes:
             raise NotFound(f"no lane named {n!r} is installed", f"known lanes: {', '.join(sorted(lanes)) or 'none'}",
                            "lane_not_found")
-    out = [LaneStatus(n, lanes[n]["unit"], bool(lanes[n].get("enabled", True)), int(lanes[n]["port"]))
-           for n in wanted]
+    out = [LaneStatus(n, lanes[n]["unit"], bool(lanes[n].get("enabled", True)), int(lanes[n]["port"]),
+                      weight=lanes[n].get("weight")) for n in wanted]
     if supervisor and not names:
         out.append(LaneStatus("supervisor", supervisor["unit"], True, int(supervisor["port"]), kind="supervisor"))
         lanes = {**lanes, "supervisor": {"health_path": "/healthz"}}
@@ -221,6 +259,8 @@ def collect(lanes: dict[str, dict[str, Any]], names: list[str] | None = None,
     healths = check_health_many([(s.port, lanes[s.name].get("health_path", "/healthz")) for s in out])
     if meanwhile is not None:
         meanwhile()
+    if ledger is not None:
+        _dispatch(out, ledger)
     shown = systemd.show_finish(proc, units)
     now_us = systemd.monotonic_now_us()
     for s, health in zip(out, healths):
@@ -244,6 +284,22 @@ def collect(lanes: dict[str, dict[str, Any]], names: list[str] | None = None,
             s.watchdog_ping_age_s = round((now_us - ping) / 1e6, 3)
         _usage(s, props, since, now_us)
     return out
+
+
+def _dispatch(rows: list[LaneStatus], ledger: str) -> None:
+    import sqlite3
+
+    from lanectl.probe import read_lane_views
+
+    try:
+        views = read_lane_views(ledger)
+    except (OSError, sqlite3.Error) as exc:
+        for r in rows:
+            r.dispatch_error = f"ledger {ledger} unreadable: {exc}"
+        return
+    for r in rows:
+        if r.kind == "lane":
+            r.set_dispatch(views.get(r.name))
 
 
 def _usage(s: LaneStatus, props: dict[str, str], since_us: int, now_us: int) -> None:

@@ -40,6 +40,8 @@ def run(*args: str, check: bool = True, timeout: float = 60) -> subprocess.Compl
     run_check()
     proc = subprocess.run(["systemctl", *args], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "SYSTEMD_COLORS": "0", "SYSTEMD_PAGER": ""})
+    if proc.returncode != 0:
+        refuse_denied(args, proc.stderr or proc.stdout)
     if check and proc.returncode != 0:
         msg = (proc.stderr or proc.stdout).strip().splitlines()
         raise LanectlError(
@@ -48,6 +50,31 @@ def run(*args: str, check: bool = True, timeout: float = 60) -> subprocess.Compl
             "systemctl_failed",
         )
     return proc
+
+
+_DENIED = ("Access denied", "Interactive authentication required", "Permission denied", "not privileged")
+
+
+def refuse_denied(args: tuple[str, ...], text: str) -> None:
+    """systemd refused this user (polkit, D-Bus): never a lane's failure, so exit 6 naming the access needed."""
+    if any(d in text for d in _DENIED):
+        verb = args[0] if args else "manage"
+        raise Unavailable(
+            f"this user ({_user()}) may not {verb} systemd units: 'systemctl {' '.join(args)}' was refused "
+            f"({text.strip().splitlines()[-1] if text.strip() else 'access denied'})",
+            "starting, stopping and installing lanes needs root: run it with sudo (read-only commands such as "
+            "'lanectl status' and 'lanectl probe' need no root)",
+            "permission_denied",
+        )
+
+
+def _user() -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return f"uid {os.geteuid()}"
 
 
 def parse_show(text: str) -> list[dict[str, str]]:

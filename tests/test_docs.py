@@ -46,6 +46,17 @@ def test_exit_code_table_matches_the_code() -> None:
     assert {(int(n), name) for n, name in rows} == {(int(c), c.name) for c in ExitCode}
 
 
+def test_exit_codes_by_command_list_every_command() -> None:
+    """docs/exit-codes.md has one row per command, and every code in it is one of ExitCode's."""
+    text = (DOCS / "exit-codes.md").read_text()
+    block = text.split("<!-- exit-codes-by-command -->")[1].split("<!-- /exit-codes-by-command -->")[0]
+    rows = dict(re.findall(r"^\| `([a-z ]+)` \| (.+) \|$", block, re.M))
+    assert sorted(rows) == sorted(command_paths(app)), "docs/exit-codes.md: one row per command"
+    for cmd, codes in rows.items():
+        numbers = {int(n) for n in re.findall(r"(?<![\w-])(\d)(?![\w.])", re.sub(r"`[^`]*`", "", codes))}
+        assert numbers and numbers <= {int(c) for c in ExitCode}, (cmd, codes)
+
+
 def test_envelope_keys_documented() -> None:
     text = (DOCS / "exit-codes.md").read_text()
     for key in ("lanectl_json", "command", "status", "exit_code", "data", "errors", "hint", "field", "severity"):

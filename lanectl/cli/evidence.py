@@ -12,6 +12,7 @@ import typer
 from lanectl import config, evidence
 from lanectl.cli.missions import absolute_time
 from lanectl.cli.options import CONFIG, JSON
+from lanectl.errors import ExitCode, LanectlError
 from lanectl.ledger import Ledger
 from lanectl.ledger.missions import invalid
 from lanectl.output import command, escape, finish, stdout_console
@@ -86,8 +87,15 @@ def events_(
 
     Without --since or --after: the last LIMIT matching events. With them: the first LIMIT from there
     (data.next_after pages on). --follow keeps printing new events (one JSON object per line with --json)
-    until interrupted. Kinds: docs/observability.md.
+    until interrupted. An unknown --kind is an error listing the kinds (exit 2); kinds: docs/observability.md.
     """
+    from lanectl.ledger.events import EventKind
+
+    unknown = sorted({k for k in kind or [] if k not in {e.value for e in EventKind}})
+    if unknown:
+        raise LanectlError(f"unknown event kind {unknown[0]!r} for --kind",
+                           f"the kinds are: {', '.join(e.value for e in EventKind)} (docs/observability.md)",
+                           "unknown_event_kind", ExitCode.USAGE)
     now = time.time()
     t_since, t_until = parse_time(since, now, "since"), parse_time(until, now, "until")
     latest = t_since is None and not after

@@ -38,11 +38,14 @@ def _lanes(unit_dir: Optional[str], config_dir: Optional[str]) -> dict[str, dict
 
 
 def _report(res: operate.OpResult, json_out: bool, verb: str, warnings: list[Any] | None = None) -> None:
-    data = {"action": res.action, "lanes": res.lanes, "changed": res.changed, "failed": res.failed}
+    data = {"action": res.action, "lanes": res.lanes, "changed": res.changed, "failed": res.failed,
+            "reset": res.reset}
 
     def human() -> None:
         con = stdout_console()
         for n in res.lanes:
+            if n in res.reset:
+                con.print(f"{escape(n)}: was failed ({escape(res.reset[n])}); cleared it (systemctl reset-failed)")
             if n in res.failed:
                 con.print(f"[red]{escape(n)}: failed[/] {escape(res.failed[n])}")
             elif n in res.changed:
@@ -62,7 +65,9 @@ def up(lanes: Optional[List[str]] = LANES, unit_dir: Optional[str] = UNIT_DIR,
        config_dir: Optional[str] = CONFIG, json_out: bool = JSON) -> None:
     """Enable and start lanes; waits until each sent READY=1.
 
-    Exits 8 when a lane failed to start (the others are started anyway).
+    A failed lane (systemd gave up on it) has its failed state cleared first (reset-failed), and says so.
+    Exits 8 when a lane failed to start (the others are started anyway), 6 when this user may not manage
+    units.
     """
     _report(operate.up(_lanes(unit_dir, config_dir), lanes or None), json_out, "started")
 
@@ -92,8 +97,10 @@ def restart(lane: str = typer.Argument(...),
             json_out: bool = JSON) -> None:
     """Restart one lane; waits for READY=1.
 
-    Plain: systemctl restart (the supervisor re-queues what it was running). --graceful: drain, wait until
-    nothing is in flight (exit 7 at --timeout, the lane stays draining), restart, wait until up, undrain.
+    Plain: systemctl restart (the supervisor re-queues what it was running); a failed lane (systemd gave up on
+    it) has its failed state cleared first (reset-failed), and says so. --graceful: drain, wait until nothing
+    is in flight (exit 7 at --timeout, the lane stays draining), restart, wait until up, undrain. Exits 8 when
+    the lane did not start, 6 when this user may not manage units.
     """
     lanes = _lanes(unit_dir, config_dir)
     if not graceful:
@@ -112,15 +119,18 @@ def restart(lane: str = typer.Argument(...),
 @command("status")
 def status(lanes: Optional[List[str]] = LANES, unit_dir: Optional[str] = UNIT_DIR,
            config_dir: Optional[str] = CONFIG, json_out: bool = JSON) -> None:
-    """Show what runs: unit state, PID, uptime, restarts, watchdog, memory, CPU, port, health.
+    """Show what runs: unit state, dispatch state, weight, PID, uptime, restarts, watchdog, memory, CPU, port,
+    health.
 
-    Without lane names the supervisor is shown too. Exits 0 when every enabled lane (and the supervisor) is
-    running and healthy, 8 when one is not, 6 when systemd is unreachable.
+    The dispatch state is the ledger's: active, draining, drained (by whom), degraded; the weight is the one in
+    force (a promoted one is marked). Without lane names the supervisor is shown too. Exits 0 when every enabled
+    lane (and the supervisor) is running and healthy or drained by an operator, 8 when one is not (down,
+    failed: systemd gave up on it, or drained by lanectl itself), 6 when systemd is unreachable.
     """
     from lanectl.status import collect, installed_fleet
 
     data = installed_fleet(paths.unit_dir(unit_dir), config_dir)
-    run_status(collect(data["lanes"], lanes or None, data.get("supervisor")), json_out)
+    run_status(collect(data["lanes"], lanes or None, data.get("supervisor"), ledger=data.get("ledger")), json_out)
 
 
 def probe(lanes: Optional[List[str]] = LANES, unit_dir: Optional[str] = UNIT_DIR,
@@ -131,9 +141,11 @@ def probe(lanes: Optional[List[str]] = LANES, unit_dir: Optional[str] = UNIT_DIR
     """One check for cron and monitoring (monitoring-plugins).
 
     Exits 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN and prints one status line with perfdata. A lane that should
-    run but is down or failed, or a supervisor that is down, is CRITICAL; a degraded lane or a threshold of
-    lanectl.toml [probe] crossed is a WARNING or CRITICAL; a drained lane is not an alarm; a ledger or systemd
-    that cannot be read is UNKNOWN. Queued missions bound to a lane that is gone (no lane can ever take
+    run but is down or failed (systemd gave up on it), or a supervisor that is down, is CRITICAL, and so is a
+    lane lanectl drained by itself (a rollback) until an operator undrains it or takes the drain over with
+    'lanectl drain'; a degraded lane or a threshold of lanectl.toml [probe] crossed is a WARNING or CRITICAL; a
+    lane an operator drained is not an alarm (WARNING if its unit failed); a ledger or systemd that cannot be
+    read is UNKNOWN. Queued missions bound to a lane that is gone (no lane can ever take
     them) are CRITICAL.
     """
     from lanectl.cli.probeview import run_probe

@@ -91,8 +91,10 @@ def drill(
     """Break a lane on purpose and measure recovery.
 
     Runs a mission on the lane, kills (crash) or freezes (hang) the lane, measures time to detect (the mission
-    re-queued) and to recover (the lane up again), checks that nothing was orphaned, and records a drill event.
-    Exits 0 when it passed, 8 when it did not, 7 on a timeout.
+    re-queued) and to recover (the lane up again), checks that nothing was orphaned and that the lane is still in
+    service afterwards (not drained by a rollback), and records a drill event. Exits 0 when it passed, 8 when it
+    did not (every unmet condition listed), 7 on a timeout, 5 when the lane is not running or takes no work
+    (drained, degraded), 6 when the supervisor is not running.
     """
     from lanectl import drill as drills
 
@@ -106,6 +108,8 @@ def drill(
         con.print(f"drill {res.type} of {escape(lane)}: {verdict}; detected in {res.detect_s}s (limit {res.limit_s:g}s), "
                   f"lane back in {res.recover_s}s, mission {res.mission} {res.mission_state}, "
                   f"{res.orphaned} orphaned")
+        for why in res.failures or []:
+            con.print(f"  [red]{escape(why)}[/]")
 
     finish(["drill"], res.as_dict(), json_mode=json_out, human=human,
            exit_code=ExitCode.OK if res.passed else ExitCode.UNHEALTHY)

@@ -6,7 +6,7 @@ from typing import Optional
 import typer
 
 from lanectl import config, lanefiles, units
-from lanectl.cli.options import CONFIG, JSON
+from lanectl.cli.options import CONFIG, JSON, UNIT_DIR
 from lanectl.errors import ExitCode
 from lanectl.output import command, escape, finish, stdout_console
 
@@ -27,8 +27,9 @@ def validate(
 ) -> None:
     """Check every lane file and lanectl.toml.
 
-    Reports every problem at once, each naming file, field and fix; exits 3 if any is an error. A port already
-    taken on this host is a warning (it may be the lane itself).
+    Reports every problem at once, each naming file, field and fix, cross-file ones (duplicate ports, nested
+    workspaces) included even for files with errors of their own; exits 3 if any is an error. A port taken on
+    this host by something other than the lane's own running unit is a warning.
     """
     fleet = config.load(directory or config_dir, check_host_ports=True, check_host=True)
     units.render(fleet)  # whatever render (and so install) would refuse, validate refuses too (exit 3)
@@ -69,16 +70,25 @@ def add(
 
 @lane_app.command("show")
 @command("lane", "show")
-def show(name: str = typer.Argument(...), config_dir: Optional[str] = CONFIG, json_out: bool = JSON) -> None:
-    """Show one lane with its defaults filled in."""
+def show(name: str = typer.Argument(...), unit_dir: Optional[str] = UNIT_DIR, config_dir: Optional[str] = CONFIG,
+         json_out: bool = JSON) -> None:
+    """Show one lane with its defaults filled in, and how it runs now.
+
+    Besides the lane file's settings: its unit state (state, unit, result, gave_up: systemd stopped restarting
+    it), the ledger's dispatch state (dispatch, drained_by, drain_reason) and the weight in force
+    (weight_in_force, promoted). Values print as JSON (true, null, ["a", "b"]).
+    """
     data = lanefiles.show(name, config_dir)
+    data.update(lanefiles.live(name, unit_dir, config_dir))
 
     def human() -> None:
+        import json
+
         from rich.table import Table
 
         t = Table(show_header=False, box=None)
         for k, v in data.items():
-            t.add_row(f"[bold]{k}[/]", escape(str(v)))
+            t.add_row(f"[bold]{k}[/]", escape(v if isinstance(v, str) else json.dumps(v)))
         stdout_console().print(t)
 
     finish(["lane", "show"], data, json_mode=json_out, human=human)

@@ -95,12 +95,14 @@ def drain(
 ) -> None:
     """Take no new work on a lane; what it runs finishes.
 
-    Idempotent (draining a drained lane changes nothing, exit 0). With --wait, returns when nothing is in
-    flight (exit 7 at --timeout); with --stop, then stops the unit.
+    Idempotent (draining a drained lane changes nothing, exit 0). Draining a lane lanectl drained by itself (a
+    rollback) takes that drain over: it stays drained and 'lanectl probe' stops alarming. With --wait, returns
+    when nothing is in flight (exit 7 at --timeout); with --stop, then stops the unit ('undrain' starts it).
     """
     fleet, led = _open(config_dir, ledger)
     with led:
-        changed = lane_ops.drain(led, fleet, lane, now=time.time(), reason=reason)
+        previous = lane_ops.state_of(led, lane)
+        changed = lane_ops.drain(led, fleet, lane, now=time.time(), reason=reason, take_over=True)
         path = led.path
     left: list[int] = []
     if wait or stop:
@@ -110,7 +112,7 @@ def drain(
         systemd.run("stop", units.unit_name(lane))
         stopped = True
     data = {"lane": lane, "changed": changed, "in_flight": left, "drained": not left if (wait or stop) else None,
-            "stopped": stopped}
+            "stopped": stopped, "previous": previous}
     if left:
         exc = Timeout(f"lane {lane} still has {len(left)} mission(s) in flight after {timeout:g}s: {left[:10]}",
                       "wait longer, or cancel them ('lanectl mission cancel ID')", "drain_timeout")
@@ -118,21 +120,44 @@ def drain(
 
     def human() -> None:
         con = stdout_console()
-        con.print(f"{escape(lane)}: {'draining' if changed else 'already draining or drained'}"
+        word = ("drain taken over from lanectl (the probe no longer alarms)" if changed and data["previous"]
+                in ("draining", "drained") else "draining" if changed else "already draining or drained")
+        con.print(f"{escape(lane)}: {word}"
                   + ("; nothing in flight" if (wait or stop) else "") + ("; unit stopped" if stopped else ""))
 
     finish(["drain"], data, json_mode=json_out, human=human)
 
 
 @command("undrain")
-def undrain(lane: str = typer.Argument(...), reason: Optional[str] = REASON, config_dir: Optional[str] = CONFIG,
-            ledger: Optional[str] = LEDGER, json_out: bool = JSON) -> None:
-    """Put a drained (or degraded) lane back into service."""
+def undrain(lane: str = typer.Argument(...), reason: Optional[str] = REASON, unit_dir: Optional[str] = UNIT_DIR,
+            config_dir: Optional[str] = CONFIG, ledger: Optional[str] = LEDGER, json_out: bool = JSON) -> None:
+    """Put a drained (or degraded) lane back into service.
+
+    A lane whose unit is stopped but enabled (as 'drain --stop' leaves it) is started too, and a failed one is
+    cleared first (reset-failed); a lane taken down with 'lanectl down' stays down (start it with 'lanectl up').
+    Exits 8 when the unit did not start.
+    """
     fleet, led = _open(config_dir, ledger)
     with led:
         changed = lane_ops.undrain(led, fleet, lane, now=time.time(), reason=reason)
-    finish(["undrain"], {"lane": lane, "changed": changed}, json_mode=json_out,
-           human=lambda: stdout_console().print(f"{escape(lane)}: {'active' if changed else 'already active'}"))
+    unit = operate.bring_back(lane, unit_dir, config_dir) if systemd.available() else None
+    data = {"lane": lane, "changed": changed or bool(unit and unit.get("started")), "unit": unit}
+
+    def human() -> None:
+        con = stdout_console()
+        text = f"{escape(lane)}: {'active' if changed else 'already active'}"
+        if unit and unit.get("reset"):
+            text += f"; its unit was failed ({escape(unit['reset'])}), cleared"
+        if unit and unit.get("started"):
+            text += "; unit started"
+        elif unit and unit.get("failed"):
+            text += f"; [red]its unit did not start[/]: {escape(unit['failed'])}"
+        elif unit and unit.get("note"):
+            text += f"; {escape(unit['note'])}"
+        con.print(text)
+
+    finish(["undrain"], data, json_mode=json_out, human=human,
+           exit_code=ExitCode.UNHEALTHY if unit and unit.get("failed") else ExitCode.OK)
 
 
 @command("reroute")
@@ -245,6 +270,7 @@ def graceful_restart(led: Ledger, fleet: config.LaneSet, lanes: dict[str, Any], 
     if left:
         raise Timeout(f"lane {name} still has {len(left)} mission(s) in flight after {timeout:g}s",
                       "it stays draining; wait, cancel them, or restart without --graceful", "drain_timeout")
+    systemd.run("reset-failed", lanes[name]["unit"], check=False)  # a unit systemd gave up on restarts too
     systemd.run("restart", lanes[name]["unit"])
     lane_ops.record(led, EventKind.LANE_RESTART, now=time.time(), lane=name, graceful=True, reason=reason)
     up = operate.wait_up(lanes, name, 60)

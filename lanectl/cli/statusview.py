@@ -23,10 +23,17 @@ def print_table(rows: list[LaneStatus]) -> None:
     from rich import box
     from rich.table import Table
 
-    t = Table("lane", "state", "unit", "pid", "up", "restarts", "watchdog", "mem", "cpu", "port", "health",
-              "status", box=box.SIMPLE_HEAD)
+    t = Table("lane", "state", "dispatch", "weight", "unit", "pid", "up", "restarts", "watchdog", "mem", "cpu",
+              "port", "health", "status", box=box.SIMPLE_HEAD)
     for r in rows:
         style = STATE_STYLE.get(r.state, "")
+        state = f"[{style}]{r.state}[/]" if style else r.state
+        if r.gave_up:
+            state += " [bold red](gave up)[/]"
+        dispatch, weight = "", ""
+        if r.kind == "lane":
+            dispatch = dispatch_text(r)
+            weight = "-" if r.weight is None else f"{r.weight}" + (" (promoted)" if r.promoted else "")
         wd = "-" if r.watchdog_sec is None else (
             f"{r.watchdog_ping_age_s:.1f}/{r.watchdog_sec:g}s" if r.watchdog_ping_age_s is not None
             else f"{r.watchdog_sec:g}s")
@@ -36,10 +43,27 @@ def print_table(rows: list[LaneStatus]) -> None:
         name = escape(r.name) if r.kind == "lane" else "[bold](supervisor)[/]"
         if r.kind == "supervisor":
             t.add_section()
-        t.add_row(name, f"[{style}]{r.state}[/]" if style else r.state,
-                  f"{r.active_state}/{r.sub_state}", str(r.main_pid or "-"), human_duration(r.uptime_s),
+        t.add_row(name, state, dispatch, weight, f"{r.active_state}/{r.sub_state}", str(r.main_pid or "-"),
+                  human_duration(r.uptime_s),
                   str(r.restarts), wd, human_bytes(r.memory_bytes),
                   "-" if r.cpu_percent_avg is None else f"{r.cpu_percent_avg:.1f}%",
                   f"{r.port}" + ("" if r.health.listening else " (closed)"), escape(health),
                   escape(r.status_text or "-"))
     stdout_console().print(t)
+
+
+DISPATCH_STYLE = {"active": "green", "draining": "yellow", "drained": "yellow", "degraded": "yellow",
+                  "disabled": "dim", "unknown": "dim"}
+
+
+def dispatch_text(r: LaneStatus) -> str:
+    """The ledger's dispatch state, who drained it (lanectl itself is red: it needs an operator) and since when."""
+    style = "bold red" if r.automatic else DISPATCH_STYLE.get(r.dispatch, "")
+    text = f"[{style}]{escape(r.dispatch)}[/]" if style else escape(r.dispatch)
+    if r.dispatch in ("draining", "drained"):
+        text += " by lanectl" if r.automatic else (f" by {escape(r.drained_by)}" if r.drained_by else "")
+    if r.dispatch != "active" and r.dispatch_since is not None:
+        import time
+
+        text += f" {human_duration(time.time() - r.dispatch_since)}"
+    return text

@@ -336,21 +336,25 @@ def full_error(path: Path, detail: object) -> LanectlError:
 
 
 def readonly_error(path: Path, detail: object) -> LanectlError:
+    # this user lacks the access (the command needs root or the ledger's owner): exit 6, like permission_denied;
+    # a read-only mount or file is the host's state, which retrying cannot change: exit 3
+    code = ExitCode.UNAVAILABLE
     if _fs_readonly(path):
         why, fix = "is on a read-only file system", "remount it read-write (or move the ledger), then retry"
+        code = ExitCode.CONFIG
     elif os.geteuid() != 0 and path.exists() and not os.access(path, os.W_OK):
         why, fix = "is not writable by this user", _owner_hint(path)
     elif os.geteuid() != 0 and not os.access(path.parent, os.W_OK):
         why, fix = "is in a directory this user cannot write (SQLite needs its -wal and -shm files)", _owner_hint(path)
     else:
         why, fix = "is read-only", "make the file (and its -wal/-shm files and directory) writable by lanectl"
-    return LanectlError(f"{path}: the ledger {why} ({detail}); nothing was written", fix, "ledger_readonly",
-                        ExitCode.CONFIG)
+        code = ExitCode.CONFIG
+    return LanectlError(f"{path}: the ledger {why} ({detail}); nothing was written", fix, "ledger_readonly", code)
 
 
 def permission_error(path: Path, detail: object) -> LanectlError:
     return LanectlError(f"{path}: no permission to open the ledger ({detail})", _owner_hint(path),
-                        "ledger_permission", ExitCode.CONFIG)
+                        "ledger_permission", ExitCode.UNAVAILABLE)
 
 
 def ledger_error(path: Path, exc: BaseException) -> LanectlError | None:
@@ -360,8 +364,8 @@ def ledger_error(path: Path, exc: BaseException) -> LanectlError | None:
     | ledger_busy | the write lock was held past the busy timeout (SQLITE_BUSY/LOCKED) | 6 |
     | ledger_full | SQLITE_FULL, or an I/O error while the file system has no space left (ENOSPC) | 6 |
     | ledger_io_error | any other I/O error (SQLITE_IOERR) | 6 |
-    | ledger_readonly | SQLITE_READONLY, EROFS: read-only mount, or the file is not writable by this user | 3 |
-    | ledger_permission | EACCES / SQLITE_PERM / SQLITE_CANTOPEN for want of permission | 3 |
+    | ledger_readonly | SQLITE_READONLY, EROFS: read-only mount (3), or the file is not writable by this user (6) | 3/6 |
+    | ledger_permission | EACCES / SQLITE_PERM / SQLITE_CANTOPEN for want of permission (run as root) | 6 |
     | ledger_corrupt | SQLITE_CORRUPT | 3 |
     """
     import errno

@@ -33,7 +33,7 @@ class EventKind(StrEnum):
     SESSION_MOVED = "session_moved"  #: a session moved to another lane (fallback or reroute)
     LANE_STATE = "lane_state"  #: a lane's dispatch state or health changed
     LANE_INVOCATION = "lane_invocation"  #: new InvocationID (data: restarts, automatic ones only)
-    DRAIN = "drain"  #: an operator drained a lane (data: actor, reason)
+    DRAIN = "drain"  #: a lane was drained, by an operator or a rollback (data: actor, reason, taken_over)
     UNDRAIN = "undrain"  #: an operator put a drained lane back into service (data: actor, reason)
     REROUTE = "reroute"  #: an operator moved a lane's queued work (data: to, missions, sessions, actor, reason)
     REROUTED = "rerouted"  #: one queued mission moved to another lane (data: from_lane, actor)

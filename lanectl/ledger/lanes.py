@@ -28,6 +28,17 @@ def actor() -> str:
         return f"uid {os.getuid()}"
 
 
+SUPERVISOR_ACTOR = "lanectl-supervisor"
+"""The ``actor`` of what the supervisor does by itself (lanectl.probe names the same)."""
+
+
+def drained_by(ledger: Ledger, lane: str) -> str | None:
+    """Who drained the lane last (the actor of its latest ``drain`` event)."""
+    row = ledger.conn.execute("SELECT json_extract(data, '$.actor') FROM events WHERE lane = ? AND kind = 'drain' "
+                              "ORDER BY at DESC, id DESC LIMIT 1", (lane,)).fetchone()
+    return row[0] if row else None
+
+
 def state_of(ledger: Ledger, lane: str) -> str:
     row = ledger.conn.execute("SELECT state FROM lanes WHERE name = ?", (lane,)).fetchone()
     return row[0] if row else "active"
@@ -49,16 +60,25 @@ def _set_state(conn: Any, lane: str, state: str, now: float) -> None:
 
 
 def drain(ledger: Ledger, fleet: LaneSet, lane: str, *, now: float, reason: str | None = None,
-          who: str | None = None) -> bool:
-    """No new work for the lane; what it runs finishes. False when it was draining or drained already."""
+          who: str | None = None, take_over: bool = False) -> bool:
+    """No new work for the lane; what it runs finishes. False when it was draining or drained already.
+
+    With ``take_over`` (an operator's ``lanectl drain``), draining a lane the supervisor drained (a rollback) takes
+    that drain over: the state stays, a ``drain`` event records the operator (``taken_over``), and ``lanectl
+    probe`` stops alarming about it. Other callers (a graceful restart) never take a drain over."""
     fleet.get(lane)
+    who = who or actor()
     with ledger.transaction() as conn:
         old = state_of(ledger, lane)
         if old in ("draining", "drained"):
-            return False
+            if not take_over or who == SUPERVISOR_ACTOR or drained_by(ledger, lane) != SUPERVISOR_ACTOR:
+                return False
+            append(conn, EventKind.DRAIN, now, lane=lane, actor=who, reason=reason, previous=old,
+                   taken_over=SUPERVISOR_ACTOR)
+            return True
         new = "drained" if not in_flight(ledger, lane) else "draining"
         _set_state(conn, lane, new, now)
-        append(conn, EventKind.DRAIN, now, lane=lane, actor=who or actor(), reason=reason, previous=old)
+        append(conn, EventKind.DRAIN, now, lane=lane, actor=who, reason=reason, previous=old)
         append(conn, EventKind.LANE_STATE, now, lane=lane, to=new, previous=old, reason="drain")
         return True
 

@@ -56,7 +56,10 @@ def test_help_has_no_type_placeholders_and_paragraphs_are_not_broken() -> None:
         for placeholder in ("<bool>", "<str>", "<int>", "<float>", "<list"):
             assert placeholder not in res.output, (path, res.output)
     drain = runner.invoke(app, ["drain", "--help"], prog_name="lanectl", terminal_width=200).output
-    assert "With --wait, returns when nothing is in flight (exit 7 at --timeout)" in drain
+    # one paragraph, wrapped by the terminal only: no line break in the middle of a sentence at width 200 either
+    assert "With --wait, returns when nothing is in flight (exit 7 at --timeout)" in " ".join(drain.split())
+    assert all(len(line) > 100 or not line.strip() or line.rstrip().endswith((".", ":", ")")) or line.startswith("  -")
+               for line in drain.split("\n\n")[1].splitlines()[:-1]), drain
 
 
 def test_render_check_diff_shows_each_difference(cfg: Path, tmp_path: Path) -> None:

@@ -1,0 +1,57 @@
+"""The probe's verdict per lane (lanectl.probe.judge_lanes, a pure function of systemd's and the ledger's view):
+who drained a lane decides whether it pages (issue 15 item 1). tests/systemd/test_day2.py runs it for real."""
+from __future__ import annotations
+
+import pytest
+
+from lanectl import probe
+from lanectl.status import Health, LaneStatus
+
+LANES = {"alpha": {"enabled": True}, "beta": {"enabled": True}}
+
+
+def row(name: str, active: str = "active", sub: str = "running", healthy: bool = True, result: str = "success"):  # type: ignore[no-untyped-def]
+    r = LaneStatus(name, f"lanectl-lane@{name}.service", True, 8701)
+    r.active_state, r.sub_state, r.result = active, sub, result
+    r.health = Health(ok=healthy, listening=healthy)
+    return r
+
+
+def judge(r: LaneStatus, view: dict | None) -> tuple[int, str]:
+    res = probe.ProbeResult()
+    probe.judge_lanes(res, [r], {r.name: view} if view else {}, LANES)
+    check = next(c for c in res.checks if c.name == f"lane:{r.name}")
+    return check.code, check.text
+
+
+AUTO = {"state": "drained", "drained_by": probe.SUPERVISOR_ACTOR, "drain_reason": "rollback: failure_spike",
+        "automatic": True}
+OPERATOR = {"state": "drained", "drained_by": "root", "drain_reason": "kernel update", "automatic": False}
+
+
+@pytest.mark.parametrize("active,sub", [("active", "running"), ("inactive", "dead"), ("failed", "failed")])
+def test_a_lane_lanectl_drained_is_critical_whatever_its_unit(active: str, sub: str) -> None:
+    code, text = judge(row("alpha", active, sub), AUTO)
+    assert code == probe.CRITICAL
+    assert text.startswith("alpha drained by lanectl (rollback: failure_spike)") and "lanectl drain alpha" in text
+
+
+@pytest.mark.parametrize("active,sub", [("active", "running"), ("inactive", "dead")])
+def test_an_operators_drain_is_quiet_running_or_stopped(active: str, sub: str) -> None:
+    assert judge(row("alpha", active, sub), OPERATOR) == (probe.OK, "alpha drained")
+
+
+def test_an_operators_drained_lane_whose_unit_failed_warns() -> None:
+    code, text = judge(row("alpha", "failed", "failed", healthy=False, result="signal"), OPERATOR)
+    assert code == probe.WARNING and "unit failed (signal)" in text
+
+
+def test_a_lane_systemd_gave_up_on_is_critical_and_says_how_to_clear_it() -> None:
+    code, text = judge(row("alpha", "failed", "failed", healthy=False, result="signal"), None)
+    assert code == probe.CRITICAL
+    assert "systemd gave up restarting it, last result signal" in text and "lanectl restart alpha" in text
+
+
+def test_degraded_by_the_supervisor_and_running_warns() -> None:
+    assert judge(row("alpha"), {"state": "degraded"})[0] == probe.WARNING
+    assert judge(row("alpha"), {"state": "active"}) == (probe.OK, "alpha up")
