@@ -106,6 +106,17 @@ def test_top_ctrl_c_and_once(fleet: Fleet) -> None:
                         what="top to exit on Ctrl-C")
         assert "TOP-EXIT=0" in done, done
         assert "-icanon" not in done, done  # the terminal is back in canonical mode (cbreak undone)
+        # SIGTERM (and SIGHUP, a dropped SSH connection) leave the same way
+        for sig in ("TERM", "HUP"):
+            tmux("kill-session", "-t", "top")
+            tmux("new-session", "-d", "-s", "top", "-x", "100", "-y", "30", cmd)
+            wait_for(lambda: row(tmux.screen(), "alpha"), 30, interval=0.3, what="top drawn")
+            shell = tmux("display-message", "-p", "-t", "top", "#{pane_pid}").strip()
+            child = fleet.sb.exec(["cat", f"/proc/{shell}/task/{shell}/children"], check=True).stdout.split()[0]
+            fleet.sb.exec(["kill", f"-{sig}", child], check=True)
+            done = wait_for(lambda: (lambda s: s if "TOP-EXIT=" in s else None)(tmux.screen()), 15, interval=0.3,
+                            what=f"top to exit on SIG{sig}")
+            assert "TOP-EXIT=0" in done and "-icanon" not in done, done
     finally:
         tmux.kill()
     # no terminal: one frame on stdout, like top -b -n 1
