@@ -266,10 +266,11 @@ def run(source: Source, *, interval_s: float = DEFAULT_INTERVAL_S, once: bool = 
     """Draw frames until q, Ctrl-C, SIGTERM or SIGHUP (or one frame with ``once``, or when stdout is no terminal).
 
     Returns the exit code (0). The terminal is restored in every case."""
-    from rich.console import Console
     from rich.live import Live
 
-    console = console or Console(highlight=False)
+    from lanectl.output import stdout_console
+
+    console = console or stdout_console()  # 200 columns when stdout is no terminal, as every table of lanectl
     stdin = sys.stdin if stdin is None else stdin
     try:
         if once or not console.is_terminal:

@@ -1,4 +1,4 @@
-"""lanectl.top's rendering at every terminal width, over a real ledger (the live loop: tests/systemd/test_top.py)."""
+"""lanectl.top's rendering at every terminal width, over a real ledger (the live loop: tests/systemd/test_top_pty.py)."""
 from __future__ import annotations
 
 import io
