@@ -39,7 +39,8 @@ def fleet(sandbox, tmp_path_factory):  # type: ignore[no-untyped-def]
 
 
 def curl(fleet: Fleet, url: str, *args: str) -> str:
-    proc = fleet.sb.exec(["curl", "-sS", "--max-time", "10", *args, url], check=False)
+    """The body of a 2xx answer, else '' (-f: Prometheus answers 503 "Service Unavailable" while it starts)."""
+    proc = fleet.sb.exec(["curl", "-fsS", "--max-time", "10", *args, url], check=False)
     return proc.stdout if proc.returncode == 0 else ""
 
 
