@@ -340,8 +340,10 @@ def metrics_conn(conn: sqlite3.Connection, *, window_s: float, now: float, lane:
             a = groups[(ln, cls)] = _Acc()
         a.busy_s += busy
 
-    return _assemble(groups, in_flight, _restarts(conn, t0, t1, lane), _capacities(fleet, capacity), window_s, now,
-                     lane)
+    out = _assemble(groups, in_flight, _restarts(conn, t0, t1, lane), _capacities(fleet, capacity), window_s, now,
+                    lane)
+    out["now_state"] = state_now(conn, now=now, fleet=fleet, lane=lane)
+    return out
 
 
 def _in_flight(conn: sqlite3.Connection, t0: float, t1: float,
@@ -367,6 +369,38 @@ def _restarts(conn: sqlite3.Connection, t0: float, t1: float, lane: str | None) 
             f"GROUP BY e.lane, e.kind", (t0, t1, *lp)):
         restarts.setdefault(ln or "-", {})[kind] = count
     return restarts
+
+
+LANE_STATES: Final = ("active", "draining", "drained", "degraded", "disabled")
+"""The ledger's dispatch states of a lane (``lanes.state``)."""
+CLASS_RANKS: Final = (("interactive", 0), ("deadline", 1), ("background", 2))
+
+
+def state_now(conn: sqlite3.Connection, *, now: float, fleet: Any = None, lane: str | None = None) -> dict[str, Any]:
+    """What holds *now*, not over a window: each lane's dispatch state and health as the supervisor last recorded
+    them in the ledger, whether lanes.d enables it (with ``fleet``), and per class the queue depth and the age of
+    the oldest queued mission (what ``lanectl probe`` judges for interactive work).
+
+    Cheap at any size: the lanes table, the trigger-kept ``queue_depth`` rows and, per class, a range of the
+    partial queue index (what is queued now, never the history).
+    """
+    lanes: dict[str, dict[str, Any]] = {}
+    for name, state, healthy in conn.execute("SELECT name, state, healthy FROM lanes"):
+        lanes[name] = {"lane": name, "state": state, "healthy": bool(healthy), "enabled": None}
+    if fleet is not None:
+        for name, cfg in fleet.lanes.items():
+            row = lanes.setdefault(name, {"lane": name, "state": None, "healthy": None, "enabled": None})
+            row["enabled"] = bool(cfg.enabled)
+    if lane is not None:
+        lanes = {k: v for k, v in lanes.items() if k == lane}
+    depth = dict(conn.execute("SELECT rank, n FROM queue_depth").fetchall())
+    classes = []
+    for cls, rank in CLASS_RANKS:
+        oldest = conn.execute("SELECT min(created_at) FROM missions WHERE state = 'queued' AND rank = ?",
+                              (rank,)).fetchone()[0]
+        classes.append({"class": cls, "queued": int(depth.get(rank, 0)),
+                        "oldest_wait_s": round(max(0.0, now - oldest), 6) if oldest is not None else 0.0})
+    return {"lanes": [lanes[k] for k in sorted(lanes)], "classes": classes}
 
 
 def _assemble(groups: dict[tuple[str, str], _Acc], in_flight: dict[tuple[str, str], int],
@@ -624,6 +658,27 @@ def prometheus_text(m: Mapping[str, Any], *, generated: float | None = None) -> 
         for r in m["lanes"]:
             if r[key] is not None:
                 out.append(f"{name}{_labels(lane=r['lane'])} {_num(r[key])}")
+    state = m.get("now_state") or {"lanes": [], "classes": []}
+    head("lanectl_lane_healthy", "1 when the supervisor last found the lane's unit running and its health endpoint "
+         "answering as the lane, else 0.")
+    for r in state["lanes"]:
+        if r["healthy"] is not None:
+            out.append(f"lanectl_lane_healthy{_labels(lane=r['lane'])} {_num(r['healthy'])}")
+    head("lanectl_lane_state", "The lane's dispatch state in the ledger: 1 for the current one, 0 for the others.")
+    for r in state["lanes"]:
+        if r["state"] is not None:
+            for st in LANE_STATES:
+                out.append(f"lanectl_lane_state{_labels(lane=r['lane'], state=st)} {_num(st == r['state'])}")
+    head("lanectl_lane_enabled", "1 when lanes.d enables the lane (it should run), 0 when it is disabled there.")
+    for r in state["lanes"]:
+        if r["enabled"] is not None:
+            out.append(f"lanectl_lane_enabled{_labels(lane=r['lane'])} {_num(r['enabled'])}")
+    head("lanectl_queued", "Missions queued now.")
+    for c in state["classes"]:
+        out.append(f"lanectl_queued{_labels(**{'class': c['class']})} {_num(c['queued'])}")
+    head("lanectl_queue_oldest_wait_seconds", "Age of the oldest queued mission now (0 when none is queued).")
+    for c in state["classes"]:
+        out.append(f"lanectl_queue_oldest_wait_seconds{_labels(**{'class': c['class']})} {_num(c['oldest_wait_s'])}")
     if generated is not None:
         head("lanectl_metrics_generated_timestamp_seconds", "When these metrics were computed (epoch seconds).")
         out.append(f"lanectl_metrics_generated_timestamp_seconds {_num(float(generated))}")

@@ -256,7 +256,7 @@ class Reporter(threading.Thread):
                         self.delivered += 1
                         self._done(msg)
                     elif 400 <= status < 500 and status != 429:
-                        log.warning("callback %s for mission %d attempt %d refused: HTTP %d", msg.event, msg.mission,
+                        log.warning("callback %s for mission=%d attempt=%d refused: HTTP %d", msg.event, msg.mission,
                                     msg.attempt, status)
                         self.dropped += 1
                         self._done(msg)
@@ -460,7 +460,7 @@ class LaneRuntime:
                 return
             cur.cancel_requested = True
             cur.outcome = cur.outcome or "fenced"
-        log.warning("mission %d attempt %d: the supervisor fenced it; stopping it", msg.mission, msg.attempt)
+        log.warning("mission=%d attempt=%d: the supervisor fenced it; stopping it", msg.mission, msg.attempt)
         self.inbox.put(msg.mission)
 
     def bind(self) -> None:
@@ -601,6 +601,10 @@ class LaneRuntime:
                 del self.held[r.msg.mission]
         self.done += 1
         self.out_dirty = True
+        # a failure is the lane operator's business (warning); success is routine (debug: the ledger has it)
+        log.log(logging.DEBUG if event == "succeeded" else logging.WARNING if event == "failed" else logging.INFO,
+                "mission=%d attempt=%d %s%s%s", r.msg.mission, r.msg.attempt, event,
+                "" if exit_code is None else f" (exit status {exit_code})", f": {error[:300]}" if error else "")
         if r.started_at is not None:  # logged before the callback is queued: the supervisor reads it if we die
             self.journal(event="end", mission=r.msg.mission, attempt=r.msg.attempt, outcome=event,
                          exit_code=exit_code, error=None if error is None else error[:2000])
@@ -630,7 +634,7 @@ class LaneRuntime:
                 try:
                     err = self.start_mission(r)
                 except Exception as exc:  # a mission must never take its lane down with it
-                    log.exception("mission %d attempt %d could not be started", r.msg.mission, r.msg.attempt)
+                    log.exception("mission=%d attempt=%d could not be started", r.msg.mission, r.msg.attempt)
                     err = f"the runtime could not start it: {type(exc).__name__}: {exc}"[:2000]
                 r.started_at = now
                 if err is not None:
@@ -701,7 +705,7 @@ class LaneRuntime:
                          daemon=True).start()
         self.reporter.start()
         self.notifier.send("READY=1\nSTATUS=" + self.status_line())
-        log.info("lane %s listening on 127.0.0.1:%d", self.info.lane, self.info.port)
+        log.info("lane=%s listening on 127.0.0.1:%d", self.info.lane, self.info.port)
         ping = Notifier.watchdog_interval() or DEFAULT_WATCHDOG_PING_S
         last_ping, last_status = 0.0, ""
         while not self.stop.is_set():
@@ -743,8 +747,9 @@ class LaneRuntime:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=os.environ.get("LANECTL_LOG_LEVEL", "INFO"), stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
+    from lanectl.journal import setup as setup_logging
+
+    setup_logging(f"lane={os.environ.get('LANECTL_LANE') or '-'}")  # under journald: <N> priority prefixes
     info = LaneInfo.from_env()
     rt = LaneRuntime(info)
     signal.signal(signal.SIGTERM, lambda *_: rt.stop.set())

@@ -636,7 +636,7 @@ class Supervisor:
                                             record_rejected=self.record_rejection)
             return self.answer(cb, out[0])
         except Exception:
-            log.exception("callback %s for mission %d attempt %d from %s failed", cb.kind, cb.mission, cb.attempt,
+            log.exception("callback %s for mission=%d attempt=%d lane=%s failed", cb.kind, cb.mission, cb.attempt,
                           cb.lane)
             return 500, {"error": "internal", "message": "the supervisor could not apply it; retry"}
 
@@ -676,24 +676,24 @@ class Supervisor:
                 # the lane ran nothing (full, or stopping): the mission goes back uncharged, and the lane gets no
                 # more work until its next health report
                 why = "lane full" if status == 429 else "lane stopping"
-                log.info("mission %d attempt %d -> %s: %s (HTTP %d), re-queued, not charged", d.mission, d.attempt,
+                log.info("mission=%d attempt=%d lane=%s: %s (HTTP %d), re-queued, not charged", d.mission, d.attempt,
                          d.lane, why, status)
                 ms.return_attempt(self.ledger, d.mission, d.attempt, d.lane, d.token,
                                   f"{why} (HTTP {status}): not charged", now=now)
                 self.full.add(d.lane)
                 if status == 503:
-                    self.set_health(self.lanes[d.lane], False, now)
+                    self.set_health(self.lanes[d.lane], False, now, "it is stopping (HTTP 503 to a dispatch)")
                 self.dirty = True
                 continue
             reason = f"lane refused the dispatch (HTTP {status}): {text[:200]}" if status else f"lane unreachable: {text}"
-            log.warning("mission %d attempt %d -> %s: %s", d.mission, d.attempt, d.lane, reason)
+            log.warning("mission=%d attempt=%d lane=%s: dispatch failed: %s", d.mission, d.attempt, d.lane, reason)
             try:
                 ms.fail(self.ledger, d.mission, lane=d.lane, attempt=d.attempt, token=d.token, now=now,
                         error=reason, retry=True)
             except (Conflict, NotFound):
                 pass  # already over (cancelled, or re-queued by a failover)
             if status is None or status >= 500:
-                self.set_health(self.lanes[d.lane], False, now)
+                self.set_health(self.lanes[d.lane], False, now, f"dispatch failed: {reason}")
             self.dirty = True
 
     def tick(self, now: float) -> None:
@@ -749,7 +749,7 @@ class Supervisor:
         if now - self.alerted.get(key, float("-inf")) < self.settings.rollback.cooldown_sec:
             return
         self.alerted[key] = now
-        log.warning("rollback trigger %s on %s: %s", trip.trigger, lane or "the fleet", reason)
+        log.warning("rollback trigger %s on lane=%s: %s", trip.trigger, lane or "*", reason)
         lane_ops.record(self.ledger, EventKind.ALERT, now=now, lane=lane, trigger=trip.trigger, detail=trip.detail,
                         evidence=trip.evidence, actor="lanectl-supervisor", reason=reason, **data)
 
@@ -770,7 +770,7 @@ class Supervisor:
                         detail=trip.detail, evidence=trip.evidence, fallback=fallback, moved=moved, snapshot=path,
                         actor=who, reason=trip.detail)
         self.lanes[trip.lane].state = "draining"
-        log.warning("rollback of lane %s (%s): drained, work moved to %s, snapshot %s", trip.lane, trip.detail,
+        log.warning("lane=%s rolled back (%s): drained, work moved to %s, snapshot %s", trip.lane, trip.detail,
                     fallback or "nowhere (no fallback)", path)
         self.dirty = True
 
@@ -784,7 +784,7 @@ class Supervisor:
                 snapshot.capture(self.fleet, self.ledger_path, out, lane=lane, reason=reason,
                                  actor="lanectl-supervisor", now=now)
             except Exception:
-                log.exception("snapshot for lane %s failed", lane)
+                log.exception("lane=%s: snapshot failed", lane)
 
         threading.Thread(target=run, name="snapshot", daemon=True).start()
         return str(snapshot.final_path(out, lane, now))
@@ -843,7 +843,7 @@ class Supervisor:
             if status is not None and (200 <= status < 300 or status == 404):
                 del self.cancels[(mission, lane)]  # stopping, or not held (never got it, or over)
                 continue
-            log.warning("cancel of mission %d did not reach lane %s (%s); retrying in %gs", mission, lane,
+            log.warning("mission=%d lane=%s: the cancel did not reach the lane (%s); retrying in %gs", mission, lane,
                         f"HTTP {status}" if status else "unreachable", entry[1])
             entry[:] = [mono + entry[1], min(entry[1] * 2, CANCEL_RETRY_MAX_S), 0]
         if self.cancels:
@@ -855,9 +855,18 @@ class Supervisor:
             del self.cancels[key]
 
     # ------------------------------------------------------------------------------------------ lanes
-    def set_health(self, lane: LaneWatch, healthy: bool, now: float) -> None:
+    def set_health(self, lane: LaneWatch, healthy: bool, now: float, why: str = "") -> None:
         if lane.healthy == healthy and lane.health_recorded:
             return
+        # a lane that should take work and stops answering is a warning; one drained, disabled or not up yet (this
+        # process's first look) is not
+        should_run = lane.enabled and lane.state in ("active", "degraded")
+        if healthy:
+            log.info("lane=%s healthy", lane.name)
+        else:
+            log.log(logging.WARNING if should_run and lane.health_recorded else logging.INFO,
+                    "lane=%s down: %s%s", lane.name, why or "not healthy",
+                    "" if should_run else f" ({lane.state if lane.enabled else 'disabled'}: not expected to run)")
         lane.health_recorded = True
         lane.healthy = healthy
         lane.healthy_since = now if healthy else None
@@ -899,11 +908,11 @@ class Supervisor:
         """The authentic entries of a lane's execution log. The read runs in a thread with a deadline: whatever sits
         in the workspace, the main loop waits at most LOG_READ_TIMEOUT_S, and never again while a read hangs."""
         if self.log_read is not None and not self.log_read.done():
-            log.warning("lane %s: execution log not read: an earlier read has not returned", lane.name)
+            log.warning("lane=%s: execution log not read: an earlier read has not returned", lane.name)
             return []
         uid = self.lane_uid(lane.name)
         if uid is None:
-            log.warning("lane %s: execution log not read: its user %s does not exist", lane.name,
+            log.warning("lane=%s: execution log not read: its user %s does not exist", lane.name,
                         self.fleet.lanes[lane.name].resolved_user(lane.name))
             return []
         workspace = Path(self.fleet.lanes[lane.name].workspace)
@@ -922,15 +931,15 @@ class Supervisor:
         try:
             scan = fut.result(timeout=wait)
         except TimeoutError:
-            log.warning("lane %s: execution log not read within %gs", lane.name, wait)
+            log.warning("lane=%s: execution log not read within %gs", lane.name, wait)
             return []
         except Exception:
-            log.exception("lane %s: reading the execution log failed", lane.name)
+            log.exception("lane=%s: reading the execution log failed", lane.name)
             return []
         if scan.refused:
-            log.warning("lane %s: execution log not read: %s", lane.name, scan.refused)
+            log.warning("lane=%s: execution log not read: %s", lane.name, scan.refused)
         if scan.unauthentic:
-            log.warning("lane %s: %d line(s) of its execution log failed authentication and were ignored",
+            log.warning("lane=%s: %d line(s) of its execution log failed authentication and were ignored",
                         lane.name, scan.unauthentic)
         return scan.entries
 
@@ -963,7 +972,8 @@ class Supervisor:
                 settled.append(key[0])
                 active.discard(key)
         if settled:
-            log.info("lane %s: settled %s from its execution log", lane.name, settled)
+            log.info("lane=%s: settled %s from its execution log", lane.name,
+                     " ".join(f"mission={m}" for m in settled))
         return settled
 
     def lane_exited(self, lane: LaneWatch, now: float) -> None:
@@ -977,8 +987,8 @@ class Supervisor:
         lost = ms.requeue_lane(self.ledger, lane.name, "lane process exited", now=now)
         if lost:
             self.counters["failovers"] += 1
-            log.warning("lane %s exited; re-queued missions %s", lane.name, lost)
-        self.set_health(lane, False, now)
+            log.warning("lane=%s exited; re-queued %s", lane.name, " ".join(f"mission={m}" for m in lost))
+        self.set_health(lane, False, now, "its process exited")
         self.settling = True
         self.settle_until = self.clock.mono() + SETTLE_S
         self.dirty = True
@@ -1036,14 +1046,18 @@ class Supervisor:
                     self.lane_exited(w, now)  # its process is gone and the pidfd missed it: re-queue at once
             body = h.body or {}
             ok = h.ok and (not self.use_systemd or w.running) and body.get("lane", w.name) == w.name
+            why = ("" if ok else f"unit {w.active}/{w.sub}" if self.use_systemd and not w.running
+                   else f"health endpoint: {h.error or f'HTTP {h.http_status}'}" if not h.ok
+                   else f"its health endpoint answers as lane {body.get('lane')!r}")
             uid = self.lane_uid(w.name) if holders else None
             if ok and uid is not None and holders.get(w.port) != {uid}:
                 ok = False  # another process holds the lane's port: it would get the lane's dispatches and key
+                why = f"port {w.port} held by another user"
                 if self.alerted.get((w.name, "port_taken"), 0.0) < now - 60:
                     self.alerted[(w.name, "port_taken")] = now
-                    log.error("lane %s: port %d is held by uid(s) %s, not by the lane's user (uid %d): no work is "
+                    log.error("lane=%s: port %d is held by uid(s) %s, not by the lane's user (uid %d): no work is "
                               "sent there", w.name, w.port, sorted(holders.get(w.port) or ()), uid)
-            self.set_health(w, ok, now)
+            self.set_health(w, ok, now, why)
             self.full.discard(w.name)
             if ok:
                 w.held = {int(x) for x in body.get("missions", []) if isinstance(x, int)}
@@ -1093,6 +1107,7 @@ class Supervisor:
                 append(conn, EventKind.LANE_STATE, now, lane=w.name, to="active", previous="degraded",
                        reason=f"healthy for {recover:g}s")
             w.state = "active"
+            log.info("lane=%s active again: healthy for %gs", w.name, recover)
             w.restart_times.clear()  # the storm that degraded it is over: count afresh
             self.dirty = True
 
@@ -1112,14 +1127,14 @@ class Supervisor:
             append(conn, EventKind.LANE_STATE, now, lane=w.name, to="degraded", previous=w.state, reason=why,
                    fallback=fallback)
         w.state = "degraded"
-        log.warning("lane %s degraded (%s); fallback %s", w.name, why, fallback or "none")
+        log.warning("lane=%s degraded (%s); fallback %s", w.name, why, fallback or "none")
         if fallback:
             sessions = [r[0] for r in self.ledger.conn.execute("SELECT id FROM sessions WHERE lane = ?", (w.name,))]
             for s in sessions:
                 try:
                     ms.move_session(self.ledger, s, fallback, now=now, reason=f"failover: {w.name} degraded")
                 except LanectlError as exc:
-                    log.info("session %s stays on %s for now: %s", s, w.name, exc.message)
+                    log.info("session=%s stays on lane=%s for now: %s", s, w.name, exc.message)
         self.dirty = True
 
     def reconcile(self, now: float) -> None:
@@ -1375,7 +1390,7 @@ class Supervisor:
                     self.lane_exited(lane, now)
                 except (sqlite3.Error, LanectlError) as exc:
                     # not recorded: the next look at systemd sees the new invocation and re-queues then
-                    log.error("lane %s exited but the ledger is unavailable: %s", lane.name, exc)
+                    log.error("lane=%s exited but the ledger is unavailable: %s", lane.name, exc)
                     self.settling = True
                     self.settle_until = self.clock.mono() + SETTLE_S
 

@@ -1,6 +1,7 @@
-"""up, down, restart, status: operate the installed fleet through systemd."""
+"""up, down, restart, status, top: operate the installed fleet through systemd and watch it."""
 from __future__ import annotations
 
+import os
 from typing import Any, List, Optional
 
 import typer
@@ -29,6 +30,7 @@ def register(app: typer.Typer) -> None:
     app.command("status")(status)
     app.command("probe")(probe)
     app.command("logs")(logs)
+    app.command("top")(top)
 
 
 def _lanes(unit_dir: Optional[str], config_dir: Optional[str]) -> dict[str, dict[str, Any]]:
@@ -131,6 +133,31 @@ def status(lanes: Optional[List[str]] = LANES, unit_dir: Optional[str] = UNIT_DI
 
     data = installed_fleet(paths.unit_dir(unit_dir), config_dir)
     run_status(collect(data["lanes"], lanes or None, data.get("supervisor"), ledger=data.get("ledger")), json_out)
+
+
+@command("top")
+def top(interval: float = typer.Option(1.0, "--interval", "-n", min=0.2, max=60.0, help="Seconds between refreshes."),
+        window: str = typer.Option("5m", help="The window of the p95 queue wait: 1m, 5m, 1h."),
+        once: bool = typer.Option(False, "--once", help="Print one frame and exit (also when stdout is no terminal)."),
+        unit_dir: Optional[str] = UNIT_DIR, config_dir: Optional[str] = CONFIG,
+        ledger: Optional[str] = typer.Option(None, "--ledger", metavar="PATH",
+                                             help="Ledger file (default: the installed fleet's).")) -> None:
+    """A live view: lanes, queue and the last events, refreshed every second; q or Ctrl-C leaves.
+
+    Per lane: dispatch state (active, draining, drained, degraded) or what is wrong with it, unit state,
+    in flight / capacity, CPU since the last refresh, memory, restarts, watchdog ping age, health, uptime. Per
+    class: queued, the oldest queued mission's wait, p95 queue wait over --window. Then the last events, as
+    many as fit. Reads what status, metrics and events read; the ledger read-only. Narrow terminals lose
+    columns from the right.
+    """
+    from lanectl import top as live
+    from lanectl.cli.evidence import parse_duration
+    from lanectl.status import installed_fleet
+
+    data = installed_fleet(paths.unit_dir(unit_dir), config_dir)
+    source = live.Source(data, ledger or os.environ.get("LANECTL_LEDGER") or data["ledger"],
+                         window_s=parse_duration(window))
+    raise typer.Exit(live.run(source, interval_s=interval, once=once))
 
 
 def probe(lanes: Optional[List[str]] = LANES, unit_dir: Optional[str] = UNIT_DIR,

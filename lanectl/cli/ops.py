@@ -1,10 +1,7 @@
 """supervise, drain, undrain, reroute, apply: the control plane and the operator's verbs on it."""
 from __future__ import annotations
 
-import logging
-import os
 import signal
-import sys
 import time
 from typing import Any, Optional
 
@@ -33,26 +30,10 @@ def register(app: typer.Typer) -> None:
 
 
 def setup_logging() -> None:
-    """To stderr; under journald without timestamps and with <N> priority prefixes (SyslogLevelPrefix=)."""
-    stream = os.environ.get("JOURNAL_STREAM", "")
-    journald = False
-    if stream:
-        try:
-            st = os.fstat(2)
-            journald = stream == f"{st.st_dev}:{st.st_ino}"
-        except OSError:
-            pass
-    prefix = {logging.DEBUG: "<7>", logging.INFO: "<6>", logging.WARNING: "<4>", logging.ERROR: "<3>",
-              logging.CRITICAL: "<2>"}
+    """To stderr; under journald with sd-daemon priority prefixes on every line (lanectl.journal)."""
+    from lanectl import journal
 
-    class Fmt(logging.Formatter):
-        def format(self, record: logging.LogRecord) -> str:
-            text = super().format(record)
-            return prefix.get(record.levelno, "<6>") + text if journald else text
-
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(Fmt("%(name)s: %(message)s" if journald else "%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=os.environ.get("LANECTL_LOG_LEVEL", "INFO"), handlers=[handler])
+    journal.setup()
 
 
 @command("supervise")

@@ -352,3 +352,30 @@ def test_follow_from_an_id_with_a_real_writer(led: Ledger, tmp_path: Path) -> No
             stop.set()
     t.join()
     assert [e["ts"] for e in got] == [T0, T0 + 1, T0 + 2]
+
+
+def test_state_now_in_metrics_and_prometheus(led: Ledger, tmp_path: Path) -> None:
+    """Lane state and health as recorded, queue depth and oldest wait per class: in the JSON and the exposition."""
+    fleet = make_fleet(tmp_path)
+    ms.set_lane(led, "alpha", now=T0, healthy=True)
+    ms.set_lane(led, "beta", now=T0, state="drained", healthy=False)
+    for at, cls in ((T0 + 10, "interactive"), (T0 + 20, "interactive"), (T0 + 50, "background")):
+        ms.submit(led, fleet, cls=cls, payload={}, now=at)
+    m = evidence.metrics(led, window_s=60, now=T0 + 100, fleet=fleet)
+    st = m["now_state"]
+    assert st["lanes"] == [{"lane": "alpha", "state": "active", "healthy": True, "enabled": True},
+                           {"lane": "beta", "state": "drained", "healthy": False, "enabled": True}]
+    assert {c["class"]: (c["queued"], c["oldest_wait_s"]) for c in st["classes"]} == {
+        "interactive": (2, 90.0), "deadline": (0, 0.0), "background": (1, 50.0)}
+    got = {(n, tuple(sorted(lb.items()))): v for n, lb, v in
+           parse_prometheus(evidence.prometheus_text(m, generated=T0 + 100))["samples"]}
+    assert got[("lanectl_lane_healthy", (("lane", "alpha"),))] == 1
+    assert got[("lanectl_lane_healthy", (("lane", "beta"),))] == 0
+    assert got[("lanectl_lane_state", (("lane", "beta"), ("state", "drained")))] == 1
+    assert got[("lanectl_lane_state", (("lane", "beta"), ("state", "active")))] == 0
+    assert sum(v for (n, lb), v in got.items() if n == "lanectl_lane_state" and ("lane", "alpha") in lb) == 1
+    assert got[("lanectl_queued", (("class", "interactive"),))] == 2
+    assert got[("lanectl_queue_oldest_wait_seconds", (("class", "interactive"),))] == 90.0
+    assert got[("lanectl_queue_oldest_wait_seconds", (("class", "deadline"),))] == 0.0
+    # one lane: only its row
+    assert [r["lane"] for r in evidence.metrics(led, 60, T0 + 100, "beta", fleet=fleet)["now_state"]["lanes"]] == ["beta"]
