@@ -238,11 +238,19 @@ BEGIN UPDATE queue_waits SET cursor = NEW.id - 1
     WHERE rank = NEW.rank AND target = NEW.target AND tags = NEW.tags AND cursor >= NEW.id; END;
 """
 
+_V6: Final = """
+-- Lane deaths a mission was in flight for (issue 17): such a loss is not charged to every bystander; a suspect runs
+-- alone on an idle lane, and a lane death while it runs alone is charged to it (lanectl/ledger/missions.py).
+ALTER TABLE missions ADD COLUMN suspect INTEGER NOT NULL DEFAULT 0 CHECK (suspect >= 0);
+"""
+
+
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration("0001_missions_attempts_events_sessions_lanes", _V1),
     Migration("0002_lane_weight_override", _V2),
     Migration("0003_mission_ids_never_reused", _missions_autoincrement(), rebuilds=True),
     Migration("0004_queue_groups", _V4),
+    Migration("0006_lane_death_suspects", _V6),
 )
 LATEST: Final = len(MIGRATIONS)
 
