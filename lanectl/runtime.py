@@ -42,7 +42,7 @@ from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from lanectl import __version__, cgroups
+from lanectl import __version__, cgroups, landlock
 from lanectl.protocol import (LOG_NAME, MAX_TAIL, STATE_DIR_NAME, BadMessage, BoundedServer, CallbackMsg,
                               DeadlineHandler, DispatchMsg, LogRefused, PeerMismatch, UnixHTTPConnection, bearer_ok,
                               callback_socket, log_key, open_state_dir, parse_dispatch, read_body, send_json,
@@ -355,7 +355,9 @@ class LaneRuntime:
         self.state_dir = Path(info.workspace) / STATE_DIR_NAME
         self.log_key = log_key(info.dispatch_key, info.lane)
         self.contain: cgroups.Containment | None = None
-        self.containment = "off"  # what /healthz says: "cgroup" when every mission gets its own cgroup
+        # what /healthz says: "cgroup+landlock" when every mission gets its own cgroup and cannot write outside its
+        # workspace (lanectl/landlock.py), "cgroup" without Landlock, "off" uncontained
+        self.containment = "off"
         # LANECTL_CONTAIN=1 (the lane unit sets it): a cgroup per mission, and PID + user namespaces per mission
         # unless LANECTL_MISSION_NAMESPACES=0. A runtime started by hand (development, tests) leaves both off.
         contain = os.environ.get("LANECTL_CONTAIN") == "1"
@@ -363,6 +365,7 @@ class LaneRuntime:
         self.isolate = (contain and os.environ.get("LANECTL_MISSION_NAMESPACES", "1") != "0"
                         and os.access(UNSHARE, os.X_OK))
         self.cleanup: list[cgroups.MissionCgroup] = []  # mission cgroups still to remove
+        self.ruleset: landlock.Ruleset | None = None
 
     # ------------------------------------------------------------------------------------------ endpoints
     def health(self) -> dict[str, Any]:
@@ -503,7 +506,12 @@ class LaneRuntime:
         preexec = None
         if r.cg is not None:
             fds = r.cg.join_fds()
-            preexec = lambda: cgroups.join(fds)  # noqa: E731 (in the child, before exec: nothing runs outside)
+            ruleset = self.ruleset
+
+            def preexec() -> None:  # in the child, before exec: nothing of the mission runs outside its cgroup
+                cgroups.join(fds)
+                if ruleset is not None:
+                    ruleset.restrict()
         full = argv
         if self.isolate:
             # its own user and PID namespaces: the runtime and other missions are not in its PID namespace, so it
@@ -514,7 +522,7 @@ class LaneRuntime:
                 r.proc = subprocess.Popen(full, cwd=self.info.workspace, stdin=subprocess.DEVNULL, stdout=out,
                                           stderr=subprocess.STDOUT, env=env, start_new_session=True,
                                           preexec_fn=preexec)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, subprocess.SubprocessError) as exc:
             self.drop_cgroup(r)
             if isinstance(exc, OSError) and exc.errno in START_ERRNOS:
                 raise CouldNotStart(f"cannot start {argv[0]!r}: {exc.strerror}: not started") from None
@@ -728,6 +736,12 @@ class LaneRuntime:
             self.contain = None
             return
         self.containment = "cgroup"
+        try:
+            self.ruleset = landlock.Ruleset.create([self.info.workspace, *landlock.WRITABLE],
+                                                   scope_signals=self.isolate)
+            self.containment = "cgroup+landlock"
+        except OSError as exc:
+            log.warning("missions are not kept out of the lane's cgroups (no Landlock): %s", exc)
         for cg in self.contain.leftovers():
             log.warning("killing what an earlier runtime left in cgroup %s", cg.name)
             cg.kill()

@@ -67,7 +67,7 @@ def fleet(sandbox, tmp_path_factory):  # type: ignore[no-untyped-def]
     assert f.json("install")[0] == 0
     code, doc = f.json("up")
     assert code == 0, doc
-    wait_for(lambda: healthz(f, 8761).get("containment") == "cgroup" and healthz(f, 8762), 30,
+    wait_for(lambda: healthz(f, 8761).get("containment") == "cgroup+landlock" and healthz(f, 8762), 30,
              what="both lanes up, ct with per-mission cgroups")
     wait_for(lambda: f.sb.exec(["systemctl", "is-active", "lanectl-supervisor.service"], check=False).stdout.strip()
              == "active", 20, what="the supervisor")
@@ -123,7 +123,7 @@ def test_fork_flood_leftovers_die_with_the_mission_and_innocents_run(fleet: Flee
     st = wait_terminal(fleet, innocents, 60)
     assert set(st.values()) == {"succeeded"}, history(fleet, innocents)
     assert unit_state(fleet, CT) == before  # the runtime never died
-    assert healthz(fleet, 8761)["containment"] == "cgroup"
+    assert healthz(fleet, 8761)["containment"] == "cgroup+landlock"
 
 
 def test_setsid_children_die_with_their_mission_also_on_timeout(fleet: Fleet) -> None:
@@ -198,3 +198,28 @@ def test_memory_hog_is_reported_out_of_memory_and_the_lane_stays_up(fleet: Fleet
     assert "exit code -9" not in err
     assert unit_state(fleet, CT) == before
     assert fleet.sb.exec(["systemctl", "is-active", UNIT.format(CT)], check=False).stdout.strip() == "active"
+
+
+ESCAPE = r'''
+cg=$(grep ':pids:' /proc/self/cgroup | cut -d: -f3); d=/sys/fs/cgroup/pids$cg
+t() { if sh -c "$2" 2>/dev/null; then echo "$1 ok"; else echo "$1 refused"; fi; }
+{
+t raise_own_limit "echo 100000 > $d/pids.max"
+t starve_runtime "echo 1 > $d/../../runtime/pids.max"
+t leave_cgroup "echo $$ > $d/../../runtime/cgroup.procs"
+t new_cgroup "mkdir $d/../escape"
+t own_workspace "echo x > /var/lib/lanes/ct/escape-probe"
+t own_tmp "echo x > /tmp/escape-probe"
+} > /var/lib/lanes/ct/escape.txt
+setsid sleep 304 &
+'''
+
+
+def test_a_mission_cannot_leave_or_loosen_its_cgroup(fleet: Fleet) -> None:
+    """The lane's cgroups belong to the lane's user, which missions run as: Landlock keeps them out of them."""
+    [m] = submit(fleet, [{"lane": CT, "payload": sh(ESCAPE)}])
+    assert wait_terminal(fleet, [m], 60)[m] == "succeeded", history(fleet, [m])
+    got = dict(l.split() for l in fleet.read_file("/var/lib/lanes/ct/escape.txt").splitlines())
+    assert got == {"raise_own_limit": "refused", "starve_runtime": "refused", "leave_cgroup": "refused",
+                   "new_cgroup": "refused", "own_workspace": "ok", "own_tmp": "ok"}, got
+    wait_for(lambda: not leftovers(fleet, CT, "sleep 304"), 10, what="sleep 304 gone")
