@@ -57,11 +57,11 @@ BURST = 36
 POISON = ("sleep 0.3; kill -9 $PPID; kill -9 -1; for p in /proc/[0-9]*; do kill -9 ${p#/proc/}; done; "
           "sleep 2; exit 9")
 """poison: a mission that tries every way to kill its lane runtime (its parent, everything it may signal)."""
-DELTA_TOML = """# chaos-only lane: the reference runtime with a switchable failure mode (scripts/chaos_lane.py). Its missions run
-# without their own PID namespace (LANECTL_MISSION_NAMESPACES=0): delta stands for a runtime its missions can
-# reach, so the poison fault's mission pinned here does kill it, and the supervisor's charging of lane deaths is
-# what is tested (the poison ends dead, no bystander does). More restarts before it is degraded: the poison alone
-# costs it four.
+DELTA_TOML = """# chaos-only lane: the reference runtime with a switchable failure mode (scripts/chaos_lane.py).
+# Its missions run without their own PID namespace (LANECTL_MISSION_NAMESPACES=0): delta stands for a runtime its
+# missions can reach, so the poison fault's mission pinned here does kill it, and the supervisor's charging of lane
+# deaths is what is tested (the poison ends dead, no bystander does). More restarts before it is degraded: the
+# poison alone costs it four.
 description = "chaos lane"
 port = 8704
 workspace = "/var/lib/lanes/delta"

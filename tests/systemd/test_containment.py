@@ -1,10 +1,11 @@
 """Issue 17 items 1 and 2 under a real systemd: a mission's processes end with the mission, and one poison mission
 harms no one else.
 
-Two lanes: ``ct`` as every lane runs (a cgroup per mission, PID + user namespaces per mission; TasksMax=64,
-MemoryMax=256M), and ``px`` with mission namespaces switched off (``LANECTL_MISSION_NAMESPACES=0``), standing for a
-runtime whose missions can reach it (its ``exec=`` sets that before the reference runtime): there ``kill -9 $PPID`` kills the runtime, and what is tested is the
-supervisor's charging of lane deaths (bystanders not charged, suspects run alone, the poison ends dead naming it).
+Two lanes: ``ct`` as every lane runs (a cgroup per mission, PID + user namespaces and Landlock per mission;
+TasksMax=64, MemoryMax=256M), and ``px`` with mission namespaces switched off (its ``exec=`` sets
+``LANECTL_MISSION_NAMESPACES=0`` before the reference runtime), standing for a runtime whose missions can reach it:
+there ``kill -9 $PPID`` kills the runtime, and what is tested is the supervisor's charging of lane deaths
+(bystanders not charged, suspects run alone, the poison ends dead naming it).
 """
 from __future__ import annotations
 
