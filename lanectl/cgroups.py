@@ -104,8 +104,8 @@ def _limit(text: str, v1_unlimited: int | None = None) -> int | None:
 
 
 def tasks_reserve(limit: int, asked: int | None = None) -> int:
-    """Tasks kept for the runtime: ``asked`` (LANECTL_TASKS_RESERVE) or a quarter of the lane's, at least 16;
-    never more than half (missions must be able to run)."""
+    """Tasks kept for the runtime: ``asked`` or a quarter of the lane's, at least 16; never more than half (missions
+    must be able to run)."""
     want = asked if asked is not None else max(MIN_TASKS_RESERVE, limit // 4)
     return max(1, min(want, limit // 2))
 

@@ -728,9 +728,8 @@ class LaneRuntime:
         unit, no Delegate=), missions run uncontained and /healthz says so."""
         if not self.contain_wanted:
             return
-        reserve = os.environ.get("LANECTL_TASKS_RESERVE")
         try:
-            self.contain = cgroups.Containment.setup(int(reserve) if reserve and reserve.isdigit() else None)
+            self.contain = cgroups.Containment.setup()
         except OSError as exc:
             log.warning("missions are not contained (no cgroup of their own): %s", exc)
             self.contain = None

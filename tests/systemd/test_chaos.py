@@ -47,5 +47,6 @@ def test_chaos_two_minutes_nothing_lost_duplicated_or_orphaned() -> None:
     assert int(last.get("burst_drained", "99")) <= 1, report
     assert last.get("outage_charged") == "0", report  # a supervisor outage longer than lease_sec costs no attempt
     assert last.get("bystanders_dead") == "0", report  # a poison mission takes no other mission with it
+    assert int(last.get("poison_dead_named", "0")) >= 1, report  # the one that kills delta ends dead, named
     assert int(last["submitted"]) > 500, report
     assert proc.returncode == 0, report
