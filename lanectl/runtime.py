@@ -175,6 +175,22 @@ class Running:
     exit_code: int | None = None
 
 
+MISSION_OOM_SCORE_ADJ = b"500"
+
+
+def prefer_as_oom_victim() -> None:
+    """Should the lane as a whole run out of memory, the kernel kills a mission before its runtime (raising one's
+    own oom_score_adj needs no privilege)."""
+    try:
+        fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, MISSION_OOM_SCORE_ADJ)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
 class CouldNotStart(Exception):
     """The mission's command never ran: the lane had no task or memory for it (EAGAIN, ENOMEM). The attempt is lost
     and the supervisor re-queues the mission, instead of failing a mission whose command did not run."""
@@ -510,6 +526,7 @@ class LaneRuntime:
 
             def preexec() -> None:  # in the child, before exec: nothing of the mission runs outside its cgroup
                 cgroups.join(fds)
+                prefer_as_oom_victim()
                 if ruleset is not None:
                     ruleset.restrict()
         full = argv
