@@ -47,6 +47,9 @@ class LaneView:
     used_minute: Mapping[str, int] = field(default_factory=dict)
     used_day: Mapping[str, int] = field(default_factory=dict)
     invocation: str | None = None
+    quarantine: bool = False
+    """It runs a suspect mission (one that was in flight when a lane died), which runs alone: nothing else goes
+    there until it ends."""
 
     @property
     def available(self) -> bool:
@@ -64,6 +67,7 @@ class QueuedMission:
     session: str | None = None
     session_lane: str | None = None  # the session's owner lane
     session_active_lane: str | None = None  # lane where the session has missions in flight
+    suspect: int = 0  # lane deaths it was in flight for: it runs alone, on an idle lane
 
 
 @dataclass(frozen=True)
@@ -178,7 +182,7 @@ def group_room(target: str | None, tags: frozenset[str], cls: str, lanes: Mappin
 
 
 def _room(lane: LaneView, cls: str, tags: frozenset[str]) -> int:
-    if not lane.available or cls not in lane.classes or not tags <= lane.tags:
+    if not lane.available or cls not in lane.classes or not tags <= lane.tags or lane.quarantine:
         return 0
     room = lane.capacity - lane.in_flight
     rate = lane.rate_per_minute.get(cls)
@@ -205,8 +209,13 @@ def verdict(m: QueuedMission, lane: LaneView, pinned: str | None, route_wait: st
     missing = sorted(m.tags - lane.tags)
     if missing:
         return f"lane lacks tag(s) {', '.join(missing)}"
+    if lane.quarantine:
+        return "lane runs a suspect mission alone (one in flight when a lane died)"
     if lane.in_flight >= lane.capacity:
         return f"lane is full ({lane.in_flight}/{lane.capacity} in flight)"
+    if m.suspect and lane.in_flight:
+        return (f"mission runs alone (it was in flight when a lane died {m.suspect} time(s)); lane has "
+                f"{lane.in_flight} in flight")
     return quota_left(lane, m.cls)
 
 
@@ -249,7 +258,8 @@ def decide(snapshot: Snapshot, now: float) -> Decision:
         used_day = dict(best.used_day)
         used_min[m.cls] = used_min.get(m.cls, 0) + 1
         used_day[m.cls] = used_day.get(m.cls, 0) + 1
-        lanes[best.name] = replace(best, in_flight=best.in_flight + 1, used_minute=used_min, used_day=used_day)
+        lanes[best.name] = replace(best, in_flight=best.in_flight + 1, used_minute=used_min, used_day=used_day,
+                                   quarantine=best.quarantine or m.suspect > 0)
         move = None
         if m.session is not None:
             session_lane[m.session] = best.name

@@ -156,11 +156,17 @@ class CallbackMsg:
     exit_code: int | None = None
     output_tail: str | None = None
     error: str | None = None
+    retry: bool = False
+    """On ``failed``: the mission could not even start (fork or memory refused: EAGAIN, ENOMEM); its command never
+    ran, so the attempt is lost and the mission re-queued while attempts remain, not failed."""
 
     def as_json(self) -> dict[str, Any]:
-        return {"mission": self.mission, "attempt": self.attempt, "lane": self.lane, "token": self.token,
-                "event": self.event, "invocation": self.invocation, "exit_code": self.exit_code,
-                "output_tail": self.output_tail, "error": self.error}
+        doc = {"mission": self.mission, "attempt": self.attempt, "lane": self.lane, "token": self.token,
+               "event": self.event, "invocation": self.invocation, "exit_code": self.exit_code,
+               "output_tail": self.output_tail, "error": self.error}
+        if self.retry:
+            doc["retry"] = True
+        return doc
 
 
 MAX_CALLBACK_BATCH = 64
@@ -198,9 +204,11 @@ def _callback(doc: dict[str, Any]) -> CallbackMsg:
     code = _field(doc, "exit_code", int, optional=True)
     tail = _text(_field(doc, "output_tail", str, optional=True), "output_tail")
     err = _text(_field(doc, "error", str, optional=True), "error")
+    retry = _field(doc, "retry", bool, optional=True)
     return CallbackMsg(_positive(doc, "mission"), _positive(doc, "attempt"), _short(doc, "lane") or "",
                        _short(doc, "token") or "", event, _short(doc, "invocation", optional=True), code,
-                       None if tail is None else tail[-MAX_TAIL:], None if err is None else err[:2000])
+                       None if tail is None else tail[-MAX_TAIL:], None if err is None else err[:2000],
+                       bool(retry) and event == "failed")
 
 
 def bearer_ok(header: str | None, key: str) -> bool:

@@ -44,7 +44,7 @@ from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from lanectl import __version__, outcap
+from lanectl import __version__, cgroups, landlock, outcap
 from lanectl.protocol import (LOG_NAME, MAX_CALLBACK_BATCH, MAX_TAIL, STATE_DIR_NAME, BadMessage, BoundedServer, CallbackMsg,
                               DeadlineHandler, DispatchMsg, LogRefused, PeerMismatch, UnixHTTPConnection, bearer_ok,
                               callback_socket, log_key, open_state_dir, parse_dispatch, read_body, send_json,
@@ -173,6 +173,34 @@ class Running:
     outcome: str | None = None  # timeout | cancelled | fenced
     out_path: Path | None = None
     capture: outcap.Capture | None = None  # the pump keeping its output within [output] max_bytes
+    cg: cgroups.MissionCgroup | None = None
+    exited_at: float | None = None  # its main process ended; what else ran in its cgroup is being killed
+    exit_code: int | None = None
+
+
+MISSION_OOM_SCORE_ADJ = b"500"
+
+
+def prefer_as_oom_victim() -> None:
+    """Should the lane as a whole run out of memory, the kernel kills a mission before its runtime (raising one's
+    own oom_score_adj needs no privilege)."""
+    try:
+        fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, MISSION_OOM_SCORE_ADJ)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+class CouldNotStart(Exception):
+    """The mission's command never ran: the lane had no task or memory for it (EAGAIN, ENOMEM). The attempt is lost
+    and the supervisor re-queues the mission, instead of failing a mission whose command did not run."""
+
+
+START_ERRNOS = (errno.EAGAIN, errno.ENOMEM)
+UNSHARE = "/usr/bin/unshare"
 
 
 class Reporter(threading.Thread):
@@ -410,6 +438,18 @@ class LaneRuntime:
         self.out_limits = outcap.Limits.from_env()
         self.out_pruned_at = 0.0
         self.out_dirty = True
+        self.contain: cgroups.Containment | None = None
+        # what /healthz says: "cgroup+landlock" when every mission gets its own cgroup and cannot write outside its
+        # workspace (lanectl/landlock.py), "cgroup" without Landlock, "off" uncontained
+        self.containment = "off"
+        # LANECTL_CONTAIN=1 (the lane unit sets it): a cgroup per mission, and PID + user namespaces per mission
+        # unless LANECTL_MISSION_NAMESPACES=0. A runtime started by hand (development, tests) leaves both off.
+        contain = os.environ.get("LANECTL_CONTAIN") == "1"
+        self.contain_wanted = contain
+        self.isolate = (contain and os.environ.get("LANECTL_MISSION_NAMESPACES", "1") != "0"
+                        and os.access(UNSHARE, os.X_OK))
+        self.cleanup: list[cgroups.MissionCgroup] = []  # mission cgroups still to remove
+        self.ruleset: landlock.Ruleset | None = None
 
     # ------------------------------------------------------------------------------------------ endpoints
     def health(self) -> dict[str, Any]:
@@ -418,6 +458,7 @@ class LaneRuntime:
             missions = sorted(self.held)
         return {"lane": self.info.lane, "pid": os.getpid(), "invocation": self.info.invocation,
                 "in_flight": flight, "capacity": self.info.capacity, "version": __version__,
+                "containment": self.containment,
                 "uptime_s": round(time.time() - self.info.started_at, 3), "loops": self.loops,
                 "missions": missions, "reporting": self.reporter.reporting(), "completed": self.done,
                 "callbacks_pending": self.reporter.pending()}
@@ -540,6 +581,27 @@ class LaneRuntime:
         env = {**os.environ, "LANECTL_MISSION": str(r.msg.mission), "LANECTL_ATTEMPT": str(r.msg.attempt),
                "LANECTL_SESSION": r.msg.session or "", "LANECTL_CLASS": r.msg.cls}
         env.pop("NOTIFY_SOCKET", None)
+        if self.contain is not None:
+            free = self.contain.tasks_free()
+            if free is not None and free < 3:  # the wrapper, the command, one child: or it cannot even start
+                raise CouldNotStart(f"the lane has no task left for it ({free} of {self.contain.tasks_max} free to "
+                                    "missions): not started")
+            r.cg = self.contain.create(r.msg.mission, r.msg.attempt)
+        preexec = None
+        if r.cg is not None:
+            fds = r.cg.join_fds()
+            ruleset = self.ruleset
+
+            def preexec() -> None:  # in the child, before exec: nothing of the mission runs outside its cgroup
+                cgroups.join(fds)
+                prefer_as_oom_victim()
+                if ruleset is not None:
+                    ruleset.restrict()
+        full = argv
+        if self.isolate:
+            # its own user and PID namespaces: the runtime and other missions are not in its PID namespace, so it
+            # can signal none of them (kill -9 $PPID reaches only its own wrapper); it dies with its wrapper
+            full = [UNSHARE, "--user", "--map-current-user", "--pid", "--fork", "--kill-child", "--", *argv]
         try:
             sd = own_state_dir(self.info.workspace)  # a link or a file planted at .lanectl is moved aside
             try:
@@ -547,36 +609,94 @@ class LaneRuntime:
             finally:
                 os.close(sd)
         except OSError as exc:
+            if r.cg is not None:
+                r.cg.close_fds()
+            self.drop_cgroup(r)
             return f"cannot keep its output in {r.out_path}: {exc.strerror or exc}"
         try:
-            r.proc = subprocess.Popen(argv, cwd=self.info.workspace, stdin=subprocess.DEVNULL,
+            r.proc = subprocess.Popen(full, cwd=self.info.workspace, stdin=subprocess.DEVNULL,
                                       stdout=r.capture.write_fd, stderr=subprocess.STDOUT, env=env,
-                                      start_new_session=True)
-        except (OSError, ValueError) as exc:
+                                      start_new_session=True, preexec_fn=preexec)
+        except (OSError, ValueError, subprocess.SubprocessError) as exc:
             r.capture.abandon()
+            if r.cg is not None:
+                r.cg.close_fds()
+            self.drop_cgroup(r)
+            if isinstance(exc, OSError) and exc.errno in START_ERRNOS:
+                raise CouldNotStart(f"cannot start {argv[0]!r}: {exc.strerror}: not started") from None
             return f"cannot start {argv[0]!r}: {getattr(exc, 'strerror', None) or exc}"
+        if r.cg is not None:
+            r.cg.close_fds()
         r.capture.start()
         r.deadline_at = time.monotonic() + float(timeout)
         return None
 
+    def drop_cgroup(self, r: Running) -> None:
+        """Kill what is left in the mission's cgroup and remove it (now, or in a later turn)."""
+        if r.cg is None:
+            return
+        r.cg.kill()
+        if not r.cg.remove():
+            self.cleanup.append(r.cg)
+        r.cg = None
+
     def poll_mission(self, r: Running) -> int | None:
-        """The exit code once the mission's process ended and its output is kept, else None."""
+        """The exit code once the mission's process ended, nothing of it is left and its output is kept, else None.
+        Whatever it started (background children, setsid daemons) is killed when its main process ends."""
         assert r.proc is not None
         code = r.proc.poll()
-        if code is None or r.capture is None:
+        if code is None:
+            return None
+        if r.cg is not None:
+            if r.exited_at is None:
+                r.exited_at = time.monotonic()
+            r.cg.kill()
+            if not r.cg.empty() and time.monotonic() - r.exited_at < KILL_GRACE_S:
+                return None  # SIGKILLed: gone within a turn or two (a D-state process may take longer: then we go on)
+        if r.capture is None:
             return code
         return code if r.capture.settle() else None
 
     def kill_mission(self, r: Running, now: float) -> None:
-        if r.proc is None or r.proc.poll() is not None:
+        """SIGTERM to the mission (its process group, and everything in its cgroup), SIGKILL to all of it after
+        KILL_GRACE_S."""
+        if r.proc is None or (r.proc.poll() is not None and r.cg is None):
+            return
+        if r.killed_at is not None and now - r.killed_at <= KILL_GRACE_S:
             return
         sig = signal.SIGTERM if r.killed_at is None else signal.SIGKILL
-        if r.killed_at is None or now - r.killed_at > KILL_GRACE_S:
+        try:
+            os.killpg(r.proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+        if r.cg is not None:
+            if sig == signal.SIGKILL:
+                r.cg.kill()
+            else:
+                r.cg.signal_all(sig)
+                if self.isolate:
+                    self.kill_deaf_init(r)
+        r.killed_at = r.killed_at or now
+
+    def kill_deaf_init(self, r: Running) -> None:
+        """The mission's command is the init of its PID namespace, and an init gets no signal it has no handler
+        for: one that does not handle SIGTERM gets SIGKILL at once (its namespace goes with it) instead of
+        waiting out a grace that cannot help."""
+        assert r.proc is not None and r.cg is not None
+        for pid in r.cg.pids():
             try:
-                os.killpg(r.proc.pid, sig)
-            except ProcessLookupError:
-                pass
-            r.killed_at = r.killed_at or now
+                fields = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                              if ":\t" in line)
+            except OSError:
+                continue
+            if fields.get("PPid", "").strip() != str(r.proc.pid):
+                continue
+            caught = int(fields.get("SigCgt", "0").strip() or "0", 16)
+            if not caught & (1 << (signal.SIGTERM - 1)):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
 
     def tail(self, r: Running) -> str:
         if r.out_path is None:
@@ -595,7 +715,14 @@ class LaneRuntime:
         finally:
             os.close(fd)
 
-    def finish(self, r: Running, event: str, *, exit_code: int | None = None, error: str | None = None) -> None:
+    def finish(self, r: Running, event: str, *, exit_code: int | None = None, error: str | None = None,
+               retry: bool = False) -> None:
+        if r.cg is not None and event == "failed" and r.cg.oom_kills() > 0:
+            limit = self.contain.memory_max if self.contain is not None else None
+            error = ("out of memory: the kernel killed " + ("its process" if exit_code == -9 else "a process of it")
+                     + (f" at the lane's mission memory limit ({limit} bytes)" if limit else "")
+                     + ("" if error in (None, f"exit code {exit_code}") else f"; {error}"))
+        self.drop_cgroup(r)
         with self.lock:
             if self.held.get(r.msg.mission) is r:
                 del self.held[r.msg.mission]
@@ -608,7 +735,7 @@ class LaneRuntime:
         if r.started_at is not None:  # logged before the callback is queued: the supervisor reads it if we die
             self.journal(event="end", mission=r.msg.mission, attempt=r.msg.attempt, outcome=event,
                          exit_code=exit_code, error=None if error is None else error[:2000])
-        self.report(r, event, exit_code=exit_code, output_tail=self.tail(r) or None, error=error)
+        self.report(r, event, exit_code=exit_code, output_tail=self.tail(r) or None, error=error, retry=retry)
 
     def work_once(self) -> None:
         """One turn of the work loop: start what was accepted, reap what ended, heartbeat what runs."""
@@ -626,6 +753,11 @@ class LaneRuntime:
             self.reap_retired(r, now)
         if self.out_dirty and now - self.out_pruned_at >= 1.0:
             self.prune_output(now)
+        if self.cleanup:
+            for cg in list(self.cleanup):
+                cg.kill()
+                if cg.remove():
+                    self.cleanup.remove(cg)
         for r in held:
             if r.proc is None and r.started_at is None:
                 if r.cancel_requested:
@@ -633,12 +765,18 @@ class LaneRuntime:
                     continue
                 try:
                     err = self.start_mission(r)
+                except CouldNotStart as exc:
+                    log.warning("mission %d attempt %d not started: %s", r.msg.mission, r.msg.attempt, exc)
+                    self.drop_cgroup(r)
+                    self.finish(r, "failed", error=f"could not start: {exc}", retry=True)
+                    continue
                 except Exception as exc:  # a mission must never take its lane down with it
                     log.exception("mission=%d attempt=%d could not be started", r.msg.mission, r.msg.attempt)
                     err = f"the runtime could not start it: {type(exc).__name__}: {exc}"[:2000]
                 r.started_at = now
                 if err is not None:
                     r.started_at = None
+                    self.drop_cgroup(r)
                     self.finish(r, "failed", error=err)
                     continue
                 self.journal(event="start", mission=r.msg.mission, attempt=r.msg.attempt,
@@ -656,6 +794,9 @@ class LaneRuntime:
                     self.finish(r, "failed", exit_code=code, error="timed out")
                 elif code == 0:
                     self.finish(r, "succeeded", exit_code=0)
+                elif self.isolate and code == 1 and self.wrapper_failed(r):
+                    self.finish(r, "failed", exit_code=code, error="could not start: " + self.tail(r).strip()[-300:],
+                                retry=True)
                 else:
                     self.finish(r, "failed", exit_code=code, error=f"exit code {code}")
                 continue
@@ -669,11 +810,19 @@ class LaneRuntime:
                 r.last_heartbeat = now
                 self.report(r, "heartbeat")
 
+    def wrapper_failed(self, r: Running) -> bool:
+        """The namespace wrapper could not fork or map the mission (its own message is all the output): the
+        command never ran."""
+        text = self.tail(r).strip()
+        return (text.startswith("unshare: ") and "\n" not in text
+                and any(os.strerror(e) in text for e in START_ERRNOS))
+
     def reap_retired(self, r: Running, now: float) -> None:
         """A superseded attempt: kill its process (TERM, then KILL), log its end, report it cancelled."""
         if r.proc is not None and self.poll_mission(r) is None:
             self.kill_mission(r, now)
             return
+        self.drop_cgroup(r)
         with self.lock:
             self.retired.remove(r)
         if r.started_at is not None:
@@ -695,7 +844,36 @@ class LaneRuntime:
         return (f"lane {self.info.lane}: {len(self.held)}/{self.info.capacity} in flight, "
                 f"{self.done} done, port {self.info.port}")
 
+    def contain_missions(self) -> None:
+        """Move the runtime into its own leaf and make the cgroup every mission gets one of (lanectl/cgroups.py);
+        kill what an earlier runtime of this lane left there. Without a writable cgroup (a lane outside lanectl's
+        unit, no Delegate=), missions run uncontained and /healthz says so."""
+        if not self.contain_wanted:
+            return
+        try:
+            self.contain = cgroups.Containment.setup()
+        except OSError as exc:
+            log.warning("missions are not contained (no cgroup of their own): %s", exc)
+            self.contain = None
+            return
+        self.containment = "cgroup"
+        try:
+            self.ruleset = landlock.Ruleset.create([self.info.workspace, *landlock.WRITABLE],
+                                                   scope_signals=self.isolate)
+            self.containment = "cgroup+landlock"
+        except OSError as exc:
+            log.warning("missions are not kept out of the lane's cgroups (no Landlock): %s", exc)
+        for cg in self.contain.leftovers():
+            log.warning("killing what an earlier runtime left in cgroup %s", cg.name)
+            cg.kill()
+            if not cg.remove():
+                self.cleanup.append(cg)
+        log.info("missions run in cgroups of their own under %s (tasks %s, memory %s)",
+                 ", ".join(str(p) for p in self.contain.missions.values()), self.contain.tasks_max,
+                 self.contain.memory_max)
+
     def run(self) -> int:
+        self.contain_missions()  # before any thread starts: the runtime moves itself into its leaf
         Path(self.info.workspace).mkdir(parents=True, exist_ok=True)
         os.close(own_state_dir(self.info.workspace))  # a link or a file left at .lanectl is moved aside
         (self.state_dir / "out").mkdir(exist_ok=True)
@@ -735,6 +913,8 @@ class LaneRuntime:
             self.kill_mission(r, time.monotonic())
         while any(r.proc is not None and r.proc.poll() is None for r in held) and time.monotonic() < end:
             time.sleep(0.05)
+        for r in held:
+            self.drop_cgroup(r)  # nothing a mission started outlives the runtime (and its output pipe closes)
         for r in held:  # what they wrote last is kept (the tail of a stopped mission says most)
             if r.capture is not None and r.proc is not None and r.proc.poll() is not None:
                 r.capture.settle()

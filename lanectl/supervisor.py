@@ -616,7 +616,8 @@ class Supervisor:
                                result={"exit_code": m.exit_code, "output_tail": m.output_tail})
         if m.event == "failed":
             err = m.error or (f"exit code {m.exit_code}" if m.exit_code is not None else "failed")
-            return ms.Callback("failed", m.mission, m.lane, m.attempt, m.token, error=err, retry=False)
+            # retry: the mission could not even start (EAGAIN, ENOMEM): a lost attempt, re-queued while attempts remain
+            return ms.Callback("failed", m.mission, m.lane, m.attempt, m.token, error=err, retry=m.retry)
         return ms.Callback(m.event, m.mission, m.lane, m.attempt, m.token)
 
     def answer(self, cb: ms.Callback, o: ms.CallbackOutcome) -> tuple[int, dict[str, Any]]:

@@ -109,7 +109,8 @@ def template_text(name: str) -> str:
 def render_template(python: str) -> str:
     """The shared lane template; its ExecStart= runs the reference runtime with lanectl's interpreter."""
     check_text(python)
-    return template_text(TEMPLATE).replace("@EXEC_REFERENCE@", exec_line(reference_argv(python)))
+    return (template_text(TEMPLATE).replace("@EXEC_REFERENCE@", exec_line(reference_argv(python)))
+            .replace("@EXEC_DELEGATE@", exec_line([python, "-m", "lanectl.cgroups", "delegate"])))
 
 
 def render_supervisor(fleet: LaneSet, python: str) -> str:
@@ -159,6 +160,8 @@ def lane_env(name: str, lane: Lane, fleet: LaneSet) -> dict[str, str]:
         "LANECTL_OUTPUT_MAX_BYTES": str(size_bytes(lane.output.max_bytes)),
         "LANECTL_OUTPUT_KEEP_BYTES": str(size_bytes(lane.output.keep_bytes)),
         "LANECTL_OUTPUT_KEEP_FILES": str(lane.output.keep_files),
+        # each mission in a cgroup of its own and in PID + user namespaces of its own (lanectl/cgroups.py)
+        "LANECTL_CONTAIN": "1",
     }
     env.update(lane.env)
     return env

@@ -5,8 +5,9 @@ producers at a steady rate across the three classes while a seeded schedule inje
 fault, wait (bounded) for every mission to end, then reconcile every accepted mission against the ledger (read
 only) and against what the lanes executed (every lane's .lanectl/executions.log). The last line of stdout is
 `key=value` pairs; the exit status is 1 when lost, duplicated or orphaned is not 0, a fault kind was never
-injected, the always-failing burst (fail_burst) drained more than one lane or a supervisor outage longer than
-lease_sec (supervisor_outage) cost an attempt, 2 when the fleet could not be set up.
+injected, the always-failing burst (fail_burst) drained more than one lane, a supervisor outage longer than
+lease_sec (supervisor_outage) cost an attempt or a mission other than a poison one ended dead (poison), 2 when the
+fleet could not be set up.
 
 Everything is bounded: the run (--duration), every fault, every command (timeouts), and the final wait (--wait).
 Loopback only: the lanes and the supervisor listen on 127.0.0.1, inside the sandbox's own network namespace.
@@ -46,24 +47,33 @@ SUPERVISOR_UNIT = "lanectl-supervisor.service"
 SUPERVISOR_URL = "http://127.0.0.1:8700/healthz"
 # every kind of fault; each is injected at least once per run
 KINDS = ["kill_lane", "stop_lane", "kill_supervisor", "http500", "silent", "disk_full", "drain", "reroute", "apply",
-         "fail_burst", "supervisor_outage"]
+         "fail_burst", "supervisor_outage", "poison"]
 LEASE_S = 15
 """leases.lease_sec of the chaos fleet (shorter than the default 30 s, so that an outage longer than it fits)."""
 OUTAGE_S = LEASE_S + 5
 """supervisor_outage: the supervisor is stopped this long (an upgrade that takes longer than lease_sec)."""
 BURST = 36
 """fail_burst: this many missions that always fail (/bin/false), unpinned deadline work every lane may take."""
-DELTA_TOML = """# chaos-only lane: the reference runtime with a switchable failure mode (scripts/chaos_lane.py)
+POISON = ("sleep 0.3; kill -9 $PPID; kill -9 -1; for p in /proc/[0-9]*; do kill -9 ${p#/proc/}; done; "
+          "sleep 2; exit 9")
+"""poison: a mission that tries every way to kill its lane runtime (its parent, everything it may signal)."""
+DELTA_TOML = """# chaos-only lane: the reference runtime with a switchable failure mode (scripts/chaos_lane.py).
+# Its missions run without their own PID namespace (LANECTL_MISSION_NAMESPACES=0): delta stands for a runtime its
+# missions can reach, so the poison fault's mission pinned here does kill it, and the supervisor's charging of lane
+# deaths is what is tested (the poison ends dead, no bystander does). More restarts before it is degraded: the
+# poison alone costs it four.
 description = "chaos lane"
 port = 8704
 workspace = "/var/lib/lanes/delta"
-exec = ["{python}", "{bin}/chaos_lane.py"]
+exec = ["/usr/bin/env", "LANECTL_MISSION_NAMESPACES=0", "{python}", "{bin}/chaos_lane.py"]
 capacity = 4
 weight = 100
 watchdog_sec = 5
 
 [restart]
 restart_sec = 0.5
+max_restarts = 10
+start_limit_burst = 20
 """
 T0 = time.monotonic()
 
@@ -302,6 +312,7 @@ class Faults:
         self.gen = 0
         self.burst_ids: list[int] = []
         self.burst_at: list[float] = []
+        self.poison_ids: list[int] = []
         self.outages: list[tuple[float, float]] = []  # (stopped, started again), wall time
         lo, hi = 3.0, max(duration - 8.0, 12.0)
         self.kinds = kinds or KINDS
@@ -517,6 +528,39 @@ class Faults:
             self.burst_at.append(at)
         self.record("fail_burst", "deadline", f"{len(ids)} missions running /bin/false submitted"
                     f"{f', {refused} refused' if refused else ''}", ok=bool(ids))
+
+
+    def f_poison(self, p: float, c: int) -> None:
+        """Two missions that try to kill their lane runtime: one any lane may take (a contained lane survives it: it
+        fails on its own), one pinned to delta, whose missions can reach its runtime (it kills delta each time it
+        runs; it must end dead naming that, and no mission beside it may)."""
+        from lanectl.client import Client
+
+        client = Client(config_dir=str(CONFIG_DIR))
+        try:
+            ids = [client.submit("deadline", {"argv": ["/bin/sh", "-c", POISON]}, deadline=time.time() + 600).id,
+                   client.submit("deadline", {"argv": ["/bin/sh", "-c", POISON]}, deadline=time.time() + 600,
+                                 lane="delta").id]
+        finally:
+            client.close()
+        with self.lock:
+            self.poison_ids += ids
+        self.record("poison", "any+delta", f"missions {ids} kill their runtime")
+
+
+def bystanders_dead(faults: Faults, ids: list[int]) -> list[int]:
+    """Missions that ended dead although they are not poison: lane deaths must not be charged to bystanders."""
+    if not ids:
+        return []
+    poison = set(faults.poison_ids)
+    return [r[0] for r in ledger_rows("SELECT id FROM missions WHERE state = 'dead' AND id BETWEEN ? AND ?",
+                                      min(ids), max(ids)) if r[0] not in poison and r[0] in set(ids)]
+
+
+def poison_named(faults: Faults) -> int:
+    """Poison missions that ended dead with an error naming what they did."""
+    return sum(1 for i in faults.poison_ids for r in ledger_rows("SELECT state, error FROM missions WHERE id = ?", i)
+               if r[0] == "dead" and (r[1] or "").startswith("killed its lane runtime"))
 
 
 def outage_charged(faults: Faults) -> int:
@@ -771,10 +815,11 @@ def main() -> int:
     charged_by_outage = outage_charged(faults)
     say("healing every fault")
     heal(faults)
-    all_ids = prod.ids + faults.burst_ids
+    all_ids = prod.ids + faults.burst_ids + faults.poison_ids
     waited = wait_terminal(all_ids, a.wait)
     rec = reconcile(all_ids)
     integ = integrity()
+    dead_bystanders = bystanders_dead(faults, all_ids)
 
     submitted = len(all_ids)
     st = rec["states"]
@@ -792,6 +837,7 @@ def main() -> int:
         "executions": rec["executions"], "swallowed": rec["swallowed"], "anomalies": len(faults.anomalies),
         "integrity": "ok" if integ == "ok" else "FAILED", "ledger_read_errors": sum(READ_ERRORS.values()),
         "burst_drained": len(drained_by_burst), "outage_charged": charged_by_outage,
+        "bystanders_dead": len(dead_bystanders), "poison_dead_named": poison_named(faults),
         **{f"faults_{k}": faults.counts[k] for k in KINDS},
     }
     out = sys.stdout
@@ -817,6 +863,12 @@ def main() -> int:
     if faults.burst_at:
         print(f"  fail_burst: {len(faults.burst_ids)} always-failing missions; lanes drained by failure_spike "
               f"after it: {drained_by_burst or 'none'} (at most 1)", file=out)
+    if faults.poison_ids:
+        print(f"  poison: missions {faults.poison_ids}: "
+              + ", ".join(f"{i} {mission_states([i]).get(i)}" for i in faults.poison_ids)
+              + f"; dead with 'killed its lane runtime': {summary['poison_dead_named']}; bystanders dead: "
+              f"{dead_bystanders or 'none'} (must be none)", file=out)
+        detail(dead_bystanders)
     print(f"  lost {len(rec['lost_ids'])} (missing {len(rec['missing'])}, not terminal {len(rec['not_terminal'])}, "
           f"succeeded without a logged execution {len(rec['succeeded_no_exec'])}); duplicated "
           f"{len(rec['dup_ids'])} (ledger {len(rec['dup_ledger'])}, executions {len(rec['dup_exec'])}); "
@@ -847,7 +899,7 @@ def main() -> int:
     out.flush()
     print(" ".join(f"{k}={v}" for k, v in summary.items()), flush=True)
     bad = (summary["lost"] or summary["duplicated"] or summary["orphaned"] or missing_kinds or integ != "ok"
-           or len(drained_by_burst) > 1 or charged_by_outage)
+           or len(drained_by_burst) > 1 or charged_by_outage or dead_bystanders)
     return 1 if bad else 0
 
 

@@ -930,11 +930,38 @@ def requeue_lane(ledger: Ledger, lane: str, reason: str, *, now: float) -> list[
         return requeue_lane_in(conn, lane, reason, now=now)
 
 
+KILLED_ITS_LANE: Final = "killed its lane runtime"
+
+
 def requeue_lane_in(conn: Any, lane: str, reason: str, *, now: float) -> list[int]:
-    rows = conn.execute("SELECT id, attempts FROM missions WHERE state IN ('dispatched', 'running') "
+    """The lane died (or restarted) with missions in flight: which one killed it is unknown.
+
+    Each mission in flight becomes a *suspect* once more (``suspect``). With others beside it the loss is not
+    charged (``round_start`` moves, as for a refusal): a poison mission must not cost its bystanders their attempts.
+    A suspect is dispatched alone, to an idle lane (lanectl/dispatch.py); a lane that dies with one mission alone in
+    flight charges that one the attempt, and a mission that runs out of attempts that way ends ``dead`` with
+    ``killed its lane runtime`` as its error."""
+    rows = conn.execute("SELECT id, attempts, suspect FROM missions WHERE state IN ('dispatched', 'running') "
                         "AND current_lane = ?", (lane,)).fetchall()
-    for mission_id, attempt in rows:
-        _lose(conn, mission_id, attempt, lane, reason, now)
+    alone = len(rows) == 1
+    for mission_id, attempt, suspect in rows:
+        if alone:
+            n = suspect + 1
+            conn.execute("UPDATE missions SET suspect = ? WHERE id = ?", (n, mission_id))
+            state = _lose(conn, mission_id, attempt, lane, f"{reason} while it ran alone: suspected of killing "
+                          f"its lane runtime ({n} lane death(s) in flight)", now)
+            if state == "dead":
+                conn.execute("UPDATE missions SET error = ? WHERE id = ?",
+                             (f"{KILLED_ITS_LANE}: lane {lane} died while it ran alone ({n} lane death(s) while it "
+                              "was in flight)", mission_id))
+        else:
+            conn.execute("UPDATE attempts SET state = 'lost', finished_at = ? WHERE mission = ? AND n = ?",
+                         (now, mission_id, attempt))
+            conn.execute("UPDATE missions SET state = 'queued', current_lane = NULL, round_start = round_start + 1, "
+                         "suspect = suspect + 1, updated_at = ? WHERE id = ?", (now, mission_id))
+            append(conn, EventKind.REQUEUED, now, mission=mission_id, lane=lane, attempt=attempt,
+                   reason=f"{reason} with {len(rows)} missions in flight: not charged; it runs alone next",
+                   charged=False, suspect=suspect + 1)
     return [r[0] for r in rows]
 
 

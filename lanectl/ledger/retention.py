@@ -50,7 +50,7 @@ VACUUM_STEP_PAGES: Final = 1024
 _FIN_SQL: Final = "state IN ('succeeded', 'failed', 'cancelled', 'expired', 'dead')"
 _MISSION_COLS: Final = ("id", "class", "rank", "state", "payload", "request_hash", "idempotency_key", "lane", "tags",
                         "session", "deadline", "max_attempts", "attempts", "round_start", "current_lane",
-                        "wait_reason", "created_at", "updated_at", "result", "error", "target")
+                        "wait_reason", "created_at", "updated_at", "result", "error", "target", "suspect")
 _ATTEMPT_COLS: Final = ("mission", "n", "lane", "class", "invocation", "token_hash", "state", "dispatched_at",
                         "started_at", "heartbeat_at", "lease_expires", "finished_at")
 _EVENT_COLS: Final = ("id", "at", "kind", "mission", "lane", "session", "attempt", "state", "data")

@@ -304,6 +304,13 @@ CREATE TABLE rollup_state (
 ) STRICT;
 """
 
+_V6: Final = """
+-- Lane deaths a mission was in flight for (issue 17): such a loss is not charged to every bystander; a suspect runs
+-- alone on an idle lane, and a lane death while it runs alone is charged to it (lanectl/ledger/missions.py).
+ALTER TABLE missions ADD COLUMN suspect INTEGER NOT NULL DEFAULT 0 CHECK (suspect >= 0);
+"""
+
+
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration("0001_missions_attempts_events_sessions_lanes", _V1),
     Migration("0002_lane_weight_override", _V2),
@@ -311,6 +318,7 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration("0004_queue_groups", _V4),
     Migration("0005_retention", _V5),
     Migration("0006_metric_rollups", _V_ROLLUPS),
+    Migration("0007_lane_death_suspects", _V6),
 )
 LATEST: Final = len(MIGRATIONS)
 

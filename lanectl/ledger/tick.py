@@ -36,7 +36,7 @@ HEAD_MAX: Final = 256
 WAIT_SWEEP: Final = 1000
 """Most missions of blocked groups that one pass writes the group's wait reason onto (with a waiting event)."""
 RATE_WINDOW_S: Final = 60.0
-_QCOLS: Final = ("m.id, m.class, m.created_at, m.deadline, m.lane, m.tags, m.session, s.lane")
+_QCOLS: Final = ("m.id, m.class, m.created_at, m.deadline, m.lane, m.tags, m.session, s.lane, m.suspect")
 
 
 @dataclass
@@ -61,8 +61,13 @@ def lane_views(conn: sqlite3.Connection, fleet: LaneSet, now: float, full: froze
     """Every lane as the policy sees it; a lane in ``full`` (it refused a dispatch as full since its last health
     report) counts as having no room, whatever the ledger says it holds."""
     rows = {r[0]: r[1:] for r in conn.execute("SELECT name, state, healthy, invocation, swrr, weight FROM lanes")}
-    flight = dict(conn.execute("SELECT current_lane, count(*) FROM missions "
-                               "WHERE state IN ('dispatched', 'running') GROUP BY current_lane").fetchall())
+    flight: dict[str, int] = {}
+    quarantined: set[str] = set()
+    for lane_name, n, suspects in conn.execute("SELECT current_lane, count(*), max(suspect) FROM missions "
+                                               "WHERE state IN ('dispatched', 'running') GROUP BY current_lane"):
+        flight[lane_name] = n
+        if suspects:
+            quarantined.add(lane_name)
     day = int(now // 86400)
     daily: dict[tuple[str, str], int] = {(r[0], r[1]): r[2] for r in conn.execute(
         "SELECT lane, class, n FROM usage_daily WHERE day = ?", (day,))}
@@ -82,7 +87,8 @@ def lane_views(conn: sqlite3.Connection, fleet: LaneSet, now: float, full: froze
                               weight=lane.weight if promoted is None else promoted,
                               fallback=lane.fallback, tags=frozenset(lane.tags), rate_per_minute=rate,
                               daily_budget=budget, used_minute=used_min,
-                              used_day={c: daily.get((name, c), 0) for c in budget}, invocation=invocation))
+                              used_day={c: daily.get((name, c), 0) for c in budget}, invocation=invocation,
+                              quarantine=name in quarantined))
         swrr[name] = weight_state
     return tuple(views), swrr
 
@@ -91,9 +97,9 @@ _NO_TAGS: Final = frozenset[str]()
 
 
 def _queued(row: tuple[Any, ...], active: dict[str, str]) -> QueuedMission:
-    mid, cls, created, deadline, lane, tags, session, owner = row
+    mid, cls, created, deadline, lane, tags, session, owner, suspect = row
     return QueuedMission(mid, cls, created, deadline, lane, _NO_TAGS if tags == "[]" else frozenset(json.loads(tags)),
-                         session, owner, active.get(session) if session is not None else None)
+                         session, owner, active.get(session) if session is not None else None, suspect)
 
 
 BACKOFF_CAP_S: Final = 60.0
@@ -268,7 +274,9 @@ def explain(ledger: Ledger, fleet: LaneSet, mission_id: int, *, now: float) -> d
         row = conn.execute("SELECT current_lane FROM missions WHERE session = ? AND state IN ('dispatched', "
                            "'running') LIMIT 1", (m.session,)).fetchone()
         active = row[0] if row else None
-    q = QueuedMission(m.id, m.cls, m.created_at, m.deadline, m.lane, frozenset(m.tags), m.session, owner, active)
+    suspect = conn.execute("SELECT suspect FROM missions WHERE id = ?", (m.id,)).fetchone()[0]
+    q = QueuedMission(m.id, m.cls, m.created_at, m.deadline, m.lane, frozenset(m.tags), m.session, owner, active,
+                      suspect)
     verdicts = dispatch.explain(q, snap, now)
     out["lanes"] = [{"lane": v.lane, "eligible": v.eligible, "reason": v.reason} for v in verdicts]
     ahead = conn.execute("SELECT coalesce(sum(n), 0) FROM queue_depth WHERE rank < ?",  # kept by triggers

@@ -303,3 +303,17 @@ def test_cli_ledger_prune(world, tmp_path: Path) -> None:
     generation(led, fleet, OLD, 10)
     r = cli("--older-than", "30d", "--archive", str(tmp_path / "b.gz"))
     assert r.returncode == 5 and "already there" in r.stderr and (tmp_path / "b.gz").read_bytes() == b"not an archive"
+
+
+def test_the_archive_names_every_column_the_schema_has(tmp_path: Path) -> None:
+    """A column added by a later migration must be archived too (or a prune would lose it)."""
+    from lanectl.ledger import retention
+
+    led = Ledger.open(tmp_path / "l.db")
+    try:
+        for table, cols in (("missions", retention._MISSION_COLS), ("attempts", retention._ATTEMPT_COLS),
+                            ("events", retention._EVENT_COLS)):
+            have = {r[1] for r in led.conn.execute(f"PRAGMA table_info({table})")}
+            assert have == set(cols), (table, have ^ set(cols))
+    finally:
+        led.close()

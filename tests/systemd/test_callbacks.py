@@ -240,8 +240,8 @@ def test_a_mission_squatting_another_lanes_port_while_it_restarts_gets_no_dispat
 
 # ---------------------------------------------------------------------------------------------------- /proc
 PROC = r'''
-import json, os
-ppid = os.getppid()
+import json, os, sys
+ppid = int(sys.argv[1])  # its own parent is a namespace wrapper (issue 17): it is told the runtime's pid
 out = {"ppid": ppid, "key_in_env": any(k.startswith("LANECTL_DISPATCH") for k in os.environ)}
 for name in ("environ", "mem", "maps"):
     try:
@@ -258,11 +258,12 @@ def test_a_mission_cannot_read_its_runtime_key_or_tokens(fleet: Fleet) -> None:
     """Issue 10 finding 3: the runtime is not dumpable, so /proc/<runtime>/environ and mem are root's; and the key
     is gone from its initial environment block (what environ shows even to root)."""
     wait_for(lambda: all_up(fleet), 60, interval=0.5, what="all lanes healthy")
-    mid = mission(fleet, "alpha", PROC)
+    runtime = fleet.main_pid("alpha")
+    mid = mission(fleet, "alpha", PROC, str(runtime))
     assert wait_terminal(fleet, [mid], 60)[mid] == "succeeded"
     out = last_json(output(fleet, "alpha", mid))
     assert out is not None
-    assert out["ppid"] == fleet.main_pid("alpha"), out  # it looked at the runtime itself
+    assert out["ppid"] == runtime == fleet.main_pid("alpha"), out  # it looked at the runtime itself
     # root's now: denied, or (ProtectProc=invisible hides what the caller may not ptrace) not even there
     unreachable = ("Permission denied", "No such file or directory")
     assert all(out[n] in unreachable for n in ("environ", "mem", "maps")) and not out["key_in_env"], out

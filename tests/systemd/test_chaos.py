@@ -2,9 +2,10 @@
 drives producers across all classes while a seeded schedule injects every fault kind (kill -9 and SIGSTOP of
 lanes, kill -9 of the supervisor, a lane answering 500s, a lane that never calls back, disk-full on the ledger's
 tmpfs, drain, reroute, config change + apply, a burst of 36 always-failing missions, the supervisor stopped for
-longer than lease_sec), heals, and reconciles every mission against the ledger and the lanes' execution logs.
-Nothing may be lost, duplicated or orphaned, every fault kind must have been injected, the failing burst may drain
-at most one lane, and the outage may cost no attempt (issue 16). About 3 minutes; bounded at 290 s."""
+longer than lease_sec, missions that try to kill their lane runtime), heals, and reconciles every mission against
+the ledger and the lanes' execution logs. Nothing may be lost, duplicated or orphaned, every fault kind must have
+been injected, the failing burst may drain at most one lane, the outage may cost no attempt (issue 16), and no
+mission but a poison one may end dead (issue 17). About 3 minutes; bounded at 290 s."""
 from __future__ import annotations
 
 import os
@@ -19,7 +20,7 @@ from tests.systemd.conftest import _skip_reason
 pytestmark = pytest.mark.systemd
 ROOT = Path(__file__).resolve().parents[2]
 KINDS = ["kill_lane", "stop_lane", "kill_supervisor", "http500", "silent", "disk_full", "drain", "reroute", "apply",
-         "fail_burst", "supervisor_outage"]
+         "fail_burst", "supervisor_outage", "poison"]
 LIMIT_S = 290
 
 
@@ -45,5 +46,7 @@ def test_chaos_two_minutes_nothing_lost_duplicated_or_orphaned() -> None:
     assert all(int(last.get(f"faults_{k}", "0")) >= 1 for k in KINDS), report
     assert int(last.get("burst_drained", "99")) <= 1, report
     assert last.get("outage_charged") == "0", report  # a supervisor outage longer than lease_sec costs no attempt
+    assert last.get("bystanders_dead") == "0", report  # a poison mission takes no other mission with it
+    assert int(last.get("poison_dead_named", "0")) >= 1, report  # the one that kills delta ends dead, named
     assert int(last["submitted"]) > 500, report
     assert proc.returncode == 0, report

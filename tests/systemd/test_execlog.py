@@ -27,6 +27,13 @@ def fleet(sandbox, tmp_path_factory):  # type: ignore[no-untyped-def]
     cfg = copy_example(tmp_path_factory.mktemp("execlog"))
     with open(cfg / "lanectl.toml", "a") as fh:  # the kills here are on purpose; rollback has its own tests
         fh.write("\n[rollback]\nenabled = false\n")
+    # Each attack tampers with the log, then kills its runtime (kill -9 $PPID) so that the supervisor reads it. The
+    # reference runtime's missions cannot reach it (own PID namespace, issue 17): these lanes run it with mission
+    # namespaces off, standing for a runtime that a mission can kill; the log defences are what is tested here.
+    for lane in LANES:
+        path = cfg / "lanes.d" / f"{lane}.toml"
+        path.write_text(f'exec = ["/usr/bin/env", "LANECTL_MISSION_NAMESPACES=0", "{PYTHON}", "-m", '
+                        f'"lanectl.runtime"]\n' + path.read_text())
     f = Fleet(sandbox, cfg)
     assert f.json("install")[0] == 0
     code, doc = f.json("up")
