@@ -386,10 +386,17 @@ def state_now(conn: sqlite3.Connection, *, now: float, fleet: Any = None, lane: 
     """
     lanes: dict[str, dict[str, Any]] = {}
     for name, state, healthy in conn.execute("SELECT name, state, healthy FROM lanes"):
-        lanes[name] = {"lane": name, "state": state, "healthy": bool(healthy), "enabled": None}
+        lanes[name] = {"lane": name, "state": state, "healthy": bool(healthy), "enabled": None, "automatic": False}
+    if any(r["state"] in ("draining", "drained") for r in lanes.values()):
+        from lanectl.probe import lane_views  # who drained it: the probe's reading, not a second one
+
+        for name, view in lane_views(conn).items():
+            if name in lanes:
+                lanes[name]["automatic"] = bool(view.get("automatic"))
     if fleet is not None:
         for name, cfg in fleet.lanes.items():
-            row = lanes.setdefault(name, {"lane": name, "state": None, "healthy": None, "enabled": None})
+            row = lanes.setdefault(name, {"lane": name, "state": None, "healthy": None, "enabled": None,
+                                          "automatic": False})
             row["enabled"] = bool(cfg.enabled)
     if lane is not None:
         lanes = {k: v for k, v in lanes.items() if k == lane}
@@ -669,6 +676,11 @@ def prometheus_text(m: Mapping[str, Any], *, generated: float | None = None) -> 
         if r["state"] is not None:
             for st in LANE_STATES:
                 out.append(f"lanectl_lane_state{_labels(lane=r['lane'], state=st)} {_num(st == r['state'])}")
+    head("lanectl_lane_drained_by_lanectl", "1 while lanectl itself (a rollback) holds the lane draining or drained: "
+         "an alarm until an operator undrains it or takes the drain over ('lanectl drain'), as lanectl probe says.")
+    for r in state["lanes"]:
+        if r["state"] is not None:
+            out.append(f"lanectl_lane_drained_by_lanectl{_labels(lane=r['lane'])} {_num(bool(r.get('automatic')))}")
     head("lanectl_lane_enabled", "1 when lanes.d enables the lane (it should run), 0 when it is disabled there.")
     for r in state["lanes"]:
         if r["enabled"] is not None:

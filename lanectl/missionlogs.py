@@ -116,3 +116,22 @@ def mission_output(fleet: LaneSet, led: Ledger, mission_id: int, *, attempt: int
         raise Unavailable(f"{path}: cannot read it: {exc.strerror or exc}", "check the lane's workspace",
                           "output_unavailable") from None
     return {**where, "bytes": size, "shown": len(data), "truncated": size > len(data), "output": data}
+
+
+_SHOWN = {9, 10}  # tab and newline pass; every other control character is shown as an escape
+
+
+def visible(raw: bytes) -> bytes:
+    """Output fit for a terminal: C0/C1 control characters and DEL as ``\\xNN`` / ``\\u00NN``, so an escape
+    sequence a mission printed is displayed, never interpreted (invalid UTF-8 as ``\\xNN`` too)."""
+    text = raw.decode("utf-8", errors="backslashreplace")
+    out = []
+    for ch in text:
+        o = ord(ch)
+        if (o < 32 and o not in _SHOWN) or o == 127:
+            out.append(f"\\x{o:02x}")
+        elif 0x80 <= o < 0xA0:
+            out.append(f"\\u{o:04x}")
+        else:
+            out.append(ch)
+    return "".join(out).encode()

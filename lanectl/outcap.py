@@ -89,6 +89,7 @@ class Capture:
         self.exited_at: float | None = None
         self.done = threading.Event()
         self.error: str | None = None
+        self.lost = 0  # bytes read but not kept once writing failed
         self.fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
                           dir_fd=dir_fd)
         try:
@@ -133,6 +134,17 @@ class Capture:
         return self.done.is_set()
 
     def feed(self, data: bytes) -> None:
+        if self.error is not None:  # could not write (disk full): keep draining, so the mission is not SIGPIPEd
+            self.lost += len(data)
+            return
+        try:
+            self._keep(data)
+        except OSError as exc:
+            self.error = f"output not kept past {self.total} bytes: {exc.strerror or exc}"
+            self.lost += len(data)
+            log.error("%s: %s", self.name, self.error)
+
+    def _keep(self, data: bytes) -> None:
         if self.total < self.head:
             take = data[:self.head - self.total]
             _write_all(self.fd, take)
@@ -166,8 +178,8 @@ class Capture:
                 if not chunk:
                     break
                 self.feed(chunk)
-        except OSError as exc:  # the disk is full: stop keeping, let the mission end on EPIPE
-            self.error = f"output not kept past {self.total} bytes: {exc.strerror or exc}"
+        except OSError as exc:  # reading the pipe failed: nothing more can be kept
+            self.error = self.error or f"output not kept past {self.total} bytes: {exc.strerror or exc}"
             log.error("%s: %s", self.name, self.error)
         finally:
             self._finish()
@@ -191,7 +203,8 @@ class Capture:
                         _write_all(self.fd, b)
                         done += len(b)
             if self.error:
-                _write_all(self.fd, f"\n[lanectl: {self.error}]\n".encode())
+                lost = f" ({self.lost} more bytes were discarded)" if self.lost else ""
+                _write_all(self.fd, f"\n[lanectl: {self.error}{lost}]\n".encode())
         except OSError as exc:
             log.error("%s: cannot write the output's tail: %s", self.name, exc)
         finally:

@@ -21,17 +21,21 @@ import hmac
 import http.client
 import io
 import json
+import logging
 import math
 import os
 import socket
 import stat
 import struct
+import sys
 import threading
 import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, Final
+
+_log = logging.getLogger("lanectl.protocol")
 
 MAX_BODY = 1 << 20
 """Largest request body either side accepts (413 beyond)."""
@@ -371,6 +375,16 @@ class BoundedServer:
             return
         t = threading.Thread(target=self._bounded_thread, args=(request, client_address, key), daemon=True)
         t.start()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that hung up (reset, broken pipe) is routine: one debug line, not socketserver's traceback on
+        stderr, which any local user could otherwise repeat into the journal. Anything else is logged once per
+        error as a warning through logging (with its priority), traceback included."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)):
+            _log.debug("client %s went away: %s", client_address or "(unix socket)", exc)
+            return
+        _log.warning("request from %s failed", client_address or "(unix socket)", exc_info=True)
 
     def _bounded_thread(self, request: Any, client_address: Any, key: Any) -> None:
         try:

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from lanectl import __version__, cgroups, landlock, outcap
-from lanectl.protocol import (LOG_NAME, MAX_CALLBACK_BATCH, MAX_TAIL, STATE_DIR_NAME, BadMessage, BoundedServer, CallbackMsg,
+from lanectl.protocol import (LOG_NAME, MAX_BODY, MAX_CALLBACK_BATCH, MAX_TAIL, STATE_DIR_NAME, BadMessage, BoundedServer, CallbackMsg,
                               DeadlineHandler, DispatchMsg, LogRefused, PeerMismatch, UnixHTTPConnection, bearer_ok,
                               callback_socket, log_key, open_state_dir, parse_dispatch, read_body, send_json,
                               sign_log_entry)
@@ -271,6 +271,12 @@ class Reporter(threading.Thread):
         the attempt is no longer ours); those the supervisor could not take yet (429, 503) go again, in order."""
         if not self.url:
             return
+        while batch:  # in requests that fit the supervisor's MAX_BODY, in order
+            n = _fitting(batch)
+            self._deliver_some(batch[:n])
+            batch = batch[n:]
+
+    def _deliver_some(self, batch: list[CallbackMsg]) -> None:
         backoff = 0.05
         while batch:
             if len(batch) == 1:
@@ -344,6 +350,21 @@ class Reporter(threading.Thread):
             one = self._post_one(msg)
             out.append(one[0] if one is not None else (503, None))
         return out
+
+
+BATCH_BYTES = MAX_BODY - 4096
+"""What one request's callbacks may take encoded (the rest of MAX_BODY is the envelope's)."""
+
+
+def _fitting(batch: list[CallbackMsg]) -> int:
+    """How many callbacks from the front of ``batch`` fit one request (at least one): a full output tail of
+    non-ASCII text encodes to ~25 KB, so 64 of them would not fit MAX_BODY."""
+    size = 0
+    for i, msg in enumerate(batch):
+        size += len(json.dumps(msg.as_json()).encode()) + 2
+        if size > BATCH_BYTES and i > 0:
+            return i
+    return len(batch)
 
 
 def _error_code(body: bytes) -> str | None:
@@ -701,10 +722,19 @@ class LaneRuntime:
     def tail(self, r: Running) -> str:
         if r.out_path is None:
             return ""
-        try:  # the mission may have put a link or a FIFO in its place: never follow one, never block on one
-            fd = os.open(r.out_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        # the mission may have put a link or a FIFO in place of its log, of out/ or of .lanectl: each step is
+        # opened relative to the one before, following no link and blocking on nothing
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+        fds: list[int] = []
+        try:
+            fds.append(os.open(r.out_path.parent.parent, flags | os.O_DIRECTORY))
+            fds.append(os.open(r.out_path.parent.name, flags | os.O_DIRECTORY, dir_fd=fds[-1]))
+            fd = os.open(r.out_path.name, flags | os.O_NONBLOCK | os.O_NOCTTY, dir_fd=fds[-1])
         except OSError:
             return ""
+        finally:
+            for d in fds:
+                os.close(d)
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):

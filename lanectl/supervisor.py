@@ -369,9 +369,9 @@ class Supervisor:
             found = {name for name, u in self.lane_uids.items() if u == uid}
         return found
 
-    def refuse(self, reason: str) -> None:
+    def refuse(self, reason: str, n: int = 1) -> None:
         with self.refused_lock:
-            self.refused[reason] += 1
+            self.refused[reason] += n
 
     def refused_counts(self) -> dict[str, int]:
         with self.refused_lock:
@@ -465,7 +465,7 @@ class Supervisor:
                     msgs, batch = parse_callbacks(raw)
                     foreign = next((m.lane for m in msgs if m.lane not in allowed), None)
                     if foreign is not None:  # a lane speaking for another: all refused, no ledger write
-                        sup.refuse("foreign_lane")
+                        sup.refuse("foreign_lane", len(msgs))  # every callback of the request
                         self._send(403, {"error": "not_your_lane", "message": f"uid {self.peer_uid} cannot send "
                                          f"callbacks of lane {foreign!r}"})
                         return
@@ -1199,7 +1199,8 @@ class Supervisor:
         with self.refused_lock:
             refused = dict(self.refused)
         out = ["# HELP lanectl_callbacks_refused_total Callbacks refused without a ledger write since the supervisor "
-               "started (tcp, unauthenticated, foreign_lane) or rejected without a callback_rejected event "
+               "started (foreign_lane: every callback of a request that spoke for another lane; tcp, "
+               "unauthenticated: requests, refused unread) or rejected without a callback_rejected event "
                "(unrecorded: over the per-lane rate).",
                "# TYPE lanectl_callbacks_refused_total counter"]
         out += [f'lanectl_callbacks_refused_total{{reason="{k}"}} {v}' for k, v in sorted(refused.items())]

@@ -326,7 +326,9 @@ def logs(mission_id: int = typer.Argument(..., metavar="ID"),
         sys.stderr.write(f"# mission {mission_id} attempt {out['attempt']} on lane {out['lane']}: {out['path']} "
                          f"({out['bytes']} bytes{more})\n")
         sys.stderr.flush()
-        sys.stdout.buffer.write(raw)
+        # to a terminal, a hostile mission's escape sequences (clear screen, set title, write the clipboard) are
+        # shown, not obeyed; piped, the bytes go through as stored
+        sys.stdout.buffer.write(missionlogs.visible(raw) if sys.stdout.isatty() else raw)
         sys.stdout.flush()
     finish(["mission", "logs"], {**out, "output": raw.decode(errors="replace")}, json_mode=json_out, human=human)
 

@@ -462,10 +462,17 @@ def get(ledger: Ledger, mission_id: int) -> Mission:
     row = ledger.conn.execute(f"SELECT {COLUMNS} FROM missions WHERE id = ?", (mission_id,)).fetchone()
     if row is None:
         hint = "list them with 'lanectl missions'"
+        # the prune that took it: each one records the range of mission ids it archives before it deletes any
+        where = [r[0] for r in ledger.conn.execute(
+            "SELECT DISTINCT json_extract(data, '$.archive') FROM events INDEXED BY events_kind WHERE kind = 'prune' "
+            "AND json_extract(data, '$.missions_from') <= ?1 AND json_extract(data, '$.missions_to') >= ?1 "
+            "ORDER BY id DESC LIMIT 3", (mission_id,)) if r[0]]
         pruned = ledger.conn.execute(
             "SELECT r.horizon, r.last_archive FROM retention r, sqlite_sequence s WHERE r.id = 1 AND "
-            "r.pruned_missions > 0 AND s.name = 'missions' AND ? <= s.seq", (mission_id,)).fetchone()
-        if pruned is not None:  # the id was handed out: it finished before the retention horizon and was pruned
+            "r.last_archive IS NOT NULL AND s.name = 'missions' AND ? <= s.seq", (mission_id,)).fetchone()
+        if where:  # (two prunes' id ranges can overlap around a long-running mission: every candidate is named)
+            hint = f"it was pruned: its record is in the retention archive {' or '.join(where)}"
+        elif pruned is not None:  # the id was handed out: it finished before the retention horizon and was pruned
             hint = (f"it was pruned if it finished before {iso(pruned[0])} (the retention horizon): its record is in "
                     f"a retention archive (the latest: {pruned[1]}); else {hint}")
         raise NotFound(f"no mission {mission_id} in {ledger.path}", hint, "mission_not_found")

@@ -27,6 +27,7 @@ lines (each mission followed by its attempts and events), then a trailer ``{"end
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import gzip
 import json
 import os
@@ -188,21 +189,54 @@ def _check_existing(led: Ledger, path: Path) -> None:
     if not (isinstance(doc["header"], dict) and doc["header"].get("lanectl_archive") == ARCHIVE_VERSION):
         raise refuse
     conn = led.conn
-    for table, col, rows in (("missions", "id", doc["missions"]), ("events", "id", doc["events"])):
-        ids = [r[col] for r in rows]
-        for i in range(0, len(ids), 500):
-            chunk = ids[i:i + 500]
-            have = conn.execute(f"SELECT count(*) FROM {table} WHERE {col} IN ({','.join('?' * len(chunk))})",
-                                chunk).fetchone()[0]
-            if have != len(chunk):
+    # every archived row must still be in this ledger exactly as archived: ids alone would match another ledger
+    # (or this one recreated) whose rows merely have the same numbers, and replacing its archive would lose them
+    for table, cols, rows in (("missions", _MISSION_COLS, doc["missions"]), ("events", _EVENT_COLS, doc["events"])):
+        for i in range(0, len(rows), 500):
+            chunk = rows[i:i + 500]
+            ids = [r["id"] for r in chunk]
+            have = {r["id"]: r for r in _rows(conn.execute(
+                f"SELECT {', '.join(cols)} FROM {table} WHERE id IN ({','.join('?' * len(ids))})", ids), cols)}
+            if any(have.get(r["id"]) != {c: r.get(c) for c in cols} for r in chunk):
                 raise refuse
+
+
+@contextlib.contextmanager
+def _one_prune_at_a_time(led: Ledger) -> Iterator[None]:
+    """An exclusive flock on ``LEDGER.prune-lock`` (a file of its own: lanectl never opens the ledger file itself,
+    whose POSIX locks are SQLite's): the supervisor's retention pass and an operator's prune never overlap."""
+    lock = Path(str(led.path) + ".prune-lock")
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        raise Unavailable(f"{lock}: cannot open the prune lock ({exc.strerror or exc}); nothing was deleted",
+                          "run the prune as the ledger's owner (root)", "prune_lock") from exc
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise Conflict(f"{led.path}: another prune of this ledger is running (the supervisor's retention pass, "
+                           "or another 'lanectl ledger prune')", "wait for it to finish, then run this one again",
+                           "prune_running") from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def prune(led: Ledger, *, cutoff: float, archive: str | Path, now: float | None = None, batch: int = BATCH,
           vacuum: bool = False, actor: str | None = None,
           progress: Callable[[str, int], None] | None = None) -> PruneResult:
-    """Archive, then delete, finished history older than ``cutoff`` (module docstring); records a ``prune`` event.
-    With nothing to prune no archive is written (``PruneResult.archive`` is None) and no event recorded."""
+    """Archive, then delete, finished history older than ``cutoff`` (module docstring); records a ``prune`` event
+    when the deleting begins (so a prune killed midway is on record) and one with the figures at the end. With
+    nothing to prune no archive is written (``PruneResult.archive`` is None) and no event recorded. One prune of a
+    ledger at a time (``prune_running``, exit 5)."""
+    with _one_prune_at_a_time(led):
+        return _prune(led, cutoff=cutoff, archive=archive, now=now, batch=batch, vacuum=vacuum, actor=actor,
+                      progress=progress)
+
+
+def _prune(led: Ledger, *, cutoff: float, archive: str | Path, now: float | None, batch: int, vacuum: bool,
+           actor: str | None, progress: Callable[[str, int], None] | None) -> PruneResult:
     started = time.monotonic()
     now = time.time() if now is None else now
     path = Path(archive)
@@ -275,8 +309,13 @@ def prune(led: Ledger, *, cutoff: float, archive: str | Path, now: float | None 
         raise
     res.archive = str(path)
     # ---------------------------------------------------------------- 2. delete
-    with led.transaction():
-        conn.execute("UPDATE retention SET horizon = max(horizon, ?) WHERE id = 1", (cutoff,))
+    with led.transaction():  # on record before anything is deleted: the archive that holds what goes next
+        conn.execute("UPDATE retention SET horizon = max(horizon, ?), last_archive = ? WHERE id = 1",
+                     (cutoff, res.archive))
+        events.append(conn, EventKind.PRUNE, now, phase="deleting", cutoff=cutoff, archive=res.archive,
+                      missions_from=int(mission_ids[0]) if mission_ids else None,
+                      missions_to=int(mission_ids[-1]) if mission_ids else None, missions=len(mission_ids),
+                      actor=actor)
     for i in range(0, len(mission_ids), batch):
         chunk = list(mission_ids[i:i + batch])
         marks = ",".join("?" * len(chunk))
@@ -298,11 +337,12 @@ def prune(led: Ledger, *, cutoff: float, archive: str | Path, now: float | None 
             res.events += conn.execute(f"DELETE FROM events WHERE id IN ({','.join('?' * len(chunk))}) AND at < ?",
                                        (*chunk, cutoff)).rowcount
     with led.transaction():
-        rollups.prune_before(conn, cutoff)  # roll-ups of buckets wholly behind the horizon go with their events
+        rollups.prune_before(conn, cutoff)  # roll-ups before the horizon go with their events (read raw there)
         conn.execute("UPDATE retention SET pruned_missions = pruned_missions + ?, pruned_attempts = "
                      "pruned_attempts + ?, pruned_events = pruned_events + ?, last_prune_at = ?, last_archive = ? "
                      "WHERE id = 1", (res.missions, res.attempts, res.events, now, res.archive))
-        events.append(conn, EventKind.PRUNE, now, cutoff=cutoff, missions=res.missions, attempts=res.attempts,
+        events.append(conn, EventKind.PRUNE, now, phase="done", cutoff=cutoff, missions=res.missions,
+                      attempts=res.attempts,
                       events=res.events, kept=res.kept, archive=res.archive, archive_bytes=res.archive_bytes,
                       actor=actor)
     # ---------------------------------------------------------------- 3. reclaim

@@ -169,6 +169,13 @@ def state(conn: sqlite3.Connection) -> tuple[float | None, int]:
     return (None, 0) if row is None else (float(row[0]), int(row[1]))
 
 
+def rolled_from(conn: sqlite3.Connection) -> float:
+    """Roll-ups cover [rolled_from, rolled_until): before it (history older than the first roll-up, or pruned)
+    a window reads raw events."""
+    row = conn.execute("SELECT rolled_from FROM rollup_state WHERE id = 1").fetchone()
+    return math.inf if row is None else float(row[0])
+
+
 def roll_up(conn: sqlite3.Connection, now: float, *, max_buckets: int = 2, grace_s: float = GRACE_S) -> int:
     """Roll up to ``max_buckets`` closed 5-minute buckets (and every hour they complete), and fold in events that
     arrived for buckets already rolled. The caller holds a write transaction. Returns the buckets rolled."""
@@ -177,7 +184,7 @@ def roll_up(conn: sqlite3.Connection, now: float, *, max_buckets: int = 2, grace
     top = int(conn.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0])
     if until is None:
         first = conn.execute("SELECT min(at) FROM events INDEXED BY events_at").fetchone()[0]
-        until = math.floor((now if first is None else first) / BUCKET_S) * BUCKET_S
+        until = start = math.floor((now if first is None else first) / BUCKET_S) * BUCKET_S
         watermark = 0
     elif top > watermark:  # late arrivals for rolled buckets: fold them in (both levels)
         late = aggregate(dispatch_rows(conn, -math.inf, until, after_id=watermark),
@@ -208,9 +215,11 @@ def roll_up(conn: sqlite3.Connection, now: float, *, max_buckets: int = 2, grace
                 _make_hour(conn, h)
             h += HOUR_S
         until = end
-    if (until, top) != before:  # an idle ledger is not written to (no commit, no fsync)
-        conn.execute("INSERT INTO rollup_state (id, rolled_until, watermark) VALUES (1, ?, ?) ON CONFLICT (id) DO "
-                     "UPDATE SET rolled_until = excluded.rolled_until, watermark = excluded.watermark", (until, top))
+    if before[0] is None:
+        conn.execute("INSERT INTO rollup_state (id, rolled_from, rolled_until, watermark) VALUES (1, ?, ?, ?)",
+                     (start, until, top))
+    elif (until, top) != before:  # an idle ledger is not written to (no commit, no fsync)
+        conn.execute("UPDATE rollup_state SET rolled_until = ?, watermark = ? WHERE id = 1", (until, top))
     return rolled
 
 
@@ -278,10 +287,14 @@ def _make_hour(conn: sqlite3.Connection, h: float) -> None:
 
 
 def prune_before(conn: sqlite3.Connection, cutoff: float) -> int:
-    """Drop the roll-ups of buckets that end at or before ``cutoff`` (retention: they go with their events; a
-    bucket that straddles the horizon keeps its figures, pruned missions included)."""
-    n = conn.execute("DELETE FROM rollups WHERE start + bucket_s <= ?", (cutoff,)).rowcount
-    conn.execute("DELETE FROM rollup_traffic WHERE start + bucket_s <= ?", (cutoff,))
+    """Retention: drop the roll-ups of every bucket that begins before ``cutoff`` (their events are being pruned)
+    and let roll-ups begin at the first 5-minute boundary after it; what is left before it (events of missions
+    that had not finished) is read raw, so a window over pruned time sees only what is left, both ways."""
+    n = conn.execute("DELETE FROM rollups WHERE start < ?", (cutoff,)).rowcount
+    conn.execute("DELETE FROM rollup_traffic WHERE start < ?", (cutoff,))
+    first = math.ceil(cutoff / BUCKET_S) * BUCKET_S
+    conn.execute("UPDATE rollup_state SET rolled_from = max(rolled_from, ?), rolled_until = max(rolled_until, ?) "
+                 "WHERE id = 1", (first, first))
     return n
 
 
@@ -312,7 +325,7 @@ def read_window(conn: sqlite3.Connection, t0: float, t1: float, lane: str | None
         for k, n in counts.items():
             traffic[k] = traffic.get(k, 0) + int(n)
 
-    u0 = math.ceil(t0 / BUCKET_S) * BUCKET_S
+    u0 = max(math.ceil(t0 / BUCKET_S) * BUCKET_S, rolled_from(conn))
     u1 = min(math.floor(t1 / BUCKET_S) * BUCKET_S, until if until is not None else -math.inf)
     raw: list[tuple[float, float]] = []
     if until is None or u1 <= u0:

@@ -263,6 +263,10 @@ CREATE TRIGGER events_no_delete BEFORE DELETE ON events
       OR OLD.id >= (SELECT max(id) FROM events)
       OR (OLD.mission IS NOT NULL AND EXISTS (SELECT 1 FROM missions WHERE id = OLD.mission))
 BEGIN SELECT RAISE(ABORT, 'events are append-only (only finished history older than the retention horizon may be pruned)'); END;
+-- INSERT OR REPLACE of an existing event would rewrite it without firing the update or delete triggers.
+CREATE TRIGGER events_no_replace BEFORE INSERT ON events
+    WHEN NEW.id IS NOT NULL AND EXISTS (SELECT 1 FROM events WHERE id = NEW.id)
+BEGIN SELECT RAISE(ABORT, 'events are append-only (an event id cannot be written again)'); END;
 -- A mission (and its attempts) may be deleted only when it is finished and last changed before the horizon.
 CREATE TRIGGER missions_no_delete BEFORE DELETE ON missions
     WHEN OLD.state IN ('queued', 'dispatched', 'running')
@@ -299,6 +303,7 @@ CREATE TABLE rollup_traffic (
 ) STRICT, WITHOUT ROWID;
 CREATE TABLE rollup_state (
     id INTEGER PRIMARY KEY CHECK (id = 1),
+    rolled_from REAL NOT NULL,
     rolled_until REAL NOT NULL,
     watermark INTEGER NOT NULL
 ) STRICT;

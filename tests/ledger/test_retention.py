@@ -146,7 +146,10 @@ def test_prune_archives_exactly_the_finished_old_history(world, tmp_path: Path) 
     assert after["missions"] == {k: v for k, v in before["missions"].items() if k not in finished_old}
     assert after["attempts"] == {k: v for k, v in before["attempts"].items() if k not in want_attempts}
     prune_events = {k: e for k, e in after["events"].items() if e["kind"] == "prune"}
-    assert len(prune_events) == 1 and json.loads(next(iter(prune_events.values()))["data"])["archive"] == str(archive)
+    # one when the deleting began (on record even if the prune is killed), one with the figures at the end
+    phases = [json.loads(e["data"]) for _, e in sorted(prune_events.items())]
+    assert [p["phase"] for p in phases] == ["deleting", "done"] and {p["archive"] for p in phases} == {str(archive)}
+    assert (phases[0]["missions_from"], phases[0]["missions_to"]) == (min(finished_old)[0], max(finished_old)[0])
     assert {k: e for k, e in after["events"].items() if k not in prune_events} == \
         {k: v for k, v in before["events"].items() if k not in want_events}
     assert unfinished_old <= set(after["missions"])
@@ -194,6 +197,9 @@ def test_young_events_stay_append_only(world, tmp_path: Path) -> None:
         ("DELETE FROM events WHERE id = ?", (young_event,)),
         ("UPDATE events SET kind = 'x' WHERE id = ?", (young_event,)),
         ("UPDATE events SET kind = 'x' WHERE id = ?", (old_of_unfinished,)),
+        # REPLACE fires neither the update nor the delete trigger: an existing id cannot be written again
+        ("INSERT OR REPLACE INTO events (id, at, kind, state, data) VALUES (?, 1.0, 'succeeded', 'x', '{}')",
+         (young_event,)),
         ("DELETE FROM events WHERE id = ?", (old_of_unfinished,)),  # its mission is still in the ledger
         ("DELETE FROM events WHERE id = ?", (newest,)),
         ("DELETE FROM missions WHERE id = ?", (old["running"][0],)),  # unfinished
@@ -297,8 +303,8 @@ def test_cli_ledger_prune(world, tmp_path: Path) -> None:
     data = json.loads(r.stdout)["data"]
     assert data["missions"] == n_finished and data["archive"] == str(tmp_path / "a.gz")
     assert len(retention.load_archive(tmp_path / "a.gz")["missions"]) == n_finished
-    ev = led.conn.execute("SELECT data FROM events WHERE kind = 'prune'").fetchall()
-    assert len(ev) == 1 and json.loads(ev[0][0])["missions"] == n_finished
+    ev = [json.loads(r[0]) for r in led.conn.execute("SELECT data FROM events WHERE kind = 'prune' ORDER BY id")]
+    assert [e["phase"] for e in ev] == ["deleting", "done"] and ev[1]["missions"] == n_finished
     (tmp_path / "b.gz").write_bytes(b"not an archive")
     generation(led, fleet, OLD, 10)
     r = cli("--older-than", "30d", "--archive", str(tmp_path / "b.gz"))
@@ -315,5 +321,69 @@ def test_the_archive_names_every_column_the_schema_has(tmp_path: Path) -> None:
                             ("events", retention._EVENT_COLS)):
             have = {r[1] for r in led.conn.execute(f"PRAGMA table_info({table})")}
             assert have == set(cols), (table, have ^ set(cols))
+    finally:
+        led.close()
+
+
+def test_another_ledgers_archive_is_never_replaced(tmp_path: Path) -> None:
+    """Two ledgers with the same mission ids (another host, or this one recreated): a prune of the second never
+    replaces the first one's archive, even though every id in it exists here."""
+    fleet = big_fleet(tmp_path)
+    a, b = (Ledger.open(tmp_path / f"{n}.db") for n in ("a", "b"))
+    try:
+        generation(a, fleet, OLD, 10)
+        generation(b, fleet, OLD + 3600, 10)  # the same ids, other rows
+        retention.prune(a, cutoff=CUTOFF, archive=tmp_path / "x.gz", now=YOUNG)
+        kept = (tmp_path / "x.gz").read_bytes()
+        generation(b, fleet, OLD, 5)  # b's rows under a's archived ids differ (other times, other payloads)
+        with pytest.raises(LanectlError) as err:
+            retention.prune(b, cutoff=CUTOFF, archive=tmp_path / "x.gz", now=YOUNG)
+        assert err.value.code == "archive_exists" and (tmp_path / "x.gz").read_bytes() == kept
+    finally:
+        a.close()
+        b.close()
+
+
+def test_one_prune_at_a_time(tmp_path: Path) -> None:
+    from lanectl.ledger.retention import _one_prune_at_a_time
+
+    fleet = big_fleet(tmp_path)
+    led = Ledger.open(tmp_path / "l.db")
+    other = Ledger.open(tmp_path / "l.db")
+    try:
+        generation(led, fleet, OLD, 10)
+        with _one_prune_at_a_time(other):  # the supervisor's pass, say
+            with pytest.raises(LanectlError) as err:
+                retention.prune(led, cutoff=CUTOFF, archive=tmp_path / "a.gz", now=YOUNG)
+            assert err.value.code == "prune_running" and err.value.exit_code == ExitCode.CONFLICT
+        assert not (tmp_path / "a.gz").exists()
+        assert retention.prune(led, cutoff=CUTOFF, archive=tmp_path / "a.gz", now=YOUNG).missions > 0
+    finally:
+        led.close()
+        other.close()
+
+
+def test_a_prune_killed_while_deleting_is_on_record(tmp_path: Path) -> None:
+    """The 'deleting' event (with the archive and the id range) is committed before the first delete, so a prune
+    killed midway is on record and 'mission show' names the archive that holds a pruned mission."""
+    fleet = big_fleet(tmp_path)
+    led = Ledger.open(tmp_path / "l.db")
+    try:
+        generation(led, fleet, OLD, 30)
+        calls = []
+
+        def stop_after_first_batch(what: str, n: int) -> None:
+            calls.append((what, n))
+            if what == "deleted":
+                raise KeyboardInterrupt  # as a kill -9 would, after the first batch
+        with pytest.raises(KeyboardInterrupt):
+            retention.prune(led, cutoff=CUTOFF, archive=tmp_path / "a.gz", now=YOUNG, batch=10,
+                            progress=stop_after_first_batch)
+        ev = [json.loads(r[0]) for r in led.conn.execute("SELECT data FROM events WHERE kind = 'prune'")]
+        assert [e["phase"] for e in ev] == ["deleting"] and ev[0]["archive"] == str(tmp_path / "a.gz")
+        gone = ev[0]["missions_from"]
+        with pytest.raises(LanectlError) as err:
+            ms.get(led, gone)
+        assert str(tmp_path / "a.gz") in err.value.hint
     finally:
         led.close()

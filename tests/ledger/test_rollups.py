@@ -152,22 +152,34 @@ def test_runs_pick_the_same_percentile_as_sorting(day: Path) -> None:
 
 
 def test_prune_drops_the_roll_ups_behind_the_horizon(tmp_path: Path) -> None:
+    """After a prune both ways see only what is left, also across the horizon: the old events of missions that had
+    not finished (so were kept) count, the pruned ones do not."""
     from lanectl.ledger import retention
 
     write_config(tmp_path / "etc")
     build(tmp_path / "ledger.db", 2000, END)
+    cutoff = END - 43_200 + 100  # mid-bucket
+    fleet = config.load(str(tmp_path / "etc"))
+    led = Ledger.open(tmp_path / "ledger.db")
+    try:
+        for k in range(4):  # queued long ago, still queued: kept by the prune, with their old events
+            ms.submit(led, fleet, cls="background", payload={"old": k}, now=cutoff - 5000 + 700 * k, lane="gamma")
+    finally:
+        led.close()
     roll_all(tmp_path / "ledger.db", END)
-    cutoff = END - 43_200 + 100  # mid-bucket: that bucket keeps its figures
     led = Ledger.open(tmp_path / "ledger.db")
     try:
         retention.prune(led, cutoff=cutoff, archive=tmp_path / "a.jsonl.gz", now=END)
-        starts = [r[0] + r[1] for r in led.conn.execute("SELECT start, bucket_s FROM rollups")]
+        starts = [r[0] for r in led.conn.execute("SELECT start FROM rollups")]
     finally:
         led.close()
-    assert starts and min(starts) > cutoff
-    t0, t1 = END - 40_000.5, END - 61.5  # after the horizon: still the same figures both ways
-    assert_same(figures(tmp_path / "ledger.db", t0, t1, None, True), figures(tmp_path / "ledger.db", t0, t1, None,
-                                                                               False))
+    assert starts and min(starts) >= cutoff
+    roll_all(tmp_path / "ledger.db", END)
+    for t0, t1 in [(END - 86400, END), (cutoff - 3000.5, cutoff + 3000.5), (END - 40_000.5, END - 61.5),
+                   (cutoff - 9000, cutoff - 10)]:
+        fast, full = (figures(tmp_path / "ledger.db", t0, t1, None, f) for f in (True, False))
+        assert_same(fast, full)
+    assert figures(tmp_path / "ledger.db", cutoff - 9000, cutoff - 10, None, True)["traffic"]["submitted"] == 4
 
 
 def test_an_idle_ledger_is_not_written(tmp_path: Path) -> None:

@@ -145,6 +145,7 @@ SITUATIONS: dict[str, Callable[[Fleet], None] | None] = {
     "Upgrade the supervisor (zero loss)": None,
     "The ledger cannot be used": None,
     "Status for the team document": None,
+    "Add, remove or rename a lane": None,
 }
 
 

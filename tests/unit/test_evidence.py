@@ -363,8 +363,9 @@ def test_state_now_in_metrics_and_prometheus(led: Ledger, tmp_path: Path) -> Non
         ms.submit(led, fleet, cls=cls, payload={}, now=at)
     m = evidence.metrics(led, window_s=60, now=T0 + 100, fleet=fleet)
     st = m["now_state"]
-    assert st["lanes"] == [{"lane": "alpha", "state": "active", "healthy": True, "enabled": True},
-                           {"lane": "beta", "state": "drained", "healthy": False, "enabled": True}]
+    assert st["lanes"] == [{"lane": "alpha", "state": "active", "healthy": True, "enabled": True, "automatic": False},
+                           {"lane": "beta", "state": "drained", "healthy": False, "enabled": True,
+                            "automatic": False}]
     assert {c["class"]: (c["queued"], c["oldest_wait_s"]) for c in st["classes"]} == {
         "interactive": (2, 90.0), "deadline": (0, 0.0), "background": (1, 50.0)}
     got = {(n, tuple(sorted(lb.items()))): v for n, lb, v in
@@ -374,8 +375,24 @@ def test_state_now_in_metrics_and_prometheus(led: Ledger, tmp_path: Path) -> Non
     assert got[("lanectl_lane_state", (("lane", "beta"), ("state", "drained")))] == 1
     assert got[("lanectl_lane_state", (("lane", "beta"), ("state", "active")))] == 0
     assert sum(v for (n, lb), v in got.items() if n == "lanectl_lane_state" and ("lane", "alpha") in lb) == 1
+    assert got[("lanectl_lane_drained_by_lanectl", (("lane", "beta"),))] == 0  # drained, not by lanectl
     assert got[("lanectl_queued", (("class", "interactive"),))] == 2
     assert got[("lanectl_queue_oldest_wait_seconds", (("class", "interactive"),))] == 90.0
     assert got[("lanectl_queue_oldest_wait_seconds", (("class", "deadline"),))] == 0.0
     # one lane: only its row
     assert [r["lane"] for r in evidence.metrics(led, 60, T0 + 100, "beta", fleet=fleet)["now_state"]["lanes"]] == ["beta"]
+
+
+def test_a_lane_lanectl_drained_is_its_own_series(led: Ledger, tmp_path: Path) -> None:
+    """What the probe pages on (lanectl drained the lane by itself) is exported, so a Prometheus rule can page too
+    (contrib/prometheus/lanectl-rules.yml, LanectlLaneDrainedByLanectl)."""
+    from lanectl.ledger import lanes as lane_ops
+
+    fleet = make_fleet(tmp_path)
+    lane_ops.drain(led, fleet, "alpha", now=T0, reason="rollback: failure_spike", who="lanectl-supervisor")
+    lane_ops.drain(led, fleet, "beta", now=T0, reason="maintenance", who="root")
+    m = evidence.metrics(led, window_s=60, now=T0 + 100, fleet=fleet)
+    got = {(n, tuple(sorted(lb.items()))): v for n, lb, v in
+           parse_prometheus(evidence.prometheus_text(m, generated=T0 + 100))["samples"]}
+    assert got[("lanectl_lane_drained_by_lanectl", (("lane", "alpha"),))] == 1
+    assert got[("lanectl_lane_drained_by_lanectl", (("lane", "beta"),))] == 0

@@ -1321,9 +1321,11 @@ def test_supervisor_batch_answers_each_callback_in_order(sup: Sup) -> None:
 def test_supervisor_batch_naming_another_lane_is_refused_whole(sup: Sup) -> None:
     before = sup.snapshot()
     ok = callback_doc(mission=2, event="heartbeat", token=sup.tokens[2])
-    status, _ = post_batch(sup, [ok, callback_doc(mission=3, lane="zulu")])
+    refused = sup.sup.refused_counts().get("foreign_lane", 0)
+    status, _ = post_batch(sup, [ok, callback_doc(mission=3, lane="zulu"), ok])
     assert status == 403
     sup.assert_unchanged(before, rejected=0)
+    assert sup.sup.refused_counts()["foreign_lane"] == refused + 3  # callbacks, not requests
 
 
 @pytest.mark.parametrize("items", [
@@ -1350,3 +1352,21 @@ def test_reporter_sends_what_queued_up_in_one_request(sup: Sup) -> None:
     r.q.put(None)
     r.join(5)
     sup.assert_unchanged(before, rejected=1)
+
+
+def test_reporter_splits_what_would_not_fit_one_request(sup: Sup) -> None:
+    """64 callbacks with full output tails of non-ASCII text encode to ~1.6 MB, over MAX_BODY: the Reporter sends
+    them in requests that fit, in order, and every one is answered (none retried for ever)."""
+    from lanectl.runtime import Reporter
+
+    before = sup.snapshot()
+    r = Reporter(f"unix:{sup.sock}", supervisor_uid=os.getuid())
+    tail = "\ufffd" * 4096  # what a lane's binary output becomes: 6 bytes each once JSON-escaped
+    for _ in range(64):
+        r.send(CallbackMsg(2, 1, "alpha", sup.tokens[2], "heartbeat", "inv", output_tail=tail))
+    r.start()
+    wait_for(lambda: r.delivered + r.dropped == 64, what="every callback answered", timeout=60)
+    assert (r.delivered, r.dropped) == (64, 0) and 2 <= r.tries <= 4
+    r.q.put(None)
+    r.join(5)
+    sup.assert_unchanged(before, rejected=0)

@@ -207,3 +207,48 @@ def test_the_runtime_caps_output_and_keeps_the_tail_of_a_stopped_mission(tmp_pat
     assert not th.is_alive()
     text = (out / "4-1.log").read_text()
     assert text.startswith("first-4\n") and text.endswith("last-4\n") and "bytes cut here" in text
+
+
+def test_a_full_disk_does_not_kill_the_mission(tmp_path: Path) -> None:
+    """When the log cannot be written (here: RLIMIT_FSIZE standing in for a full disk) the pump keeps draining the
+    pipe: the mission runs to its end (no SIGPIPE, exit 0), and what could not be kept is counted."""
+    import resource
+
+    old_sig = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    old_lim = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (32768, old_lim[1]))
+    try:
+        cap, code = run_captured(tmp_path / "out", "10-1.log", 1 << 20, [sys.executable, "-c", WRITER, "400000"])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_lim)
+        signal.signal(signal.SIGXFSZ, old_sig)
+    assert code == 0, "the mission was killed by the full disk"
+    assert cap.error is not None and "not kept" in cap.error and cap.lost > 0
+    assert (tmp_path / "out" / "10-1.log").read_bytes().startswith(expected(32768)[:1000])
+
+
+def test_the_runtime_reads_no_tail_through_a_planted_link(tmp_path: Path) -> None:
+    """The callback's output_tail: a mission that swapped .lanectl/out (or .lanectl) for a link to a file it
+    wrote cannot make the runtime report that file as its output."""
+    from types import SimpleNamespace
+
+    from lanectl.runtime import LaneRuntime
+
+    state = tmp_path / ".lanectl"
+    (state / "out").mkdir(parents=True)
+    (state / "out" / "12-1.log").write_text("REAL-OUTPUT\n")
+    r = SimpleNamespace(out_path=state / "out" / "12-1.log")
+    assert LaneRuntime.tail(None, r) == "REAL-OUTPUT\n"  # type: ignore[arg-type]
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "12-1.log").write_text("FORGED-TAIL\n")
+    os.rename(state / "out", state / "out.real")
+    os.symlink(fake, state / "out")
+    assert LaneRuntime.tail(None, r) == ""  # type: ignore[arg-type]
+    os.unlink(state / "out")
+    os.rename(state / "out.real", state / "out")
+    os.rename(state, tmp_path / "real-state")
+    (tmp_path / "evil").mkdir()
+    (tmp_path / "evil" / "out").symlink_to(fake)
+    os.symlink(tmp_path / "evil", state)
+    assert LaneRuntime.tail(None, r) == ""  # type: ignore[arg-type]

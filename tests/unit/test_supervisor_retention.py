@@ -2,6 +2,8 @@
 main loop's ``maybe_prune`` when due, archives and deletes finished history older than the setting."""
 from __future__ import annotations
 
+import json
+
 import os
 import time
 from pathlib import Path
@@ -43,7 +45,7 @@ def test_the_supervisor_prunes_by_itself(tmp_path: Path) -> None:
         assert set(old["running"] + old["queued"]) <= left  # unfinished: kept
         assert set(young["succeeded"]) <= left  # young: kept
         assert not {m["id"] for m in arch["missions"]} & left
-        assert led.conn.execute("SELECT count(*) FROM events WHERE kind = 'prune'").fetchone()[0] == 1
+        assert [json.loads(r[0])['phase'] for r in led.conn.execute("SELECT data FROM events WHERE kind = 'prune' ORDER BY id")] == ['deleting', 'done']
     sup.close()
 
 
