@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -79,8 +80,10 @@ class Client:
     def get(self, mission_id: int) -> ms.Mission:
         return ms.get(self.ledger, mission_id)
 
-    def wait(self, mission_id: int, timeout: float = 60.0, poll: float = POLL_S) -> ms.Mission:
-        """Poll until the mission is finished; ``Timeout`` (exit 7) when ``timeout`` seconds pass first."""
+    def wait(self, mission_id: int, timeout: float = 60.0, poll: float = POLL_S,
+             progress: Callable[[str], None] | None = None) -> ms.Mission:
+        """Poll until the mission is finished; ``Timeout`` (exit 7) when ``timeout`` seconds pass first.
+        ``progress`` is told what the mission is doing each time it looks."""
         deadline = time.monotonic() + timeout
         while True:
             m = self.get(mission_id)
@@ -90,6 +93,10 @@ class Client:
             if left <= 0:
                 raise Timeout(f"mission {mission_id} is still {m.state} after {timeout:g}s",
                               "wait longer (--timeout) or look at 'lanectl mission explain'", "wait_timeout")
+            if progress is not None:
+                where = f" on {m.current_lane}" if m.current_lane else ""
+                progress(f"mission {mission_id}: {m.state}{where}, attempt {m.attempts}; {left:.0f}s left of the "
+                         "timeout")
             time.sleep(min(poll, left))
 
     def cancel(self, mission_id: int, now: float | None = None) -> ms.Mission:

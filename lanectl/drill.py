@@ -55,19 +55,23 @@ class DrillResult:
         return asdict(self)
 
 
-def _wait(pred: Any, timeout: float, what: str) -> Any:
+def _wait(pred: Any, timeout: float, what: str, progress: Any = None) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         value = pred()
         if value:
             return value
+        if progress is not None:
+            progress(f"drill: waiting for {what}; {deadline - time.monotonic():.0f}s left")
         if time.monotonic() > deadline:
             raise Timeout(f"drill: timed out after {timeout:g}s waiting for {what}", "look at 'lanectl status' "
                           "and 'lanectl events --kind requeued'", "drill_timeout")
         time.sleep(POLL_S)
 
 
-def run(ledger: Ledger, fleet: LaneSet, lane: str, kind: str, *, timeout: float = 60.0) -> DrillResult:
+def run(ledger: Ledger, fleet: LaneSet, lane: str, kind: str, *, timeout: float = 60.0,
+        progress: Any = None) -> DrillResult:
+    """``progress`` (optional) is told what the drill waits for at each step."""
     cfg = fleet.get(lane)
     if kind not in ("crash", "hang"):
         raise Conflict(f"unknown drill kind {kind!r}", "use crash or hang", "drill_kind")
@@ -89,7 +93,7 @@ def run(ledger: Ledger, fleet: LaneSet, lane: str, kind: str, *, timeout: float 
         m = ms.get(ledger, mission)
         return m.state == "running" and m.current_lane == lane
 
-    _wait(running_on_lane, timeout, f"lane {lane} to run the drill mission")
+    _wait(running_on_lane, timeout, f"lane {lane} to run the drill mission", progress)
     props = systemd.show([unit], ("Id", "MainPID", "InvocationID"))[unit]
     pid, old_inv = int(props["MainPID"]), props["InvocationID"]
     t0 = time.time()
@@ -99,14 +103,14 @@ def run(ledger: Ledger, fleet: LaneSet, lane: str, kind: str, *, timeout: float 
     try:
         at = _wait(lambda: ledger.conn.execute(
             "SELECT min(at) FROM events WHERE mission = ? AND kind IN ('requeued', 'dead') AND at >= ?",
-            (mission, t0)).fetchone()[0], max(timeout, limit + 10), "the supervisor to re-queue the mission")
+            (mission, t0)).fetchone()[0], max(timeout, limit + 10), "the supervisor to re-queue the mission", progress)
         detect = at - t0
 
         def back_up() -> bool:
             p = systemd.show([unit], ("Id", "SubState", "InvocationID"))[unit]
             return p.get("SubState") == "running" and p.get("InvocationID") not in ("", old_inv)
 
-        _wait(back_up, timeout, f"lane {lane} to be restarted")
+        _wait(back_up, timeout, f"lane {lane} to be restarted", progress)
         recover = time.time() - t0
     finally:
         if kind == "hang":  # never leave a frozen process behind, whatever happened
@@ -119,7 +123,7 @@ def run(ledger: Ledger, fleet: LaneSet, lane: str, kind: str, *, timeout: float 
         "WHERE a.lane = ? AND a.invocation = ? AND a.state IN ('dispatched', 'running') "
         "AND m.state IN ('dispatched', 'running')", (lane, old_inv)).fetchone()[0]
     final = _wait(lambda: (lambda m: m if m.state in ms.FINISHED else None)(ms.get(ledger, mission)), timeout,
-                  "the drill mission to finish")
+                  "the drill mission to finish", progress)
     end = time.time() - t0
     after = lane_ops.state_of(ledger, lane)
     failures = []

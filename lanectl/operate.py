@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 from lanectl import systemd
@@ -127,7 +128,17 @@ def bring_back(name: str, unit_dir: str | None, config_dir: str | None) -> dict[
 
 
 # ----------------------------------------------------------------------------------------------- with the ledger
-def wait_drained(ledger_path: Any, lane: str, timeout: float, poll: float = 0.2) -> list[int]:
+Progress = Callable[[str], None]
+"""Told what a wait is waiting for, each time it looks (lanectl.output.waiting shows it on a terminal)."""
+
+
+def _ids(ids: list[int], most: int = 8) -> str:
+    shown = ", ".join(str(i) for i in ids[:most])
+    return shown + (f" and {len(ids) - most} more" if len(ids) > most else "")
+
+
+def wait_drained(ledger_path: Any, lane: str, timeout: float, poll: float = 0.2,
+                 progress: Progress | None = None) -> list[int]:
     """Wait until nothing is in flight on the lane; returns what is still in flight at the deadline (empty: done)."""
     import time
 
@@ -138,12 +149,17 @@ def wait_drained(ledger_path: Any, lane: str, timeout: float, poll: float = 0.2)
     with Ledger.open(ledger_path, migrate=False) as led:
         while True:
             left = lane_ops.in_flight(led, lane)
-            if not left or time.monotonic() >= deadline:
+            rest = deadline - time.monotonic()
+            if not left or rest <= 0:
                 return left
+            if progress is not None:
+                progress(f"draining {lane}: {len(left)} mission(s) in flight (missions {_ids(left)}); "
+                         f"{rest:.0f}s left of the timeout")
             time.sleep(poll)
 
 
-def wait_up(lanes: dict[str, dict[str, Any]], name: str, timeout: float, poll: float = 0.1) -> bool:
+def wait_up(lanes: dict[str, dict[str, Any]], name: str, timeout: float, poll: float = 0.1,
+            progress: Progress | None = None) -> bool:
     """Wait until the lane's unit runs and its health endpoint answers."""
     import time
 
@@ -151,10 +167,15 @@ def wait_up(lanes: dict[str, dict[str, Any]], name: str, timeout: float, poll: f
 
     deadline = time.monotonic() + timeout
     while True:
-        if collect(lanes, [name])[0].state == "up":
+        row = collect(lanes, [name])[0]
+        if row.state == "up":
             return True
-        if time.monotonic() >= deadline:
+        rest = deadline - time.monotonic()
+        if rest <= 0:
             return False
+        if progress is not None:
+            progress(f"starting {name}: unit {row.active_state}/{row.sub_state}, health "
+                     f"{'answers' if row.health.ok else 'not answering yet'}; {rest:.0f}s left")
         time.sleep(poll)
 
 

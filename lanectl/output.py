@@ -5,10 +5,11 @@ Envelope (``--json``): ``{"lanectl_json": 1, "command": [...], "status": "ok|par
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NoReturn, TypeVar
 
 from lanectl.errors import ExitCode, LanectlError, Problem
@@ -50,6 +51,24 @@ def stdout_console():  # type: ignore[no-untyped-def]
         # piped to a file or over a non-tty ssh: do not squeeze tables into 80 columns
         console = Console(highlight=False, width=200)
     return console
+
+
+@contextlib.contextmanager
+def waiting(json_mode: bool) -> Iterator[Callable[[str], None] | None]:
+    """Progress where people wait: a callback that shows what the command waits for, on one line of stderr that
+    updates in place, only when stderr is a terminal and the output is not --json; None otherwise, so piped and
+    --json output is exactly what it is without it. The line is gone when the wait ends."""
+    if json_mode or not sys.stderr.isatty():
+        yield None
+        return
+    from rich.status import Status
+
+    status = Status("", console=stderr_console(), spinner="dots")
+    status.start()
+    try:
+        yield lambda text: status.update(text)
+    finally:
+        status.stop()
 
 
 def exit_with(code: int) -> NoReturn:

@@ -10,7 +10,7 @@ from lanectl import operate, paths
 from lanectl.cli.options import CONFIG, JSON, UNIT_DIR
 from lanectl.errors import ExitCode
 from lanectl.cli.statusview import run_status
-from lanectl.output import command, escape, finish, stderr_console, stdout_console
+from lanectl.output import command, escape, finish, stderr_console, stdout_console, waiting
 
 def complete_lanes(incomplete: str) -> list[str]:
     """Shell completion of lane names: the installed fleet's."""
@@ -113,8 +113,8 @@ def restart(lane: str = typer.Argument(...),
 
     operate.select(lanes, [lane], enabled_only=False)
     fleet = config.load(config_dir)
-    with config.open_ledger(fleet, ledger) as led:
-        graceful_restart(led, fleet, lanes, lane, timeout, reason)
+    with config.open_ledger(fleet, ledger) as led, waiting(json_out) as progress:
+        graceful_restart(led, fleet, lanes, lane, timeout, reason, progress)
     _report(operate.OpResult("restart", [lane], [lane]), json_out, "restarted gracefully")
 
 

@@ -11,7 +11,7 @@ from lanectl.cli.options import CONFIG, JSON
 from lanectl.errors import ExitCode, LanectlError, Problem
 from lanectl.ledger import lanes as lane_ops
 from lanectl.ledger.events import EventKind
-from lanectl.output import command, escape, finish, stdout_console
+from lanectl.output import command, escape, finish, stdout_console, waiting
 
 LEDGER = typer.Option(None, "--ledger", metavar="PATH", help="Ledger file.",
                       show_default="ledger= in lanectl.toml, else /var/lib/lanectl/ledger.db")
@@ -99,8 +99,8 @@ def drill(
     from lanectl import drill as drills
 
     fleet = config.load(config_dir)
-    with config.open_ledger(fleet, ledger) as led:
-        res = drills.run(led, fleet, lane, kind, timeout=timeout)
+    with config.open_ledger(fleet, ledger) as led, waiting(json_out) as progress:
+        res = drills.run(led, fleet, lane, kind, timeout=timeout, progress=progress)
 
     def human() -> None:
         con = stdout_console()

@@ -21,7 +21,7 @@ from lanectl.client import Client
 from lanectl.errors import ExitCode, LanectlError, Problem
 from lanectl.ledger import missions as ms
 from lanectl.ledger import tick
-from lanectl.output import command, escape, finish, stdout_console
+from lanectl.output import command, escape, finish, stdout_console, waiting
 
 mission_app = typer.Typer(help="Inspect and act on one mission.", no_args_is_help=True)
 
@@ -299,7 +299,11 @@ def show(
 ) -> None:
     """Show one mission with its attempts."""
     with Client(config.ledger_path(config_dir, ledger)) as client:
-        m = client.wait(mission_id, timeout=timeout) if wait else client.get(mission_id)
+        if wait:
+            with waiting(json_out) as progress:
+                m = client.wait(mission_id, timeout=timeout, progress=progress)
+        else:
+            m = client.get(mission_id)
         data = missionview.show_data(client.ledger, m)
     finish(["mission", "show"], data, json_mode=json_out, human=lambda: missionview.human_mission(m))
 

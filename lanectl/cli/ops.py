@@ -13,7 +13,7 @@ from lanectl.errors import ExitCode, LanectlError, Timeout
 from lanectl.ledger import Ledger
 from lanectl.ledger import lanes as lane_ops
 from lanectl.ledger.events import EventKind
-from lanectl.output import command, escape, finish, stdout_console
+from lanectl.output import command, escape, finish, stdout_console, waiting
 
 LEDGER = typer.Option(None, "--ledger", metavar="PATH", help="Ledger file.",
                       show_default="ledger= in lanectl.toml, else /var/lib/lanectl/ledger.db")
@@ -87,7 +87,8 @@ def drain(
         path = led.path
     left: list[int] = []
     if wait or stop:
-        left = operate.wait_drained(path, lane, timeout)
+        with waiting(json_out) as progress:
+            left = operate.wait_drained(path, lane, timeout, progress=progress)
     stopped = False
     if stop and not left:
         systemd.run("stop", units.unit_name(lane))
@@ -200,7 +201,7 @@ def apply(
     active = operate._active([lanes[n]["unit"] for n in changed_lanes]) if changed_lanes else {}
     restarted, failed = [], {}
     ledger_file = config.ledger_path(fleet, ledger)
-    with config.open_ledger(fleet, ledger_file) as led:
+    with config.open_ledger(fleet, ledger_file) as led, waiting(json_out) as progress:
         if res.changed:
             lane_ops.record(led, EventKind.APPLY, now=time.time(), written=res.written, removed=res.removed,
                             lanes=changed_lanes, reason=reason)
@@ -208,7 +209,9 @@ def apply(
             if active.get(lanes[name]["unit"]) != "active":
                 continue  # not running: the new unit applies when it starts
             try:
-                graceful_restart(led, fleet, lanes, name, timeout, reason or "apply")
+                if progress is not None:
+                    progress(f"apply: {name} ({changed_lanes.index(name) + 1} of {len(changed_lanes)} changed lanes)")
+                graceful_restart(led, fleet, lanes, name, timeout, reason or "apply", progress)
                 restarted.append(name)
             except LanectlError as exc:
                 failed[name] = exc.message
@@ -243,18 +246,20 @@ def apply(
 
 
 def graceful_restart(led: Ledger, fleet: config.LaneSet, lanes: dict[str, Any], name: str, timeout: float,
-                     reason: str | None) -> None:
+                     reason: str | None, progress: operate.Progress | None = None) -> None:
     """Drain, wait until nothing is in flight, restart, wait until up, undrain (back to its previous state)."""
     previous = lane_ops.state_of(led, name)
     lane_ops.drain(led, fleet, name, now=time.time(), reason=f"graceful restart: {reason or ''}".strip(": "))
-    left = operate.wait_drained(led.path, name, timeout)
+    left = operate.wait_drained(led.path, name, timeout, progress=progress)
     if left:
         raise Timeout(f"lane {name} still has {len(left)} mission(s) in flight after {timeout:g}s",
                       "it stays draining; wait, cancel them, or restart without --graceful", "drain_timeout")
     systemd.run("reset-failed", lanes[name]["unit"], check=False)  # a unit systemd gave up on restarts too
     systemd.run("restart", lanes[name]["unit"])
     lane_ops.record(led, EventKind.LANE_RESTART, now=time.time(), lane=name, graceful=True, reason=reason)
-    up = operate.wait_up(lanes, name, 60)
+    if progress is not None:
+        progress(f"restarting {name}")
+    up = operate.wait_up(lanes, name, 60, progress=progress)
     if previous in ("active", "degraded"):
         lane_ops.undrain(led, fleet, name, now=time.time(), reason="graceful restart done")
     if not up:
