@@ -1,0 +1,96 @@
+"""Issue 15 follow-ups under a real systemd: what an attack found, attacked again.
+
+- F1: a second ``lanectl supervise`` while lanectl-supervisor.service runs (same ledger, or another ledger on the
+  same socket) is refused (exit 5, ``supervisor_running``, naming the service); the service keeps its socket (same
+  inode), callbacks keep landing, and nothing runs twice, not even across a restart of the service.
+- F2: ``supervise --ledger TYPO`` exits 6 (``ledger_missing``) and creates nothing.
+"""
+from __future__ import annotations
+
+import collections
+import json
+
+import pytest
+
+from tests.systemd.lanehelpers import (Fleet, copy_example, executions, sql, submit_many, wait_for, wait_terminal)
+
+pytestmark = pytest.mark.systemd
+LANES = ["alpha", "beta", "gamma"]
+SOCK = "/run/lanectl/callbacks.sock"
+
+
+@pytest.fixture(scope="module")
+def fleet(sandbox, tmp_path_factory):  # type: ignore[no-untyped-def]
+    cfg = copy_example(tmp_path_factory.mktemp("fixop"))
+    with open(cfg / "lanectl.toml", "a") as fh:
+        fh.write("\n[rollback]\nenabled = false\n")
+    f = Fleet(sandbox, cfg)
+    assert f.json("install")[0] == 0
+    code, doc = f.json("up")
+    assert code == 0, doc
+    wait_for(lambda: sandbox.exec(["systemctl", "is-active", "lanectl-supervisor.service"], check=False).stdout.strip()
+             == "active", 20, what="the supervisor")
+    yield f
+    f.lanectl("down")
+
+
+def inode(fleet: Fleet) -> str:
+    return fleet.sb.exec(["stat", "-c", "%i", SOCK], check=False).stdout.strip()
+
+
+def supervise(fleet: Fleet, *args: str) -> tuple[int, dict]:
+    # `timeout`: should the refusal regress, the intruder is stopped rather than the test hanging
+    from tests.systemd.lanehelpers import LANECTL
+
+    proc = fleet.sb.exec(["timeout", "60", LANECTL, "supervise", *args, "-c", str(fleet.config_dir), "--json"],
+                         check=False)
+    return proc.returncode, json.loads(proc.stdout) if proc.stdout.strip() else {"stderr": proc.stderr}
+
+
+def test_a_second_supervisor_is_refused_and_steals_nothing(fleet: Fleet) -> None:
+    main_pid = fleet.show("lanectl-supervisor.service", "MainPID")["MainPID"]
+    before = inode(fleet)
+    assert before
+    ids = submit_many(fleet, [{"cls": "background", "argv": ["/bin/sh", "-c", f"sleep 2; echo {i}"]}
+                              for i in range(6)])
+    wait_for(lambda: sql(fleet, "SELECT count(*) FROM missions WHERE state IN ('dispatched', 'running') "
+                                "AND id BETWEEN ? AND ?", min(ids), max(ids))[0][0] > 0, 60,
+             what="missions in flight")
+
+    code, doc = supervise(fleet)  # the same ledger and socket, as docs/operations.md's foreground run
+    assert code == 5, doc
+    err = doc["errors"][0]
+    assert err["code"] == "supervisor_running", err
+    assert f"pid {main_pid}" in err["message"] and "lanectl-supervisor.service" in err["message"], err
+
+    other = "/var/lib/lanectl/fixop-other.db"  # another ledger, the same socket
+    assert fleet.json("ledger", "init", "--ledger", other)[0] == 0
+    code, doc = supervise(fleet, "--ledger", other)
+    assert code == 5 and doc["errors"][0]["code"] == "supervisor_running", doc
+    assert SOCK in doc["errors"][0]["message"]
+
+    # the service still owns its socket, and callbacks land: every mission succeeds, once
+    assert inode(fleet) == before
+    assert fleet.show("lanectl-supervisor.service", "MainPID", "ActiveState") == {"MainPID": main_pid,
+                                                                                  "ActiveState": "active"}
+    ids += submit_many(fleet, [{"cls": "background", "argv": ["/bin/sh", "-c", "echo after"]}])
+    assert set(wait_terminal(fleet, ids, 120).values()) == {"succeeded"}
+
+    # a restart of the service re-runs nothing: no callback was lost
+    fleet.sb.exec(["systemctl", "restart", "lanectl-supervisor.service"], check=True)
+    wait_for(lambda: fleet.sb.exec(["systemctl", "is-active", "lanectl-supervisor.service"],
+                                   check=False).stdout.strip() == "active", 30, what="the supervisor back")
+    later = submit_many(fleet, [{"cls": "background", "argv": ["/bin/sh", "-c", "echo later"]}])
+    assert set(wait_terminal(fleet, later, 120).values()) == {"succeeded"}
+    since = sql(fleet, "SELECT min(created_at) FROM missions WHERE id = ?", min(ids))[0][0]
+    runs = collections.Counter(e["mission"] for e in executions(fleet, LANES)
+                               if e["at"] >= since and e["event"] == "start" and e["mission"] in set(ids))
+    assert runs and set(runs) == set(ids) and max(runs.values()) == 1, runs
+
+
+def test_supervise_with_a_ledger_that_does_not_exist_creates_none(fleet: Fleet) -> None:
+    typo = "/var/lib/lanectl/ledgr.db"
+    code, doc = supervise(fleet, "--ledger", typo)
+    assert code == 6 and doc["errors"][0]["code"] == "ledger_missing", doc
+    listing = fleet.sb.exec(["ls", "/var/lib/lanectl"], check=True).stdout.split()
+    assert not [n for n in listing if n.startswith("ledgr")], listing
