@@ -107,7 +107,16 @@ class LaneStatus(SimpleNamespace):
             return True
         if self.dispatch in ("draining", "drained"):
             return not self.automatic and self.active_state != "failed"
-        return self.running and self.health.ok
+        return self.running and self.health.ok and not self.reload_error
+
+    @property
+    def reload_error(self) -> str | None:
+        """The supervisor's last reload failed (``reload_error`` in its /healthz): it runs the configuration it
+        had before, not the one on disk. None for a lane, or when the last reload worked."""
+        if self.kind != "supervisor" or not isinstance(self.health.body, dict):
+            return None
+        err = self.health.body.get("reload_error")
+        return str(err) if err else None
 
     @property
     def state(self) -> str:
@@ -126,6 +135,8 @@ class LaneStatus(SimpleNamespace):
         d["ok"] = self.ok
         d["state"] = self.state
         d["gave_up"] = self.gave_up
+        if self.kind == "supervisor":
+            d["reload_error"] = self.reload_error
         return d
 
 

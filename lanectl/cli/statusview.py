@@ -50,6 +50,11 @@ def print_table(rows: list[LaneStatus]) -> None:
                   f"{r.port}" + ("" if r.health.listening else " (closed)"), escape(health),
                   escape(r.status_text or "-"))
     stdout_console().print(t)
+    for r in rows:
+        if r.reload_error:
+            stdout_console().print(f"[bold red]supervisor: the last reload failed, it runs its previous "
+                                   f"configuration:[/] {escape(r.reload_error)}\n  fix the configuration "
+                                   f"('lanectl validate'), then 'systemctl reload lanectl-supervisor'")
 
 
 DISPATCH_STYLE = {"active": "green", "draining": "yellow", "drained": "yellow", "degraded": "yellow",
