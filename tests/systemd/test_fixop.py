@@ -94,3 +94,50 @@ def test_supervise_with_a_ledger_that_does_not_exist_creates_none(fleet: Fleet) 
     assert code == 6 and doc["errors"][0]["code"] == "ledger_missing", doc
     listing = fleet.sb.exec(["ls", "/var/lib/lanectl"], check=True).stdout.split()
     assert not [n for n in listing if n.startswith("ledgr")], listing
+
+
+def enabled(fleet: Fleet, unit: str) -> str:
+    return fleet.sb.exec(["systemctl", "is-enabled", unit], check=False).stdout.strip()
+
+
+def test_a_lane_file_deleted_by_hand_leaves_no_unit_behind(fleet: Fleet) -> None:
+    """F3 (attack/orphan-unit.sh): the unit of a lane whose file was deleted by hand went on enabled and running
+    with no drop-in (no User=: as root), 'down NAME' said it was not installed, apply said nothing changed, and
+    status and probe stayed green."""
+    unit = "lanectl-lane@eps.service"
+    assert fleet.json("lane", "add", "eps", "--port", "8731", "--classes", "background")[0] == 0
+    assert fleet.json("install")[0] == 0
+    code, doc = fleet.json("up", "eps")
+    assert code == 0, doc
+    (fleet.config_dir / "lanes.d" / "eps.toml").unlink()  # by hand
+
+    code, doc = fleet.json("install")  # nothing is bound to eps: its unit is stopped and disabled
+    assert code == 0 and doc["data"]["stopped"] == ["eps"], doc
+    assert fleet.show(unit, "ActiveState")["ActiveState"] in ("inactive", "failed") and enabled(fleet, unit) != "enabled"
+
+    def orphaned() -> None:  # what an older lanectl left: enabled in lanectl.target.wants, running as root
+        fleet.sb.exec(["systemctl", "enable", "--now", unit], check=False)
+        wait_for(lambda: enabled(fleet, unit) == "enabled", 20, what="the orphan enabled")
+
+    orphaned()
+    code, doc = fleet.json("status")
+    assert code == 8 and [o["lane"] for o in doc["data"]["orphans"]] == ["eps"], doc
+    code, doc = fleet.json("probe")
+    checks = {c["name"]: c for c in doc["data"]["checks"]}
+    assert code >= 1 and checks["orphan:eps"]["status"] == "WARNING", doc
+    assert "lanectl down eps" in checks["orphan:eps"]["text"]
+
+    code, doc = fleet.json("down", "eps")  # the hint tells the truth: it stops and disables it
+    assert code == 0 and doc["data"]["lanes"] == ["eps"], doc
+    assert enabled(fleet, unit) != "enabled"
+    wait_for(lambda: fleet.show(unit, "ActiveState")["ActiveState"] in ("inactive", "failed"), 30, what="eps down")
+    code, doc = fleet.json("status")
+    assert doc["data"]["orphans"] == [], doc
+
+    orphaned()  # and apply, which used to say "nothing changed"
+    code, doc = fleet.json("apply", "--reason", "orphan")
+    assert code == 0 and doc["data"]["stopped"] == ["eps"], doc
+    assert enabled(fleet, unit) != "enabled"
+    code, doc = fleet.json("up")  # lanectl.target no longer starts it
+    assert fleet.show(unit, "ActiveState")["ActiveState"] in ("inactive", "failed")
+    assert fleet.json("status")[1]["data"]["orphans"] == []

@@ -87,3 +87,25 @@ def test_a_good_reload_and_a_down_supervisor() -> None:
     probe.judge_supervisor(res, down)
     assert res.code == probe.CRITICAL and [c.name for c in res.checks] == ["supervisor"]  # down outranks the rest
     assert row("alpha").as_dict().get("reload_error") is None and row("alpha").reload_error is None
+
+
+def test_an_enabled_lane_unit_with_no_lane_is_an_orphan(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """F3: lanectl-lane@NAME.service linked in lanectl.target.wants while no lane NAME is installed."""
+    from lanectl.status import orphan_units
+
+    wants = tmp_path / "lanectl.target.wants"
+    wants.mkdir()
+    for name in ("lanectl-lane@alpha.service", "lanectl-lane@eps.service", "lanectl-supervisor.service",
+                 "lanectl-lane@.service"):
+        (wants / name).symlink_to("/dev/null")
+    assert orphan_units(LANES, tmp_path) == {"eps": "lanectl-lane@eps.service"}
+    assert orphan_units({**LANES, "eps": {}}, tmp_path) == {}
+    assert orphan_units(LANES, tmp_path / "nowhere") == {}
+
+    r = LaneStatus("eps", "lanectl-lane@eps.service", False, 0, kind="orphan")
+    r.active_state, r.sub_state = "activating", "auto-restart"
+    assert r.state == "orphan" and not r.ok
+    res = probe.ProbeResult()
+    probe.judge_orphans(res, [r])
+    assert res.code == probe.WARNING and "'lanectl down eps'" in res.line()
+    assert res.as_dict()["perfdata"]["orphan_units"]["value"] == 1
