@@ -141,3 +141,38 @@ def test_a_lane_file_deleted_by_hand_leaves_no_unit_behind(fleet: Fleet) -> None
     code, doc = fleet.json("up")  # lanectl.target no longer starts it
     assert fleet.show(unit, "ActiveState")["ActiveState"] in ("inactive", "failed")
     assert fleet.json("status")[1]["data"]["orphans"] == []
+
+
+def healthz(fleet: Fleet) -> dict:
+    proc = fleet.sb.exec(["curl", "-s", "http://127.0.0.1:8700/healthz"], check=False)
+    return json.loads(proc.stdout) if proc.returncode == 0 and proc.stdout.strip() else {}
+
+
+def test_a_failed_reload_is_not_green(fleet: Fleet) -> None:
+    """F6: 'systemctl reload lanectl-supervisor' with a configuration that does not load left probe OK and status
+    exit 0 while the supervisor ran the old configuration."""
+    lane_file = fleet.config_dir / "lanes.d" / "alpha.toml"
+    good = lane_file.read_text()
+    reloads = healthz(fleet).get("reloads", 0)
+    try:
+        lane_file.write_text(good + 'capacity = "many"\n')
+        fleet.sb.exec(["systemctl", "reload", "lanectl-supervisor.service"], check=True)
+        h = wait_for(lambda: (lambda d: d if d.get("reloads", 0) > reloads else None)(healthz(fleet)), 30,
+                     what="the reload to be tried")
+        assert h["reload_error"], h
+        code, doc = fleet.json("status")
+        assert code == 8 and doc["data"]["supervisor"]["reload_error"] == h["reload_error"], doc
+        assert all(l["ok"] for l in doc["data"]["lanes"] if l["enabled"]), doc  # nothing else is wrong
+        code, doc = fleet.json("probe")
+        checks = {c["name"]: c for c in doc["data"]["checks"]}
+        assert code == 1 and checks["supervisor_reload"]["status"] == "WARNING", doc
+        assert "the last reload failed" in doc["data"]["line"]
+        text = fleet.lanectl("status").stdout
+        assert "the last reload failed" in " ".join(text.split()), text
+    finally:
+        lane_file.write_text(good)
+    fleet.sb.exec(["systemctl", "reload", "lanectl-supervisor.service"], check=True)
+    wait_for(lambda: healthz(fleet).get("reload_error", "x") is None, 30, what="a good reload")
+    code, doc = fleet.json("probe")
+    assert "supervisor_reload" not in {c["name"] for c in doc["data"]["checks"]}, doc
+    assert fleet.json("status")[0] == 0
