@@ -133,13 +133,15 @@ def lanectl(*args: str) -> tuple[int, dict]:
 
 
 def test_cli_supervise_refused_while_one_runs(first: Supervisor, etc: Path) -> None:
-    before = os.stat(first.ledger_path)
+    assert first.ledger is not None
+    events = first.ledger.conn.execute("SELECT count(*), max(id) FROM events").fetchone()
     code, doc = lanectl("supervise", "--config", str(etc))
     assert code == ExitCode.CONFLICT
     err = doc["errors"][0]
     assert err["code"] == "supervisor_running" and f"pid {os.getpid()}" in err["message"]
-    after = os.stat(first.ledger_path)
-    assert (after.st_mtime_ns, after.st_size) == (before.st_mtime_ns, before.st_size)
+    assert first.ledger.conn.execute("SELECT count(*), max(id) FROM events").fetchone() == events  # wrote nothing
+    lock = exclusive.ledger_lock_path(first.ledger_path)
+    assert lock.read_text().strip() == str(os.getpid())  # still ours
     assert accepts(first.socket_path)
 
 
