@@ -57,7 +57,7 @@ def fast(command: str, argv: list[str]) -> bool:
     if command == "probe":
         from lanectl.cli.probeview import run_probe
 
-        run_probe(data, names or None, json_out)
+        run_probe(data, names or None, json_out, paths.unit_dir(unit_dir))
         return True
     from lanectl.cli.statusview import run_status
     from lanectl.errors import LanectlError
@@ -65,8 +65,8 @@ def fast(command: str, argv: list[str]) -> bool:
     from lanectl.status import collect
 
     try:
-        run_status(collect(data["lanes"], names or None, data.get("supervisor"), ledger=data.get("ledger")),
-                   json_out)
+        run_status(collect(data["lanes"], names or None, data.get("supervisor"), ledger=data.get("ledger"),
+                           unit_dir=paths.unit_dir(unit_dir)), json_out)
     except LanectlError as exc:
         fail(["status"], exc, json_out)
     return True

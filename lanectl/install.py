@@ -50,7 +50,7 @@ class InstallResult:
 
     @property
     def changed(self) -> bool:
-        return bool(self.written or self.removed or self.manifest_changed)
+        return bool(self.written or self.removed or self.manifest_changed or self.stopped)
 
 
 def generated_on_disk(unit_dir: Path) -> list[str]:
@@ -225,7 +225,7 @@ def check_removals(fleet: LaneSet, unit_dir: Path, ledger: str | Path | None = N
     from lanectl.ledger import lanes as lane_ops
 
     before = installed.read(unit_dir)
-    gone = sorted(set((before or {}).get("lanes", {})) - set(fleet.lanes))
+    gone = sorted((set((before or {}).get("lanes", {})) - set(fleet.lanes)) | set(live_orphans(fleet, unit_dir)))
     path = config.ledger_path(fleet, ledger)
     if not gone or not path.exists():
         return
@@ -240,6 +240,20 @@ def check_removals(fleet: LaneSet, unit_dir: Path, ledger: str | Path | None = N
                                "lane_in_use")
 
 
+def is_live(unit_dir: Path) -> bool:
+    """Whether ``unit_dir`` is one systemd reads (and systemd can be reached): only then is anything started,
+    stopped or reloaded."""
+    return unit_dir.resolve() in [d.resolve() for d in LIVE_UNIT_DIRS if d.exists()] and systemd.available()
+
+
+def live_orphans(fleet: LaneSet, unit_dir: Path) -> dict[str, str]:
+    """Lane units enabled or running in a live unit dir whose lane is not in ``fleet`` (lanectl.status.orphan_units);
+    nothing for a unit dir systemd does not read."""
+    from lanectl.status import orphan_units
+
+    return orphan_units(fleet.lanes, unit_dir) if is_live(unit_dir) else {}
+
+
 def install(fleet: LaneSet, unit_dir: Path, *, python: str | None = None, reload: bool | None = None,
             do_provision: bool | None = None, create_ledger: bool | None = None,
             supervisor: bool | None = None) -> InstallResult:
@@ -250,7 +264,7 @@ def install(fleet: LaneSet, unit_dir: Path, *, python: str | None = None, reload
     up a changed fleet (``supervisor``): a reload (SIGHUP: re-reads the configuration, in-flight work runs on),
     or a restart when its own unit changed."""
     files = render(fleet, python)  # validates everything before the first byte is written
-    live = unit_dir.resolve() in [d.resolve() for d in LIVE_UNIT_DIRS if d.exists()] and systemd.available()
+    live = is_live(unit_dir)
     result = InstallResult(str(unit_dir))
     if do_provision if do_provision is not None else (live and os.geteuid() == 0):
         result.provisioned = provision(fleet, result.notices)
@@ -323,8 +337,10 @@ def install_fleet(fleet: LaneSet, unit_dir: Path, *, ledger: str | Path | None =
 
     check_removals(fleet, unit_dir, ledger)
     before = set((installed.read(unit_dir) or {}).get("lanes", {}))
+    orphans = live_orphans(fleet, unit_dir)  # also those an earlier install forgot (lanectl < F3 only said so)
     res = install(fleet, unit_dir, **kwargs)
-    stop_removed(sorted(before - set(fleet.lanes)), res, stop=by == "apply")
+    if is_live(unit_dir):
+        stop_removed(sorted((before - set(fleet.lanes)) | set(orphans)), res, enabled=set(orphans))
     if res.supervisor and config.ledger_path(fleet, ledger).exists():
         with config.open_ledger(fleet, ledger) as led:
             lane_ops.record(led, EventKind.SUPERVISOR, now=time.time(), action=res.supervisor, by=by,
@@ -345,20 +361,20 @@ def print_supervisor(con: Any, res: InstallResult) -> None:
         con.print("supervisor restarted: its unit changed (in-flight work is reconciled)")
 
 
-def stop_removed(gone: list[str], res: InstallResult, *, stop: bool) -> None:
-    """A lane removed from the fleet whose unit still runs would go on without its drop-in (template defaults,
-    no port of its own): ``apply`` stops and disables it, ``install`` says so."""
+def stop_removed(gone: list[str], res: InstallResult, *, enabled: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+    """A lane removed from the fleet whose unit still runs, or is still enabled (``lanectl up`` would start it
+    through lanectl.target), would go on without its drop-in: no User= (as root), no port; it crash-loops.
+    ``install`` and ``apply`` stop and disable it (``stopped`` in ``--json``; work bound to it was refused
+    before, ``lane_in_use``). ``enabled``: lanes whose unit is linked in lanectl.target.wants or runs."""
     if not gone or not systemd.available():
         return
     from lanectl import operate
 
     units = {unit_name(n): n for n in gone}
-    running = [u for u, state in operate._active(list(units)).items() if state not in ("inactive", "failed", "unknown")]
-    if not running:
+    active = operate._active(list(units))
+    doomed = [u for u in units if active.get(u) not in ("inactive", "failed", "unknown") or units[u] in enabled]
+    if not doomed:
         return
-    if stop:
-        systemd.run("disable", "--now", "--quiet", *running, check=False)
-        res.stopped = [units[u] for u in running]
-    else:
-        res.notices += [f"lane {units[u]} was removed but its unit {u} still runs: 'lanectl down {units[u]}' "
-                        f"(or 'lanectl apply' stops it)" for u in running]
+    systemd.run("disable", "--now", "--quiet", *doomed, check=False)
+    systemd.run("reset-failed", *doomed, check=False)
+    res.stopped = [units[u] for u in doomed]

@@ -76,8 +76,17 @@ def up(lanes: dict[str, dict[str, Any]], names: list[str] | None = None) -> OpRe
     return res
 
 
-def down(lanes: dict[str, dict[str, Any]], names: list[str] | None = None) -> OpResult:
-    """Stop and disable lanes (all of them and lanectl.target when none is named), so they stay down."""
+def down(lanes: dict[str, dict[str, Any]], names: list[str] | None = None, unit_dir: Any = None) -> OpResult:
+    """Stop and disable lanes (all of them and lanectl.target when none is named), so they stay down.
+
+    With ``unit_dir``, lane units enabled or running with no installed lane (a lane file deleted by hand:
+    lanectl.status.orphan_units) are stopped and disabled too: by name, or all of them when none is named."""
+    if unit_dir is not None:
+        from lanectl.status import orphan_units
+
+        orphans = orphan_units(lanes, unit_dir)
+        wanted = orphans if not names else {n: u for n, u in orphans.items() if n in names}
+        lanes = {**lanes, **{n: {"unit": u} for n, u in wanted.items()}}
     chosen = select(lanes, names, enabled_only=False)
     units = [lanes[n]["unit"] for n in chosen]
     before = _active(units)

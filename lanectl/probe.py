@@ -5,7 +5,9 @@ Exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN; one status line with perfdata::
     LANECTL CRITICAL - alpha down (failed) | lanes_up=2;;;0;3 supervisor_up=1;;;0;1 ...
 
 A lane that should run (enabled, not drained or draining) but is down or failed is CRITICAL, and so is a
-supervisor that is down; a degraded or unhealthy lane is a WARNING. A lane that lanectl itself took out of service
+supervisor that is down; a degraded or unhealthy lane is a WARNING, and so is a supervisor whose last reload failed
+(it runs on with its previous configuration), and so is a lane unit installed with no lane (its lane file deleted
+by hand: enabled or running, with no drop-in). A lane that lanectl itself took out of service
 (the supervisor's rollback drained it) is CRITICAL until an operator acts (``undrain``, or ``drain`` to take the
 drain over); a lane an operator drained is not an alarm, unless systemd gave up on its unit meanwhile (WARNING). A
 ledger or systemd that cannot be read is UNKNOWN. The queue (age of the oldest queued interactive mission) and the failure
@@ -112,7 +114,8 @@ def read_lane_views(path: str) -> dict[str, dict[str, Any]]:
         conn.close()
 
 
-def run(manifest: dict[str, Any], lanes: list[str] | None = None, now: float | None = None) -> ProbeResult:
+def run(manifest: dict[str, Any], lanes: list[str] | None = None, now: float | None = None,
+        unit_dir: Path | None = None) -> ProbeResult:
     from lanectl.errors import LanectlError
     from lanectl.status import collect
 
@@ -136,7 +139,7 @@ def run(manifest: dict[str, Any], lanes: list[str] | None = None, now: float | N
             ledger["error"] = f"ledger unreadable: {exc}"
 
     try:
-        rows = collect(manifest["lanes"], lanes, manifest.get("supervisor"), meanwhile=read_ledger)
+        rows = collect(manifest["lanes"], lanes, manifest.get("supervisor"), meanwhile=read_ledger, unit_dir=unit_dir)
     except LanectlError as exc:
         res.add("systemd", UNKNOWN, f"cannot read lane state: {exc.message}")
         rows = []
@@ -147,14 +150,35 @@ def run(manifest: dict[str, Any], lanes: list[str] | None = None, now: float | N
                 known="error" not in ledger)
     for r in rows:
         if r.kind == "supervisor":
-            up = r.running and r.health.ok
-            res.add("supervisor", OK if up else CRITICAL, "supervisor up" if up else f"supervisor {r.state}")
-            res.perf.append(("supervisor_up", 1 if up else 0, None, None, 0, 1))
+            judge_supervisor(res, r)
+    judge_orphans(res, [r for r in rows if r.kind == "orphan"])
     if "queue" in ledger:
         judge_queue(res, ledger["queue"], th)
     if "stranded" in ledger:
         judge_stranded(res, ledger["stranded"])
     return res
+
+
+def judge_orphans(res: ProbeResult, rows: list[Any]) -> None:
+    """WARNING for each lane unit whose lane is not installed (its file deleted by hand): enabled, 'lanectl up'
+    starts it again, and without its drop-in it has no User= (it would run as root) and no port."""
+    for r in rows:
+        res.add(f"orphan:{r.name}", WARNING,
+                f"{r.unit} is installed ({r.active_state}) but lane {r.name} is not: 'lanectl down {r.name}' or "
+                f"'lanectl apply' stops and disables it")
+    res.perf.append(("orphan_units", len(rows), 0, None, 0, None))
+
+
+def judge_supervisor(res: ProbeResult, r: Any) -> None:
+    """CRITICAL when it is down; WARNING when it runs but its last reload failed (``reload_error`` in /healthz):
+    it goes on with the configuration it had -- dispatching, failing over -- but not with the one on disk, so an
+    operator must fix the configuration, yet nothing is down."""
+    up = r.running and r.health.ok
+    res.add("supervisor", OK if up else CRITICAL, "supervisor up" if up else f"supervisor {r.state}")
+    if up and r.reload_error:
+        res.add("supervisor_reload", WARNING, f"supervisor runs its previous configuration, the last reload failed: "
+                                              f"{r.reload_error}")
+    res.perf.append(("supervisor_up", 1 if up else 0, None, None, 0, 1))
 
 
 def stranded(conn: sqlite3.Connection, lanes: dict[str, Any]) -> dict[str, int]:

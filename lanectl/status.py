@@ -14,6 +14,28 @@ from lanectl.errors import NotFound
 
 HEALTH_TIMEOUT_S = 1.0
 MAX_HEALTH_BYTES = 65536
+LANE_UNIT_PREFIX, LANE_UNIT_SUFFIX = "lanectl-lane@", ".service"
+CGROUP_SLICES = ("/sys/fs/cgroup/systemd/lanectl.slice", "/sys/fs/cgroup/unified/lanectl.slice",
+                 "/sys/fs/cgroup/lanectl.slice")
+"""Where systemd puts a running lane's cgroup (Slice=lanectl.slice): v1 name=systemd, hybrid v2, unified v2."""
+
+
+def orphan_units(lanes: Any, unit_dir: Path) -> dict[str, str]:
+    """Lane units with no installed lane (a lane file deleted by hand, then installed): lane -> unit, for every
+    ``lanectl-lane@NAME.service`` that is enabled (its link in ``lanectl.target.wants``: ``lanectl up`` starts it
+    again) or running (its cgroup under lanectl.slice) while NAME is not among ``lanes``. Such a unit has no
+    drop-in: no User=, no port; it restarts as root and crash-loops. Reads directories only (no systemctl)."""
+    found: set[str] = set()
+    dirs = [Path(unit_dir) / "lanectl.target.wants", *map(Path, CGROUP_SLICES)]
+    for d in dirs:
+        try:
+            names = os.listdir(d)
+        except OSError:
+            continue
+        found.update(n for n in names if n.startswith(LANE_UNIT_PREFIX) and n.endswith(LANE_UNIT_SUFFIX)
+                     and len(n) > len(LANE_UNIT_PREFIX) + len(LANE_UNIT_SUFFIX))
+    out = {u[len(LANE_UNIT_PREFIX):-len(LANE_UNIT_SUFFIX)]: u for u in sorted(found)}
+    return {name: unit for name, unit in out.items() if name not in lanes}
 
 
 class Health(SimpleNamespace):
@@ -103,15 +125,29 @@ class LaneStatus(SimpleNamespace):
         """What ``status`` exits 0 on: a disabled lane; a lane an operator drained (stopped or not) whose unit
         did not fail; else running and healthy (a degraded lane that runs healthy is recovering: ok). A lane
         lanectl drained by itself is not ok until an operator acts."""
+        if self.kind == "orphan":
+            return False
         if not self.enabled:
             return True
         if self.dispatch in ("draining", "drained"):
             return not self.automatic and self.active_state != "failed"
-        return self.running and self.health.ok
+        return self.running and self.health.ok and not self.reload_error
+
+    @property
+    def reload_error(self) -> str | None:
+        """The supervisor's last reload failed (``reload_error`` in its /healthz): it runs the configuration it
+        had before, not the one on disk. None for a lane, or when the last reload worked."""
+        if self.kind != "supervisor" or not isinstance(self.health.body, dict):
+            return None
+        err = self.health.body.get("reload_error")
+        return str(err) if err else None
 
     @property
     def state(self) -> str:
-        """One word for people: up, degraded (running but unhealthy), down, failed, starting, disabled."""
+        """One word for people: up, degraded (running but unhealthy), down, failed, starting, disabled;
+        ``orphan`` for a lane unit whose lane is not installed."""
+        if self.kind == "orphan":
+            return "orphan"
         if self.running:
             return "up" if self.health.ok else "degraded"
         if self.active_state in ("activating", "reloading"):
@@ -126,6 +162,8 @@ class LaneStatus(SimpleNamespace):
         d["ok"] = self.ok
         d["state"] = self.state
         d["gave_up"] = self.gave_up
+        if self.kind == "supervisor":
+            d["reload_error"] = self.reload_error
         return d
 
 
@@ -239,10 +277,12 @@ def _num(value: str | None) -> int:
 
 def collect(lanes: dict[str, dict[str, Any]], names: list[str] | None = None,
             supervisor: dict[str, Any] | None = None,
-            meanwhile: Callable[[], None] | None = None, ledger: str | None = None) -> list[LaneStatus]:
+            meanwhile: Callable[[], None] | None = None, ledger: str | None = None,
+            unit_dir: Path | None = None) -> list[LaneStatus]:
     """Status of the named lanes (default: all, and the supervisor when given), from one systemctl call and
     parallel health checks; ``meanwhile`` runs while systemctl answers (the probe reads the ledger then). With
-    ``ledger`` (a path), each lane's dispatch state, drain and weight are read from it (read-only) meanwhile."""
+    ``ledger`` (a path), each lane's dispatch state, drain and weight are read from it (read-only) meanwhile.
+    With ``unit_dir`` and no names, lane units with no installed lane follow (kind ``orphan``, never ok)."""
     wanted = names or sorted(lanes)
     for n in wanted:
         if n not in lanes:
@@ -253,10 +293,14 @@ def collect(lanes: dict[str, dict[str, Any]], names: list[str] | None = None,
     if supervisor and not names:
         out.append(LaneStatus("supervisor", supervisor["unit"], True, int(supervisor["port"]), kind="supervisor"))
         lanes = {**lanes, "supervisor": {"health_path": "/healthz"}}
-    units = [s.unit for s in out]
+    orphans = [LaneStatus(n, u, False, 0, kind="orphan")
+               for n, u in (orphan_units(lanes, unit_dir) if unit_dir is not None and not names else {}).items()]
+    units = [s.unit for s in out + orphans]
     proc = systemd.show_start(units)
     # the health checks run while systemctl answers
     healths = check_health_many([(s.port, lanes[s.name].get("health_path", "/healthz")) for s in out])
+    out += orphans
+    healths += [Health(error="no lane") for _ in orphans]
     if meanwhile is not None:
         meanwhile()
     if ledger is not None:

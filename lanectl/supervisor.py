@@ -182,8 +182,10 @@ class Supervisor:
     def __init__(self, fleet: LaneSet, ledger_path: Path | None = None, *, notifier: Any = None,
                  use_systemd: bool = True, callback_socket: Path | str | None = None,
                  lane_uids: dict[str, int] | None = None, clock: Clock | None = None,
-                 config_source: str | Path | None = None) -> None:
-        """``callback_socket`` and ``lane_uids`` (lane -> the uid its callbacks must come from) replace the
+                 config_source: str | Path | None = None, create: bool = True) -> None:
+        """``create=False`` refuses a ledger that does not exist (``ledger_missing``): ``lanectl supervise
+        --ledger PATH`` names one explicitly, and a typo must not start an empty ledger nothing reads.
+        ``callback_socket`` and ``lane_uids`` (lane -> the uid its callbacks must come from) replace the
         configured socket path and the lane users' uids, ``clock`` the real clocks: for in-process tests only.
         ``config_source`` is what a reload loads (default: the fleet's config dir)."""
         self.fleet = fleet
@@ -197,6 +199,11 @@ class Supervisor:
         self.clock = clock or Clock()
         self.settings = fleet.settings
         self.ledger_path = ledger_path or paths.ledger_path(fleet.settings.ledger.path)
+        self.create = create
+        self.locks: list[int] = []
+        """Exclusive flocks held for the supervisor's life: one per ledger, one per socket (lanectl.exclusive)."""
+        self.bound: tuple[int, int] | None = None
+        """(st_dev, st_ino) of the callback socket this supervisor bound: close() removes only that one."""
         self.notifier = notifier
         self.use_systemd = use_systemd
         self.stop = threading.Event()
@@ -256,8 +263,39 @@ class Supervisor:
     # ------------------------------------------------------------------------------------------ setup
     def open(self) -> None:
         """Migrate the ledger, load lane keys, bind the callback endpoint (READY=1 comes after this)."""
+        try:
+            self.take_locks()
+            self._open()
+        except BaseException:
+            self.release_locks()
+            raise
+
+    def take_locks(self) -> None:
+        """One supervisor per ledger and per callback socket, before anything is read or written: a second one is
+        refused (``supervisor_running``, exit 5) naming the one that runs, instead of stealing its socket."""
+        from lanectl import exclusive
+        from lanectl.ledger import require_ledger_file
+
+        if not self.create:
+            require_ledger_file(self.ledger_path)
+        self.locks.append(exclusive.take(exclusive.ledger_lock_path(self.ledger_path),
+                                         f"the ledger {self.ledger_path}"))
+        self.socket_path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        self.locks.append(exclusive.take(exclusive.socket_lock_path(self.socket_path),
+                                         f"the callback socket {self.socket_path}"))
+        if self.socket_path.is_socket() and exclusive.listening(self.socket_path):  # one that takes no lock
+            raise exclusive.running(f"a process listens on the callback socket {self.socket_path}: another "
+                                    "supervisor runs")
+
+    def release_locks(self) -> None:
+        from lanectl import exclusive
+
+        while self.locks:
+            exclusive.release(self.locks.pop())
+
+    def _open(self) -> None:
         sync = self.settings.ledger.synchronous  # FULL: a callback is answered only once its commit is on disk
-        self.ledger = Ledger.open(self.ledger_path, autocheckpoint=False, synchronous=sync)
+        self.ledger = Ledger.open(self.ledger_path, autocheckpoint=False, synchronous=sync, create=self.create)
         # WAL checkpoints off the dispatch path
         self.checkpointer = Checkpointer(self.ledger_path, synchronous=sync).start()
         from lanectl.watch import commit_watch
@@ -499,6 +537,8 @@ class Supervisor:
         self.unix_server = UnixServer(str(self.bind_socket()), CallbackHandler, bind_and_activate=False)
         try:
             self.unix_server.server_bind()
+            st = os.lstat(self.socket_path)
+            self.bound = (st.st_dev, st.st_ino)
             os.chmod(self.socket_path, 0o666)  # any lane user may connect; SO_PEERCRED says who it is
             self.unix_server.server_activate()
         except OSError:
@@ -528,7 +568,9 @@ class Supervisor:
 
     def bind_socket(self) -> Path:
         """Make room for the callback socket: its directory exists (systemd's RuntimeDirectory=, else 0755 here),
-        and a socket left by an earlier run is removed; anything else at the path is an error."""
+        and a socket left by an earlier run is removed -- only when nobody accepts connections on it (a live one
+        belongs to another supervisor, whatever its lock says: refused, ``supervisor_running``); anything else at
+        the path is an error."""
         path = self.socket_path
         path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
         try:
@@ -538,6 +580,10 @@ class Supervisor:
         if not stat.S_ISSOCK(st.st_mode):
             raise LanectlError(f"{path} exists and is not a socket", "remove it, or set [supervisor] socket",
                                "socket_path")
+        from lanectl import exclusive
+
+        if exclusive.listening(path):
+            raise exclusive.running(f"a process listens on the callback socket {path}: another supervisor runs")
         path.unlink()
         return path
 
@@ -1403,8 +1449,10 @@ class Supervisor:
         if self.unix_server is not None:
             self.unix_server.shutdown()
             self.unix_server.server_close()
-            try:
-                self.socket_path.unlink()
+            try:  # only the socket this supervisor bound: never one another process put there since
+                st = os.lstat(self.socket_path)
+                if (st.st_dev, st.st_ino) == self.bound:
+                    self.socket_path.unlink()
             except OSError:
                 pass
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -1416,3 +1464,4 @@ class Supervisor:
             self.checkpointer.stop()
         if self.ledger is not None:
             self.ledger.close()
+        self.release_locks()

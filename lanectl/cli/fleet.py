@@ -79,12 +79,14 @@ def down(lanes: Optional[List[str]] = LANES, unit_dir: Optional[str] = UNIT_DIR,
          config_dir: Optional[str] = CONFIG, json_out: bool = JSON) -> None:
     """Stop and disable lanes (they stay down across reboots).
 
-    Warns about missions and sessions bound to a lane it stops: they wait until the lane is up again.
+    Warns about missions and sessions bound to a lane it stops: they wait until the lane is up again. Also stops
+    and disables a lane unit whose lane is no longer installed (its file was deleted by hand), by name or, with
+    no names, with the rest.
     """
     from lanectl.status import installed_fleet
 
     fleet = installed_fleet(paths.unit_dir(unit_dir), config_dir)
-    res = operate.down(fleet["lanes"], lanes or None)
+    res = operate.down(fleet["lanes"], lanes or None, paths.unit_dir(unit_dir))
     _report(res, json_out, "stopped", operate.bound_warnings(fleet.get("ledger"), res.lanes) if lanes else None)
 
 
@@ -127,12 +129,14 @@ def status(lanes: Optional[List[str]] = LANES, unit_dir: Optional[str] = UNIT_DI
     The dispatch state is the ledger's: active, draining, drained (by whom), degraded; the weight is the one in
     force (a promoted one is marked). Without lane names the supervisor is shown too. Exits 0 when every enabled
     lane (and the supervisor) is running and healthy or drained by an operator, 8 when one is not (down,
-    failed: systemd gave up on it, or drained by lanectl itself), 6 when systemd is unreachable.
+    failed: systemd gave up on it, or drained by lanectl itself), when the supervisor's last reload failed, or
+    when a lane unit is enabled or running with no installed lane; 6 when systemd is unreachable.
     """
     from lanectl.status import collect, installed_fleet
 
     data = installed_fleet(paths.unit_dir(unit_dir), config_dir)
-    run_status(collect(data["lanes"], lanes or None, data.get("supervisor"), ledger=data.get("ledger")), json_out)
+    run_status(collect(data["lanes"], lanes or None, data.get("supervisor"), ledger=data.get("ledger"),
+                       unit_dir=paths.unit_dir(unit_dir)), json_out)
 
 
 @command("top")
@@ -173,7 +177,8 @@ def probe(lanes: Optional[List[str]] = LANES, unit_dir: Optional[str] = UNIT_DIR
     'lanectl drain'; a degraded lane or a threshold of lanectl.toml [probe] crossed is a WARNING or CRITICAL; a
     lane an operator drained is not an alarm (WARNING if its unit failed); a ledger or systemd that cannot be
     read is UNKNOWN. Queued missions bound to a lane that is gone (no lane can ever take
-    them) are CRITICAL.
+    them) are CRITICAL. A lane unit enabled or running with no installed lane (its file deleted by hand), or a
+    supervisor whose last reload failed, is a WARNING.
     """
     from lanectl.cli.probeview import run_probe
     from lanectl.status import installed_fleet
@@ -185,7 +190,7 @@ def probe(lanes: Optional[List[str]] = LANES, unit_dir: Optional[str] = UNIT_DIR
         raise typer.Exit(3) from None
     if ledger:
         data = {**data, "ledger": ledger}
-    run_probe(data, lanes or None, json_out)
+    run_probe(data, lanes or None, json_out, paths.unit_dir(unit_dir))
 
 
 @command("logs")

@@ -42,15 +42,19 @@ def supervise(config_dir: Optional[str] = CONFIG, ledger: Optional[str] = LEDGER
 
     Dispatches missions, takes callbacks on 127.0.0.1:PORT/callbacks, watches lanes and fails over. Sends
     READY=1 after the ledger is migrated and the lanes are loaded, WATCHDOG=1 from its main loop. SIGTERM stops
-    it. Exits 3 when the configuration or the ledger is invalid.
+    it. Exits 3 when the configuration or the ledger is invalid, 5 (supervisor_running, naming its pid and unit)
+    when a supervisor already runs on this ledger or callback socket, 6 (ledger_missing) when the ledger named by
+    --ledger or $LANECTL_LEDGER does not exist.
     """
+    import os
+
     from lanectl.runtime import Notifier
     from lanectl.supervisor import Supervisor
 
     setup_logging()
     fleet = config.load(config_dir)
     sup = Supervisor(fleet, config.ledger_path(fleet, ledger), notifier=Notifier(), use_systemd=systemd.available(),
-                     config_source=config_dir)
+                     config_source=config_dir, create=not (ledger or os.environ.get("LANECTL_LEDGER")))
     signal.signal(signal.SIGTERM, lambda *_: (sup.stop.set(), sup.wake()))
     signal.signal(signal.SIGHUP, lambda *_: sup.request_reload())  # systemctl reload: re-read the configuration
     signal.signal(signal.SIGINT, lambda *_: (sup.stop.set(), sup.wake()))

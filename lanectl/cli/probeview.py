@@ -7,12 +7,12 @@ from typing import Any
 from lanectl.output import envelope, print_json
 
 
-def run_probe(manifest: dict[str, Any], lanes: list[str] | None, json_out: bool) -> None:
+def run_probe(manifest: dict[str, Any], lanes: list[str] | None, json_out: bool, unit_dir: Any = None) -> None:
     """Print the probe's one status line (or the JSON envelope) and exit with its monitoring-plugins code."""
     from lanectl import probe
 
     try:
-        res = probe.run(manifest, lanes)
+        res = probe.run(manifest, lanes, unit_dir=unit_dir)
     except Exception as exc:  # a probe must answer UNKNOWN, never a traceback, whatever broke
         line = f"LANECTL UNKNOWN - probe failed: {type(exc).__name__}: {exc}"
         if json_out:

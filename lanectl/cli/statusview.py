@@ -12,11 +12,13 @@ def run_status(rows: list[LaneStatus], json_out: bool) -> None:
     sup = [r.as_dict() for r in rows if r.kind == "supervisor"]
     if sup:
         data["supervisor"] = sup[0]
+    data["orphans"] = [{"lane": r.name, "unit": r.unit, "active_state": r.active_state, "sub_state": r.sub_state,
+                        "restarts": r.restarts} for r in rows if r.kind == "orphan"]
     finish(["status"], data, json_mode=json_out, human=lambda: print_table(rows), exit_code=code)
 
 
 STATE_STYLE = {"up": "green", "degraded": "yellow", "starting": "yellow", "failed": "bold red", "down": "red",
-               "disabled": "dim"}
+               "disabled": "dim", "orphan": "bold red"}
 
 
 def print_table(rows: list[LaneStatus]) -> None:
@@ -40,7 +42,8 @@ def print_table(rows: list[LaneStatus]) -> None:
         health = "ok" if r.health.ok else (r.health.error or "-")
         if r.health.ok and r.health.latency_ms is not None:
             health = f"ok {r.health.latency_ms:.0f}ms"
-        name = escape(r.name) if r.kind == "lane" else "[bold](supervisor)[/]"
+        name = (escape(r.name) if r.kind == "lane" else f"{escape(r.name)} (no lane)" if r.kind == "orphan"
+                else "[bold](supervisor)[/]")
         if r.kind == "supervisor":
             t.add_section()
         t.add_row(name, state, dispatch, weight, f"{r.active_state}/{r.sub_state}", str(r.main_pid or "-"),
@@ -50,6 +53,15 @@ def print_table(rows: list[LaneStatus]) -> None:
                   f"{r.port}" + ("" if r.health.listening else " (closed)"), escape(health),
                   escape(r.status_text or "-"))
     stdout_console().print(t)
+    for r in rows:
+        if r.kind == "orphan":
+            stdout_console().print(f"[bold red]{escape(r.unit)} is installed but lane {escape(r.name)} is not[/] "
+                                   f"(its lane file is gone; no drop-in: it would run as root): 'lanectl down "
+                                   f"{escape(r.name)}' or 'lanectl apply' stops and disables it")
+        if r.reload_error:
+            stdout_console().print(f"[bold red]supervisor: the last reload failed, it runs its previous "
+                                   f"configuration:[/] {escape(r.reload_error)}\n  fix the configuration "
+                                   f"('lanectl validate'), then 'systemctl reload lanectl-supervisor'")
 
 
 DISPATCH_STYLE = {"active": "green", "draining": "yellow", "drained": "yellow", "degraded": "yellow",

@@ -105,12 +105,14 @@ def install(
     data = {"unit_dir": res.unit_dir, "written": res.written, "removed": res.removed, "unchanged": res.unchanged,
             "reloaded": res.reloaded, "provisioned": res.provisioned, "notices": res.notices,
             "ledger_created": res.ledger_created, "supervisor": res.supervisor,
-            "supervisor_error": res.supervisor_error, "changed": res.changed}
+            "supervisor_error": res.supervisor_error, "stopped": res.stopped, "changed": res.changed}
 
     def human() -> None:
         con = stdout_console()
         for n in res.notices:
             con.print(f"[yellow]left alone[/]: {escape(n)}")
+        for n in res.stopped:
+            con.print(f"{escape(n)}: removed from the fleet, unit stopped and disabled")
         if not res.changed and not res.provisioned and not res.ledger_created:
             con.print(f"nothing changed: {len(res.unchanged)} file(s) already current in {escape(res.unit_dir)}")
             return

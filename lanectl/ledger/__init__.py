@@ -435,6 +435,10 @@ def _require_file(path: Path) -> None:
         pass  # no permission and the like: opening it reports that with its own code
 
 
+require_ledger_file = _require_file
+"""``ledger_missing`` (exit 6) when nothing is at ``path`` (for a caller that must check before it opens)."""
+
+
 def _prepare_file(path: Path) -> None:
     """Create the directory (0750) and the file (0640) before SQLite does, so no umask can widen them."""
     try:

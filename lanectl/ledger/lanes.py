@@ -205,6 +205,13 @@ def reroute(ledger: Ledger, fleet: LaneSet, lane: str, to: str, *, now: float, c
             res.missions.append(mission)
         if sessions:
             for (sid,) in conn.execute("SELECT id FROM sessions WHERE lane = ? ORDER BY id", (lane,)).fetchall():
+                # a session goes only where its queued missions can run: moved elsewhere they would wait for ever
+                unserved = sorted({c for (c,) in conn.execute(
+                    "SELECT DISTINCT class FROM missions WHERE session = ? AND state = 'queued'", (sid,))}
+                    - set(target.classes))
+                if unserved:
+                    res.skipped[sid] = f"{to} does not serve {', '.join(unserved)} (its queued missions)"
+                    continue
                 try:
                     if ms.move_session(ledger, sid, to, now=now, reason=f"reroute by {who}"):
                         res.sessions.append(sid)
@@ -221,13 +228,21 @@ def record(ledger: Ledger, kind: EventKind, *, now: float, lane: str | None = No
         append(conn, kind, now, lane=lane, actor=data.pop("actor", None) or actor(), **data)
 
 
+class _Refused(Exception):
+    def __init__(self, left: Bound, moved: RerouteResult) -> None:
+        super().__init__()
+        self.left, self.moved = left, moved
+
+
 def release(ledger: Ledger, fleet: LaneSet, lane: str, to: str | None, *, now: float, reason: str | None = None,
             who: str | None = None) -> tuple[Bound, RerouteResult | None]:
     """Make the lane safe to remove: with ``to``, drain it and move its queued missions and sessions there first.
 
     Raises ``Conflict`` (``lane_in_use``) while anything is still bound to it afterwards: without ``to`` any work
-    or session; with it, missions still in flight (the lane is left draining, so the next try finds them done)
-    or what ``to`` could not take. Returns what was bound before and what was moved."""
+    or session; with it, missions still in flight or what ``to`` could not take (a class it does not serve, a
+    session with queued missions of such a class). All or nothing: a refusal moves nothing (the moves are one
+    transaction, rolled back); only the drain stays, so what runs finishes and the next try finds it done.
+    Returns what was bound before and what was moved."""
     before = bound(ledger, lane)
     moved = None
     if to is not None and before:
@@ -237,16 +252,30 @@ def release(ledger: Ledger, fleet: LaneSet, lane: str, to: str | None, *, now: f
         fleet.get(to)
         if lane in fleet.lanes:
             drain(ledger, fleet, lane, now=now, reason=reason or f"removing the lane; work moves to {to}", who=who)
-        moved = reroute(ledger, fleet, lane, to, now=now, sessions=True,
-                        reason=reason or "lane removed", who=who)
+        try:
+            with ledger.transaction():
+                moved = reroute(ledger, fleet, lane, to, now=now, sessions=True, reason=reason or "lane removed",
+                                who=who)
+                left = bound(ledger, lane)
+                if left:
+                    raise _Refused(left, moved)
+        except _Refused as exc:
+            left, tried = exc.left, exc.moved
+            if tried.skipped:
+                why = "; ".join(f"{k}: {v}" for k, v in sorted(tried.skipped.items())[:10])
+                fix = (f"{to} cannot take {why}; name a lane that serves them, cancel them, or put them on "
+                       f"another lane first ('lanectl reroute {lane} --to OTHER --class CLASS')")
+            elif left.in_flight:
+                fix = (f"the lane is {'draining' if lane in fleet.lanes else 'gone'}: wait ('lanectl drain {lane} "
+                       f"--wait') or cancel them, then run this again")
+            else:
+                fix = f"see 'lanectl reroute {lane} --to {to} --sessions --json'"
+            raise Conflict(f"lane {lane!r} still has work bound to it: {left.describe()}; nothing was moved"
+                           + (" (the lane was left draining)" if lane in fleet.lanes else ""),
+                           fix, "lane_in_use") from None
     left = bound(ledger, lane) if moved is not None else before
     if left:
-        if to is None:
-            fix = (f"move it first: 'lanectl lane remove {lane} --reroute-to OTHER' (or 'lanectl reroute {lane} "
-                   f"--to OTHER --sessions'), or cancel it")
-        elif left.in_flight and not (left.queued or left.sessions):
-            fix = (f"the lane is draining: wait ('lanectl drain {lane} --wait') or cancel them, then run this again")
-        else:
-            fix = f"{to} could not take everything (see 'lanectl reroute {lane} --to {to} --sessions --json')"
+        fix = (f"move it first: 'lanectl lane remove {lane} --reroute-to OTHER' (or 'lanectl reroute {lane} "
+               f"--to OTHER --sessions'), or cancel it")
         raise Conflict(f"lane {lane!r} still has work bound to it: {left.describe()}", fix, "lane_in_use")
     return before, moved

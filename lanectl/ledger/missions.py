@@ -243,6 +243,11 @@ def _validate(fleet: LaneSet, *, cls: str, payload: Any, deadline: float | str |
         if lane is not None and lane != owner:
             raise Conflict(f"session: {session!r} belongs to lane {owner!r}, not {lane!r}",
                            "drop --lane, or submit without --session", "session_lane_mismatch")
+        if cls not in fleet.lanes[owner].classes:  # it could never run: no other lane may take a session's work
+            raise invalid("session", f"session {session!r} belongs to lane {owner!r}, which does not serve the "
+                          f"{cls} class", f"it serves {', '.join(fleet.lanes[owner].classes)}; submit without "
+                          f"--session, or move the session ('lanectl reroute {owner} --to LANE --sessions')",
+                          "lane_class")
     req = _Request(cls, payload_json, deadline, lane, tags, session, owner, key, max_attempts)
     req.hash = hashlib.sha256(canonical([cls, payload_json, deadline_as_written, lane, tags, session, max_attempts])
                               .encode()).hexdigest()

@@ -150,3 +150,85 @@ def test_status_and_probe_honour_c_over_the_installed_fleet(cfg: Path, tmp_path:
     assert sorted(installed_fleet(units)["lanes"]) == ["alpha", "beta", "gamma"]  # the installed one
     assert sorted(installed_fleet(units, str(cfg))["lanes"]) == ["alpha", "beta", "gamma"]  # -c names it
     assert sorted(installed_fleet(units, str(other))["lanes"]) == ["alpha", "beta", "delta", "gamma"]
+
+
+def _where(cfg: Path, tmp_path: Path) -> tuple[dict[int, str], dict[str, str], list[str]]:
+    """Each mission's target lane, each session's lane and the move events, read from the ledger as it is."""
+    import sqlite3
+
+    conn = sqlite3.connect(f"file:{tmp_path}/state/ledger.db?mode=ro", uri=True)
+    try:
+        return (dict(conn.execute("SELECT id, target FROM missions").fetchall()),
+                dict(conn.execute("SELECT id, lane FROM sessions").fetchall()),
+                [k for (k,) in conn.execute("SELECT kind FROM events WHERE kind IN ('rerouted', 'reroute', "
+                                            "'session_moved')")])
+    finally:
+        conn.close()
+
+
+def test_a_refused_lane_remove_moves_nothing_and_sessions_go_only_where_they_can_run(cfg: Path,
+                                                                                      tmp_path: Path) -> None:
+    """F4: a refused 'lane remove --reroute-to' used to move the queued missions and sessions it could (exit 5,
+    data null) and put a session with interactive work on a lane serving only background, stranding it."""
+    write_lane(cfg, "delta", 'port = 8714\nworkspace = "/var/lib/lanes/delta"\nclasses = ["interactive", '
+                             '"background"]\n')
+    write_lane(cfg, "zeta", 'port = 8716\nworkspace = "/var/lib/lanes/zeta"\nclasses = ["background"]\n')
+    assert run("ledger", "init", "-c", str(cfg))[0] == 0
+
+    def submit(cls: str, *where: str) -> int:
+        code, doc = run("submit", "--class", cls, *where, "--payload", '{"argv": ["true"]}', "-c", str(cfg))
+        assert code == 0, doc
+        return int(doc["data"]["id"])
+
+    pinned_i, pinned_b = submit("interactive", "--lane", "delta"), submit("background", "--lane", "delta")
+    in_session = submit("interactive", "--session", "delta:s9")
+    before = _where(cfg, tmp_path)
+    code, doc = run("lane", "remove", "delta", "--reroute-to", "zeta", "-c", str(cfg))
+    assert code == ExitCode.CONFLICT and doc["status"] == "error", doc
+    err = doc["errors"][0]
+    assert err["code"] == "lane_in_use" and "nothing was moved" in err["message"], err
+    assert f"{pinned_i}: zeta does not serve interactive" in err["hint"], err
+    assert "delta:s9: zeta does not serve interactive" in err["hint"], err
+    assert _where(cfg, tmp_path) == before  # the background mission stayed too: all or nothing
+    assert before[0][pinned_b] == before[0][in_session] == "delta" and before[1] == {"delta:s9": "delta"}
+    assert (cfg / "lanes.d" / "delta.toml").exists()
+
+    # the operator cancels the interactive work: now everything can move, in one go
+    for mid in (pinned_i, in_session):
+        assert run("mission", "cancel", str(mid), "-c", str(cfg))[0] == 0
+    code, doc = run("lane", "remove", "delta", "--reroute-to", "zeta", "-c", str(cfg))
+    assert code == 0 and doc["data"]["moved"] == {"missions": [pinned_b], "sessions": ["delta:s9"]}, doc
+    # a session never takes work its lane cannot run: refused at submit, not queued for ever
+    code, doc = run("submit", "--class", "interactive", "--session", "delta:s9", "--payload", '{"argv": ["true"]}',
+                    "-c", str(cfg))
+    assert code == ExitCode.USAGE and doc["errors"][0]["code"] == "lane_class", doc  # as --lane LANE does
+    assert "zeta" in doc["errors"][0]["message"] and "interactive" in doc["errors"][0]["message"]
+    assert submit("background", "--session", "delta:s9")
+
+
+def test_release_with_work_in_flight_rolls_back_every_move(cfg: Path, tmp_path: Path) -> None:
+    """Ledger level: a mission in flight refuses the removal; the queued one and the session stay where they were,
+    the lane is left draining (so the next try finds it done)."""
+    import time
+
+    from lanectl import config
+    from lanectl.dispatch import Assignment
+    from lanectl.errors import Conflict
+    from lanectl.ledger import lanes as lane_ops
+    from lanectl.ledger import missions as ms
+
+    write_lane(cfg, "delta", 'port = 8714\nworkspace = "/var/lib/lanes/delta"\nclasses = ["background"]\n')
+    fleet = config.load(cfg)
+    with config.open_ledger(fleet, create=True) as led:
+        now = time.time()
+        running = ms.submit(led, fleet, cls="background", payload={"argv": ["true"]}, now=now, lane="delta")
+        queued = ms.submit(led, fleet, cls="background", payload={"argv": ["true"]}, now=now, lane="delta")
+        ms.submit(led, fleet, cls="background", payload={"argv": ["true"]}, now=now, session="delta:s1")
+        ms.assign(led, [Assignment(running.mission.id, "delta", "background")], now=now, lease_sec=600)
+        before = _where(cfg, tmp_path)
+        with pytest.raises(Conflict) as info:
+            lane_ops.release(led, fleet, "delta", "gamma", now=now)
+        assert info.value.code == "lane_in_use" and "nothing was moved" in info.value.message
+        assert "draining" in (info.value.hint or "") and "1 mission(s) in flight" in info.value.message
+        assert _where(cfg, tmp_path) == before and before[0][queued.mission.id] == "delta"
+        assert lane_ops.state_of(led, "delta") == "draining"

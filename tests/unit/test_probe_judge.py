@@ -55,3 +55,57 @@ def test_a_lane_systemd_gave_up_on_is_critical_and_says_how_to_clear_it() -> Non
 def test_degraded_by_the_supervisor_and_running_warns() -> None:
     assert judge(row("alpha"), {"state": "degraded"})[0] == probe.WARNING
     assert judge(row("alpha"), {"state": "active"}) == (probe.OK, "alpha up")
+
+
+def supervisor_row(reload_error: str | None, healthy: bool = True) -> LaneStatus:
+    r = LaneStatus("supervisor", "lanectl-supervisor.service", True, 8700, kind="supervisor")
+    r.active_state, r.sub_state = "active", "running"
+    r.health = Health(ok=healthy, listening=healthy, http_status=200,
+                      body={"generation": 0, "reloads": 1, "reload_error": reload_error})
+    return r
+
+
+def test_a_failed_reload_warns_in_probe_and_fails_status() -> None:
+    """F6: the supervisor keeps its old configuration after a reload that did not load; that is not green."""
+    err = "/etc/lanectl/lanes.d/beta.toml: capacity: Input should be a valid integer"
+    r = supervisor_row(err)
+    res = probe.ProbeResult()
+    probe.judge_supervisor(res, r)
+    assert res.code == probe.WARNING
+    assert [c.name for c in res.checks if c.code == probe.WARNING] == ["supervisor_reload"]
+    assert err in res.line() and res.line().startswith("LANECTL WARNING - supervisor runs its previous configuration")
+    assert not r.ok and r.as_dict()["reload_error"] == err  # `lanectl status` exits 8 and shows it
+
+
+def test_a_good_reload_and_a_down_supervisor() -> None:
+    res = probe.ProbeResult()
+    probe.judge_supervisor(res, supervisor_row(None))
+    assert res.code == probe.OK and supervisor_row(None).ok
+    down = supervisor_row("bad", healthy=False)
+    down.active_state, down.sub_state = "failed", "failed"
+    res = probe.ProbeResult()
+    probe.judge_supervisor(res, down)
+    assert res.code == probe.CRITICAL and [c.name for c in res.checks] == ["supervisor"]  # down outranks the rest
+    assert row("alpha").as_dict().get("reload_error") is None and row("alpha").reload_error is None
+
+
+def test_an_enabled_lane_unit_with_no_lane_is_an_orphan(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """F3: lanectl-lane@NAME.service linked in lanectl.target.wants while no lane NAME is installed."""
+    from lanectl.status import orphan_units
+
+    wants = tmp_path / "lanectl.target.wants"
+    wants.mkdir()
+    for name in ("lanectl-lane@alpha.service", "lanectl-lane@eps.service", "lanectl-supervisor.service",
+                 "lanectl-lane@.service"):
+        (wants / name).symlink_to("/dev/null")
+    assert orphan_units(LANES, tmp_path) == {"eps": "lanectl-lane@eps.service"}
+    assert orphan_units({**LANES, "eps": {}}, tmp_path) == {}
+    assert orphan_units(LANES, tmp_path / "nowhere") == {}
+
+    r = LaneStatus("eps", "lanectl-lane@eps.service", False, 0, kind="orphan")
+    r.active_state, r.sub_state = "activating", "auto-restart"
+    assert r.state == "orphan" and not r.ok
+    res = probe.ProbeResult()
+    probe.judge_orphans(res, [r])
+    assert res.code == probe.WARNING and "'lanectl down eps'" in res.line()
+    assert res.as_dict()["perfdata"]["orphan_units"]["value"] == 1
