@@ -613,6 +613,17 @@ def resolve_dirs(path: str | Path | None) -> tuple[Path, Path]:
     return base, base / "lanes.d"
 
 
+def check_config_dir(path: str | Path | None) -> None:
+    """A configuration directory named with ``--config``/``-c`` must exist: a typo is refused (``config_dir_missing``,
+    exit 3) by every command alike, never read as an empty configuration that falls back to the default ledger.
+    ``None`` (the default or ``$LANECTL_CONFIG_DIR``) is not checked here: the fast read paths never see ``-c``."""
+    if path is None or isinstance(path, LaneSet) or Path(path).is_dir():
+        return
+    raise config_error([Problem("the configuration directory given with --config does not exist", file=str(path),
+                                hint="check the path (it holds lanectl.toml and lanes.d/; default /etc/lanectl), "
+                                     "or create it first", code="config_dir_missing")])
+
+
 def load_settings(config_dir: Path, problems: list[Problem]) -> Settings:
     path = config_dir / "lanectl.toml"
     if not path.exists():
@@ -633,6 +644,7 @@ def load(path: str | Path | None = None, *, check_host_ports: bool = False, requ
 
     ``check_host`` adds the checks against this host's accounts and files (``validate`` and ``install``): lane
     users lanectl did not create, workspaces that are someone's home, secret env files' owner and mode."""
+    check_config_dir(path)
     config_dir, lanes_dir = resolve_dirs(path)
     problems: list[Problem] = []
     settings = load_settings(config_dir, problems)
@@ -937,6 +949,7 @@ def _fallback_cycles(lanes: dict[str, Lane], where: Any) -> list[Problem]:
 def _settings_of(where: LaneSet | str | Path | None) -> Settings:
     if isinstance(where, LaneSet):
         return where.settings
+    check_config_dir(where)
     problems: list[Problem] = []
     settings = load_settings(resolve_dirs(where)[0], problems)
     if any(p.severity == "error" for p in problems):
@@ -953,6 +966,7 @@ def open_ledger(where: LaneSet | str | Path | None = None, override: str | Path 
     from lanectl.errors import LanectlError
     from lanectl.ledger import Ledger
 
+    check_config_dir(where)  # a mistyped --config is refused even when the ledger is named explicitly
     try:
         settings = _settings_of(where)
     except LanectlError:
@@ -966,6 +980,8 @@ def open_ledger(where: LaneSet | str | Path | None = None, override: str | Path 
 def ledger_path(where: LaneSet | Settings | str | Path | None = None, override: str | Path | None = None) -> Path:
     """The ledger file: --ledger, else $LANECTL_LEDGER, else [ledger] path in lanectl.toml, else
     STATE_DIR/ledger.db."""
+    if not isinstance(where, Settings):
+        check_config_dir(where)
     if override:
         return Path(override)
     if os.environ.get("LANECTL_LEDGER"):

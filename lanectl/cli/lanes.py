@@ -57,6 +57,7 @@ def add(
     json_out: bool = JSON,
 ) -> None:
     """Write a new, valid lane file."""
+    config.check_config_dir(config_dir)
     split = (lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else None)
     path, doc = lanefiles.add(name, config_dir, port=port, workspace=workspace, classes=split(classes),
                               capacity=capacity, weight=weight, fallback=fallback, tags=split(tags),
@@ -78,6 +79,7 @@ def show(name: str = typer.Argument(...), unit_dir: Optional[str] = UNIT_DIR, co
     it), the ledger's dispatch state (dispatch, drained_by, drain_reason) and the weight in force
     (weight_in_force, promoted). Values print as JSON (true, null, ["a", "b"]).
     """
+    config.check_config_dir(config_dir)
     data = lanefiles.show(name, config_dir)
     data.update(lanefiles.live(name, unit_dir, config_dir))
 
@@ -134,6 +136,7 @@ def remove(name: str = typer.Argument(..., metavar="LANE"),
     new name, then a remove of the old one with --reroute-to NEW. Then stop the lane and re-install
     ('lanectl down LANE', 'lanectl install').
     """
+    config.check_config_dir(config_dir)
     path, moved = lanefiles.remove(name, config_dir, ledger=ledger, reroute_to=reroute_to, reason=reason)
 
     def human() -> None:
