@@ -807,9 +807,15 @@ def cross_check(lanes: dict[str, Lane], lanes_dir: Path, *, check_host_ports: bo
                                    f"use one of: {', '.join(sorted(set(lanes) - {name})) or 'none'}",
                                    "fallback_unknown", name))
         own = f"lanectl-lane@{name}.service"
-        if check_host_ports and port_taken(lane.port) and port_holder_unit(lane.port) != own:
+        holder = port_holder_unit(lane.port) if check_host_ports and port_taken(lane.port) else own
+        if holder == UNSEEN:
             out.append(Problem(f"port {lane.port} is already taken on this host", where(name), "port",
-                               "another process holds it (not this lane's unit): stop it or pick a free port", "port_taken", name, "warning"))
+                               f"this user cannot see which process holds it (run validate as root to tell); if it "
+                               f"is not {own}, stop it or pick a free port", "port_taken", name, "warning"))
+        elif holder != own:
+            out.append(Problem(f"port {lane.port} is already taken on this host", where(name), "port",
+                               f"another process holds it ({holder or 'in no service'}, not this lane's unit): "
+                               f"stop it or pick a free port", "port_taken", name, "warning"))
     out.extend(_fallback_cycles(lanes, where))
     return out
 
@@ -1004,27 +1010,34 @@ def port_taken(port: int, host: str = "127.0.0.1") -> bool:
     return False
 
 
+UNSEEN = "?"
+"""``port_holder_unit``: a listener this user cannot attribute to a process (another user's, seen as non-root)."""
+
+
 def port_holder_unit(port: int) -> str | None:
     """The systemd unit whose process listens on 127.0.0.1:``port`` (or any address), from its cgroup; None when
-    no listener is visible to this user or it is in no service (validate does not warn about a lane's own port)."""
+    the listener is in no service; ``UNSEEN`` when this user cannot tell whose it is (as non-root the owner of
+    another user's socket is hidden): validate then says the port is taken without claiming by whom."""
     import psutil
 
     try:
         conns = psutil.net_connections(kind="tcp")
     except (psutil.Error, OSError):
-        return None
+        return UNSEEN
     for c in conns:
-        if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid:
+        if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port:
+            if not c.pid:
+                return UNSEEN
             try:
                 text = Path(f"/proc/{c.pid}/cgroup").read_text()
             except OSError:
-                return None
+                return UNSEEN
             for line in text.splitlines():
                 for part in reversed(line.rpartition(":")[2].split("/")):
                     if part.endswith(".service"):
                         return part
             return None
-    return None
+    return UNSEEN  # bound but not listed (e.g. bound and not listening, or hidden from this user)
 
 
 def free_port(taken: set[int], start: int = 8701, end: int = 8999) -> int:

@@ -127,7 +127,8 @@ def status(lanes: Optional[List[str]] = LANES, unit_dir: Optional[str] = UNIT_DI
     The dispatch state is the ledger's: active, draining, drained (by whom), degraded; the weight is the one in
     force (a promoted one is marked). Without lane names the supervisor is shown too. Exits 0 when every enabled
     lane (and the supervisor) is running and healthy or drained by an operator, 8 when one is not (down,
-    failed: systemd gave up on it, or drained by lanectl itself), 6 when systemd is unreachable.
+    failed: systemd gave up on it, or drained by lanectl itself), 6 when systemd is unreachable or the ledger
+    cannot be read (dispatch "unknown (ledger unreadable)", a warning on stderr: run it as root).
     """
     from lanectl.status import collect, installed_fleet
 
@@ -148,7 +149,7 @@ def top(interval: float = typer.Option(1.0, "--interval", "-n", min=0.2, max=60.
     in flight / capacity, CPU since the last refresh, memory, restarts, watchdog ping age, health, uptime. Per
     class: queued, the oldest queued mission's wait, p95 queue wait over --window. Then the last events, as
     many as fit. Reads what status, metrics and events read; the ledger read-only. Narrow terminals lose
-    columns from the right.
+    columns from the right. With --once (or no terminal) it exits 6 when the ledger or systemd could not be read.
     """
     from lanectl import top as live
     from lanectl.cli.evidence import parse_duration

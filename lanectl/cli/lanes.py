@@ -7,7 +7,7 @@ import typer
 
 from lanectl import config, lanefiles, units
 from lanectl.cli.options import CONFIG, JSON, UNIT_DIR
-from lanectl.errors import ExitCode
+from lanectl.errors import ExitCode, Problem
 from lanectl.output import command, escape, finish, stdout_console
 
 lane_app = typer.Typer(help="Create, inspect and remove lane files (lanes.d/NAME.toml).", no_args_is_help=True)
@@ -77,7 +77,8 @@ def show(name: str = typer.Argument(...), unit_dir: Optional[str] = UNIT_DIR, co
 
     Besides the lane file's settings: its unit state (state, unit, result, gave_up: systemd stopped restarting
     it), the ledger's dispatch state (dispatch, drained_by, drain_reason) and the weight in force
-    (weight_in_force, promoted). Values print as JSON (true, null, ["a", "b"]).
+    (weight_in_force, promoted). Values print as JSON (true, null, ["a", "b"]). Exits 6 (a warning saying
+    why) when the ledger could not be read: dispatch "unknown" is not a lane known to be fine.
     """
     config.check_config_dir(config_dir)
     data = lanefiles.show(name, config_dir)
@@ -93,7 +94,12 @@ def show(name: str = typer.Argument(...), unit_dir: Optional[str] = UNIT_DIR, co
             t.add_row(f"[bold]{k}[/]", escape(v if isinstance(v, str) else json.dumps(v)))
         stdout_console().print(t)
 
-    finish(["lane", "show"], data, json_mode=json_out, human=human)
+    warnings = [Problem(f"dispatch state unknown: {data['dispatch_error']}", hint="run it as root (or as a user "
+                        "that may read the ledger): a lane lanectl drained by itself cannot be told apart from an "
+                        "active one", code="ledger_unreadable", lane=name, severity="warning")] \
+        if data.get("dispatch_error") else []
+    finish(["lane", "show"], data, json_mode=json_out, human=human, warnings=warnings,
+           exit_code=ExitCode.UNAVAILABLE if warnings else ExitCode.OK, status="partial" if warnings else None)
 
 
 @lane_app.command("list")
