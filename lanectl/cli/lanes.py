@@ -142,15 +142,22 @@ def remove(name: str = typer.Argument(..., metavar="LANE"),
     new name, then a remove of the old one with --reroute-to NEW. Then stop the lane and re-install
     ('lanectl down LANE', 'lanectl install').
     """
+    from lanectl import manifest, paths
+
     config.check_config_dir(config_dir)
     path, moved = lanefiles.remove(name, config_dir, ledger=ledger, reroute_to=reroute_to, reason=reason)
+    installed = manifest.read(paths.unit_dir())
+    installed = installed is not None and name in (installed.get("lanes") or {})
 
     def human() -> None:
         con = stdout_console()
         if moved["missions"] or moved["sessions"]:
             con.print(f"moved {len(moved['missions'])} mission(s) and {len(moved['sessions'])} session(s) to "
                       f"{escape(reroute_to or '')}")
-        con.print(f"removed {escape(str(path))}; run 'lanectl down {name}' and 'lanectl install'")
+        if installed:
+            con.print(f"removed {escape(str(path))}; run 'lanectl down {name}' and 'lanectl install'")
+        else:  # never installed: there is no unit to stop ('lanectl down' would exit 4)
+            con.print(f"removed {escape(str(path))}; lane {name} was not installed, nothing to stop")
 
-    finish(["lane", "remove"], {"file": str(path), "lane": name, "changed": True, "moved": moved},
-           json_mode=json_out, human=human, exit_code=ExitCode.OK)
+    finish(["lane", "remove"], {"file": str(path), "lane": name, "changed": True, "moved": moved,
+                                "installed": installed}, json_mode=json_out, human=human, exit_code=ExitCode.OK)

@@ -360,10 +360,13 @@ def retry(mission_id: int = typer.Argument(..., metavar="ID"),
 @command("mission", "explain")
 def explain(mission_id: int = typer.Argument(..., metavar="ID"), ledger: Optional[str] = LEDGER,
             config_dir: Optional[str] = CONFIG, json_out: bool = JSON) -> None:
-    """Why a mission is not running: every lane and why it is skipped."""
+    """Why a mission is not running: every lane and why it is skipped.
+
+    A lane of lanes.d that the installed fleet does not have yet is "not installed", never eligible.
+    """
     fleet = config.load(config_dir)
     with config.open_ledger(config_dir, ledger) as led:
-        data = tick.explain(led, fleet, mission_id, now=time.time())
+        data = tick.explain(led, fleet, mission_id, now=time.time(), installed=_installed_lanes(fleet))
 
     def human() -> None:
         out = stdout_console()
@@ -373,6 +376,18 @@ def explain(mission_id: int = typer.Argument(..., metavar="ID"), ledger: Optiona
             out.print(f"  {escape(v['lane'])}: {mark} {escape(v['reason'])}")
 
     finish(["mission", "explain"], data, json_mode=json_out, human=human)
+
+
+def _installed_lanes(fleet: config.LaneSet) -> set[str] | None:
+    """The lanes of the installed fleet (manifest beside the units) when it is this configuration's; else None."""
+    from lanectl import manifest, paths
+
+    data = manifest.read(paths.unit_dir())
+    if data is None or not isinstance(data.get("lanes"), dict) or not isinstance(data.get("config_dir"), str):
+        return None
+    if os.path.realpath(data["config_dir"]) != os.path.realpath(fleet.config_dir):
+        return None
+    return set(data["lanes"])
 
 
 @command("dispatch")
