@@ -11,7 +11,7 @@ import typer
 
 from lanectl import config, evidence
 from lanectl.cli.missions import absolute_time
-from lanectl.cli.options import CONFIG, JSON
+from lanectl.cli.options import CONFIG, JSON, complete_lanes
 from lanectl.errors import ExitCode, LanectlError
 from lanectl.ledger import Ledger
 from lanectl.ledger.missions import invalid
@@ -70,7 +70,7 @@ def _emit_ndjson(ev: dict[str, Any]) -> None:
 
 @command("events")
 def events_(
-    lane: Optional[str] = typer.Option(None, help="Only events of this lane."),
+    lane: Optional[str] = typer.Option(None, help="Only events of this lane.", autocompletion=complete_lanes),
     mission: Optional[int] = typer.Option(None, help="Only events of this mission."),
     session: Optional[str] = typer.Option(None, help="Only events of this session."),
     kind: Optional[List[str]] = typer.Option(None, "--kind", help="Only this kind (repeatable)."),

@@ -7,18 +7,10 @@ from typing import Any, List, Optional
 import typer
 
 from lanectl import operate, paths
-from lanectl.cli.options import CONFIG, JSON, UNIT_DIR
+from lanectl.cli.options import CONFIG, JSON, UNIT_DIR, complete_lanes
 from lanectl.errors import ExitCode
 from lanectl.cli.statusview import run_status
 from lanectl.output import command, escape, finish, stderr_console, stdout_console
-
-def complete_lanes(incomplete: str) -> list[str]:
-    """Shell completion of lane names: the installed fleet's."""
-    from lanectl import manifest
-
-    data = manifest.read(paths.unit_dir()) or {}
-    return [n for n in sorted(data.get("lanes", {})) if n.startswith(incomplete)]
-
 
 LANES = typer.Argument(None, metavar="LANE", help="Lanes to act on (default: all).", autocompletion=complete_lanes)
 
@@ -89,7 +81,7 @@ def down(lanes: Optional[List[str]] = LANES, unit_dir: Optional[str] = UNIT_DIR,
 
 
 @command("restart")
-def restart(lane: str = typer.Argument(...),
+def restart(lane: str = typer.Argument(..., autocompletion=complete_lanes),
             graceful: bool = typer.Option(False, "--graceful",
                                           help="Drain, wait until nothing is in flight, restart, undrain."),
             timeout: float = typer.Option(300.0, help="Seconds --graceful waits for the lane to drain."),

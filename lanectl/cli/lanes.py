@@ -6,7 +6,7 @@ from typing import Optional
 import typer
 
 from lanectl import config, lanefiles, units
-from lanectl.cli.options import CONFIG, JSON, UNIT_DIR
+from lanectl.cli.options import CONFIG, JSON, UNIT_DIR, complete_lane_files
 from lanectl.errors import ExitCode, Problem
 from lanectl.output import command, escape, finish, stdout_console
 
@@ -71,7 +71,7 @@ def add(
 
 @lane_app.command("show")
 @command("lane", "show")
-def show(name: str = typer.Argument(...), unit_dir: Optional[str] = UNIT_DIR, config_dir: Optional[str] = CONFIG,
+def show(name: str = typer.Argument(..., autocompletion=complete_lane_files), unit_dir: Optional[str] = UNIT_DIR, config_dir: Optional[str] = CONFIG,
          json_out: bool = JSON) -> None:
     """Show one lane with its defaults filled in, and how it runs now.
 
@@ -125,9 +125,9 @@ def list_(config_dir: Optional[str] = CONFIG, json_out: bool = JSON) -> None:
 
 @lane_app.command("remove")
 @command("lane", "remove")
-def remove(name: str = typer.Argument(..., metavar="LANE"),
+def remove(name: str = typer.Argument(..., metavar="LANE", autocompletion=complete_lane_files),
            reroute_to: Optional[str] = typer.Option(
-               None, "--reroute-to", metavar="LANE",
+               None, "--reroute-to", metavar="LANE", autocompletion=complete_lane_files,
                help="Drain the lane and move its queued missions and sessions to this lane first."),
            reason: Optional[str] = typer.Option(None, "--reason", metavar="TEXT",
                                                 help="Why: recorded with the moves."),

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lanectl import config
 from lanectl.cli import missionview
-from lanectl.cli.options import CONFIG, JSON
+from lanectl.cli.options import CONFIG, JSON, complete_lane_files
 from lanectl.client import Client
 from lanectl.errors import ExitCode, LanectlError, Problem
 from lanectl.ledger import missions as ms
@@ -85,7 +85,8 @@ def submit(
     deadline: Optional[str] = typer.Option(
         None, help="Deadline: +10m (a retry with the same text and --idempotency-key is the same request), "
                    "RFC 3339 time or epoch seconds."),
-    lane: Optional[str] = typer.Option(None, help="Run on this lane (or its fallback)."),
+    lane: Optional[str] = typer.Option(None, help="Run on this lane (or its fallback).",
+                                       autocompletion=complete_lane_files),
     tag: Optional[List[str]] = typer.Option(None, "--tag", help="Require a lane with this tag (repeatable)."),
     session: Optional[str] = typer.Option(None, help="Session PREFIX:ID; runs on the lane owning it."),
     idempotency_key: Optional[str] = typer.Option(None, help="Resubmitting with this key returns the same mission."),
