@@ -619,9 +619,9 @@ def check_config_dir(path: str | Path | None) -> None:
     ``None`` (the default or ``$LANECTL_CONFIG_DIR``) is not checked here: the fast read paths never see ``-c``."""
     if path is None or isinstance(path, LaneSet) or Path(path).is_dir():
         return
-    raise config_error([Problem("the configuration directory given with --config does not exist", file=str(path),
-                                hint="check the path (it holds lanectl.toml and lanes.d/; default /etc/lanectl), "
-                                     "or create it first", code="config_dir_missing")])
+    raise config_error([Problem("configuration directory does not exist", file=str(path),
+                                hint="check --config/-c (the directory holding lanectl.toml and lanes.d/; default "
+                                     "/etc/lanectl), or create it first", code="config_dir_missing")])
 
 
 def load_settings(config_dir: Path, problems: list[Problem]) -> Settings:
