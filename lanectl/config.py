@@ -613,6 +613,17 @@ def resolve_dirs(path: str | Path | None) -> tuple[Path, Path]:
     return base, base / "lanes.d"
 
 
+def check_config_dir(path: str | Path | None) -> None:
+    """A configuration directory named with ``--config``/``-c`` must exist: a typo is refused (``config_dir_missing``,
+    exit 3) by every command alike, never read as an empty configuration that falls back to the default ledger.
+    ``None`` (the default or ``$LANECTL_CONFIG_DIR``) is not checked here: the fast read paths never see ``-c``."""
+    if path is None or isinstance(path, LaneSet) or Path(path).is_dir():
+        return
+    raise config_error([Problem("configuration directory does not exist", file=str(path),
+                                hint="check --config/-c (the directory holding lanectl.toml and lanes.d/; default "
+                                     "/etc/lanectl), or create it first", code="config_dir_missing")])
+
+
 def load_settings(config_dir: Path, problems: list[Problem]) -> Settings:
     path = config_dir / "lanectl.toml"
     if not path.exists():
@@ -633,6 +644,7 @@ def load(path: str | Path | None = None, *, check_host_ports: bool = False, requ
 
     ``check_host`` adds the checks against this host's accounts and files (``validate`` and ``install``): lane
     users lanectl did not create, workspaces that are someone's home, secret env files' owner and mode."""
+    check_config_dir(path)
     config_dir, lanes_dir = resolve_dirs(path)
     problems: list[Problem] = []
     settings = load_settings(config_dir, problems)
@@ -795,9 +807,15 @@ def cross_check(lanes: dict[str, Lane], lanes_dir: Path, *, check_host_ports: bo
                                    f"use one of: {', '.join(sorted(set(lanes) - {name})) or 'none'}",
                                    "fallback_unknown", name))
         own = f"lanectl-lane@{name}.service"
-        if check_host_ports and port_taken(lane.port) and port_holder_unit(lane.port) != own:
+        holder = port_holder_unit(lane.port) if check_host_ports and port_taken(lane.port) else own
+        if holder == UNSEEN:
             out.append(Problem(f"port {lane.port} is already taken on this host", where(name), "port",
-                               "another process holds it (not this lane's unit): stop it or pick a free port", "port_taken", name, "warning"))
+                               f"this user cannot see which process holds it (run validate as root to tell); if it "
+                               f"is not {own}, stop it or pick a free port", "port_taken", name, "warning"))
+        elif holder != own:
+            out.append(Problem(f"port {lane.port} is already taken on this host", where(name), "port",
+                               f"another process holds it ({holder or 'in no service'}, not this lane's unit): "
+                               f"stop it or pick a free port", "port_taken", name, "warning"))
     out.extend(_fallback_cycles(lanes, where))
     return out
 
@@ -937,6 +955,7 @@ def _fallback_cycles(lanes: dict[str, Lane], where: Any) -> list[Problem]:
 def _settings_of(where: LaneSet | str | Path | None) -> Settings:
     if isinstance(where, LaneSet):
         return where.settings
+    check_config_dir(where)
     problems: list[Problem] = []
     settings = load_settings(resolve_dirs(where)[0], problems)
     if any(p.severity == "error" for p in problems):
@@ -953,6 +972,7 @@ def open_ledger(where: LaneSet | str | Path | None = None, override: str | Path 
     from lanectl.errors import LanectlError
     from lanectl.ledger import Ledger
 
+    check_config_dir(where)  # a mistyped --config is refused even when the ledger is named explicitly
     try:
         settings = _settings_of(where)
     except LanectlError:
@@ -966,6 +986,8 @@ def open_ledger(where: LaneSet | str | Path | None = None, override: str | Path 
 def ledger_path(where: LaneSet | Settings | str | Path | None = None, override: str | Path | None = None) -> Path:
     """The ledger file: --ledger, else $LANECTL_LEDGER, else [ledger] path in lanectl.toml, else
     STATE_DIR/ledger.db."""
+    if not isinstance(where, Settings):
+        check_config_dir(where)
     if override:
         return Path(override)
     if os.environ.get("LANECTL_LEDGER"):
@@ -988,27 +1010,34 @@ def port_taken(port: int, host: str = "127.0.0.1") -> bool:
     return False
 
 
+UNSEEN = "?"
+"""``port_holder_unit``: a listener this user cannot attribute to a process (another user's, seen as non-root)."""
+
+
 def port_holder_unit(port: int) -> str | None:
     """The systemd unit whose process listens on 127.0.0.1:``port`` (or any address), from its cgroup; None when
-    no listener is visible to this user or it is in no service (validate does not warn about a lane's own port)."""
+    the listener is in no service; ``UNSEEN`` when this user cannot tell whose it is (as non-root the owner of
+    another user's socket is hidden): validate then says the port is taken without claiming by whom."""
     import psutil
 
     try:
         conns = psutil.net_connections(kind="tcp")
     except (psutil.Error, OSError):
-        return None
+        return UNSEEN
     for c in conns:
-        if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid:
+        if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port:
+            if not c.pid:
+                return UNSEEN
             try:
                 text = Path(f"/proc/{c.pid}/cgroup").read_text()
             except OSError:
-                return None
+                return UNSEEN
             for line in text.splitlines():
                 for part in reversed(line.rpartition(":")[2].split("/")):
                     if part.endswith(".service"):
                         return part
             return None
-    return None
+    return UNSEEN  # bound but not listed (e.g. bound and not listening, or hidden from this user)
 
 
 def free_port(taken: set[int], start: int = 8701, end: int = 8999) -> int:

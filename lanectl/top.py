@@ -17,6 +17,7 @@ import os
 import select
 import signal
 import sqlite3
+import stat
 import sys
 import time
 from collections.abc import Iterator
@@ -25,7 +26,7 @@ from datetime import datetime
 from typing import Any
 
 from lanectl import evidence
-from lanectl.errors import LanectlError
+from lanectl.errors import ExitCode, LanectlError
 from lanectl.output import escape, human_bytes, human_duration
 from lanectl.status import LaneStatus, collect
 
@@ -63,8 +64,18 @@ class Source:
 
     def ledger(self) -> sqlite3.Connection:
         if self.conn is None:
-            if not os.path.isfile(self.ledger_path):
-                raise FileNotFoundError(f"ledger {self.ledger_path} does not exist")
+            try:  # a file this user may not see (a 0700 state directory) is not a file that does not exist
+                st = os.stat(self.ledger_path)
+            except FileNotFoundError:
+                raise FileNotFoundError(f"ledger {self.ledger_path} does not exist") from None
+            except PermissionError:
+                raise PermissionError(f"ledger {self.ledger_path} cannot be read by this user (permission "
+                                      f"denied): run as root or as its owner") from None
+            if not stat.S_ISREG(st.st_mode):
+                raise FileNotFoundError(f"ledger {self.ledger_path} is not a file")
+            if not os.access(self.ledger_path, os.R_OK):
+                raise PermissionError(f"ledger {self.ledger_path} cannot be read by this user (permission "
+                                      f"denied): run as root or as its owner")
             self.conn = sqlite3.connect(f"file:{self.ledger_path}?mode=ro", uri=True, timeout=2.0,
                                         check_same_thread=False)
         return self.conn
@@ -265,7 +276,9 @@ def run(source: Source, *, interval_s: float = DEFAULT_INTERVAL_S, once: bool = 
         stdin: Any = None) -> int:
     """Draw frames until q, Ctrl-C, SIGTERM or SIGHUP (or one frame with ``once``, or when stdout is no terminal).
 
-    Returns the exit code (0). The terminal is restored in every case."""
+    Returns the exit code: 0; with one frame (``once`` or no terminal), 6 when the ledger or systemd could not be
+    read (the frame shows why, and so does stderr), so that a script never takes an empty view for an idle fleet.
+    The live view goes on instead, showing the error. The terminal is restored in every case."""
     from rich.live import Live
 
     from lanectl.output import stdout_console
@@ -277,6 +290,10 @@ def run(source: Source, *, interval_s: float = DEFAULT_INTERVAL_S, once: bool = 
             f = source.frame()
             size = console.size
             console.print(render(f, size.width, 10_000, interval_s=interval_s, window_s=source.window_s))
+            if f.errors:
+                for e in f.errors:
+                    sys.stderr.write(f"lanectl top: {e}\n")
+                return int(ExitCode.UNAVAILABLE)
             return 0
 
         def stop(signum: int, _frame: Any) -> None:

@@ -81,3 +81,54 @@ def test_gate_map_names_real_tests() -> None:
         if name not in names:
             missing.append(f"{path}::{name}")
     assert not missing, f"docs/gates.md names tests that do not exist: {missing}"
+
+
+def _codes(cell: str) -> set[int]:
+    """The exit codes a table cell lists: numbers and ranges (0-3), not inside `code spans` or words."""
+    cell = re.sub(r"`[^`]*`", "", cell)
+    out: set[int] = set()
+    for a, b in re.findall(r"(?<![\w.-])(\d)(?:-(\d))?(?![\w.])", cell):
+        out |= set(range(int(a), int(b or a) + 1))
+    return out
+
+
+def test_the_operator_guide_lists_the_same_exit_codes_as_exit_codes_md() -> None:
+    """docs/exit-codes.md is the source; each command row of docs/operations.md's tables must list the same codes
+    (1 and 2 aside, which every command may exit; probe's 0-3 are the monitoring-plugins codes and compared whole).
+    Found by an attack (issue 15 follow-up F11): eight commands disagreed."""
+    text = (DOCS / "exit-codes.md").read_text()
+    block = text.split("<!-- exit-codes-by-command -->")[1].split("<!-- /exit-codes-by-command -->")[0]
+    source = {cmd: _codes(codes) for cmd, codes in re.findall(r"^\| `([a-z ]+)` \| (.+) \|$", block, re.M)}
+    known = sorted(source, key=len, reverse=True)
+    checked, wrong = set(), []
+    for line in (DOCS / "operations.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+        if len(cells) != 3 or not cells[0].startswith("`lanectl "):
+            continue
+        for usage in re.findall(r"`lanectl ([^`]+)`", cells[0]):
+            cmd = next(c for c in known if usage == c or usage.startswith(c + " "))
+            ignore = set() if cmd == "probe" else {1, 2}
+            got, want = _codes(cells[2]) - ignore, source[cmd] - ignore
+            if got != want:
+                wrong.append(f"{cmd}: operations.md {sorted(got)}, exit-codes.md {sorted(want)}")
+            checked.add(cmd)
+    assert not wrong, "docs/operations.md disagrees with docs/exit-codes.md (the source):\n" + "\n".join(wrong)
+    assert len(checked) >= 30, sorted(checked)
+
+
+def test_the_operator_guide_says_which_commands_take_json() -> None:
+    """operations.md said every command takes --json; top and logs do not (a screen; journalctl's own output)."""
+    import typer.main
+
+    def walk(c, prefix=()):  # type: ignore[no-untyped-def]
+        if hasattr(c, "commands"):
+            for n, sub in c.commands.items():
+                yield from walk(sub, (*prefix, n))
+        elif "--json" not in {o for p in c.params for o in getattr(p, "opts", [])}:
+            yield " ".join(prefix)
+
+    without = sorted(walk(typer.main.get_command(app)))
+    guide = (DOCS / "operations.md").read_text()
+    m = re.search(r"Every command but ([^.]+?) takes `--json`", guide)
+    assert m, "docs/operations.md: say which commands do not take --json"
+    assert sorted(re.findall(r"`([a-z ]+)` \(", m.group(1))) == without, (m.group(1), without)

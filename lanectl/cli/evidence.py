@@ -11,7 +11,7 @@ import typer
 
 from lanectl import config, evidence
 from lanectl.cli.missions import absolute_time
-from lanectl.cli.options import CONFIG, JSON
+from lanectl.cli.options import CONFIG, JSON, complete_lanes
 from lanectl.errors import ExitCode, LanectlError
 from lanectl.ledger import Ledger
 from lanectl.ledger.missions import invalid
@@ -70,7 +70,7 @@ def _emit_ndjson(ev: dict[str, Any]) -> None:
 
 @command("events")
 def events_(
-    lane: Optional[str] = typer.Option(None, help="Only events of this lane."),
+    lane: Optional[str] = typer.Option(None, help="Only events of this lane.", autocompletion=complete_lanes),
     mission: Optional[int] = typer.Option(None, help="Only events of this mission."),
     session: Optional[str] = typer.Option(None, help="Only events of this session."),
     kind: Optional[List[str]] = typer.Option(None, "--kind", help="Only this kind (repeatable)."),
@@ -86,7 +86,8 @@ def events_(
     """Query the event log, oldest first.
 
     Without --since or --after: the last LIMIT matching events. With them: the first LIMIT from there
-    (data.next_after pages on). --follow keeps printing new events (one JSON object per line with --json)
+    (data.next_after pages on). When more match than are printed, a line on stderr says so and how to page
+    (data.more in --json). --follow keeps printing new events (one JSON object per line with --json)
     until interrupted. An unknown --kind is an error listing the kinds (exit 2); kinds: docs/observability.md.
     """
     from lanectl.ledger.events import EventKind
@@ -100,18 +101,34 @@ def events_(
     t_since, t_until = parse_time(since, now, "since"), parse_time(until, now, "until")
     latest = t_since is None and not after
     with _ledger(config_dir, ledger) as led:
+        # one more than asked tells whether more match (older ones for the last LIMIT, newer ones for a page)
         rows = evidence.events(led, lane=lane, mission=mission, session=session, kind=kind or None,
-                               since=t_since, until=t_until, limit=limit, after_id=after, latest=latest)
+                               since=t_since, until=t_until, limit=limit + 1, after_id=after, latest=latest)
+        more = len(rows) > limit
+        rows = rows[1:] if more and latest else rows[:limit]
         if follow:
             _follow(led, rows, json_out, lane=lane, mission=mission, session=session, kind=kind or None)
             return
-    data = {"events": rows, "count": len(rows), "next_after": rows[-1]["id"] if len(rows) == limit else None}
+    data = {"events": rows, "count": len(rows), "next_after": rows[-1]["id"] if len(rows) == limit else None,
+            "more": more}
 
     def human() -> None:
         for ev in rows:
             sys.stdout.write(_line(ev) + "\n")
+        sys.stdout.flush()
+        if more:  # on stderr: a pipe into wc or grep sees the events alone, the person sees what is hidden
+            sys.stderr.write(more_note(latest, limit, rows[-1]["id"]) + "\n")
 
     finish(["events"], data, json_mode=json_out, human=human)
+
+
+def more_note(latest: bool, limit: int, last_id: int) -> str:
+    """What ``events`` says on stderr when more events match than it printed, and how to see them."""
+    if latest:
+        return (f"lanectl events: older matching events not shown (these are the last {limit}); see them with "
+                f"--since TIME (then --after ID pages on) or a larger --limit")
+    return (f"lanectl events: more matching events not shown (these are the first {limit} from --since/--after, "
+            f"oldest first); next page: --after {last_id}; the newest: leave out --since, or a larger --limit")
 
 
 def _follow(led: Ledger, first: list[dict[str, Any]], json_out: bool, **filters: Any) -> None:

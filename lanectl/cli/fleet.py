@@ -7,18 +7,10 @@ from typing import Any, List, Optional
 import typer
 
 from lanectl import operate, paths
-from lanectl.cli.options import CONFIG, JSON, UNIT_DIR
+from lanectl.cli.options import CONFIG, JSON, UNIT_DIR, complete_lanes
 from lanectl.errors import ExitCode
 from lanectl.cli.statusview import run_status
 from lanectl.output import command, escape, finish, stderr_console, stdout_console, waiting
-
-def complete_lanes(incomplete: str) -> list[str]:
-    """Shell completion of lane names: the installed fleet's."""
-    from lanectl import manifest
-
-    data = manifest.read(paths.unit_dir()) or {}
-    return [n for n in sorted(data.get("lanes", {})) if n.startswith(incomplete)]
-
 
 LANES = typer.Argument(None, metavar="LANE", help="Lanes to act on (default: all).", autocompletion=complete_lanes)
 
@@ -91,7 +83,7 @@ def down(lanes: Optional[List[str]] = LANES, unit_dir: Optional[str] = UNIT_DIR,
 
 
 @command("restart")
-def restart(lane: str = typer.Argument(...),
+def restart(lane: str = typer.Argument(..., autocompletion=complete_lanes),
             graceful: bool = typer.Option(False, "--graceful",
                                           help="Drain, wait until nothing is in flight, restart, undrain."),
             timeout: float = typer.Option(300.0, help="Seconds --graceful waits for the lane to drain."),
@@ -130,7 +122,8 @@ def status(lanes: Optional[List[str]] = LANES, unit_dir: Optional[str] = UNIT_DI
     force (a promoted one is marked). Without lane names the supervisor is shown too. Exits 0 when every enabled
     lane (and the supervisor) is running and healthy or drained by an operator, 8 when one is not (down,
     failed: systemd gave up on it, or drained by lanectl itself), when the supervisor's last reload failed, or
-    when a lane unit is enabled or running with no installed lane; 6 when systemd is unreachable.
+    when a lane unit is enabled or running with no installed lane; 6 when systemd is unreachable or the ledger
+    cannot be read (dispatch "unknown (ledger unreadable)", a warning on stderr: run it as root).
     """
     from lanectl.status import collect, installed_fleet
 
@@ -152,7 +145,7 @@ def top(interval: float = typer.Option(1.0, "--interval", "-n", min=0.2, max=60.
     in flight / capacity, CPU since the last refresh, memory, restarts, watchdog ping age, health, uptime. Per
     class: queued, the oldest queued mission's wait, p95 queue wait over --window. Then the last events, as
     many as fit. Reads what status, metrics and events read; the ledger read-only. Narrow terminals lose
-    columns from the right.
+    columns from the right. With --once (or no terminal) it exits 6 when the ledger or systemd could not be read.
     """
     from lanectl import top as live
     from lanectl.cli.evidence import parse_duration

@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from lanectl import config, governance
-from lanectl.cli.options import CONFIG, JSON
+from lanectl.cli.options import CONFIG, JSON, complete_lanes
 from lanectl.errors import ExitCode, LanectlError, Problem
 from lanectl.ledger import lanes as lane_ops
 from lanectl.ledger.events import EventKind
@@ -24,7 +24,7 @@ def register(app: typer.Typer) -> None:
 
 @command("promote")
 def promote(
-    lane: str = typer.Argument(...),
+    lane: str = typer.Argument(..., autocompletion=complete_lanes),
     weight: int = typer.Option(..., "--weight", min=0, max=10_000, help="The lane's new traffic weight."),
     force: bool = typer.Option(False, "--force", help="Promote without the evidence (needs --reason)."),
     reason: Optional[str] = typer.Option(None, "--reason", help="Why: recorded with the event."),
@@ -81,7 +81,7 @@ def promote(
 
 @command("drill")
 def drill(
-    lane: str = typer.Argument(...),
+    lane: str = typer.Argument(..., autocompletion=complete_lanes),
     kind: str = typer.Option("crash", "--kind", help="crash (SIGKILL) or hang (SIGSTOP: the watchdog must act)."),
     timeout: float = typer.Option(60.0, help="Seconds to wait for each step."),
     config_dir: Optional[str] = CONFIG,

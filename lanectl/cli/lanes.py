@@ -6,8 +6,8 @@ from typing import Optional
 import typer
 
 from lanectl import config, lanefiles, units
-from lanectl.cli.options import CONFIG, JSON, UNIT_DIR
-from lanectl.errors import ExitCode
+from lanectl.cli.options import CONFIG, JSON, UNIT_DIR, complete_lane_files
+from lanectl.errors import ExitCode, Problem
 from lanectl.output import command, escape, finish, stdout_console
 
 lane_app = typer.Typer(help="Create, inspect and remove lane files (lanes.d/NAME.toml).", no_args_is_help=True)
@@ -57,6 +57,7 @@ def add(
     json_out: bool = JSON,
 ) -> None:
     """Write a new, valid lane file."""
+    config.check_config_dir(config_dir)
     split = (lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else None)
     path, doc = lanefiles.add(name, config_dir, port=port, workspace=workspace, classes=split(classes),
                               capacity=capacity, weight=weight, fallback=fallback, tags=split(tags),
@@ -70,14 +71,16 @@ def add(
 
 @lane_app.command("show")
 @command("lane", "show")
-def show(name: str = typer.Argument(...), unit_dir: Optional[str] = UNIT_DIR, config_dir: Optional[str] = CONFIG,
+def show(name: str = typer.Argument(..., autocompletion=complete_lane_files), unit_dir: Optional[str] = UNIT_DIR, config_dir: Optional[str] = CONFIG,
          json_out: bool = JSON) -> None:
     """Show one lane with its defaults filled in, and how it runs now.
 
     Besides the lane file's settings: its unit state (state, unit, result, gave_up: systemd stopped restarting
     it), the ledger's dispatch state (dispatch, drained_by, drain_reason) and the weight in force
-    (weight_in_force, promoted). Values print as JSON (true, null, ["a", "b"]).
+    (weight_in_force, promoted). Values print as JSON (true, null, ["a", "b"]). Exits 6 (a warning saying
+    why) when the ledger could not be read: dispatch "unknown" is not a lane known to be fine.
     """
+    config.check_config_dir(config_dir)
     data = lanefiles.show(name, config_dir)
     data.update(lanefiles.live(name, unit_dir, config_dir))
 
@@ -91,7 +94,12 @@ def show(name: str = typer.Argument(...), unit_dir: Optional[str] = UNIT_DIR, co
             t.add_row(f"[bold]{k}[/]", escape(v if isinstance(v, str) else json.dumps(v)))
         stdout_console().print(t)
 
-    finish(["lane", "show"], data, json_mode=json_out, human=human)
+    warnings = [Problem(f"dispatch state unknown: {data['dispatch_error']}", hint="run it as root (or as a user "
+                        "that may read the ledger): a lane lanectl drained by itself cannot be told apart from an "
+                        "active one", code="ledger_unreadable", lane=name, severity="warning")] \
+        if data.get("dispatch_error") else []
+    finish(["lane", "show"], data, json_mode=json_out, human=human, warnings=warnings,
+           exit_code=ExitCode.UNAVAILABLE if warnings else ExitCode.OK, status="partial" if warnings else None)
 
 
 @lane_app.command("list")
@@ -117,9 +125,9 @@ def list_(config_dir: Optional[str] = CONFIG, json_out: bool = JSON) -> None:
 
 @lane_app.command("remove")
 @command("lane", "remove")
-def remove(name: str = typer.Argument(..., metavar="LANE"),
+def remove(name: str = typer.Argument(..., metavar="LANE", autocompletion=complete_lane_files),
            reroute_to: Optional[str] = typer.Option(
-               None, "--reroute-to", metavar="LANE",
+               None, "--reroute-to", metavar="LANE", autocompletion=complete_lane_files,
                help="Drain the lane and move its queued missions and sessions to this lane first."),
            reason: Optional[str] = typer.Option(None, "--reason", metavar="TEXT",
                                                 help="Why: recorded with the moves."),
@@ -134,14 +142,22 @@ def remove(name: str = typer.Argument(..., metavar="LANE"),
     new name, then a remove of the old one with --reroute-to NEW. Then stop the lane and re-install
     ('lanectl down LANE', 'lanectl install').
     """
+    from lanectl import manifest, paths
+
+    config.check_config_dir(config_dir)
     path, moved = lanefiles.remove(name, config_dir, ledger=ledger, reroute_to=reroute_to, reason=reason)
+    installed = manifest.read(paths.unit_dir())
+    installed = installed is not None and name in (installed.get("lanes") or {})
 
     def human() -> None:
         con = stdout_console()
         if moved["missions"] or moved["sessions"]:
             con.print(f"moved {len(moved['missions'])} mission(s) and {len(moved['sessions'])} session(s) to "
                       f"{escape(reroute_to or '')}")
-        con.print(f"removed {escape(str(path))}; run 'lanectl down {name}' and 'lanectl install'")
+        if installed:
+            con.print(f"removed {escape(str(path))}; run 'lanectl down {name}' and 'lanectl install'")
+        else:  # never installed: there is no unit to stop ('lanectl down' would exit 4)
+            con.print(f"removed {escape(str(path))}; lane {name} was not installed, nothing to stop")
 
-    finish(["lane", "remove"], {"file": str(path), "lane": name, "changed": True, "moved": moved},
-           json_mode=json_out, human=human, exit_code=ExitCode.OK)
+    finish(["lane", "remove"], {"file": str(path), "lane": name, "changed": True, "moved": moved,
+                                "installed": installed}, json_mode=json_out, human=human, exit_code=ExitCode.OK)

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lanectl import config
 from lanectl.cli import missionview
-from lanectl.cli.options import CONFIG, JSON
+from lanectl.cli.options import CONFIG, JSON, complete_lane_files
 from lanectl.client import Client
 from lanectl.errors import ExitCode, LanectlError, Problem
 from lanectl.ledger import missions as ms
@@ -85,7 +85,8 @@ def submit(
     deadline: Optional[str] = typer.Option(
         None, help="Deadline: +10m (a retry with the same text and --idempotency-key is the same request), "
                    "RFC 3339 time or epoch seconds."),
-    lane: Optional[str] = typer.Option(None, help="Run on this lane (or its fallback)."),
+    lane: Optional[str] = typer.Option(None, help="Run on this lane (or its fallback).",
+                                       autocompletion=complete_lane_files),
     tag: Optional[List[str]] = typer.Option(None, "--tag", help="Require a lane with this tag (repeatable)."),
     session: Optional[str] = typer.Option(None, help="Session PREFIX:ID; runs on the lane owning it."),
     idempotency_key: Optional[str] = typer.Option(None, help="Resubmitting with this key returns the same mission."),
@@ -366,10 +367,13 @@ def retry(mission_id: int = typer.Argument(..., metavar="ID"),
 @command("mission", "explain")
 def explain(mission_id: int = typer.Argument(..., metavar="ID"), ledger: Optional[str] = LEDGER,
             config_dir: Optional[str] = CONFIG, json_out: bool = JSON) -> None:
-    """Why a mission is not running: every lane and why it is skipped."""
+    """Why a mission is not running: every lane and why it is skipped.
+
+    A lane of lanes.d that the installed fleet does not have yet is "not installed", never eligible.
+    """
     fleet = config.load(config_dir)
     with config.open_ledger(config_dir, ledger) as led:
-        data = tick.explain(led, fleet, mission_id, now=time.time())
+        data = tick.explain(led, fleet, mission_id, now=time.time(), installed=_installed_lanes(fleet))
 
     def human() -> None:
         out = stdout_console()
@@ -379,6 +383,18 @@ def explain(mission_id: int = typer.Argument(..., metavar="ID"), ledger: Optiona
             out.print(f"  {escape(v['lane'])}: {mark} {escape(v['reason'])}")
 
     finish(["mission", "explain"], data, json_mode=json_out, human=human)
+
+
+def _installed_lanes(fleet: config.LaneSet) -> set[str] | None:
+    """The lanes of the installed fleet (manifest beside the units) when it is this configuration's; else None."""
+    from lanectl import manifest, paths
+
+    data = manifest.read(paths.unit_dir())
+    if data is None or not isinstance(data.get("lanes"), dict) or not isinstance(data.get("config_dir"), str):
+        return None
+    if os.path.realpath(data["config_dir"]) != os.path.realpath(fleet.config_dir):
+        return None
+    return set(data["lanes"])
 
 
 @command("dispatch")

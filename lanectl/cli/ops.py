@@ -8,7 +8,7 @@ from typing import Any, Optional
 import typer
 
 from lanectl import config, install as installer, operate, paths, systemd, units
-from lanectl.cli.options import CONFIG, JSON, UNIT_DIR
+from lanectl.cli.options import CONFIG, JSON, UNIT_DIR, complete_lanes
 from lanectl.errors import ExitCode, LanectlError, Timeout
 from lanectl.ledger import Ledger
 from lanectl.ledger import lanes as lane_ops
@@ -69,7 +69,7 @@ def _open(config_dir: Optional[str], ledger: Optional[str]) -> tuple[config.Lane
 
 @command("drain")
 def drain(
-    lane: str = typer.Argument(...),
+    lane: str = typer.Argument(..., autocompletion=complete_lanes),
     wait: bool = typer.Option(False, "--wait", help="Wait until nothing is in flight on the lane."),
     timeout: float = typer.Option(300.0, help="Seconds --wait waits before exiting 7."),
     stop: bool = typer.Option(False, "--stop", help="Stop the lane's unit once drained (implies --wait)."),
@@ -115,7 +115,7 @@ def drain(
 
 
 @command("undrain")
-def undrain(lane: str = typer.Argument(...), reason: Optional[str] = REASON, unit_dir: Optional[str] = UNIT_DIR,
+def undrain(lane: str = typer.Argument(..., autocompletion=complete_lanes), reason: Optional[str] = REASON, unit_dir: Optional[str] = UNIT_DIR,
             config_dir: Optional[str] = CONFIG, ledger: Optional[str] = LEDGER, json_out: bool = JSON) -> None:
     """Put a drained (or degraded) lane back into service.
 
@@ -148,8 +148,8 @@ def undrain(lane: str = typer.Argument(...), reason: Optional[str] = REASON, uni
 
 @command("reroute")
 def reroute(
-    lane: str = typer.Argument(...),
-    to: str = typer.Option(..., "--to", help="The lane that takes the work."),
+    lane: str = typer.Argument(..., autocompletion=complete_lanes),
+    to: str = typer.Option(..., "--to", help="The lane that takes the work.", autocompletion=complete_lanes),
     cls: Optional[str] = typer.Option(None, "--class", help="Only missions of this class."),
     sessions: bool = typer.Option(False, "--sessions", help="Move the lane's idle sessions too."),
     reason: Optional[str] = REASON,
@@ -273,7 +273,8 @@ def graceful_restart(led: Ledger, fleet: config.LaneSet, lanes: dict[str, Any], 
 
 @command("snapshot")
 def snapshot(
-    lane: Optional[str] = typer.Argument(None, help="Focus on one lane (default: the whole fleet)."),
+    lane: Optional[str] = typer.Argument(None, help="Focus on one lane (default: the whole fleet).",
+                                         autocompletion=complete_lanes),
     out: Optional[str] = typer.Option(None, "--out", metavar="DIR", help="Where to write it.",
                                       show_default="STATE_DIR/snapshots"),
     reason: Optional[str] = REASON,

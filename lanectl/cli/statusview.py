@@ -1,20 +1,33 @@
 """Rendering of `lanectl status` (no typer here: the fast start-up path uses it too)."""
 from __future__ import annotations
 
-from lanectl.errors import ExitCode
+from lanectl.errors import ExitCode, Problem
 from lanectl.output import escape, finish, human_bytes, human_duration, stdout_console
 from lanectl.status import LaneStatus
 
 
 def run_status(rows: list[LaneStatus], json_out: bool) -> None:
+    """Exit 0 when every lane is ok, 8 when one is not; 6 (status "partial", a ``ledger_unreadable`` warning) when
+    none is known to be failing but the ledger could not be read: then a lane lanectl drained by itself would
+    look fine, so the run cannot say the fleet is ok (a non-root user who may not read the ledger, typically)."""
     code = ExitCode.OK if all(r.ok for r in rows) else ExitCode.UNHEALTHY
+    unread = next((r.dispatch_error for r in rows if r.kind == "lane" and r.dispatch_error), None)
+    warnings = []
+    if unread:
+        warnings.append(Problem(f"dispatch state unknown: {unread}",
+                                hint="run it as root (or as a user that may read the ledger): a lane lanectl "
+                                     "drained by itself cannot be told apart from an active one",
+                                code="ledger_unreadable", severity="warning"))
+        if code == ExitCode.OK:
+            code = ExitCode.UNAVAILABLE
     data = {"lanes": [r.as_dict() for r in rows if r.kind == "lane"], "ok": code == ExitCode.OK}
     sup = [r.as_dict() for r in rows if r.kind == "supervisor"]
     if sup:
         data["supervisor"] = sup[0]
     data["orphans"] = [{"lane": r.name, "unit": r.unit, "active_state": r.active_state, "sub_state": r.sub_state,
                         "restarts": r.restarts} for r in rows if r.kind == "orphan"]
-    finish(["status"], data, json_mode=json_out, human=lambda: print_table(rows), exit_code=code)
+    finish(["status"], data, json_mode=json_out, human=lambda: print_table(rows), exit_code=code,
+           warnings=warnings, status="partial" if code == ExitCode.UNAVAILABLE else None)
 
 
 STATE_STYLE = {"up": "green", "degraded": "yellow", "starting": "yellow", "failed": "bold red", "down": "red",
@@ -72,6 +85,8 @@ def dispatch_text(r: LaneStatus) -> str:
     """The ledger's dispatch state, who drained it (lanectl itself is red: it needs an operator) and since when."""
     style = "bold red" if r.automatic else DISPATCH_STYLE.get(r.dispatch, "")
     text = f"[{style}]{escape(r.dispatch)}[/]" if style else escape(r.dispatch)
+    if r.dispatch_error:
+        return text + " [yellow](ledger unreadable)[/]"
     if r.dispatch in ("draining", "drained"):
         text += " by lanectl" if r.automatic else (f" by {escape(r.drained_by)}" if r.drained_by else "")
     if r.dispatch != "active" and r.dispatch_since is not None:

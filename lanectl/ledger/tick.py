@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -255,8 +255,15 @@ def run_once(ledger: Ledger, fleet: LaneSet, *, now: float, sweep: int = WAIT_SW
     return TickResult(done, deadlines, leases, decision.waiting)
 
 
-def explain(ledger: Ledger, fleet: LaneSet, mission_id: int, *, now: float) -> dict[str, Any]:
-    """Why a mission is (not) running: its state, and for a queued one every lane and why it is skipped."""
+NOT_INSTALLED = "not installed: in lanes.d but it has no unit yet ('lanectl install', then 'lanectl up LANE')"
+
+
+def explain(ledger: Ledger, fleet: LaneSet, mission_id: int, *, now: float,
+            installed: Collection[str] | None = None) -> dict[str, Any]:
+    """Why a mission is (not) running: its state, and for a queued one every lane and why it is skipped.
+
+    ``installed``: the lanes of the installed fleet (its manifest); a lane of lanes.d that is not among them
+    cannot run anything yet and is never called eligible (None: not known, every lane of ``fleet`` counts)."""
     m = ms.get(ledger, mission_id)
     out: dict[str, Any] = {"mission": m.id, "state": m.state, "class": m.cls, "wait_reason": m.wait_reason,
                            "lanes": []}
@@ -278,6 +285,8 @@ def explain(ledger: Ledger, fleet: LaneSet, mission_id: int, *, now: float) -> d
     q = QueuedMission(m.id, m.cls, m.created_at, m.deadline, m.lane, frozenset(m.tags), m.session, owner, active,
                       suspect)
     verdicts = dispatch.explain(q, snap, now)
+    if installed is not None:
+        verdicts = [v if v.lane in installed else dispatch.LaneVerdict(v.lane, False, NOT_INSTALLED) for v in verdicts]
     out["lanes"] = [{"lane": v.lane, "eligible": v.eligible, "reason": v.reason} for v in verdicts]
     ahead = conn.execute("SELECT coalesce(sum(n), 0) FROM queue_depth WHERE rank < ?",  # kept by triggers
                          (ms.RANK[m.cls],)).fetchone()[0]

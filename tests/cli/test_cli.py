@@ -104,3 +104,23 @@ def test_status_without_systemd_is_unavailable(fleet_dir: Path, tmp_path: Path, 
 def test_installed_entry_point_runs() -> None:
     proc = subprocess.run([LANECTL_BIN, "--version"], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.strip()
+
+
+def test_lane_remove_tells_to_stop_only_a_lane_that_was_installed(fleet_dir: Path, tmp_path: Path,
+                                                                    monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Found by an attack (issue 15 follow-up F9): removing a never-installed lane told to run 'lanectl down
+    LANE', which exits 4 (no such lane is installed)."""
+    units = tmp_path / "units"
+    units.mkdir()
+    monkeypatch.setenv("LANECTL_UNIT_DIR", str(units))
+    write_lane(fleet_dir, "omega", 'port = 8799\nworkspace = "/var/lib/lanes/omega"\n')
+    res = runner.invoke(app, ["lane", "remove", "omega", "--config", str(fleet_dir)], prog_name="lanectl")
+    assert res.exit_code == 0, res.output
+    assert "was not installed, nothing to stop" in res.stdout and "lanectl down" not in res.stdout, res.stdout
+    (units / "lanectl-fleet.json").write_text(json.dumps({"lanectl_manifest": 1, "config_dir": str(fleet_dir),
+                                                          "lanes": {"alpha": {}}}))
+    code, doc = run("lane", "remove", "alpha", "--config", str(fleet_dir))
+    assert code == 0 and doc["data"]["installed"] is True
+    write_lane(fleet_dir, "alpha", 'port = 8701\nworkspace = "/var/lib/lanes/alpha"\n')
+    res = runner.invoke(app, ["lane", "remove", "alpha", "--config", str(fleet_dir)], prog_name="lanectl")
+    assert res.exit_code == 0 and "run 'lanectl down alpha' and 'lanectl install'" in res.stdout, res.stdout

@@ -108,3 +108,44 @@ def test_cli_follow_ndjson(cli_app: typer.Typer, led: Ledger, config_dir: Path, 
     assert r.exit_code == 0, r.output
     lines = [json.loads(x) for x in r.stdout.splitlines()]
     assert [x["kind"] for x in lines] == ["drain", "undrain"]
+
+
+def test_events_say_on_stderr_when_more_match_than_they_print(cli_app: typer.Typer, led: Ledger,
+                                                              config_dir: Path) -> None:
+    """Found by an attack (issue 15 follow-up F5): `events --since 1h` printed the first 100 matches and said
+    nothing, so on a busy box the runbooks' `events --lane alpha --since 1h` hid the newest events."""
+    import time
+
+    now = time.time()
+    with led.transaction() as conn:
+        for i in range(5):
+            append(conn, EventKind.DRAIN, now - 600 + i, lane="alpha", actor="alice", reason=f"r{i}")
+    ids = [e["id"] for e in evidence.events(led, lane="alpha")]
+    runner = CliRunner()
+    common = ["--ledger", str(led.path), "--config", str(config_dir), "--lane", "alpha"]
+
+    # --since: the first 3 of the window, and stderr says where the next page starts
+    r = runner.invoke(cli_app, ["events", *common, "--since", "1h", "--limit", "3"])
+    assert r.exit_code == 0, r.output
+    assert [f"#{i}" in r.stdout for i in ids] == [True, True, True, False, False], r.stdout
+    assert f"next page: --after {ids[2]}" in r.stderr and "#" not in r.stderr, r.stderr
+    r = runner.invoke(cli_app, ["events", *common, "--since", "1h", "--limit", "3", "--after", str(ids[2])])
+    assert r.exit_code == 0 and f"#{ids[3]}" in r.stdout and f"#{ids[4]}" in r.stdout and r.stderr == "", r.stderr
+
+    # the last LIMIT (no --since): stderr says older ones are hidden
+    r = runner.invoke(cli_app, ["events", *common, "--limit", "2"])
+    assert [f"#{i}" in r.stdout for i in ids] == [False, False, False, True, True], r.stdout
+    assert "older matching events not shown" in r.stderr, r.stderr
+
+    # everything printed: nothing on stderr (the runbooks' "expect none" stays silent too)
+    for args in (["--since", "1h", "--limit", "5"], ["--limit", "5"], ["--kind", "requeued", "--since", "10m"]):
+        r = runner.invoke(cli_app, ["events", *common, *args])
+        assert r.exit_code == 0 and r.stderr == "", (args, r.stderr)
+
+    # --json: the envelope as before, with data.more
+    r = runner.invoke(cli_app, ["events", *common, "--since", "1h", "--limit", "3", "--json"])
+    data = json.loads(r.stdout)["data"]
+    assert data["count"] == 3 and data["next_after"] == ids[2] and data["more"] is True and r.stderr == ""
+    r = runner.invoke(cli_app, ["events", *common, "--since", "1h", "--limit", "5", "--json"])
+    data = json.loads(r.stdout)["data"]
+    assert data["count"] == 5 and data["more"] is False

@@ -232,3 +232,44 @@ def test_release_with_work_in_flight_rolls_back_every_move(cfg: Path, tmp_path: 
         assert "draining" in (info.value.hint or "") and "1 mission(s) in flight" in info.value.message
         assert _where(cfg, tmp_path) == before and before[0][queued.mission.id] == "delta"
         assert lane_ops.state_of(led, "delta") == "draining"
+
+
+COMPLETION_CASES = [
+    # the verbs on running lanes: the installed fleet's lanes (alpha, beta), not omega (only in lanes.d)
+    ("lanectl drain ", ["alpha", "beta"]), ("lanectl drain a", ["alpha"]), ("lanectl undrain b", ["beta"]),
+    ("lanectl restart ", ["alpha", "beta"]), ("lanectl reroute ", ["alpha", "beta"]),
+    ("lanectl reroute alpha --to ", ["alpha", "beta"]), ("lanectl reroute alpha --to b", ["beta"]),
+    ("lanectl drill ", ["alpha", "beta"]), ("lanectl promote a", ["alpha"]), ("lanectl snapshot ", ["alpha", "beta"]),
+    ("lanectl logs ", ["alpha", "beta"]), ("lanectl up ", ["alpha", "beta"]), ("lanectl status b", ["beta"]),
+    ("lanectl events --lane ", ["alpha", "beta"]),
+    # the verbs on lane files: lanes.d, installed or not
+    ("lanectl lane show ", ["alpha", "beta", "omega"]), ("lanectl lane remove o", ["omega"]),
+    ("lanectl lane remove omega --reroute-to ", ["alpha", "beta", "omega"]),
+    ("lanectl submit --lane ", ["alpha", "beta", "omega"]), ("lanectl submit --lane om", ["omega"]),
+]
+
+
+@pytest.mark.parametrize("line,expected", COMPLETION_CASES, ids=[c[0] for c in COMPLETION_CASES])
+def test_lane_names_complete_for_every_verb_that_takes_one(tmp_path: Path, line: str, expected: list[str]) -> None:
+    """Found by an attack (issue 15 follow-up F10): lane names completed only for up/down/status/probe. Through
+    the shell completion protocol bash uses (the same entry point as the installed `lanectl`)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    units, etc = tmp_path / "units", tmp_path / "etc"
+    units.mkdir()
+    (units / "lanectl-fleet.json").write_text(json.dumps({"lanectl_manifest": 1, "config_dir": str(etc),
+                                                          "lanes": {"alpha": {}, "beta": {}}}))
+    for name, port in (("alpha", 8701), ("beta", 8702), ("omega", 8703)):
+        (etc / "lanes.d").mkdir(parents=True, exist_ok=True)
+        (etc / "lanes.d" / f"{name}.toml").write_text(f'port = {port}\nworkspace = "/var/lib/lanes/{name}"\n')
+    words = line.split(" ")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "LANECTL_UNIT_DIR": str(units), "LANECTL_CONFIG_DIR": str(etc),
+           "_LANECTL_COMPLETE": "complete_bash", "COMP_WORDS": line, "COMP_CWORD": str(len(words) - 1)}
+    res = subprocess.run([sys.executable, "-c", "from lanectl.entry import main; main()"], capture_output=True,
+                         text=True, env=env, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == expected, (line, res.stdout, res.stderr)

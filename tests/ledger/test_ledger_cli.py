@@ -173,3 +173,29 @@ def test_submit_batch_refused_by_the_ledger_names_the_mission(app, env):
     assert doc["data"]["missions"] == []
     res, doc = run(app, "submit", "--batch", str(batch), "--json", "--", "/bin/true")
     assert res.exit_code == 2
+
+
+def test_explain_says_a_lane_of_lanes_d_that_is_not_installed_cannot_take_it(app, env, monkeypatch):
+    """Found by an attack (issue 15 follow-up F9): `mission explain` called a lane in lanes.d that has no unit yet
+    "eligible now"; only the installed fleet's lanes run missions."""
+    res, doc = run(app, "submit", "--class", "background", "--lane", "beta", "--json", "--payload", "{}")
+    mid = str(doc["data"]["id"])
+    res, doc = run(app, "mission", "explain", mid, "--json")  # nothing installed here: lanes.d is all there is
+    assert doc["data"]["summary"].startswith("eligible now"), doc
+    units = env / "units"
+    units.mkdir()
+    (units / "lanectl-fleet.json").write_text(json.dumps({"lanectl_manifest": 1, "config_dir": str(env / "etc"),
+                                                          "lanes": {"alpha": {}}}))
+    monkeypatch.setenv("LANECTL_UNIT_DIR", str(units))
+    res, doc = run(app, "mission", "explain", mid, "--json")
+    assert res.exit_code == 0, res.output
+    verdicts = {v["lane"]: v for v in doc["data"]["lanes"]}
+    assert verdicts["beta"]["eligible"] is False and verdicts["beta"]["reason"].startswith("not installed"), doc
+    assert doc["data"]["summary"].startswith("no lane can take it") and "not installed" in doc["data"]["summary"]
+    res, _ = run(app, "mission", "explain", mid)
+    assert "beta: no not installed" in res.stdout and "eligible now" not in res.stdout, res.stdout
+    # the manifest of another configuration says nothing about this one
+    (units / "lanectl-fleet.json").write_text(json.dumps({"lanectl_manifest": 1, "config_dir": "/etc/elsewhere",
+                                                          "lanes": {"alpha": {}}}))
+    res, doc = run(app, "mission", "explain", mid, "--json")
+    assert doc["data"]["summary"].startswith("eligible now"), doc

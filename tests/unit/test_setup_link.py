@@ -24,7 +24,7 @@ def fake_venv(where: Path) -> Path:
     return venv
 
 
-def link(venv: Path, bin_dir: Path, **env: str) -> subprocess.CompletedProcess[str]:
+def link(venv: Path | str, bin_dir: Path, **env: str) -> subprocess.CompletedProcess[str]:
     full = {k: v for k, v in os.environ.items() if k not in ("LANECTL_LINK", "LANECTL_BIN_DIR")}
     full.update(LANECTL_BIN_DIR=str(bin_dir), **env)
     return subprocess.run([str(LINK), str(venv)], capture_output=True, text=True, env=full, timeout=30)
@@ -62,8 +62,42 @@ def test_link_zero_never_links(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not os.access("/opt/lanectl/venv/bin/lanectl", os.X_OK), reason="no default venv here")
-def test_the_default_prefix_is_linked(tmp_path: Path) -> None:
+@pytest.mark.parametrize("venv", ["/opt/lanectl/venv", "/opt/lanectl//venv", "/opt/lanectl/venv/"])
+def test_the_default_prefix_is_linked(tmp_path: Path, venv: str) -> None:
+    """Also spelled as scripts/setup spells it for LANECTL_PREFIX=/opt/lanectl/ (a trailing slash)."""
     bin_dir = tmp_path / "bin"
-    res = link(Path("/opt/lanectl/venv"), bin_dir)
+    res = link(venv, bin_dir)
     assert res.returncode == 0, res.stderr
     assert os.readlink(bin_dir / "lanectl") == "/opt/lanectl/venv/bin/lanectl"
+
+
+def test_a_link_to_something_else_is_left_alone(tmp_path: Path) -> None:
+    """Found by an attack (issue 15 follow-up F10): any symlink at the target was replaced, though the docs say only
+    lanectl's own earlier link is. A link to anything but a lanectl venv's bin/lanectl stays, and so does a dangling
+    one."""
+    venv, bin_dir = fake_venv(tmp_path / "v"), tmp_path / "bin"
+    bin_dir.mkdir()
+    other = tmp_path / "other-tool"
+    other.write_text("#!/bin/sh\necho other\n")
+    for dest in (str(other), "/usr/bin/true", str(tmp_path / "gone" / "lanectl"), "lanectl-wrapper"):
+        (bin_dir / "lanectl").unlink(missing_ok=True)
+        (bin_dir / "lanectl").symlink_to(dest)
+        res = link(venv, bin_dir, LANECTL_LINK="1")
+        assert res.returncode == 1 and "left alone" in res.stderr and dest in res.stderr, (dest, res.stderr)
+        assert os.readlink(bin_dir / "lanectl") == dest
+    # its own earlier link, to another lanectl venv (even one that is gone), is replaced
+    (bin_dir / "lanectl").unlink()
+    (bin_dir / "lanectl").symlink_to("/opt/lanectl-old/venv/bin/lanectl")
+    assert link(venv, bin_dir, LANECTL_LINK="1").returncode == 0
+    assert os.readlink(bin_dir / "lanectl") == str(venv / "bin" / "lanectl")
+
+
+@pytest.mark.parametrize("spelling", ["{v}/", "{v}//", "{p}//venv", "{p}/venv/"])
+def test_the_venv_may_be_spelled_with_a_trailing_or_doubled_slash(tmp_path: Path, spelling: str) -> None:
+    venv, bin_dir = fake_venv(tmp_path / "p"), tmp_path / "bin"
+    spelled = spelling.format(v=venv, p=tmp_path / "p")
+    res = link(spelled, bin_dir, LANECTL_LINK="1")
+    assert res.returncode == 0, res.stderr
+    assert os.readlink(bin_dir / "lanectl") == str(venv / "bin" / "lanectl")
+    res = link(spelled, bin_dir, LANECTL_LINK="1")  # and again
+    assert res.returncode == 0 and os.readlink(bin_dir / "lanectl") == str(venv / "bin" / "lanectl")
