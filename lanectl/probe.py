@@ -155,7 +155,7 @@ def run(manifest: dict[str, Any], lanes: list[str] | None = None, now: float | N
     if "queue" in ledger:
         judge_queue(res, ledger["queue"], th)
     if "stranded" in ledger:
-        judge_stranded(res, ledger["stranded"])
+        judge_stranded(res, ledger["stranded"], lane_files(manifest.get("config_dir")))
     return res
 
 
@@ -189,14 +189,33 @@ def stranded(conn: sqlite3.Connection, lanes: dict[str, Any]) -> dict[str, int]:
     return {t: n for t, n in rows if t not in lanes}
 
 
-def judge_stranded(res: ProbeResult, gone: dict[str, int]) -> None:
-    """CRITICAL: such missions wait forever unless an operator moves them ('lanectl reroute LANE --to OTHER')."""
-    total = sum(gone.values())
-    if total:
-        where = ", ".join(f"{n} on {lane}" for lane, n in sorted(gone.items()))
-        res.add("stranded", CRITICAL, f"{total} queued mission(s) bound to a lane that is gone ({where}): "
-                                      f"no lane can ever take them")
-    res.perf.append(("stranded", total, None, 0, 0, None))
+def judge_stranded(res: ProbeResult, gone: dict[str, int], pending: set[str] | frozenset[str] = frozenset()) -> None:
+    """CRITICAL: such missions wait forever unless an operator moves them ('lanectl reroute LANE --to OTHER');
+    WARNING for a lane that is in lanes.d but not installed yet (``pending``): 'lanectl install' will serve it."""
+    lost = {lane: n for lane, n in gone.items() if lane not in pending}
+    waiting = {lane: n for lane, n in gone.items() if lane in pending}
+    if lost:
+        where = ", ".join(f"{n} on {lane}" for lane, n in sorted(lost.items()))
+        res.add("stranded", CRITICAL, f"{sum(lost.values())} queued mission(s) bound to a lane that is gone "
+                                      f"({where}): no lane can ever take them")
+    if waiting:
+        where = ", ".join(f"{n} on {lane}" for lane, n in sorted(waiting.items()))
+        res.add("not_installed", WARNING, f"{sum(waiting.values())} queued mission(s) wait for a lane of lanes.d "
+                                          f"that is not installed yet ({where}): 'lanectl install', then "
+                                          "'lanectl up LANE'")
+    res.perf.append(("stranded", sum(lost.values()), None, 0, 0, None))
+
+
+def lane_files(config_dir: str | None) -> set[str]:
+    """The lanes lanes.d defines (names of its *.toml files), installed or not."""
+    from pathlib import Path
+
+    if not config_dir:
+        return set()
+    try:
+        return {p.stem for p in (Path(config_dir) / "lanes.d").glob("*.toml")}
+    except OSError:
+        return set()
 
 
 def judge_lanes(res: ProbeResult, rows: list[Any], views: dict[str, dict[str, Any]], lanes: dict[str, Any], *,

@@ -109,3 +109,13 @@ def test_an_enabled_lane_unit_with_no_lane_is_an_orphan(tmp_path) -> None:  # ty
     probe.judge_orphans(res, [r])
     assert res.code == probe.WARNING and "'lanectl down eps'" in res.line()
     assert res.as_dict()["perfdata"]["orphan_units"]["value"] == 1
+
+
+def test_missions_bound_to_a_lane_not_installed_yet_warn_and_gone_ones_are_critical() -> None:
+    """A lane in lanes.d that install has not brought yet is a WARNING ('lanectl install'), not 'gone'."""
+    res = probe.ProbeResult()
+    probe.judge_stranded(res, {"delta": 2, "zulu": 1}, {"delta", "alpha"})
+    by = {c.name: (c.code, c.text) for c in res.checks}
+    assert by["stranded"][0] == probe.CRITICAL and "gone (1 on zulu)" in by["stranded"][1]
+    assert by["not_installed"][0] == probe.WARNING and "not installed yet (2 on delta)" in by["not_installed"][1]
+    assert ("stranded", 1, None, 0, 0, None) in res.perf
