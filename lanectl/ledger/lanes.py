@@ -44,6 +44,19 @@ def state_of(ledger: Ledger, lane: str) -> str:
     return row[0] if row else "active"
 
 
+def weight_of(ledger: Ledger, lane: str) -> int | None:
+    """The lane's promoted weight (``lanectl promote``), or None when none was set (its lane file's applies)."""
+    row = ledger.conn.execute("SELECT weight FROM lanes WHERE name = ?", (lane,)).fetchone()
+    return row[0] if row else None
+
+
+def set_weight(ledger: Ledger, lane: str, weight: int, *, now: float) -> None:
+    """Record the lane's promoted weight (its own transaction; the caller records the ``promote`` event)."""
+    with ledger.transaction() as conn:
+        conn.execute("INSERT INTO lanes (name, weight, updated_at) VALUES (?, ?, ?) ON CONFLICT (name) DO UPDATE "
+                     "SET weight = excluded.weight, updated_at = excluded.updated_at", (lane, weight, now))
+
+
 def recorded_invocations(ledger: Ledger) -> dict[str, str]:
     """Each lane's systemd InvocationID as the ledger last recorded it (what its in-flight attempts are bound to)."""
     return {r[0]: r[1] for r in ledger.conn.execute("SELECT name, invocation FROM lanes WHERE invocation IS NOT NULL")}
