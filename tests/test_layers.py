@@ -1,7 +1,8 @@
 """The layering rules of lanectl, checked on the source (ast), so that a change that breaks one fails here.
 
 1. Only ``lanectl/ledger/`` speaks SQL: no ``.execute(``, ``.executemany(``, ``.executescript(`` or
-   ``sqlite3.connect`` call anywhere else (docs/ledger.md names the API the rest of lanectl uses instead).
+   ``sqlite3.connect`` call anywhere else, and no ``import sqlite3`` either (readers catch
+   ``lanectl.ledger.Error``); docs/ledger.md names the API the rest of lanectl uses instead.
 2. The lane runtime (``lanectl/runtime.py``) never imports the ledger or the supervisor, directly or through any
    lanectl module it imports (the whole import graph is followed, imports inside functions included).
 3. The dispatch policy (``lanectl/dispatch.py``) imports nothing but the standard library: it stays a pure
@@ -46,7 +47,7 @@ def _rel(root: Path, path: Path) -> str:
 
 
 def sql_calls(root: Path, allowed: set[str] = SQL_ALLOWED) -> list[str]:
-    """Every SQL call outside lanectl/ledger/ (and the allow-list), as ``file:line: call``."""
+    """Every SQL call or sqlite3 import outside lanectl/ledger/ (and the allow-list), as ``file:line: what``."""
     out = []
     for _name, path in modules(root):
         rel = _rel(root, path)
@@ -58,9 +59,11 @@ def sql_calls(root: Path, allowed: set[str] = SQL_ALLOWED) -> list[str]:
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 for a in node.names:
-                    if a.name in ("sqlite3", "sqlite3.dbapi2"):
+                    if a.name.split(".")[0] == "sqlite3":
                         sqlite_names.add((a.asname or a.name).split(".")[0])
-            elif isinstance(node, ast.ImportFrom) and node.module in ("sqlite3", "sqlite3.dbapi2"):
+                        out.append(f"{rel}:{node.lineno}: import {a.name}")
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "sqlite3":
+                out.append(f"{rel}:{node.lineno}: from {node.module} import")
                 for a in node.names:
                     if a.name == "connect":
                         connect_names.add(a.asname or a.name)
@@ -76,7 +79,7 @@ def sql_calls(root: Path, allowed: set[str] = SQL_ALLOWED) -> list[str]:
                 out.append(f"{rel}:{node.lineno}: sqlite3.connect(")
             elif isinstance(f, ast.Name) and f.id in connect_names:
                 out.append(f"{rel}:{node.lineno}: sqlite3.connect( (as {f.id})")
-    return out
+    return sorted(out, key=lambda x: (x.split(":")[0], int(x.split(":")[1])))
 
 
 def _base_name(node: ast.expr) -> str | None:
@@ -204,20 +207,23 @@ def _package(tmp_path: Path, files: dict[str, str]) -> Path:
     return tmp_path
 
 
-@pytest.mark.parametrize("code, call", [
-    ("def f(led):\n    return led.conn.execute('SELECT 1').fetchall()\n", ".execute("),
-    ("def f(c, rows):\n    c.executemany('INSERT INTO t VALUES (?)', rows)\n", ".executemany("),
-    ("def f(c):\n    c.executescript('DELETE FROM t')\n", ".executescript("),
-    ("import sqlite3\nc = sqlite3.connect('file:x?mode=ro', uri=True)\n", "sqlite3.connect("),
-    ("import sqlite3 as db\nc = db.connect('x')\n", "sqlite3.connect("),
-    ("from sqlite3 import connect as open_db\nc = open_db('x')\n", "sqlite3.connect("),
+@pytest.mark.parametrize("code, found", [
+    ("def f(led):\n    return led.conn.execute('SELECT 1').fetchall()\n", [":2: .execute("]),
+    ("def f(c, rows):\n    c.executemany('INSERT INTO t VALUES (?)', rows)\n", [":2: .executemany("]),
+    ("def f(c):\n    c.executescript('DELETE FROM t')\n", [":2: .executescript("]),
+    ("import sqlite3\nc = sqlite3.connect('file:x?mode=ro', uri=True)\n",
+     [":1: import sqlite3", ":2: sqlite3.connect("]),
+    ("def f():\n    import sqlite3 as db\n    return db.connect('x')\n",
+     [":2: import sqlite3", ":3: sqlite3.connect("]),
+    ("from sqlite3 import connect as open_db\nc = open_db('x')\n",
+     [":1: from sqlite3 import", ":2: sqlite3.connect( (as open_db)"]),
+    ("def f(exc):\n    import sqlite3\n    return isinstance(exc, sqlite3.Error)\n", [":2: import sqlite3"]),
 ])
-def test_sql_outside_the_ledger_fails(tmp_path: Path, code: str, call: str) -> None:
+def test_sql_outside_the_ledger_fails(tmp_path: Path, code: str, found: list[str]) -> None:
     root = _package(tmp_path, {"lanectl/evidence.py": code, "lanectl/ledger/reads.py": code,
                                "lanectl/supervisor.py": code})
-    found = sql_calls(root)
-    assert len(found) == 1 and found[0].startswith("lanectl/evidence.py:") and call in found[0], found
-    assert len(sql_calls(root, allowed=set())) == 2  # the supervisor's is only allowed by the list
+    assert sql_calls(root) == [f"lanectl/evidence.py{f}" for f in found]
+    assert len(sql_calls(root, allowed=set())) == 2 * len(found)  # the supervisor's is only allowed by the list
 
 
 def test_the_real_tree_fails_when_an_execute_is_added(tmp_path: Path) -> None:
