@@ -3,11 +3,14 @@
 1. Only ``lanectl/ledger/`` speaks SQL: no ``.execute(``, ``.executemany(``, ``.executescript(`` or
    ``sqlite3.connect`` call anywhere else, and no ``import sqlite3`` either (readers catch
    ``lanectl.ledger.Error``); docs/ledger.md names the API the rest of lanectl uses instead.
-2. The lane runtime (``lanectl/runtime.py``) never imports the ledger or the supervisor, directly or through any
+2. One writer per table where the ownership is settled: only ``lanectl/ledger/lanes.py`` writes the ``lanes``
+   table (drain, undrain, reroute, weight, observed state and health, dispatch credit; the schema's migrations
+   aside).
+3. The lane runtime (``lanectl/runtime.py``) never imports the ledger or the supervisor, directly or through any
    lanectl module it imports (the whole import graph is followed, imports inside functions included).
-3. The dispatch policy (``lanectl/dispatch.py``) imports nothing but the standard library: it stays a pure
+4. The dispatch policy (``lanectl/dispatch.py``) imports nothing but the standard library: it stays a pure
    function of its inputs.
-4. The library never imports the CLI: no module under ``lanectl/`` outside ``lanectl/cli/`` and
+5. The library never imports the CLI: no module under ``lanectl/`` outside ``lanectl/cli/`` and
    ``lanectl/entry.py`` (the console script that chooses between the fast paths and typer) imports
    ``lanectl.cli``.
 
@@ -31,6 +34,14 @@ SQL_ALLOWED = {
     "lanectl/supervisor.py",
 }
 CLI_ALLOWED = {"lanectl/entry.py"}
+TABLE_WRITERS = {
+    # table -> the modules that may write it (the schema's migrations may always)
+    "lanes": {"lanectl/ledger/lanes.py",
+              # issue 11 item 2 (the supervisor's part): degrade, recover and settle-drained move to
+              # lanectl/ledger/lanes.py with the supervisor's SQL; remove it then
+              "lanectl/supervisor.py"},
+}
+_WRITE = r"(?:INSERT\s+(?:OR\s+\w+\s+)?INTO|REPLACE\s+INTO|UPDATE(?:\s+OR\s+\w+)?|DELETE\s+FROM)\s+"
 
 
 def modules(root: Path) -> Iterator[tuple[str, Path]]:
@@ -80,6 +91,23 @@ def sql_calls(root: Path, allowed: set[str] = SQL_ALLOWED) -> list[str]:
             elif isinstance(f, ast.Name) and f.id in connect_names:
                 out.append(f"{rel}:{node.lineno}: sqlite3.connect( (as {f.id})")
     return sorted(out, key=lambda x: (x.split(":")[0], int(x.split(":")[1])))
+
+
+def table_writes(root: Path, table: str, writers: set[str]) -> list[str]:
+    """SQL text that writes ``table`` in a module that is not one of its ``writers`` (string literals, f-string
+    parts and implicitly joined literals alike), as ``file:line: statement``."""
+    import re
+
+    pattern = re.compile(_WRITE + re.escape(table) + r"\b", re.I)
+    out = []
+    for _name, path in modules(root):
+        rel = _rel(root, path)
+        if rel in writers or rel == "lanectl/ledger/schema.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and pattern.search(node.value):
+                out.append(f"{rel}:{node.lineno}: {pattern.search(node.value).group(0)}")
+    return out
 
 
 def _base_name(node: ast.expr) -> str | None:
@@ -183,6 +211,13 @@ def test_the_allow_list_holds_only_what_still_needs_it() -> None:
         assert sql_calls(ROOT, allowed=SQL_ALLOWED - {rel}), f"{rel} runs no SQL any more: drop it from SQL_ALLOWED"
 
 
+@pytest.mark.parametrize("table", sorted(TABLE_WRITERS))
+def test_one_writer_per_table(table: str) -> None:
+    assert table_writes(ROOT, table, TABLE_WRITERS[table]) == [], f"write {table} through its owner"
+    for rel in TABLE_WRITERS[table] - {"lanectl/ledger/lanes.py"}:  # an allowed module still needs to be
+        assert table_writes(ROOT, table, TABLE_WRITERS[table] - {rel}), f"{rel} no longer writes {table}"
+
+
 def test_the_runtime_imports_neither_ledger_nor_supervisor() -> None:
     chain = import_path(import_graph(ROOT), "lanectl.runtime", ("lanectl.ledger", "lanectl.supervisor"))
     assert chain is None, "the lane runtime reaches " + " -> ".join(chain or [])
@@ -236,6 +271,22 @@ def test_the_real_tree_fails_when_an_execute_is_added(tmp_path: Path) -> None:
     probe.write_text(probe.read_text() + "\n\ndef sneaky(conn):\n    return conn.execute('SELECT 1')\n")
     found = sql_calls(tmp_path)
     assert len(found) == 1 and found[0].startswith("lanectl/probe.py:") and ".execute(" in found[0]
+
+
+def test_a_second_writer_of_the_lanes_table_fails(tmp_path: Path) -> None:
+    root = _package(tmp_path, {
+        "lanectl/ledger/lanes.py": 'def w(c):\n    c.execute("UPDATE lanes SET state = ? WHERE name = ?", ("a", "b"))\n',
+        "lanectl/ledger/missions.py": 'def r(c):\n    return c.execute("SELECT state FROM lanes").fetchall()\n',
+        "lanectl/ledger/schema.py": 'M = "INSERT INTO lanes (name) SELECT DISTINCT lane FROM sessions"\n',
+    })
+    assert table_writes(root, "lanes", {"lanectl/ledger/lanes.py"}) == []  # reads, the owner, migrations
+    (root / "lanectl/ledger/missions.py").write_text(
+        'def w(c, n):\n    c.execute("INSERT INTO lanes (name, swrr, updated_at) VALUES (?, ?, ?) "\n'
+        '              "ON CONFLICT (name) DO UPDATE SET swrr = excluded.swrr", (n, 0, 0))\n'
+        'def d(c, t):\n    c.execute(f"delete from lanes where name = {t!r}")\n')
+    assert table_writes(root, "lanes", {"lanectl/ledger/lanes.py"}) == [
+        "lanectl/ledger/missions.py:2: INSERT INTO lanes", "lanectl/ledger/missions.py:5: delete from lanes"]
+    assert table_writes(root, "lanes_rollup", {"lanectl/ledger/lanes.py"}) == []  # another table's name
 
 
 def test_a_runtime_reaching_the_ledger_through_another_module_fails(tmp_path: Path) -> None:
