@@ -13,6 +13,7 @@ terminal columns are dropped from the right, least useful first; the events fill
 """
 from __future__ import annotations
 
+import os
 import select
 import signal
 import sys
