@@ -28,6 +28,7 @@ from lanectl.errors import Conflict, Timeout, Unavailable
 from lanectl.ledger import Ledger
 from lanectl.ledger import lanes as lane_ops
 from lanectl.ledger import missions as ms
+from lanectl.ledger import reads
 from lanectl.ledger.events import EventKind
 from lanectl.units import SUPERVISOR, unit_name
 
@@ -101,9 +102,8 @@ def run(ledger: Ledger, fleet: LaneSet, lane: str, kind: str, *, timeout: float 
     limit = CRASH_LIMIT_S if kind == "crash" else cfg.watchdog_sec + 5.0
     detect = recover = None
     try:
-        at = _wait(lambda: ledger.conn.execute(
-            "SELECT min(at) FROM events WHERE mission = ? AND kind IN ('requeued', 'dead') AND at >= ?",
-            (mission, t0)).fetchone()[0], max(timeout, limit + 10), "the supervisor to re-queue the mission", progress)
+        at = _wait(lambda: reads.first_loss_at(ledger, mission, t0), max(timeout, limit + 10),
+                   "the supervisor to re-queue the mission", progress)
         detect = at - t0
 
         def back_up() -> bool:
@@ -118,10 +118,7 @@ def run(ledger: Ledger, fleet: LaneSet, lane: str, kind: str, *, timeout: float 
                 os.kill(pid, signal.SIGCONT)
             except ProcessLookupError:
                 pass
-    orphaned = ledger.conn.execute(
-        "SELECT count(*) FROM attempts a JOIN missions m ON m.id = a.mission AND m.attempts = a.n "
-        "WHERE a.lane = ? AND a.invocation = ? AND a.state IN ('dispatched', 'running') "
-        "AND m.state IN ('dispatched', 'running')", (lane, old_inv)).fetchone()[0]
+    orphaned = reads.orphaned_attempts(ledger, lane, old_inv)
     final = _wait(lambda: (lambda m: m if m.state in ms.FINISHED else None)(ms.get(ledger, mission)), timeout,
                   "the drill mission to finish", progress)
     end = time.time() - t0

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import math
-import sqlite3
 import struct
 import time
 from bisect import bisect_left, bisect_right
@@ -36,7 +35,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Callable, Final
 
-from lanectl.ledger import rollups
+from lanectl.ledger import reads, rollups
+from lanectl.ledger import events as events_mod
 from lanectl.ledger.events import EventKind
 
 QUANTILES: Final = (50, 95, 99)
@@ -59,9 +59,9 @@ EVIDENCE_WINDOW_S: Final = 3600.0
 FOLLOW_POLL_S: Final = 0.25
 FOLLOW_MAX_POLL_S: Final = 2.0
 """``follow`` polls every FOLLOW_POLL_S while events arrive and backs off to at most FOLLOW_MAX_POLL_S when idle."""
-EVENT_COLUMNS: Final = ("id", "at", "kind", "mission", "lane", "session", "attempt", "state", "data")
+EVENT_COLUMNS: Final = events_mod.COLUMNS
 
-Ledgerish = Any  # a lanectl.ledger.Ledger, an sqlite3.Connection or a path
+Ledgerish = Any  # a lanectl.ledger.Ledger, a path (opened read-only), or the supervisor's connection (reads.Source)
 
 
 # ------------------------------------------------------------------------------------------------ basics
@@ -96,21 +96,6 @@ def summary(values: list[float]) -> dict[str, Any]:
     return out
 
 
-def _conn(ledger: Ledgerish) -> tuple[sqlite3.Connection, bool]:
-    """(connection, opened here): a path is opened read-only (URI mode=ro)."""
-    if isinstance(ledger, sqlite3.Connection):
-        return ledger, False
-    conn = getattr(ledger, "conn", None)
-    if isinstance(conn, sqlite3.Connection):
-        return conn, False
-    c = sqlite3.connect(f"file:{Path(ledger)}?mode=ro", uri=True, timeout=5.0)
-    return c, True
-
-
-def _placeholders(n: int) -> str:
-    return ",".join("?" * n)
-
-
 # ------------------------------------------------------------------------------------------------ events
 
 
@@ -122,65 +107,31 @@ def _row(row: Sequence[Any]) -> dict[str, Any]:
     return ev
 
 
-def _where(lane: str | None, mission: int | None, session: str | None, kind: str | Iterable[str] | None,
-           since: float | None, until: float | None, after_id: int) -> tuple[list[str], list[Any]]:
-    where: list[str] = []
-    params: list[Any] = []
-    if after_id:
-        where.append("id > ?")
-        params.append(after_id)
-    for col, val in (("mission", mission), ("lane", lane), ("session", session)):
-        if val is not None:
-            where.append(f"{col} = ?")
-            params.append(val)
-    kinds = [kind] if isinstance(kind, str) else sorted(set(kind)) if kind else []
-    if kinds:
-        where.append(f"kind IN ({_placeholders(len(kinds))})")
-        params += kinds
-    if since is not None:
-        where.append("at >= ?")
-        params.append(since)
-    if until is not None:
-        where.append("at < ?")
-        params.append(until)
-    return where, params
-
-
 def events(ledger: Ledgerish, *, lane: str | None = None, mission: int | None = None, session: str | None = None,
            kind: str | Iterable[str] | None = None, since: float | None = None, until: float | None = None,
            limit: int = 1000, after_id: int = 0, latest: bool = False) -> list[dict[str, Any]]:
     """Events matching every filter, oldest first (``at`` RFC 3339, ``ts`` epoch seconds, ``data`` a dict).
 
-    ``latest``: the last ``limit`` matches instead of the first (still returned oldest first). Filters go
-    through the ledger's indexes: mission (``events_mission``), lane and session with time (``events_lane``,
-    ``events_session``), kind with time (``events_kind``), time alone (``events_at``), ``after_id`` (rowid).
+    ``latest``: the last ``limit`` matches instead of the first (still returned oldest first). The query is the
+    ledger's one event-query builder (``lanectl.ledger.events.select``), which says which index each filter uses.
     """
-    conn, own = _conn(ledger)
+    src, own = reads.open_source(ledger)
     try:
-        where, params = _where(lane, mission, session, kind, since, until, after_id)
-        # ORDER BY id tempts the planner into a rowid scan from the first event; a time bound with no other
-        # indexed filter must seek through events_at instead (then sort the window, small next to the history).
-        hint = " INDEXED BY events_at" if since is not None and mission is None and lane is None \
-            and session is None and not kind else ""
-        sql = (f"SELECT {', '.join(EVENT_COLUMNS)} FROM events{hint}"
-               + (f" WHERE {' AND '.join(where)}" if where else "")
-               + f" ORDER BY id {'DESC' if latest else ''} LIMIT ?")
-        rows = conn.execute(sql, (*params, limit)).fetchall()
+        rows = reads.events(src, lane=lane, mission=mission, session=session, kind=kind, since=since, until=until,
+                            after_id=after_id, limit=limit, latest=latest)
     finally:
         if own:
-            conn.close()
-    if latest:
-        rows.reverse()
+            reads.close(src)
     return [_row(r) for r in rows]
 
 
 def last_id(ledger: Ledgerish) -> int:
-    conn, own = _conn(ledger)
+    src, own = reads.open_source(ledger)
     try:
-        return int(conn.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0])
+        return reads.last_event_id(src)
     finally:
         if own:
-            conn.close()
+            reads.close(src)
 
 
 def follow(ledger: Ledgerish, *, after_id: int | None = None, lane: str | None = None, mission: int | None = None,
@@ -189,20 +140,18 @@ def follow(ledger: Ledgerish, *, after_id: int | None = None, lane: str | None =
            stop: Callable[[], bool] = lambda: False) -> Iterator[dict[str, Any]]:
     """Yield new matching events as they are appended (``after_id`` None: from now on), polling by id.
 
-    Each poll reads ``id > last`` through the rowid alone (``NOT INDEXED``): the new tail is small, while a
+    Each poll reads ``id > last`` through the rowid alone (``reads.poll_events``): the new tail is small, while a
     lane or kind index would walk that lane's whole history on every poll. The sleep doubles while nothing
     arrives, up to ``max_poll_s``, and drops back to ``poll_s`` when something does. ``stop()`` ends it.
     """
-    conn, own = _conn(ledger)
+    src, own = reads.open_source(ledger)
     kinds = [kind] if isinstance(kind, str) else sorted(set(kind)) if kind else None
     try:
-        last = last_id(conn) if after_id is None else after_id
+        last = reads.last_event_id(src) if after_id is None else after_id
         wait = poll_s
         while not stop():
-            where, params = _where(lane, mission, session, kinds, None, None, 0)
-            rows = conn.execute(
-                f"SELECT {', '.join(EVENT_COLUMNS)} FROM events NOT INDEXED WHERE id > ?"
-                + "".join(f" AND {w}" for w in where) + " ORDER BY id LIMIT ?", (last, *params, batch)).fetchall()
+            rows = reads.poll_events(src, last, lane=lane, mission=mission, session=session, kind=kinds,
+                                     limit=batch)
             if rows:
                 for r in rows:
                     yield _row(r)
@@ -212,12 +161,12 @@ def follow(ledger: Ledgerish, *, after_id: int | None = None, lane: str | None =
                     continue
             else:
                 # filtered polls may match nothing while others are appended: move the cursor on anyway
-                last = max(last, int(conn.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]))
+                last = max(last, reads.last_event_id(src))
                 wait = min(max_poll_s, wait * 2) if wait < max_poll_s else max_poll_s
             sleep(wait if not rows else poll_s)
     finally:
         if own:
-            conn.close()
+            reads.close(src)
 
 
 # ------------------------------------------------------------------------------------------------ metrics
@@ -267,11 +216,7 @@ def _capacities(fleet: Any = None, capacity: Mapping[str, int] | None = None) ->
     return {}
 
 
-def _lane_filter(lane: str | None, col: str = "e.lane") -> tuple[str, list[Any]]:
-    return (f" AND {col} = ?", [lane]) if lane is not None else ("", [])
-
-
-def metrics_conn(conn: sqlite3.Connection, *, window_s: float, now: float, lane: str | None = None,
+def metrics_conn(conn: reads.Source, *, window_s: float, now: float, lane: str | None = None,
                  fleet: Any = None, capacity: Mapping[str, int] | None = None) -> dict[str, Any]:
     """The metrics of the window ``[now - window_s, now)`` per (lane, class), per lane, per class and in total.
 
@@ -279,16 +224,10 @@ def metrics_conn(conn: sqlite3.Connection, *, window_s: float, now: float, lane:
     """
     t0, t1 = now - window_s, now
     groups: dict[tuple[str, str], _Acc] = {}
-    # A lane filter goes through events_lane (lane, at); otherwise events_kind (kind, at) bounds the scan by time.
-    idx = "events_lane" if lane is not None else "events_kind"
-    lf, lp = _lane_filter(lane)
 
     # 1. dispatches in the window: queue wait (attempt 1) and fallback rate. The loops below run once per
     # mission in the window (tens of thousands an hour), so they are kept flat: no calls, no attribute lookups.
-    for ln, cls, n, wait, fb in conn.execute(
-            f"SELECT coalesce(e.lane, '-'), m.class, e.attempt, e.at - m.created_at, json_extract(e.data, '$.fallback_from') "
-            f"FROM events e INDEXED BY {idx} JOIN missions m ON m.id = e.mission "
-            f"WHERE e.kind = 'dispatched' AND e.at >= ? AND e.at < ?{lf}", (t0, t1, *lp)).fetchall():
+    for ln, cls, n, wait, fb in reads.dispatches(conn, t0, t1, lane):
         a = groups.get((ln, cls))
         if a is None:
             a = groups[(ln, cls)] = _Acc()
@@ -301,13 +240,7 @@ def metrics_conn(conn: sqlite3.Connection, *, window_s: float, now: float, lane:
     # 2. ends in the window: outcomes, run time, end-to-end, and the busy time of every attempt that ended in it
     # (an attempt still running is counted in 3; one that started in the window and ended after it, in a window
     # that ends in the past, is not seen: documented)
-    for kind, at, ln, cls, e2e, dispatched, started in conn.execute(
-            f"SELECT e.kind, e.at, coalesce(e.lane, a.lane, m.lane, '-'), m.class, e.at - m.created_at, "
-            f"a.dispatched_at, a.started_at "
-            f"FROM events e INDEXED BY {idx} JOIN missions m ON m.id = e.mission "
-            f"LEFT JOIN attempts a ON a.mission = e.mission AND a.n = e.attempt "
-            f"WHERE e.kind IN ({_placeholders(len(ENDS))}) AND e.at >= ? AND e.at < ?{lf}",
-            (*ENDS, t0, t1, *lp)).fetchall():
+    for kind, at, ln, cls, e2e, dispatched, started in reads.ends(conn, ENDS, t0, t1, lane):
         a = groups.get((ln, cls))
         if a is None:
             a = groups[(ln, cls)] = _Acc()
@@ -346,27 +279,19 @@ def metrics_conn(conn: sqlite3.Connection, *, window_s: float, now: float, lane:
     return out
 
 
-def _in_flight(conn: sqlite3.Connection, t0: float, t1: float,
+def _in_flight(conn: reads.Source, t0: float, t1: float,
                lane: str | None) -> dict[tuple[str, str], tuple[int, float]]:
     """(lane, class) -> (attempts dispatched or running now, their busy seconds in the window)."""
     out: dict[tuple[str, str], tuple[int, float]] = {}
-    for ln, cls, dispatched in conn.execute(
-            "SELECT lane, class, dispatched_at FROM attempts INDEXED BY attempts_lease "
-            "WHERE state IN ('dispatched', 'running')" + (" AND lane = ?" if lane is not None else ""),
-            [lane] if lane is not None else []):
+    for ln, cls, dispatched in reads.attempts_in_flight(conn, lane):
         n, busy = out.get((ln, cls), (0, 0.0))
         out[(ln, cls)] = (n + 1, busy + max(0.0, t1 - max(dispatched, t0)))
     return out
 
 
-def _restarts(conn: sqlite3.Connection, t0: float, t1: float, lane: str | None) -> dict[str, dict[str, int]]:
-    idx = "events_lane" if lane is not None else "events_kind"
-    lf, lp = _lane_filter(lane)
+def _restarts(conn: reads.Source, t0: float, t1: float, lane: str | None) -> dict[str, dict[str, int]]:
     restarts: dict[str, dict[str, int]] = {}
-    for ln, kind, count in conn.execute(
-            f"SELECT e.lane, e.kind, count(*) FROM events e INDEXED BY {idx} "
-            f"WHERE e.kind IN ('lane_invocation', 'lane_restart') AND e.at >= ? AND e.at < ?{lf} "
-            f"GROUP BY e.lane, e.kind", (t0, t1, *lp)):
+    for ln, kind, count in reads.restart_counts(conn, t0, t1, lane):
         restarts.setdefault(ln or "-", {})[kind] = count
     return restarts
 
@@ -376,7 +301,7 @@ LANE_STATES: Final = ("active", "draining", "drained", "degraded", "disabled")
 CLASS_RANKS: Final = (("interactive", 0), ("deadline", 1), ("background", 2))
 
 
-def state_now(conn: sqlite3.Connection, *, now: float, fleet: Any = None, lane: str | None = None) -> dict[str, Any]:
+def state_now(conn: reads.Source, *, now: float, fleet: Any = None, lane: str | None = None) -> dict[str, Any]:
     """What holds *now*, not over a window: each lane's dispatch state and health as the supervisor last recorded
     them in the ledger, whether lanes.d enables it (with ``fleet``), and per class the queue depth and the age of
     the oldest queued mission (what ``lanectl probe`` judges for interactive work).
@@ -385,7 +310,7 @@ def state_now(conn: sqlite3.Connection, *, now: float, fleet: Any = None, lane: 
     partial queue index (what is queued now, never the history).
     """
     lanes: dict[str, dict[str, Any]] = {}
-    for name, state, healthy in conn.execute("SELECT name, state, healthy FROM lanes"):
+    for name, state, healthy in reads.lane_health(conn):
         lanes[name] = {"lane": name, "state": state, "healthy": bool(healthy), "enabled": None, "automatic": False}
     if any(r["state"] in ("draining", "drained") for r in lanes.values()):
         from lanectl.probe import lane_views  # who drained it: the probe's reading, not a second one
@@ -400,11 +325,10 @@ def state_now(conn: sqlite3.Connection, *, now: float, fleet: Any = None, lane: 
             row["enabled"] = bool(cfg.enabled)
     if lane is not None:
         lanes = {k: v for k, v in lanes.items() if k == lane}
-    depth = dict(conn.execute("SELECT rank, n FROM queue_depth").fetchall())
+    depth = reads.queue_depth(conn)
     classes = []
     for cls, rank in CLASS_RANKS:
-        oldest = conn.execute("SELECT min(created_at) FROM missions WHERE state = 'queued' AND rank = ?",
-                              (rank,)).fetchone()[0]
+        oldest = reads.oldest_queued(conn, rank)
         classes.append({"class": cls, "queued": int(depth.get(rank, 0)),
                         "oldest_wait_s": round(max(0.0, now - oldest), 6) if oldest is not None else 0.0})
     return {"lanes": [lanes[k] for k in sorted(lanes)], "classes": classes}
@@ -453,13 +377,13 @@ def _assemble(groups: dict[tuple[str, str], _Acc], in_flight: dict[tuple[str, st
 def metrics(ledger: Ledgerish, window_s: float, now: float | None = None, lane: str | None = None, *,
             fleet: Any = None, capacity: Mapping[str, int] | None = None) -> dict[str, Any]:
     """See ``metrics_conn``; ``ledger`` is a Ledger, a connection or a path (opened read-only)."""
-    conn, own = _conn(ledger)
+    src, own = reads.open_source(ledger)
     try:
-        return metrics_conn(conn, window_s=window_s, now=time.time() if now is None else now, lane=lane,
+        return metrics_conn(src, window_s=window_s, now=time.time() if now is None else now, lane=lane,
                             fleet=fleet, capacity=capacity)
     finally:
         if own:
-            conn.close()
+            reads.close(src)
 
 
 # ------------------------------------------------------------------------------------------------ report figures
@@ -519,7 +443,7 @@ class _Runs:
         return v
 
 
-def report_figures(conn: sqlite3.Connection, t0: float, t1: float, *, lane: str | None = None,
+def report_figures(conn: reads.Source, t0: float, t1: float, *, lane: str | None = None,
                    capacity: Mapping[str, int] | None = None, fast: bool = True) -> dict[str, Any]:
     """What the report prints about a window: per lane and in total, finished, failure and fallback rates, p95 of
     queue wait, run time and end-to-end, restarts, utilization, in flight; and the traffic counts per kind.
@@ -535,7 +459,7 @@ def report_figures(conn: sqlite3.Connection, t0: float, t1: float, *, lane: str 
     if not fast:
         m = metrics_conn(conn, window_s=window_s, now=t1, lane=lane, capacity=cap)
         rows = {r["lane"]: r for r in m["lanes"]}
-        traffic = rollups.traffic_counts(conn, t0, t1) if lane is None else {}
+        traffic = reads.traffic_counts(conn, t0, t1) if lane is None else {}
 
         def pick(r: Mapping[str, Any]) -> dict[str, Any]:
             return {k: r.get(k) for k in ("finished", "failure_rate", "fallback_rate", "dispatched", "in_flight",
@@ -545,7 +469,7 @@ def report_figures(conn: sqlite3.Connection, t0: float, t1: float, *, lane: str 
 
         return {"lanes": {ln: pick(r) | {"lane": ln} for ln, r in rows.items()}, "total": pick(m["total"]),
                 "traffic": traffic}
-    w = rollups.read_window(conn, t0, t1, lane)
+    w = reads.rollup_window(conn, t0, t1, lane)
     groups: dict[str, dict[str, Any]] = {}
 
     def acc(key: str) -> dict[str, Any]:
@@ -721,7 +645,7 @@ def _secs(v: float | None) -> str:
     return "-" if v is None else f"{v:.3f}s" if v < 10 else f"{v:.0f}s"
 
 
-def _evidence(conn: sqlite3.Connection, lane: str | None, at: float,
+def _evidence(conn: reads.Source, lane: str | None, at: float,
               cache: dict[tuple[str | None, float], dict[str, Any]], fast: bool = True) -> str:
     key = (lane, at)
     if key not in cache:
@@ -742,25 +666,15 @@ def _details(ev: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={json.dumps(v, sort_keys=True, separators=(',', ':'))}" for k, v in sorted(data.items()))
 
 
-def decisions(conn: sqlite3.Connection, since: float, until: float) -> list[dict[str, Any]]:
+def decisions(conn: reads.Source, since: float, until: float) -> list[dict[str, Any]]:
     """The decision events in ``[since, until)``, oldest first: DECISION_KINDS plus kinds this lanectl does not
     know. A ``lane_state`` event written together with a drain or undrain is left out (that row says it)."""
     known = {str(k) for k in EventKind}
-    wanted = [str(k) for k in DECISION_KINDS]
-    rows = conn.execute(
-        f"SELECT {', '.join(EVENT_COLUMNS)} FROM events INDEXED BY events_kind WHERE kind IN "
-        f"({_placeholders(len(wanted))}) AND at >= ? AND at < ?", (*wanted, since, until)).fetchall()
+    rows = reads.events_of_kinds(conn, [str(k) for k in DECISION_KINDS], since, until)
     # kinds from a newer lanectl: a distinct-kind walk of events_kind (one seek per kind), then their rows
-    other: list[str] = []
-    k = conn.execute("SELECT min(kind) FROM events").fetchone()[0]
-    while k is not None:
-        if k not in known:
-            other.append(k)
-        k = conn.execute("SELECT min(kind) FROM events WHERE kind > ?", (k,)).fetchone()[0]
+    other = [k for k in reads.event_kinds(conn) if k not in known]
     if other:
-        rows += conn.execute(
-            f"SELECT {', '.join(EVENT_COLUMNS)} FROM events INDEXED BY events_kind WHERE kind IN "
-            f"({_placeholders(len(other))}) AND at >= ? AND at < ?", (*other, since, until)).fetchall()
+        rows += reads.events_of_kinds(conn, other, since, until)
     out = [_row(r) for r in sorted(rows)]
     return [ev for ev in out if not (ev["kind"] == "lane_state" and ev["data"].get("reason") in ("drain", "undrain"))]
 
@@ -772,20 +686,19 @@ def report(ledger: Ledgerish, since: float, until: float | None = None, now: flo
     before it; fleet-wide for a decision without a lane). ``fast``: from the roll-ups (``report_figures``)."""
     now = time.time() if now is None else now
     until = now if until is None else until
-    conn, own = _conn(ledger)
+    src, own = reads.open_source(ledger)
     try:
-        return _report(conn, since, until, now, _capacities(fleet, capacity), fast)
+        return _report(src, since, until, now, _capacities(fleet, capacity), fast)
     finally:
         if own:
-            conn.close()
+            reads.close(src)
 
 
-def _report(conn: sqlite3.Connection, since: float, until: float, now: float, capacity: dict[str, int],
+def _report(conn: reads.Source, since: float, until: float, now: float, capacity: dict[str, int],
             fast: bool = True) -> str:
     lines = [f"# lanectl report {rfc3339(since)} to {rfc3339(until)}", "",
              f"Generated {rfc3339(now)} from the ledger's events. Times are UTC (RFC 3339).", ""]
-    states = {name: (state, bool(healthy)) for name, state, healthy in
-              conn.execute("SELECT name, state, healthy FROM lanes")}
+    states = {name: (state, bool(healthy)) for name, state, healthy in reads.lane_health(conn)}
     period = report_figures(conn, since, until, capacity=capacity, fast=fast)
     tot = period["total"]
     lines += ["## Status", "",
@@ -827,8 +740,6 @@ def event_kind_table() -> str:
     (scripts/gen-event-docs writes it; tests/unit/test_evidence_docs.py checks it is current)."""
     import inspect
     import re
-
-    from lanectl.ledger import events as events_mod
 
     notes = dict(re.findall(r'^\s+[A-Z_]+ = "([a-z_]+)"\s+#: (.+)$', inspect.getsource(events_mod), re.M))
     rows = ["| kind | in the report | recorded when |", "| --- | --- | --- |"]

@@ -21,12 +21,13 @@ All figures come from indexed queries bounded by time, so a tick costs the same 
 from __future__ import annotations
 
 import json
-import sqlite3
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from lanectl.config import LaneSet
 from lanectl.evidence import percentile
+from lanectl.ledger import reads
+from lanectl.ledger.reads import Source
 
 
 @dataclass
@@ -61,58 +62,44 @@ class LaneEvidence:
         return d
 
 
-def fleet_evidence(conn: sqlite3.Connection, lanes: list[str], *, now: float, window_s: float,
+def fleet_evidence(conn: Source, lanes: list[str], *, now: float, window_s: float,
                    waits: bool = False) -> dict[str, LaneEvidence]:
     """Evidence of every lane at once: a few grouped queries on time-bounded index ranges (cheap every tick)."""
     since = now - window_s
     out = {name: LaneEvidence(name, window_s) for name in lanes}
-    for lane, kind, n in conn.execute("SELECT lane, kind, count(*) FROM events WHERE kind IN ('succeeded', "
-                                      "'failed', 'dead') AND at >= ? GROUP BY lane, kind", (since,)):
+    for lane, kind, n in reads.outcomes_by_lane(conn, since):
         if lane in out:
             out[lane].finished += n
             if kind != "succeeded":
                 out[lane].failed += n
-    for lane, n in conn.execute("SELECT lane, count(*) FROM events WHERE kind = 'dispatched' AND at >= ? "
-                                "GROUP BY lane", (since,)):
+    for lane, n in reads.dispatches_by_lane(conn, since):
         if lane in out:
             out[lane].dispatched = n
-    # a drill's mission goes to the fallback on purpose: it is not evidence against the lane
-    for lane, n in conn.execute(
-            "SELECT json_extract(e.data, '$.fallback_from'), count(*) FROM events e JOIN missions m ON m.id = e.mission "
-            "WHERE e.kind = 'dispatched' AND e.at >= ? AND e.data LIKE '%fallback_from%' "
-            "AND json_extract(e.data, '$.budget_spent') IS NULL "  # a spent budget is the plan, not the lane
-            "AND json_extract(m.payload, '$.drill') IS NULL GROUP BY 1", (since,)):
+    # a drill's mission goes to the fallback on purpose: it is not evidence against the lane (nor a spent budget)
+    for lane, n in reads.fallbacks_away(conn, since):
         if lane in out:
             out[lane].fallback_away = n
-    for lane, n in conn.execute("SELECT lane, count(*) FROM events WHERE kind IN ('requeued', 'dead') AND at >= ? "
-                                "AND data LIKE '%lease expired%' GROUP BY lane", (since,)):
+    for lane, n in reads.lease_expiries(conn, since):
         if lane in out:
             out[lane].lease_expiries = n
     # a lane_invocation event carries how many restarts systemd counted since the last one it saw
-    for lane, n in conn.execute("SELECT lane, sum(coalesce(json_extract(data, '$.restarts'), 1)) FROM events "
-                                "WHERE kind = 'lane_invocation' AND at >= ? GROUP BY lane", (since,)):
+    for lane, n in reads.restarts_by_lane(conn, since):
         if lane in out:
             out[lane].restarts = n
-    for lane, oldest in conn.execute(
-            "SELECT coalesce(m.lane, s.lane), min(m.created_at) FROM missions m LEFT JOIN sessions s "
-            "ON s.id = m.session WHERE m.state = 'queued' AND m.rank = 0 GROUP BY 1"):
+    for lane, oldest in reads.oldest_interactive_by_lane(conn):
         if lane in out and oldest is not None:  # from the window's start: a lane back in service starts afresh
             out[lane].oldest_interactive_wait_s = max(0.0, now - max(oldest, since))
-    for lane, at, data in conn.execute(
-            "SELECT lane, max(at), data FROM events WHERE kind = 'drill' GROUP BY lane"):
+    for lane, at, data in reads.last_drills(conn):
         if lane in out:
             out[lane].last_drill = {"at": at, **json.loads(data or "{}")}
     if waits:
         for name, ev in out.items():
-            values = [r[0] for r in conn.execute(
-                "SELECT a.dispatched_at - m.created_at FROM attempts a JOIN missions m ON m.id = a.mission "
-                "WHERE a.lane = ? AND a.class IN ('interactive', 'deadline', 'background') "
-                "AND a.dispatched_at >= ? AND a.n = 1", (name, since))]
+            values = reads.first_waits(conn, name, since)
             ev.p95_queue_wait_s = percentile(values, 95)
     return out
 
 
-def lane_evidence(conn: sqlite3.Connection, lane: str, *, now: float, window_s: float) -> LaneEvidence:
+def lane_evidence(conn: Source, lane: str, *, now: float, window_s: float) -> LaneEvidence:
     return fleet_evidence(conn, [lane], now=now, window_s=window_s, waits=True)[lane]
 
 
@@ -135,25 +122,21 @@ class Trip:
         return self.lane == FLEET
 
 
-def evidence_starts(conn: sqlite3.Connection, *, now: float, window_s: float) -> dict[str, float]:
+def evidence_starts(conn: Source, *, now: float, window_s: float) -> dict[str, float]:
     """Lanes that returned to service within the window, and when: an ``undrain`` (by an operator, or at the end of
     a graceful restart) or the recovery of a degraded lane. Their evidence counts only from then on."""
     since = now - window_s
     starts: dict[str, float] = {}
-    for lane, at in conn.execute("SELECT lane, max(at) FROM events WHERE kind = 'undrain' AND at >= ? "
-                                 "GROUP BY lane", (since,)):
+    for lane, at in reads.undrains_since(conn, since):
         if lane is not None:
             starts[lane] = at
-    for lane, at in conn.execute(
-            "SELECT lane, max(at) FROM events WHERE kind = 'lane_state' AND at >= ? "
-            "AND json_extract(data, '$.to') = 'active' AND json_extract(data, '$.previous') = 'degraded' "
-            "GROUP BY lane", (since,)):
+    for lane, at in reads.recoveries_since(conn, since):
         if lane is not None:
             starts[lane] = max(at, starts.get(lane, at))
     return starts
 
 
-def windowed_evidence(conn: sqlite3.Connection, lanes: list[str], *, now: float,
+def windowed_evidence(conn: Source, lanes: list[str], *, now: float,
                       window_s: float) -> dict[str, LaneEvidence]:
     """``fleet_evidence`` where each lane's window starts no earlier than its return to service."""
     starts = evidence_starts(conn, now=now, window_s=window_s)
@@ -164,14 +147,14 @@ def windowed_evidence(conn: sqlite3.Connection, lanes: list[str], *, now: float,
     return out
 
 
-def rollback_trips(conn: sqlite3.Connection, fleet: LaneSet, *, now: float,
+def rollback_trips(conn: Source, fleet: LaneSet, *, now: float,
                    states: dict[str, str] | None = None) -> list[Trip]:
     """Every lane (taking work) whose evidence crosses a rollback threshold, with the first trigger it trips; and
     one fleet-wide trip (``lane == FLEET``) when the failure spike is everywhere alike (see ``judge_trips``)."""
     pol = fleet.settings.rollback
     if not pol.enabled:
         return []
-    states = states if states is not None else dict(conn.execute("SELECT name, state FROM lanes").fetchall())
+    states = states if states is not None else reads.lane_states(conn)
     enabled = [n for n, ln in sorted(fleet.lanes.items()) if ln.enabled]
     evidence = windowed_evidence(conn, enabled, now=now, window_s=pol.window_sec)
     return judge_trips(evidence, {n: states.get(n, "active") for n in enabled}, pol)
@@ -250,7 +233,7 @@ class Verdict:
     evidence: dict[str, Any]
 
 
-def promotion_verdict(conn: sqlite3.Connection, fleet: LaneSet, lane: str, *, now: float) -> Verdict:
+def promotion_verdict(conn: Source, fleet: LaneSet, lane: str, *, now: float) -> Verdict:
     """Does the evidence over the promotion window allow raising this lane's weight? Every unmet rule is listed."""
     pol = fleet.settings.promotion
     ev = lane_evidence(conn, lane, now=now, window_s=pol.window_sec)
@@ -263,10 +246,7 @@ def promotion_verdict(conn: sqlite3.Connection, fleet: LaneSet, lane: str, *, no
         reasons.append(f"fallback rate {ev.fallback_rate:.1%} > {pol.max_fallback_rate:.1%}")
     if ev.p95_queue_wait_s is not None and ev.p95_queue_wait_s > pol.max_p95_queue_wait_sec:
         reasons.append(f"p95 queue wait {ev.p95_queue_wait_s:.2f}s > {pol.max_p95_queue_wait_sec:g}s")
-    starved = conn.execute(
-        "SELECT count(*) FROM attempts a JOIN missions m ON m.id = a.mission WHERE a.n = 1 AND a.class = "
-        "'interactive' AND a.lane = ? AND a.dispatched_at >= ? AND a.dispatched_at - m.created_at > ?",
-        (lane, now - pol.window_sec, pol.interactive_starvation_sec)).fetchone()[0]
+    starved = reads.starved_interactive(conn, lane, now - pol.window_sec, pol.interactive_starvation_sec)
     if starved or ev.oldest_interactive_wait_s > pol.interactive_starvation_sec:
         reasons.append(f"interactive starvation: {starved} mission(s) waited over {pol.interactive_starvation_sec:g}s")
     drill = ev.last_drill

@@ -131,12 +131,10 @@ def command(*name: str) -> Callable[[F], F]:
                     "run it as root (sudo lanectl ...): it writes lanectl's state, units or lane files",
                     "permission_denied", ExitCode.UNAVAILABLE), bool(kwargs.get("json_out")))
             except Exception as exc:
-                sqlite3 = sys.modules.get("sqlite3")
-                if sqlite3 is None or not isinstance(exc, sqlite3.Error):
+                ledger = sys.modules.get("lanectl.ledger")  # loaded whenever a ledger error can happen
+                if ledger is None or not isinstance(exc, ledger.Error):
                     raise
-                from lanectl.ledger import ledger_error, last_opened
-
-                mapped = ledger_error(last_opened(), exc)  # a read outside a transaction: disk, permission
+                mapped = ledger.ledger_error(ledger.last_opened(), exc)  # a read outside a transaction
                 if mapped is None:
                     raise
                 fail(list(name), mapped, bool(kwargs.get("json_out")))

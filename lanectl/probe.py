@@ -18,11 +18,15 @@ reads the ledger read-only with indexed queries only.
 """
 from __future__ import annotations
 
-import sqlite3
 import time
-from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from lanectl.ledger import Ledger
+    from lanectl.ledger.reads import Source
 
 OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
 NAMES = {OK: "OK", WARNING: "WARNING", CRITICAL: "CRITICAL", UNKNOWN: "UNKNOWN"}
@@ -77,28 +81,27 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def _ledger(path: str) -> sqlite3.Connection:
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"ledger {path} does not exist")
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=2.0)
-    conn.execute("SELECT 1 FROM missions LIMIT 1").fetchall()  # not SQLite / not a ledger -> sqlite3.Error
-    return conn
+def _ledger(path: str) -> Ledger:
+    """Read-only; raises FileNotFoundError for no file, ``lanectl.ledger.Error`` for a file that is no ledger."""
+    from lanectl.ledger import Ledger  # here: importing lanectl.probe stays as cheap as it was (docs/benchmarks.md)
+
+    return Ledger.open_readonly(path, timeout_s=2.0, must_exist=True, check=True)
 
 
 SUPERVISOR_ACTOR = "lanectl-supervisor"
 """The ``actor`` of what the supervisor does by itself (a rollback's drain, a degrade)."""
 
 
-def lane_views(conn: sqlite3.Connection) -> dict[str, dict[str, Any]]:
+def lane_views(conn: Source) -> dict[str, dict[str, Any]]:
     """Each lane's dispatch state as the ledger has it: state, since, promoted weight (None: its lane file's), and
     for a draining or drained lane who drained it and why (``automatic``: the supervisor did, by a rollback)."""
     out: dict[str, dict[str, Any]] = {}
-    for name, state, weight, since in conn.execute("SELECT name, state, weight, updated_at FROM lanes"):
+    from lanectl.ledger import reads
+
+    for name, state, weight, since in reads.lane_rows(conn):
         view: dict[str, Any] = {"state": state, "since": since, "weight": weight}
         if state in ("draining", "drained"):
-            row = conn.execute("SELECT at, json_extract(data, '$.actor'), json_extract(data, '$.reason') FROM events "
-                               "WHERE lane = ? AND kind = 'drain' ORDER BY at DESC, id DESC LIMIT 1",
-                               (name,)).fetchone()
+            row = reads.last_drain(conn, name)
             at, who, why = row if row else (None, None, None)
             view.update(drained_at=at, drained_by=who, drain_reason=why, automatic=who == SUPERVISOR_ACTOR)
         out[name] = view
@@ -106,7 +109,8 @@ def lane_views(conn: sqlite3.Connection) -> dict[str, dict[str, Any]]:
 
 
 def read_lane_views(path: str) -> dict[str, dict[str, Any]]:
-    """``lane_views`` from the ledger file, read-only (raises OSError or sqlite3.Error when it cannot be read)."""
+    """``lane_views`` from the ledger file, read-only (raises OSError or lanectl.ledger.Error when it cannot be
+    read)."""
     conn = _ledger(path)
     try:
         return lane_views(conn)
@@ -117,6 +121,7 @@ def read_lane_views(path: str) -> dict[str, dict[str, Any]]:
 def run(manifest: dict[str, Any], lanes: list[str] | None = None, now: float | None = None,
         unit_dir: Path | None = None) -> ProbeResult:
     from lanectl.errors import LanectlError
+    from lanectl.ledger import Error as LedgerError
     from lanectl.status import collect
 
     now = time.time() if now is None else now
@@ -135,7 +140,7 @@ def run(manifest: dict[str, Any], lanes: list[str] | None = None, now: float | N
                 ledger["stranded"] = stranded(conn, manifest["lanes"])
             finally:
                 conn.close()
-        except (OSError, sqlite3.Error) as exc:
+        except (OSError, LedgerError) as exc:
             ledger["error"] = f"ledger unreadable: {exc}"
 
     try:
@@ -181,12 +186,12 @@ def judge_supervisor(res: ProbeResult, r: Any) -> None:
     res.perf.append(("supervisor_up", 1 if up else 0, None, None, 0, 1))
 
 
-def stranded(conn: sqlite3.Connection, lanes: dict[str, Any]) -> dict[str, int]:
+def stranded(conn: Source, lanes: dict[str, Any]) -> dict[str, int]:
     """Queued missions bound (pinned, or through a session) to a lane that is not installed: no lane can ever take
     them. One pass over the queue index's targets (the queue is bounded by admission control)."""
-    rows = conn.execute("SELECT target, count(*) FROM missions INDEXED BY missions_queue WHERE state = 'queued' "
-                        "AND target != '' GROUP BY target").fetchall()
-    return {t: n for t, n in rows if t not in lanes}
+    from lanectl.ledger import reads
+
+    return {t: n for t, n in reads.queued_targets(conn) if t not in lanes}
 
 
 def judge_stranded(res: ProbeResult, gone: dict[str, int], pending: set[str] | frozenset[str] = frozenset()) -> None:
@@ -255,16 +260,16 @@ def judge_lanes(res: ProbeResult, rows: list[Any], views: dict[str, dict[str, An
     res.perf.append(("lanes_up", up, None, None, 0, len(rows)))
 
 
-def queue_figures(conn: sqlite3.Connection, th: dict[str, Any], now: float) -> dict[str, Any]:
+def queue_figures(conn: Source, th: dict[str, Any], now: float) -> dict[str, Any]:
     """The ledger's numbers the probe judges: all index ranges, flat in the size of the history."""
     # the oldest queued interactive mission: first row of the partial queue index
-    row = conn.execute("SELECT min(created_at) FROM missions WHERE state = 'queued' AND rank = 0").fetchone()
-    depth = dict(conn.execute("SELECT rank, n FROM queue_depth").fetchall())
+    from lanectl.ledger import reads
+
+    oldest = reads.oldest_queued_interactive(conn)
+    depth = reads.queue_depth(conn)
     since = now - th.get("window_sec", 900.0)
-    counts = dict(conn.execute(
-        "SELECT kind, count(*) FROM events WHERE kind IN ('succeeded', 'failed', 'dead') AND at >= ? "
-        "GROUP BY kind", (since,)).fetchall())
-    return {"wait": max(0.0, now - row[0]) if row and row[0] is not None else 0.0,
+    counts = reads.outcome_counts(conn, since)
+    return {"wait": max(0.0, now - oldest) if oldest is not None else 0.0,
             "queued": sum(depth.values()), "counts": counts}
 
 

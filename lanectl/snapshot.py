@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import socket
-import sqlite3
 import subprocess
 import time
 from datetime import datetime, timezone
@@ -22,6 +21,8 @@ from typing import Any
 from lanectl import __version__, systemd
 from lanectl.config import LaneSet
 from lanectl.fsutil import fsync_dir
+from lanectl.ledger import Error as LedgerError
+from lanectl.ledger import Ledger, reads
 from lanectl.units import SUPERVISOR, unit_name
 
 EVENTS_WINDOW_S = 3600.0
@@ -97,37 +98,28 @@ def _units(units: list[str], tmp: Path, problems: list[str]) -> None:
 
 def _ledger(path: Path, lane: str | None, now: float, tmp: Path, problems: list[str], fleet: LaneSet) -> None:
     try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
-        check = [r[0] for r in conn.execute("PRAGMA integrity_check").fetchall()]
-        _write(tmp / "ledger-check.txt", "\n".join(check) + "\n")
-        q = "SELECT id, at, kind, mission, lane, session, attempt, state, data FROM events WHERE at >= ?"
-        args: list[Any] = [now - EVENTS_WINDOW_S]
-        if lane:
-            q += " AND (lane = ? OR mission IN (SELECT mission FROM attempts WHERE lane = ? AND dispatched_at >= ?))"
-            args += [lane, lane, now - EVENTS_WINDOW_S]
-        with open(tmp / "events.ndjson", "w") as fh:
-            for row in conn.execute(q + " ORDER BY id", args):
-                keys = ("id", "at", "kind", "mission", "lane", "session", "attempt", "state")
-                doc = dict(zip(keys, row[:8]))
-                doc["data"] = json.loads(row[8] or "{}")
-                fh.write(json.dumps(doc, sort_keys=True) + "\n")
-        _write(tmp / "metrics.json", _json(_metrics(conn, fleet, lane, now)))
-        conn.close()
-    except (sqlite3.Error, OSError, ValueError) as exc:
+        conn = Ledger.open_readonly(path, timeout_s=5)
+        try:
+            check = reads.integrity_check(conn)
+            _write(tmp / "ledger-check.txt", "\n".join(check) + "\n")
+            since = now - EVENTS_WINDOW_S
+            with open(tmp / "events.ndjson", "w") as fh:
+                for row in reads.window_events(conn, since, lane, since):
+                    keys = ("id", "at", "kind", "mission", "lane", "session", "attempt", "state")
+                    doc = dict(zip(keys, row[:8]))
+                    doc["data"] = json.loads(row[8] or "{}")
+                    fh.write(json.dumps(doc, sort_keys=True) + "\n")
+            _write(tmp / "metrics.json", _json(_metrics(conn, fleet, lane, now)))
+        finally:
+            conn.close()
+    except (LedgerError, OSError, ValueError) as exc:
         problems.append(f"ledger {path}: {exc}")
 
 
-def _metrics(conn: sqlite3.Connection, fleet: LaneSet, lane: str | None, now: float) -> dict[str, Any]:
-    try:
-        from lanectl import evidence  # the full metrics when that module is there
-    except ImportError:  # pragma: no cover - evidence ships with lanectl; keep snapshots working without it
-        evidence = None  # type: ignore[assignment]
-    if evidence is not None and hasattr(evidence, "metrics_conn"):
-        return evidence.metrics_conn(conn, window_s=EVENTS_WINDOW_S, now=now, lane=lane, fleet=fleet)
-    from lanectl.ledger.missions import state_counts
+def _metrics(conn: Ledger, fleet: LaneSet, lane: str | None, now: float) -> dict[str, Any]:
+    from lanectl import evidence
 
-    counts = state_counts(conn)
-    return {"window_s": EVENTS_WINDOW_S, "active": counts}
+    return evidence.metrics_conn(conn, window_s=EVENTS_WINDOW_S, now=now, lane=lane, fleet=fleet)
 
 
 def _journal(units: list[str], tmp: Path, problems: list[str]) -> None:

@@ -331,13 +331,12 @@ def collect(lanes: dict[str, dict[str, Any]], names: list[str] | None = None,
 
 
 def _dispatch(rows: list[LaneStatus], ledger: str) -> None:
-    import sqlite3
-
+    from lanectl.ledger import Error as LedgerError
     from lanectl.probe import read_lane_views
 
     try:
         views = read_lane_views(ledger)
-    except (OSError, sqlite3.Error) as exc:
+    except (OSError, LedgerError) as exc:
         for r in rows:
             r.dispatch_error = f"ledger {ledger} unreadable: {exc}"
         return

@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import select
 import signal
-import sqlite3
 import stat
 import sys
 import time
@@ -27,6 +26,8 @@ from typing import Any
 
 from lanectl import evidence
 from lanectl.errors import ExitCode, LanectlError
+from lanectl.ledger import Error as LedgerError
+from lanectl.ledger import Ledger
 from lanectl.output import escape, human_bytes, human_duration
 from lanectl.status import LaneStatus, collect
 
@@ -59,10 +60,10 @@ class Source:
         self.window_s = window_s
         self.events = events
         self.capacity = {name: int(lane.get("capacity") or 0) for name, lane in fleet["lanes"].items()}
-        self.conn: sqlite3.Connection | None = None
+        self.conn: Ledger | None = None
         self.cpu: dict[str, tuple[float, float]] = {}  # lane -> (cpu seconds, monotonic time)
 
-    def ledger(self) -> sqlite3.Connection:
+    def ledger(self) -> Ledger:
         if self.conn is None:
             try:  # a file this user may not see (a 0700 state directory) is not a file that does not exist
                 st = os.stat(self.ledger_path)
@@ -76,8 +77,7 @@ class Source:
             if not os.access(self.ledger_path, os.R_OK):
                 raise PermissionError(f"ledger {self.ledger_path} cannot be read by this user (permission "
                                       f"denied): run as root or as its owner")
-            self.conn = sqlite3.connect(f"file:{self.ledger_path}?mode=ro", uri=True, timeout=2.0,
-                                        check_same_thread=False)
+            self.conn = Ledger.open_readonly(self.ledger_path, timeout_s=2.0, must_exist=True, any_thread=True)
         return self.conn
 
     def frame(self) -> Frame:
@@ -98,7 +98,7 @@ class Source:
             conn = self.ledger()
             f.metrics = evidence.metrics(conn, self.window_s, now, capacity=self.capacity)
             f.events = evidence.events(conn, limit=self.events, latest=True)
-        except (OSError, sqlite3.Error) as exc:
+        except (OSError, LedgerError) as exc:
             f.errors.append(f"ledger: {exc}")
             self.close()  # opened afresh next time (the file may come back)
         return f

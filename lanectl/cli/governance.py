@@ -46,13 +46,13 @@ def promote(
                            ExitCode.USAGE)
     now = time.time()
     with config.open_ledger(fleet, ledger) as led:
-        row = led.conn.execute("SELECT weight FROM lanes WHERE name = ?", (lane,)).fetchone()
-        current = row[0] if row and row[0] is not None else fleet.lanes[lane].weight
+        promoted = lane_ops.weight_of(led, lane)
+        current = promoted if promoted is not None else fleet.lanes[lane].weight
         if weight == current:
             finish(["promote"], {"lane": lane, "weight": weight, "changed": False}, json_mode=json_out,
                    human=lambda: stdout_console().print(f"{escape(lane)}: weight is {weight} already"))
             return
-        verdict = governance.promotion_verdict(led.conn, fleet, lane, now=now)
+        verdict = governance.promotion_verdict(led, fleet, lane, now=now)
         raising = weight > current
         if raising and not verdict.allowed and not force:
             lane_ops.record(led, EventKind.PROMOTE_REFUSED, now=now, lane=lane, weight=weight, previous=current,
@@ -62,9 +62,7 @@ def promote(
                 "fix what is listed, run 'lanectl drill', or override with --force --reason",
                 "promotion_refused", ExitCode.UNHEALTHY,
                 [Problem(r, field="evidence", code="promotion_rule", lane=lane) for r in verdict.reasons])
-        with led.transaction() as conn:
-            conn.execute("INSERT INTO lanes (name, weight, updated_at) VALUES (?, ?, ?) ON CONFLICT (name) DO UPDATE "
-                         "SET weight = excluded.weight, updated_at = excluded.updated_at", (lane, weight, now))
+        lane_ops.set_weight(led, lane, weight, now=now)
         lane_ops.record(led, EventKind.PROMOTE, now=now, lane=lane, weight=weight, previous=current,
                         direction="up" if raising else "down", forced=bool(force and not verdict.allowed),
                         overridden=verdict.reasons if force and not verdict.allowed else None,

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any, Final, Literal, get_args
 
 from lanectl.errors import ExitCode, LanectlError, Unavailable
-from lanectl.ledger import schema
 
 BUSY_TIMEOUT_S: Final = 5.0
 """How long a writer waits for the write lock before giving up with ``ledger_busy`` (exit 6)."""
@@ -45,6 +44,12 @@ def _not_sqlite(path: Path, detail: str) -> LanectlError:
         "ledger_not_sqlite",
         ExitCode.CONFIG,
     )
+
+
+Error = sqlite3.Error
+"""What a read of the ledger raises when the file cannot be read as one (not SQLite, not a ledger, locked past
+the timeout, gone): readers outside this package catch ``(OSError, lanectl.ledger.Error)`` and never import
+sqlite3 themselves."""
 
 
 class Ledger:
@@ -67,6 +72,8 @@ class Ledger:
         ``ledger init``, so a mistyped ``--ledger`` path is an error rather than a new, empty ledger. ``autocheckpoint=False`` leaves WAL checkpoints to a
         ``Checkpointer`` (the supervisor), so no commit of this connection ever pays for one. ``busy_poll=False``
         waits for the write lock with SQLite's own busy handler instead of ``_begin``'s (for comparisons)."""
+        from lanectl.ledger import schema  # here, not at the top: a read-only open (the probe) never needs it
+
         path = Path(path)
         check_synchronous(synchronous)
         if not create:
@@ -112,6 +119,27 @@ class Ledger:
         _last_opened = path
         led = cls(conn, path, busy_timeout_s, busy_poll)
         return led
+
+    @classmethod
+    def open_readonly(cls, path: str | Path, *, timeout_s: float = BUSY_TIMEOUT_S, must_exist: bool = False,
+                      check: bool = False, any_thread: bool = False) -> Ledger:
+        """A read-only handle on the ledger (SQLite URI ``mode=ro``): it never creates, migrates or writes the file,
+        and a WAL reader never blocks the writers. What the probe, ``status``, ``top``, metrics, events, the
+        report and snapshots read through. ``must_exist`` raises FileNotFoundError for a path that is no file
+        (instead of SQLite's "unable to open"); ``check`` reads one row of ``missions`` so that a file that is
+        not a ledger fails here (``Error``) rather than at the first query; ``any_thread`` lets another thread
+        use the connection (``top`` reads from its refresh thread). Nothing else is set: no PRAGMA, no
+        migration check, so the probe's read costs what it did when it opened the file itself."""
+        if must_exist and not os.path.isfile(path):
+            raise FileNotFoundError(f"ledger {path} does not exist")
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=timeout_s, check_same_thread=not any_thread)
+        if check:
+            try:
+                conn.execute("SELECT 1 FROM missions LIMIT 1").fetchall()  # not SQLite / not a ledger -> Error
+            except BaseException:
+                conn.close()
+                raise
+        return cls(conn, Path(path))
 
     def close(self) -> None:
         self.conn.close()
@@ -206,6 +234,8 @@ class Ledger:
         return [dict(zip(cols, row)) for row in cur.fetchall()]
 
     def version(self) -> int:
+        from lanectl.ledger import schema
+
         return schema.current_version(self.conn)
 
 

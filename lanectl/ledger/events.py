@@ -10,6 +10,7 @@ import json
 import sqlite3
 from dataclasses import dataclass, field
 from enum import StrEnum
+from collections.abc import Iterable
 from typing import Any
 
 
@@ -104,26 +105,99 @@ def append_many(conn: sqlite3.Connection, rows: list[EventRow]) -> None:
         conn.executemany(_INSERT, rows)
 
 
-def query(conn: sqlite3.Connection, *, mission: int | None = None, lane: str | None = None,
-          session: str | None = None, kind: str | None = None, since: float | None = None,
-          until: float | None = None, after_id: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
-    """Events matching every filter given, oldest first."""
-    where, params = ["id > ?"], [after_id]
-    for col, val in (("mission", mission), ("lane", lane), ("session", session), ("kind", kind)):
+COLUMNS: tuple[str, ...] = ("id", "at", "kind", "mission", "lane", "session", "attempt", "state", "data")
+"""The columns of an event row as ``select``, ``poll`` and ``decision_rows`` return it, in this order."""
+Row = tuple[int, float, str, "int | None", "str | None", "str | None", "int | None", "str | None", str]
+"""One stored event: the values of ``COLUMNS`` (``data`` still JSON text)."""
+_SELECT = f"SELECT {', '.join(COLUMNS)} FROM events"
+
+
+def _where(lane: str | None, mission: int | None, session: str | None, kind: str | Iterable[str] | None,
+           since: float | None, until: float | None, after_id: int) -> tuple[list[str], list[Any]]:
+    """The WHERE terms and parameters of an event filter (the one builder of event queries)."""
+    where: list[str] = []
+    params: list[Any] = []
+    if after_id:
+        where.append("id > ?")
+        params.append(after_id)
+    for col, val in (("mission", mission), ("lane", lane), ("session", session)):
         if val is not None:
             where.append(f"{col} = ?")
             params.append(val)
+    kinds = [kind] if isinstance(kind, str) else sorted(set(kind)) if kind else []
+    if kinds:
+        where.append(f"kind IN ({','.join('?' * len(kinds))})")
+        params += kinds
     if since is not None:
         where.append("at >= ?")
         params.append(since)
     if until is not None:
         where.append("at < ?")
         params.append(until)
-    cur = conn.execute(f"SELECT id, at, kind, mission, lane, session, attempt, state, data FROM events "
-                       f"WHERE {' AND '.join(where)} ORDER BY id LIMIT ?", (*params, limit))
+    return where, params
+
+
+def select(conn: sqlite3.Connection, *, lane: str | None = None, mission: int | None = None,
+           session: str | None = None, kind: str | Iterable[str] | None = None, since: float | None = None,
+           until: float | None = None, after_id: int = 0, limit: int = 1000, latest: bool = False) -> list[Row]:
+    """Stored events matching every filter, oldest first; ``latest``: the last ``limit`` matches (still oldest
+    first). Filters go through the ledger's indexes: mission (``events_mission``), lane and session with time
+    (``events_lane``, ``events_session``), kind with time (``events_kind``), time alone (``events_at``),
+    ``after_id`` (rowid)."""
+    where, params = _where(lane, mission, session, kind, since, until, after_id)
+    # ORDER BY id tempts the planner into a rowid scan from the first event; a time bound with no other
+    # indexed filter must seek through events_at instead (then sort the window, small next to the history).
+    hint = " INDEXED BY events_at" if since is not None and mission is None and lane is None \
+        and session is None and not kind else ""
+    sql = (f"{_SELECT}{hint}" + (f" WHERE {' AND '.join(where)}" if where else "")
+           + f" ORDER BY id {'DESC' if latest else ''} LIMIT ?")
+    rows = conn.execute(sql, (*params, limit)).fetchall()
+    if latest:
+        rows.reverse()
+    return rows
+
+
+def poll(conn: sqlite3.Connection, after_id: int, *, lane: str | None = None, mission: int | None = None,
+         session: str | None = None, kind: str | Iterable[str] | None = None, limit: int = 1000) -> list[Row]:
+    """The next matching events after ``after_id``, oldest first, through the rowid alone (``NOT INDEXED``): a
+    follower's new tail is small, while a lane or kind index would walk that lane's whole history every poll."""
+    where, params = _where(lane, mission, session, kind, None, None, 0)
+    return conn.execute(f"{_SELECT} NOT INDEXED WHERE id > ?" + "".join(f" AND {w}" for w in where)
+                        + " ORDER BY id LIMIT ?", (after_id, *params, limit)).fetchall()
+
+
+def last_id(conn: sqlite3.Connection) -> int:
+    """The id of the newest event (0 for an empty log)."""
+    return int(conn.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0])
+
+
+def kinds_stored(conn: sqlite3.Connection) -> list[str]:
+    """Every distinct kind in the log, sorted: a walk of ``events_kind`` with one seek per kind."""
+    out: list[str] = []
+    k = conn.execute("SELECT min(kind) FROM events").fetchone()[0]
+    while k is not None:
+        out.append(k)
+        k = conn.execute("SELECT min(kind) FROM events WHERE kind > ?", (k,)).fetchone()[0]
+    return out
+
+
+def of_kinds(conn: sqlite3.Connection, kinds: Iterable[str], since: float, until: float) -> list[Row]:
+    """Events of these kinds in ``[since, until)`` through ``events_kind`` (unordered: the caller sorts)."""
+    wanted = list(kinds)
+    if not wanted:
+        return []
+    return conn.execute(f"{_SELECT} INDEXED BY events_kind WHERE kind IN ({','.join('?' * len(wanted))}) "
+                        f"AND at >= ? AND at < ?", (*wanted, since, until)).fetchall()
+
+
+def query(conn: sqlite3.Connection, *, mission: int | None = None, lane: str | None = None,
+          session: str | None = None, kind: str | None = None, since: float | None = None,
+          until: float | None = None, after_id: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
+    """Events matching every filter given, oldest first, as dicts (``at`` epoch seconds, ``data`` decoded)."""
     out = []
-    for row in cur.fetchall():
-        ev = dict(zip(("id", "at", "kind", "mission", "lane", "session", "attempt", "state", "data"), row))
+    for r in select(conn, mission=mission, lane=lane, session=session, kind=kind, since=since, until=until,
+                    after_id=after_id, limit=limit):
+        ev = dict(zip(COLUMNS, r))
         ev["data"] = json.loads(ev["data"])
         out.append(ev)
     return out

@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import getpass
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lanectl.config import LaneSet
 from lanectl.errors import Conflict
 from lanectl.ledger import Ledger
 from lanectl.ledger import missions as ms
 from lanectl.ledger.events import EventKind, append
+
+if TYPE_CHECKING:
+    from lanectl.config import LaneSet
 
 
 def actor() -> str:
@@ -42,6 +45,36 @@ def drained_by(ledger: Ledger, lane: str) -> str | None:
 def state_of(ledger: Ledger, lane: str) -> str:
     row = ledger.conn.execute("SELECT state FROM lanes WHERE name = ?", (lane,)).fetchone()
     return row[0] if row else "active"
+
+
+def weight_of(ledger: Ledger, lane: str) -> int | None:
+    """The lane's promoted weight (``lanectl promote``), or None when none was set (its lane file's applies)."""
+    row = ledger.conn.execute("SELECT weight FROM lanes WHERE name = ?", (lane,)).fetchone()
+    return row[0] if row else None
+
+
+def set_weight(ledger: Ledger, lane: str, weight: int, *, now: float) -> None:
+    """Record the lane's promoted weight (its own transaction; the caller records the ``promote`` event)."""
+    with ledger.transaction() as conn:
+        conn.execute("INSERT INTO lanes (name, weight, updated_at) VALUES (?, ?, ?) ON CONFLICT (name) DO UPDATE "
+                     "SET weight = excluded.weight, updated_at = excluded.updated_at", (lane, weight, now))
+
+
+def save_swrr(conn: Any, swrr: Mapping[str, int], *, now: float) -> None:
+    """Keep each lane's smooth weighted round-robin credit (the dispatch policy's state) across ticks; inside the
+    tick's transaction (``missions.assign_in``). A new row's ``updated_at`` is ``now``; an old one keeps its own."""
+    for lane, value in swrr.items():
+        conn.execute("INSERT INTO lanes (name, swrr, updated_at) VALUES (?, ?, ?) "
+                     "ON CONFLICT (name) DO UPDATE SET swrr = excluded.swrr", (lane, value, now))
+
+
+def write_observed(conn: Any, lane: str, *, state: str, healthy: int, invocation: str | None, now: float) -> None:
+    """Store a lane's dispatch state, health and invocation as observed (``missions.set_lane``, inside its
+    transaction, which also appends the events and re-queues what a lost invocation held)."""
+    conn.execute("INSERT INTO lanes (name, state, healthy, invocation, updated_at) VALUES (?, ?, ?, ?, ?) "
+                 "ON CONFLICT (name) DO UPDATE SET state = excluded.state, healthy = excluded.healthy, "
+                 "invocation = excluded.invocation, updated_at = excluded.updated_at",
+                 (lane, state, healthy, invocation, now))
 
 
 def recorded_invocations(ledger: Ledger) -> dict[str, str]:

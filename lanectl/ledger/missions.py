@@ -605,9 +605,10 @@ def assign_in(conn: Any, assignments: Sequence[Assignment], *, now: float, lease
                          "ON CONFLICT (lane, class, day) DO UPDATE SET n = n + excluded.n",
                          [(lane, cls, day, k) for (lane, cls), k in usage.items()])
     events.append_many(conn, evs)
-    for lane, value in (swrr or {}).items():
-        conn.execute("INSERT INTO lanes (name, swrr, updated_at) VALUES (?, ?, ?) "
-                     "ON CONFLICT (name) DO UPDATE SET swrr = excluded.swrr", (lane, value, now))
+    if swrr:
+        from lanectl.ledger import lanes  # the lanes table's one writer (it imports this module: not at the top)
+
+        lanes.save_swrr(conn, swrr, now=now)
     return out
 
 
@@ -1143,16 +1144,15 @@ def move_session(ledger: Ledger, session: str, lane: str, *, now: float, reason:
 def set_lane(ledger: Ledger, name: str, *, now: float, state: str | None = None, healthy: bool | None = None,
              invocation: str | None = None, restarts: int | None = None) -> list[int]:
     """Record a lane's dispatch state, health or invocation; a new invocation re-queues what the old one held."""
+    from lanectl.ledger import lanes  # the lanes table's one writer (it imports this module: not at the top)
+
     with ledger.transaction() as conn:
         row = conn.execute("SELECT state, healthy, invocation FROM lanes WHERE name = ?", (name,)).fetchone()
         old_state, old_healthy, old_inv = row if row else ("active", 1, None)
         new_state = state or old_state
         new_healthy = int(old_healthy if healthy is None else healthy)
         new_inv = invocation or old_inv
-        conn.execute("INSERT INTO lanes (name, state, healthy, invocation, updated_at) VALUES (?, ?, ?, ?, ?) "
-                     "ON CONFLICT (name) DO UPDATE SET state = excluded.state, healthy = excluded.healthy, "
-                     "invocation = excluded.invocation, updated_at = excluded.updated_at",
-                     (name, new_state, new_healthy, new_inv, now))
+        lanes.write_observed(conn, name, state=new_state, healthy=new_healthy, invocation=new_inv, now=now)
         if (new_state, new_healthy) != (old_state, old_healthy):
             append(conn, EventKind.LANE_STATE, now, lane=name, to=new_state, healthy=bool(new_healthy),
                    previous=old_state)
