@@ -195,8 +195,9 @@ def prefer_as_oom_victim() -> None:
 
 
 class CouldNotStart(Exception):
-    """The mission's command never ran: the lane had no task or memory for it (EAGAIN, ENOMEM). The attempt is lost
-    and the supervisor re-queues the mission, instead of failing a mission whose command did not run."""
+    """The mission's command never ran: the lane had no task or memory for it (EAGAIN, ENOMEM). Reported ``failed``
+    with ``retry``: the supervisor returns the attempt uncharged, instead of failing a mission whose command did not
+    run (and counting it against the lane)."""
 
 
 START_ERRNOS = (errno.EAGAIN, errno.ENOMEM)
