@@ -923,6 +923,7 @@ class LaneRuntime:
         except OSError as exc:
             log.warning("missions are not contained (no cgroup of their own): %s", exc)
             self.contain = None
+            self.containment = "ns" if self.isolate else "off"  # namespaces need no cgroup
             return
         self.containment = "cgroup"
         try:
