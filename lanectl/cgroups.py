@@ -6,7 +6,14 @@ which has ``cgroup.kill``, plus the v1 ``pids`` and ``memory`` hierarchies)::
     lanectl-lane@NAME.service/      the unit's cgroup (systemd: TasksMax=, MemoryMax=)
         runtime/                    the lane runtime itself (moved there at start)
         missions/                   pids.max and memory limit = the unit's minus the runtime's reserve
-            m<ID>-<ATTEMPT>/        one mission: every process it starts, however it forks or setsids
+            m<ID>-<ATTEMPT>/        one mission: every process it starts, however it forks or setsids; its own
+                                    pids.max and memory limit = missions/'s minus a minimum share for each other
+                                    slot of the lane (MIN_TASKS_PER_MISSION, MIN_MEMORY_PER_MISSION)
+
+One mission can therefore never take every task or all the memory of ``missions/``: forking until EAGAIN or
+allocating until the kernel says no hits its own limit first (the kernel kills within its own cgroup), and each other
+slot of the lane keeps at least the minimum share. Several such missions on one lane together can still fill
+``missions/``; a mission that then cannot start is returned to the queue uncharged (lanectl/runtime.py).
 
 A mission's processes join its cgroup before they exec (``Popen(preexec_fn=...)`` writes ``0`` to the
 ``cgroup.procs`` descriptors opened beforehand), so nothing of it runs outside. When the mission ends for any reason
@@ -36,6 +43,10 @@ RUNTIME_LEAF = "runtime"
 MISSIONS = "missions"
 MIN_TASKS_RESERVE = 16
 MAX_MEMORY_RESERVE = 64 << 20
+MIN_TASKS_PER_MISSION = 8
+"""Tasks one mission's own limit leaves to each other slot of its lane."""
+MIN_MEMORY_PER_MISSION = 32 << 20
+"""Memory one mission's own limit leaves to each other slot of its lane."""
 UNLIMITED = ("max", "")
 V1_NO_LIMIT = 1 << 60  # memory.limit_in_bytes reads 9223372036854771712 (page-rounded LONG_MAX) when unlimited
 
@@ -115,6 +126,16 @@ def memory_reserve(limit: int) -> int:
     return min(MAX_MEMORY_RESERVE, limit // 4)
 
 
+def mission_share(total: int, capacity: int, minimum: int) -> int:
+    """One mission's own limit out of ``total`` (what all missions of the lane may use together): everything but a
+    ``minimum`` for each of the lane's other ``capacity - 1`` slots, never below ``minimum`` itself (a lane whose
+    total cannot give every slot its minimum splits it evenly instead), at least 1."""
+    others = max(0, capacity - 1) * minimum
+    if total - others >= minimum:
+        return total - others
+    return max(1, total // max(1, capacity))
+
+
 @dataclass
 class MissionCgroup:
     name: str
@@ -183,6 +204,16 @@ class MissionCgroup:
             n = max(n, _counter(_read(memory / "memory.oom_control"), "oom_kill"))
         return n
 
+    def hit_own_memory_limit(self) -> bool:
+        """Whether its own memory limit (not the one of ``missions/`` above it) was reached: v1 ``memory.failcnt``
+        counts the charges that failed at this cgroup's own limit, v2 ``memory.events.local`` ``max`` likewise."""
+        unified = self.dirs.get("unified")
+        if unified is not None and _counter(_read(unified / "memory.events.local"), "max") > 0:
+            return True
+        memory = self.dirs.get("memory")
+        return memory is not None and _read(memory / "memory.failcnt").isdigit() and \
+            int(_read(memory / "memory.failcnt")) > 0
+
     def remove(self) -> bool:
         """rmdir in every hierarchy; False while a process is still there (call again later)."""
         self.close_fds()
@@ -209,15 +240,18 @@ def _counter(text: str, key: str) -> int:
 class Containment:
     """The runtime's side: set up runtime/ and missions/, then one cgroup per mission."""
 
-    def __init__(self, base: dict[str, Path]) -> None:
+    def __init__(self, base: dict[str, Path], capacity: int = 1) -> None:
         self.base = base
         self.missions = {h: d / MISSIONS for h, d in base.items()}
-        self.tasks_max: int | None = None
+        self.capacity = max(1, capacity)
+        self.tasks_max: int | None = None  # what all missions together may use
         self.memory_max: int | None = None
+        self.mission_tasks_max: int | None = None  # what one mission may use (mission_share)
+        self.mission_memory_max: int | None = None
         self.serial = 0
 
     @classmethod
-    def setup(cls, tasks_reserve_asked: int | None = None, root: Path = ROOT) -> Containment:
+    def setup(cls, tasks_reserve_asked: int | None = None, root: Path = ROOT, capacity: int = 1) -> Containment:
         """Move this process into runtime/ and create missions/ with the reserve left out; OSError when the lane's
         cgroup is not writable (no delegation)."""
         base = own_dirs(root=root)
@@ -228,7 +262,7 @@ class Containment:
         for h, d in base.items():
             if not os.access(d, os.W_OK):
                 raise OSError(errno.EACCES, f"cgroup {d} is not writable by uid {os.geteuid()} (no Delegate=)")
-        c = cls(base)
+        c = cls(base, capacity)
         for h, d in base.items():
             os.makedirs(d / RUNTIME_LEAF, exist_ok=True)
             _write(d / RUNTIME_LEAF / "cgroup.procs", "0")  # the whole thread group, before its threads start
@@ -266,6 +300,24 @@ class Containment:
                 if limit is not None:
                     self.memory_max = limit - memory_reserve(limit)
                     _write(unified / MISSIONS / "memory.max", str(self.memory_max))
+        if self.tasks_max is not None:
+            self.mission_tasks_max = mission_share(self.tasks_max, self.capacity, MIN_TASKS_PER_MISSION)
+        if self.memory_max is not None:
+            self.mission_memory_max = mission_share(self.memory_max, self.capacity, MIN_MEMORY_PER_MISSION)
+
+    def limit_files(self, name: str) -> list[tuple[Path, int]]:
+        """The limit files of mission cgroup ``name`` and what goes in them (its share of ``missions/``)."""
+        out: list[tuple[Path, int]] = []
+        if self.mission_tasks_max is not None:
+            d = self.missions.get("pids") or self.missions.get("unified")
+            if d is not None:
+                out.append((d / name / "pids.max", self.mission_tasks_max))
+        if self.mission_memory_max is not None:
+            if "memory" in self.missions:
+                out.append((self.missions["memory"] / name / "memory.limit_in_bytes", self.mission_memory_max))
+            elif "unified" in self.missions:
+                out.append((self.missions["unified"] / name / "memory.max", self.mission_memory_max))
+        return out
 
     def tasks_free(self) -> int | None:
         """Tasks missions may still start (None: no limit known)."""
@@ -283,6 +335,8 @@ class Containment:
             for h, d in self.missions.items():
                 os.mkdir(d / name, 0o755)
                 dirs[h] = d / name
+            for path, value in self.limit_files(name):  # before any process of the mission is in it
+                _write(path, str(value))
         except OSError:
             MissionCgroup(name, dirs).remove()
             raise

@@ -90,12 +90,8 @@ class Capture:
         self.done = threading.Event()
         self.error: str | None = None
         self.lost = 0  # bytes read but not kept once writing failed
-        self.fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                          dir_fd=dir_fd)
+        self.fd = open_log(dir_fd, name)
         try:
-            st = os.fstat(self.fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
-                raise OSError(errno.EPERM, f"{name} is not a regular file of this lane")
             self.ring = self._ring(dir_fd)
             self.read_fd, self.write_fd = os.pipe2(os.O_CLOEXEC)
         except BaseException:
@@ -214,13 +210,98 @@ class Capture:
             self.done.set()
 
 
-def open_capture(state_fd: int, name: str, max_bytes: int) -> Capture:
-    """A capture of ``out/NAME`` under the lane's state directory (``state_fd``, opened by the runtime). ``out`` is
-    opened without following a link and must be a directory of this process's uid; anything else there (a link a
-    mission planted, a file) is moved aside and a fresh directory made."""
+_LOG_FLAGS: Final = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+_PLANTED: Final = (errno.ELOOP, errno.EISDIR, errno.ENXIO, errno.EWOULDBLOCK, errno.ENODEV, errno.ENOTDIR,
+                   errno.EACCES, errno.EPERM, errno.ETXTBSY)
+
+
+def open_log(dir_fd: int, name: str) -> int:
+    """``name`` in ``dir_fd`` for writing, empty: a regular file of this uid with no other link. Whatever a mission
+    planted there (a directory, a link, a FIFO, a file of mode 000, a hard link to another file of the lane) is
+    moved aside (``NAME.refused-NS``, never deleted nor followed, nothing blocks) and a fresh file made: what was
+    planted at a log's path never fails the mission that log belongs to."""
     for _ in range(3):
         try:
-            dfd = os.open(OUT_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=state_fd)
+            fd = os.open(name, _LOG_FLAGS, 0o600, dir_fd=dir_fd)
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            if exc.errno not in _PLANTED:
+                raise
+            move_aside(dir_fd, name, f"cannot be written ({os.strerror(exc.errno)})")
+            continue
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1:
+                why = ("not a regular file" if not stat.S_ISREG(st.st_mode) else f"owned by uid {st.st_uid}"
+                       if st.st_uid != os.geteuid() else f"has {st.st_nlink} links")
+                os.close(fd)
+                move_aside(dir_fd, name, why)
+                continue
+            os.ftruncate(fd, 0)  # only now: a hard link to another file is never truncated
+            os.set_blocking(fd, True)
+            return fd
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            raise
+    raise OSError(errno.EAGAIN, f"{name} keeps being replaced")
+
+
+def move_aside(dir_fd: int, name: str, why: str) -> None:
+    dest = f"{name}.refused-{time.time_ns()}"
+    os.rename(name, dest, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    log.warning("%s: %s; moved it aside to %s", name, why, dest)
+
+
+def restore_mode(fd: int, mode: int = 0o700) -> None:
+    """A directory of this uid (``fd``) that a mission (same uid) chmodded: give it back ``mode`` (its owner may)."""
+    st = os.fstat(fd)
+    if st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) != mode:
+        os.chmod(f"/proc/self/fd/{fd}" if _is_path_fd(fd) else fd, mode)
+        log.warning("restored mode %o of a directory of this lane (it was %o)", mode, stat.S_IMODE(st.st_mode))
+
+
+def _is_path_fd(fd: int) -> bool:
+    import fcntl
+
+    return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_PATH)
+
+
+def open_own_dir(parent_fd: int, name: str, flags: int) -> int:
+    """``os.open(name, flags, dir_fd=parent_fd)`` for a directory of this lane; when that is refused for its mode
+    (EACCES: a mission did ``chmod 000``), the directory, if it is one of this uid (opened without following a link),
+    gets its mode 0700 back and is opened again. Any other error is the caller's."""
+    try:
+        fd = os.open(name, flags, dir_fd=parent_fd)
+    except PermissionError:
+        try:
+            p = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
+        except OSError:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), name) from None
+        try:
+            if os.fstat(p).st_uid != os.geteuid():
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), name)
+            restore_mode(p)
+        finally:
+            os.close(p)
+        fd = os.open(name, flags, dir_fd=parent_fd)
+    try:
+        restore_mode(fd)  # readable but not writable or searchable (chmod 500): ours again as well
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_out_dir(state_fd: int) -> int:
+    """A descriptor of ``out/`` under the lane's state directory (``state_fd``, opened by the runtime), made when
+    missing. It is opened without following a link and must be a directory of this process's uid; anything else
+    there (a link a mission planted, a file) is moved aside and a fresh directory made; its mode is restored when a
+    mission changed it."""
+    for _ in range(3):
+        try:
+            dfd = open_own_dir(state_fd, OUT_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
             with contextlib.suppress(FileExistsError):
                 os.mkdir(OUT_DIR, 0o700, dir_fd=state_fd)
@@ -230,14 +311,22 @@ def open_capture(state_fd: int, name: str, max_bytes: int) -> Capture:
                 raise
             _aside(state_fd, f"not a directory ({os.strerror(exc.errno)})")
             continue
-        try:
-            if os.fstat(dfd).st_uid != os.geteuid():
-                _aside(state_fd, f"owned by uid {os.fstat(dfd).st_uid}")
-                continue
-            return Capture(dfd, name, max_bytes)
-        finally:
+        if os.fstat(dfd).st_uid != os.geteuid():
+            _aside(state_fd, f"owned by uid {os.fstat(dfd).st_uid}")
             os.close(dfd)
+            continue
+        return dfd
     raise OSError(errno.EAGAIN, f"{OUT_DIR} keeps being replaced")
+
+
+def open_capture(state_fd: int, name: str, max_bytes: int) -> Capture:
+    """A capture of ``out/NAME`` under the lane's state directory (``state_fd``): ``out/`` as ``open_out_dir``
+    gives it, the log as ``open_log`` makes it."""
+    dfd = open_out_dir(state_fd)
+    try:
+        return Capture(dfd, name, max_bytes)
+    finally:
+        os.close(dfd)
 
 
 def _aside(state_fd: int, why: str) -> None:

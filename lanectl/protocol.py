@@ -161,8 +161,9 @@ class CallbackMsg:
     output_tail: str | None = None
     error: str | None = None
     retry: bool = False
-    """On ``failed``: the mission could not even start (fork or memory refused: EAGAIN, ENOMEM); its command never
-    ran, so the attempt is lost and the mission re-queued while attempts remain, not failed."""
+    """On ``failed``: the lane could not even start the mission (no task or memory left: EAGAIN, ENOMEM); its command
+    never ran, so the supervisor returns the attempt uncharged (no failure of the mission or the lane) and sends the
+    lane nothing until one of its missions ends or its next health report."""
 
     def as_json(self) -> dict[str, Any]:
         doc = {"mission": self.mission, "attempt": self.attempt, "lane": self.lane, "token": self.token,

@@ -195,8 +195,9 @@ def prefer_as_oom_victim() -> None:
 
 
 class CouldNotStart(Exception):
-    """The mission's command never ran: the lane had no task or memory for it (EAGAIN, ENOMEM). The attempt is lost
-    and the supervisor re-queues the mission, instead of failing a mission whose command did not run."""
+    """The mission's command never ran: the lane had no task or memory for it (EAGAIN, ENOMEM). Reported ``failed``
+    with ``retry``: the supervisor returns the attempt uncharged, instead of failing a mission whose command did not
+    run (and counting it against the lane)."""
 
 
 START_ERRNOS = (errno.EAGAIN, errno.ENOMEM)
@@ -386,18 +387,34 @@ def _move_aside(dir_fd: int, name: str, why: str) -> None:
 
 def own_state_dir(workspace: Path | str) -> int:
     """A descriptor of this lane's ``WORKSPACE/.lanectl``, created (0700) when missing. Whatever else sits there (a
-    link, a file, a directory of another owner) is moved aside, never followed."""
+    link, a file, a directory of another owner) is moved aside, never followed; its mode is given back (0700) when a
+    mission (same uid) changed it (``chmod 000 .lanectl`` would otherwise wedge the lane)."""
     for _ in range(3):
         try:
-            return open_state_dir(workspace, os.geteuid())
+            fd = open_state_dir(workspace, os.geteuid())
         except FileNotFoundError:
             pass
+        except PermissionError:
+            ws = os.open(workspace, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:  # a directory of ours we may not read: its mode back, then opened as usual
+                os.close(outcap.open_own_dir(ws, STATE_DIR_NAME, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                                             | os.O_NONBLOCK | os.O_CLOEXEC))
+            finally:
+                os.close(ws)
+            continue
         except LogRefused as exc:
             ws = os.open(workspace, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
                 _move_aside(ws, STATE_DIR_NAME, str(exc))
             finally:
                 os.close(ws)
+        else:
+            try:
+                outcap.restore_mode(fd)  # readable but not writable (chmod 500): its mode back as well
+            except BaseException:
+                os.close(fd)
+                raise
+            return fd
         ws = os.open(workspace, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             os.mkdir(STATE_DIR_NAME, 0o700, dir_fd=ws)
@@ -419,7 +436,7 @@ def append_own_log(workspace: Path | str, line: bytes) -> None:
                 fd = os.open(LOG_NAME, _APPEND, 0o600, dir_fd=sd)
             except OSError as exc:
                 if exc.errno not in (errno.ELOOP, errno.ENXIO, errno.EISDIR, errno.EWOULDBLOCK, errno.ENODEV,
-                                     errno.ENOTDIR):
+                                     errno.ENOTDIR, errno.EACCES):
                     raise
                 _move_aside(sd, LOG_NAME, f"not a log ({os.strerror(exc.errno)})")
                 continue
@@ -460,8 +477,9 @@ class LaneRuntime:
         self.out_pruned_at = 0.0
         self.out_dirty = True
         self.contain: cgroups.Containment | None = None
-        # what /healthz says: "cgroup+landlock" when every mission gets its own cgroup and cannot write outside its
-        # workspace (lanectl/landlock.py), "cgroup" without Landlock, "off" uncontained
+        # what /healthz says: "cgroup" when every mission gets its own cgroup, "+landlock" when it cannot write
+        # outside its workspace (lanectl/landlock.py), "+ns" when it runs in PID and user namespaces of its own;
+        # "off" uncontained
         self.containment = "off"
         # LANECTL_CONTAIN=1 (the lane unit sets it): a cgroup per mission, and PID + user namespaces per mission
         # unless LANECTL_MISSION_NAMESPACES=0. A runtime started by hand (development, tests) leaves both off.
@@ -748,9 +766,8 @@ class LaneRuntime:
     def finish(self, r: Running, event: str, *, exit_code: int | None = None, error: str | None = None,
                retry: bool = False) -> None:
         if r.cg is not None and event == "failed" and r.cg.oom_kills() > 0:
-            limit = self.contain.memory_max if self.contain is not None else None
             error = ("out of memory: the kernel killed " + ("its process" if exit_code == -9 else "a process of it")
-                     + (f" at the lane's mission memory limit ({limit} bytes)" if limit else "")
+                     + self.oom_where(r.cg)
                      + ("" if error in (None, f"exit code {exit_code}") else f"; {error}"))
         self.drop_cgroup(r)
         with self.lock:
@@ -766,6 +783,19 @@ class LaneRuntime:
             self.journal(event="end", mission=r.msg.mission, attempt=r.msg.attempt, outcome=event,
                          exit_code=exit_code, error=None if error is None else error[:2000])
         self.report(r, event, exit_code=exit_code, output_tail=self.tail(r) or None, error=error, retry=retry)
+
+    def oom_where(self, cg: cgroups.MissionCgroup) -> str:
+        """Whose limit the kernel enforced: the mission's own (it is the one that took too much), or the one all of
+        the lane's missions share (they took too much together; this one was the largest)."""
+        if self.contain is None:
+            return ""
+        own, shared = self.contain.mission_memory_max, self.contain.memory_max
+        if own is not None and (cg.hit_own_memory_limit() or own == shared):
+            return f" at its own memory limit ({own} bytes)"
+        if shared is not None:
+            return (f" when the lane's missions together reached their memory limit ({shared} bytes; each mission "
+                    f"may use {own} bytes)")
+        return ""
 
     def work_once(self) -> None:
         """One turn of the work loop: start what was accepted, reap what ended, heartbeat what runs."""
@@ -825,8 +855,10 @@ class LaneRuntime:
                 elif code == 0:
                     self.finish(r, "succeeded", exit_code=0)
                 elif self.isolate and code == 1 and self.wrapper_failed(r):
+                    # the lane had no task for it: returned to the queue uncharged, when the runtime sees the lane
+                    # short of tasks itself (a mission that only prints the wrapper's message fails as usual)
                     self.finish(r, "failed", exit_code=code, error="could not start: " + self.tail(r).strip()[-300:],
-                                retry=True)
+                                retry=self.short_of_tasks())
                 else:
                     self.finish(r, "failed", exit_code=code, error=f"exit code {code}")
                 continue
@@ -846,6 +878,12 @@ class LaneRuntime:
         text = self.tail(r).strip()
         return (text.startswith("unshare: ") and "\n" not in text
                 and any(os.strerror(e) in text for e in START_ERRNOS))
+
+    def short_of_tasks(self) -> bool:
+        """Whether the lane's missions together have (nearly) no task left: what makes a start fail for want of
+        tasks through no fault of the mission (its own limit always leaves the others MIN_TASKS_PER_MISSION)."""
+        free = self.contain.tasks_free() if self.contain is not None else None
+        return free is not None and free < cgroups.MIN_TASKS_PER_MISSION
 
     def reap_retired(self, r: Running, now: float) -> None:
         """A superseded attempt: kill its process (TERM, then KILL), log its end, report it cancelled."""
@@ -881,10 +919,11 @@ class LaneRuntime:
         if not self.contain_wanted:
             return
         try:
-            self.contain = cgroups.Containment.setup()
+            self.contain = cgroups.Containment.setup(capacity=self.info.capacity)
         except OSError as exc:
             log.warning("missions are not contained (no cgroup of their own): %s", exc)
             self.contain = None
+            self.containment = "ns" if self.isolate else "off"  # namespaces need no cgroup
             return
         self.containment = "cgroup"
         try:
@@ -893,20 +932,26 @@ class LaneRuntime:
             self.containment = "cgroup+landlock"
         except OSError as exc:
             log.warning("missions are not kept out of the lane's cgroups (no Landlock): %s", exc)
+        if self.isolate:
+            self.containment += "+ns"
         for cg in self.contain.leftovers():
             log.warning("killing what an earlier runtime left in cgroup %s", cg.name)
             cg.kill()
             if not cg.remove():
                 self.cleanup.append(cg)
-        log.info("missions run in cgroups of their own under %s (tasks %s, memory %s)",
-                 ", ".join(str(p) for p in self.contain.missions.values()), self.contain.tasks_max,
-                 self.contain.memory_max)
+        log.info("missions run in cgroups of their own under %s (all missions: tasks %s, memory %s; each mission: "
+                 "tasks %s, memory %s)", ", ".join(str(p) for p in self.contain.missions.values()),
+                 self.contain.tasks_max, self.contain.memory_max, self.contain.mission_tasks_max,
+                 self.contain.mission_memory_max)
 
     def run(self) -> int:
         self.contain_missions()  # before any thread starts: the runtime moves itself into its leaf
         Path(self.info.workspace).mkdir(parents=True, exist_ok=True)
-        os.close(own_state_dir(self.info.workspace))  # a link or a file left at .lanectl is moved aside
-        (self.state_dir / "out").mkdir(exist_ok=True)
+        sd = own_state_dir(self.info.workspace)  # a link or a file left at .lanectl is moved aside, its mode restored
+        try:
+            os.close(outcap.open_out_dir(sd))  # the same for out/
+        finally:
+            os.close(sd)
         self.bind()
         assert self.server is not None
         threading.Thread(target=self.server.serve_forever, name="http", kwargs={"poll_interval": 0.2},

@@ -4,8 +4,9 @@ One thread owns the ledger and decides (the main loop); HTTP handler threads onl
 a small pool sends dispatches. Each turn of the main loop:
 
 1. callbacks that arrived are applied in one transaction (group commit), fenced by mission, lane, attempt, token;
-2. results of dispatch POSTs are applied (a lane that answered 429 full / 503 stopping gets the attempt back
-   uncharged and no work until its next health report; one that refused otherwise or could not be reached loses
+2. results of dispatch POSTs are applied (a lane that answered 429 full / 503 stopping, or reported it could not
+   start a mission for want of tasks or memory, gets the attempt back uncharged and no work until one of its
+   missions ends or its next health report; one that refused otherwise or could not be reached loses
    the attempt); cancels a lane did not take are sent again;
 3. a lane process that exited (seen at once through a pidfd, kept until the process is gone) has its missions
    re-queued at once;
@@ -651,7 +652,11 @@ class Supervisor:
         for p, answer in zip(batch, answers):
             p.future.set_result(answer)
         if self.full:  # a lane that reports an outcome has a slot free again: no need to wait for its health report
-            self.full.difference_update(cb.lane for cb in cbs if cb.kind in ("succeeded", "failed", "cancelled"))
+            self.full.difference_update(cb.lane for cb in cbs if cb.kind in ("succeeded", "failed", "cancelled")
+                                        and not cb.uncharged)
+        # a lane that could not start a mission (no task or memory left) gets no work until one of its missions
+        # ends or its next health report: the attempt went back uncharged, never a tight loop of refusals
+        self.full.update(cb.lane for cb, (status, _) in zip(cbs, answers) if cb.uncharged and status == 200)
         self.dirty = True
         return len(batch)
 
@@ -662,8 +667,9 @@ class Supervisor:
                                result={"exit_code": m.exit_code, "output_tail": m.output_tail})
         if m.event == "failed":
             err = m.error or (f"exit code {m.exit_code}" if m.exit_code is not None else "failed")
-            # retry: the mission could not even start (EAGAIN, ENOMEM): a lost attempt, re-queued while attempts remain
-            return ms.Callback("failed", m.mission, m.lane, m.attempt, m.token, error=err, retry=m.retry)
+            # retry: the mission could not even start (EAGAIN, ENOMEM): the lane ran nothing, so the attempt goes
+            # back uncharged and is no failure of the lane (as a 429), and the lane is full for now
+            return ms.Callback("failed", m.mission, m.lane, m.attempt, m.token, error=err, uncharged=m.retry)
         return ms.Callback(m.event, m.mission, m.lane, m.attempt, m.token)
 
     def answer(self, cb: ms.Callback, o: ms.CallbackOutcome) -> tuple[int, dict[str, Any]]:

@@ -624,7 +624,9 @@ class Callback:
     """One report from a lane about an attempt it holds; ``apply_callbacks_in`` fences and applies it.
 
     ``cancelled`` confirms the lane stopped an attempt that is already over in the ledger (it changes nothing);
-    ``failed`` with ``retry`` re-queues the mission while attempts remain.
+    ``failed`` with ``retry`` re-queues the mission while attempts remain; with ``uncharged`` (the lane could not
+    start it: no task or memory left, its command never ran) it goes back to the queue without costing an attempt
+    and without counting as a failure of the lane, as a dispatch the lane refused (``return_attempt``).
     """
 
     kind: str
@@ -635,6 +637,7 @@ class Callback:
     result: Any = None
     error: str | None = None
     retry: bool = False
+    uncharged: bool = False
 
 
 @dataclass(frozen=True)
@@ -755,6 +758,12 @@ def _apply_callback(writes: _Deferred, cb: Callback, hold: list[Any], m: list[An
                 result=None if cb.result is None else canonical(cb.result))
         evs.append(events.row(EventKind.SUCCEEDED, now, mission=mission_id, lane=cb.lane, attempt=attempt))
         hold[2] = m[0] = "succeeded"
+    elif cb.uncharged:
+        writes.flush()
+        _return(writes.conn, mission_id, attempt, cb.lane, f"{cb.error or 'could not start'}: not charged"[:500],
+                now, evs)
+        hold[2] = "lost"
+        m[0] = "queued"
     elif cb.retry:
         error = cb.error or ""
         writes.flush()
@@ -875,13 +884,23 @@ def return_attempt(ledger: Ledger, mission_id: int, attempt: int, lane: str, tok
         if (row is None or row[0] != attempt or row[1] not in ACTIVE or row[2] != lane
                 or not hmac.compare_digest(row[3], token_hash(token))):
             return False
-        conn.execute("UPDATE attempts SET state = 'lost', finished_at = ? WHERE mission = ? AND n = ?",
-                     (now, mission_id, attempt))
-        conn.execute("UPDATE missions SET state = 'queued', current_lane = NULL, round_start = round_start + 1, "
-                     "updated_at = ? WHERE id = ?", (now, mission_id))
-        append(conn, EventKind.REQUEUED, now, mission=mission_id, lane=lane, attempt=attempt, reason=reason,
-               charged=False)
+        _return(conn, mission_id, attempt, lane, reason, now)
         return True
+
+
+def _return(conn: Any, mission_id: int, attempt: int, lane: str, reason: str, now: float,
+            evs: list[events.EventRow] | None = None) -> None:
+    """Back to the queue, the attempt not charged (``round_start`` moves with it): the lane ran nothing."""
+    conn.execute("UPDATE attempts SET state = 'lost', finished_at = ? WHERE mission = ? AND n = ?",
+                 (now, mission_id, attempt))
+    conn.execute("UPDATE missions SET state = 'queued', current_lane = NULL, round_start = round_start + 1, "
+                 "updated_at = ? WHERE id = ?", (now, mission_id))
+    ev = events.row(EventKind.REQUEUED, now, mission=mission_id, lane=lane, attempt=attempt, reason=reason,
+                    charged=False)
+    if evs is None:
+        events.append_many(conn, [ev])
+    else:
+        evs.append(ev)
 
 
 def extend_leases(ledger: Ledger, *, until: float, lane: str | None = None,

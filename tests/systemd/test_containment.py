@@ -68,8 +68,10 @@ def fleet(sandbox, tmp_path_factory):  # type: ignore[no-untyped-def]
     assert f.json("install")[0] == 0
     code, doc = f.json("up")
     assert code == 0, doc
-    wait_for(lambda: healthz(f, 8761).get("containment") == "cgroup+landlock" and healthz(f, 8762), 30,
+    wait_for(lambda: healthz(f, 8761).get("containment") == "cgroup+landlock+ns" and healthz(f, 8762), 30,
              what="both lanes up, ct with per-mission cgroups")
+    # px runs its missions without namespaces: its /healthz says what is really in force
+    assert healthz(f, 8762)["containment"] == "cgroup+landlock"
     wait_for(lambda: f.sb.exec(["systemctl", "is-active", "lanectl-supervisor.service"], check=False).stdout.strip()
              == "active", 20, what="the supervisor")
     yield f
@@ -124,7 +126,7 @@ def test_fork_flood_leftovers_die_with_the_mission_and_innocents_run(fleet: Flee
     st = wait_terminal(fleet, innocents, 60)
     assert set(st.values()) == {"succeeded"}, history(fleet, innocents)
     assert unit_state(fleet, CT) == before  # the runtime never died
-    assert healthz(fleet, 8761)["containment"] == "cgroup+landlock"
+    assert healthz(fleet, 8761)["containment"] == "cgroup+landlock+ns"
 
 
 def test_setsid_children_die_with_their_mission_also_on_timeout(fleet: Fleet) -> None:
@@ -140,21 +142,41 @@ def test_setsid_children_die_with_their_mission_also_on_timeout(fleet: Fleet) ->
     assert fleet.sb.exec(["pgrep", "-f", "sleep 30[0-3]"], check=False).returncode == 1  # nowhere in the box
 
 
-def test_a_mission_that_cannot_start_is_retried_not_failed(fleet: Fleet) -> None:
-    """A mission takes every task missions may have; the next one cannot even start: its attempt is lost and it is
-    re-queued (no "command ran" failure), and runs once the tasks are back. The runtime keeps its reserve."""
-    marker = "/var/lib/lanes/ct/filled"
-    fleet.sb.exec(["rm", "-f", marker], check=False)
-    [hog] = submit(fleet, [{"lane": CT, "payload": {"argv": ["python3", "/var/lib/lanes-contain/fill.py", marker,
-                                                             "6"]}}])
-    wait_for(lambda: fleet.sb.exec(["test", "-s", marker], check=False).returncode == 0, 30,
-             what="the hog to take every mission task")
-    [late] = submit(fleet, [{"lane": CT, "payload": sh("echo ran"), "max_attempts": 20}])
-    st = wait_terminal(fleet, [hog, late], 90)
-    assert st == {hog: "succeeded", late: "succeeded"}, history(fleet, [hog, late])
-    reasons = [json.loads(r[0]).get("reason", "") for r in
-               sql(fleet, "SELECT data FROM events WHERE kind = 'requeued' AND mission = ?", late)]
-    assert reasons and all("could not start" in r for r in reasons), reasons
+MISSION_TASKS = 24  # ct: TasksMax=64, a reserve of 16, 48 for missions; one takes at most 48 - 3 * 8
+
+
+def test_a_task_hog_takes_only_its_share_and_refused_starts_cost_nothing(fleet: Fleet) -> None:
+    """Issue 17 F1. A mission forking until EAGAIN gets only its own share of the missions' tasks; two of them
+    fill the lane, and the bystanders submitted after them cannot start: each such start goes back uncharged (no
+    failed or dead event, nothing rollback counts against the lane), the lane is asked again only after its next
+    health report or a mission's end, and every bystander runs once the hogs end. The runtime keeps its reserve."""
+    markers = ["/var/lib/lanes/ct/filled-1", "/var/lib/lanes/ct/filled-2"]
+    fleet.sb.exec(["rm", "-f", *markers], check=False)
+    hogs = submit(fleet, [{"lane": CT, "payload": {"argv": ["python3", "/var/lib/lanes-contain/fill.py", m, "8"]}}
+                          for m in markers])
+    for m in markers:
+        wait_for(lambda: fleet.sb.exec(["test", "-s", m], check=False).returncode == 0, 30,
+                 what="a hog to take every task it may")
+    kids = [int(fleet.read_file(m)) for m in markers]
+    assert all(0 < k <= MISSION_TASKS for k in kids), kids  # its own limit, not all of the lane's
+    bystanders = submit(fleet, [{"lane": CT, "payload": sh("echo bystander")} for _ in range(2)])
+    st = wait_terminal(fleet, [*hogs, *bystanders], 120)
+    report = history(fleet, [*hogs, *bystanders])
+    assert set(st.values()) == {"succeeded"}, report
+    for b in bystanders:
+        m = mission(fleet, b)
+        assert m["attempts"] - m["round_start"] == 1, report  # only the attempt that ran was charged
+    refused = [json.loads(r[0]) for r in sql(
+        fleet, f"SELECT data FROM events WHERE kind = 'requeued' AND mission IN ({','.join('?' * len(bystanders))})",
+        *bystanders)]
+    assert refused, "the bystanders were never refused: the hogs did not fill the lane"
+    assert all(e.get("charged") is False and "could not start" in e.get("reason", "") for e in refused), refused
+    assert sql(fleet, "SELECT count(*) FROM events WHERE lane = ? AND kind IN ('failed', 'dead') AND at >= "
+                      "(SELECT min(created_at) FROM missions WHERE id = ?)", CT, hogs[0]) == [[0]]
+    # never a tight loop: the lane was asked again at most once per health report (0.5 s) or mission end, not
+    # thousands of times
+    assert len(refused) < 200, len(refused)
+    assert sql(fleet, "SELECT state FROM lanes WHERE name = ?", CT) == [["active"]]
     assert healthz(fleet, 8761)  # the runtime answered throughout (its reserve)
 
 
@@ -224,3 +246,93 @@ def test_a_mission_cannot_leave_or_loosen_its_cgroup(fleet: Fleet) -> None:
     assert got == {"raise_own_limit": "refused", "starve_runtime": "refused", "leave_cgroup": "refused",
                    "new_cgroup": "refused", "own_workspace": "ok", "own_tmp": "ok"}, got
     wait_for(lambda: not leftovers(fleet, CT, "sleep 304"), 10, what="sleep 304 gone")
+
+
+MEMORY_BYSTANDER = """
+import sys, time
+b = bytearray(60 << 20)
+for i in range(0, len(b), 4096):
+    b[i] = 1
+open(sys.argv[1], "w").write("allocated")
+time.sleep(8)
+print("bystander-ok")
+"""
+
+MEMORY_ATTACKER = """
+import os
+kids = []
+for i in range(20):  # 200 MiB over many small processes: no one of them is the largest process of the lane
+    pid = os.fork()
+    if pid == 0:
+        b = bytearray(10 << 20)
+        for j in range(0, len(b), 4096):
+            b[j] = 1
+        import time; time.sleep(3)
+        os._exit(0)
+    kids.append(pid)
+killed = sum(1 for p in kids if os.WIFSIGNALED(os.waitpid(p, 0)[1]))
+print("killed", killed)
+raise SystemExit(1 if killed else 0)
+"""
+
+
+def test_many_small_processes_hit_their_own_memory_limit_not_a_bystander(fleet: Fleet) -> None:
+    """Issue 17 F2. An attacker spreads 200 MiB over 20 processes while a bystander holds one 60 MiB process: the
+    attacker's own cgroup limit (96 MiB of the missions' 192) is hit first, the kernel kills within it, and the
+    OOM report names it; the bystander runs to its end."""
+    marker = "/var/lib/lanes/ct/allocated"
+    fleet.sb.exec(["rm", "-f", marker], check=False)
+    [bystander] = submit(fleet, [{"lane": CT, "payload": {"argv": ["python3", "-c", MEMORY_BYSTANDER, marker]}}])
+    wait_for(lambda: fleet.sb.exec(["test", "-s", marker], check=False).returncode == 0, 30,
+             what="the bystander to hold its memory")
+    [attacker] = submit(fleet, [{"lane": CT, "payload": {"argv": ["python3", "-c", MEMORY_ATTACKER]}}])
+    st = wait_terminal(fleet, [bystander, attacker], 90)
+    report = history(fleet, [bystander, attacker], unless="__none__")
+    assert st == {bystander: "succeeded", attacker: "failed"}, report
+    err = mission(fleet, attacker)["error"]
+    assert err.startswith("out of memory") and "at its own memory limit" in err, err
+
+
+def test_a_chmodded_state_dir_does_not_wedge_the_lane(fleet: Fleet) -> None:
+    """Issue 17 F4: a mission does ``chmod 000 .lanectl/out .lanectl`` (they are its uid's): the next mission runs
+    and keeps its output, and so does one after a restart of the lane (its runtime gives the modes back)."""
+    [brick] = submit(fleet, [{"lane": CT, "payload": sh("chmod 000 .lanectl/out .lanectl")}])
+    assert wait_terminal(fleet, [brick], 60)[brick] == "succeeded", history(fleet, [brick])
+    [victim] = submit(fleet, [{"lane": CT, "payload": sh("echo victim-ran")}])
+    assert wait_terminal(fleet, [victim], 60)[victim] == "succeeded", history(fleet, [victim])
+    assert fleet.read_file(f"/var/lib/lanes/ct/.lanectl/out/{victim}-1.log") == "victim-ran\n"
+    [brick2] = submit(fleet, [{"lane": CT, "payload": sh("chmod 000 .lanectl/out .lanectl")}])
+    assert wait_terminal(fleet, [brick2], 60)[brick2] == "succeeded", history(fleet, [brick2])
+    pid, _ = unit_state(fleet, CT)
+    fleet.sb.exec(["systemctl", "restart", UNIT.format(CT)], check=True)
+    wait_for(lambda: unit_state(fleet, CT)[0] not in ("0", pid) and healthz(fleet, 8761), 60,
+             what="the lane back after its restart")
+    [after] = submit(fleet, [{"lane": CT, "payload": sh("echo after-restart")}])
+    assert wait_terminal(fleet, [after], 60)[after] == "succeeded", history(fleet, [after])
+    modes = fleet.sb.exec(["stat", "-c", "%a", "/var/lib/lanes/ct/.lanectl", "/var/lib/lanes/ct/.lanectl/out"],
+                          check=True).stdout.split()
+    assert modes == ["700", "700"], modes
+
+
+PLANT = r"""
+n=$LANECTL_MISSION
+mkdir -p .lanectl/out/$((n+1))-1.log/deep .lanectl/out/$((n+2))-1.log
+mkfifo .lanectl/out/$((n+3))-1.log
+ln -s /etc/passwd .lanectl/out/$((n+4))-1.log
+ln .lanectl/executions.log .lanectl/out/$((n+5))-1.log
+"""
+
+
+def test_things_planted_at_the_next_missions_log_paths_fail_no_one(fleet: Fleet) -> None:
+    """Issue 17 F5: a mission plants directories, a FIFO, a link and a hard link to the execution log at the next
+    missions' log paths: those missions run and keep their output; the execution log is not truncated."""
+    [planter] = submit(fleet, [{"lane": CT, "payload": sh(PLANT)}])
+    assert wait_terminal(fleet, [planter], 60)[planter] == "succeeded", history(fleet, [planter])
+    log_before = fleet.read_file("/var/lib/lanes/ct/.lanectl/executions.log")
+    victims = submit(fleet, [{"lane": CT, "payload": sh(f"echo victim-{i}")} for i in range(5)])
+    assert victims == [planter + i for i in range(1, 6)], victims
+    st = wait_terminal(fleet, victims, 90)
+    assert set(st.values()) == {"succeeded"}, history(fleet, victims)
+    for i, v in enumerate(victims):
+        assert fleet.read_file(f"/var/lib/lanes/ct/.lanectl/out/{v}-1.log") == f"victim-{i}\n"
+    assert fleet.read_file("/var/lib/lanes/ct/.lanectl/executions.log").startswith(log_before)

@@ -93,3 +93,107 @@ def test_a_landlocked_child_writes_only_where_it_may(tmp_path: Path) -> None:
     finally:
         os.close(rs.fd)
     assert proc.stdout.split() == ["ok", "refused"]
+
+
+@pytest.mark.parametrize("total, capacity, minimum, want", [
+    (48, 4, 8, 24),  # a 64-task lane of 4 slots: one mission takes at most 24 of the missions' 48, 8 stay for each other
+    (48, 1, 8, 48),  # a lane of one slot: all of it
+    (20, 4, 8, 5),  # too small to give every slot its minimum: an even split
+    (192 << 20, 4, 32 << 20, 96 << 20),
+    (3, 8, 8, 1),
+])
+def test_a_mission_leaves_every_other_slot_its_minimum(total: int, capacity: int, minimum: int, want: int) -> None:
+    got = cgroups.mission_share(total, capacity, minimum)
+    assert got == want
+    assert got >= 1
+    if total >= capacity * minimum:  # the other slots keep their minimum whatever one mission does
+        assert total - got >= (capacity - 1) * minimum
+
+
+def fake_hybrid(tmp_path: Path, tasks: int, memory: int) -> dict[str, Path]:
+    base = {}
+    for h in ("unified", "pids", "memory"):
+        d = tmp_path / h / "lane"
+        (d / cgroups.MISSIONS).mkdir(parents=True)
+        base[h] = d
+    (base["pids"] / "pids.max").write_text(f"{tasks}\n")
+    (base["memory"] / "memory.limit_in_bytes").write_text(f"{memory}\n")
+    for f in ("pids/lane/missions/pids.max", "memory/lane/missions/memory.limit_in_bytes"):  # as cgroupfs makes them
+        (tmp_path / f).write_text("")
+    return base
+
+
+def test_each_mission_cgroup_gets_its_own_limits_before_it_runs(tmp_path: Path) -> None:
+    c = cgroups.Containment(fake_hybrid(tmp_path, 64, 256 << 20), capacity=4)
+    c.apply_reserve(None)
+    assert (c.tasks_max, c.memory_max) == (48, 192 << 20)
+    assert (c.mission_tasks_max, c.mission_memory_max) == (24, 96 << 20)
+    assert (c.base["pids"] / "missions" / "pids.max").read_text() == "48"
+    files = c.limit_files("m7-1-1")
+    assert files == [(c.missions["pids"] / "m7-1-1" / "pids.max", 24),
+                     (c.missions["memory"] / "m7-1-1" / "memory.limit_in_bytes", 96 << 20)]
+    # on a pure v2 host the unified hierarchy holds both
+    v2 = tmp_path / "v2" / "lane"
+    (v2 / "missions").mkdir(parents=True)
+    (v2 / "pids.max").write_text("64\n")
+    (v2 / "memory.max").write_text(f"{256 << 20}\n")
+    (v2 / "missions" / "pids.max").write_text("")
+    (v2 / "missions" / "memory.max").write_text("")
+    c2 = cgroups.Containment({"unified": v2}, capacity=4)
+    c2.apply_reserve(None)
+    assert c2.limit_files("m1-1-1") == [(v2 / "missions" / "m1-1-1" / "pids.max", 24),
+                                        (v2 / "missions" / "m1-1-1" / "memory.max", 96 << 20)]
+
+
+def test_whose_memory_limit_the_kernel_enforced_is_read_from_the_cgroup(tmp_path: Path) -> None:
+    v1, v2 = tmp_path / "m", tmp_path / "u"
+    v1.mkdir()
+    v2.mkdir()
+    (v1 / "memory.failcnt").write_text("0\n")
+    assert not cgroups.MissionCgroup("m1-1-1", {"memory": v1}).hit_own_memory_limit()
+    (v1 / "memory.failcnt").write_text("37\n")
+    assert cgroups.MissionCgroup("m1-1-1", {"memory": v1}).hit_own_memory_limit()
+    (v2 / "memory.events.local").write_text("low 0\nhigh 0\nmax 0\noom 1\noom_kill 1\n")
+    assert not cgroups.MissionCgroup("m1-1-1", {"unified": v2}).hit_own_memory_limit()
+    (v2 / "memory.events.local").write_text("low 0\nhigh 0\nmax 4\noom 1\noom_kill 1\n")
+    assert cgroups.MissionCgroup("m1-1-1", {"unified": v2}).hit_own_memory_limit()
+
+
+def test_a_start_the_lane_refused_goes_back_uncharged_and_is_no_failure(tmp_path: Path) -> None:
+    """The lane could not start the mission (no task left): the supervisor's callback returns the attempt
+    uncharged (no failed or dead event: nothing for rollback to count), the mission runs again and can succeed;
+    a plain retryable failure is still charged."""
+    from lanectl.config import ClassPolicy, Lane, LaneSet, Settings
+    from lanectl.ledger import Ledger, events, tick
+    from lanectl.ledger import missions as ms
+    from lanectl.ledger.events import EventKind
+    from lanectl.supervisor import Supervisor
+
+    fleet = LaneSet({"a": Lane(port=9001, workspace="/var/lib/lanes/a", capacity=2)},
+                    Settings(classes={"background": ClassPolicy(max_wait_sec=600, queue_limit=50, max_attempts=2)}),
+                    tmp_path, tmp_path / "lanes.d")
+    led = Ledger.open(tmp_path / "ledger.db")
+    try:
+        t = 1_700_000_000.0
+        m = ms.submit(led, fleet, cls="background", payload=1, now=t, lane="a").mission.id
+        for n in range(5):  # refused more often than max_attempts: never dead
+            [d] = tick.run_once(led, fleet, now=t).dispatches
+            msg = CallbackMsg(m, d.attempt, "a", d.token, "failed", error="could not start: no task", retry=True)
+            cb = Supervisor.as_callback(msg)
+            assert cb.uncharged
+            with led.transaction() as conn:
+                [o] = ms.apply_callbacks_in(conn, [cb], now=t + 1, lease_sec=20)
+            assert o.rejected is None and o.state == "queued"
+            got = ms.get(led, m)
+            assert got.state == "queued" and got.attempts - got.round_start == 0, got
+            t += 1  # no backoff: nothing was charged
+        kinds = {e["kind"] for e in events.query(led.conn, mission=m)}
+        assert not kinds & {"failed", "dead"}, kinds
+        req = [e for e in events.query(led.conn, kind=EventKind.REQUEUED) if e["mission"] == m]
+        assert len(req) == 5 and all(e["data"]["charged"] is False and "could not start" in e["data"]["reason"]
+                                     for e in req), req
+        [d] = tick.run_once(led, fleet, now=t).dispatches
+        ms.complete(led, m, lane="a", attempt=d.attempt, token=d.token, now=t + 1)
+        assert ms.get(led, m).state == "succeeded"
+    finally:
+        led.close()

@@ -252,3 +252,83 @@ def test_the_runtime_reads_no_tail_through_a_planted_link(tmp_path: Path) -> Non
     (tmp_path / "evil" / "out").symlink_to(fake)
     os.symlink(tmp_path / "evil", state)
     assert LaneRuntime.tail(None, r) == ""  # type: ignore[arg-type]
+
+
+def test_whatever_a_mission_planted_at_a_log_path_is_moved_aside(tmp_path: Path) -> None:
+    """Issue 17 F5: a mission plants a directory, a link, a FIFO or a hard link to another file of the lane at the
+    next missions' log paths. Each of those missions still gets its log (nothing blocks, nothing is followed or
+    truncated through a link), and what was planted is moved aside, not deleted."""
+    out = tmp_path / "state" / "out"
+    out.mkdir(parents=True)
+    precious = tmp_path / "state" / "executions.log"
+    precious.write_text("KEEP ME\n")
+    (out / "2-1.log").mkdir()
+    (out / "2-1.log" / "inside").write_text("x")
+    os.symlink(precious, out / "3-1.log")
+    os.mkfifo(out / "4-1.log")
+    os.link(precious, out / "5-1.log")
+    (out / "6-1.log").write_text("an old log of the same attempt\n")
+    for n in range(2, 7):
+        cap, code = run_captured(out, f"{n}-1.log", 1 << 20, ["sh", "-c", f"echo mission-{n}"])
+        assert code == 0 and cap.error is None
+        assert (out / f"{n}-1.log").read_text() == f"mission-{n}\n"
+        assert (out / f"{n}-1.log").stat().st_nlink == 1
+    assert precious.read_text() == "KEEP ME\n"
+    aside = sorted(p.name.split(".refused-")[0] for p in out.iterdir() if ".refused-" in p.name)
+    assert aside == ["2-1.log", "3-1.log", "4-1.log", "5-1.log"], aside
+    assert [p for p in out.iterdir() if p.name.startswith("2-1.log.refused-")][0].joinpath("inside").exists()
+
+
+CHMODDED = r'''
+import os, stat, sys
+from lanectl import outcap
+from lanectl.runtime import own_state_dir
+ws = sys.argv[1]
+os.chmod(os.path.join(ws, ".lanectl", "out"), 0)
+os.chmod(os.path.join(ws, ".lanectl"), 0)
+sd = own_state_dir(ws)  # refused for its mode: given back
+cap = outcap.open_capture(sd, "9-1.log", 65536)  # out/ too
+cap.abandon()
+os.close(sd)
+os.chmod(os.path.join(ws, ".lanectl"), 0o500)  # readable, not writable
+os.chmod(os.path.join(ws, ".lanectl", "out"), 0o100)
+sd = own_state_dir(ws)
+outcap.open_capture(sd, "10-1.log", 65536).abandon()
+os.close(sd)
+for p in (".lanectl", ".lanectl/out"):
+    print(p, oct(stat.S_IMODE(os.stat(os.path.join(ws, p)).st_mode)))
+print(sorted(os.listdir(os.path.join(ws, ".lanectl", "out"))))
+'''
+
+
+def test_a_state_dir_a_mission_chmodded_gets_its_mode_back() -> None:
+    """Issue 17 F4: ``chmod 000 .lanectl .lanectl/out`` by a mission (the lane's uid) would fail every later mission
+    and the runtime's restart; the runtime gives both their mode back. Run as a user other than root (root is not
+    refused by modes)."""
+    import shutil
+    import tempfile
+
+    top = Path(tempfile.mkdtemp(prefix="lanectl-chmod-"))  # under /tmp: the other user can reach it
+    ws = top / "ws"
+    (ws / ".lanectl" / "out").mkdir(parents=True)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    kw = {}
+    if os.geteuid() == 0:
+        os.chmod(top, 0o755)
+        for p in (ws, ws / ".lanectl", ws / ".lanectl" / "out"):
+            os.chown(p, 65534, 65534)
+
+        def drop() -> None:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+        kw["preexec_fn"] = drop
+    try:
+        proc = subprocess.run([sys.executable, "-c", CHMODDED, str(ws)], capture_output=True, text=True, env=env,
+                              cwd="/", timeout=120, **kw)
+    finally:
+        for d, _, _ in os.walk(top):  # whatever modes it was left with
+            os.chmod(d, 0o700)
+        shutil.rmtree(top)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [".lanectl 0o700", ".lanectl/out 0o700", "['10-1.log', '9-1.log']"], proc.stdout
