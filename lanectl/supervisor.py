@@ -40,7 +40,6 @@ import pwd
 import queue
 import selectors
 import socketserver
-import sqlite3
 import stat
 import threading
 import time
@@ -57,7 +56,9 @@ from lanectl import __version__, keys, paths, systemd
 from lanectl.config import LaneSet
 from lanectl.errors import Conflict, LanectlError, NotFound
 from lanectl.ledger import Checkpointer, Ledger
+from lanectl.ledger import Error as LedgerError
 from lanectl.ledger import missions as ms
+from lanectl.ledger import reads
 from lanectl.ledger import lanes as lane_ops
 from lanectl.ledger import rollups
 from lanectl.ledger import tick as ticks
@@ -304,7 +305,7 @@ class Supervisor:
         self.commits = commit_watch(self.ledger_path)
         if self.commits is not None:
             self.sel.register(self.commits.fd, selectors.EVENT_READ, "commit")
-        self.cancel_cursor = self.ledger.conn.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]
+        self.cancel_cursor = reads.last_event_id(self.ledger)
         state_dir = Path(self.settings.state_dir)
         lane_keys = keys.read_lane_keys(state_dir, sorted(self.fleet.lanes))
         for name, lane in sorted(self.fleet.lanes.items()):
@@ -769,9 +770,9 @@ class Supervisor:
         from lanectl import governance
 
         assert self.ledger is not None
-        states = dict(self.ledger.conn.execute("SELECT name, state FROM lanes").fetchall())
+        states = reads.lane_states(self.ledger)
         acted: dict[str, str] = {}  # trigger -> the lane this pass drained for it
-        for trip in governance.rollback_trips(self.ledger.conn, self.fleet, now=now, states=states):
+        for trip in governance.rollback_trips(self.ledger, self.fleet, now=now, states=states):
             if trip.fleet_wide:
                 self.alert(trip, now, lane=None, lanes=trip.lanes,
                            reason="not acted on: every lane with evidence shows it alike (the work, not a lane)")
@@ -845,12 +846,10 @@ class Supervisor:
     def forward_cancels(self) -> None:
         """A mission cancelled while a lane ran it: tell that lane to stop it (after the cancel committed)."""
         assert self.ledger is not None
-        top = self.ledger.conn.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]
+        top = reads.last_event_id(self.ledger)
         if top == self.cancel_cursor:
             return
-        rows = self.ledger.conn.execute(
-            "SELECT mission, lane FROM events WHERE id > ? AND id <= ? AND kind = 'cancelled' AND lane IS NOT NULL "
-            "ORDER BY id", (self.cancel_cursor, top)).fetchall()
+        rows = reads.cancels_between(self.ledger, self.cancel_cursor, top)
         self.cancel_cursor = top
         mono = self.clock.mono()
         for mission, lane in rows:
@@ -1006,9 +1005,7 @@ class Supervisor:
         attempt; anything else there costs at most a re-run.
         """
         assert self.ledger is not None
-        active = {(r[0], r[1]) for r in self.ledger.conn.execute(
-            "SELECT id, attempts FROM missions WHERE current_lane = ? AND state IN ('dispatched', 'running')",
-            (lane.name,))}
+        active = reads.active_attempts(self.ledger, lane.name)
         if not active or not invocation:
             return []
         settled = []
@@ -1062,7 +1059,7 @@ class Supervisor:
         healths = check_health_many([(w.port, w.health_path) for w in watches], self.settings.health.health_timeout_sec)
         # who holds each lane's port: only the lane's own user may (with systemd: real lane users)
         holders = tcp_listener_uids({w.port for w in watches}) if self.use_systemd else {}
-        states = dict(self.ledger.conn.execute("SELECT name, state FROM lanes").fetchall())
+        states = reads.lane_states(self.ledger)
         for w, h in zip(watches, healths):
             p = props.get(w.unit, {})
             w.state = states.get(w.name, "active")
@@ -1156,7 +1153,7 @@ class Supervisor:
               and now - w.healthy_since >= recover
               and (not w.restart_times or now - w.restart_times[-1] >= recover)):
             with self.ledger.transaction() as conn:
-                conn.execute("UPDATE lanes SET state = 'active', updated_at = ? WHERE name = ?", (now, w.name))
+                lane_ops.mark_recovered(conn, w.name, now=now)
                 append(conn, EventKind.LANE_STATE, now, lane=w.name, to="active", previous="degraded",
                        reason=f"healthy for {recover:g}s")
             w.state = "active"
@@ -1168,21 +1165,20 @@ class Supervisor:
         from lanectl import governance
 
         assert self.ledger is not None
-        states = dict(self.ledger.conn.execute("SELECT name, state FROM lanes").fetchall())
+        states = reads.lane_states(self.ledger)
         return governance.last_healthy_for(self.fleet, lane, states, {n: w.healthy for n, w in self.lanes.items()})
 
     def degrade(self, w: LaneWatch, why: str, now: float) -> None:
         assert self.ledger is not None
         fallback = self.fleet.lanes[w.name].fallback
         with self.ledger.transaction() as conn:
-            conn.execute("INSERT INTO lanes (name, state, updated_at) VALUES (?, 'degraded', ?) ON CONFLICT (name) "
-                         "DO UPDATE SET state = 'degraded', updated_at = excluded.updated_at", (w.name, now))
+            lane_ops.mark_degraded(conn, w.name, now=now)
             append(conn, EventKind.LANE_STATE, now, lane=w.name, to="degraded", previous=w.state, reason=why,
                    fallback=fallback)
         w.state = "degraded"
         log.warning("lane=%s degraded (%s); fallback %s", w.name, why, fallback or "none")
         if fallback:
-            sessions = [r[0] for r in self.ledger.conn.execute("SELECT id FROM sessions WHERE lane = ?", (w.name,))]
+            sessions = reads.session_ids(self.ledger, w.name)
             for s in sessions:
                 try:
                     ms.move_session(self.ledger, s, fallback, now=now, reason=f"failover: {w.name} degraded")
@@ -1209,14 +1205,9 @@ class Supervisor:
 
     def settle_drains(self, now: float) -> None:
         assert self.ledger is not None
-        rows = self.ledger.conn.execute(
-            "SELECT l.name FROM lanes l WHERE l.state = 'draining' AND NOT EXISTS (SELECT 1 FROM missions m "
-            "WHERE m.current_lane = l.name AND m.state IN ('dispatched', 'running'))").fetchall()
-        for (name,) in rows:
+        for name in reads.draining_idle(self.ledger):
             with self.ledger.transaction() as conn:
-                cur = conn.execute("UPDATE lanes SET state = 'drained', updated_at = ? WHERE name = ? "
-                                   "AND state = 'draining'", (now, name))
-                if cur.rowcount:
+                if lane_ops.mark_drained(conn, name, now=now):
                     append(conn, EventKind.LANE_STATE, now, lane=name, to="drained", previous="draining",
                            reason="nothing in flight")
 
@@ -1236,11 +1227,11 @@ class Supervisor:
         with self.metrics_lock:
             now = self.clock.now()
             if self.metrics_cache is None or now - self.metrics_cache[0] >= METRICS_CACHE_S:
-                conn = sqlite3.connect(f"file:{self.ledger_path}?mode=ro", uri=True, timeout=5)
+                ro = Ledger.open_readonly(self.ledger_path, timeout_s=5)
                 try:
-                    m = evidence.metrics_conn(conn, window_s=METRICS_WINDOW_S, now=now, fleet=self.fleet)
+                    m = evidence.metrics_conn(ro, window_s=METRICS_WINDOW_S, now=now, fleet=self.fleet)
                 finally:
-                    conn.close()
+                    ro.close()
                 self.metrics_cache = (now, evidence.prometheus_text(m, generated=now))
             text = self.metrics_cache[1]
         return text + self.refusal_text()
@@ -1322,7 +1313,7 @@ class Supervisor:
                     self.reload(self.clock.now())
                 last_observe = self.turn(mono, last_observe)
                 self.ledger_error = None
-            except (sqlite3.Error, LanectlError, OSError) as exc:
+            except (LedgerError, LanectlError, OSError) as exc:
                 # the ledger cannot be written (disk full, I/O error, locked past the timeout): keep the watchdog
                 # fed and the callbacks answered (500: the lanes retry), and try again shortly
                 if self.ledger_error is None or mono - self.ledger_error >= 5.0:
@@ -1339,7 +1330,7 @@ class Supervisor:
             if mono - last_summary >= 1.0:
                 try:
                     self.refresh_summary()
-                except (sqlite3.Error, LanectlError):
+                except (LedgerError, LanectlError):
                     pass
                 self.notify("STATUS=" + self.status_line())
                 last_summary = mono
@@ -1362,7 +1353,7 @@ class Supervisor:
                 self.reconcile(now)
         if self.cancels or not self.cancel_results.empty():
             self.apply_cancel_results(mono)
-        version = self.ledger.conn.execute("PRAGMA data_version").fetchone()[0]
+        version = self.ledger.data_version()
         if version != self.data_version or self.dirty or now - self.last_tick >= self.settings.supervisor.tick_sec:
             self.data_version = version
             self.dirty = False
@@ -1378,7 +1369,7 @@ class Supervisor:
         try:
             with self.ledger.transaction() as conn:
                 rolled = rollups.roll_up(conn, self.clock.now())
-        except (sqlite3.Error, LanectlError) as exc:
+        except (LedgerError, LanectlError) as exc:
             log.warning("rolling metrics up failed (report reads raw events meanwhile): %s", exc)
             rolled = 0
         self.next_rollup = mono + (0.5 if rolled else ROLLUP_EVERY_S)
@@ -1442,7 +1433,7 @@ class Supervisor:
                 lane = self.lanes[key.data]
                 try:
                     self.lane_exited(lane, now)
-                except (sqlite3.Error, LanectlError) as exc:
+                except (LedgerError, LanectlError) as exc:
                     # not recorded: the next look at systemd sees the new invocation and re-queues then
                     log.error("lane=%s exited but the ledger is unavailable: %s", lane.name, exc)
                     self.settling = True

@@ -28,18 +28,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SQL_METHODS = frozenset({"execute", "executemany", "executescript"})
-SQL_ALLOWED = {
-    # issue 11 item 1 (the supervisor's part): its reconcile, settle, cancel-cursor, degrade/recover/drained and
-    # metrics-cache queries move behind lanectl/ledger/ in the change that splits the supervisor; remove it then.
-    "lanectl/supervisor.py",
-}
+SQL_ALLOWED: set[str] = set()  # modules still allowed SQL outside lanectl/ledger/ (none: keep it so)
 CLI_ALLOWED = {"lanectl/entry.py"}
 TABLE_WRITERS = {
     # table -> the modules that may write it (the schema's migrations may always)
-    "lanes": {"lanectl/ledger/lanes.py",
-              # issue 11 item 2 (the supervisor's part): degrade, recover and settle-drained move to
-              # lanectl/ledger/lanes.py with the supervisor's SQL; remove it then
-              "lanectl/supervisor.py"},
+    "lanes": {"lanectl/ledger/lanes.py"},
 }
 _WRITE = r"(?:INSERT\s+(?:OR\s+\w+\s+)?INTO|REPLACE\s+INTO|UPDATE(?:\s+OR\s+\w+)?|DELETE\s+FROM)\s+"
 
@@ -257,8 +250,8 @@ def _package(tmp_path: Path, files: dict[str, str]) -> Path:
 def test_sql_outside_the_ledger_fails(tmp_path: Path, code: str, found: list[str]) -> None:
     root = _package(tmp_path, {"lanectl/evidence.py": code, "lanectl/ledger/reads.py": code,
                                "lanectl/supervisor.py": code})
-    assert sql_calls(root) == [f"lanectl/evidence.py{f}" for f in found]
-    assert len(sql_calls(root, allowed=set())) == 2 * len(found)  # the supervisor's is only allowed by the list
+    assert sql_calls(root, allowed={"lanectl/supervisor.py"}) == [f"lanectl/evidence.py{f}" for f in found]
+    assert len(sql_calls(root)) == 2 * len(found)  # the supervisor's is only allowed by a list that names it
 
 
 def test_the_real_tree_fails_when_an_execute_is_added(tmp_path: Path) -> None:

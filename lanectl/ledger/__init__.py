@@ -233,6 +233,11 @@ class Ledger:
         cols = [d[0] for d in cur.description or ()]
         return [dict(zip(cols, row)) for row in cur.fetchall()]
 
+    def data_version(self) -> int:
+        """``PRAGMA data_version``: changes when another connection committed to the file since this one last
+        looked (the supervisor's loop ticks on it when it has no inotify watch or one was missed)."""
+        return self.conn.execute("PRAGMA data_version").fetchone()[0]
+
     def version(self) -> int:
         from lanectl.ledger import schema
 

@@ -92,6 +92,26 @@ def _set_state(conn: Any, lane: str, state: str, now: float) -> None:
                  "state = excluded.state, updated_at = excluded.updated_at", (lane, state, now))
 
 
+def mark_recovered(conn: Any, lane: str, *, now: float) -> None:
+    """A degraded lane is ``active`` again (the supervisor, inside its transaction with the ``lane_state``
+    event)."""
+    conn.execute("UPDATE lanes SET state = 'active', updated_at = ? WHERE name = ?", (now, lane))
+
+
+def mark_degraded(conn: Any, lane: str, *, now: float) -> None:
+    """The lane is ``degraded`` (the supervisor, inside its transaction with the ``lane_state`` event)."""
+    conn.execute("INSERT INTO lanes (name, state, updated_at) VALUES (?, 'degraded', ?) ON CONFLICT (name) "
+                 "DO UPDATE SET state = 'degraded', updated_at = excluded.updated_at", (lane, now))
+
+
+def mark_drained(conn: Any, lane: str, *, now: float) -> bool:
+    """A ``draining`` lane is ``drained``; False when it was not draining any more (the supervisor, inside its
+    transaction, appends the ``lane_state`` event only on True)."""
+    cur = conn.execute("UPDATE lanes SET state = 'drained', updated_at = ? WHERE name = ? "
+                       "AND state = 'draining'", (now, lane))
+    return bool(cur.rowcount)
+
+
 def drain(ledger: Ledger, fleet: LaneSet, lane: str, *, now: float, reason: str | None = None,
           who: str | None = None, take_over: bool = False) -> bool:
     """No new work for the lane; what it runs finishes. False when it was draining or drained already.

@@ -6,8 +6,7 @@ modules call these functions and compute on the rows. The SQL here is the SQL th
 it did not change it), so every query still goes through the index it was written for; the comments say which.
 
 Every function takes a ``Source``: a ``Ledger`` (``Ledger.open`` for a writer, ``Ledger.open_readonly`` for a
-reader) or, until the supervisor is moved behind this API too (issue 11 item 1, its part), a bare
-``sqlite3.Connection``. Rows come back as plain tuples whose shape each function's return type names: the
+reader) or a bare ``sqlite3.Connection`` (what ledger functions that run inside a caller's transaction hold). Rows come back as plain tuples whose shape each function's return type names: the
 metrics loops run once per mission in a window (tens of thousands an hour), and a tuple is what SQLite hands
 over without a copy. Module imports stay light (``sqlite3`` and the package): ``lanectl probe`` imports this
 module on its start-up path.
@@ -26,7 +25,7 @@ if TYPE_CHECKING:
     from lanectl.ledger.rollups import Window
 
 Source = Union[Ledger, sqlite3.Connection]
-"""A ledger to read: a ``Ledger`` (read-write or read-only) or a bare connection (the supervisor's, for now)."""
+"""A ledger to read: a ``Ledger`` (read-write or read-only) or a bare connection."""
 
 
 def _c(src: Source) -> sqlite3.Connection:
@@ -72,6 +71,14 @@ def last_event_id(src: Source) -> int:
     from lanectl.ledger import events as ev
 
     return ev.last_id(_c(src))
+
+
+def cancels_between(src: Source, after_id: int, upto_id: int) -> list[tuple[int, str]]:
+    """``cancelled`` events with ids in ``(after_id, upto_id]`` that name a lane: (mission, lane), oldest first
+    (the missions the supervisor tells their lane to stop)."""
+    return _c(src).execute(
+        "SELECT mission, lane FROM events WHERE id > ? AND id <= ? AND kind = 'cancelled' AND lane IS NOT NULL "
+        "ORDER BY id", (after_id, upto_id)).fetchall()
 
 
 def event_kinds(src: Source) -> list[str]:
@@ -177,6 +184,25 @@ def lane_health(src: Source) -> list[tuple[str, str, int | None]]:
 def lane_states(src: Source) -> dict[str, str]:
     """Lane -> dispatch state, for every lane the ledger has a row for (no row: ``active``)."""
     return dict(_c(src).execute("SELECT name, state FROM lanes").fetchall())
+
+
+def active_attempts(src: Source, lane: str) -> set[tuple[int, int]]:
+    """(mission, attempt) of every mission the lane holds now (dispatched or running there)."""
+    return {(r[0], r[1]) for r in _c(src).execute(
+        "SELECT id, attempts FROM missions WHERE current_lane = ? AND state IN ('dispatched', 'running')",
+        (lane,))}
+
+
+def draining_idle(src: Source) -> list[str]:
+    """Lanes that are ``draining`` with nothing dispatched or running on them (ready to be ``drained``)."""
+    return [r[0] for r in _c(src).execute(
+        "SELECT l.name FROM lanes l WHERE l.state = 'draining' AND NOT EXISTS (SELECT 1 FROM missions m "
+        "WHERE m.current_lane = l.name AND m.state IN ('dispatched', 'running'))").fetchall()]
+
+
+def session_ids(src: Source, lane: str) -> list[str]:
+    """The ids of the sessions pinned to the lane."""
+    return [r[0] for r in _c(src).execute("SELECT id FROM sessions WHERE lane = ?", (lane,))]
 
 
 def lane_rows(src: Source) -> list[tuple[str, str, int | None, float]]:

@@ -128,3 +128,48 @@ def test_weight_is_written_by_the_lanes_module(led: Ledger) -> None:
     lane_ops.set_weight(led, "alpha", 3, now=T0 + 1)
     assert lane_ops.weight_of(led, "alpha") == 3
     assert [(n, w, t) for n, _s, w, t in reads.lane_rows(led)] == [("alpha", 3, T0 + 1)]
+
+
+def test_the_supervisors_lane_writes_and_reads(led: Ledger) -> None:
+    """degrade / recover / settle-drained (lanes.py, inside the caller's transaction) and what the supervisor
+    reads around them (issue 11: its SQL moved behind the ledger)."""
+    with led.transaction() as conn:
+        lane_ops.mark_degraded(conn, "alpha", now=T0)  # no row yet: one is made
+    assert reads.lane_states(led) == {"alpha": "degraded"}
+    with led.transaction() as conn:
+        lane_ops.mark_recovered(conn, "alpha", now=T0 + 1)
+        lane_ops.mark_recovered(conn, "beta", now=T0 + 1)  # no row: nothing to recover, none made
+    assert [(n, s, t) for n, s, _w, t in reads.lane_rows(led)] == [("alpha", "active", T0 + 1)]
+    with led.transaction() as conn:
+        assert not lane_ops.mark_drained(conn, "alpha", now=T0 + 2)  # not draining: stays as it is
+        lane_ops._set_state(conn, "alpha", "draining", T0 + 2)
+    assert reads.draining_idle(led) == ["alpha"]  # nothing in flight on it
+    with led.transaction() as conn:
+        assert lane_ops.mark_drained(conn, "alpha", now=T0 + 3)
+        assert not lane_ops.mark_drained(conn, "alpha", now=T0 + 3)  # once only: the event is appended once
+    assert reads.lane_states(led) == {"alpha": "drained"} and reads.draining_idle(led) == []
+    with pytest.raises(ZeroDivisionError), led.transaction() as conn:  # the caller's transaction decides
+        lane_ops.mark_degraded(conn, "alpha", now=T0 + 4)
+        1 / 0
+    assert reads.lane_states(led) == {"alpha": "drained"}
+    assert reads.session_ids(led, "alpha") == []
+
+
+def test_cancels_between_and_data_version(led: Ledger) -> None:
+    before = led.data_version()
+    with led.transaction() as conn:
+        append(conn, EventKind.CANCELLED, T0, mission=1, lane="alpha")
+        append(conn, EventKind.CANCELLED, T0, mission=2)  # queued when cancelled: no lane to tell
+        append(conn, EventKind.DRAIN, T0, lane="alpha")
+        append(conn, EventKind.CANCELLED, T0, mission=3, lane="beta")
+    assert led.data_version() == before  # its own commits do not count
+    assert reads.cancels_between(led, 0, reads.last_event_id(led)) == [(1, "alpha"), (3, "beta")]
+    assert reads.cancels_between(led, 1, 3) == []
+    other = Ledger.open(led.path)
+    try:
+        with other.transaction() as conn:
+            append(conn, EventKind.CANCELLED, T0 + 1, mission=4, lane="alpha")
+    finally:
+        other.close()
+    assert led.data_version() != before  # another connection's commit does
+    assert reads.cancels_between(led, 4, 5) == [(4, "alpha")]
