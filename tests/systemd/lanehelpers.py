@@ -75,6 +75,22 @@ def copy_example(dest: Path) -> Path:
     return dest
 
 
+def up_example(sandbox: Any, dest: Path, extra_toml: str = "") -> Fleet:
+    """The example fleet (``copy_example``) with ``extra_toml`` appended to its lanectl.toml, installed and up, its
+    supervisor active: what most module fixtures start from (they ``lanectl down`` it at the end)."""
+    cfg = copy_example(dest)
+    with open(cfg / "lanectl.toml", "a") as fh:
+        fh.write(extra_toml)
+    f = Fleet(sandbox, cfg)
+    code, doc = f.json("install")
+    assert code == 0, doc
+    code, doc = f.json("up")
+    assert code == 0, doc
+    wait_for(lambda: sandbox.exec(["systemctl", "is-active", "lanectl-supervisor.service"], check=False).stdout.strip()
+             == "active", 20, what="the supervisor")
+    return f
+
+
 SUBMIT = r'''
 import json, sys, time
 from lanectl.client import Client

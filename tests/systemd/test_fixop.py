@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from tests.systemd.lanehelpers import (Fleet, copy_example, executions, sql, submit_many, wait_for, wait_terminal)
+from tests.systemd.lanehelpers import (Fleet, executions, sql, submit_many, wait_for, wait_terminal, up_example)
 
 pytestmark = pytest.mark.systemd
 LANES = ["alpha", "beta", "gamma"]
@@ -21,15 +21,7 @@ SOCK = "/run/lanectl/callbacks.sock"
 
 @pytest.fixture(scope="module")
 def fleet(sandbox, tmp_path_factory):  # type: ignore[no-untyped-def]
-    cfg = copy_example(tmp_path_factory.mktemp("fixop"))
-    with open(cfg / "lanectl.toml", "a") as fh:
-        fh.write("\n[rollback]\nenabled = false\n")
-    f = Fleet(sandbox, cfg)
-    assert f.json("install")[0] == 0
-    code, doc = f.json("up")
-    assert code == 0, doc
-    wait_for(lambda: sandbox.exec(["systemctl", "is-active", "lanectl-supervisor.service"], check=False).stdout.strip()
-             == "active", 20, what="the supervisor")
+    f = up_example(sandbox, tmp_path_factory.mktemp("fixop"), "\n[rollback]\nenabled = false\n")
     yield f
     f.lanectl("down")
 

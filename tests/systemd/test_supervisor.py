@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.systemd.lanehelpers import (PYTHON, TERMINAL, Fleet, copy_example, executions, history, sql, states,
-                                       submit_many, wait_for, wait_terminal)
+from tests.systemd.lanehelpers import (PYTHON, TERMINAL, Fleet, executions, history, sql, states,
+                                       submit_many, up_example, wait_for, wait_terminal)
 
 pytestmark = pytest.mark.systemd
 LANES = ["alpha", "beta", "gamma"]
@@ -21,15 +21,8 @@ CLASSES = ["interactive", "deadline", "background"]
 
 @pytest.fixture(scope="module")
 def fleet(sandbox, tmp_path_factory):  # type: ignore[no-untyped-def]
-    cfg = copy_example(tmp_path_factory.mktemp("sup"))
-    with open(cfg / "lanectl.toml", "a") as fh:  # faults here are on purpose; rollback has its own tests
-        fh.write("\n[rollback]\nenabled = false\n")
-    f = Fleet(sandbox, cfg)
-    assert f.json("install")[0] == 0
-    code, doc = f.json("up")
-    assert code == 0, doc
-    wait_for(lambda: sandbox.exec(["systemctl", "is-active", "lanectl-supervisor.service"], check=False).stdout.strip()
-             == "active", 20, what="the supervisor")
+    # faults here are on purpose; rollback has its own tests
+    f = up_example(sandbox, tmp_path_factory.mktemp("sup"), "\n[rollback]\nenabled = false\n")
     yield f
     f.lanectl("down")
 

@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from tests.systemd.lanehelpers import LANECTL, Fleet, copy_example, submit_many, wait_for, wait_terminal
+from tests.systemd.lanehelpers import LANECTL, Fleet, submit_many, up_example, wait_for, wait_terminal
 
 pytestmark = pytest.mark.systemd
 LANES = ("alpha", "beta", "gamma")
@@ -17,13 +17,8 @@ LANES = ("alpha", "beta", "gamma")
 
 @pytest.fixture(scope="module")
 def fleet(sandbox, tmp_path_factory):  # type: ignore[no-untyped-def]
-    cfg = copy_example(tmp_path_factory.mktemp("top"))
-    with open(cfg / "lanectl.toml", "a") as fh:  # a lane stopped on purpose must not trigger a rollback here
-        fh.write("\n[rollback]\nenabled = false\n")
-    f = Fleet(sandbox, cfg)
-    assert f.json("install")[0] == 0
-    code, doc = f.json("up")
-    assert code == 0, doc
+    # a lane stopped on purpose must not trigger a rollback here
+    f = up_example(sandbox, tmp_path_factory.mktemp("top"), "\n[rollback]\nenabled = false\n")
     wait_for(lambda: all(r["state"] == "up" for r in f.status().values()), 60, interval=0.5, what="lanes up")
     yield f
     f.lanectl("down")
