@@ -1257,6 +1257,8 @@ def test_a_header_dripping_client_is_cut_at_the_request_deadline(lane: Lane, sup
 def test_a_full_server_answers_503_at_once_and_recovers(lane: Lane, sup: Sup, end: str) -> None:
     server = lane.rt.server if end == "lane" else sup.sup.server
     port = lane.port if end == "lane" else sup.port
+    # the server is shared with earlier tests: a connection of theirs still being torn down would take a slot
+    wait_for(lambda: server._total == 0, what="no connection left from earlier tests")
     server.max_connections = 4
     held = []
     try:
