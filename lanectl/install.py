@@ -99,6 +99,72 @@ def drift_diffs(files: list[UnitFile], unit_dir: Path, found: list[Drift]) -> di
     return out
 
 
+@dataclass
+class DriftReport:
+    """``lanectl render --check``: what differs between the units the fleet renders and a directory."""
+
+    dir: str
+    files: int
+    """How many files the fleet renders."""
+    found: list[Drift]
+    diffs: dict[str, str] | None = None
+    """With ``diff``: a unified diff per drifted file (``drift_diffs``)."""
+
+    @property
+    def in_sync(self) -> bool:
+        return not self.found
+
+    def as_dict(self) -> dict[str, Any]:
+        diffs = self.diffs
+        return {"dir": self.dir, "drift": [{**d.as_dict(), **({"diff": diffs[d.path]} if diffs is not None else {})}
+                                           for d in self.found], "in_sync": self.in_sync}
+
+
+@dataclass
+class RenderedTo:
+    """``lanectl render --out DIR``: the files rendered, and those written because they were missing or differed."""
+
+    dir: str
+    files: list[str]
+    written: list[str] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.written)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"dir": self.dir, "files": self.files, "written": self.written, "changed": self.changed}
+
+
+def rendered(config_dir: str | None = None, python: str | None = None) -> list[UnitFile]:
+    """``lanectl render``: the units of the configuration in ``config_dir``, as install would write them."""
+    from lanectl import config
+
+    return render(config.load(config_dir), python)
+
+
+def check_rendered(target: str | Path | None = None, *, unit_dir: str | None = None, python: str | None = None,
+                   config_dir: str | None = None, diff: bool = False) -> DriftReport:
+    """``lanectl render --check``: compare the rendered units with ``target`` (default: the unit dir)."""
+    files = rendered(config_dir, python)
+    where = Path(target) if target else paths.unit_dir(unit_dir)
+    found = drift(files, where)
+    return DriftReport(str(where), len(files), found, drift_diffs(files, where, found) if diff else None)
+
+
+def render_to(out: str, *, python: str | None = None, config_dir: str | None = None) -> RenderedTo:
+    """``lanectl render --out DIR``: write each rendered unit into ``out`` (atomically) when it is missing there or
+    differs; what is already current is left alone (its mtime too)."""
+    files = rendered(config_dir, python)
+    res = RenderedTo(out, [f.path for f in files])
+    for f in files:
+        target_file = Path(out) / f.path
+        if not target_file.exists() or target_file.read_text() != f.text:
+            atomic_write(target_file, f.text, 0o644)
+            res.written.append(f.path)
+    return res
+
+
 def write_files(files: list[UnitFile], unit_dir: Path, result: InstallResult) -> None:
     for f in files:
         target = unit_dir / f.path
@@ -308,7 +374,7 @@ def signal_supervisor(fleet: LaneSet, result: InstallResult, *, restart: bool = 
     from lanectl import operate
     from lanectl.units import SUPERVISOR
 
-    if operate._active([SUPERVISOR]).get(SUPERVISOR) not in ("active", "reloading"):
+    if operate.active_states([SUPERVISOR]).get(SUPERVISOR) not in ("active", "reloading"):
         return  # not running: it loads the new fleet when it starts
     if restart:
         proc = systemd.run("restart", SUPERVISOR, check=False)
@@ -371,7 +437,7 @@ def stop_removed(gone: list[str], res: InstallResult, *, enabled: set[str] = fro
     from lanectl import operate
 
     units = {unit_name(n): n for n in gone}
-    active = operate._active(list(units))
+    active = operate.active_states(list(units))
     doomed = [u for u in units if active.get(u) not in ("inactive", "failed", "unknown") or units[u] in enabled]
     if not doomed:
         return

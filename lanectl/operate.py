@@ -32,7 +32,8 @@ def select(lanes: dict[str, dict[str, Any]], names: list[str] | None, *, enabled
     return [n for n in sorted(lanes) if lanes[n].get("enabled", True) or not enabled_only]
 
 
-def _active(units: list[str]) -> dict[str, str]:
+def active_states(units: list[str]) -> dict[str, str]:
+    """Each unit's ActiveState (``unknown`` when systemd does not say)."""
     return {u: p.get("ActiveState", "unknown") for u, p in systemd.show(units, ("Id", "ActiveState")).items()}
 
 
@@ -89,7 +90,7 @@ def down(lanes: dict[str, dict[str, Any]], names: list[str] | None = None, unit_
         lanes = {**lanes, **{n: {"unit": u} for n, u in wanted.items()}}
     chosen = select(lanes, names, enabled_only=False)
     units = [lanes[n]["unit"] for n in chosen]
-    before = _active(units)
+    before = active_states(units)
     res = OpResult("down", chosen)
     extra = [] if names else [TARGET, SUPERVISOR, PROBE_TIMER]
     systemd.run("disable", "--quiet", *extra, *units, check=False)

@@ -98,18 +98,15 @@ def restart(lane: str = typer.Argument(..., autocompletion=complete_lanes),
     is in flight (exit 7 at --timeout, the lane stays draining), restart, wait until up, undrain. Exits 8 when
     the lane did not start, 6 when this user may not manage units.
     """
-    lanes = _lanes(unit_dir, config_dir)
     if not graceful:
-        _report(operate.restart(lanes, lane), json_out, "restarted")
+        _report(operate.restart(_lanes(unit_dir, config_dir), lane), json_out, "restarted")
         return
-    from lanectl import config
-    from lanectl.cli.ops import graceful_restart
+    from lanectl import rollout
 
-    operate.select(lanes, [lane], enabled_only=False)
-    fleet = config.load(config_dir)
-    with config.open_ledger(fleet, ledger) as led, waiting(json_out) as progress:
-        graceful_restart(led, fleet, lanes, lane, timeout, reason, progress)
-    _report(operate.OpResult("restart", [lane], [lane]), json_out, "restarted gracefully")
+    with waiting(json_out) as progress:
+        res = rollout.restart_gracefully(lane, timeout=timeout, reason=reason, unit_dir=unit_dir,
+                                         config_dir=config_dir, ledger=ledger, progress=progress)
+    _report(res, json_out, "restarted gracefully")
 
 
 @command("status")

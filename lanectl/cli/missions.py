@@ -1,36 +1,27 @@
 """submit, missions, mission show/cancel/retry/explain, and dispatch --once."""
 from __future__ import annotations
 
-import io
-import json
 import os
-import re
-import stat
 import sys
 import time
-from datetime import datetime
-from typing import Any, BinaryIO, List, Optional, Union
+from typing import Any, List, Optional
 
 import typer
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from lanectl import config
+from lanectl import batch as batches, config
+from lanectl.batch import BATCH_MAX_BYTES, BATCH_MAX_LINE_BYTES  # noqa: F401 (the limits, named where submit is)
 from lanectl.cli import missionview
 from lanectl.cli.options import CONFIG, JSON, complete_lane_files
 from lanectl.client import Client
-from lanectl.errors import ExitCode, LanectlError, Problem
 from lanectl.ledger import missions as ms
 from lanectl.ledger import tick
 from lanectl.output import command, escape, finish, stdout_console, waiting
+from lanectl.timeparse import absolute_time, deadline_request, parse_deadline  # noqa: F401 (absolute_time: cli.evidence)
 
 mission_app = typer.Typer(help="Inspect and act on one mission.", no_args_is_help=True)
 
 LEDGER = typer.Option(None, "--ledger", metavar="PATH", help="Ledger file.",
                       show_default="$LANECTL_LEDGER or $STATE_DIRECTORY/ledger.db")
-BATCH_MAX_BYTES = 32 * 1024 * 1024
-"""The largest batch file `submit --batch` reads; a larger one is refused before it is read."""
-BATCH_MAX_LINE_BYTES = ms.MAX_PAYLOAD_BYTES + 64 * 1024
-"""The longest line of a batch file: a payload at its limit plus room for the other keys."""
 
 
 def register(app: typer.Typer) -> None:
@@ -38,42 +29,6 @@ def register(app: typer.Typer) -> None:
     app.command("missions")(list_)
     app.command("dispatch")(dispatch_)
     app.add_typer(mission_app, name="mission")
-
-
-def parse_deadline(text: str | None, now: float) -> float | None:
-    """``+30s``/``+10m``/``+2h``/``+1d``, an RFC 3339 time (UTC if no offset), or seconds since the epoch."""
-    if text is None:
-        return None
-    rel = ms.relative_deadline(text, now)
-    if rel is not None:
-        return rel
-    return absolute_time(text, "deadline", "use +10m, 2030-01-01T12:00:00Z or epoch seconds", "bad_deadline")
-
-
-def deadline_request(text: str | None, now: float) -> float | str | None:
-    """A deadline for a submit: a relative one stays text (``+30m``), resolved by the ledger at the submit that
-    creates the mission, so that a retry with the same idempotency key and text is the same request."""
-    if text is not None and ms.RELATIVE_RE.match(text.strip()):
-        return text.strip()
-    return parse_deadline(text, now)
-
-
-def absolute_time(text: str, field: str, hint: str, code: str) -> float:
-    """Seconds since the epoch, or an RFC 3339 time (UTC if it has no offset); else a bad-input error."""
-    t = text.strip()
-    try:
-        return float(t)
-    except ValueError:
-        pass
-    try:
-        dt = datetime.fromisoformat(t.replace("Z", "+00:00"))
-    except ValueError as exc:
-        raise ms.invalid(field, f"{text!r} is not a time", hint, code) from exc
-    if dt.tzinfo is None:
-        from datetime import UTC
-
-        dt = dt.replace(tzinfo=UTC)
-    return dt.timestamp()
 
 
 @command("submit")
@@ -111,7 +66,11 @@ def submit(
         if argv or payload is not None:
             raise ms.invalid("batch", "--batch was given together with a payload or command",
                              "put every mission in the batch file", "payload_ambiguous")
-        return _submit_batch(batch, now, ledger, config_dir, json_out)
+        res = batches.submit_batch(batch, now=now, config_dir=config_dir, ledger=ledger)
+        finish(["submit"], res.as_dict(), json_mode=json_out,
+               human=lambda: stdout_console().print(f"queued {res.created} mission(s), {res.existing} already "
+                                                    f"submitted; ids {min(res.ids)}..{max(res.ids)}"))
+        return
     if payload is not None and argv:
         raise ms.invalid("payload", "both --payload and a command were given", "give one of them",
                          "payload_ambiguous")
@@ -120,150 +79,12 @@ def submit(
     body: Any = payload if payload is not None else {"argv": list(argv or [])}
     req = ms.SubmitRequest(cls, body, deadline_request(deadline, now), lane, tuple(tag or ()), session,
                            idempotency_key, max_attempts)
-    fleet = config.load(config_dir)
-    ms.check_requests(fleet, [req], now)  # a refused request creates no ledger file
-    with config.open_ledger(config_dir, ledger) as led:
-        res = ms.submit_many(led, fleet, [req], now=now)[0]
+    res = batches.submit_one(req, now=now, config_dir=config_dir, ledger=ledger)
     data = {**res.mission.as_dict(), "changed": res.created}
 
     def human() -> None:
         verb = "queued" if res.created else "already submitted as"
         stdout_console().print(f"{verb} mission {res.mission.id} ({res.mission.cls})")
-
-    finish(["submit"], data, json_mode=json_out, human=human)
-
-
-class BatchLine(BaseModel):
-    """One line of ``lanectl submit --batch``: the flags of ``lanectl submit`` as JSON keys."""
-
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-    cls: str = Field("background", alias="class")
-    payload: Any = None
-    argv: Optional[List[str]] = None
-    deadline: Optional[Union[float, str]] = None
-    lane: Optional[str] = None
-    tags: List[str] = []
-    session: Optional[str] = None
-    idempotency_key: Optional[str] = None
-    max_attempts: Optional[int] = None
-
-
-def read_batch(text: str | bytes, source: str, now: float) -> tuple[list[ms.SubmitRequest], list[int]]:
-    """Parse a batch held in memory (see ``read_batch_stream``)."""
-    data = text.encode() if isinstance(text, str) else text
-    return read_batch_stream(io.BytesIO(data), source, now)
-
-
-def read_batch_stream(fh: BinaryIO, source: str, now: float) -> tuple[list[ms.SubmitRequest], list[int]]:
-    """Parse a batch file (JSON lines; blank lines and lines starting with # are skipped) into requests and their
-    line numbers, reading it line by line: the first bad line is an error naming the file, the line and the field,
-    exit 2. A file beyond ``BATCH_MAX_BYTES``, a line beyond ``BATCH_MAX_LINE_BYTES`` and a mission beyond
-    ``MAX_BATCH`` are refused as soon as they are met, so a huge input is never read whole."""
-    out: list[ms.SubmitRequest] = []
-    numbers: list[int] = []
-    total = 0
-    n = 0
-    while True:
-        raw_bytes = fh.readline(BATCH_MAX_LINE_BYTES + 1)
-        if not raw_bytes:
-            break
-        n += 1
-        total += len(raw_bytes)
-        if total > BATCH_MAX_BYTES:
-            raise _batch_error(source, "", f"is larger than {BATCH_MAX_BYTES} bytes",
-                               f"split it into batches of at most {ms.MAX_BATCH} lines, e.g. split -l {ms.MAX_BATCH}")
-        where = f"line {n}"
-        if len(raw_bytes) > BATCH_MAX_LINE_BYTES:
-            raise _batch_error(source, where, f"is longer than {BATCH_MAX_LINE_BYTES} bytes",
-                               "store large inputs in the lane's workspace and pass their path")
-        try:
-            line = raw_bytes.decode().strip()
-        except UnicodeDecodeError as exc:
-            raise _batch_error(source, where, "is not UTF-8", "write the batch file in UTF-8") from exc
-        if not line or line.startswith("#"):
-            continue
-        if len(out) >= ms.MAX_BATCH:
-            raise _batch_error(source, where, f"is mission {len(out) + 1}, more than {ms.MAX_BATCH} in one batch",
-                               f"split it, e.g. split -l {ms.MAX_BATCH}")
-        try:
-            doc = json.loads(line)
-        except ValueError as exc:
-            raise _batch_error(source, where, f"is not JSON ({exc})", "write one JSON object per line") from exc
-        except RecursionError as exc:
-            raise _batch_error(source, where, "is nested too deeply to read", "flatten the payload") from exc
-        try:
-            item = BatchLine.model_validate(doc)
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            loc = ".".join(str(p) for p in err["loc"])
-            raise _batch_error(source, f"{where}.{loc}" if loc else where, err["msg"],
-                               "keys: class, payload or argv, deadline, lane, tags, session, idempotency_key, "
-                               "max_attempts") from exc
-        if (item.payload is None) == (item.argv is None):
-            raise _batch_error(source, where, "needs exactly one of payload and argv", "give one of them")
-        deadline = item.deadline if isinstance(item.deadline, float) or item.deadline is None \
-            else _line_deadline(source, where, item.deadline, now)
-        out.append(ms.SubmitRequest(item.cls, item.payload if item.argv is None else {"argv": item.argv}, deadline,
-                                    item.lane, tuple(item.tags), item.session, item.idempotency_key,
-                                    item.max_attempts))
-        numbers.append(n)
-    if not out:
-        raise _batch_error(source, "", "holds no missions", "write one JSON object per line")
-    return out, numbers
-
-
-def _line_deadline(source: str, where: str, text: str, now: float) -> float | str | None:
-    try:
-        return deadline_request(text, now)
-    except LanectlError as exc:
-        raise _batch_error(source, f"{where}.deadline", exc.message.removeprefix("deadline: "),
-                           exc.hint or "") from exc
-
-
-def _batch_error(source: str, where: str, message: str, hint: str) -> LanectlError:
-    text = f"{source}: {where}: {message}" if where else f"{source}: {message}"
-    return LanectlError(text, hint, "bad_batch", ExitCode.USAGE,
-                        [Problem(message, file=source, field=where or None, hint=hint, code="bad_batch")])
-
-
-def _submit_batch(batch: str, now: float, ledger: str | None, config_dir: str | None, json_out: bool) -> None:
-    if batch == "-":
-        requests, numbers = read_batch_stream(sys.stdin.buffer, "<stdin>", now)
-        source = "<stdin>"
-    else:
-        source = batch
-        try:
-            with open(batch, "rb") as fh:
-                size = os.fstat(fh.fileno()).st_size
-                if stat.S_ISREG(os.fstat(fh.fileno()).st_mode) and size > BATCH_MAX_BYTES:
-                    raise _batch_error(source, "", f"is {size} bytes, larger than {BATCH_MAX_BYTES}",
-                                       f"split it into batches of at most {ms.MAX_BATCH} lines, e.g. "
-                                       f"split -l {ms.MAX_BATCH}")
-                requests, numbers = read_batch_stream(fh, source, now)
-        except OSError as exc:
-            raise LanectlError(f"{batch}: cannot read the batch file ({exc})", "check the path",
-                               "bad_batch", ExitCode.USAGE) from exc
-    fleet = config.load(config_dir)
-    try:
-        ms.check_requests(fleet, requests, now)  # every refusal before the ledger is opened (or created)
-        with config.open_ledger(config_dir, ledger) as led:
-            results = ms.submit_many(led, fleet, requests, now=now)
-    except LanectlError as exc:
-        m = re.match(r"request (\d+): ", exc.message)
-        if m:  # name the file and line, not the index of the request
-            where = f"line {numbers[int(m.group(1))]}"
-            exc.message = f"{source}: {where}: {exc.message[m.end():]}"
-            for p in exc.problems:
-                p.file = source
-                p.field = (p.field or "").replace(f"requests[{m.group(1)}]", where)
-        raise
-    data = {"missions": [{"id": r.mission.id, "created": r.created, "class": r.mission.cls} for r in results],
-            "created": sum(r.created for r in results), "existing": sum(not r.created for r in results)}
-
-    def human() -> None:
-        ids = [r.mission.id for r in results]
-        stdout_console().print(f"queued {data['created']} mission(s), {data['existing']} already submitted; "
-                               f"ids {min(ids)}..{max(ids)}")
 
     finish(["submit"], data, json_mode=json_out, human=human)
 

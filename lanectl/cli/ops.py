@@ -1,15 +1,16 @@
 """supervise, drain, undrain, reroute, apply: the control plane and the operator's verbs on it."""
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
-from typing import Any, Optional
+from typing import Optional
 
 import typer
 
-from lanectl import config, install as installer, operate, paths, systemd, units
+from lanectl import config, install as installer, rollout, systemd
 from lanectl.cli.options import CONFIG, JSON, UNIT_DIR, complete_lanes
-from lanectl.errors import ExitCode, LanectlError, Timeout
+from lanectl.errors import ExitCode, LanectlError
 from lanectl.ledger import Ledger
 from lanectl.ledger import lanes as lane_ops
 from lanectl.ledger.events import EventKind
@@ -84,34 +85,18 @@ def drain(
     rollback) takes that drain over: it stays drained and 'lanectl probe' stops alarming. With --wait, returns
     when nothing is in flight (exit 7 at --timeout); with --stop, then stops the unit ('undrain' starts it).
     """
-    fleet, led = _open(config_dir, ledger)
-    with led:
-        previous = lane_ops.state_of(led, lane)
-        changed = lane_ops.drain(led, fleet, lane, now=time.time(), reason=reason, take_over=True)
-        path = led.path
-    left: list[int] = []
-    if wait or stop:
-        with waiting(json_out) as progress:
-            left = operate.wait_drained(path, lane, timeout, progress=progress)
-    stopped = False
-    if stop and not left:
-        systemd.run("stop", units.unit_name(lane))
-        stopped = True
-    data = {"lane": lane, "changed": changed, "in_flight": left, "drained": not left if (wait or stop) else None,
-            "stopped": stopped, "previous": previous}
-    if left:
-        exc = Timeout(f"lane {lane} still has {len(left)} mission(s) in flight after {timeout:g}s: {left[:10]}",
-                      "wait longer, or cancel them ('lanectl mission cancel ID')", "drain_timeout")
-        raise exc
+    with waiting(json_out) if (wait or stop) else contextlib.nullcontext() as progress:
+        res = rollout.drain(lane, wait=wait, stop=stop, timeout=timeout, reason=reason, config_dir=config_dir,
+                            ledger=ledger, progress=progress)
 
     def human() -> None:
         con = stdout_console()
-        word = ("drain taken over from lanectl (the probe no longer alarms)" if changed and data["previous"]
-                in ("draining", "drained") else "draining" if changed else "already draining or drained")
+        word = ("drain taken over from lanectl (the probe no longer alarms)" if res.taken_over
+                else "draining" if res.changed else "already draining or drained")
         con.print(f"{escape(lane)}: {word}"
-                  + ("; nothing in flight" if (wait or stop) else "") + ("; unit stopped" if stopped else ""))
+                  + ("; nothing in flight" if (wait or stop) else "") + ("; unit stopped" if res.stopped else ""))
 
-    finish(["drain"], data, json_mode=json_out, human=human)
+    finish(["drain"], res.as_dict(), json_mode=json_out, human=human)
 
 
 @command("undrain")
@@ -123,15 +108,12 @@ def undrain(lane: str = typer.Argument(..., autocompletion=complete_lanes), reas
     cleared first (reset-failed); a lane taken down with 'lanectl down' stays down (start it with 'lanectl up').
     Exits 8 when the unit did not start.
     """
-    fleet, led = _open(config_dir, ledger)
-    with led:
-        changed = lane_ops.undrain(led, fleet, lane, now=time.time(), reason=reason)
-    unit = operate.bring_back(lane, unit_dir, config_dir) if systemd.available() else None
-    data = {"lane": lane, "changed": changed or bool(unit and unit.get("started")), "unit": unit}
+    res = rollout.undrain(lane, reason=reason, unit_dir=unit_dir, config_dir=config_dir, ledger=ledger)
+    unit = res.unit
 
     def human() -> None:
         con = stdout_console()
-        text = f"{escape(lane)}: {'active' if changed else 'already active'}"
+        text = f"{escape(lane)}: {'active' if res.changed else 'already active'}"
         if unit and unit.get("reset"):
             text += f"; its unit was failed ({escape(unit['reset'])}), cleared"
         if unit and unit.get("started"):
@@ -142,8 +124,8 @@ def undrain(lane: str = typer.Argument(..., autocompletion=complete_lanes), reas
             text += f"; {escape(unit['note'])}"
         con.print(text)
 
-    finish(["undrain"], data, json_mode=json_out, human=human,
-           exit_code=ExitCode.UNHEALTHY if unit and unit.get("failed") else ExitCode.OK)
+    finish(["undrain"], res.as_dict(), json_mode=json_out, human=human,
+           exit_code=ExitCode.UNHEALTHY if res.unit_failed else ExitCode.OK)
 
 
 @command("reroute")
@@ -195,80 +177,33 @@ def apply(
     did not drain in time (it is left draining), 8 if a lane did not come back up or the supervisor did not
     take the new fleet.
     """
-    fleet = config.load(config_dir, check_host=True)  # what install checks (accounts, secret env files)
-    udir = paths.unit_dir(unit_dir)
-    res = installer.install_fleet(fleet, udir, ledger=ledger, by="apply", reason=reason)
-    template_changed = any(p in (units.TEMPLATE, units.SLICE) for p in res.written)
-    changed_lanes = sorted({n for n in fleet.lanes if units.dropin_path(n) in res.written} |
-                           (set(fleet.lanes) if template_changed else set()))
-    lanes = installer.manifest(fleet)["lanes"]
-    active = operate._active([lanes[n]["unit"] for n in changed_lanes]) if changed_lanes else {}
-    restarted, failed = [], {}
-    ledger_file = config.ledger_path(fleet, ledger)
-    with config.open_ledger(fleet, ledger_file) as led, waiting(json_out) as progress:
-        if res.changed:
-            lane_ops.record(led, EventKind.APPLY, now=time.time(), written=res.written, removed=res.removed,
-                            lanes=changed_lanes, reason=reason)
-        for name in changed_lanes:
-            if active.get(lanes[name]["unit"]) != "active":
-                continue  # not running: the new unit applies when it starts
-            try:
-                if progress is not None:
-                    progress(f"apply: {name} ({changed_lanes.index(name) + 1} of {len(changed_lanes)} changed lanes)")
-                graceful_restart(led, fleet, lanes, name, timeout, reason or "apply", progress)
-                restarted.append(name)
-            except LanectlError as exc:
-                failed[name] = exc.message
-                if exc.exit_code == ExitCode.TIMEOUT:
-                    raise
-    data = {"written": res.written, "removed": res.removed, "restarted": restarted, "failed": failed,
-            "notices": res.notices, "supervisor": res.supervisor, "supervisor_error": res.supervisor_error,
-            "ledger_created": res.ledger_created, "stopped": res.stopped, "changed": res.changed}
+    with waiting(json_out) as progress:
+        res = rollout.apply(timeout=timeout, reason=reason, unit_dir=unit_dir, config_dir=config_dir, ledger=ledger,
+                            progress=progress)
+    inst = res.install
 
     def human() -> None:
         con = stdout_console()
-        for n in res.notices:
+        for n in inst.notices:
             con.print(f"[yellow]left alone[/]: {escape(n)}")
-        if not res.changed:
+        if not inst.changed:
             con.print("nothing changed")
-        for p in res.written:
+        for p in inst.written:
             con.print(f"wrote {escape(p)}")
-        for p in res.removed:
+        for p in inst.removed:
             con.print(f"removed {escape(p)}")
-        for n in res.stopped:
+        for n in inst.stopped:
             con.print(f"{escape(n)}: removed from the fleet, unit stopped and disabled")
-        if res.ledger_created:
-            con.print(f"created the ledger {escape(res.ledger_created)}")
-        installer.print_supervisor(con, res)
-        for n in restarted:
+        if inst.ledger_created:
+            con.print(f"created the ledger {escape(inst.ledger_created)}")
+        installer.print_supervisor(con, inst)
+        for n in res.restarted:
             con.print(f"{escape(n)}: restarted gracefully")
-        for n, why in failed.items():
+        for n, why in res.failed.items():
             con.print(f"[red]{escape(n)}: {escape(why)}[/]")
 
-    finish(["apply"], data, json_mode=json_out, human=human,
-           exit_code=ExitCode.UNHEALTHY if failed or res.supervisor_error else ExitCode.OK)
-
-
-def graceful_restart(led: Ledger, fleet: config.LaneSet, lanes: dict[str, Any], name: str, timeout: float,
-                     reason: str | None, progress: operate.Progress | None = None) -> None:
-    """Drain, wait until nothing is in flight, restart, wait until up, undrain (back to its previous state)."""
-    previous = lane_ops.state_of(led, name)
-    lane_ops.drain(led, fleet, name, now=time.time(), reason=f"graceful restart: {reason or ''}".strip(": "))
-    left = operate.wait_drained(led.path, name, timeout, progress=progress)
-    if left:
-        raise Timeout(f"lane {name} still has {len(left)} mission(s) in flight after {timeout:g}s",
-                      "it stays draining; wait, cancel them, or restart without --graceful", "drain_timeout")
-    systemd.run("reset-failed", lanes[name]["unit"], check=False)  # a unit systemd gave up on restarts too
-    systemd.run("restart", lanes[name]["unit"])
-    lane_ops.record(led, EventKind.LANE_RESTART, now=time.time(), lane=name, graceful=True, reason=reason)
-    if progress is not None:
-        progress(f"restarting {name}")
-    up = operate.wait_up(lanes, name, 60, progress=progress)
-    if previous in ("active", "degraded"):
-        lane_ops.undrain(led, fleet, name, now=time.time(), reason="graceful restart done")
-    if not up:
-        raise LanectlError(f"lane {name} did not come back up within 60s", "see 'lanectl status' and its journal",
-                           "restart_failed", ExitCode.UNHEALTHY)
+    finish(["apply"], res.as_dict(), json_mode=json_out, human=human,
+           exit_code=ExitCode.OK if res.ok else ExitCode.UNHEALTHY)
 
 
 @command("snapshot")

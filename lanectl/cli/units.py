@@ -1,15 +1,13 @@
 """render and install: the fleet's systemd units."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
 import typer
 
-from lanectl import config, install as installer, paths, units
+from lanectl import config, install as installer, paths
 from lanectl.cli.options import CONFIG, JSON, UNIT_DIR
 from lanectl.errors import ExitCode
-from lanectl.fsutil import atomic_write
 from lanectl.output import command, escape, finish, stdout_console
 
 PYTHON = typer.Option(None, "--python", metavar="PATH",
@@ -41,45 +39,34 @@ def render(
         from lanectl.errors import LanectlError
 
         raise LanectlError("--diff needs --check", "run 'lanectl render --check --diff'", "usage", ExitCode.USAGE)
-    fleet = config.load(config_dir)
-    files = units.render(fleet, python)
     if check:
-        target = Path(out) if out else paths.unit_dir(unit_dir)
-        found = installer.drift(files, target)
-        diffs = installer.drift_diffs(files, target, found) if diff else {}
-        data = {"dir": str(target), "drift": [{**d.as_dict(), **({"diff": diffs[d.path]} if diff else {})}
-                                              for d in found], "in_sync": not found}
+        rep = installer.check_rendered(out, unit_dir=unit_dir, python=python, config_dir=config_dir, diff=diff)
 
         def human() -> None:
             con = stdout_console()
-            if not found:
-                con.print(f"[green]in sync[/]: {len(files)} file(s) in {escape(str(target))}")
-            for d in found:
+            if rep.in_sync:
+                con.print(f"[green]in sync[/]: {rep.files} file(s) in {escape(rep.dir)}")
+            for d in rep.found:
                 con.print(f"[red]{d.state}[/]: {escape(d.path)}")
-                if diff:
-                    print(diffs[d.path], end="", flush=True)
+                if rep.diffs is not None:
+                    print(rep.diffs[d.path], end="", flush=True)
 
-        finish(["render"], data, json_mode=json_out, human=human,
-               exit_code=ExitCode.UNHEALTHY if found else ExitCode.OK)
+        finish(["render"], rep.as_dict(), json_mode=json_out, human=human,
+               exit_code=ExitCode.OK if rep.in_sync else ExitCode.UNHEALTHY)
         return
     if out:
-        written = []
-        for f in files:
-            target_file = Path(out) / f.path
-            if not target_file.exists() or target_file.read_text() != f.text:
-                atomic_write(target_file, f.text, 0o644)
-                written.append(f.path)
-        data = {"dir": out, "files": [f.path for f in files], "written": written, "changed": bool(written)}
-        finish(["render"], data, json_mode=json_out,
-               human=lambda: stdout_console().print(f"{len(written)} of {len(files)} file(s) written to {escape(out)}"))
+        res = installer.render_to(out, python=python, config_dir=config_dir)
+        finish(["render"], res.as_dict(), json_mode=json_out,
+               human=lambda: stdout_console().print(f"{len(res.written)} of {len(res.files)} file(s) written to "
+                                                    f"{escape(out)}"))
         return
-    data = {"files": {f.path: f.text for f in files}}
+    files = installer.rendered(config_dir, python)
 
     def show() -> None:
         for f in files:
             print(f"# ---- {f.path}\n{f.text}")
 
-    finish(["render"], data, json_mode=json_out, human=show)
+    finish(["render"], {"files": {f.path: f.text for f in files}}, json_mode=json_out, human=show)
 
 
 @command("install")
