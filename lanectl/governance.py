@@ -259,3 +259,67 @@ def promotion_verdict(conn: Source, fleet: LaneSet, lane: str, *, now: float) ->
                        f"(max {pol.drill_max_age_sec / 3600:g}h)")
     evidence = {**ev.as_dict(), "starved_interactive": starved}
     return Verdict(lane, not reasons, reasons, evidence)
+
+
+@dataclass
+class Promotion:
+    """What ``promote`` did: the weight before and now, and the evidence it judged (None when the weight was
+    already the one asked: nothing was judged)."""
+
+    lane: str
+    weight: int
+    previous: int
+    changed: bool
+    forced: bool = False
+    evidence: dict[str, Any] | None = None
+    unmet: list[str] = field(default_factory=list)
+    """The rules the evidence did not meet (a forced promotion overrode them)."""
+
+    def as_dict(self) -> dict[str, Any]:
+        if not self.changed:
+            return {"lane": self.lane, "weight": self.weight, "changed": False}
+        return {"lane": self.lane, "weight": self.weight, "previous": self.previous, "changed": True,
+                "forced": self.forced, "evidence": self.evidence, "unmet": self.unmet}
+
+
+def promote(lane: str, weight: int, *, force: bool = False, reason: str | None = None, config_dir: str | None = None,
+            ledger: str | None = None, now: float | None = None) -> Promotion:
+    """``lanectl promote``: set a lane's weight, raising it only when ``promotion_verdict`` allows (``force``, which
+    needs a ``reason``, overrides it and records the override). Lowering needs no evidence; the weight in force
+    again changes nothing. A refusal is recorded (``promote_refused``) and raised: ``promotion_refused``, exit 8,
+    one problem per unmet rule."""
+    import time
+
+    from lanectl import config
+    from lanectl.errors import ExitCode, LanectlError, Problem
+    from lanectl.ledger import lanes as lane_ops
+    from lanectl.ledger.events import EventKind
+
+    fleet = config.load(config_dir)
+    fleet.get(lane)
+    if force and not reason:
+        raise LanectlError("--force needs --reason", "say why the evidence is being overridden", "reason_required",
+                           ExitCode.USAGE)
+    now = time.time() if now is None else now
+    with config.open_ledger(fleet, ledger) as led:
+        promoted = lane_ops.weight_of(led, lane)
+        current = promoted if promoted is not None else fleet.lanes[lane].weight
+        if weight == current:
+            return Promotion(lane, weight, current, changed=False)
+        verdict = promotion_verdict(led, fleet, lane, now=now)
+        raising = weight > current
+        if raising and not verdict.allowed and not force:
+            lane_ops.record(led, EventKind.PROMOTE_REFUSED, now=now, lane=lane, weight=weight, previous=current,
+                            reasons=verdict.reasons, evidence=verdict.evidence, reason=reason)
+            raise LanectlError(
+                f"promotion of {lane} to weight {weight} refused: the evidence does not meet the policy",
+                "fix what is listed, run 'lanectl drill', or override with --force --reason",
+                "promotion_refused", ExitCode.UNHEALTHY,
+                [Problem(r, field="evidence", code="promotion_rule", lane=lane) for r in verdict.reasons])
+        lane_ops.set_weight(led, lane, weight, now=now)
+        lane_ops.record(led, EventKind.PROMOTE, now=now, lane=lane, weight=weight, previous=current,
+                        direction="up" if raising else "down", forced=bool(force and not verdict.allowed),
+                        overridden=verdict.reasons if force and not verdict.allowed else None,
+                        evidence=verdict.evidence, reason=reason)
+    return Promotion(lane, weight, current, changed=True, forced=force and not verdict.allowed,
+                     evidence=verdict.evidence, unmet=verdict.reasons)

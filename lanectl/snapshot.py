@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,41 @@ def capture(fleet: LaneSet, ledger_path: Path, out: Path, *, lane: str | None = 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+@dataclass
+class Snapshot:
+    """A snapshot written: its directory and what could not be captured (``problems.txt``, one line each)."""
+
+    path: Path
+    problems: list[str]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"path": str(self.path), "problems": self.problems, "changed": True}
+
+
+def take(*, lane: str | None = None, out: str | Path | None = None, reason: str | None = None,
+         config_dir: str | None = None, ledger: str | None = None) -> Snapshot:
+    """``lanectl snapshot``: ``capture`` into ``out`` (default STATE_DIR/snapshots) as the operator running it,
+    then record a ``snapshot`` event; a ledger that cannot take the event does not undo the snapshot (that it
+    could not be read is one of the things the snapshot records)."""
+    from lanectl import config
+    from lanectl.errors import LanectlError
+    from lanectl.ledger import lanes as lane_ops
+    from lanectl.ledger.events import EventKind
+
+    fleet = config.load(config_dir)
+    path = config.ledger_path(fleet, ledger)
+    target = Path(out) if out else Path(fleet.settings.state_dir) / "snapshots"
+    who = lane_ops.actor()
+    made = capture(fleet, path, target, lane=lane, reason=reason, actor=who)
+    try:
+        with config.open_ledger(fleet, path) as led:
+            lane_ops.record(led, EventKind.SNAPSHOT, now=time.time(), lane=lane, path=str(made), reason=reason,
+                            actor=who)
+    except LanectlError:
+        pass  # the snapshot is the point; an unwritable ledger is one of the things it records
+    return Snapshot(made, (made / "problems.txt").read_text().splitlines())
 
 
 def _status(fleet: LaneSet, tmp: Path, problems: list[str]) -> None:

@@ -1,16 +1,13 @@
 """promote and drill: scaling on evidence, and the drills that produce it."""
 from __future__ import annotations
 
-import time
 from typing import Optional
 
 import typer
 
 from lanectl import config, governance
 from lanectl.cli.options import CONFIG, JSON, complete_lanes
-from lanectl.errors import ExitCode, LanectlError, Problem
-from lanectl.ledger import lanes as lane_ops
-from lanectl.ledger.events import EventKind
+from lanectl.errors import ExitCode
 from lanectl.output import command, escape, finish, stdout_console, waiting
 
 LEDGER = typer.Option(None, "--ledger", metavar="PATH", help="Ledger file.",
@@ -39,42 +36,17 @@ def promote(
     --force --reason R promotes anyway and records the override. Lowering a weight needs no evidence. The same
     weight again changes nothing (exit 0).
     """
-    fleet = config.load(config_dir)
-    fleet.get(lane)
-    if force and not reason:
-        raise LanectlError("--force needs --reason", "say why the evidence is being overridden", "reason_required",
-                           ExitCode.USAGE)
-    now = time.time()
-    with config.open_ledger(fleet, ledger) as led:
-        promoted = lane_ops.weight_of(led, lane)
-        current = promoted if promoted is not None else fleet.lanes[lane].weight
-        if weight == current:
-            finish(["promote"], {"lane": lane, "weight": weight, "changed": False}, json_mode=json_out,
-                   human=lambda: stdout_console().print(f"{escape(lane)}: weight is {weight} already"))
-            return
-        verdict = governance.promotion_verdict(led, fleet, lane, now=now)
-        raising = weight > current
-        if raising and not verdict.allowed and not force:
-            lane_ops.record(led, EventKind.PROMOTE_REFUSED, now=now, lane=lane, weight=weight, previous=current,
-                            reasons=verdict.reasons, evidence=verdict.evidence, reason=reason)
-            raise LanectlError(
-                f"promotion of {lane} to weight {weight} refused: the evidence does not meet the policy",
-                "fix what is listed, run 'lanectl drill', or override with --force --reason",
-                "promotion_refused", ExitCode.UNHEALTHY,
-                [Problem(r, field="evidence", code="promotion_rule", lane=lane) for r in verdict.reasons])
-        lane_ops.set_weight(led, lane, weight, now=now)
-        lane_ops.record(led, EventKind.PROMOTE, now=now, lane=lane, weight=weight, previous=current,
-                        direction="up" if raising else "down", forced=bool(force and not verdict.allowed),
-                        overridden=verdict.reasons if force and not verdict.allowed else None,
-                        evidence=verdict.evidence, reason=reason)
-    data = {"lane": lane, "weight": weight, "previous": current, "changed": True, "forced": force and not verdict.allowed,
-            "evidence": verdict.evidence, "unmet": verdict.reasons}
+    res = governance.promote(lane, weight, force=force, reason=reason, config_dir=config_dir, ledger=ledger)
 
     def human() -> None:
         con = stdout_console()
-        con.print(f"{escape(lane)}: weight {current} -> {weight}" + (" [yellow](forced)[/]" if data["forced"] else ""))
+        if not res.changed:
+            con.print(f"{escape(lane)}: weight is {weight} already")
+        else:
+            con.print(f"{escape(lane)}: weight {res.previous} -> {weight}" + (" [yellow](forced)[/]" if res.forced
+                                                                              else ""))
 
-    finish(["promote"], data, json_mode=json_out, human=human)
+    finish(["promote"], res.as_dict(), json_mode=json_out, human=human)
 
 
 @command("drill")

@@ -10,10 +10,9 @@ import typer
 
 from lanectl import config, install as installer, rollout, systemd
 from lanectl.cli.options import CONFIG, JSON, UNIT_DIR, complete_lanes
-from lanectl.errors import ExitCode, LanectlError
+from lanectl.errors import ExitCode
 from lanectl.ledger import Ledger
 from lanectl.ledger import lanes as lane_ops
-from lanectl.ledger.events import EventKind
 from lanectl.output import command, escape, finish, stdout_console, waiting
 
 LEDGER = typer.Option(None, "--ledger", metavar="PATH", help="Ledger file.",
@@ -222,22 +221,10 @@ def snapshot(
     Units, status, the last hour of events, metrics, the journal tail where journald runs, and a ledger
     integrity check, in DIR/snapshot-TIME-LANE/. What could not be captured is listed in problems.txt.
     """
-    from pathlib import Path
-
     from lanectl import snapshot as snap
 
-    fleet = config.load(config_dir)
-    path = config.ledger_path(fleet, ledger)
-    target = Path(out) if out else Path(fleet.settings.state_dir) / "snapshots"
-    who = lane_ops.actor()
-    made = snap.capture(fleet, path, target, lane=lane, reason=reason, actor=who)
-    try:
-        with config.open_ledger(fleet, path) as led:
-            lane_ops.record(led, EventKind.SNAPSHOT, now=time.time(), lane=lane, path=str(made), reason=reason,
-                            actor=who)
-    except LanectlError:
-        pass  # the snapshot is the point; an unwritable ledger is one of the things it records
-    problems = (made / "problems.txt").read_text().splitlines()
-    finish(["snapshot"], {"path": str(made), "problems": problems, "changed": True}, json_mode=json_out,
-           human=lambda: stdout_console().print(f"snapshot written to {escape(str(made))}"
-                                                + (f" ({len(problems)} part(s) missing)" if problems else "")))
+    res = snap.take(lane=lane, out=out, reason=reason, config_dir=config_dir, ledger=ledger)
+    finish(["snapshot"], res.as_dict(), json_mode=json_out,
+           human=lambda: stdout_console().print(f"snapshot written to {escape(str(res.path))}"
+                                                + (f" ({len(res.problems)} part(s) missing)" if res.problems
+                                                   else "")))
