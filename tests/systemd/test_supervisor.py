@@ -191,7 +191,11 @@ def post_callback(fleet: Fleet, doc: dict, user: str = "lane-alpha") -> int:
 
 def test_forged_stale_and_foreign_callbacks_are_rejected(fleet: Fleet) -> None:
     wait_for(lambda: all_up(fleet), 60, interval=0.5, what="all lanes healthy")
-    (mid,) = submit_many(fleet, [{"cls": "interactive", "lane": "alpha", "argv": ["/bin/sh", "-c", "sleep 3"]}])
+    # the mission runs until the test releases it (a file in its workspace), so "still running" is a condition
+    release = "/var/lib/lanes/alpha/release-forged-test"
+    fleet.sb.exec(["rm", "-f", release], check=False)
+    (mid,) = submit_many(fleet, [{"cls": "interactive", "lane": "alpha",
+                                  "argv": ["/bin/sh", "-c", f"while [ ! -e {release} ]; do sleep 0.1; done"]}])
     wait_for(lambda: states(fleet, [mid])[mid] == "running", 30, what="the mission to run")
     attempt = sql(fleet, "SELECT attempts FROM missions WHERE id = ?", mid)[0][0]
     before = sql(fleet, "SELECT count(*) FROM events WHERE kind='callback_rejected'")[0][0]
@@ -208,4 +212,6 @@ def test_forged_stale_and_foreign_callbacks_are_rejected(fleet: Fleet) -> None:
     assert states(fleet, [mid])[mid] == "running"
     after = sql(fleet, "SELECT count(*) FROM events WHERE kind='callback_rejected'")[0][0]
     assert after - before == 2
-    assert wait_terminal(fleet, [mid], 30)[mid] == "succeeded"
+    fleet.sb.exec(["touch", release], check=True)
+    assert wait_terminal(fleet, [mid], 60)[mid] == "succeeded"
+    fleet.sb.exec(["rm", "-f", release], check=False)
