@@ -19,9 +19,10 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from lanectl import paths
 from lanectl.errors import Problem, config_error
+from lanectl.states import CLASSES
+from lanectl.timeparse import UNIT_S
 
-CLASSES: tuple[str, ...] = ("interactive", "deadline", "background")
-MissionClass = Literal["interactive", "deadline", "background"]
+MissionClass = Literal[CLASSES]  # type: ignore[valid-type]  # the classes of lanectl.states, one definition
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
 USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -32,7 +33,6 @@ SIZE_RE = re.compile(r"^(\d+)([KMGT]?)$|^(100|[1-9]?\d)%$|^infinity$")
 CPU_RE = re.compile(r"^[1-9]\d{0,4}%$")
 TAG_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,31}$")
 DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
-DURATION_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 BYTES_RE = re.compile(r"^(\d+)([KMGT]?)$")
 BYTES_UNIT = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -42,7 +42,7 @@ def duration_s(text: str) -> float:
     m = DURATION_RE.match(text.strip()) if isinstance(text, str) else None
     if not m:
         raise ValueError(f"{text!r} is not a duration; use a number and one of s m h d w, e.g. 30d or 12h")
-    return float(m.group(1)) * DURATION_UNIT_S[m.group(2)]
+    return float(m.group(1)) * UNIT_S[m.group(2)]
 
 
 def size_bytes(text: str) -> int:
@@ -984,20 +984,14 @@ def open_ledger(where: LaneSet | str | Path | None = None, override: str | Path 
 
 
 def ledger_path(where: LaneSet | Settings | str | Path | None = None, override: str | Path | None = None) -> Path:
-    """The ledger file: --ledger, else $LANECTL_LEDGER, else [ledger] path in lanectl.toml, else
-    STATE_DIR/ledger.db."""
+    """The ledger file of a configuration (``paths.ledger_path`` resolves it; lanectl.toml is read only when
+    neither --ledger nor $LANECTL_LEDGER names the file)."""
     if not isinstance(where, Settings):
         check_config_dir(where)
-    if override:
-        return Path(override)
-    if os.environ.get("LANECTL_LEDGER"):
-        return Path(os.environ["LANECTL_LEDGER"])
+    if override or os.environ.get("LANECTL_LEDGER"):
+        return paths.ledger_path(override)
     settings = where if isinstance(where, Settings) else _settings_of(where)
-    if settings.ledger.path:
-        return Path(settings.ledger.path)
-    if os.environ.get("STATE_DIRECTORY"):
-        return paths.ledger_path()
-    return Path(settings.state_dir) / "ledger.db"
+    return paths.ledger_path(None, settings.ledger.path, settings.state_dir)
 
 
 def port_taken(port: int, host: str = "127.0.0.1") -> bool:

@@ -38,12 +38,10 @@ from typing import Any, Callable, Final
 from lanectl.ledger import reads, rollups
 from lanectl.ledger import events as events_mod
 from lanectl.ledger.events import EventKind
+from lanectl.states import ENDS, HELD, LANE_STATES, RANK
 
 QUANTILES: Final = (50, 95, 99)
 """The percentiles every duration metric reports."""
-FINISHED: Final = ("succeeded", "failed", "dead")
-ENDS: Final = ("succeeded", "failed", "dead", "cancelled", "expired", "requeued")
-"""Events that end an attempt or a mission (``requeued``: the attempt ended, the mission did not)."""
 ROUTINE_KINDS: Final = frozenset({
     EventKind.SUBMITTED, EventKind.SUBMIT_REFUSED, EventKind.DISPATCHED, EventKind.STARTED, EventKind.SUCCEEDED,
     EventKind.FAILED, EventKind.REQUEUED, EventKind.DEAD, EventKind.CANCELLED, EventKind.RETRIED,
@@ -296,9 +294,6 @@ def _restarts(conn: reads.Source, t0: float, t1: float, lane: str | None) -> dic
     return restarts
 
 
-LANE_STATES: Final = ("active", "draining", "drained", "degraded", "disabled")
-"""The ledger's dispatch states of a lane (``lanes.state``)."""
-CLASS_RANKS: Final = (("interactive", 0), ("deadline", 1), ("background", 2))
 
 
 def state_now(conn: reads.Source, *, now: float, fleet: Any = None, lane: str | None = None) -> dict[str, Any]:
@@ -312,7 +307,7 @@ def state_now(conn: reads.Source, *, now: float, fleet: Any = None, lane: str | 
     lanes: dict[str, dict[str, Any]] = {}
     for name, state, healthy in reads.lane_health(conn):
         lanes[name] = {"lane": name, "state": state, "healthy": bool(healthy), "enabled": None, "automatic": False}
-    if any(r["state"] in ("draining", "drained") for r in lanes.values()):
+    if any(r["state"] in HELD for r in lanes.values()):
         from lanectl.probe import lane_views  # who drained it: the probe's reading, not a second one
 
         for name, view in lane_views(conn).items():
@@ -327,7 +322,7 @@ def state_now(conn: reads.Source, *, now: float, fleet: Any = None, lane: str | 
         lanes = {k: v for k, v in lanes.items() if k == lane}
     depth = reads.queue_depth(conn)
     classes = []
-    for cls, rank in CLASS_RANKS:
+    for cls, rank in RANK.items():
         oldest = reads.oldest_queued(conn, rank)
         classes.append({"class": cls, "queued": int(depth.get(rank, 0)),
                         "oldest_wait_s": round(max(0.0, now - oldest), 6) if oldest is not None else 0.0})

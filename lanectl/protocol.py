@@ -35,6 +35,8 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, Final
 
+from lanectl.states import CLASSES
+
 _log = logging.getLogger("lanectl.protocol")
 
 MAX_BODY = 1 << 20
@@ -48,7 +50,6 @@ MAX_CONNECTIONS = 64
 """Connections a server handles at once; one more is answered 503 and closed at once (no thread for it)."""
 UNIX_SCHEME = "unix:"
 EVENTS = ("started", "heartbeat", "succeeded", "failed", "cancelled")
-CLASSES = ("interactive", "deadline", "background")
 MAX_TAIL = 4096
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import re
 import sys
 import time
 from typing import Any, List, Optional
@@ -10,47 +9,18 @@ from typing import Any, List, Optional
 import typer
 
 from lanectl import config, evidence
-from lanectl.cli.missions import absolute_time
-from lanectl.cli.options import CONFIG, JSON, complete_lanes
+from lanectl.cli.options import CONFIG, JSON, LEDGER, complete_lanes
 from lanectl.errors import ExitCode, LanectlError
 from lanectl.ledger import Ledger
-from lanectl.ledger.missions import invalid
 from lanectl.output import command, escape, finish, stdout_console
+from lanectl.timeparse import parse_duration, parse_time
 
-LEDGER = typer.Option(None, "--ledger", metavar="PATH", help="Ledger file.",
-                      show_default="$LANECTL_LEDGER, ledger= in lanectl.toml, else $STATE_DIRECTORY/ledger.db")
-DURATION_RE = re.compile(r"^\+?(\d+(?:\.\d+)?)([smhdw])$")
-UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 def register(app: typer.Typer) -> None:
     app.command("events")(events_)
     app.command("metrics")(metrics_)
     app.command("report")(report_)
-
-
-def parse_duration(text: str, field: str = "window") -> float:
-    """``30s``, ``15m``, ``1h``, ``24h``, ``7d``, ``2w`` (or plain seconds) -> seconds, > 0."""
-    t = text.strip()
-    m = DURATION_RE.match(t)
-    try:
-        secs = float(m.group(1)) * UNIT_S[m.group(2)] if m else float(t)
-    except ValueError:
-        secs = -1.0
-    if not secs > 0:
-        raise invalid(field, f"{text!r} is not a duration", "use e.g. 15m, 1h, 24h or 7d", "bad_duration")
-    return secs
-
-
-def parse_time(text: str | None, now: float, field: str = "since") -> float | None:
-    """A duration back from now (``1h``, ``7d``), an RFC 3339 time (UTC if no offset) or epoch seconds."""
-    if text is None:
-        return None
-    t = text.strip()
-    m = DURATION_RE.match(t)
-    if m:
-        return now - float(m.group(1)) * UNIT_S[m.group(2)]
-    return absolute_time(t, field, "use 1h, 7d, 2030-01-01T12:00:00Z or epoch seconds", "bad_time")
 
 
 def _ledger(config_dir: Optional[str], ledger: Optional[str]) -> Ledger:

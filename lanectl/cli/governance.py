@@ -7,14 +7,12 @@ from typing import Optional
 import typer
 
 from lanectl import config, governance
-from lanectl.cli.options import CONFIG, JSON, complete_lanes
+from lanectl.cli.options import CONFIG, JSON, LEDGER, complete_lanes
 from lanectl.errors import ExitCode, LanectlError, Problem
 from lanectl.ledger import lanes as lane_ops
 from lanectl.ledger.events import EventKind
 from lanectl.output import command, escape, finish, stdout_console, waiting
 
-LEDGER = typer.Option(None, "--ledger", metavar="PATH", help="Ledger file.",
-                      show_default="ledger= in lanectl.toml, else /var/lib/lanectl/ledger.db")
 
 
 def register(app: typer.Typer) -> None:

@@ -8,7 +8,6 @@ import re
 import stat
 import sys
 import time
-from datetime import datetime
 from typing import Any, BinaryIO, List, Optional, Union
 
 import typer
@@ -16,17 +15,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lanectl import config
 from lanectl.cli import missionview
-from lanectl.cli.options import CONFIG, JSON, complete_lane_files
+from lanectl.cli.options import CONFIG, JSON, LEDGER, complete_lane_files
 from lanectl.client import Client
 from lanectl.errors import ExitCode, LanectlError, Problem
 from lanectl.ledger import missions as ms
 from lanectl.ledger import tick
 from lanectl.output import command, escape, finish, stdout_console, waiting
+from lanectl.timeparse import deadline_request, parse_deadline
 
 mission_app = typer.Typer(help="Inspect and act on one mission.", no_args_is_help=True)
 
-LEDGER = typer.Option(None, "--ledger", metavar="PATH", help="Ledger file.",
-                      show_default="$LANECTL_LEDGER or $STATE_DIRECTORY/ledger.db")
 BATCH_MAX_BYTES = 32 * 1024 * 1024
 """The largest batch file `submit --batch` reads; a larger one is refused before it is read."""
 BATCH_MAX_LINE_BYTES = ms.MAX_PAYLOAD_BYTES + 64 * 1024
@@ -38,42 +36,6 @@ def register(app: typer.Typer) -> None:
     app.command("missions")(list_)
     app.command("dispatch")(dispatch_)
     app.add_typer(mission_app, name="mission")
-
-
-def parse_deadline(text: str | None, now: float) -> float | None:
-    """``+30s``/``+10m``/``+2h``/``+1d``, an RFC 3339 time (UTC if no offset), or seconds since the epoch."""
-    if text is None:
-        return None
-    rel = ms.relative_deadline(text, now)
-    if rel is not None:
-        return rel
-    return absolute_time(text, "deadline", "use +10m, 2030-01-01T12:00:00Z or epoch seconds", "bad_deadline")
-
-
-def deadline_request(text: str | None, now: float) -> float | str | None:
-    """A deadline for a submit: a relative one stays text (``+30m``), resolved by the ledger at the submit that
-    creates the mission, so that a retry with the same idempotency key and text is the same request."""
-    if text is not None and ms.RELATIVE_RE.match(text.strip()):
-        return text.strip()
-    return parse_deadline(text, now)
-
-
-def absolute_time(text: str, field: str, hint: str, code: str) -> float:
-    """Seconds since the epoch, or an RFC 3339 time (UTC if it has no offset); else a bad-input error."""
-    t = text.strip()
-    try:
-        return float(t)
-    except ValueError:
-        pass
-    try:
-        dt = datetime.fromisoformat(t.replace("Z", "+00:00"))
-    except ValueError as exc:
-        raise ms.invalid(field, f"{text!r} is not a time", hint, code) from exc
-    if dt.tzinfo is None:
-        from datetime import UTC
-
-        dt = dt.replace(tzinfo=UTC)
-    return dt.timestamp()
 
 
 @command("submit")

@@ -16,6 +16,7 @@ from lanectl.ledger import Ledger
 from lanectl.ledger import lanes as lane_ops
 from lanectl.ledger import missions as ms
 from lanectl.ledger.events import EventKind, append
+from lanectl.states import ACTIVE
 
 T0 = 1_700_000_000.0
 HASH = "0" * 64
@@ -43,7 +44,7 @@ def add(conn: Any, mid: int, *, cls: str = "interactive", lane: str = "alpha", c
     dispatched = created + wait
     start = dispatched + 0.001 if started else None
     end = (start or dispatched) + run
-    active = outcome in ("dispatched", "running")
+    active = outcome in ACTIVE
     conn.execute("INSERT INTO missions (id, class, rank, state, payload, request_hash, max_attempts, attempts, "
                  "current_lane, created_at, updated_at) VALUES (?,?,?,?,'{}',?,3,1,?,?,?)",
                  (mid, cls, RANK[cls], outcome, HASH, lane if active else None, created, end))
