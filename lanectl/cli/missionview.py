@@ -57,10 +57,14 @@ def _ledger(override: str | None) -> Path | None:
 
     if override or os.environ.get("LANECTL_LEDGER"):
         return paths.ledger_path(override)
-    if os.environ.get("LANECTL_CONFIG_DIR"):
-        return None  # another configuration than the installed one: let lanectl.toml decide
     data = manifest.read(paths.unit_dir())
-    found = manifest.ledger(data) if data else None
+    if data is None:
+        return None
+    chosen = os.environ.get("LANECTL_CONFIG_DIR")
+    if chosen and not (isinstance(data.get("config_dir"), str)
+                       and os.path.realpath(chosen) == os.path.realpath(data["config_dir"])):
+        return None  # another configuration than the installed one: let its lanectl.toml decide
+    found = manifest.ledger(data)
     return Path(found) if found else None
 
 
