@@ -394,6 +394,20 @@ class ProbeSettings(Model):
     """Fewer finished missions than this in the window: no failure-rate verdict (too little evidence)."""
 
 
+def renamed_keys(data: Any, renames: dict[str, str]) -> Any:
+    """A setting read under its former name as well (a lanectl.toml written before the rename keeps working);
+    both names at once is an error."""
+    if not isinstance(data, dict) or not any(old in data for old in renames):
+        return data
+    data = dict(data)
+    for old, new in renames.items():
+        if old in data:
+            if new in data:
+                raise ValueError(f"{old} is the former name of {new}: keep {new} only")
+            data[new] = data.pop(old)
+    return data
+
+
 class RollbackSettings(Model):
     """Rollback triggers the supervisor evaluates every tick (docs/governance.md)."""
 
@@ -402,7 +416,8 @@ class RollbackSettings(Model):
     min_samples: Annotated[int, Field(ge=1)] = 10
     """Fewer finished (or dispatched) missions than this in the window: no rate verdict."""
     failure_rate: Annotated[float, Field(gt=0, le=1)] = 0.5
-    fallback_rate: Annotated[float, Field(gt=0, le=1)] = 0.5
+    fallback_lost_rate: Annotated[float, Field(gt=0, le=1)] = 0.5
+    """fallback_spike: work meant for the lane that went to its fallback / work meant for it (was fallback_rate)."""
     interactive_starvation_sec: Annotated[float, Field(gt=0)] = 120.0
     max_lease_expiries: Annotated[int, Field(ge=1)] = 5
     cooldown_sec: Annotated[float, Field(ge=0)] = 600.0
@@ -412,6 +427,7 @@ class RollbackSettings(Model):
     @model_validator(mode="before")
     @classmethod
     def _no_restart_trigger(cls, data: Any) -> Any:
+        data = renamed_keys(data, {"fallback_rate": "fallback_lost_rate"})
         if isinstance(data, dict) and "max_restarts" in data:
             raise ValueError(
                 "max_restarts is no longer a rollback trigger: a lane that restarts too often becomes degraded "
@@ -426,7 +442,13 @@ class PromotionSettings(Model):
     window_sec: Annotated[float, Field(gt=0)] = 3600.0
     min_samples: Annotated[int, Field(ge=1)] = 20
     max_failure_rate: Annotated[float, Field(ge=0, le=1)] = 0.05
-    max_fallback_rate: Annotated[float, Field(ge=0, le=1)] = 0.10
+    max_fallback_lost_rate: Annotated[float, Field(ge=0, le=1)] = 0.10
+    """Work meant for the lane that went to its fallback / work meant for it (was max_fallback_rate)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        return renamed_keys(data, {"max_fallback_rate": "max_fallback_lost_rate"})
     max_p95_queue_wait_sec: Annotated[float, Field(gt=0)] = 5.0
     interactive_starvation_sec: Annotated[float, Field(gt=0)] = 30.0
     drill_max_age_sec: Annotated[float, Field(gt=0)] = 86400.0

@@ -125,18 +125,18 @@ def _human_metrics(m: dict[str, Any]) -> None:
 
     con = stdout_console()
     con.print(f"window {m['since']} .. {m['now']} ({m['window_s']:g}s); quantiles nearest-rank, seconds")
-    t = Table("lane", "class", "finished", "/min", "fail", "fallback", "wait p50", "wait p95", "wait p99",
+    t = Table("lane", "class", "finished", "/min", "fail", "fallback in", "wait p50", "wait p95", "wait p99",
               "run p50", "run p95", "e2e p95", "in flight")
     for g in m["groups"]:
         t.add_row(escape(g["lane"]), g["class"], str(g["finished"]), f"{g['throughput_per_min']:.2f}",
-                  pct(g["failure_rate"]), pct(g["fallback_rate"]), s(g["queue_wait_s"]["p50"]),
+                  pct(g["failure_rate"]), pct(g["fallback_received_rate"]), s(g["queue_wait_s"]["p50"]),
                   s(g["queue_wait_s"]["p95"]), s(g["queue_wait_s"]["p99"]), s(g["run_time_s"]["p50"]),
                   s(g["run_time_s"]["p95"]), s(g["end_to_end_s"]["p95"]), str(g["in_flight"]))
     con.print(t)
-    lt = Table("lane", "finished", "fail", "fallback", "wait p95", "restarts", "capacity", "utilization",
+    lt = Table("lane", "finished", "fail", "fallback in", "wait p95", "restarts", "capacity", "utilization",
                "in flight")
     for r in m["lanes"]:
-        lt.add_row(escape(r["lane"]), str(r["finished"]), pct(r["failure_rate"]), pct(r["fallback_rate"]),
+        lt.add_row(escape(r["lane"]), str(r["finished"]), pct(r["failure_rate"]), pct(r["fallback_received_rate"]),
                    s(r["queue_wait_s"]["p95"]), str(r["restarts"]), str(r["capacity"] or "-"), pct(r["utilization"]),
                    str(r["in_flight"]))
     con.print(lt)
@@ -153,10 +153,10 @@ def metrics_(
     ledger: Optional[str] = LEDGER,
     json_out: bool = JSON,
 ) -> None:
-    """Queue wait, run time, failure and fallback rates.
+    """Queue wait, run time, failure and fallback received rates.
 
     Per lane and class over the window: queue wait, run time and end-to-end p50/p95/p99 (nearest rank),
-    throughput, failure and fallback rates, restarts, utilization (against each lane's capacity) and what is
+    throughput, failure rate, fallback received rate (work a lane took as another's fallback), restarts, utilization (against each lane's capacity) and what is
     in flight now. Definitions: docs/observability.md.
     """
     now = time.time()

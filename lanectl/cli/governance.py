@@ -32,7 +32,7 @@ def promote(
 ) -> None:
     """Raise a lane's weight, only on evidence.
 
-    Refused (exit 8) unless, over [promotion] window_sec, the lane's failure and fallback rates, p95 queue wait
+    Refused (exit 8) unless, over [promotion] window_sec, the lane's failure and fallback lost rates (work meant for it that went to its fallback), p95 queue wait
     and interactive starvation meet the policy and a passing drill is recent enough; every unmet rule is listed.
     --force --reason R promotes anyway and records the override. Lowering a weight needs no evidence. The same
     weight again changes nothing (exit 0).
