@@ -35,7 +35,7 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, Final
 
-from lanectl.states import CLASSES
+from lanectl.states import CLASS_NAMES, CLASSES
 
 _log = logging.getLogger("lanectl.protocol")
 
@@ -141,7 +141,7 @@ def parse_dispatch(raw: bytes) -> DispatchMsg:
     doc = loads_object(raw)
     cls = _short(doc, "class")
     if cls not in CLASSES:
-        raise BadMessage("field 'class' must be interactive, deadline or background")
+        raise BadMessage(f"field 'class' must be {CLASS_NAMES}")
     deadline = _deadline(doc)
     if "payload" not in doc:
         raise BadMessage("field 'payload' is missing")

@@ -14,6 +14,8 @@ CLASSES: Final = ("interactive", "deadline", "background")
 """Mission classes, in dispatch priority order (``interactive > deadline > background``)."""
 RANK: Final = {c: i for i, c in enumerate(CLASSES)}
 """A class's priority rank: 0 is served first (the ledger's ``missions.rank``)."""
+CLASS_NAMES: Final = f"{', '.join(CLASSES[:-1])} or {CLASSES[-1]}"
+"""The classes in a sentence: ``interactive, deadline or background``."""
 
 MISSION_STATES: Final = ("queued", "dispatched", "running", "succeeded", "failed", "cancelled", "expired", "dead")
 """Every state of a mission (``missions.state``)."""

@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final
 
 from lanectl.errors import Conflict, ExitCode, LanectlError, NotFound, Problem
-from lanectl.states import ACTIVE, CLASSES, FINISHED, RANK, UNFINISHED
+from lanectl.states import ACTIVE, CLASS_NAMES, CLASSES, FINISHED, RANK, UNFINISHED
 from lanectl.states import MISSION_STATES as STATES
 from lanectl.timeparse import relative_deadline
 from lanectl.ledger import Ledger, events
@@ -166,7 +166,7 @@ def _validate(fleet: LaneSet, *, cls: str, payload: Any, deadline: float | str |
               tags: Iterable[str], session: str | None, key: str | None, max_attempts: int | None,
               now: float, known_sessions: Mapping[str, str] | None) -> _Request:
     if cls not in RANK:
-        raise invalid("class", f"{cls!r} is not a mission class", "use interactive, deadline or background",
+        raise invalid("class", f"{cls!r} is not a mission class", f"use {CLASS_NAMES}",
                       "unknown_class")
     if isinstance(payload, (str, bytes)):
         try:
@@ -482,7 +482,7 @@ def list_missions(ledger: Ledger, *, state: str | None = None, lane: str | None 
         raise invalid("state", f"{state!r} is not a mission state", f"use one of {', '.join(STATES)}",
                       "unknown_state")
     if cls is not None and cls not in RANK:
-        raise invalid("class", f"{cls!r} is not a mission class", "use interactive, deadline or background",
+        raise invalid("class", f"{cls!r} is not a mission class", f"use {CLASS_NAMES}",
                       "unknown_class")
     where, params = ["id > ?"], [after_id]
     if state == "queued":
