@@ -25,6 +25,8 @@ from lanectl.errors import Timeout
 from lanectl.ledger import Ledger
 from lanectl.ledger import missions as ms
 from lanectl.ledger.missions import SubmitRequest
+from lanectl.poll import until
+from lanectl.states import FINISHED
 
 __all__ = ["Client", "SubmitRequest"]
 
@@ -84,20 +86,18 @@ class Client:
              progress: Callable[[str], None] | None = None) -> ms.Mission:
         """Poll until the mission is finished; ``Timeout`` (exit 7) when ``timeout`` seconds pass first.
         ``progress`` is told what the mission is doing each time it looks."""
-        deadline = time.monotonic() + timeout
-        while True:
-            m = self.get(mission_id)
-            if m.state in ms.FINISHED:
-                return m
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise Timeout(f"mission {mission_id} is still {m.state} after {timeout:g}s",
-                              "wait longer (--timeout) or look at 'lanectl mission explain'", "wait_timeout")
+        def told(m: ms.Mission, left: float) -> None:
             if progress is not None:
                 where = f" on {m.current_lane}" if m.current_lane else ""
                 progress(f"mission {mission_id}: {m.state}{where}, attempt {m.attempts}; {left:.0f}s left of the "
                          "timeout")
-            time.sleep(min(poll, left))
+
+        m = until(lambda: self.get(mission_id), timeout, done=lambda m: m.state in FINISHED, interval=poll,
+                  progress=told)
+        if m.state not in FINISHED:
+            raise Timeout(f"mission {mission_id} is still {m.state} after {timeout:g}s",
+                          "wait longer (--timeout) or look at 'lanectl mission explain'", "wait_timeout")
+        return m
 
     def cancel(self, mission_id: int, now: float | None = None) -> ms.Mission:
         return ms.cancel(self.ledger, mission_id, now=time.time() if now is None else now,

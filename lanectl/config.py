@@ -19,9 +19,10 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from lanectl import paths
 from lanectl.errors import Problem, config_error
+from lanectl.states import CLASSES
+from lanectl.timeparse import UNIT_S
 
-CLASSES: tuple[str, ...] = ("interactive", "deadline", "background")
-MissionClass = Literal["interactive", "deadline", "background"]
+MissionClass = Literal[CLASSES]  # type: ignore[valid-type]  # the classes of lanectl.states, one definition
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
 USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -32,7 +33,6 @@ SIZE_RE = re.compile(r"^(\d+)([KMGT]?)$|^(100|[1-9]?\d)%$|^infinity$")
 CPU_RE = re.compile(r"^[1-9]\d{0,4}%$")
 TAG_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,31}$")
 DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
-DURATION_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 BYTES_RE = re.compile(r"^(\d+)([KMGT]?)$")
 BYTES_UNIT = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -42,7 +42,7 @@ def duration_s(text: str) -> float:
     m = DURATION_RE.match(text.strip()) if isinstance(text, str) else None
     if not m:
         raise ValueError(f"{text!r} is not a duration; use a number and one of s m h d w, e.g. 30d or 12h")
-    return float(m.group(1)) * DURATION_UNIT_S[m.group(2)]
+    return float(m.group(1)) * UNIT_S[m.group(2)]
 
 
 def size_bytes(text: str) -> int:
@@ -394,6 +394,20 @@ class ProbeSettings(Model):
     """Fewer finished missions than this in the window: no failure-rate verdict (too little evidence)."""
 
 
+def renamed_keys(data: Any, renames: dict[str, str]) -> Any:
+    """A setting read under its former name as well (a lanectl.toml written before the rename keeps working);
+    both names at once is an error."""
+    if not isinstance(data, dict) or not any(old in data for old in renames):
+        return data
+    data = dict(data)
+    for old, new in renames.items():
+        if old in data:
+            if new in data:
+                raise ValueError(f"{old} is the former name of {new}: keep {new} only")
+            data[new] = data.pop(old)
+    return data
+
+
 class RollbackSettings(Model):
     """Rollback triggers the supervisor evaluates every tick (docs/governance.md)."""
 
@@ -402,7 +416,8 @@ class RollbackSettings(Model):
     min_samples: Annotated[int, Field(ge=1)] = 10
     """Fewer finished (or dispatched) missions than this in the window: no rate verdict."""
     failure_rate: Annotated[float, Field(gt=0, le=1)] = 0.5
-    fallback_rate: Annotated[float, Field(gt=0, le=1)] = 0.5
+    fallback_lost_rate: Annotated[float, Field(gt=0, le=1)] = 0.5
+    """fallback_spike: work meant for the lane that went to its fallback / work meant for it (was fallback_rate)."""
     interactive_starvation_sec: Annotated[float, Field(gt=0)] = 120.0
     max_lease_expiries: Annotated[int, Field(ge=1)] = 5
     cooldown_sec: Annotated[float, Field(ge=0)] = 600.0
@@ -412,6 +427,7 @@ class RollbackSettings(Model):
     @model_validator(mode="before")
     @classmethod
     def _no_restart_trigger(cls, data: Any) -> Any:
+        data = renamed_keys(data, {"fallback_rate": "fallback_lost_rate"})
         if isinstance(data, dict) and "max_restarts" in data:
             raise ValueError(
                 "max_restarts is no longer a rollback trigger: a lane that restarts too often becomes degraded "
@@ -426,7 +442,13 @@ class PromotionSettings(Model):
     window_sec: Annotated[float, Field(gt=0)] = 3600.0
     min_samples: Annotated[int, Field(ge=1)] = 20
     max_failure_rate: Annotated[float, Field(ge=0, le=1)] = 0.05
-    max_fallback_rate: Annotated[float, Field(ge=0, le=1)] = 0.10
+    max_fallback_lost_rate: Annotated[float, Field(ge=0, le=1)] = 0.10
+    """Work meant for the lane that went to its fallback / work meant for it (was max_fallback_rate)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        return renamed_keys(data, {"max_fallback_rate": "max_fallback_lost_rate"})
     max_p95_queue_wait_sec: Annotated[float, Field(gt=0)] = 5.0
     interactive_starvation_sec: Annotated[float, Field(gt=0)] = 30.0
     drill_max_age_sec: Annotated[float, Field(gt=0)] = 86400.0
@@ -984,20 +1006,14 @@ def open_ledger(where: LaneSet | str | Path | None = None, override: str | Path 
 
 
 def ledger_path(where: LaneSet | Settings | str | Path | None = None, override: str | Path | None = None) -> Path:
-    """The ledger file: --ledger, else $LANECTL_LEDGER, else [ledger] path in lanectl.toml, else
-    STATE_DIR/ledger.db."""
+    """The ledger file of a configuration (``paths.ledger_path`` resolves it; lanectl.toml is read only when
+    neither --ledger nor $LANECTL_LEDGER names the file)."""
     if not isinstance(where, Settings):
         check_config_dir(where)
-    if override:
-        return Path(override)
-    if os.environ.get("LANECTL_LEDGER"):
-        return Path(os.environ["LANECTL_LEDGER"])
+    if override or os.environ.get("LANECTL_LEDGER"):
+        return paths.ledger_path(override)
     settings = where if isinstance(where, Settings) else _settings_of(where)
-    if settings.ledger.path:
-        return Path(settings.ledger.path)
-    if os.environ.get("STATE_DIRECTORY"):
-        return paths.ledger_path()
-    return Path(settings.state_dir) / "ledger.db"
+    return paths.ledger_path(None, settings.ledger.path, settings.state_dir)
 
 
 def port_taken(port: int, host: str = "127.0.0.1") -> bool:

@@ -24,11 +24,9 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Final
 
-CLASSES: Final = ("interactive", "deadline", "background")
-RANK: Final = {c: i for i, c in enumerate(CLASSES)}
-AVAILABLE_STATE: Final = "active"
+from lanectl.states import AVAILABLE as AVAILABLE_STATE
+from lanectl.states import CLASSES, RANK
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,8 @@ from lanectl.ledger import lanes as lane_ops
 from lanectl.ledger import missions as ms
 from lanectl.ledger import reads
 from lanectl.ledger.events import EventKind
+from lanectl.poll import until
+from lanectl.states import FINISHED, HELD
 from lanectl.units import SUPERVISOR, unit_name
 
 POLL_S = 0.02
@@ -57,17 +59,15 @@ class DrillResult:
 
 
 def _wait(pred: Any, timeout: float, what: str, progress: Any = None) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
+    def told(_value: Any, left: float) -> None:
         if progress is not None:
-            progress(f"drill: waiting for {what}; {deadline - time.monotonic():.0f}s left")
-        if time.monotonic() > deadline:
-            raise Timeout(f"drill: timed out after {timeout:g}s waiting for {what}", "look at 'lanectl status' "
-                          "and 'lanectl events --kind requeued'", "drill_timeout")
-        time.sleep(POLL_S)
+            progress(f"drill: waiting for {what}; {left:.0f}s left")
+
+    value = until(pred, timeout, interval=POLL_S, progress=told)
+    if not value:
+        raise Timeout(f"drill: timed out after {timeout:g}s waiting for {what}", "look at 'lanectl status' "
+                      "and 'lanectl events --kind requeued'", "drill_timeout")
+    return value
 
 
 def run(ledger: Ledger, fleet: LaneSet, lane: str, kind: str, *, timeout: float = 60.0,
@@ -119,7 +119,7 @@ def run(ledger: Ledger, fleet: LaneSet, lane: str, kind: str, *, timeout: float 
             except ProcessLookupError:
                 pass
     orphaned = reads.orphaned_attempts(ledger, lane, old_inv)
-    final = _wait(lambda: (lambda m: m if m.state in ms.FINISHED else None)(ms.get(ledger, mission)), timeout,
+    final = _wait(lambda: (lambda m: m if m.state in FINISHED else None)(ms.get(ledger, mission)), timeout,
                   "the drill mission to finish", progress)
     end = time.time() - t0
     after = lane_ops.state_of(ledger, lane)
@@ -131,7 +131,7 @@ def run(ledger: Ledger, fleet: LaneSet, lane: str, kind: str, *, timeout: float 
     if detect is None or detect > limit:
         failures.append(f"detection took {_r(detect)}s > {limit:g}s")
     if after not in ("active", "degraded"):  # degraded: the drill's own restarts made a storm; it returns by itself
-        why = lane_ops.drained_by(ledger, lane) if after in ("draining", "drained") else None
+        why = lane_ops.drained_by(ledger, lane) if after in HELD else None
         failures.append(f"the lane is {after} after the drill" + (f" (drained by {why})" if why else ""))
     res = DrillResult(lane, kind, mission, _r(detect), _r(recover), _r(end), orphaned, final.state, limit,
                       not failures, after, failures)

@@ -9,37 +9,11 @@ goes to typer.
 from __future__ import annotations
 
 import sys
-from collections.abc import Collection
+
+from lanectl.fastargs import parse_options
 
 FAST = ("status", "probe")
 READS = ("missions", "mission")
-
-
-def parse_options(argv: list[str], allowed: Collection[str]) -> tuple[dict[str, str], list[str], bool] | None:
-    """``--opt VALUE`` / ``--opt=VALUE`` (each of ``allowed`` at most once), ``--json`` and positionals, or None
-    for anything else (help, other options, a repeated one): the fast paths then leave the command to typer."""
-    opts: dict[str, str] = {}
-    args: list[str] = []
-    json_out = False
-    it = iter(argv)
-    for arg in it:
-        if arg == "--json":
-            json_out = True
-        elif arg.startswith("--"):
-            name, eq, value = arg.partition("=")
-            if name not in allowed or name in opts:
-                return None
-            if not eq:
-                nxt = next(it, None)
-                if nxt is None:
-                    return None
-                value = nxt
-            opts[name] = value
-        elif arg.startswith("-"):
-            return None
-        else:
-            args.append(arg)
-    return opts, args, json_out
 
 
 def fast(command: str, argv: list[str]) -> bool:
@@ -54,6 +28,7 @@ def fast(command: str, argv: list[str]) -> bool:
     data = manifest.read(paths.unit_dir(unit_dir))
     if data is None:
         return False
+    data = {**data, "ledger": manifest.ledger(data)}
     if command == "probe":
         from lanectl.cli.probeview import run_probe
 

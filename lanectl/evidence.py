@@ -14,7 +14,8 @@ Definitions (docs/observability.md repeats them for operators), over the window 
 - **end-to-end**: the terminal event's time minus ``created_at``, for missions that finished in the window.
 - **finished** = ``succeeded + failed + dead`` in the window (cancelled and expired are counted apart);
   **throughput** = finished per minute; **failure rate** = ``(failed + dead) / finished``.
-- **fallback rate**: dispatches whose data has ``fallback_from`` / dispatches.
+- **fallback received rate**: dispatches to a lane as another lane's fallback (data has ``fallback_from``) /
+  dispatches to it. Not governance's *fallback lost rate* (work meant for a lane that went to its fallback).
 - **restarts**: ``lane_invocation`` events (a new systemd InvocationID); ``operator_restarts``: ``lane_restart``.
 - **utilization**: busy seconds of every attempt overlapping the window (from dispatch to finish, or now while it
   runs, clipped to the window) / (lane capacity x window); ``None`` without a capacity.
@@ -38,12 +39,10 @@ from typing import Any, Callable, Final
 from lanectl.ledger import reads, rollups
 from lanectl.ledger import events as events_mod
 from lanectl.ledger.events import EventKind
+from lanectl.states import ENDS, HELD, LANE_STATES, RANK
 
 QUANTILES: Final = (50, 95, 99)
 """The percentiles every duration metric reports."""
-FINISHED: Final = ("succeeded", "failed", "dead")
-ENDS: Final = ("succeeded", "failed", "dead", "cancelled", "expired", "requeued")
-"""Events that end an attempt or a mission (``requeued``: the attempt ended, the mission did not)."""
 ROUTINE_KINDS: Final = frozenset({
     EventKind.SUBMITTED, EventKind.SUBMIT_REFUSED, EventKind.DISPATCHED, EventKind.STARTED, EventKind.SUCCEEDED,
     EventKind.FAILED, EventKind.REQUEUED, EventKind.DEAD, EventKind.CANCELLED, EventKind.RETRIED,
@@ -203,7 +202,7 @@ class _Acc:
             "throughput_per_min": finished / (window_s / 60.0) if window_s > 0 else None,
             "failure_rate": (self.failed + self.dead) / finished if finished else None,
             "dispatched": self.dispatched, "fallback_dispatches": self.fallback,
-            "fallback_rate": self.fallback / self.dispatched if self.dispatched else None,
+            "fallback_received_rate": self.fallback / self.dispatched if self.dispatched else None,
             "busy_s": round(self.busy_s, 6),
         }
 
@@ -225,7 +224,7 @@ def metrics_conn(conn: reads.Source, *, window_s: float, now: float, lane: str |
     t0, t1 = now - window_s, now
     groups: dict[tuple[str, str], _Acc] = {}
 
-    # 1. dispatches in the window: queue wait (attempt 1) and fallback rate. The loops below run once per
+    # 1. dispatches in the window: queue wait (attempt 1) and fallback received rate. The loops below run once per
     # mission in the window (tens of thousands an hour), so they are kept flat: no calls, no attribute lookups.
     for ln, cls, n, wait, fb in reads.dispatches(conn, t0, t1, lane):
         a = groups.get((ln, cls))
@@ -296,9 +295,6 @@ def _restarts(conn: reads.Source, t0: float, t1: float, lane: str | None) -> dic
     return restarts
 
 
-LANE_STATES: Final = ("active", "draining", "drained", "degraded", "disabled")
-"""The ledger's dispatch states of a lane (``lanes.state``)."""
-CLASS_RANKS: Final = (("interactive", 0), ("deadline", 1), ("background", 2))
 
 
 def state_now(conn: reads.Source, *, now: float, fleet: Any = None, lane: str | None = None) -> dict[str, Any]:
@@ -312,7 +308,7 @@ def state_now(conn: reads.Source, *, now: float, fleet: Any = None, lane: str | 
     lanes: dict[str, dict[str, Any]] = {}
     for name, state, healthy in reads.lane_health(conn):
         lanes[name] = {"lane": name, "state": state, "healthy": bool(healthy), "enabled": None, "automatic": False}
-    if any(r["state"] in ("draining", "drained") for r in lanes.values()):
+    if any(r["state"] in HELD for r in lanes.values()):
         from lanectl.probe import lane_views  # who drained it: the probe's reading, not a second one
 
         for name, view in lane_views(conn).items():
@@ -327,7 +323,7 @@ def state_now(conn: reads.Source, *, now: float, fleet: Any = None, lane: str | 
         lanes = {k: v for k, v in lanes.items() if k == lane}
     depth = reads.queue_depth(conn)
     classes = []
-    for cls, rank in CLASS_RANKS:
+    for cls, rank in RANK.items():
         oldest = reads.oldest_queued(conn, rank)
         classes.append({"class": cls, "queued": int(depth.get(rank, 0)),
                         "oldest_wait_s": round(max(0.0, now - oldest), 6) if oldest is not None else 0.0})
@@ -445,7 +441,7 @@ class _Runs:
 
 def report_figures(conn: reads.Source, t0: float, t1: float, *, lane: str | None = None,
                    capacity: Mapping[str, int] | None = None, fast: bool = True) -> dict[str, Any]:
-    """What the report prints about a window: per lane and in total, finished, failure and fallback rates, p95 of
+    """What the report prints about a window: per lane and in total, finished, failure and fallback received rates, p95 of
     queue wait, run time and end-to-end, restarts, utilization, in flight; and the traffic counts per kind.
 
     ``fast`` reads the roll-ups the supervisor maintains (lanectl/ledger/rollups.py) for the buckets the window
@@ -462,7 +458,7 @@ def report_figures(conn: reads.Source, t0: float, t1: float, *, lane: str | None
         traffic = reads.traffic_counts(conn, t0, t1) if lane is None else {}
 
         def pick(r: Mapping[str, Any]) -> dict[str, Any]:
-            return {k: r.get(k) for k in ("finished", "failure_rate", "fallback_rate", "dispatched", "in_flight",
+            return {k: r.get(k) for k in ("finished", "failure_rate", "fallback_received_rate", "dispatched", "in_flight",
                                           "restarts", "utilization")} | {
                 "queue_wait_p95": r["queue_wait_s"]["p95"], "run_time_p95": r["run_time_s"]["p95"],
                 "end_to_end_p95": r["end_to_end_s"]["p95"]}
@@ -500,7 +496,7 @@ def report_figures(conn: reads.Source, t0: float, t1: float, *, lane: str | None
         busy = round(g["busy"], 6)
         return {"finished": finished, "dispatched": n["dispatched"], "in_flight": g["in_flight"],
                 "failure_rate": (n["failed"] + n["dead"]) / finished if finished else None,
-                "fallback_rate": n["fallback"] / n["dispatched"] if n["dispatched"] else None,
+                "fallback_received_rate": n["fallback"] / n["dispatched"] if n["dispatched"] else None,
                 "restarts": n_restarts,
                 "utilization": busy / (c * window_s) if c and window_s > 0 else None,
                 **{f"{k}_p95": (None if (v := g[k].percentile(95)) is None else round(v, 6))
@@ -527,7 +523,8 @@ _GROUP_GAUGES: Final = (
     ("dispatched", "lanectl_dispatched", "Dispatches in the window."),
     ("throughput_per_min", "lanectl_throughput_per_minute", "Finished missions per minute over the window."),
     ("failure_rate", "lanectl_failure_rate", "(failed + dead) / finished over the window."),
-    ("fallback_rate", "lanectl_fallback_rate", "Dispatches to a fallback lane / dispatches over the window."),
+    ("fallback_received_rate", "lanectl_fallback_received_rate",
+     "Dispatches to this lane as another lane's fallback / dispatches to it over the window."),
     ("in_flight", "lanectl_in_flight", "Missions dispatched or running now."),
 )
 _LANE_GAUGES: Final = (
@@ -655,7 +652,7 @@ def _evidence(conn: reads.Source, lane: str | None, at: float,
     if not r or not (r.get("finished") or r.get("dispatched")):
         return "no traffic in the hour before"
     return (f"failure {_pct(r['failure_rate'])} of {r['finished']}, p95 queue wait {_secs(r['queue_wait_p95'])}"
-            f", fallback {_pct(r['fallback_rate'])}, restarts {r.get('restarts', 0)}")
+            f", fallback received {_pct(r['fallback_received_rate'])}, restarts {r.get('restarts', 0)}")
 
 
 _OWN_FIELDS: Final = ("actor", "reason")
@@ -705,13 +702,13 @@ def _report(conn: reads.Source, since: float, until: float, now: float, capacity
               f"Over the period: {tot['finished']} finished, failure rate {_pct(tot['failure_rate'])}, p95 queue "
               f"wait {_secs(tot['queue_wait_p95'])}, p95 end-to-end {_secs(tot['end_to_end_p95'])}, "
               f"{tot['in_flight']} in flight now.", "",
-              "| lane | state | healthy | in flight | finished | failure rate | fallback rate | p95 queue wait "
+              "| lane | state | healthy | in flight | finished | failure rate | fallback received | p95 queue wait "
               "| p95 run time | restarts | utilization |",
               "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in period["lanes"].values():
         state, healthy = states.get(r["lane"], ("active", True))
         lines.append(f"| {_md(r['lane'])} | {state} | {'yes' if healthy else 'no'} | {r['in_flight']} | "
-                     f"{r['finished']} | {_pct(r['failure_rate'])} | {_pct(r['fallback_rate'])} | "
+                     f"{r['finished']} | {_pct(r['failure_rate'])} | {_pct(r['fallback_received_rate'])} | "
                      f"{_secs(r['queue_wait_p95'])} | {_secs(r['run_time_p95'])} | {r['restarts']} | "
                      f"{_pct(r['utilization'])} |")
     evs = decisions(conn, since, until)

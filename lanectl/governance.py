@@ -1,7 +1,7 @@
 """Promotion and rollback: rules that act on the evidence in the ledger (the operating model's section 7).
 
 *Promotion* (raising a lane's weight) is allowed only when, over ``[promotion] window_sec``, the lane's failure and
-fallback rates and its p95 queue wait meet the policy, no interactive mission starved, and a passing drill of the
+fallback lost rates and its p95 queue wait meet the policy, no interactive mission starved, and a passing drill of the
 lane is recent enough. ``--force`` records an override with the operator's reason.
 
 *Rollback triggers*, evaluated by the supervisor every tick over ``[rollback] window_sec``: a failure spike, a
@@ -51,14 +51,16 @@ class LaneEvidence:
         return self.failed / self.finished if self.finished else 0.0
 
     @property
-    def fallback_rate(self) -> float:
+    def fallback_lost_rate(self) -> float:
+        """Work meant for this lane that went to its fallback / work meant for it (not metrics' fallback received
+        rate: work a lane took as another's fallback)."""
         meant = self.dispatched + self.fallback_away
         return self.fallback_away / meant if meant else 0.0
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["failure_rate"] = round(self.failure_rate, 4)
-        d["fallback_rate"] = round(self.fallback_rate, 4)
+        d["fallback_lost_rate"] = round(self.fallback_lost_rate, 4)
         return d
 
 
@@ -201,9 +203,9 @@ def _triggers(ev: LaneEvidence, pol: Any, *, degraded: bool = False) -> list[tup
         out.append(("failure_spike",
                     f"failure rate {ev.failure_rate:.0%} of {ev.finished} >= {pol.failure_rate:.0%}"))
     meant = ev.dispatched + ev.fallback_away
-    if not degraded and meant >= pol.min_samples and ev.fallback_rate >= pol.fallback_rate:
+    if not degraded and meant >= pol.min_samples and ev.fallback_lost_rate >= pol.fallback_lost_rate:
         out.append(("fallback_spike",
-                    f"fallback rate {ev.fallback_rate:.0%} of {meant} >= {pol.fallback_rate:.0%}"))
+                    f"fallback lost rate {ev.fallback_lost_rate:.0%} of {meant} >= {pol.fallback_lost_rate:.0%}"))
     if ev.oldest_interactive_wait_s >= pol.interactive_starvation_sec:
         out.append(("interactive_starvation",
                     f"an interactive mission bound to it waits {ev.oldest_interactive_wait_s:.0f}s "
@@ -242,8 +244,8 @@ def promotion_verdict(conn: Source, fleet: LaneSet, lane: str, *, now: float) ->
         reasons.append(f"only {ev.finished} missions finished in the window (need {pol.min_samples})")
     if ev.failure_rate > pol.max_failure_rate:
         reasons.append(f"failure rate {ev.failure_rate:.1%} > {pol.max_failure_rate:.1%}")
-    if ev.fallback_rate > pol.max_fallback_rate:
-        reasons.append(f"fallback rate {ev.fallback_rate:.1%} > {pol.max_fallback_rate:.1%}")
+    if ev.fallback_lost_rate > pol.max_fallback_lost_rate:
+        reasons.append(f"fallback lost rate {ev.fallback_lost_rate:.1%} > {pol.max_fallback_lost_rate:.1%}")
     if ev.p95_queue_wait_s is not None and ev.p95_queue_wait_s > pol.max_p95_queue_wait_sec:
         reasons.append(f"p95 queue wait {ev.p95_queue_wait_s:.2f}s > {pol.max_p95_queue_wait_sec:g}s")
     starved = reads.starved_interactive(conn, lane, now - pol.window_sec, pol.interactive_starvation_sec)

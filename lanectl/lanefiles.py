@@ -7,9 +7,10 @@ from typing import Any
 import tomli_w
 
 from lanectl import config
-from lanectl.config import CLASSES, NAME_RE, Lane, LaneSet
+from lanectl.config import NAME_RE, Lane, LaneSet
 from lanectl.errors import Conflict, LanectlError, NotFound, Problem, config_error
 from lanectl.fsutil import atomic_write
+from lanectl.states import CLASSES, HELD
 
 
 def _existing(config_path: str | Path | None) -> LaneSet:
@@ -92,7 +93,7 @@ def live(name: str, unit_dir: str | None = None, config_path: str | Path | None 
     out: dict[str, Any] = {"state": row.state, "unit_state": f"{row.active_state}/{row.sub_state}",
                            "result": row.result, "gave_up": row.gave_up, "dispatch": row.dispatch,
                            "weight_in_force": row.weight, "promoted": row.promoted}
-    if row.dispatch in ("draining", "drained"):
+    if row.dispatch in HELD:
         out.update(drained_by=row.drained_by, drain_reason=row.drain_reason, drained_by_lanectl=row.automatic)
     if row.dispatch_error:
         out["dispatch_error"] = row.dispatch_error

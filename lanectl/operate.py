@@ -7,6 +7,7 @@ from typing import Any
 
 from lanectl import systemd
 from lanectl.errors import NotFound
+from lanectl.poll import until
 from lanectl.units import PROBE_TIMER, SUPERVISOR, TARGET
 
 
@@ -150,43 +151,32 @@ def _ids(ids: list[int], most: int = 8) -> str:
 def wait_drained(ledger_path: Any, lane: str, timeout: float, poll: float = 0.2,
                  progress: Progress | None = None) -> list[int]:
     """Wait until nothing is in flight on the lane; returns what is still in flight at the deadline (empty: done)."""
-    import time
-
     from lanectl.ledger import Ledger
     from lanectl.ledger import lanes as lane_ops
 
-    deadline = time.monotonic() + timeout
+    def told(left: list[int], rest: float) -> None:
+        if progress is not None:
+            progress(f"draining {lane}: {len(left)} mission(s) in flight (missions {_ids(left)}); "
+                     f"{rest:.0f}s left of the timeout")
+
     with Ledger.open(ledger_path, migrate=False) as led:
-        while True:
-            left = lane_ops.in_flight(led, lane)
-            rest = deadline - time.monotonic()
-            if not left or rest <= 0:
-                return left
-            if progress is not None:
-                progress(f"draining {lane}: {len(left)} mission(s) in flight (missions {_ids(left)}); "
-                         f"{rest:.0f}s left of the timeout")
-            time.sleep(poll)
+        return until(lambda: lane_ops.in_flight(led, lane), timeout, done=lambda left: not left, interval=poll,
+                     progress=told)
 
 
 def wait_up(lanes: dict[str, dict[str, Any]], name: str, timeout: float, poll: float = 0.1,
             progress: Progress | None = None) -> bool:
     """Wait until the lane's unit runs and its health endpoint answers."""
-    import time
-
     from lanectl.status import collect
 
-    deadline = time.monotonic() + timeout
-    while True:
-        row = collect(lanes, [name])[0]
-        if row.state == "up":
-            return True
-        rest = deadline - time.monotonic()
-        if rest <= 0:
-            return False
+    def told(row: Any, rest: float) -> None:
         if progress is not None:
             progress(f"starting {name}: unit {row.active_state}/{row.sub_state}, health "
                      f"{'answers' if row.health.ok else 'not answering yet'}; {rest:.0f}s left")
-        time.sleep(poll)
+
+    row = until(lambda: collect(lanes, [name])[0], timeout, done=lambda r: r.state == "up", interval=poll,
+                progress=told)
+    return row.state == "up"
 
 
 def _supervisor_health(port: int) -> dict[str, Any] | None:
@@ -204,27 +194,29 @@ def _supervisor_health(port: int) -> dict[str, Any] | None:
 def reload_supervisor(port: int, lanes: list[str], timeout: float = 30.0, poll: float = 0.1) -> str | None:
     """``systemctl reload`` the supervisor (SIGHUP: it re-reads the configuration) and wait until its /healthz
     shows a new configuration generation with exactly ``lanes``; None when it did, else what went wrong."""
-    import time
-
     before = _supervisor_health(port)
     proc = systemd.run("reload", SUPERVISOR, check=False)
     if proc.returncode != 0:
         return (proc.stderr.strip().splitlines() or ["reload failed"])[0]
     if before is None:
         return None  # its /healthz does not answer (port taken?): the reload was sent, it cannot be confirmed
-    deadline = time.monotonic() + timeout
-    while True:
-        now = _supervisor_health(port)
-        if now is not None and now.get("pid") != before.get("pid"):
-            return None  # restarted meanwhile: it loaded the fleet from scratch
-        if now is not None and (now.get("reloads") or 0) > (before.get("reloads") or 0):
-            if now.get("reload_error"):
-                return f"the supervisor kept its previous configuration: {now['reload_error']}"
-            if sorted(now.get("lanes") or {}) == sorted(lanes):
-                return None
-        if time.monotonic() >= deadline:
-            return f"the supervisor did not confirm the reload within {timeout:g}s"
-        time.sleep(poll)
+
+    def restarted(now: dict[str, Any] | None) -> bool:  # restarted meanwhile: it loaded the fleet from scratch
+        return now is not None and now.get("pid") != before.get("pid")
+
+    def reloaded(now: dict[str, Any] | None) -> bool:
+        return now is not None and (now.get("reloads") or 0) > (before.get("reloads") or 0) and bool(
+            now.get("reload_error") or sorted(now.get("lanes") or {}) == sorted(lanes))
+
+    now = until(lambda: _supervisor_health(port), timeout, done=lambda h: restarted(h) or reloaded(h),
+                interval=poll)
+    if restarted(now):
+        return None
+    if not reloaded(now):
+        return f"the supervisor did not confirm the reload within {timeout:g}s"
+    if now and now.get("reload_error"):
+        return f"the supervisor kept its previous configuration: {now['reload_error']}"
+    return None
 
 
 def bound_warnings(ledger_path: Any, names: list[str]) -> list[Any]:

@@ -31,11 +31,28 @@ def state_dir() -> Path:
     return Path(env) if env else DEFAULT_STATE_DIR
 
 
-def ledger_path(override: str | Path | None = None) -> Path:
+LEDGER_DEFAULT = ("$LANECTL_LEDGER, else ledger= in lanectl.toml ([ledger] path), else ledger.db in "
+                  "$STATE_DIRECTORY (set by systemd for the supervisor) or state_dir= (/var/lib/lanectl)")
+"""How the ledger file is found when --ledger does not name it, in words: the one place people read it
+(``lanectl --help``, docs/cli.md) and ``ledger_path`` implements it."""
+
+
+def ledger_path(override: str | Path | None = None, configured: str | Path | None = None,
+                state: str | Path | None = None) -> Path:
+    """The ledger file, resolved here and nowhere else (LEDGER_DEFAULT): ``override`` (--ledger), else
+    ``$LANECTL_LEDGER``, else ``configured`` (ledger= in lanectl.toml, or the install manifest's record of it: the
+    fast paths read no configuration), else ``ledger.db`` in ``$STATE_DIRECTORY``/``$LANECTL_STATE_DIR`` when
+    systemd set one, else in ``state`` (state_dir= in lanectl.toml), else in /var/lib/lanectl."""
     if override:
         return Path(override)
     env = os.environ.get("LANECTL_LEDGER")
-    return Path(env) if env else state_dir() / "ledger.db"
+    if env:
+        return Path(env)
+    if configured:
+        return Path(configured)
+    if state is not None and not os.environ.get("STATE_DIRECTORY"):
+        return Path(state) / "ledger.db"
+    return state_dir() / "ledger.db"
 
 
 def manifest_path(units: Path) -> Path:

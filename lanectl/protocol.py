@@ -35,6 +35,8 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, Final
 
+from lanectl.states import CLASS_NAMES, CLASSES
+
 _log = logging.getLogger("lanectl.protocol")
 
 MAX_BODY = 1 << 20
@@ -48,7 +50,6 @@ MAX_CONNECTIONS = 64
 """Connections a server handles at once; one more is answered 503 and closed at once (no thread for it)."""
 UNIX_SCHEME = "unix:"
 EVENTS = ("started", "heartbeat", "succeeded", "failed", "cancelled")
-CLASSES = ("interactive", "deadline", "background")
 MAX_TAIL = 4096
 
 
@@ -140,7 +141,7 @@ def parse_dispatch(raw: bytes) -> DispatchMsg:
     doc = loads_object(raw)
     cls = _short(doc, "class")
     if cls not in CLASSES:
-        raise BadMessage("field 'class' must be interactive, deadline or background")
+        raise BadMessage(f"field 'class' must be {CLASS_NAMES}")
     deadline = _deadline(doc)
     if "payload" not in doc:
         raise BadMessage("field 'payload' is missing")

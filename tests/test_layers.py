@@ -8,11 +8,17 @@
    aside).
 3. The lane runtime (``lanectl/runtime.py``) never imports the ledger or the supervisor, directly or through any
    lanectl module it imports (the whole import graph is followed, imports inside functions included).
-4. The dispatch policy (``lanectl/dispatch.py``) imports nothing but the standard library: it stays a pure
-   function of its inputs.
+4. The dispatch policy (``lanectl/dispatch.py``) imports nothing but the standard library and the vocabulary
+   (``lanectl.states``: constants, no behaviour): it stays a pure function of its inputs.
 5. The library never imports the CLI: no module under ``lanectl/`` outside ``lanectl/cli/`` and
    ``lanectl/entry.py`` (the console script that chooses between the fast paths and typer) imports
    ``lanectl.cli``.
+6. No import cycle among lanectl modules, counting the imports inside functions too (a deferred import is how a
+   cycle hides: it still ties the two modules together). The cycles that predate the rule are listed in
+   ``CYCLES_ALLOWED`` and the list only shrinks.
+7. One definition of each fact: mission classes, mission states and lane states are spelled out in
+   ``lanectl/states.py`` only; a literal tuple, list or set of them anywhere else in lanectl (or in the tests)
+   fails, and the ledger schema's CHECK constraints must name the same values.
 
 The checker functions take the directory that holds the ``lanectl`` package, so the tests at the end run them on
 small packages written to a temporary directory and show that each rule fails when it is broken.
@@ -30,6 +36,12 @@ ROOT = Path(__file__).resolve().parent.parent
 SQL_METHODS = frozenset({"execute", "executemany", "executescript"})
 SQL_ALLOWED: set[str] = set()  # modules still allowed SQL outside lanectl/ledger/ (none: keep it so)
 CLI_ALLOWED = {"lanectl/entry.py"}
+PURE_ALLOWED = {"lanectl.states"}  # what the dispatch policy may import besides the standard library
+CYCLES_ALLOWED: list[set[str]] = [
+    # deferred imports older than rule 6; break one and drop it here (the list only shrinks)
+    {"lanectl.ledger.lanes", "lanectl.ledger.missions"},
+    {"lanectl.install", "lanectl.operate", "lanectl.probe", "lanectl.status"},
+]
 TABLE_WRITERS = {
     # table -> the modules that may write it (the schema's migrations may always)
     "lanes": {"lanectl/ledger/lanes.py"},
@@ -167,12 +179,15 @@ def import_path(graph: dict[str, set[str]], start: str, forbidden: tuple[str, ..
     return None
 
 
-def non_stdlib_imports(root: Path, module: str) -> list[str]:
-    """Imports of ``module`` that are not the standard library (``__future__`` counts as part of it)."""
+def non_stdlib_imports(root: Path, module: str, allowed: set[str] = frozenset()) -> list[str]:  # type: ignore[assignment]
+    """Imports of ``module`` that are not the standard library (``__future__`` counts as part of it) nor one of
+    ``allowed`` (a module, or a name imported from it)."""
     path = dict(modules(root))[module]
     out = []
     for mod, line in imports(path, module, path.name == "__init__.py"):
         top = mod.split(".")[0]  # from collections.abc import Iterable: the package decides
+        if any(mod == a or mod.startswith(a + ".") for a in allowed):
+            continue
         if top not in sys.stdlib_module_names and top != "__future__":
             out.append(f"{_rel(root, path)}:{line}: {mod}")
     return sorted(set(out))
@@ -189,6 +204,94 @@ def cli_imports(root: Path, allowed: set[str] = CLI_ALLOWED) -> list[str]:
             if mod == "lanectl.cli" or mod.startswith("lanectl.cli."):
                 out.append(f"{rel}:{line}: {mod}")
     return sorted(set(out))
+
+
+def import_cycles(root: Path) -> list[list[str]]:
+    """The strongly connected components of more than one module in the import graph (Tarjan), each sorted."""
+    graph = import_graph(root)
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return sorted(out)
+
+
+def new_cycles(root: Path, allowed: list[set[str]]) -> list[str]:
+    """Cycles that are not (or not only) an allowed one: a cycle that grew counts as new."""
+    return [" <-> ".join(c) for c in import_cycles(root) if set(c) not in allowed]
+
+
+def _string_tuple(node: ast.AST) -> frozenset[str] | None:
+    """The values of a tuple, list or set display made of string constants only (a starred tuple spelled out:
+    ``("queued", *ACTIVE)`` is not one), or None."""
+    if not isinstance(node, (ast.Tuple, ast.List, ast.Set)) or len(node.elts) < 2:
+        return None
+    if not all(isinstance(e, ast.Constant) and isinstance(e.value, str) for e in node.elts):
+        return None
+    return frozenset(e.value for e in node.elts)  # type: ignore[attr-defined]
+
+
+def vocabulary() -> dict[str, frozenset[str]]:
+    """The facts of lanectl.states that must not be written out a second time (by name)."""
+    from lanectl import states
+
+    return {name: frozenset(getattr(states, name)) for name in
+            ("CLASSES", "MISSION_STATES", "ACTIVE", "UNFINISHED", "FINISHED", "ENDS", "LANE_STATES")}
+
+
+def second_definitions(root: Path, facts: dict[str, frozenset[str]], files: list[Path] | None = None,
+                       owner: str = "lanectl/states.py") -> list[str]:
+    """Literal tuples/lists/sets (string constants) with the very values of one of ``facts``, outside ``owner``,
+    as ``file:line: NAME``; the files are lanectl's modules unless ``files`` names others."""
+    by_value = {v: k for k, v in facts.items()}
+    out = []
+    paths = files if files is not None else [p for _n, p in modules(root)]
+    for path in paths:
+        rel = _rel(root, path)
+        if rel == owner:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            values = _string_tuple(node)
+            if values is not None and values in by_value:
+                out.append(f"{rel}:{node.lineno}: {by_value[values]}")  # type: ignore[attr-defined]
+    return sorted(out)
+
+
+def schema_values(column: str) -> set[frozenset[str]]:
+    """The value lists of every ``CHECK (column IN (...))`` of the ledger's schema (all migrations)."""
+    import re
+
+    from lanectl.ledger import schema
+
+    text = "\n".join(str(v) for v in vars(schema).values() if isinstance(v, (str, list, tuple)))
+    return {frozenset(re.findall(r"'([^']*)'", m)) for m in
+            re.findall(rf"\b{column}\s+IN\s*\(([^)]*)\)", text)}
 
 
 # ------------------------------------------------------------------------------------------------ the rules
@@ -217,7 +320,48 @@ def test_the_runtime_imports_neither_ledger_nor_supervisor() -> None:
 
 
 def test_dispatch_imports_only_the_standard_library() -> None:
-    assert non_stdlib_imports(ROOT, "lanectl.dispatch") == []
+    assert non_stdlib_imports(ROOT, "lanectl.dispatch", PURE_ALLOWED) == []
+    for mod in PURE_ALLOWED:  # the vocabulary itself stays pure
+        assert non_stdlib_imports(ROOT, mod) == []
+
+
+def test_no_import_cycle() -> None:
+    assert new_cycles(ROOT, CYCLES_ALLOWED) == [], "an import cycle: give the shared part a module of its own"
+
+
+def test_the_allowed_cycles_still_exist() -> None:
+    """A cycle that is gone leaves CYCLES_ALLOWED (so the list only ever shrinks)."""
+    found = [set(c) for c in import_cycles(ROOT)]
+    for cycle in CYCLES_ALLOWED:
+        assert cycle in found, f"{sorted(cycle)} is no cycle any more: drop it from CYCLES_ALLOWED"
+
+
+def test_the_entry_point_and_the_cli_are_no_cycle() -> None:
+    """The circle issue 11 named (entry -> cli.missionview -> entry.parse_options; cli.evidence borrowing
+    absolute_time from cli.missions) is gone, and nothing in lanectl.cli reaches lanectl.entry."""
+    graph = import_graph(ROOT)
+    for mod in graph:
+        if mod.startswith("lanectl.cli"):
+            assert import_path(graph, mod, ("lanectl.entry",)) is None, mod
+
+
+def test_each_fact_is_defined_once() -> None:
+    # bench/ is left out: a benchmark runs against the commit before a change too, which may predate states.py
+    tests = [p for p in sorted((ROOT / "tests").rglob("*.py")) if p.name != "test_layers.py"]
+    assert second_definitions(ROOT, vocabulary()) == [], "import it from lanectl.states"
+    assert second_definitions(ROOT, vocabulary(), files=tests) == [], "import it from lanectl.states"
+
+
+def test_the_schema_checks_the_same_values() -> None:
+    """The ledger's CHECK constraints (frozen migrations) name exactly the classes and states of lanectl.states."""
+    from lanectl import states
+
+    assert schema_values("class") == {frozenset(states.CLASSES)}
+    states_checked = schema_values("state")
+    assert frozenset(states.MISSION_STATES) in states_checked and frozenset(states.LANE_STATES) in states_checked
+    attempts = {s for s in states_checked if "lost" in s}  # attempts.state: an attempt's outcome, SQL-only
+    assert states_checked - attempts <= {frozenset(states.MISSION_STATES), frozenset(states.LANE_STATES),
+                                         frozenset(states.UNFINISHED), frozenset(states.ACTIVE)}, states_checked
 
 
 def test_the_library_never_imports_the_cli() -> None:
@@ -308,6 +452,48 @@ def test_an_impure_dispatch_fails(tmp_path: Path) -> None:
     assert non_stdlib_imports(root, "lanectl.dispatch") == ["lanectl/dispatch.py:2: lanectl.config",
                                                              "lanectl/dispatch.py:2: lanectl.config.LaneSet",
                                                              "lanectl/dispatch.py:3: psutil"]
+
+
+def test_a_vocabulary_import_keeps_dispatch_pure_and_nothing_else_does(tmp_path: Path) -> None:
+    root = _package(tmp_path, {"lanectl/states.py": "from typing import Final\n",
+                               "lanectl/dispatch.py": "from lanectl.states import CLASSES, RANK\nimport lanectl.states\n"})
+    assert non_stdlib_imports(root, "lanectl.dispatch", PURE_ALLOWED) == []
+    (root / "lanectl" / "dispatch.py").write_text("from lanectl.states import CLASSES\nfrom lanectl.statesx import A\n")
+    assert non_stdlib_imports(root, "lanectl.dispatch", PURE_ALLOWED) == ["lanectl/dispatch.py:2: lanectl.statesx",
+                                                                          "lanectl/dispatch.py:2: lanectl.statesx.A"]
+
+
+def test_an_import_cycle_fails(tmp_path: Path) -> None:
+    """The shape issue 11 found: the console script imports a CLI module that imports back a helper of the
+    console script, inside a function; moving the helper to a module of its own breaks it."""
+    root = _package(tmp_path, {
+        "lanectl/cli/__init__.py": "",
+        "lanectl/entry.py": "def main():\n    from lanectl.cli.view import fast\n",
+        "lanectl/cli/view.py": "from lanectl.entry import parse_options\n",
+        "lanectl/a.py": "import lanectl.b\n", "lanectl/b.py": "def f():\n    from lanectl import a\n",
+    })
+    assert import_cycles(root) == [["lanectl.a", "lanectl.b"], ["lanectl.cli.view", "lanectl.entry"]]
+    assert new_cycles(root, [{"lanectl.a", "lanectl.b"}]) == ["lanectl.cli.view <-> lanectl.entry"]
+    (root / "lanectl" / "b.py").write_text("def f():\n    from lanectl import entry\n")  # a allowed cycle grows
+    (root / "lanectl" / "entry.py").write_text("import lanectl.a\n")
+    assert new_cycles(root, [{"lanectl.a", "lanectl.b"}]) == ["lanectl.a <-> lanectl.b <-> lanectl.entry"]
+    (root / "lanectl" / "fastargs.py").write_text("def parse_options(argv):\n    return argv\n")
+    (root / "lanectl" / "cli" / "view.py").write_text("from lanectl.fastargs import parse_options\n")
+    (root / "lanectl" / "b.py").write_text("")
+    assert import_cycles(root) == []
+
+
+def test_a_second_definition_of_a_fact_fails(tmp_path: Path) -> None:
+    root = _package(tmp_path, {
+        "lanectl/states.py": 'CLASSES = ("interactive", "deadline", "background")\n',
+        "lanectl/config.py": 'from lanectl.states import CLASSES\nX = ("queued", *ACTIVE)\nY = ("a", "b")\n',
+        "lanectl/protocol.py": 'def f(c):\n    return c in ["background", "interactive", "deadline"]\n',
+        "lanectl/ledger/schema.py": 'S = "CHECK (class IN (\'interactive\', \'deadline\', \'background\'))"\n',
+    })
+    facts = {"CLASSES": frozenset({"interactive", "deadline", "background"})}
+    assert second_definitions(root, facts) == ["lanectl/protocol.py:2: CLASSES"]  # any order, any display
+    (root / "lanectl" / "protocol.py").write_text("from lanectl.states import CLASSES\n")
+    assert second_definitions(root, facts) == []
 
 
 def test_the_library_importing_the_cli_fails(tmp_path: Path) -> None:

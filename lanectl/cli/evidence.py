@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import re
 import sys
 import time
 from typing import Any, List, Optional
@@ -10,47 +9,18 @@ from typing import Any, List, Optional
 import typer
 
 from lanectl import config, evidence
-from lanectl.cli.missions import absolute_time
-from lanectl.cli.options import CONFIG, JSON, complete_lanes
+from lanectl.cli.options import CONFIG, JSON, LEDGER, complete_lanes
 from lanectl.errors import ExitCode, LanectlError
 from lanectl.ledger import Ledger
-from lanectl.ledger.missions import invalid
 from lanectl.output import command, escape, finish, stdout_console
+from lanectl.timeparse import parse_duration, parse_time
 
-LEDGER = typer.Option(None, "--ledger", metavar="PATH", help="Ledger file.",
-                      show_default="$LANECTL_LEDGER, ledger= in lanectl.toml, else $STATE_DIRECTORY/ledger.db")
-DURATION_RE = re.compile(r"^\+?(\d+(?:\.\d+)?)([smhdw])$")
-UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 def register(app: typer.Typer) -> None:
     app.command("events")(events_)
     app.command("metrics")(metrics_)
     app.command("report")(report_)
-
-
-def parse_duration(text: str, field: str = "window") -> float:
-    """``30s``, ``15m``, ``1h``, ``24h``, ``7d``, ``2w`` (or plain seconds) -> seconds, > 0."""
-    t = text.strip()
-    m = DURATION_RE.match(t)
-    try:
-        secs = float(m.group(1)) * UNIT_S[m.group(2)] if m else float(t)
-    except ValueError:
-        secs = -1.0
-    if not secs > 0:
-        raise invalid(field, f"{text!r} is not a duration", "use e.g. 15m, 1h, 24h or 7d", "bad_duration")
-    return secs
-
-
-def parse_time(text: str | None, now: float, field: str = "since") -> float | None:
-    """A duration back from now (``1h``, ``7d``), an RFC 3339 time (UTC if no offset) or epoch seconds."""
-    if text is None:
-        return None
-    t = text.strip()
-    m = DURATION_RE.match(t)
-    if m:
-        return now - float(m.group(1)) * UNIT_S[m.group(2)]
-    return absolute_time(t, field, "use 1h, 7d, 2030-01-01T12:00:00Z or epoch seconds", "bad_time")
 
 
 def _ledger(config_dir: Optional[str], ledger: Optional[str]) -> Ledger:
@@ -155,18 +125,18 @@ def _human_metrics(m: dict[str, Any]) -> None:
 
     con = stdout_console()
     con.print(f"window {m['since']} .. {m['now']} ({m['window_s']:g}s); quantiles nearest-rank, seconds")
-    t = Table("lane", "class", "finished", "/min", "fail", "fallback", "wait p50", "wait p95", "wait p99",
+    t = Table("lane", "class", "finished", "/min", "fail", "fallback in", "wait p50", "wait p95", "wait p99",
               "run p50", "run p95", "e2e p95", "in flight")
     for g in m["groups"]:
         t.add_row(escape(g["lane"]), g["class"], str(g["finished"]), f"{g['throughput_per_min']:.2f}",
-                  pct(g["failure_rate"]), pct(g["fallback_rate"]), s(g["queue_wait_s"]["p50"]),
+                  pct(g["failure_rate"]), pct(g["fallback_received_rate"]), s(g["queue_wait_s"]["p50"]),
                   s(g["queue_wait_s"]["p95"]), s(g["queue_wait_s"]["p99"]), s(g["run_time_s"]["p50"]),
                   s(g["run_time_s"]["p95"]), s(g["end_to_end_s"]["p95"]), str(g["in_flight"]))
     con.print(t)
-    lt = Table("lane", "finished", "fail", "fallback", "wait p95", "restarts", "capacity", "utilization",
+    lt = Table("lane", "finished", "fail", "fallback in", "wait p95", "restarts", "capacity", "utilization",
                "in flight")
     for r in m["lanes"]:
-        lt.add_row(escape(r["lane"]), str(r["finished"]), pct(r["failure_rate"]), pct(r["fallback_rate"]),
+        lt.add_row(escape(r["lane"]), str(r["finished"]), pct(r["failure_rate"]), pct(r["fallback_received_rate"]),
                    s(r["queue_wait_s"]["p95"]), str(r["restarts"]), str(r["capacity"] or "-"), pct(r["utilization"]),
                    str(r["in_flight"]))
     con.print(lt)
@@ -183,10 +153,10 @@ def metrics_(
     ledger: Optional[str] = LEDGER,
     json_out: bool = JSON,
 ) -> None:
-    """Queue wait, run time, failure and fallback rates.
+    """Queue wait, run time, failure and fallback received rates.
 
     Per lane and class over the window: queue wait, run time and end-to-end p50/p95/p99 (nearest rank),
-    throughput, failure and fallback rates, restarts, utilization (against each lane's capacity) and what is
+    throughput, failure rate, fallback received rate (work a lane took as another's fallback), restarts, utilization (against each lane's capacity) and what is
     in flight now. Definitions: docs/observability.md.
     """
     now = time.time()

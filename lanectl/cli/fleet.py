@@ -7,7 +7,7 @@ from typing import Any, List, Optional
 import typer
 
 from lanectl import operate, paths
-from lanectl.cli.options import CONFIG, JSON, UNIT_DIR, complete_lanes
+from lanectl.cli.options import CONFIG, JSON, LEDGER, UNIT_DIR, complete_lanes
 from lanectl.errors import ExitCode
 from lanectl.cli.statusview import run_status
 from lanectl.output import command, escape, finish, stderr_console, stdout_console, waiting
@@ -89,8 +89,7 @@ def restart(lane: str = typer.Argument(..., autocompletion=complete_lanes),
             timeout: float = typer.Option(300.0, help="Seconds --graceful waits for the lane to drain."),
             reason: Optional[str] = typer.Option(None, "--reason", help="Why: recorded with the event."),
             unit_dir: Optional[str] = UNIT_DIR, config_dir: Optional[str] = CONFIG,
-            ledger: Optional[str] = typer.Option(None, "--ledger", metavar="PATH", help="Ledger file."),
-            json_out: bool = JSON) -> None:
+            ledger: Optional[str] = LEDGER, json_out: bool = JSON) -> None:
     """Restart one lane; waits for READY=1.
 
     Plain: systemctl restart (the supervisor re-queues what it was running); a failed lane (systemd gave up on
@@ -122,10 +121,11 @@ def status(lanes: Optional[List[str]] = LANES, unit_dir: Optional[str] = UNIT_DI
     when a lane unit is enabled or running with no installed lane; 6 when systemd is unreachable or the ledger
     cannot be read (dispatch "unknown (ledger unreadable)", a warning on stderr: run it as root).
     """
+    from lanectl import manifest
     from lanectl.status import collect, installed_fleet
 
     data = installed_fleet(paths.unit_dir(unit_dir), config_dir)
-    run_status(collect(data["lanes"], lanes or None, data.get("supervisor"), ledger=data.get("ledger"),
+    run_status(collect(data["lanes"], lanes or None, data.get("supervisor"), ledger=manifest.ledger(data),
                        unit_dir=paths.unit_dir(unit_dir)), json_out)
 
 
@@ -134,8 +134,7 @@ def top(interval: float = typer.Option(1.0, "--interval", "-n", min=0.2, max=60.
         window: str = typer.Option("5m", help="The window of the p95 queue wait: 1m, 5m, 1h."),
         once: bool = typer.Option(False, "--once", help="Print one frame and exit (also when stdout is no terminal)."),
         unit_dir: Optional[str] = UNIT_DIR, config_dir: Optional[str] = CONFIG,
-        ledger: Optional[str] = typer.Option(None, "--ledger", metavar="PATH",
-                                             help="Ledger file (default: the installed fleet's).")) -> None:
+        ledger: Optional[str] = LEDGER) -> None:
     """A live view: lanes, queue and the last events, refreshed every second; q or Ctrl-C leaves.
 
     Per lane: dispatch state (active, draining, drained, degraded) or what is wrong with it, unit state,
@@ -144,20 +143,19 @@ def top(interval: float = typer.Option(1.0, "--interval", "-n", min=0.2, max=60.
     many as fit. Reads what status, metrics and events read; the ledger read-only. Narrow terminals lose
     columns from the right. With --once (or no terminal) it exits 6 when the ledger or systemd could not be read.
     """
+    from lanectl import manifest
     from lanectl import top as live
-    from lanectl.cli.evidence import parse_duration
     from lanectl.status import installed_fleet
+    from lanectl.timeparse import parse_duration
 
     data = installed_fleet(paths.unit_dir(unit_dir), config_dir)
-    source = live.Source(data, ledger or os.environ.get("LANECTL_LEDGER") or data["ledger"],
-                         window_s=parse_duration(window))
+    source = live.Source(data, manifest.ledger(data, ledger) or data["ledger"], window_s=parse_duration(window))
     raise typer.Exit(live.run(source, interval_s=interval, once=once))
 
 
 def probe(lanes: Optional[List[str]] = LANES, unit_dir: Optional[str] = UNIT_DIR,
           config_dir: Optional[str] = CONFIG,
-          ledger: Optional[str] = typer.Option(None, "--ledger", metavar="PATH", help="Ledger file.",
-                                               show_default="the installed fleet's"),
+          ledger: Optional[str] = LEDGER,
           json_out: bool = JSON) -> None:
     """One check for cron and monitoring (monitoring-plugins).
 
@@ -170,17 +168,15 @@ def probe(lanes: Optional[List[str]] = LANES, unit_dir: Optional[str] = UNIT_DIR
     them) are CRITICAL. A lane unit enabled or running with no installed lane (its file deleted by hand), or a
     supervisor whose last reload failed, is a WARNING.
     """
-    from lanectl.cli.probeview import run_probe
+    from lanectl import manifest
+    from lanectl.cli.probeview import run_probe, unknown
     from lanectl.status import installed_fleet
 
     try:
         data = installed_fleet(paths.unit_dir(unit_dir), config_dir)
     except Exception as exc:  # no manifest and no valid config: UNKNOWN, as the convention wants
-        print(f"LANECTL UNKNOWN - no installed fleet: {exc}")
-        raise typer.Exit(3) from None
-    if ledger:
-        data = {**data, "ledger": ledger}
-    run_probe(data, lanes or None, json_out, paths.unit_dir(unit_dir))
+        unknown(f"no installed fleet: {exc}", json_out, "no_installed_fleet")
+    run_probe({**data, "ledger": manifest.ledger(data, ledger)}, lanes or None, json_out, paths.unit_dir(unit_dir))
 
 
 @command("logs")
@@ -198,8 +194,6 @@ def logs(lanes: Optional[List[str]] = typer.Argument(
 
     Exits 4 for a lane that is not installed, 6 when journalctl is missing; otherwise journalctl's own code.
     """
-    import os
-
     argv = operate.journal_argv(_lanes(unit_dir, config_dir), lanes or None, supervisor=supervisor, follow=follow,
                                 since=since, lines=lines)
     os.execv(argv[0], argv)

@@ -6,12 +6,10 @@ from typing import Optional
 import typer
 
 from lanectl import config, governance
-from lanectl.cli.options import CONFIG, JSON, complete_lanes
+from lanectl.cli.options import CONFIG, JSON, LEDGER, complete_lanes
 from lanectl.errors import ExitCode
 from lanectl.output import command, escape, finish, stdout_console, waiting
 
-LEDGER = typer.Option(None, "--ledger", metavar="PATH", help="Ledger file.",
-                      show_default="ledger= in lanectl.toml, else /var/lib/lanectl/ledger.db")
 
 
 def register(app: typer.Typer) -> None:
@@ -31,7 +29,7 @@ def promote(
 ) -> None:
     """Raise a lane's weight, only on evidence.
 
-    Refused (exit 8) unless, over [promotion] window_sec, the lane's failure and fallback rates, p95 queue wait
+    Refused (exit 8) unless, over [promotion] window_sec, the lane's failure and fallback lost rates (work meant for it that went to its fallback), p95 queue wait
     and interactive starvation meet the policy and a passing drill is recent enough; every unmet rule is listed.
     --force --reason R promotes anyway and records the override. Lowering a weight needs no evidence. The same
     weight again changes nothing (exit 0).

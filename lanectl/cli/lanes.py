@@ -6,7 +6,7 @@ from typing import Optional
 import typer
 
 from lanectl import config, lanefiles, units
-from lanectl.cli.options import CONFIG, JSON, UNIT_DIR, complete_lane_files
+from lanectl.cli.options import CONFIG, JSON, LEDGER, UNIT_DIR, complete_lane_files
 from lanectl.errors import ExitCode, Problem
 from lanectl.output import command, escape, finish, stdout_console
 
@@ -132,8 +132,7 @@ def remove(name: str = typer.Argument(..., metavar="LANE", autocompletion=comple
            reason: Optional[str] = typer.Option(None, "--reason", metavar="TEXT",
                                                 help="Why: recorded with the moves."),
            config_dir: Optional[str] = CONFIG,
-           ledger: Optional[str] = typer.Option(None, "--ledger", metavar="PATH", help="Ledger file.",
-                                                show_default="ledger= in lanectl.toml"),
+           ledger: Optional[str] = LEDGER,
            json_out: bool = JSON) -> None:
     """Delete a lane file, never stranding work.
 

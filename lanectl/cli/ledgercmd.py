@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from lanectl import config
-from lanectl.cli.options import CONFIG, JSON
+from lanectl.cli.options import CONFIG, JSON, LEDGER
 from lanectl.ledger import lanes as lane_ops
 from lanectl.ledger import retention
 from lanectl.ledger.missions import invalid
@@ -17,8 +17,6 @@ from lanectl.output import command, escape, finish, stdout_console
 
 ledger_app = typer.Typer(help="The ledger file: create it, archive and delete old finished history.",
                          no_args_is_help=True)
-LEDGER = typer.Option(None, "--ledger", metavar="PATH", help="Ledger file.",
-                      show_default="$LANECTL_LEDGER, ledger= in lanectl.toml, else $STATE_DIRECTORY/ledger.db")
 
 
 def register(app: typer.Typer) -> None:

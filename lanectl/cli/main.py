@@ -6,12 +6,13 @@ import typing
 
 import typer
 
-from lanectl import __version__
+from lanectl import __version__, paths
 from lanectl.cli import evidence, fleet, governance, lanes, ledgercmd, missions, ops, units
 
 app = typer.Typer(
     name="lanectl",
-    help="Run several long-lived runtime lanes on one server, under systemd.",
+    help="Run several long-lived runtime lanes on one server, under systemd.\n\n"
+         f"The ledger file: --ledger PATH, else {paths.LEDGER_DEFAULT}.",  # said once (lanectl.paths)
     no_args_is_help=True,
     add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish, PowerShell)
     pretty_exceptions_enable=False,
@@ -36,7 +37,6 @@ def main(
     Exit codes: 0 ok, 1 error, 2 usage, 3 config, 4 not found, 5 conflict, 6 unavailable, 7 timeout,
     8 unhealthy (see docs/exit-codes.md).
     """
-
 
 lanes.register(app)
 units.register(app)

@@ -11,17 +11,15 @@ import typer
 from lanectl import batch as batches, config
 from lanectl.batch import BATCH_MAX_BYTES, BATCH_MAX_LINE_BYTES  # noqa: F401 (the limits, named where submit is)
 from lanectl.cli import missionview
-from lanectl.cli.options import CONFIG, JSON, complete_lane_files
+from lanectl.cli.options import CONFIG, JSON, LEDGER, complete_lane_files
 from lanectl.client import Client
 from lanectl.ledger import missions as ms
 from lanectl.ledger import tick
 from lanectl.output import command, escape, finish, stdout_console, waiting
-from lanectl.timeparse import absolute_time, deadline_request, parse_deadline  # noqa: F401 (absolute_time: cli.evidence)
+from lanectl.timeparse import deadline_request, parse_deadline
 
 mission_app = typer.Typer(help="Inspect and act on one mission.", no_args_is_help=True)
 
-LEDGER = typer.Option(None, "--ledger", metavar="PATH", help="Ledger file.",
-                      show_default="$LANECTL_LEDGER or $STATE_DIRECTORY/ledger.db")
 
 
 def register(app: typer.Typer) -> None:

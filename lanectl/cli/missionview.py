@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from lanectl.entry import parse_options
+from lanectl.fastargs import parse_options
 from lanectl.ledger import Ledger
 from lanectl.ledger import missions as ms
 from lanectl.output import escape, finish, stdout_console
@@ -51,16 +51,21 @@ def human_mission(m: ms.Mission) -> None:
 
 
 def _ledger(override: str | None) -> Path | None:
-    if override:
-        return Path(override)
-    if os.environ.get("LANECTL_LEDGER"):
-        return Path(os.environ["LANECTL_LEDGER"])
-    if os.environ.get("LANECTL_CONFIG_DIR"):
-        return None  # another configuration than the installed one: let lanectl.toml decide
+    """The ledger as every command finds it (lanectl.paths.ledger_path), when that needs no lanectl.toml: None
+    (the typer path reads it) for another configuration than the installed one, or no installed fleet."""
     from lanectl import manifest, paths
 
+    if override or os.environ.get("LANECTL_LEDGER"):
+        return paths.ledger_path(override)
     data = manifest.read(paths.unit_dir())
-    return Path(data["ledger"]) if data and isinstance(data.get("ledger"), str) else None
+    if data is None:
+        return None
+    chosen = os.environ.get("LANECTL_CONFIG_DIR")
+    if chosen and not (isinstance(data.get("config_dir"), str)
+                       and os.path.realpath(chosen) == os.path.realpath(data["config_dir"])):
+        return None  # another configuration than the installed one: let its lanectl.toml decide
+    found = manifest.ledger(data)
+    return Path(found) if found else None
 
 
 def fast(command: str, argv: list[str]) -> bool:

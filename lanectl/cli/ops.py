@@ -9,14 +9,12 @@ from typing import Optional
 import typer
 
 from lanectl import config, install as installer, rollout, systemd
-from lanectl.cli.options import CONFIG, JSON, UNIT_DIR, complete_lanes
+from lanectl.cli.options import CONFIG, JSON, LEDGER, UNIT_DIR, complete_lanes
 from lanectl.errors import ExitCode
 from lanectl.ledger import Ledger
 from lanectl.ledger import lanes as lane_ops
 from lanectl.output import command, escape, finish, stdout_console, waiting
 
-LEDGER = typer.Option(None, "--ledger", metavar="PATH", help="Ledger file.",
-                      show_default="ledger= in lanectl.toml, else /var/lib/lanectl/ledger.db")
 REASON = typer.Option(None, "--reason", help="Why: recorded with the event and your user name.")
 
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from lanectl.output import envelope, print_json
 
@@ -14,15 +14,26 @@ def run_probe(manifest: dict[str, Any], lanes: list[str] | None, json_out: bool,
     try:
         res = probe.run(manifest, lanes, unit_dir=unit_dir)
     except Exception as exc:  # a probe must answer UNKNOWN, never a traceback, whatever broke
-        line = f"LANECTL UNKNOWN - probe failed: {type(exc).__name__}: {exc}"
-        if json_out:
-            print_json(envelope(["probe"], {"status": "UNKNOWN", "code": 3, "line": line}, 3, status="error"))
-        else:
-            print(line)
-        raise SystemExit(probe.UNKNOWN) from None
+        unknown(f"probe failed: {type(exc).__name__}: {exc}", json_out, "probe_failed")
     if json_out:
         print_json(envelope(["probe"], res.as_dict(), res.code, status="ok" if res.code == 0 else "error"))
     else:
         sys.stdout.write(res.line() + "\n")
         sys.stdout.flush()
     raise SystemExit(res.code)
+
+
+def unknown(why: str, json_out: bool, code: str) -> NoReturn:
+    """Answer UNKNOWN (exit 3) with ``why``: the one status line, or with --json the envelope around it, the
+    reason in its errors as ``code`` (never a plain line: a script that asked for JSON parses what comes)."""
+    from lanectl.errors import Problem
+    from lanectl.probe import UNKNOWN
+
+    line = f"LANECTL UNKNOWN - {why}"
+    if json_out:
+        print_json(envelope(["probe"], {"status": "UNKNOWN", "code": UNKNOWN, "line": line}, UNKNOWN,
+                            [Problem(why, code=code)], status="error"))
+    else:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+    raise SystemExit(UNKNOWN)

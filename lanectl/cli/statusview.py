@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from lanectl.errors import ExitCode, Problem
 from lanectl.output import escape, finish, human_bytes, human_duration, stdout_console
+from lanectl.states import HELD
 from lanectl.status import LaneStatus
 
 
@@ -87,7 +88,7 @@ def dispatch_text(r: LaneStatus) -> str:
     text = f"[{style}]{escape(r.dispatch)}[/]" if style else escape(r.dispatch)
     if r.dispatch_error:
         return text + " [yellow](ledger unreadable)[/]"
-    if r.dispatch in ("draining", "drained"):
+    if r.dispatch in HELD:
         text += " by lanectl" if r.automatic else (f" by {escape(r.drained_by)}" if r.drained_by else "")
     if r.dispatch != "active" and r.dispatch_since is not None:
         import time

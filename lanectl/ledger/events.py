@@ -13,6 +13,8 @@ from enum import StrEnum
 from collections.abc import Iterable
 from typing import Any
 
+from lanectl.states import ACTIVE
+
 
 class EventKind(StrEnum):
     """Every event kind the ledger emits (docs/ledger.md lists the same set)."""
@@ -234,6 +236,6 @@ def replay(conn: sqlite3.Connection) -> dict[int, Replayed]:
         if kind is EventKind.DISPATCHED:
             rec.attempts = attempt
             rec.lane = lane
-        elif rec.state not in ("dispatched", "running"):
+        elif rec.state not in ACTIVE:
             rec.lane = None
     return out

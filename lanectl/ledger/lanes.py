@@ -15,6 +15,7 @@ from lanectl.errors import Conflict
 from lanectl.ledger import Ledger
 from lanectl.ledger import missions as ms
 from lanectl.ledger.events import EventKind, append
+from lanectl.states import HELD
 
 if TYPE_CHECKING:
     from lanectl.config import LaneSet
@@ -123,7 +124,7 @@ def drain(ledger: Ledger, fleet: LaneSet, lane: str, *, now: float, reason: str 
     who = who or actor()
     with ledger.transaction() as conn:
         old = state_of(ledger, lane)
-        if old in ("draining", "drained"):
+        if old in HELD:
             if not take_over or who == SUPERVISOR_ACTOR or drained_by(ledger, lane) != SUPERVISOR_ACTOR:
                 return False
             append(conn, EventKind.DRAIN, now, lane=lane, actor=who, reason=reason, previous=old,

@@ -24,6 +24,9 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final
 
 from lanectl.errors import Conflict, ExitCode, LanectlError, NotFound, Problem
+from lanectl.states import ACTIVE, CLASS_NAMES, CLASSES, FINISHED, RANK, UNFINISHED
+from lanectl.states import MISSION_STATES as STATES
+from lanectl.timeparse import relative_deadline
 from lanectl.ledger import Ledger, events
 from lanectl.ledger.events import EventKind, append
 
@@ -31,28 +34,16 @@ if TYPE_CHECKING:
     from lanectl.config import LaneSet
     from lanectl.dispatch import Assignment
 
-CLASSES: Final = ("interactive", "deadline", "background")
-RANK: Final = {c: i for i, c in enumerate(CLASSES)}
-STATES: Final = ("queued", "dispatched", "running", "succeeded", "failed", "cancelled", "expired", "dead")
-ACTIVE: Final = ("dispatched", "running")
-FINISHED: Final = ("succeeded", "failed", "cancelled", "expired", "dead")
 MAX_PAYLOAD_BYTES: Final = 256 * 1024
 """Largest payload accepted, as canonical JSON (``payload_too_large`` beyond it)."""
 SESSION_RE: Final = re.compile(r"^([a-z][a-z0-9-]{0,30}):([A-Za-z0-9._-]{1,128})$")
 KEY_RE: Final = re.compile(r"^[\x21-\x7e]{1,200}$")
-RELATIVE_RE: Final = re.compile(r"^\+(\d+(?:\.\d+)?)([smhd])$")
-"""A relative deadline as a producer writes it: +30s, +10m, +2h, +1d."""
-_UNIT_S: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 MAX_DEADLINE: Final = 253402300799.0
 """9999-12-31T23:59:59Z: the latest deadline (every reader prints deadlines as dates)."""
 
 
-def relative_deadline(text: str, now: float) -> float | None:
-    """``+30m`` resolved against ``now``; None when the text is not a relative deadline."""
-    m = RELATIVE_RE.match(text.strip())
-    return now + float(m.group(1)) * _UNIT_S[m.group(2)] if m else None
 COLUMNS: Final = ("id, class, state, payload, idempotency_key, lane, tags, session, deadline, max_attempts, "
                   "attempts, round_start, current_lane, wait_reason, created_at, updated_at, result, error, "
                   "(SELECT a.lane FROM attempts a WHERE a.mission = missions.id AND a.n = missions.attempts)")
@@ -175,7 +166,7 @@ def _validate(fleet: LaneSet, *, cls: str, payload: Any, deadline: float | str |
               tags: Iterable[str], session: str | None, key: str | None, max_attempts: int | None,
               now: float, known_sessions: Mapping[str, str] | None) -> _Request:
     if cls not in RANK:
-        raise invalid("class", f"{cls!r} is not a mission class", "use interactive, deadline or background",
+        raise invalid("class", f"{cls!r} is not a mission class", f"use {CLASS_NAMES}",
                       "unknown_class")
     if isinstance(payload, (str, bytes)):
         try:
@@ -491,7 +482,7 @@ def list_missions(ledger: Ledger, *, state: str | None = None, lane: str | None 
         raise invalid("state", f"{state!r} is not a mission state", f"use one of {', '.join(STATES)}",
                       "unknown_state")
     if cls is not None and cls not in RANK:
-        raise invalid("class", f"{cls!r} is not a mission class", "use interactive, deadline or background",
+        raise invalid("class", f"{cls!r} is not a mission class", f"use {CLASS_NAMES}",
                       "unknown_class")
     where, params = ["id > ?"], [after_id]
     if state == "queued":
@@ -866,7 +857,7 @@ def lose_attempt(ledger: Ledger, mission_id: int, attempt: int, lane: str, reaso
     not the mission's current active attempt any more."""
     with ledger.transaction() as conn:
         row = conn.execute("SELECT attempts, state, current_lane FROM missions WHERE id = ?", (mission_id,)).fetchone()
-        if row is None or row[0] != attempt or row[1] not in ("dispatched", "running") or row[2] != lane:
+        if row is None or row[0] != attempt or row[1] not in ACTIVE or row[2] != lane:
             return False
         _lose(conn, mission_id, attempt, lane, reason, now)
         return True
@@ -1126,7 +1117,7 @@ def retry(ledger: Ledger, mission_id: int, *, now: float, deadline: float | None
     """Put a failed, dead, cancelled or expired mission back in the queue with a fresh attempt budget."""
     with ledger.transaction() as conn:
         m = get(ledger, mission_id)
-        if m.state in ("queued", *ACTIVE):
+        if m.state in UNFINISHED:
             raise Conflict(f"mission {mission_id} is {m.state}", "only a finished mission can be retried",
                            "mission_active")
         if m.state == "succeeded":

@@ -43,7 +43,6 @@ from lanectl.ledger import Ledger, events, rollups, schema
 from lanectl.ledger.events import EventKind
 
 ARCHIVE_VERSION: Final = 1
-FINISHED: Final = ("succeeded", "failed", "cancelled", "expired", "dead")
 BATCH: Final = 1000
 """Missions (or stray events) deleted per transaction: each holds the write lock a few milliseconds."""
 VACUUM_STEP_PAGES: Final = 1024

@@ -26,11 +26,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final
 
+from lanectl.states import ENDS
+
 BUCKET_S: Final = 300
 HOUR_S: Final = 3600
 GRACE_S: Final = 60.0
 """A bucket is rolled up once it ended this long ago (callbacks in flight land first; later ones are folded in)."""
-ENDS: Final = ("succeeded", "failed", "dead", "cancelled", "expired", "requeued")
 TRAFFIC: Final = ("submitted", *ENDS, "callback_rejected")
 SAMPLES: Final = ("queue_wait", "run_time", "end_to_end")
 

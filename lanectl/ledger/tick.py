@@ -26,6 +26,7 @@ from lanectl import dispatch
 from lanectl.dispatch import LaneView, QueuedMission, Snapshot
 from lanectl.ledger import Ledger
 from lanectl.ledger import missions as ms
+from lanectl.states import CLASSES, RANK
 
 if TYPE_CHECKING:
     from lanectl.config import LaneSet
@@ -195,7 +196,7 @@ def read_queue(conn: sqlite3.Connection, fleet: LaneSet, now: float, full: froze
     blocked: dict[GroupKey, int | None] = {}
     for key in groups:
         rank, target, tags = key
-        room = dispatch.group_room(target or None, _tagset(tags), dispatch.CLASSES[rank], views)
+        room = dispatch.group_room(target or None, _tagset(tags), CLASSES[rank], views)
         if room:
             plan.append((key, min(HEAD_MAX, max(HEAD_MIN, 2 * room))))
         else:
@@ -209,7 +210,7 @@ def read_queue(conn: sqlite3.Connection, fleet: LaneSet, now: float, full: froze
         busy.append((session, min(HEAD_MAX, max(HEAD_MIN, 2 * free)) if free > 0 else 1))
     queue = queue_head(conn, plan, now=now, backoff_s=fleet.settings.leases.retry_backoff_sec, sessions=busy)
     for q in queue:
-        key = (dispatch.RANK[q.cls], _target(q), _tags_text(q.tags))
+        key = (RANK[q.cls], _target(q), _tags_text(q.tags))
         if key in blocked and blocked[key] is None and q.session_active_lane is None:
             blocked[key] = q.id
     max_wait = {c: p.max_wait_sec for c, p in fleet.settings.classes.items()}
@@ -289,7 +290,7 @@ def explain(ledger: Ledger, fleet: LaneSet, mission_id: int, *, now: float,
         verdicts = [v if v.lane in installed else dispatch.LaneVerdict(v.lane, False, NOT_INSTALLED) for v in verdicts]
     out["lanes"] = [{"lane": v.lane, "eligible": v.eligible, "reason": v.reason} for v in verdicts]
     ahead = conn.execute("SELECT coalesce(sum(n), 0) FROM queue_depth WHERE rank < ?",  # kept by triggers
-                         (ms.RANK[m.cls],)).fetchone()[0]
+                         (RANK[m.cls],)).fetchone()[0]
     out["higher_class_queued"] = ahead
     out["aged"] = dispatch.is_aged(q, snap.max_wait, now)
     lost = m.attempts - m.round_start

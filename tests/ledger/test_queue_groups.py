@@ -22,6 +22,7 @@ from lanectl.ledger import Ledger, events, schema, tick
 from lanectl.ledger import lanes as lane_ops
 from lanectl.ledger import missions as ms
 from lanectl.ledger.events import EventKind
+from lanectl.states import CLASSES
 
 BIG = ClassPolicy(queue_limit=100_000, max_wait_sec=600)
 
@@ -171,7 +172,7 @@ def full_decision(led, fleet, now):
 
 
 backlog = st.lists(st.tuples(st.sampled_from(["alpha", "beta", "gamma", None]),
-                             st.sampled_from(["interactive", "deadline", "background"]),
+                             st.sampled_from(CLASSES),
                              st.sampled_from([(), ("gpu",)]),
                              st.integers(1, 160)), min_size=1, max_size=6)
 

@@ -19,6 +19,7 @@ from lanectl.config import ClassPolicy, Lane, LaneSet, LeaseSettings, Settings
 from lanectl.errors import ExitCode, LanectlError
 from lanectl.ledger import Ledger, retention, tick
 from lanectl.ledger import missions as ms
+from lanectl.states import CLASSES
 
 OLD = 1_700_000_000.0
 DAY = 86400.0
@@ -30,7 +31,7 @@ def big_fleet(tmp: Path) -> LaneSet:
     lanes = {"alpha": Lane(port=9001, workspace="/var/lib/lanes/alpha", capacity=1024),
              "beta": Lane(port=9002, workspace="/var/lib/lanes/beta", capacity=1024),
              "gamma": Lane(port=9003, workspace="/var/lib/lanes/gamma", capacity=1)}  # drained: its queue waits
-    classes = {c: ClassPolicy(queue_limit=10**7, max_attempts=2) for c in ("interactive", "deadline", "background")}
+    classes = {c: ClassPolicy(queue_limit=10**7, max_attempts=2) for c in CLASSES}
     settings = Settings(classes=classes, leases=LeaseSettings(lease_sec=1e9, retry_backoff_sec=0))
     return LaneSet(lanes, settings, tmp, tmp / "lanes.d")
 

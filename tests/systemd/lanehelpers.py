@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from lanectl.poll import until
+from lanectl.states import FINISHED
 from tests.conftest import LANECTL_BIN as LANECTL
 from tests.conftest import RUNTIME_PY as PYTHON
 
@@ -16,15 +17,12 @@ T = TypeVar("T")
 
 
 def wait_for(pred: Callable[[], T], timeout: float, interval: float = 0.05, what: str = "condition") -> T:
-    """Poll until pred() is truthy (returns it); fail with `what` after `timeout` seconds (monotonic)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
+    """Poll until pred() is truthy (returns it); fail with `what` after `timeout` seconds (monotonic). The loop is
+    the library's own (lanectl.poll.until): one poll-until-true helper for lanectl and its tests."""
+    value = until(pred, timeout, interval=interval)
+    if not value:
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    return value
 
 
 class Fleet:
@@ -131,7 +129,7 @@ def states(fleet: Fleet, ids: list[int]) -> dict[int, str]:
     return {r[0]: r[1] for r in rows if r[0] in set(ids)}
 
 
-TERMINAL = {"succeeded", "failed", "dead", "cancelled", "expired"}
+TERMINAL = set(FINISHED)
 
 
 def wait_terminal(fleet: Fleet, ids: list[int], timeout: float) -> dict[int, str]:

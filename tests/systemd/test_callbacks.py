@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from lanectl.protocol import MAX_CONNECTIONS, REQUEST_DEADLINE_S
+from lanectl.states import CLASSES
 from lanectl.supervisor import REJECTED_BURST, REJECTED_PER_S, SOCKET_PER_PEER
 from tests.systemd.lanehelpers import (PYTHON, Fleet, copy_example, sql, states, submit_many, wait_for,
                                        wait_terminal)
@@ -409,7 +410,7 @@ def test_slow_clients_do_not_stop_dispatching(fleet: Fleet) -> None:
         wait_for(lambda: fleet.sb.exec(["test", "-e", "/run/lanectl-test-slow.started"], check=False).returncode == 0,
                  30, what="the slow clients to connect")
         ids = submit_many(fleet, [{"cls": c, "argv": ["/bin/true"]}
-                                  for c in ("interactive", "background", "deadline") * 3])
+                                  for c in CLASSES * 3])
         st = wait_terminal(fleet, ids, 60)
         assert set(st.values()) == {"succeeded"}, st
         done = wait_for(lambda: fleet.sb.exec(["cat", "/run/lanectl-test-slow.json"], check=False).stdout, 90,

@@ -22,7 +22,7 @@ heartbeat_sec = 0.5
 window_sec = 120
 min_samples = 5
 failure_rate = 0.5
-fallback_rate = 0.5
+fallback_lost_rate = 0.5
 interactive_starvation_sec = 3
 max_lease_expiries = 2
 cooldown_sec = 0
@@ -142,7 +142,7 @@ def test_fallback_spike_alerts_and_does_not_drain(fresh_sandbox, tmp_path: Path)
     rows = wait_for(lambda: sql(f, "SELECT data FROM events WHERE kind='alert' AND lane='alpha'"), 30,
                     interval=0.2, what="an alert for alpha")
     data = json.loads(rows[0][0])
-    assert data["trigger"] == "fallback_spike" and data["evidence"]["fallback_rate"] >= 0.5, data
+    assert data["trigger"] == "fallback_spike" and data["evidence"]["fallback_lost_rate"] >= 0.5, data
     f.sb.exec(["systemctl", "start", "lanectl-lane@alpha.service"], check=True)
     assert not sql(f, "SELECT 1 FROM events WHERE kind='rollback' AND lane='alpha'")
     assert sql(f, "SELECT state FROM lanes WHERE name='alpha'")[0][0] == "active"

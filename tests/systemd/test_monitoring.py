@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from lanectl.states import CLASSES
 from tests.systemd.lanehelpers import LANECTL, Fleet, copy_example, submit_many, wait_for, wait_terminal
 from tests.unit.test_contrib import CONTRIB, NAME, dashboard_exprs, promtool, rule_exprs
 
@@ -32,7 +33,7 @@ def fleet(sandbox, tmp_path_factory):  # type: ignore[no-untyped-def]
     assert code == 0, doc
     wait_for(lambda: all_healthy(f), 60, interval=0.5, what="every lane healthy in the supervisor's view")
     # some traffic, so that the window's series (quantiles, rates, outcomes) exist
-    ids = submit_many(f, [{"cls": c, "argv": ["/bin/true"]} for c in ("interactive", "deadline", "background") * 3])
+    ids = submit_many(f, [{"cls": c, "argv": ["/bin/true"]} for c in CLASSES * 3])
     assert set(wait_terminal(f, ids, 60).values()) == {"succeeded"}
     yield f
     f.lanectl("down")

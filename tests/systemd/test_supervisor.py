@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from lanectl.states import CLASSES
 from tests.systemd.lanehelpers import (PYTHON, TERMINAL, Fleet, executions, history, sql, states,
                                        submit_many, up_example, wait_for, wait_terminal)
 
 pytestmark = pytest.mark.systemd
 LANES = ["alpha", "beta", "gamma"]
-CLASSES = ["interactive", "deadline", "background"]
 
 
 @pytest.fixture(scope="module")

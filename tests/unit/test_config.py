@@ -198,3 +198,19 @@ def test_ledger_retention_setting(fleet_dir: Path) -> None:
     write_lane(fleet_dir, "alpha", 'port = 8701\nworkspace = "/var/lib/lanes/alpha"\n')
     (fleet_dir / "lanectl.toml").write_text('[ledger]\nretention = "30d"\n')
     assert config.load(fleet_dir).settings.ledger.retention_s() == 30 * 86400
+
+
+def test_the_former_names_of_the_fallback_lost_rate_settings_are_still_read() -> None:
+    """[rollback] fallback_rate and [promotion] max_fallback_rate became fallback_lost_rate and
+    max_fallback_lost_rate (issue 11: metrics' fallback rate is work a lane received, governance's is work it
+    lost); a lanectl.toml written before keeps working, and naming both is refused."""
+    from pydantic import ValidationError
+
+    s = config.Settings.model_validate({"rollback": {"fallback_rate": 0.3}, "promotion": {"max_fallback_rate": 0.2}})
+    assert s.rollback.fallback_lost_rate == 0.3 and s.promotion.max_fallback_lost_rate == 0.2
+    s = config.Settings.model_validate({"rollback": {"fallback_lost_rate": 0.4}})
+    assert s.rollback.fallback_lost_rate == 0.4 and s.promotion.max_fallback_lost_rate == 0.10
+    with pytest.raises(ValidationError, match="former name of fallback_lost_rate"):
+        config.RollbackSettings.model_validate({"fallback_rate": 0.3, "fallback_lost_rate": 0.4})
+    with pytest.raises(ValidationError, match="former name of max_fallback_lost_rate"):
+        config.PromotionSettings.model_validate({"max_fallback_rate": 0.3, "max_fallback_lost_rate": 0.4})

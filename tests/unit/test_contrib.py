@@ -59,7 +59,7 @@ def exported_names() -> set[str]:
     appears) and the supervisor process's own counters."""
     group = {"lane": "a", "class": "interactive", "in_flight": 1, "finished": 1, "succeeded": 1, "failed": 0,
              "dead": 0, "requeued": 0, "dispatched": 1, "throughput_per_min": 1.0, "failure_rate": 0.0,
-             "fallback_rate": 0.0}
+             "fallback_received_rate": 0.0}
     for key in ("queue_wait_s", "run_time_s", "end_to_end_s"):
         group[key] = {"count": 1, "p50": 1.0, "p95": 1.0, "p99": 1.0}
     lane = {"lane": "a", "restarts": 0, "operator_restarts": 0, "utilization": 0.5, "capacity": 2, "in_flight": 1}
@@ -125,7 +125,7 @@ def test_rules_and_dashboard_name_only_exported_series() -> None:
     # the issue's panels: lanes, queue depth and waits per class, quantiles, failure/fallback rates, restarts
     names = {n for _, n in used}
     for needed in ("lanectl_lane_healthy", "lanectl_lane_state", "lanectl_queued", "lanectl_queue_oldest_wait_seconds",
-                   "lanectl_queue_wait_seconds", "lanectl_failed", "lanectl_fallback_rate", "lanectl_lane_restarts",
+                   "lanectl_queue_wait_seconds", "lanectl_failed", "lanectl_fallback_received_rate", "lanectl_lane_restarts",
                    "lanectl_lane_in_flight", "lanectl_lane_capacity"):
         assert needed in names, needed
 

@@ -16,6 +16,7 @@ from lanectl.ledger import Ledger
 from lanectl.ledger import lanes as lane_ops
 from lanectl.ledger import missions as ms
 from lanectl.ledger.events import EventKind, append
+from lanectl.states import ACTIVE
 
 T0 = 1_700_000_000.0
 HASH = "0" * 64
@@ -43,7 +44,7 @@ def add(conn: Any, mid: int, *, cls: str = "interactive", lane: str = "alpha", c
     dispatched = created + wait
     start = dispatched + 0.001 if started else None
     end = (start or dispatched) + run
-    active = outcome in ("dispatched", "running")
+    active = outcome in ACTIVE
     conn.execute("INSERT INTO missions (id, class, rank, state, payload, request_hash, max_attempts, attempts, "
                  "current_lane, created_at, updated_at) VALUES (?,?,?,?,'{}',?,3,1,?,?,?)",
                  (mid, cls, RANK[cls], outcome, HASH, lane if active else None, created, end))
@@ -118,7 +119,7 @@ def test_rates_and_groups(led: Ledger) -> None:
     assert (alpha["finished"], alpha["succeeded"], alpha["failed"], alpha["dead"], alpha["cancelled"]) == (9, 6, 2, 1, 1)
     assert alpha["failure_rate"] == pytest.approx(3 / 9)
     assert alpha["dispatched"] == 10 and alpha["fallback_dispatches"] == 2
-    assert alpha["fallback_rate"] == pytest.approx(0.2)
+    assert alpha["fallback_received_rate"] == pytest.approx(0.2)
     assert alpha["throughput_per_min"] == pytest.approx(9 / 60)
     lanes = {r["lane"]: r for r in m["lanes"]}
     assert lanes["alpha"]["restarts"] == 2 and lanes["beta"]["operator_restarts"] == 1
@@ -175,7 +176,7 @@ def test_metrics_through_the_ledger_api(led: Ledger, tmp_path: Path) -> None:
     alpha, beta = g[("alpha", "interactive")], g[("beta", "interactive")]
     assert alpha["queue_wait_s"]["p50"] == 2 and alpha["run_time_s"]["p50"] == 10
     assert alpha["end_to_end_s"]["p99"] == 13 and alpha["failure_rate"] == 0
-    assert beta["queue_wait_s"]["p50"] == 4 and beta["failure_rate"] == 1 and beta["fallback_rate"] == 1
+    assert beta["queue_wait_s"]["p50"] == 4 and beta["failure_rate"] == 1 and beta["fallback_received_rate"] == 1
     assert beta["run_time_s"]["count"] == 0
     lanes = {r["lane"]: r for r in m["lanes"]}
     assert lanes["alpha"]["capacity"] == 2 and lanes["alpha"]["utilization"] == pytest.approx(11 / (2 * 600))
@@ -266,7 +267,7 @@ def test_report_lists_decisions_with_who_when_why_and_evidence(led: Ledger, tmp_
     assert "| alice | failure spike |" in drain
     assert drain.startswith(f"| {evidence.rfc3339(T0 + 1500)} |")
     # evidence: alpha over the hour before T0+1500: all 20 missions ended in it, every 4th failed; waits 2 s
-    assert "failure 25.0% of 20, p95 queue wait 2.000s, fallback 0.0%, restarts 0" in drain
+    assert "failure 25.0% of 20, p95 queue wait 2.000s, fallback received 0.0%, restarts 0" in drain
     assert "fixed \\| config" in rows[1]  # a pipe in the reason does not break the table
     assert "zed" not in text
     assert "detect_s=0.2" in rows[4] and "no traffic in the hour before" in rows[4]

@@ -14,7 +14,7 @@ from lanectl.governance import FLEET, LaneEvidence, judge_trips, rollback_trips
 from lanectl.ledger import Ledger
 from lanectl.ledger.events import EventKind, append
 
-POL = RollbackSettings(window_sec=300, min_samples=5, failure_rate=0.5, fallback_rate=0.5)
+POL = RollbackSettings(window_sec=300, min_samples=5, failure_rate=0.5, fallback_lost_rate=0.5)
 NOW = 1_700_000_000.0
 
 

@@ -32,6 +32,7 @@ from lanectl import config, protocol, units
 from lanectl.dispatch import Assignment
 from lanectl.ledger import Ledger
 from lanectl.ledger import missions as ms
+from lanectl.poll import until
 from lanectl.protocol import (
     CallbackMsg,
     CLASSES,
@@ -62,12 +63,8 @@ def free_port() -> int:
 
 
 def wait_for(pred: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
+    if not until(pred, timeout, interval=0.02):  # the library's one poll loop
+        raise AssertionError(f"timed out waiting for {what}")
 
 
 Target = int | str
