@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lanectl import paths
-from lanectl.errors import Problem, config_error
+from lanectl.errors import LanectlError, Problem, config_error
 
 CLASSES: tuple[str, ...] = ("interactive", "deadline", "background")
 MissionClass = Literal["interactive", "deadline", "background"]
@@ -442,7 +442,8 @@ class LedgerSettings(Model):
     """``[ledger]``: where the ledger lives and how hard each commit is pushed to disk (docs/ledger.md)."""
 
     path: str | None = None
-    """The ledger file; default: STATE_DIR/ledger.db. ``ledger = "PATH"`` at the top level is the same."""
+    """The ledger file, or a ``postgresql://`` URL (no password in it: libpq's ~/.pgpass, PGPASSFILE or a
+    service file); default: STATE_DIR/ledger.db. ``ledger = "PATH"`` at the top level is the same."""
     synchronous: Literal["FULL", "NORMAL"] = "FULL"
     """FULL: a commit (a submit's exit 0, an outcome acknowledged to a lane) is on disk when it returns.
     NORMAL: faster, but an OS crash or power cut can lose the last commits (never corrupts the file, loses
@@ -459,7 +460,14 @@ class LedgerSettings(Model):
 
     @field_validator("path", "archive_dir")
     @classmethod
-    def _path(cls, v: str | None) -> str | None:
+    def _path(cls, v: str | None, info: Any) -> str | None:
+        from lanectl.ledger.location import check_url, is_url
+
+        if v is not None and info.field_name == "path" and is_url(v):
+            try:
+                return check_url(v)
+            except LanectlError as exc:
+                raise ValueError(f"{exc.message}; {exc.hint}") from None
         return None if v is None else check_path(v)
 
     @field_validator("retention")
@@ -984,17 +992,20 @@ def open_ledger(where: LaneSet | str | Path | None = None, override: str | Path 
 
 
 def ledger_path(where: LaneSet | Settings | str | Path | None = None, override: str | Path | None = None) -> Path:
-    """The ledger file: --ledger, else $LANECTL_LEDGER, else [ledger] path in lanectl.toml, else
-    STATE_DIR/ledger.db."""
+    """The ledger: --ledger, else $LANECTL_LEDGER, else [ledger] path in lanectl.toml, else
+    STATE_DIR/ledger.db. A ``postgresql://`` URL in any of them is returned as the (checked) URL string, not a
+    ``Path`` (``lanectl.ledger.location.resolve``; a path keeps meaning an SQLite file)."""
+    from lanectl.ledger.location import resolve
+
     if not isinstance(where, Settings):
         check_config_dir(where)
     if override:
-        return Path(override)
+        return resolve(override)  # type: ignore[return-value]
     if os.environ.get("LANECTL_LEDGER"):
-        return Path(os.environ["LANECTL_LEDGER"])
+        return resolve(os.environ["LANECTL_LEDGER"])  # type: ignore[return-value]
     settings = where if isinstance(where, Settings) else _settings_of(where)
     if settings.ledger.path:
-        return Path(settings.ledger.path)
+        return resolve(settings.ledger.path)  # type: ignore[return-value]
     if os.environ.get("STATE_DIRECTORY"):
         return paths.ledger_path()
     return Path(settings.state_dir) / "ledger.db"

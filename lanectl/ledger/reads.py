@@ -35,9 +35,12 @@ def _c(src: Source) -> sqlite3.Connection:
 def open_source(ledger: Source | str | Path, *, timeout_s: float = BUSY_TIMEOUT_S) -> tuple[Source, bool]:
     """(source, opened here): a ``Ledger`` or connection is used as it is; a path is opened read-only
     (``Ledger.open_readonly``) and the caller closes it with ``close`` when the second value is True."""
-    if isinstance(ledger, (Ledger, sqlite3.Connection)):
-        return ledger, False
-    return Ledger.open_readonly(Path(ledger), timeout_s=timeout_s), True
+    if isinstance(ledger, (Ledger, sqlite3.Connection)) or hasattr(ledger, "execute"):  # (or a PgConn)
+        return ledger, False  # type: ignore[return-value]
+    from lanectl.ledger import _is_url
+
+    where = ledger if _is_url(ledger) else Path(ledger)  # a postgresql:// URL is no path
+    return Ledger.open_readonly(where, timeout_s=timeout_s), True
 
 
 def close(src: Source) -> None:
@@ -313,7 +316,14 @@ def oldest_interactive_by_lane(src: Source) -> list[tuple[str | None, float | No
 
 def last_drills(src: Source) -> list[tuple[str | None, float, str]]:
     """(lane, at, data as JSON text) of each lane's latest ``drill`` event."""
-    return _c(src).execute("SELECT lane, max(at), data FROM events WHERE kind = 'drill' GROUP BY lane").fetchall()
+    conn = _c(src)
+    return conn.execute(_LAST_DRILLS[getattr(conn, "dialect", "sqlite")]).fetchall()
+
+
+_LAST_DRILLS = {  # SQLite takes the bare column from the row of max(at); PostgreSQL says so with DISTINCT ON
+    "sqlite": "SELECT lane, max(at), data FROM events WHERE kind = 'drill' GROUP BY lane",
+    "postgresql": "SELECT DISTINCT ON (lane) lane, at, data FROM events WHERE kind = 'drill' ORDER BY lane, at DESC",
+}
 
 
 def first_waits(src: Source, lane: str, since: float) -> list[float]:

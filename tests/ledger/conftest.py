@@ -22,8 +22,10 @@ from lanectl.ledger import Ledger
 
 T0 = 1_700_000_000.0
 
-BACKENDS: tuple[str, ...] = ("sqlite",)
-"""The engines the contract suite runs on (a second backend: add its name here and its class below)."""
+BACKENDS: tuple[str, ...] = ("sqlite", "postgresql")
+"""The engines the contract suite runs on (another backend: add its name here and its class below). PostgreSQL
+runs on the session's own server (``pg_server``, tests/pgserver.py); every test not marked ``backends(...)``
+runs on both."""
 
 
 def make_fleet(tmp: Path, **class_overrides: ClassPolicy) -> LaneSet:
@@ -113,7 +115,74 @@ class SqliteBackend:
         self._opened.clear()
 
 
-BACKEND_CLASSES: dict[str, type] = {"sqlite": SqliteBackend}
+class PostgresBackend:
+    """Ledgers as databases of the session's real PostgreSQL server (tests/pgserver.py), each cloned from a
+    template that holds the ledger's schema. ``name`` maps to one database per test."""
+
+    name = "postgresql"
+
+    def __init__(self, root: Path, server: Any) -> None:
+        import psycopg
+
+        self.root = root
+        self.server = server
+        self.integrity_error: tuple[type[Exception], ...] = (sqlite3.IntegrityError, sqlite3.DataError)
+        """What the engine raises when a CHECK, a constraint, a type or an append-only trigger refuses a write
+        (the ledger's connection raises psycopg's errors as the sqlite3 class of the same DB-API kind)."""
+        self._psycopg = psycopg
+        self._dbs: dict[str, str] = {}
+        self._opened: list[Ledger] = []
+        self._names = itertools.count(1)
+
+    def _db(self, name: str, *, create: bool = True) -> str:
+        if name not in self._dbs and create:
+            self._dbs[name] = self.server.create_db("led")
+        return self._dbs.get(name, f"missing_{name}")
+
+    def location(self, name: str = "ledger") -> str:
+        return self.server.url(self._db(name))
+
+    def exists(self, name: str = "ledger") -> bool:
+        """Whether the ledger ``name`` holds anything: its database has a mission or an event."""
+        if name not in self._dbs:
+            return False
+        with self._psycopg.connect(self.location(name)) as c:
+            return bool(c.execute("SELECT (SELECT count(*) FROM missions) + (SELECT count(*) FROM events)")
+                        .fetchone()[0])
+
+    def open(self, name: str = "ledger", **kw: Any) -> Ledger:
+        led = open_ledger(self.location(name), **kw)
+        self._opened.append(led)
+        return led
+
+    def fresh(self, **kw: Any) -> Ledger:
+        return self.open(f"fresh-{next(self._names)}", **kw)
+
+    def discard(self, led: Ledger) -> None:
+        led.close()
+        for name, db in list(self._dbs.items()):
+            if self.server.url(db) == str(led.path):
+                self.server.drop_db(db)
+                del self._dbs[name]
+
+    def open_readonly(self, name: str = "ledger", **kw: Any) -> Ledger:
+        led = Ledger.open_readonly(self.location(name), **kw)
+        self._opened.append(led)
+        return led
+
+    def close(self) -> None:
+        for led in self._opened:
+            try:
+                led.close()
+            except Exception:
+                pass
+        self._opened.clear()
+        for db in self._dbs.values():
+            self.server.drop_db(db)
+        self._dbs.clear()
+
+
+BACKEND_CLASSES: dict[str, type] = {"sqlite": SqliteBackend, "postgresql": PostgresBackend}
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -129,7 +198,21 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 def _make(name: str, root: Path, request: pytest.FixtureRequest) -> Any:
+    if name == "postgresql":
+        return PostgresBackend(root, request.getfixturevalue("pg_server"))
     return BACKEND_CLASSES[name](root)
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """The session's real PostgreSQL server (started on first use, stopped and removed at the end)."""
+    from tests.pgserver import PgServer
+
+    server = PgServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture

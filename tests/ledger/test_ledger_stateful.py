@@ -176,7 +176,7 @@ class LedgerMachine(RuleBasedStateMachine):
     def completed_at_most_once_and_counters_exact(self):
         conn = self.led.conn
         twice = conn.execute("SELECT count(*) FROM (SELECT mission FROM events WHERE kind = 'succeeded' "
-                             "GROUP BY mission HAVING count(*) > 1)").fetchone()[0]
+                             "GROUP BY mission HAVING count(*) > 1) AS twice").fetchone()[0]
         assert twice == 0
         for rank, n in conn.execute("SELECT rank, n FROM queue_depth"):
             assert n == conn.execute("SELECT count(*) FROM missions WHERE state = 'queued' AND rank = ?",
