@@ -82,3 +82,37 @@ def test_history_is_append_only_and_checks_hold(backend) -> None:  # type: ignor
     with pytest.raises(backend.integrity_error):
         with led.transaction() as conn:
             conn.execute("INSERT INTO sessions (id, lane, created_at, updated_at) VALUES ('nocolon', 'a', 0, 0)")
+
+
+def test_a_missing_database_or_server_is_a_clear_error(backend, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Issue 12, item 7 (first part): the URL names no database, or no server listens there."""
+    with pytest.raises(LanectlError) as err:
+        open_ledger(backend.server.url("no_such_ledger"))
+    assert err.value.code == "ledger_missing" and err.value.exit_code == ExitCode.UNAVAILABLE
+    assert "createdb" in (err.value.hint or "")
+    nowhere = f"postgresql:///lanectl?host={tmp_path}&user=postgres"  # a socket directory with no server
+    with pytest.raises(LanectlError) as err:
+        open_ledger(nowhere, busy_timeout_s=1)
+    assert err.value.code == "ledger_unavailable" and err.value.exit_code == ExitCode.UNAVAILABLE
+    assert str(tmp_path) in err.value.message
+
+
+def test_the_cli_reads_a_postgresql_ledger_named_by_url(backend, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from typer.testing import CliRunner
+
+    from lanectl.cli.main import app
+
+    (tmp_path / "etc" / "lanes.d").mkdir(parents=True)
+    (tmp_path / "etc" / "lanectl.toml").write_text(f'state_dir = "{tmp_path / "state"}"\n')
+    url = backend.location()
+    backend.open().close()
+    res = CliRunner().invoke(app, ["missions", "--ledger", url, "--config", str(tmp_path / "etc"), "--json"],
+                             prog_name="lanectl")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["data"]["missions"] == []
+    res = CliRunner().invoke(app, ["missions", "--ledger", "postgresql://u:s3cret@h/db", "--config",
+                                   str(tmp_path / "etc"), "--json"], prog_name="lanectl")
+    assert res.exit_code == ExitCode.USAGE and "s3cret" not in res.output
+    assert json.loads(res.stdout)["errors"][0]["code"] == "ledger_url_password"
