@@ -79,7 +79,7 @@ class Ledger:
         from lanectl.ledger import schema  # here, not at the top: a read-only open (the probe) never needs it
 
         if _is_url(path):
-            return cls._open_pg(str(path), busy_timeout_s=busy_timeout_s, migrate=migrate)
+            return cls._open_pg(str(path), busy_timeout_s=busy_timeout_s, migrate=migrate, create=create)
         path = Path(path)
         check_synchronous(synchronous)
         if not create:
@@ -151,12 +151,18 @@ class Ledger:
 
     @classmethod
     def _open_pg(cls, url: str, *, busy_timeout_s: float, migrate: bool, readonly: bool = False,
-                 check: bool = False) -> Ledger:
-        """A PostgreSQL ledger (issue 12): connect, then migrate (or only refuse a newer schema)."""
+                 check: bool = False, create: bool = True) -> Ledger:
+        """A PostgreSQL ledger (issue 12): connect, then migrate (or only refuse a newer schema). ``create=False``
+        refuses a database without the ledger's tables (``ledger_missing``), as it refuses a missing file."""
         from lanectl.ledger import pg, schema
 
         conn = pg.connect(url, busy_timeout_s=busy_timeout_s, readonly=readonly)
         try:
+            if not create and schema.pg_current_version(conn) == 0:
+                raise Unavailable(
+                    f"{pg.redact(url)}: no ledger there (the database has no ledger tables)",
+                    "check --ledger / LANECTL_LEDGER / ledger= in lanectl.toml for a typo; 'lanectl install' creates "
+                    "the configured ledger, 'lanectl ledger init' creates one explicitly", "ledger_missing")
             if migrate:
                 schema.pg_apply(conn, pg.redact(url))
             elif check or not readonly:

@@ -116,3 +116,20 @@ def test_the_cli_reads_a_postgresql_ledger_named_by_url(backend, tmp_path: Path)
                                    str(tmp_path / "etc"), "--json"], prog_name="lanectl")
     assert res.exit_code == ExitCode.USAGE and "s3cret" not in res.output
     assert json.loads(res.stdout)["errors"][0]["code"] == "ledger_url_password"
+
+
+def test_a_database_without_the_ledger_is_created_only_when_asked(backend) -> None:  # type: ignore[no-untyped-def]
+    """Like a missing file: every command but install and 'ledger init' (create=False) refuses an empty database
+    instead of making a new, empty ledger in it."""
+    empty = backend.server.create_db("empty", empty=True)
+    url = backend.server.url(empty)
+    try:
+        with pytest.raises(LanectlError) as err:
+            open_ledger(url, create=False)
+        assert err.value.code == "ledger_missing" and err.value.exit_code == ExitCode.UNAVAILABLE
+        led = open_ledger(url)  # create=True (install, ledger init): the schema is made
+        assert led.version() == schema.LATEST
+        led.close()
+        open_ledger(url, create=False).close()
+    finally:
+        backend.server.drop_db(empty)
