@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lanectl import paths
-from lanectl.errors import Problem, config_error
+from lanectl.errors import LanectlError, Problem, config_error
 from lanectl.states import CLASSES
 from lanectl.timeparse import UNIT_S
 
@@ -464,7 +464,8 @@ class LedgerSettings(Model):
     """``[ledger]``: where the ledger lives and how hard each commit is pushed to disk (docs/ledger.md)."""
 
     path: str | None = None
-    """The ledger file; default: STATE_DIR/ledger.db. ``ledger = "PATH"`` at the top level is the same."""
+    """The ledger file, or a ``postgresql://`` URL (no password in it: libpq's ~/.pgpass, PGPASSFILE or a
+    service file); default: STATE_DIR/ledger.db. ``ledger = "PATH"`` at the top level is the same."""
     synchronous: Literal["FULL", "NORMAL"] = "FULL"
     """FULL: a commit (a submit's exit 0, an outcome acknowledged to a lane) is on disk when it returns.
     NORMAL: faster, but an OS crash or power cut can lose the last commits (never corrupts the file, loses
@@ -481,7 +482,14 @@ class LedgerSettings(Model):
 
     @field_validator("path", "archive_dir")
     @classmethod
-    def _path(cls, v: str | None) -> str | None:
+    def _path(cls, v: str | None, info: Any) -> str | None:
+        from lanectl.ledgerurl import check_url, is_url
+
+        if v is not None and info.field_name == "path" and is_url(v):
+            try:
+                return check_url(v)
+            except LanectlError as exc:
+                raise ValueError(f"{exc.message}; {exc.hint}") from None
         return None if v is None else check_path(v)
 
     @field_validator("retention")
@@ -1005,9 +1013,10 @@ def open_ledger(where: LaneSet | str | Path | None = None, override: str | Path 
                        **kwargs)
 
 
-def ledger_path(where: LaneSet | Settings | str | Path | None = None, override: str | Path | None = None) -> Path:
-    """The ledger file of a configuration (``paths.ledger_path`` resolves it; lanectl.toml is read only when
-    neither --ledger nor $LANECTL_LEDGER names the file)."""
+def ledger_path(where: LaneSet | Settings | str | Path | None = None,
+                override: str | Path | None = None) -> Path | str:
+    """The ledger of a configuration: a file, or a checked ``postgresql://`` URL (``paths.ledger_path`` resolves
+    it; lanectl.toml is read only when neither --ledger nor $LANECTL_LEDGER names the ledger)."""
     if not isinstance(where, Settings):
         check_config_dir(where)
     if override or os.environ.get("LANECTL_LEDGER"):

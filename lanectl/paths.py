@@ -38,18 +38,19 @@ LEDGER_DEFAULT = ("$LANECTL_LEDGER, else ledger= in lanectl.toml ([ledger] path)
 
 
 def ledger_path(override: str | Path | None = None, configured: str | Path | None = None,
-                state: str | Path | None = None) -> Path:
-    """The ledger file, resolved here and nowhere else (LEDGER_DEFAULT): ``override`` (--ledger), else
+                state: str | Path | None = None) -> Path | str:
+    """The ledger, resolved here and nowhere else (LEDGER_DEFAULT): ``override`` (--ledger), else
     ``$LANECTL_LEDGER``, else ``configured`` (ledger= in lanectl.toml, or the install manifest's record of it: the
     fast paths read no configuration), else ``ledger.db`` in ``$STATE_DIRECTORY``/``$LANECTL_STATE_DIR`` when
-    systemd set one, else in ``state`` (state_dir= in lanectl.toml), else in /var/lib/lanectl."""
-    if override:
-        return Path(override)
-    env = os.environ.get("LANECTL_LEDGER")
-    if env:
-        return Path(env)
-    if configured:
-        return Path(configured)
+    systemd set one, else in ``state`` (state_dir= in lanectl.toml), else in /var/lib/lanectl. A
+    ``postgresql://`` URL is returned checked, as a ``str`` (``lanectl.ledgerurl``); a path means SQLite."""
+    chosen = override or os.environ.get("LANECTL_LEDGER") or configured
+    if chosen:
+        if isinstance(chosen, str) and chosen.startswith(("postgresql://", "postgres://")):
+            from lanectl.ledgerurl import check_url
+
+            return check_url(chosen)
+        return Path(chosen)
     if state is not None and not os.environ.get("STATE_DIRECTORY"):
         return Path(state) / "ledger.db"
     return state_dir() / "ledger.db"

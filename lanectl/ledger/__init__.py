@@ -56,9 +56,13 @@ class Ledger:
     """An open ledger connection (autocommit; explicit transactions only)."""
 
     def __init__(self, conn: sqlite3.Connection, path: Path, busy_timeout_s: float = BUSY_TIMEOUT_S,
-                 busy_poll: bool = True) -> None:
+                 busy_poll: bool = True, dialect: str = "sqlite") -> None:
         self.conn = conn
         self.path = path
+        self.dialect = dialect
+        self._seen_event = 0  # PostgreSQL's data_version: the newest event id this connection knows of
+        self._others = 0
+        """``sqlite`` or ``postgresql`` (a ``postgresql://`` location: ``conn`` is a ``lanectl.ledger.pg.PgConn``)."""
         self._depth = 0
         self._busy_timeout_ms = int(busy_timeout_s * 1000)
         self._busy_poll = busy_poll
@@ -74,6 +78,8 @@ class Ledger:
         waits for the write lock with SQLite's own busy handler instead of ``_begin``'s (for comparisons)."""
         from lanectl.ledger import schema  # here, not at the top: a read-only open (the probe) never needs it
 
+        if _is_url(path):
+            return cls._open_pg(str(path), busy_timeout_s=busy_timeout_s, migrate=migrate, create=create)
         path = Path(path)
         check_synchronous(synchronous)
         if not create:
@@ -130,6 +136,8 @@ class Ledger:
         not a ledger fails here (``Error``) rather than at the first query; ``any_thread`` lets another thread
         use the connection (``top`` reads from its refresh thread). Nothing else is set: no PRAGMA, no
         migration check, so the probe's read costs what it did when it opened the file itself."""
+        if _is_url(path):
+            return cls._open_pg(str(path), busy_timeout_s=timeout_s, migrate=False, readonly=True, check=check)
         if must_exist and not os.path.isfile(path):
             raise FileNotFoundError(f"ledger {path} does not exist")
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=timeout_s, check_same_thread=not any_thread)
@@ -140,6 +148,32 @@ class Ledger:
                 conn.close()
                 raise
         return cls(conn, Path(path))
+
+    @classmethod
+    def _open_pg(cls, url: str, *, busy_timeout_s: float, migrate: bool, readonly: bool = False,
+                 check: bool = False, create: bool = True) -> Ledger:
+        """A PostgreSQL ledger (issue 12): connect, then migrate (or only refuse a newer schema). ``create=False``
+        refuses a database without the ledger's tables (``ledger_missing``), as it refuses a missing file."""
+        from lanectl.ledger import pg, schema
+
+        conn = pg.connect(url, busy_timeout_s=busy_timeout_s, readonly=readonly)
+        try:
+            if not create and schema.pg_current_version(conn) == 0:
+                raise Unavailable(
+                    f"{pg.redact(url)}: no ledger there (the database has no ledger tables)",
+                    "check --ledger / LANECTL_LEDGER / ledger= in lanectl.toml for a typo; 'lanectl install' creates "
+                    "the configured ledger, 'lanectl ledger init' creates one explicitly", "ledger_missing")
+            if migrate:
+                schema.pg_apply(conn, pg.redact(url))
+            elif check or not readonly:
+                schema.pg_pending(conn, pg.redact(url))
+        except BaseException as exc:
+            conn.close()
+            mapped = pg.ledger_error(url, exc.__cause__ or exc) if isinstance(exc, Error) else None
+            if mapped is not None:
+                raise mapped from exc
+            raise
+        return cls(conn, url, busy_timeout_s, dialect="postgresql")  # type: ignore[arg-type]
 
     def close(self) -> None:
         self.conn.close()
@@ -177,17 +211,28 @@ class Ledger:
             self._depth = 0
             if self.conn.in_transaction:  # SQLite may have rolled back already (disk full, I/O error)
                 self.conn.execute("ROLLBACK")
-            mapped = ledger_error(self.path, exc) if isinstance(exc, sqlite3.Error) else None
+            mapped = self._error(exc) if isinstance(exc, sqlite3.Error) else None
             if mapped is not None:
                 raise mapped from exc
             raise
         self._depth = 0
         try:
+            if self.dialect == "postgresql":
+                own = self._newest_event()  # under the write lock: the newest event is this transaction's or older
             self.conn.execute("COMMIT")  # with synchronous=FULL, the WAL is on disk when this returns
         except sqlite3.Error as exc:
             if self.conn.in_transaction:
                 self.conn.execute("ROLLBACK")
-            raise ledger_error(self.path, exc) or _other(self.path, exc) from exc
+            raise self._error(exc) or _other(self.path, exc) from exc
+        if self.dialect == "postgresql":
+            self._seen_event = own
+
+    def _error(self, exc: BaseException) -> LanectlError | None:
+        if self.dialect == "postgresql":
+            from lanectl.ledger import pg
+
+            return pg.ledger_error(str(self.path), exc.__cause__ or exc)
+        return ledger_error(self.path, exc)
 
     def _begin(self) -> None:
         """``BEGIN IMMEDIATE``, waiting for the write lock at most the busy timeout.
@@ -199,6 +244,18 @@ class Ledger:
         doubling to 2 ms), so a waiter takes the lock within about 2 ms of its release. Statements other than
         BEGIN keep SQLite's handler (busy_timeout): in WAL mode they are not expected to wait.
         """
+        if self.dialect == "postgresql":
+            from lanectl.ledger import pg
+
+            try:
+                pg.begin(self.conn)  # type: ignore[arg-type]
+                if self._newest_event() != self._seen_event:  # others committed since this connection looked
+                    self._others += 1
+            except sqlite3.Error as exc:
+                if self.conn.in_transaction:
+                    self.conn.execute("ROLLBACK")
+                raise self._error(exc) or _other(self.path, exc) from exc
+            return
         if not self._busy_poll:
             try:
                 self.conn.execute("BEGIN IMMEDIATE")
@@ -235,12 +292,25 @@ class Ledger:
 
     def data_version(self) -> int:
         """``PRAGMA data_version``: changes when another connection committed to the file since this one last
-        looked (the supervisor's loop ticks on it when it has no inotify watch or one was missed)."""
+        looked (the supervisor's loop ticks on it when it has no inotify watch or one was missed). PostgreSQL has no
+        such counter: there it counts the times the newest event id (every write of the ledger appends an event)
+        moved other than by this connection's own commits (each of which notes the id it left)."""
+        if self.dialect == "postgresql":
+            newest = self._newest_event()
+            if newest != self._seen_event:
+                self._seen_event = newest
+                self._others += 1
+            return self._others
         return self.conn.execute("PRAGMA data_version").fetchone()[0]
+
+    def _newest_event(self) -> int:
+        return int(self.conn.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0])
 
     def version(self) -> int:
         from lanectl.ledger import schema
 
+        if self.dialect == "postgresql":
+            return schema.pg_current_version(self.conn)
         return schema.current_version(self.conn)
 
 
@@ -306,6 +376,11 @@ class Checkpointer:
 
 
 _last_opened: Path | None = None
+
+
+def _is_url(value: object) -> bool:
+    """A ``postgresql://`` location (``lanectl.ledgerurl.is_url``, without importing it on the fast path)."""
+    return isinstance(value, str) and value.startswith(("postgresql://", "postgres://"))
 
 
 def last_opened() -> Path:

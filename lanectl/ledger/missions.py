@@ -454,18 +454,25 @@ def _insert_new(conn: Any, reqs: list[_Request], creating: list[int], results: l
 # ---------------------------------------------------------------------------------------------------- reads
 
 
+_HANDED_OUT: Final = {
+    # the retention row when mission id ? was handed out (at or below the ids' high-water mark) and may be pruned
+    "sqlite": "SELECT r.horizon, r.last_archive FROM retention r, sqlite_sequence s WHERE r.id = 1 AND "
+              "r.last_archive IS NOT NULL AND s.name = 'missions' AND ? <= s.seq",
+    "postgresql": "SELECT r.horizon, r.last_archive FROM retention r WHERE r.id = 1 AND r.last_archive IS NOT NULL "
+                  "AND ? <= coalesce(pg_sequence_last_value(pg_get_serial_sequence('missions', 'id')), 0)",
+}
+
+
 def get(ledger: Ledger, mission_id: int) -> Mission:
     row = ledger.conn.execute(f"SELECT {COLUMNS} FROM missions WHERE id = ?", (mission_id,)).fetchone()
     if row is None:
         hint = "list them with 'lanectl missions'"
         # the prune that took it: each one records the range of mission ids it archives before it deletes any
         where = [r[0] for r in ledger.conn.execute(
-            "SELECT DISTINCT json_extract(data, '$.archive') FROM events INDEXED BY events_kind WHERE kind = 'prune' "
+            "SELECT json_extract(data, '$.archive') FROM events INDEXED BY events_kind WHERE kind = 'prune' "
             "AND json_extract(data, '$.missions_from') <= ?1 AND json_extract(data, '$.missions_to') >= ?1 "
-            "ORDER BY id DESC LIMIT 3", (mission_id,)) if r[0]]
-        pruned = ledger.conn.execute(
-            "SELECT r.horizon, r.last_archive FROM retention r, sqlite_sequence s WHERE r.id = 1 AND "
-            "r.last_archive IS NOT NULL AND s.name = 'missions' AND ? <= s.seq", (mission_id,)).fetchone()
+            "GROUP BY 1 ORDER BY max(id) DESC LIMIT 3", (mission_id,)) if r[0]]
+        pruned = ledger.conn.execute(_HANDED_OUT[ledger.dialect], (mission_id,)).fetchone()
         if where:  # (two prunes' id ranges can overlap around a long-running mission: every candidate is named)
             hint = f"it was pruned: its record is in the retention archive {' or '.join(where)}"
         elif pruned is not None:  # the id was handed out: it finished before the retention horizon and was pruned

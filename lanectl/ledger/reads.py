@@ -16,28 +16,24 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 from lanectl.ledger import BUSY_TIMEOUT_S, Ledger
+from lanectl.ledger.windows import Source, _c, dispatches, ends  # noqa: F401 (dispatches, ends: part of this API)
 
 if TYPE_CHECKING:
     from lanectl.ledger.events import Row as EventRow
     from lanectl.ledger.rollups import Window
 
-Source = Union[Ledger, sqlite3.Connection]
-"""A ledger to read: a ``Ledger`` (read-write or read-only) or a bare connection."""
-
-
-def _c(src: Source) -> sqlite3.Connection:
-    return src.conn if isinstance(src, Ledger) else src
-
-
 def open_source(ledger: Source | str | Path, *, timeout_s: float = BUSY_TIMEOUT_S) -> tuple[Source, bool]:
     """(source, opened here): a ``Ledger`` or connection is used as it is; a path is opened read-only
     (``Ledger.open_readonly``) and the caller closes it with ``close`` when the second value is True."""
-    if isinstance(ledger, (Ledger, sqlite3.Connection)):
-        return ledger, False
-    return Ledger.open_readonly(Path(ledger), timeout_s=timeout_s), True
+    if isinstance(ledger, (Ledger, sqlite3.Connection)) or hasattr(ledger, "execute"):  # (or a PgConn)
+        return ledger, False  # type: ignore[return-value]
+    from lanectl.ledger import _is_url
+
+    where = ledger if _is_url(ledger) else Path(ledger)  # a postgresql:// URL is no path
+    return Ledger.open_readonly(where, timeout_s=timeout_s), True
 
 
 def close(src: Source) -> None:
@@ -113,32 +109,6 @@ def _lane_filter(lane: str | None, col: str = "e.lane") -> tuple[str, list[Any]]
     return (f" AND {col} = ?", [lane]) if lane is not None else ("", [])
 
 
-def dispatches(src: Source, t0: float, t1: float,
-               lane: str | None = None) -> list[tuple[str, str, int, float, str | None]]:
-    """Dispatches in ``[t0, t1)``: (lane or '-', class, attempt, at - created_at, data.fallback_from). A lane
-    filter goes through events_lane (lane, at); otherwise events_kind (kind, at) bounds the scan by time."""
-    idx = "events_lane" if lane is not None else "events_kind"
-    lf, lp = _lane_filter(lane)
-    return _c(src).execute(
-        f"SELECT coalesce(e.lane, '-'), m.class, e.attempt, e.at - m.created_at, json_extract(e.data, '$.fallback_from') "
-        f"FROM events e INDEXED BY {idx} JOIN missions m ON m.id = e.mission "
-        f"WHERE e.kind = 'dispatched' AND e.at >= ? AND e.at < ?{lf}", (t0, t1, *lp)).fetchall()
-
-
-def ends(src: Source, kinds: Iterable[str], t0: float, t1: float, lane: str | None = None
-         ) -> list[tuple[str, float, str, str, float, float | None, float | None]]:
-    """Events of ``kinds`` (the ends of attempts and missions) in ``[t0, t1)``: (kind, at, lane or '-', class,
-    at - created_at, the attempt's dispatched_at, its started_at)."""
-    idx = "events_lane" if lane is not None else "events_kind"
-    lf, lp = _lane_filter(lane)
-    wanted = list(kinds)
-    return _c(src).execute(
-        f"SELECT e.kind, e.at, coalesce(e.lane, a.lane, m.lane, '-'), m.class, e.at - m.created_at, "
-        f"a.dispatched_at, a.started_at "
-        f"FROM events e INDEXED BY {idx} JOIN missions m ON m.id = e.mission "
-        f"LEFT JOIN attempts a ON a.mission = e.mission AND a.n = e.attempt "
-        f"WHERE e.kind IN ({','.join('?' * len(wanted))}) AND e.at >= ? AND e.at < ?{lf}",
-        (*wanted, t0, t1, *lp)).fetchall()
 
 
 def attempts_in_flight(src: Source, lane: str | None = None) -> list[tuple[str, str, float]]:
@@ -295,7 +265,14 @@ def oldest_interactive_by_lane(src: Source) -> list[tuple[str | None, float | No
 
 def last_drills(src: Source) -> list[tuple[str | None, float, str]]:
     """(lane, at, data as JSON text) of each lane's latest ``drill`` event."""
-    return _c(src).execute("SELECT lane, max(at), data FROM events WHERE kind = 'drill' GROUP BY lane").fetchall()
+    conn = _c(src)
+    return conn.execute(_LAST_DRILLS[getattr(conn, "dialect", "sqlite")]).fetchall()
+
+
+_LAST_DRILLS = {  # SQLite takes the bare column from the row of max(at); PostgreSQL says so with DISTINCT ON
+    "sqlite": "SELECT lane, max(at), data FROM events WHERE kind = 'drill' GROUP BY lane",
+    "postgresql": "SELECT DISTINCT ON (lane) lane, at, data FROM events WHERE kind = 'drill' ORDER BY lane, at DESC",
+}
 
 
 def first_waits(src: Source, lane: str, since: float) -> list[float]:

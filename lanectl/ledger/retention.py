@@ -39,15 +39,16 @@ from pathlib import Path
 from typing import Any, Final
 
 from lanectl.errors import Conflict, ExitCode, LanectlError, Unavailable
-from lanectl.ledger import Ledger, events, rollups, schema
+from lanectl.ledger import Ledger, events, rollups
 from lanectl.ledger.events import EventKind
+from lanectl.states import FINISHED
 
 ARCHIVE_VERSION: Final = 1
 BATCH: Final = 1000
 """Missions (or stray events) deleted per transaction: each holds the write lock a few milliseconds."""
 VACUUM_STEP_PAGES: Final = 1024
 """Pages (4 KiB each) one incremental-vacuum transaction gives back to the file system."""
-_FIN_SQL: Final = "state IN ('succeeded', 'failed', 'cancelled', 'expired', 'dead')"
+_FIN_SQL: Final = "state IN (" + ", ".join(f"'{s}'" for s in FINISHED) + ")"
 _MISSION_COLS: Final = ("id", "class", "rank", "state", "payload", "request_hash", "idempotency_key", "lane", "tags",
                         "session", "deadline", "max_attempts", "attempts", "round_start", "current_lane",
                         "wait_reason", "created_at", "updated_at", "result", "error", "target", "suspect")
@@ -91,7 +92,13 @@ def state(led: Ledger) -> dict[str, Any]:
     return dict(zip(keys, row))
 
 
+PRUNE_LOCK_KEY: Final = 0x6C616E67
+"""The advisory lock (PostgreSQL) that keeps two prunes of one ledger apart."""
+
+
 def _file_bytes(led: Ledger) -> int:
+    if led.dialect == "postgresql":
+        return int(led.conn.execute("SELECT pg_database_size(current_database())").fetchone()[0])
     page_size = led.conn.execute("PRAGMA page_size").fetchone()[0]
     return int(led.conn.execute("PRAGMA page_count").fetchone()[0]) * int(page_size)
 
@@ -203,7 +210,18 @@ def _check_existing(led: Ledger, path: Path) -> None:
 @contextlib.contextmanager
 def _one_prune_at_a_time(led: Ledger) -> Iterator[None]:
     """An exclusive flock on ``LEDGER.prune-lock`` (a file of its own: lanectl never opens the ledger file itself,
-    whose POSIX locks are SQLite's): the supervisor's retention pass and an operator's prune never overlap."""
+    whose POSIX locks are SQLite's): the supervisor's retention pass and an operator's prune never overlap. On
+    PostgreSQL, a session advisory lock of the ledger's database (``PRUNE_LOCK_KEY``) does the same."""
+    if led.dialect == "postgresql":
+        if not led.conn.execute("SELECT pg_try_advisory_lock(?)", (PRUNE_LOCK_KEY,)).fetchone()[0]:
+            raise Conflict(f"{led.path}: another prune of this ledger is running (the supervisor's retention pass, "
+                           "or another 'lanectl ledger prune')", "wait for it to finish, then run this one again",
+                           "prune_running")
+        try:
+            yield
+        finally:
+            led.conn.execute("SELECT pg_advisory_unlock(?)", (PRUNE_LOCK_KEY,))
+        return
     lock = Path(str(led.path) + ".prune-lock")
     try:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
@@ -268,7 +286,7 @@ def _prune(led: Ledger, *, cutoff: float, archive: str | Path, now: float | None
                           "archive_write_failed") from exc
     try:
         writer.header({"lanectl_archive": ARCHIVE_VERSION, "cutoff": cutoff, "created_at": now,
-                       "ledger": str(led.path), "schema": schema.current_version(conn)})
+                       "ledger": str(led.path), "schema": led.version()})
         mcols, acols, ecols = ", ".join(_MISSION_COLS), ", ".join(_ATTEMPT_COLS), ", ".join(_EVENT_COLS)
         for i in range(0, len(mission_ids), batch):
             chunk = list(mission_ids[i:i + batch])
@@ -352,8 +370,14 @@ def _prune(led: Ledger, *, cutoff: float, archive: str | Path, now: float | None
 
 
 def _reclaim(led: Ledger, vacuum: bool) -> int:
-    """Give free pages back to the file system; returns the bytes given back (by this connection's count)."""
+    """Give free pages back to the file system; returns the bytes given back (by this connection's count). On
+    PostgreSQL: ``VACUUM`` of the pruned tables (``VACUUM FULL`` with ``vacuum``, which rewrites them under an
+    exclusive lock), measured by the database's size."""
     conn = led.conn
+    if led.dialect == "postgresql":
+        before = _file_bytes(led)
+        conn.execute(f"VACUUM {'FULL ' if vacuum else ''}missions, attempts, events, rollups")
+        return max(0, before - _file_bytes(led))
     page = int(conn.execute("PRAGMA page_size").fetchone()[0])
     before = int(conn.execute("PRAGMA page_count").fetchone()[0])
     mode = int(conn.execute("PRAGMA auto_vacuum").fetchone()[0])

@@ -26,6 +26,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final
 
+from lanectl.ledger import windows
 from lanectl.states import ENDS
 
 BUCKET_S: Final = 300
@@ -83,39 +84,6 @@ class Agg:
 
 
 # ---------------------------------------------------------------------------------------------------- raw rows
-
-def dispatch_rows(conn: sqlite3.Connection, t0: float, t1: float, *, lane: str | None = None,
-                  after_id: int | None = None) -> list[tuple]:
-    """(at, lane, class, attempt, queue wait, fallback_from) of ``dispatched`` events in [t0, t1)."""
-    sql = ("SELECT e.at, coalesce(e.lane, '-'), m.class, e.attempt, e.at - m.created_at, "
-           "json_extract(e.data, '$.fallback_from') FROM events e INDEXED BY {idx} JOIN missions m ON m.id = e.mission "
-           "WHERE e.kind = 'dispatched' AND e.at >= ? AND e.at < ?")
-    return _rows(conn, sql, t0, t1, lane, after_id)
-
-
-def end_rows(conn: sqlite3.Connection, t0: float, t1: float, *, lane: str | None = None,
-             after_id: int | None = None) -> list[tuple]:
-    """(kind, at, lane, class, end-to-end, attempt dispatched_at, started_at) of the ENDS in [t0, t1)."""
-    sql = ("SELECT e.kind, e.at, coalesce(e.lane, a.lane, m.lane, '-'), m.class, e.at - m.created_at, "
-           "a.dispatched_at, a.started_at FROM events e INDEXED BY {idx} JOIN missions m ON m.id = e.mission "
-           "LEFT JOIN attempts a ON a.mission = e.mission AND a.n = e.attempt "
-           f"WHERE e.kind IN ({','.join('?' * len(ENDS))}) AND e.at >= ? AND e.at < ?")
-    return _rows(conn, sql, t0, t1, lane, after_id, ENDS)
-
-
-def _rows(conn: sqlite3.Connection, sql: str, t0: float, t1: float, lane: str | None, after_id: int | None,
-          pre: tuple = ()) -> list[tuple]:
-    args: list = [*pre, t0, t1]
-    if after_id is not None:  # late events: few, found by id (a rowid range) rather than by time
-        sql = sql.replace("INDEXED BY {idx}", "NOT INDEXED") + " AND e.id > ?"
-        args.append(after_id)
-    else:
-        sql = sql.format(idx="events_lane" if lane is not None else "events_kind")
-    if lane is not None:
-        sql += " AND e.lane = ?"
-        args.append(lane)
-    return conn.execute(sql, args).fetchall()
-
 
 def traffic_counts(conn: sqlite3.Connection, t0: float, t1: float, after_id: int | None = None) -> dict[str, int]:
     sql = (f"SELECT kind, count(*) FROM events INDEXED BY events_kind WHERE kind IN ({','.join('?' * len(TRAFFIC))}) "
@@ -188,8 +156,8 @@ def roll_up(conn: sqlite3.Connection, now: float, *, max_buckets: int = 2, grace
         until = start = math.floor((now if first is None else first) / BUCKET_S) * BUCKET_S
         watermark = 0
     elif top > watermark:  # late arrivals for rolled buckets: fold them in (both levels)
-        late = aggregate(dispatch_rows(conn, -math.inf, until, after_id=watermark),
-                         end_rows(conn, -math.inf, until, after_id=watermark), BUCKET_S)
+        late = aggregate(windows.dispatches(conn, -math.inf, until, at=True, after_id=watermark),
+                         windows.ends(conn, ENDS, -math.inf, until, after_id=watermark), BUCKET_S)
         _merge_rows(conn, BUCKET_S, late)
         hours: dict[tuple[float, str, str], Agg] = {}
         for (b, ln, cls), a in late.items():
@@ -205,7 +173,7 @@ def roll_up(conn: sqlite3.Connection, now: float, *, max_buckets: int = 2, grace
     end = min(closed, until + max_buckets * BUCKET_S)
     rolled = 0
     if end > until:
-        aggs = aggregate(dispatch_rows(conn, until, end), end_rows(conn, until, end), BUCKET_S)
+        aggs = aggregate(windows.dispatches(conn, until, end, at=True), windows.ends(conn, ENDS, until, end), BUCKET_S)
         _merge_rows(conn, BUCKET_S, aggs)
         _merge_traffic(conn, BUCKET_S, _traffic_by_bucket(conn, until, end, None, BUCKET_S))
         rolled = int((end - until) // BUCKET_S)
@@ -342,12 +310,13 @@ def read_window(conn: sqlite3.Connection, t0: float, t1: float, lane: str | None
                     "SELECT kind, sum(n) FROM rollup_traffic WHERE bucket_s = ? AND start >= ? AND start < ? "
                     "GROUP BY kind", (size, p0, p1))})
         # events that arrived for those buckets after they were rolled up
-        put(aggregate(dispatch_rows(conn, u0, u1, lane=lane, after_id=watermark),
-                      end_rows(conn, u0, u1, lane=lane, after_id=watermark), clip=t0), t0)
+        put(aggregate(windows.dispatches(conn, u0, u1, lane, at=True, after_id=watermark),
+                      windows.ends(conn, ENDS, u0, u1, lane, after_id=watermark), clip=t0), t0)
         add_traffic(traffic_counts(conn, u0, u1, watermark) if lane is None else {})
     for r0, r1 in raw:
         if r1 > r0:
-            put(aggregate(dispatch_rows(conn, r0, r1, lane=lane), end_rows(conn, r0, r1, lane=lane), clip=t0), t0)
+            put(aggregate(windows.dispatches(conn, r0, r1, lane, at=True), windows.ends(conn, ENDS, r0, r1, lane),
+                          clip=t0), t0)
             if lane is None:
                 add_traffic(traffic_counts(conn, r0, r1))
     return Window(t0, t1, groups, traffic)

@@ -6,7 +6,6 @@ identical event logs.
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -61,8 +60,7 @@ def _dump(led: Ledger) -> tuple[list, list, list]:
             .fetchall())
 
 
-def _prepared(path: Path, fleet, n: int) -> tuple[Ledger, list[ms.Dispatch]]:
-    led = Ledger.open(path)
+def _prepared(led: Ledger, fleet, n: int) -> tuple[Ledger, list[ms.Dispatch]]:
     ms.submit_many(led, fleet, [ms.SubmitRequest("interactive", {"i": i}) for i in range(n)], now=T0)
     return led, tick.run_once(led, fleet, now=T0 + 1).dispatches
 
@@ -71,11 +69,10 @@ def _prepared(path: Path, fleet, n: int) -> tuple[Ledger, list[ms.Dispatch]]:
 @given(calls=st.lists(st.tuples(st.integers(0, 99), st.sampled_from(KINDS),
                                 st.sampled_from([None, None, None, "token", "lane", "attempt"])),
                       min_size=1, max_size=25))
-def test_a_batch_equals_the_same_callbacks_one_by_one(tmp_path_factory, calls):
-    tmp = tmp_path_factory.mktemp("b")
-    fleet = make_fleet(tmp)
-    one, d1 = _prepared(tmp / "one.db", fleet, 4)
-    many, d2 = _prepared(tmp / "many.db", fleet, 4)
+def test_a_batch_equals_the_same_callbacks_one_by_one(backend, calls):
+    fleet = make_fleet(backend.root)
+    one, d1 = _prepared(backend.fresh(), fleet, 4)
+    many, d2 = _prepared(backend.fresh(), fleet, 4)
     assert [(d.mission, d.attempt, d.lane) for d in d1] == [(d.mission, d.attempt, d.lane) for d in d2]
     now = T0 + 2
     for i, kind, forge in calls:
@@ -89,8 +86,8 @@ def test_a_batch_equals_the_same_callbacks_one_by_one(tmp_path_factory, calls):
         if forge is not None:
             assert o.rejected is not None and not o.changed
     events.replay(many.conn)  # the log stays a valid history
-    one.close()
-    many.close()
+    backend.discard(one)
+    backend.discard(many)
 
 
 def test_started_and_succeeded_in_one_batch(led, fleet):
@@ -252,10 +249,11 @@ def test_supervisor_falls_back_to_one_by_one_when_a_batch_fails(led, fleet, monk
     sup.pool.shutdown()
 
 
-def test_checkpointer_keeps_the_wal_checkpointed(tmp_path, fleet):
+@pytest.mark.backends("sqlite")
+def test_checkpointer_keeps_the_wal_checkpointed(backend, fleet):
     from lanectl.ledger import Checkpointer
 
-    led = Ledger.open(tmp_path / "c.db", autocheckpoint=False)
+    led = backend.open("c", autocheckpoint=False)
     assert led.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
     ms.submit_many(led, fleet, [ms.SubmitRequest("background", {"i": i}) for i in range(40)], now=T0)
     before = led.path.stat().st_size  # with no checkpoint yet, the pages live in the WAL only
@@ -282,10 +280,11 @@ def test_state_counts_match_the_rows_without_counting_the_queue(led, fleet):
     assert ms.state_counts(led.conn) == expected and set(expected) == set(UNFINISHED)
 
 
-def test_checkpointer_survives_a_ledger_it_cannot_open_yet(tmp_path):
+@pytest.mark.backends("sqlite")
+def test_checkpointer_survives_a_ledger_it_cannot_open_yet(backend):
     from lanectl.ledger import Checkpointer
 
-    missing = tmp_path / "not-yet" / "l.db"  # connect fails every round, and must not create the file
+    missing = backend.path("l")  # connect fails every round, and must not create the file (nor its directory)
     cp = Checkpointer(missing, interval=0.02).start()
     try:
         import time
@@ -297,7 +296,7 @@ def test_checkpointer_survives_a_ledger_it_cannot_open_yet(tmp_path):
         missing.parent.mkdir()
         time.sleep(0.1)
         assert not missing.exists()  # the ledger's own open creates it, with its modes
-        led = Ledger.open(missing, autocheckpoint=False)
+        led = backend.open("l", autocheckpoint=False)
         deadline = time.monotonic() + 10
         while cp.checkpoints < 1 and time.monotonic() < deadline:
             time.sleep(0.01)

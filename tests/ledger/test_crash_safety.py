@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -15,17 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from lanectl.ledger import Ledger, events
+from lanectl.ledger import events
 
 WRITER = r'''
 import sys, time
 sys.path.insert(0, sys.argv[3])
-from tests.ledger.conftest import make_fleet
+from tests.ledger.conftest import make_fleet, open_ledger
 from pathlib import Path
-from lanectl.ledger import Ledger
 from lanectl.ledger import missions as ms, tick
 fleet = make_fleet(Path(sys.argv[2]))
-led = Ledger.open(sys.argv[1], synchronous=sys.argv[5])
+led = open_ledger(sys.argv[1], synchronous=sys.argv[5])
 assert led.conn.execute("PRAGMA synchronous").fetchone()[0] == {"FULL": 2, "NORMAL": 1}[sys.argv[5]]
 i = 0
 while True:
@@ -44,10 +42,11 @@ while True:
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.backends("sqlite")  # SQLite's file, its WAL and its synchronous settings under kill -9
 @pytest.mark.parametrize("sync", ["FULL", "NORMAL"])
-def test_kill_9_of_writers_at_random_points_never_corrupts(tmp_path: Path, sync: str) -> None:
-    path = tmp_path / "state" / "ledger.db"
-    Ledger.open(path).close()
+def test_kill_9_of_writers_at_random_points_never_corrupts(backend, tmp_path: Path, sync: str) -> None:
+    path = backend.path()
+    backend.open().close()
     rnd = random.Random(11)
     kills = 0
     for round_ in range(6):
@@ -68,7 +67,7 @@ def test_kill_9_of_writers_at_random_points_never_corrupts(tmp_path: Path, sync:
                 os.kill(p.pid, signal.SIGKILL)
             p.wait()
     assert kills >= 6
-    conn = sqlite3.connect(path)
+    conn = backend.connect()
     assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
     assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
     n = conn.execute("SELECT count(*) FROM missions").fetchone()[0]
@@ -86,5 +85,5 @@ def test_kill_9_of_writers_at_random_points_never_corrupts(tmp_path: Path, sync:
     queued = dict(conn.execute("SELECT rank, count(*) FROM missions WHERE state = 'queued' GROUP BY rank").fetchall())
     assert {k: v for k, v in depth.items() if v} == queued
     conn.close()
-    with Ledger.open(path) as led:  # and it still works
+    with backend.open() as led:  # and it still works
         led.conn.execute("SELECT count(*) FROM events").fetchone()

@@ -25,6 +25,7 @@ from lanectl.ledger import missions as ms
 from tests.ledger.conftest import T0, make_fleet
 
 runner = CliRunner()
+pytestmark = pytest.mark.backends("sqlite")  # SQLite's synchronous PRAGMA and its WAL file
 @contextmanager
 def traced_sql() -> Iterator[list[tuple[int, str]]]:
     """Every statement run on every sqlite3 connection opened meanwhile (in any thread), as (connection, sql)."""
@@ -66,10 +67,10 @@ def write_config(d: Path, ledger_table: str | None) -> Path:
     ('[ledger]\nsynchronous = "FULL"\n', "FULL"),
     ('[ledger]\nsynchronous = "NORMAL"\n', "NORMAL"),
 ])
-def test_cli_submit_commits_at_the_configured_synchronous(tmp_path: Path, table: str | None,
+def test_cli_submit_commits_at_the_configured_synchronous(backend, tmp_path: Path, table: str | None,
                                                           expected: str) -> None:
     cfg = write_config(tmp_path / "etc", table)
-    ledger = tmp_path / "state" / "ledger.db"
+    ledger = backend.location()
     runner.invoke(app, ["ledger", "init", "--config", str(cfg), "--ledger", str(ledger)], prog_name="lanectl")
     with traced_sql() as trace:
         res = runner.invoke(app, ["submit", "--class", "interactive", "--payload", '{"argv": ["true"]}', "--config", str(cfg),
@@ -79,12 +80,12 @@ def test_cli_submit_commits_at_the_configured_synchronous(tmp_path: Path, table:
 
 
 @pytest.mark.parametrize("table, expected", [(None, "FULL"), ('[ledger]\nsynchronous = "NORMAL"\n', "NORMAL")])
-def test_supervisor_and_checkpointer_use_the_configured_synchronous(tmp_path: Path, table: str | None,
+def test_supervisor_and_checkpointer_use_the_configured_synchronous(backend, tmp_path: Path, table: str | None,
                                                                     expected: str) -> None:
     from lanectl.supervisor import Supervisor
 
     fleet = config.load(write_config(tmp_path / "etc", table))
-    ledger = tmp_path / "state" / "ledger.db"
+    ledger = backend.path()
     with traced_sql() as trace:
         # its callback socket in the test's directory; its TCP port may be taken: it retries that and runs on
         sup = Supervisor(fleet, ledger, use_systemd=False, callback_socket=tmp_path / "cb.sock", lane_uids={})
@@ -102,34 +103,34 @@ def test_supervisor_and_checkpointer_use_the_configured_synchronous(tmp_path: Pa
     assert writers_sync(trace, "PRAGMA wal_autocheckpoint = 0") == {expected}
 
 
-def test_synchronous_setting_is_validated_and_the_short_ledger_form_still_works(tmp_path: Path) -> None:
+def test_synchronous_setting_is_validated_and_the_short_ledger_form_still_works(backend, tmp_path: Path) -> None:
     cfg = write_config(tmp_path / "bad", '[ledger]\nsynchronous = "OFF"\n')
     res = runner.invoke(app, ["validate", str(cfg), "--json"], prog_name="lanectl")
     assert res.exit_code == ExitCode.CONFIG
     assert "lanectl.toml" in res.stdout and "ledger.synchronous" in res.stdout
-    cfg = write_config(tmp_path / "short", f'ledger = "{tmp_path}/x/ledger.db"\n')
-    assert config.ledger_path(cfg) == tmp_path / "x" / "ledger.db"
-    cfg = write_config(tmp_path / "table", f'[ledger]\npath = "{tmp_path}/y/ledger.db"\nsynchronous = "NORMAL"\n')
-    assert config.ledger_path(cfg) == tmp_path / "y" / "ledger.db"
+    cfg = write_config(tmp_path / "short", f'ledger = "{backend.location("x")}"\n')
+    assert config.ledger_path(cfg) == backend.path("x")
+    cfg = write_config(tmp_path / "table", f'[ledger]\npath = "{backend.location("y")}"\nsynchronous = "NORMAL"\n')
+    assert config.ledger_path(cfg) == backend.path("y")
     with config.open_ledger(cfg, create=True) as led:
         assert led.conn.execute("PRAGMA synchronous").fetchone()[0] == 1
     with pytest.raises(Exception, match="synchronous"):
-        Ledger.open(tmp_path / "z.db", synchronous="FULL; DROP TABLE missions")  # type: ignore[arg-type]
+        backend.open("z", synchronous="FULL; DROP TABLE missions")  # type: ignore[arg-type]
 
 
 def _submit(led: Ledger, fleet, i: int) -> int:
     return ms.submit(led, fleet, cls="background", payload={"argv": ["x", str(i)]}, now=T0 + i).mission.id
 
 
-def test_the_wal_shrinks_back_to_its_limit(tmp_path: Path) -> None:
+def test_the_wal_shrinks_back_to_its_limit(backend, tmp_path: Path) -> None:
     """A reader holding an old snapshot lets the WAL grow past the limit; once a checkpoint gets through, the next
     commit truncates the file to at most WAL_SIZE_LIMIT (docs/ledger.md states the bound)."""
-    path = tmp_path / "state" / "ledger.db"
+    path = backend.path()
     wal = Path(str(path) + "-wal")
     fleet = make_fleet(tmp_path)
     blob = "x" * 200_000
-    with Ledger.open(path, autocheckpoint=False) as led:
-        reader = sqlite3.connect(path, isolation_level=None)
+    with backend.open(autocheckpoint=False) as led:
+        reader = backend.connect(isolation_level=None)
         reader.execute("BEGIN")
         reader.execute("SELECT count(*) FROM missions").fetchone()  # pins a snapshot: no checkpoint completes
         i = 0
@@ -142,7 +143,7 @@ def test_the_wal_shrinks_back_to_its_limit(tmp_path: Path) -> None:
                              (T0,))
         reader.execute("COMMIT")
         reader.close()
-        cp = sqlite3.connect(path, isolation_level=None)
+        cp = backend.connect(isolation_level=None)
         Checkpointer(path).checkpoint(cp)  # the supervisor's PASSIVE checkpoint: all frames now in the file
         cp.close()
         _submit(led, fleet, 10_000)  # the next commit restarts the WAL and truncates it to the limit

@@ -8,7 +8,6 @@ import typer
 from typer.testing import CliRunner
 
 from lanectl.cli import missions
-from lanectl.ledger import Ledger
 
 runner = CliRunner()
 
@@ -21,15 +20,15 @@ def app():
 
 
 @pytest.fixture
-def env(tmp_path, monkeypatch):
+def env(backend, tmp_path, monkeypatch):
     cfg = tmp_path / "etc"
     (cfg / "lanes.d").mkdir(parents=True)
     (cfg / "lanes.d" / "alpha.toml").write_text('port = 9101\nworkspace = "/var/lib/lanes/alpha"\ncapacity = 1\n')
     (cfg / "lanes.d" / "beta.toml").write_text('port = 9102\nworkspace = "/var/lib/lanes/beta"\n'
                                                 'classes = ["background"]\n')
     monkeypatch.setenv("LANECTL_CONFIG_DIR", str(cfg))
-    monkeypatch.setenv("LANECTL_LEDGER", str(tmp_path / "state" / "ledger.db"))
-    Ledger.open(tmp_path / "state" / "ledger.db").close()  # as 'lanectl install' would: no other command creates it
+    monkeypatch.setenv("LANECTL_LEDGER", backend.location())
+    backend.open().close()  # as 'lanectl install' would: no other command creates it
     return tmp_path
 
 

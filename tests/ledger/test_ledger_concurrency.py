@@ -1,23 +1,23 @@
-"""Several processes submit and dispatch against one ledger file at once: nothing lost, nothing doubled."""
+"""Several processes submit and dispatch against one ledger at once: nothing lost, nothing doubled."""
 from __future__ import annotations
 
 import multiprocessing as mp
 import time
 from pathlib import Path
 
-from conftest import make_fleet
+from conftest import make_fleet, open_ledger
 
 from lanectl.config import ClassPolicy
-from lanectl.ledger import Ledger, events, tick
+from lanectl.ledger import events, tick
 from lanectl.ledger import missions as ms
 
 PER_PRODUCER = 150
 
 
-def producer(path: str, tag: int, q) -> None:
-    fleet = make_fleet(Path(path).parent, interactive=ClassPolicy(queue_limit=10**6),
+def producer(location: str, root: str, tag: int, q) -> None:
+    fleet = make_fleet(Path(root), interactive=ClassPolicy(queue_limit=10**6),
                        background=ClassPolicy(queue_limit=10**6))
-    led = Ledger.open(path, busy_timeout_s=30)
+    led = open_ledger(location, busy_timeout_s=30)
     worst = 0.0
     for i in range(PER_PRODUCER):
         t = time.monotonic()
@@ -29,9 +29,9 @@ def producer(path: str, tag: int, q) -> None:
     q.put(("producer", tag, worst))
 
 
-def dispatcher(path: str, tag: int, total: int, q) -> None:
-    fleet = make_fleet(Path(path).parent)
-    led = Ledger.open(path, busy_timeout_s=30)
+def dispatcher(location: str, root: str, tag: int, total: int, q) -> None:
+    fleet = make_fleet(Path(root))
+    led = open_ledger(location, busy_timeout_s=30)
     done = 0
     give_up = time.monotonic() + 60
     while time.monotonic() < give_up:
@@ -46,14 +46,14 @@ def dispatcher(path: str, tag: int, total: int, q) -> None:
     q.put(("dispatcher", tag, done))
 
 
-def test_processes_lose_and_double_nothing(tmp_path):
-    path = str(tmp_path / "ledger.db")
-    Ledger.open(path).close()
+def test_processes_lose_and_double_nothing(backend):
+    backend.open().close()
+    path, root = backend.location(), str(backend.root)
     ctx = mp.get_context("fork")
     q = ctx.Queue()
     total = 3 * PER_PRODUCER
-    procs = [ctx.Process(target=producer, args=(path, t, q)) for t in range(3)]
-    procs += [ctx.Process(target=dispatcher, args=(path, t, total, q)) for t in range(2)]
+    procs = [ctx.Process(target=producer, args=(path, root, t, q)) for t in range(3)]
+    procs += [ctx.Process(target=dispatcher, args=(path, root, t, total, q)) for t in range(2)]
     for p in procs:
         p.start()
     results = [q.get(timeout=120) for _ in procs]
@@ -61,7 +61,7 @@ def test_processes_lose_and_double_nothing(tmp_path):
         p.join(timeout=30)
         assert p.exitcode == 0
     done_by = [r[2] for r in results if r[0] == "dispatcher"]
-    with Ledger.open(path) as led:
+    with backend.open() as led:
         c = led.conn
         assert c.execute("SELECT count(*) FROM missions").fetchone()[0] == total
         assert c.execute("SELECT count(DISTINCT idempotency_key) FROM missions").fetchone()[0] == total

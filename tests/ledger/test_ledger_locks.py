@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lanectl.ledger import Ledger
+import pytest
 
 PROBE = r"""
 import fcntl, os, struct, sys
@@ -28,12 +28,13 @@ def shared_lock_held(path: Path) -> bool:
     return out.stdout.strip() == "held"
 
 
-def test_opening_the_ledger_again_keeps_the_first_connections_lock(tmp_path: Path) -> None:
-    path = tmp_path / "ledger.db"
-    first = Ledger.open(path)
+@pytest.mark.backends("sqlite")  # SQLite's POSIX locks on its file
+def test_opening_the_ledger_again_keeps_the_first_connections_lock(backend) -> None:  # type: ignore[no-untyped-def]
+    path = backend.path()
+    first = backend.open()
     try:
         assert shared_lock_held(path)  # what tells other processes this ledger is in use
-        second = Ledger.open(path, autocheckpoint=False)  # as the supervisor opens its Checkpointer's
+        second = backend.open(autocheckpoint=False)  # as the supervisor opens its Checkpointer's
         try:
             assert shared_lock_held(path)
         finally:

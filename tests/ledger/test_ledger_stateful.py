@@ -2,34 +2,30 @@
 lane failures and restarts, cancels and retries, with time injected. Invariants are checked after every step."""
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
 from conftest import T0, make_fleet
 from lanectl.errors import LanectlError
-from lanectl.ledger import Ledger, events, tick
+from lanectl.ledger import events, tick
 from lanectl.ledger import missions as ms
 
 LANES = ("alpha", "beta", "gamma")
 
 
 class LedgerMachine(RuleBasedStateMachine):
-    def __init__(self) -> None:
+    def __init__(self, backend) -> None:  # type: ignore[no-untyped-def]
         super().__init__()
-        self.dir = tempfile.TemporaryDirectory()
-        self.fleet = make_fleet(Path(self.dir.name))
-        self.led = Ledger.open(Path(self.dir.name) / "ledger.db")
+        self.backend = backend
+        self.fleet = make_fleet(backend.root)
+        self.led = backend.fresh()  # a new, empty ledger for every example
         self.now = T0
         self.dispatches: list[ms.Dispatch] = []
         self.keys: dict[str, int] = {}
 
     def teardown(self) -> None:
-        self.led.close()
-        self.dir.cleanup()
+        self.backend.discard(self.led)
 
     @rule(cls=st.sampled_from(ms.CLASSES), session=st.none() | st.sampled_from(["alpha:s1", "beta:s2"]),
           lane=st.none() | st.sampled_from(["alpha", "beta"]), key=st.none() | st.sampled_from(["k1", "k2"]),
@@ -180,7 +176,7 @@ class LedgerMachine(RuleBasedStateMachine):
     def completed_at_most_once_and_counters_exact(self):
         conn = self.led.conn
         twice = conn.execute("SELECT count(*) FROM (SELECT mission FROM events WHERE kind = 'succeeded' "
-                             "GROUP BY mission HAVING count(*) > 1)").fetchone()[0]
+                             "GROUP BY mission HAVING count(*) > 1) AS twice").fetchone()[0]
         assert twice == 0
         for rank, n in conn.execute("SELECT rank, n FROM queue_depth"):
             assert n == conn.execute("SELECT count(*) FROM missions WHERE state = 'queued' AND rank = ?",
@@ -196,6 +192,9 @@ class LedgerMachine(RuleBasedStateMachine):
             assert (got.state, got.attempts, got.lane) == (r["state"], r["attempts"], r["current_lane"])
 
 
-LedgerMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=60, deadline=None,
-                                           suppress_health_check=[HealthCheck.too_slow])
-TestLedgerMachine = LedgerMachine.TestCase
+def test_ledger_machine(backend) -> None:  # type: ignore[no-untyped-def]
+    """The machine on the contract fixture's backend: every example gets a fresh ledger from it."""
+    run_state_machine_as_test(lambda: LedgerMachine(backend),
+                              settings=settings(max_examples=60, stateful_step_count=60, deadline=None,
+                                                suppress_health_check=[HealthCheck.too_slow,
+                                                                       HealthCheck.function_scoped_fixture]))

@@ -1,19 +1,20 @@
-"""The ledger file: modes, pragmas, migrations, refusal of foreign and newer files, append-only events."""
+"""The ledger store: modes, pragmas, migrations, refusal of foreign and newer files, append-only events. Tests about
+the SQLite file itself are marked ``backends("sqlite")``."""
 from __future__ import annotations
 
 import os
-import sqlite3
 import stat
 
 import pytest
 
 from lanectl.errors import ExitCode, LanectlError
-from lanectl.ledger import Ledger, schema
+from lanectl.ledger import schema
 
 
-def test_open_creates_private_wal_ledger(tmp_path):
-    path = tmp_path / "state" / "ledger.db"
-    with Ledger.open(path) as led:
+@pytest.mark.backends("sqlite")
+def test_open_creates_private_wal_ledger(backend):
+    path = backend.path()
+    with backend.open() as led:
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
         assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o750
         assert led.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -26,65 +27,69 @@ def test_open_creates_private_wal_ledger(tmp_path):
         assert names == [m.name for m in schema.MIGRATIONS]
 
 
-def test_reopen_is_a_no_op(tmp_path):
-    path = tmp_path / "ledger.db"
-    Ledger.open(path).close()
-    with Ledger.open(path) as led:
+def test_reopen_is_a_no_op(backend):
+    backend.open().close()
+    with backend.open() as led:
         assert led.conn.execute("SELECT count(*) FROM schema_migrations").fetchone()[0] == schema.LATEST
 
 
-def test_tables_are_strict_with_checks(led):
-    with pytest.raises(sqlite3.IntegrityError):
+def test_tables_are_strict_with_checks(led, backend):
+    with pytest.raises(backend.integrity_error):
         with led.transaction() as conn:
             conn.execute("INSERT INTO missions (class, rank, state, payload, request_hash, max_attempts, created_at,"
                          " updated_at) VALUES ('interactive', 0, 'bogus', '{}', ?, 1, 0, 0)", ("0" * 64,))
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(backend.integrity_error):
         with led.transaction() as conn:
             conn.execute("INSERT INTO lanes (name, state, updated_at) VALUES ('x', 'active', 'not a number')")
 
 
-def test_events_are_append_only(led):
+def test_events_are_append_only(led, backend):
     with led.transaction() as conn:
         conn.execute("INSERT INTO events (at, kind) VALUES (1, 'submitted')")
     for sql in ("UPDATE events SET kind = 'x'", "DELETE FROM events"):
-        with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        with pytest.raises(backend.integrity_error, match="append-only"):
             with led.transaction() as conn:
                 conn.execute(sql)
     assert led.conn.execute("SELECT kind FROM events").fetchall() == [("submitted",)]
 
 
-def test_newer_schema_is_refused_and_untouched(tmp_path):
-    path = tmp_path / "ledger.db"
-    Ledger.open(path).close()
-    conn = sqlite3.connect(path)
+@pytest.mark.backends("sqlite")
+def test_newer_schema_is_refused_and_untouched(backend):
+    path = backend.path()
+    backend.open().close()
+    conn = backend.connect()
     conn.execute(f"PRAGMA user_version = {schema.LATEST + 1}")
     conn.commit()
     conn.close()
     before = path.read_bytes()
     with pytest.raises(LanectlError) as err:
-        Ledger.open(path)
+        backend.open()
     assert err.value.code == "ledger_too_new"
     assert err.value.exit_code == ExitCode.CONFIG
     assert "upgrade lanectl" in str(err.value)
     assert path.read_bytes() == before
 
 
+@pytest.mark.backends("sqlite")
 @pytest.mark.parametrize("content", [b"hello, this is not a database at all\n" * 10, b"\x00" * 4096])
-def test_not_sqlite_is_refused_and_untouched(tmp_path, content):
-    path = tmp_path / "ledger.db"
+def test_not_sqlite_is_refused_and_untouched(backend, content):
+    path = backend.path()
+    path.parent.mkdir(parents=True)
     path.write_bytes(content)
     with pytest.raises(LanectlError) as err:
-        Ledger.open(path)
+        backend.open()
     assert err.value.code == "ledger_not_sqlite"
     assert err.value.exit_code == ExitCode.CONFIG
     assert str(path) in err.value.message
     assert path.read_bytes() == content
-    assert not (tmp_path / "ledger.db-wal").exists()
+    assert not path.with_name(path.name + "-wal").exists()
 
 
-def test_directory_as_ledger_is_refused(tmp_path):
+@pytest.mark.backends("sqlite")
+def test_directory_as_ledger_is_refused(backend):
+    backend.path().mkdir(parents=True)
     with pytest.raises(LanectlError) as err:
-        Ledger.open(tmp_path)
+        backend.open()
     assert err.value.exit_code == ExitCode.CONFIG
 
 
@@ -102,6 +107,7 @@ def test_transaction_rolls_back_and_nests(led):
     assert [r[0] for r in led.conn.execute("SELECT name FROM lanes")] == ["b"]
 
 
+@pytest.mark.backends("sqlite")
 def test_queue_queries_use_the_partial_indexes(led):
     from lanectl.ledger import tick
 
@@ -120,16 +126,16 @@ def test_queue_queries_use_the_partial_indexes(led):
     assert "missions_group_edf" in edf and "TEMP B-TREE" not in edf, edf
 
 
+@pytest.mark.backends("sqlite")
 @pytest.mark.parametrize("poll", [True, False], ids=["lanectl-wait", "sqlite-handler"])
-def test_a_writer_waits_for_the_lock_then_gets_it_or_fails_with_ledger_busy(tmp_path, poll):
+def test_a_writer_waits_for_the_lock_then_gets_it_or_fails_with_ledger_busy(backend, poll):
     import threading
     import time
 
     from lanectl.errors import LanectlError
 
-    path = tmp_path / "l.db"
-    holder = Ledger.open(path)
-    waiter = Ledger.open(path, busy_timeout_s=0.3, busy_poll=poll)
+    holder = backend.open("l")
+    waiter = backend.open("l", busy_timeout_s=0.3, busy_poll=poll)
     holder.conn.execute("BEGIN IMMEDIATE")
     t = time.monotonic()
     with pytest.raises(LanectlError) as exc:

@@ -12,21 +12,24 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lanectl.ledger import Ledger
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.backends("sqlite")  # SQLite's POSIX locks and header check
 
 
 def _in_other_process(db: Path, code: str) -> str:
-    return subprocess.run([sys.executable, "-c", f"import sqlite3\nc = sqlite3.connect({str(db)!r})\n{code}\n"
-                                                 "c.close()"], check=True, capture_output=True, text=True,
-                          timeout=60).stdout.strip()
+    head = f"import sys\nsys.path.insert(0, {str(ROOT)!r})\nfrom tests.ledger.conftest import sqlite_connect\n"
+    return subprocess.run([sys.executable, "-c", f"{head}c = sqlite_connect({str(db)!r})\n{code}\nc.close()"],
+                          check=True, capture_output=True, text=True, timeout=60).stdout.strip()
 
 
-def test_commits_survive_another_process_closing_after_a_second_open(tmp_path: Path) -> None:
-    db = tmp_path / "ledger.db"
-    first = Ledger.open(db)
+def test_commits_survive_another_process_closing_after_a_second_open(backend) -> None:  # type: ignore[no-untyped-def]
+    db = backend.path()
+    first = backend.open()
     first.conn.execute("CREATE TABLE t (x)")
     first.conn.execute("INSERT INTO t VALUES (1)")
-    second = Ledger.open(db)  # another client in the same process
+    second = backend.open()  # another client in the same process
     try:
         # another process (the supervisor stopping) opens and closes its connection
         _in_other_process(db, "c.execute('SELECT count(*) FROM t').fetchone()")
@@ -39,14 +42,13 @@ def test_commits_survive_another_process_closing_after_a_second_open(tmp_path: P
 
 
 
-def test_a_file_that_is_not_sqlite_is_still_refused(tmp_path: Path) -> None:
+def test_a_file_that_is_not_sqlite_is_still_refused(backend) -> None:  # type: ignore[no-untyped-def]
     """SQLite checks the header itself now (lanectl never opens the file): a text file is ledger_not_sqlite."""
-    import pytest
-
     from lanectl.errors import LanectlError
 
-    db = tmp_path / "ledger.db"
+    db = backend.path()
+    db.parent.mkdir(parents=True)
     db.write_text("not a ledger, just some text long enough to be read as a header\n" * 4)
     with pytest.raises(LanectlError) as err:
-        Ledger.open(db)
+        backend.open()
     assert err.value.code == "ledger_not_sqlite"

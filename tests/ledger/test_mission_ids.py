@@ -3,7 +3,8 @@ version 2 (migration step 0003_mission_ids_never_reused: ``AUTOINCREMENT``)."""
 from __future__ import annotations
 
 import sqlite3
-from pathlib import Path
+
+import pytest
 
 from lanectl.ledger import Ledger, schema
 from lanectl.ledger import missions as ms
@@ -14,9 +15,9 @@ def _submit(led: Ledger, fleet, i: int) -> int:
     return ms.submit(led, fleet, cls="background", payload={"argv": ["x", str(i)]}, now=T0 + i).mission.id
 
 
-def test_mission_ids_are_never_reused_after_the_newest_is_gone(tmp_path: Path) -> None:
-    fleet = make_fleet(tmp_path)
-    with Ledger.open(tmp_path / "state" / "ledger.db") as led:
+def test_mission_ids_are_never_reused_after_the_newest_is_gone(backend) -> None:  # type: ignore[no-untyped-def]
+    fleet = make_fleet(backend.root)
+    with backend.open() as led:
         ids = [_submit(led, fleet, i) for i in range(3)]
         ms.cancel(led, ids[-1], now=T0 + 5)
         with led.transaction() as conn:  # what a lost commit, a prune or a hand edit leaves
@@ -25,10 +26,8 @@ def test_mission_ids_are_never_reused_after_the_newest_is_gone(tmp_path: Path) -
         assert _submit(led, fleet, 9) == ids[-1] + 1
 
 
-def _old_ledger(path: Path, version: int) -> None:
+def _old_ledger(conn: sqlite3.Connection, version: int) -> None:
     """A ledger as lanectl left it at schema ``version`` (the steps of that time, run as they were)."""
-    path.parent.mkdir(parents=True)
-    conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("PRAGMA journal_mode = WAL")
     for n, step in enumerate(schema.MIGRATIONS[:version], start=1):
         conn.execute("BEGIN")
@@ -40,11 +39,11 @@ def _old_ledger(path: Path, version: int) -> None:
     conn.close()
 
 
-def test_an_old_ledger_is_migrated_and_never_reuses_ids(tmp_path: Path) -> None:
-    path = tmp_path / "state" / "ledger.db"
-    _old_ledger(path, 2)
-    fleet = make_fleet(tmp_path)
-    with Ledger.open(path, migrate=False) as old:  # rows as the version-2 code wrote them: plain INTEGER PRIMARY KEY
+@pytest.mark.backends("sqlite")  # SQLite's migration steps 1-3 (the PostgreSQL schema starts at the latest)
+def test_an_old_ledger_is_migrated_and_never_reuses_ids(backend) -> None:  # type: ignore[no-untyped-def]
+    _old_ledger(backend.connect(isolation_level=None), 2)
+    fleet = make_fleet(backend.root)
+    with backend.open(migrate=False) as old:  # rows as the version-2 code wrote them: plain INTEGER PRIMARY KEY
         with old.transaction() as conn:
             ids = []
             for i in range(5):
@@ -54,7 +53,7 @@ def test_an_old_ledger_is_migrated_and_never_reuses_ids(tmp_path: Path) -> None:
                     (f'{{"argv":["x","{i}"]}}', f"{i:064d}", T0 + i, T0 + i)).fetchone()[0])
                 conn.execute("INSERT INTO events (at, kind, mission) VALUES (?, 'submitted', ?)", (T0 + i, ids[-1]))
             conn.execute("DELETE FROM missions WHERE id IN (?, ?)", (ids[-1], ids[-2]))  # its events remain
-    with Ledger.open(path) as led:
+    with backend.open() as led:
         assert led.version() == schema.LATEST
         assert "AUTOINCREMENT" in led.conn.execute("SELECT sql FROM sqlite_master WHERE name = 'missions'").fetchone()[0]
         assert led.conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]

@@ -8,7 +8,6 @@ group is keyed by follows reroutes and session moves.
 from __future__ import annotations
 
 import dataclasses
-import sqlite3
 
 import pytest
 from conftest import T0, make_fleet
@@ -18,7 +17,7 @@ from hypothesis import strategies as st
 from lanectl import dispatch
 from lanectl.config import ClassPolicy
 from lanectl.dispatch import Snapshot
-from lanectl.ledger import Ledger, events, schema, tick
+from lanectl.ledger import events, schema, tick
 from lanectl.ledger import lanes as lane_ops
 from lanectl.ledger import missions as ms
 from lanectl.ledger.events import EventKind
@@ -134,9 +133,9 @@ def test_the_target_follows_reroute_and_session_moves(led, tmp_path):
     assert {targets()[m] for m in s} == {"alpha"}
 
 
-def test_migration_sets_targets_of_an_old_ledger(tmp_path):
-    path = tmp_path / "old.db"
-    conn = sqlite3.connect(path, isolation_level=None)
+@pytest.mark.backends("sqlite")  # SQLite's migration step 3 (the PostgreSQL schema starts at the latest)
+def test_migration_sets_targets_of_an_old_ledger(backend):
+    conn = backend.connect("old", isolation_level=None)
     for step in schema.MIGRATIONS[:2]:
         for statement in schema._statements(step.sql):
             conn.execute(statement)
@@ -150,7 +149,7 @@ def test_migration_sets_targets_of_an_old_ledger(tmp_path):
         conn.execute(f"INSERT INTO missions ({cols}) VALUES ('background', 2, ?, '{{}}', ?, ?, ?, 3, 0, 0, ?)",
                      (state, "0" * 64, lane, session, current))
     conn.close()
-    led = Ledger.open(path)
+    led = backend.open("old")
     try:
         got = [r[0] for r in led.conn.execute("SELECT target FROM missions ORDER BY id")]
         assert got == ["", "gamma", "alpha", "beta", ""]
@@ -182,10 +181,9 @@ backlog = st.lists(st.tuples(st.sampled_from(["alpha", "beta", "gamma", None]),
 @given(backlog=backlog, states=st.dictionaries(st.sampled_from(["alpha", "beta", "gamma"]),
                                                st.sampled_from(["drained", "unhealthy", "full"])),
        ages=st.integers(0, 900))
-def test_a_grouped_pass_places_what_a_pass_over_the_whole_queue_would(tmp_path_factory, backlog, states, ages):
-    tmp = tmp_path_factory.mktemp("hol")
-    fleet = big_fleet(tmp)
-    led = Ledger.open(tmp / "ledger.db")
+def test_a_grouped_pass_places_what_a_pass_over_the_whole_queue_would(backend, backlog, states, ages):
+    fleet = big_fleet(backend.root)
+    led = backend.fresh()
     try:
         now = T0
         for lane, state in sorted(states.items()):
@@ -212,7 +210,7 @@ def test_a_grouped_pass_places_what_a_pass_over_the_whole_queue_would(tmp_path_f
         res2 = tick.run_once(led, fleet, now=later + 1)
         assert [(d.mission, d.lane) for d in res2.dispatches] == expected2
     finally:
-        led.close()
+        backend.discard(led)
 
 
 @pytest.mark.parametrize("cause", ["full", "drained", "quota"])

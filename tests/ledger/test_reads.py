@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 
@@ -16,13 +15,6 @@ from lanectl.ledger.events import EventKind, append
 T0 = 1_700_000_000.0
 
 
-@pytest.fixture
-def led(tmp_path: Path):
-    ledger = Ledger.open(tmp_path / "state" / "ledger.db")
-    yield ledger
-    ledger.close()
-
-
 def _events(led: Ledger) -> None:
     with led.transaction() as conn:
         for i in range(30):
@@ -32,16 +24,17 @@ def _events(led: Ledger) -> None:
                    actor="ops", n=i)
 
 
-def test_open_readonly_never_creates_migrates_or_writes(led: Ledger, tmp_path: Path) -> None:
-    missing = tmp_path / "nowhere" / "ledger.db"
+@pytest.mark.backends("sqlite")  # a file that is not there, SQLite's mode=ro
+def test_open_readonly_never_creates_migrates_or_writes(led: Ledger, backend) -> None:  # type: ignore[no-untyped-def]
+    missing = backend.path("nowhere/ledger")
     with pytest.raises(FileNotFoundError, match=f"ledger {missing} does not exist"):
-        Ledger.open_readonly(missing, must_exist=True)
+        backend.open_readonly("nowhere/ledger", must_exist=True)
     with pytest.raises(Error):  # without must_exist, SQLite's own refusal: mode=ro never creates
-        Ledger.open_readonly(missing)
+        backend.open_readonly("nowhere/ledger")
     assert not missing.parent.exists()
 
     _events(led)
-    ro = Ledger.open_readonly(led.path, check=True)
+    ro = backend.open_readonly(check=True)
     try:
         assert reads.last_event_id(ro) == 30
         with pytest.raises(LanectlError) as err:  # a write through it is refused, naming the file
@@ -52,22 +45,22 @@ def test_open_readonly_never_creates_migrates_or_writes(led: Ledger, tmp_path: P
     assert lane_ops.weight_of(led, "alpha") is None
 
 
-def test_open_readonly_check_refuses_a_file_that_is_no_ledger(tmp_path: Path) -> None:
-    junk = tmp_path / "junk.db"
+@pytest.mark.backends("sqlite")  # files that are not SQLite ledgers
+def test_open_readonly_check_refuses_a_file_that_is_no_ledger(backend) -> None:  # type: ignore[no-untyped-def]
+    junk = backend.path("junk")
+    junk.parent.mkdir(parents=True)
     junk.write_bytes(os.urandom(4096))
     with pytest.raises(Error):
-        Ledger.open_readonly(junk, check=True)
-    other = tmp_path / "other.db"  # an SQLite file without the ledger's tables fails the check too
-    import sqlite3  # building the foreign file is the test's business, not lanectl's
-
-    sqlite3.connect(other).execute("CREATE TABLE t (x)").connection.close()
+        backend.open_readonly("junk", check=True)
+    # an SQLite file without the ledger's tables fails the check too (building it is the test's business)
+    backend.connect("other").execute("CREATE TABLE t (x)").connection.close()
     with pytest.raises(Error, match="no such table: missions"):
-        Ledger.open_readonly(other, check=True)
-    Ledger.open_readonly(other).close()  # without check the open itself succeeds
+        backend.open_readonly("other", check=True)
+    backend.open_readonly("other").close()  # without check the open itself succeeds
 
 
-def test_open_readonly_reads_what_the_writer_committed(led: Ledger) -> None:
-    ro = Ledger.open_readonly(led.path)
+def test_open_readonly_reads_what_the_writer_committed(led: Ledger, backend) -> None:  # type: ignore[no-untyped-def]
+    ro = backend.open_readonly()
     try:
         assert reads.last_event_id(ro) == 0
         _events(led)
@@ -155,7 +148,7 @@ def test_the_supervisors_lane_writes_and_reads(led: Ledger) -> None:
     assert reads.session_ids(led, "alpha") == []
 
 
-def test_cancels_between_and_data_version(led: Ledger) -> None:
+def test_cancels_between_and_data_version(led: Ledger, backend) -> None:  # type: ignore[no-untyped-def]
     before = led.data_version()
     with led.transaction() as conn:
         append(conn, EventKind.CANCELLED, T0, mission=1, lane="alpha")
@@ -165,7 +158,7 @@ def test_cancels_between_and_data_version(led: Ledger) -> None:
     assert led.data_version() == before  # its own commits do not count
     assert reads.cancels_between(led, 0, reads.last_event_id(led)) == [(1, "alpha"), (3, "beta")]
     assert reads.cancels_between(led, 1, 3) == []
-    other = Ledger.open(led.path)
+    other = backend.open()
     try:
         with other.transaction() as conn:
             append(conn, EventKind.CANCELLED, T0 + 1, mission=4, lane="alpha")

@@ -96,16 +96,17 @@ def dump(conn: sqlite3.Connection, table: str, key: str) -> dict[object, tuple]:
 
 
 @pytest.fixture
-def world(tmp_path: Path):
+def world(backend, tmp_path: Path):
     fleet = big_fleet(tmp_path)
-    led = Ledger.open(tmp_path / "state" / "ledger.db")
+    led = backend.open()
     old = generation(led, fleet, OLD, 1500, finish=False)
     young = generation(led, fleet, YOUNG, 300, finish=True)
     yield led, fleet, old, young
     led.close()
 
 
-def test_prune_archives_exactly_the_finished_old_history(world, tmp_path: Path) -> None:
+@pytest.mark.backends("sqlite")  # and the space goes back to the file system
+def test_prune_archives_exactly_the_finished_old_history(world, backend, tmp_path: Path) -> None:
     led, fleet, old, young = world
     conn = led.conn
     assert old["running"] and old["queued"] and old["dead"] and old["failed"] and old["cancelled"]
@@ -118,7 +119,7 @@ def test_prune_archives_exactly_the_finished_old_history(world, tmp_path: Path) 
     want_events = {k for k, e in before["events"].items()
                    if ((e["mission"],) in finished_old) or (e["mission"] is None and e["at"] < CUTOFF and k != top)}
     want_attempts = {k for k in before["attempts"] if (k[0],) in finished_old}
-    size_before = (tmp_path / "state" / "ledger.db").stat().st_size
+    size_before = backend.path().stat().st_size
 
     archive = tmp_path / "archive" / "old.jsonl.gz"
     archive.parent.mkdir()
@@ -164,7 +165,7 @@ def test_prune_archives_exactly_the_finished_old_history(world, tmp_path: Path) 
     assert conn.execute("PRAGMA freelist_count").fetchone()[0] == 0
     assert res.file_bytes_after < res.file_bytes_before and res.reclaimed_bytes > 0
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    assert (tmp_path / "state" / "ledger.db").stat().st_size < size_before
+    assert backend.path().stat().st_size < size_before
 
     # the ledger still works: the queued old missions dispatch once their lane is back
     assert ms.get(led, old["queued"][0]).state == "queued"
@@ -185,7 +186,7 @@ def test_prune_archives_exactly_the_finished_old_history(world, tmp_path: Path) 
     assert not (tmp_path / "archive" / "again.jsonl.gz").exists()
 
 
-def test_young_events_stay_append_only(world, tmp_path: Path) -> None:
+def test_young_events_stay_append_only(world, backend, tmp_path: Path) -> None:
     led, fleet, old, young = world
     conn = led.conn
     (tmp_path / "a").mkdir()
@@ -211,23 +212,25 @@ def test_young_events_stay_append_only(world, tmp_path: Path) -> None:
         ("DELETE FROM retention", ()),
     ]
     for sql, args in refused:
-        with pytest.raises(sqlite3.IntegrityError):
+        with pytest.raises(backend.integrity_error):
             conn.execute(sql, args)
     assert conn.execute("SELECT count(*) FROM events WHERE id IN (?, ?, ?)",
                         (young_event, old_of_unfinished, newest)).fetchone()[0] == 3
 
 
-def test_a_redo_after_a_crash_between_archive_and_delete(world, tmp_path: Path) -> None:
+@pytest.mark.backends("sqlite")  # the copy is SQLite's online backup
+def test_a_redo_after_a_crash_between_archive_and_delete(world, backend, tmp_path: Path) -> None:
     """A prune that wrote its archive and stopped before deleting (here: the same prune run on a copy) leaves every
     row; run again with the same archive name it writes the same archive again. An archive whose rows are gone is
     never replaced."""
     led, fleet, old, young = world
-    copy_path = tmp_path / "copy.db"
-    with sqlite3.connect(copy_path) as dst:
-        led.conn.backup(dst)
+    copy_path = backend.location("copy")
+    dst = backend.connect("copy")
+    led.conn.backup(dst)
+    dst.close()
     (tmp_path / "a").mkdir()
     archive = tmp_path / "a" / "old.jsonl.gz"
-    with Ledger.open(copy_path) as copy:
+    with backend.open("copy") as copy:
         retention.prune(copy, cutoff=CUTOFF, archive=archive, now=YOUNG + DAY)
     first = retention.load_archive(archive)
     n = led.conn.execute("SELECT count(*) FROM missions").fetchone()[0]
@@ -260,13 +263,13 @@ def test_a_mission_retried_after_the_archive_is_kept(world, tmp_path: Path) -> N
     assert led.conn.execute("SELECT count(*) FROM events WHERE mission = ?", (target,)).fetchone()[0] > 0
 
 
-def test_an_old_ledger_reuses_pages_and_vacuum_converts_it(tmp_path: Path) -> None:
-    path = tmp_path / "old.db"
-    conn = sqlite3.connect(path)  # a ledger created before auto-vacuum: mode NONE
+@pytest.mark.backends("sqlite")  # SQLite's auto_vacuum modes and free pages
+def test_an_old_ledger_reuses_pages_and_vacuum_converts_it(backend, tmp_path: Path) -> None:
+    conn = backend.connect("old")  # a ledger created before auto-vacuum: mode NONE
     conn.execute("PRAGMA journal_mode = WAL")
     conn.close()
     fleet = big_fleet(tmp_path)
-    with Ledger.open(path) as led:
+    with backend.open("old") as led:
         assert led.conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 0
         generation(led, fleet, OLD, 600)
         (tmp_path / "a").mkdir()
@@ -312,11 +315,12 @@ def test_cli_ledger_prune(world, tmp_path: Path) -> None:
     assert r.returncode == 5 and "already there" in r.stderr and (tmp_path / "b.gz").read_bytes() == b"not an archive"
 
 
-def test_the_archive_names_every_column_the_schema_has(tmp_path: Path) -> None:
+@pytest.mark.backends("sqlite")  # reads SQLite's table_info
+def test_the_archive_names_every_column_the_schema_has(backend) -> None:  # type: ignore[no-untyped-def]
     """A column added by a later migration must be archived too (or a prune would lose it)."""
     from lanectl.ledger import retention
 
-    led = Ledger.open(tmp_path / "l.db")
+    led = backend.open("l")
     try:
         for table, cols in (("missions", retention._MISSION_COLS), ("attempts", retention._ATTEMPT_COLS),
                             ("events", retention._EVENT_COLS)):
@@ -326,11 +330,11 @@ def test_the_archive_names_every_column_the_schema_has(tmp_path: Path) -> None:
         led.close()
 
 
-def test_another_ledgers_archive_is_never_replaced(tmp_path: Path) -> None:
+def test_another_ledgers_archive_is_never_replaced(backend, tmp_path: Path) -> None:
     """Two ledgers with the same mission ids (another host, or this one recreated): a prune of the second never
     replaces the first one's archive, even though every id in it exists here."""
     fleet = big_fleet(tmp_path)
-    a, b = (Ledger.open(tmp_path / f"{n}.db") for n in ("a", "b"))
+    a, b = (backend.open(n) for n in ("a", "b"))
     try:
         generation(a, fleet, OLD, 10)
         generation(b, fleet, OLD + 3600, 10)  # the same ids, other rows
@@ -345,12 +349,12 @@ def test_another_ledgers_archive_is_never_replaced(tmp_path: Path) -> None:
         b.close()
 
 
-def test_one_prune_at_a_time(tmp_path: Path) -> None:
+def test_one_prune_at_a_time(backend, tmp_path: Path) -> None:
     from lanectl.ledger.retention import _one_prune_at_a_time
 
     fleet = big_fleet(tmp_path)
-    led = Ledger.open(tmp_path / "l.db")
-    other = Ledger.open(tmp_path / "l.db")
+    led = backend.open("l")
+    other = backend.open("l")
     try:
         generation(led, fleet, OLD, 10)
         with _one_prune_at_a_time(other):  # the supervisor's pass, say
@@ -364,11 +368,11 @@ def test_one_prune_at_a_time(tmp_path: Path) -> None:
         other.close()
 
 
-def test_a_prune_killed_while_deleting_is_on_record(tmp_path: Path) -> None:
+def test_a_prune_killed_while_deleting_is_on_record(backend, tmp_path: Path) -> None:
     """The 'deleting' event (with the archive and the id range) is committed before the first delete, so a prune
     killed midway is on record and 'mission show' names the archive that holds a pruned mission."""
     fleet = big_fleet(tmp_path)
-    led = Ledger.open(tmp_path / "l.db")
+    led = backend.open("l")
     try:
         generation(led, fleet, OLD, 30)
         calls = []

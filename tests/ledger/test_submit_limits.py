@@ -14,7 +14,6 @@ from typer.testing import CliRunner
 
 from conftest import T0, make_fleet
 from lanectl.cli import missions
-from lanectl.ledger import Ledger
 from lanectl.errors import ExitCode, LanectlError
 from lanectl.ledger import missions as ms
 from tests.conftest import LANECTL_BIN
@@ -30,19 +29,19 @@ def app():
 
 
 @pytest.fixture
-def env(tmp_path, monkeypatch):
+def env(backend, tmp_path, monkeypatch):
     cfg = tmp_path / "etc"
     (cfg / "lanes.d").mkdir(parents=True)
     (cfg / "lanes.d" / "alpha.toml").write_text('port = 9101\nworkspace = "/var/lib/lanes/alpha"\n')
     monkeypatch.setenv("LANECTL_CONFIG_DIR", str(cfg))
-    monkeypatch.setenv("LANECTL_LEDGER", str(tmp_path / "state" / "ledger.db"))
+    monkeypatch.setenv("LANECTL_LEDGER", backend.location())
     return tmp_path
 
 
 @pytest.fixture
-def ledger_env(env):
+def ledger_env(env, backend):
     """``env`` with its ledger created, as 'lanectl install' would (no other command creates one)."""
-    Ledger.open(env / "state" / "ledger.db").close()
+    backend.open().close()
     return env
 
 
@@ -52,25 +51,25 @@ def run(app, *args, input=None):
 
 
 # ------------------------------------------------------------------------------------------ finding 10: limits
-def test_a_refused_line_creates_no_ledger_file(app, env):
+def test_a_refused_line_creates_no_ledger_file(app, env, backend):
     big = json.dumps({"payload": {"x": "y" * (ms.MAX_PAYLOAD_BYTES + 10)}})
     batch = env / "big.ndjson"
     batch.write_text('{"argv": ["ok"]}\n' + big + "\n")
     res, doc = run(app, "submit", "--batch", str(batch))
     assert res.exit_code == ExitCode.USAGE, res.output
     assert doc["errors"][0]["code"] == "payload_too_large" and doc["errors"][0]["field"] == "line 2.payload"
-    assert not (env / "state").exists()
+    assert not backend.exists()
 
 
-def test_a_refused_single_submit_creates_no_ledger_file(app, env):
+def test_a_refused_single_submit_creates_no_ledger_file(app, env, backend):
     res, doc = run(app, "submit", "--payload", json.dumps({"x": "y" * (ms.MAX_PAYLOAD_BYTES + 10)}))
     assert res.exit_code == ExitCode.USAGE and doc["errors"][0]["code"] == "payload_too_large"
     res, doc = run(app, "submit", "--class", "deadline", "--payload", "1")
     assert res.exit_code == ExitCode.USAGE and doc["errors"][0]["code"] == "deadline_missing"
-    assert not (env / "state").exists()
+    assert not backend.exists()
 
 
-def test_a_file_larger_than_the_limit_is_refused_unread(app, env):
+def test_a_file_larger_than_the_limit_is_refused_unread(app, env, backend):
     batch = env / "huge.ndjson"
     with batch.open("wb") as fh:  # sparse: reading it would find NUL bytes, not JSON
         fh.truncate(missions.BATCH_MAX_BYTES + 1)
@@ -78,7 +77,7 @@ def test_a_file_larger_than_the_limit_is_refused_unread(app, env):
     assert res.exit_code == ExitCode.USAGE, res.output
     err = doc["errors"][0]
     assert err["file"] == str(batch) and "larger than" in err["message"] and "split" in err["hint"]
-    assert not (env / "state").exists()
+    assert not backend.exists()
 
 
 def _stream_refusal(env: Path, first: bytes) -> dict:
@@ -109,19 +108,19 @@ def _stream_refusal(env: Path, first: bytes) -> dict:
             pass
 
 
-def test_a_batch_with_too_many_missions_is_refused_at_the_first_extra_line(env):
+def test_a_batch_with_too_many_missions_is_refused_at_the_first_extra_line(env, backend):
     lines = b"".join(b'{"argv": ["/bin/true"]}\n' for _ in range(ms.MAX_BATCH + 1))
     doc = _stream_refusal(env, lines)
     err = doc["errors"][0]
     assert err["field"] == f"line {ms.MAX_BATCH + 1}" and f"more than {ms.MAX_BATCH}" in err["message"]
-    assert not (env / "state").exists()
+    assert not backend.exists()
 
 
-def test_an_overlong_line_is_refused_before_its_end(env):
+def test_an_overlong_line_is_refused_before_its_end(env, backend):
     doc = _stream_refusal(env, b'{"argv": ["/bin/true"]}\n{"payload": "' + b"x" * (missions.BATCH_MAX_LINE_BYTES + 1))
     err = doc["errors"][0]
     assert err["field"] == "line 2" and "longer than" in err["message"]
-    assert not (env / "state").exists()
+    assert not backend.exists()
 
 
 # ------------------------------------------------------------------------- finding 11: relative deadlines
@@ -178,17 +177,17 @@ def test_the_client_takes_a_relative_deadline_as_text(led, tmp_path):
     '{"argv": ["true"], "deadline": 1e400}',
     '{"payload": ' + "[" * 100_000 + "]" * 100_000 + "}",
 ], ids=["nan-deadline", "infinite-deadline", "deeply-nested"])
-def test_odd_batch_lines_are_refused_cleanly_and_write_nothing(app, env, line):
+def test_odd_batch_lines_are_refused_cleanly_and_write_nothing(app, env, backend, line):
     res, doc = run(app, "submit", "--batch", "-", input=line + "\n")
     assert res.exit_code == ExitCode.USAGE and doc is not None, res.output
-    assert not (env / "state" / "ledger.db").exists()
+    assert not backend.exists()
 
 
-def test_a_deadline_no_date_can_show_is_refused_before_it_breaks_every_reader(app, env):
+def test_a_deadline_no_date_can_show_is_refused_before_it_breaks_every_reader(app, env, backend):
     """A +99999999999d deadline was stored, then `missions`, `mission show` and `metrics` failed on it."""
     res, doc = run(app, "submit", "--class", "deadline", "--deadline", "+99999999999d", "--payload", "{}")
     assert res.exit_code == ExitCode.USAGE and doc["errors"][0]["code"] == "bad_deadline", res.output
-    assert not (env / "state" / "ledger.db").exists()
-    Ledger.open(env / "state" / "ledger.db").close()  # as 'lanectl install' would
+    assert not backend.exists()
+    backend.open().close()  # as 'lanectl install' would
     res, doc = run(app, "submit", "--class", "deadline", "--deadline", "+30d", "--payload", "{}")
     assert res.exit_code == 0, res.output

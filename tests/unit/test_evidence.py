@@ -64,6 +64,23 @@ def add(conn: Any, mid: int, *, cls: str = "interactive", lane: str = "alpha", c
 # ------------------------------------------------------------------------------------------------ percentiles
 
 
+def test_runs_pick_the_same_percentile_as_sorting() -> None:
+    """The roll-ups' merged sorted runs (evidence._Runs) give the percentile sorting every value would."""
+    import random
+
+    rnd = random.Random(3)  # (no -0.0: x - y is never -0.0 for the times the ledger subtracts)
+    for _ in range(200):
+        runs = [sorted(rnd.choice([0.0, 1e-7, rnd.uniform(-5, 5), rnd.lognormvariate(0, 2)])
+                       for _ in range(rnd.randint(0, 30))) for _ in range(rnd.randint(1, 6))]
+        r = evidence._Runs()
+        for run in runs:
+            r.add(run)
+        flat = sorted(v for run in runs for v in run)
+        for p in (1, 50, 95, 99, 100):
+            got, want = r.percentile(p), evidence.percentile(flat, p) if flat else None
+            assert got == want and str(got) == str(want), (p, runs)
+
+
 def test_percentile_nearest_rank_on_1_to_1000() -> None:
     values = list(range(1000, 0, -1))
     assert evidence.percentile(values, 50) == 500

@@ -1,0 +1,331 @@
+"""The PostgreSQL side of the ledger's seam (issue 12): a connection that speaks the ledger's SQL to PostgreSQL.
+
+The ledger's modules (missions, tick, events, lanes, reads, rollups, retention) hold one copy of their logic and
+run their statements through ``ledger.conn.execute(sql, params)``. For a PostgreSQL ledger ``conn`` is a
+``PgConn``: it turns each statement of the common dialect into PostgreSQL's once (``translate``, cached by
+statement text) and runs it with psycopg 3. What the translation does, and nothing more:
+
+- parameters: ``?`` -> ``%s``, ``?N`` -> ``%s`` with the arguments re-ordered, a literal ``%`` -> ``%%``;
+- SQLite's planner hints ``INDEXED BY x`` / ``NOT INDEXED`` are dropped (PostgreSQL plans by statistics);
+- ``a IS ?`` / ``a IS NOT b`` -> ``IS [NOT] DISTINCT FROM`` (SQLite's IS compares any two values);
+- ``data LIKE`` on a JSON column -> ``data::text LIKE``; ``json_extract(...) <= ?`` and
+  ``coalesce(json_extract(...), 1)`` are numbers;
+- scalar ``max(a, b)`` / ``min(a, b)`` -> ``greatest``/``least``;
+- ``INSERT OR IGNORE`` -> ``INSERT ... ON CONFLICT DO NOTHING``; ``INSERT OR REPLACE INTO t (cols)`` ->
+  ``INSERT ... ON CONFLICT (t's key) DO UPDATE SET`` every other column (``KEYS`` names each table's key; an
+  update of ``events`` is refused by its append-only trigger, as SQLite's ``events_no_replace`` refuses it);
+- ``CROSS JOIN t ON ...`` (SQLite's way to fix the join order) -> ``JOIN t ON ...``;
+- in an upsert, ``SET n = n + excluded.n`` -> ``SET n = table.n + excluded.n`` (PostgreSQL finds a bare ``n``
+  ambiguous there).
+
+Statements whose meaning differs (the id high-water mark, PRAGMAs, claims) are not translated: the module that
+owns them picks the dialect's statement (``Ledger.dialect``). ``json_extract(x, '$.k')`` is a function the
+PostgreSQL schema defines (``lanectl/ledger/schema.py``, ``PG_BASELINE``), returning text.
+
+Types: ``double precision`` for times (floats both ways), ``bigint`` for integers, ``jsonb`` for JSON columns,
+read back as text (the loader below) so that callers parse JSON exactly as they do SQLite's; ``numeric`` results
+(``sum`` of integers) come back as ``int`` when whole.
+
+Transactions: every ``Ledger.transaction()`` on PostgreSQL is ``BEGIN`` plus a transaction-scoped advisory lock
+of the ledger (``pg_advisory_xact_lock``), so writers are serialised exactly as SQLite's ``BEGIN IMMEDIATE``
+serialises them: every read-then-write of the ledger's logic (admission against queue depth, a claim, a fenced
+callback) sees what it would see on SQLite, and fencing is exactly as strict. ``lock_timeout`` is the busy
+timeout (``ledger_busy``, exit 6, when it runs out).
+"""
+from __future__ import annotations
+
+import re
+from decimal import Decimal
+from functools import lru_cache
+from typing import Any
+
+from lanectl.errors import ExitCode, LanectlError, Unavailable
+from lanectl.ledgerurl import redact
+
+LOCK_KEY = 0x6C616E65  # 'lane': the advisory lock every write transaction of a ledger database takes
+
+
+def _import_psycopg() -> Any:
+    try:
+        import psycopg
+    except ImportError as exc:
+        raise LanectlError("the PostgreSQL ledger needs psycopg 3, which is not installed",
+                           "install lanectl with its postgresql extra: pip install 'lanectl[postgresql]' "
+                           "(scripts/setup does)", "postgresql_driver_missing", ExitCode.CONFIG) from exc
+    return psycopg
+
+
+def Error() -> type[Exception]:  # noqa: N802 - the class, looked up late (psycopg is optional)
+    return _import_psycopg().Error
+
+
+_PARAM = re.compile(r"'(?:[^']|'')*'|\?(\d+)?|%")
+_HINT = re.compile(r"\s+(?:INDEXED\s+BY\s+\w+|NOT\s+INDEXED)\b", re.IGNORECASE)
+_IS_PARAM = re.compile(r"\bIS\s+(NOT\s+)?(?!NULL\b|TRUE\b|FALSE\b|DISTINCT\b|NOT\b)(\?|[a-z_][\w.]*)", re.IGNORECASE)
+_JSON_LIKE = re.compile(r"\b((?:\w+\.)?(?:data|payload|tags|result))\s+(NOT\s+)?LIKE\b", re.IGNORECASE)
+_JSON_COALESCE = re.compile(r"coalesce\((json_extract\([^()]*\)),\s*(-?\d+(?:\.\d+)?)\)", re.IGNORECASE)
+_JSON_CMP = re.compile(r"(json_extract\([^()]*\))(\s*(?:<=|>=|<|>)\s*\?)", re.IGNORECASE)
+_OR_IGNORE = re.compile(r"^\s*INSERT\s+OR\s+IGNORE\s+INTO\b", re.IGNORECASE)
+_OR_REPLACE = re.compile(r"^\s*INSERT\s+OR\s+REPLACE\s+INTO\s+(\w+)\s*\(([^)]*)\)", re.IGNORECASE)
+KEYS = {"rollups": ("bucket_s", "start", "lane", "class"), "events": ("id",), "missions": ("id",),
+        "rollup_traffic": ("bucket_s", "start", "kind"), "rollup_state": ("id",), "lanes": ("name",)}
+"""The primary key of each table an ``INSERT OR REPLACE`` may name (the conflict target PostgreSQL needs)."""
+_MINMAX = re.compile(r"\b(max|min)\(", re.IGNORECASE)
+_UPSERT_ADD = re.compile(r"\b(\w+)\s*=\s*\1(\s*\+\s*excluded\.\1)\b")
+_INTO = re.compile(r"\bINSERT\s+INTO\s+(\w+)", re.IGNORECASE)
+_CROSS_ON = re.compile(r"\bCROSS\s+JOIN(\s+\w+(?:\s+\w+)?\s+ON\b)", re.IGNORECASE)
+
+
+def _scalar_minmax(sql: str) -> str:
+    """``max(a, b)`` -> ``greatest(a, b)`` (a top-level comma inside the parentheses); aggregates stay."""
+    out, pos = [], 0
+    for m in _MINMAX.finditer(sql):
+        if m.start() < pos:
+            continue
+        depth, i, comma = 1, m.end(), False
+        while i < len(sql) and depth:
+            c = sql[i]
+            if c == "(":
+                depth += 1
+            elif c == ")":
+                depth -= 1
+            elif c == "," and depth == 1:
+                comma = True
+            elif c == "'":
+                i = sql.index("'", i + 1)
+            i += 1
+        if comma:
+            out.append(sql[pos:m.start()])
+            out.append("greatest(" if m.group(1).lower() == "max" else "least(")
+            pos = m.end()
+    out.append(sql[pos:])
+    return "".join(out)
+
+
+@lru_cache(maxsize=4096)
+def translate(sql: str) -> tuple[str, tuple[int, ...] | None]:
+    """(PostgreSQL text, argument order or None) of a statement of the common dialect."""
+    sql = _HINT.sub("", sql)
+    sql = _CROSS_ON.sub(r"JOIN\1", sql)
+    if "excluded." in sql and (into := _INTO.search(sql)):
+        sql = _UPSERT_ADD.sub(lambda m: f"{m.group(1)} = {into.group(1)}.{m.group(1)}{m.group(2)}", sql)
+    sql = _IS_PARAM.sub(lambda m: ("IS DISTINCT FROM " if m.group(1) else "IS NOT DISTINCT FROM ") + m.group(2), sql)
+    sql = _JSON_LIKE.sub(lambda m: f"{m.group(1)}::text {m.group(2) or ''}LIKE", sql)
+    sql = _JSON_CMP.sub(r"(\1)::numeric\2", sql)
+    sql = _JSON_COALESCE.sub(r"coalesce((\1)::numeric, \2)", sql)
+    ignore = bool(_OR_IGNORE.match(sql))
+    if ignore:
+        sql = _OR_IGNORE.sub("INSERT INTO", sql) + " ON CONFLICT DO NOTHING"
+    replace = _OR_REPLACE.match(sql)
+    if replace:
+        table, cols = replace.group(1), [c.strip() for c in replace.group(2).split(",")]
+        key = KEYS[table]
+        sets = ", ".join(f"{c} = excluded.{c}" for c in cols if c not in key)
+        sql = (re.sub(r"^\s*INSERT\s+OR\s+REPLACE\s+INTO", "INSERT INTO", sql, flags=re.IGNORECASE)
+               + f" ON CONFLICT ({', '.join(key)}) DO " + (f"UPDATE SET {sets}" if sets else "NOTHING"))
+    if "max(" in sql.lower() or "min(" in sql.lower():
+        sql = _scalar_minmax(sql)
+    order: list[int] = []
+    numbered = False
+    seq = 0
+
+    def sub(m: re.Match[str]) -> str:
+        nonlocal numbered, seq
+        tok = m.group(0)
+        if tok.startswith("'"):
+            return tok.replace("%", "%%")
+        if tok == "%":
+            return "%%"
+        if m.group(1):
+            numbered = True
+            order.append(int(m.group(1)) - 1)
+        else:
+            order.append(seq)
+            seq += 1
+        return "%s"
+
+    out = _PARAM.sub(sub, sql)
+    return out, (tuple(order) if numbered else None)
+
+
+def _args(params: Any, order: tuple[int, ...] | None) -> Any:
+    if order is None or params is None:
+        return params
+    return [params[i] for i in order]
+
+
+class PgCursor:
+    """What the ledger's code uses of an sqlite3 cursor: fetchone/fetchall/iteration/description/rowcount."""
+
+    __slots__ = ("_cur",)
+
+    def __init__(self, cur: Any) -> None:
+        self._cur = cur
+
+    def fetchone(self) -> Any:
+        return self._cur.fetchone() if self._cur.description is not None else None
+
+    def fetchall(self) -> list[Any]:
+        return self._cur.fetchall() if self._cur.description is not None else []
+
+    def __iter__(self) -> Any:
+        return iter(self.fetchall())
+
+    @property
+    def description(self) -> Any:
+        return self._cur.description
+
+    @property
+    def rowcount(self) -> int:
+        return self._cur.rowcount
+
+
+class PgConn:
+    """A psycopg connection (autocommit: transactions are the ledger's explicit BEGIN/COMMIT) behind the subset of
+    the sqlite3.Connection interface the ledger's modules use."""
+
+    dialect = "postgresql"
+
+    def __init__(self, raw: Any, url: str) -> None:
+        self.raw = raw
+        self.url = url
+
+    def execute(self, sql: str, params: Any = ()) -> PgCursor:
+        text, order = translate(sql)
+        cur = self.raw.cursor()
+        try:
+            cur.execute(text, _args(params, order) or None)
+        except Exception as exc:
+            raise as_dbapi(exc) from exc
+        return PgCursor(cur)
+
+    def executemany(self, sql: str, seq: Any) -> PgCursor:
+        text, order = translate(sql)
+        cur = self.raw.cursor()
+        try:
+            cur.executemany(text, [_args(p, order) for p in seq])
+        except Exception as exc:
+            raise as_dbapi(exc) from exc
+        return PgCursor(cur)
+
+    def script(self, sql: str) -> None:
+        """A script of PostgreSQL statements as it is (the schema's migrations)."""
+        try:
+            self.raw.execute(sql)  # type: ignore[arg-type]
+        except Exception as exc:
+            raise as_dbapi(exc) from exc
+
+    @property
+    def in_transaction(self) -> bool:
+        from psycopg.pq import TransactionStatus
+
+        return self.raw.info.transaction_status != TransactionStatus.IDLE
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+def _loaders(psycopg: Any, conn: Any) -> None:
+    from psycopg.types.string import TextLoader
+
+    class NumericLoader(psycopg.adapt.Loader):  # type: ignore[misc,name-defined]
+        def load(self, data: Any) -> Any:
+            d = Decimal(bytes(data).decode())
+            return int(d) if d == d.to_integral_value() else float(d)
+
+    conn.adapters.register_loader("jsonb", TextLoader)
+    conn.adapters.register_loader("json", TextLoader)
+    conn.adapters.register_loader("numeric", NumericLoader)
+
+
+def connect(url: str, *, busy_timeout_s: float, readonly: bool = False) -> PgConn:
+    """Connect to the ledger database; errors a person can act on become LanectlErrors naming the URL."""
+    psycopg = _import_psycopg()
+    try:
+        raw = psycopg.connect(url, autocommit=True, connect_timeout=max(1, int(busy_timeout_s)),
+                              application_name="lanectl")
+    except psycopg.OperationalError as exc:
+        raise connect_error(url, exc) from None
+    _loaders(psycopg, raw)
+    raw.execute(f"SET lock_timeout = {int(busy_timeout_s * 1000):d}")
+    raw.execute("SET TIME ZONE 'UTC'")
+    if readonly:
+        raw.execute("SET default_transaction_read_only = on")
+    return PgConn(raw, url)
+
+
+def connect_error(url: str, exc: Exception) -> LanectlError:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    where = redact(url)
+    low = text.lower()
+    if "does not exist" in low and "database" in low:
+        return Unavailable(f"{where}: no ledger there ({text})",
+                           "create the database (createdb), then 'lanectl ledger init' creates the ledger in it",
+                           "ledger_missing")
+    if "password" in low or "authentication" in low:
+        return LanectlError(f"{where}: the server refused the login ({text})",
+                            "check the user in the URL and its password in ~/.pgpass / PGPASSFILE",
+                            "ledger_auth", ExitCode.CONFIG)
+    return Unavailable(f"{where}: cannot reach the ledger's PostgreSQL server ({text})",
+                       "check that the server runs and the host/port/socket in the URL; then retry",
+                       "ledger_unavailable")
+
+
+def ledger_error(url: str, exc: BaseException) -> LanectlError | None:
+    """The LanectlError a psycopg error on the ledger means, or None (``lanectl.ledger.ledger_error``'s twin)."""
+    try:
+        import psycopg
+        from psycopg import errors as e
+    except ImportError:
+        return None
+    if isinstance(exc, LanectlError):
+        return exc
+    if not isinstance(exc, psycopg.Error):
+        return None
+    where = redact(url)
+    if isinstance(exc, (e.LockNotAvailable, e.DeadlockDetected, e.SerializationFailure)):
+        return Unavailable(f"{where}: the ledger is busy ({exc})",
+                           "another writer held the ledger's lock past the busy timeout; retry", "ledger_busy")
+    if isinstance(exc, e.DiskFull):
+        return Unavailable(f"{where}: the ledger's server is out of disk ({exc}); nothing was written",
+                           "free space on the database server, then retry", "ledger_full")
+    if isinstance(exc, e.ReadOnlySqlTransaction):
+        return LanectlError(f"{where}: the ledger is read-only here ({exc}); nothing was written",
+                            "connect to the primary server, as a user that may write", "ledger_readonly",
+                            ExitCode.UNAVAILABLE)
+    if isinstance(exc, e.InsufficientPrivilege):
+        return LanectlError(f"{where}: no permission on the ledger ({exc})",
+                            "grant the user in the URL the ledger's tables (or connect as their owner)",
+                            "ledger_permission", ExitCode.UNAVAILABLE)
+    if isinstance(exc, psycopg.OperationalError):
+        return Unavailable(f"{where}: the connection to the ledger's server failed ({exc}); the transaction was "
+                           "rolled back", "check the server, then retry", "ledger_unavailable")
+    return None
+
+
+def begin(conn: PgConn) -> None:
+    """``BEGIN`` and the ledger's write lock (see the module's docstring)."""
+    conn.execute("BEGIN")
+    conn.execute("SELECT pg_advisory_xact_lock(?)", (LOCK_KEY,))
+
+
+def as_dbapi(exc: Exception) -> Exception:
+    """A psycopg error as the sqlite3 class of the same DB-API kind (the original is its ``__cause__``), so the
+    ledger's one copy of its logic catches ``sqlite3.IntegrityError`` and the like on both engines, and readers
+    keep catching ``lanectl.ledger.Error``. Anything else is returned as it is."""
+    import sqlite3
+
+    try:
+        import psycopg
+    except ImportError:
+        return exc
+    if not isinstance(exc, psycopg.Error):
+        return exc
+    for theirs, ours in ((psycopg.IntegrityError, sqlite3.IntegrityError), (psycopg.DataError, sqlite3.DataError),
+                         (psycopg.OperationalError, sqlite3.OperationalError),
+                         (psycopg.ProgrammingError, sqlite3.ProgrammingError),
+                         (psycopg.InternalError, sqlite3.InternalError),
+                         (psycopg.NotSupportedError, sqlite3.NotSupportedError)):
+        if isinstance(exc, theirs):
+            return ours(str(exc).strip())
+    return sqlite3.DatabaseError(str(exc).strip())

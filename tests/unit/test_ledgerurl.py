@@ -1,0 +1,95 @@
+"""Where the ledger is (issue 12, item 1): a path keeps meaning an SQLite file, a postgresql:// URL is kept as the
+URL (never squeezed through Path, which would turn '///' into '/'), a password in a URL is refused, and the
+three ways of naming it (--ledger, LANECTL_LEDGER, ledger = in lanectl.toml) go through the one parser."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lanectl import config
+from lanectl.errors import ExitCode, LanectlError
+from lanectl import ledgerurl as location
+from lanectl.ledger.pg import translate
+
+URL = "postgresql:///lanectl?host=/run/postgresql"
+
+
+@pytest.mark.parametrize("value", ["/var/lib/lanectl/ledger.db", "ledger.db", Path("/x/y.db")])
+def test_a_path_is_an_sqlite_file(value) -> None:  # type: ignore[no-untyped-def]
+    got = location.resolve(value)
+    assert isinstance(got, Path) and got == Path(value)
+
+
+@pytest.mark.parametrize("url", [URL, "postgresql://db.example/lanectl", "postgres://u@h:5433/l",
+                                 "postgresql:///?service=lanectl"])
+def test_a_url_stays_the_url(url: str) -> None:
+    assert location.resolve(url) == url and location.is_url(url)
+
+
+@pytest.mark.parametrize("url, code", [
+    ("postgresql://lanectl:s3cret@db/lanectl", "ledger_url_password"),
+    ("postgresql:///lanectl?password=s3cret", "ledger_url_password"),
+    ("postgresql://db/", "bad_ledger_url"),
+    ("postgresql://db:port/x", "bad_ledger_url"),
+])
+def test_bad_urls_are_refused_without_showing_a_password(url: str, code: str) -> None:
+    with pytest.raises(LanectlError) as err:
+        location.resolve(url)
+    assert err.value.code == code and err.value.exit_code == ExitCode.USAGE
+    assert "s3cret" not in str(err.value) and "s3cret" not in (err.value.hint or "")
+
+
+def test_redact() -> None:
+    assert location.redact("postgresql://u:pw@h/db") == "postgresql://u:***@h/db"
+    assert location.redact("postgresql:///db?host=/s&password=pw") == "postgresql:///db?host=/s&password=***"
+    assert location.redact(URL) == URL
+
+
+def _etc(tmp_path: Path, body: str) -> Path:
+    d = tmp_path / "etc"
+    (d / "lanes.d").mkdir(parents=True)
+    (d / "lanectl.toml").write_text(f'state_dir = "{tmp_path / "state"}"\n' + body)
+    return d
+
+
+def test_the_three_ways_to_name_a_postgresql_ledger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LANECTL_LEDGER", raising=False)
+    etc = _etc(tmp_path, f'ledger = "{URL}"\n')
+    assert config.ledger_path(etc) == URL
+    assert config.ledger_path(etc, "postgresql://h/other") == "postgresql://h/other"  # --ledger wins
+    monkeypatch.setenv("LANECTL_LEDGER", "postgresql:///fromenv?host=/s")
+    assert config.ledger_path(etc) == "postgresql:///fromenv?host=/s"
+    monkeypatch.setenv("LANECTL_LEDGER", str(tmp_path / "l.db"))
+    assert config.ledger_path(etc) == tmp_path / "l.db"  # a path keeps meaning SQLite
+
+
+def test_a_password_in_lanectl_toml_is_a_config_error_naming_the_field(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LANECTL_LEDGER", raising=False)
+    etc = _etc(tmp_path, '[ledger]\npath = "postgresql://u:s3cret@db/lanectl"\n')
+    with pytest.raises(LanectlError) as err:
+        config.ledger_path(etc)
+    text = str(err.value) + str(getattr(err.value, "problems", ""))
+    assert "ledger.path" in text and "pgpass" in text and "s3cret" not in text
+
+
+@pytest.mark.parametrize("sql, want", [
+    ("SELECT a FROM t WHERE b = ? AND c IS ?", "SELECT a FROM t WHERE b = %s AND c IS NOT DISTINCT FROM %s"),
+    ("SELECT a FROM t WHERE b IS NOT ? AND c IS NULL AND d IS NOT NULL",
+     "SELECT a FROM t WHERE b IS DISTINCT FROM %s AND c IS NULL AND d IS NOT NULL"),
+    ("SELECT id FROM events INDEXED BY events_kind WHERE kind = 'x' AND data LIKE '%y%'",
+     "SELECT id FROM events WHERE kind = 'x' AND data::text LIKE '%%y%%'"),
+    ("UPDATE a SET l = max(l, ?), m = (SELECT max(x) FROM b)", "UPDATE a SET l = greatest(l, %s), m = (SELECT max(x) FROM b)"),
+    ("INSERT INTO u (k, n) VALUES (?, ?) ON CONFLICT (k) DO UPDATE SET n = n + excluded.n",
+     "INSERT INTO u (k, n) VALUES (%s, %s) ON CONFLICT (k) DO UPDATE SET n = u.n + excluded.n"),
+    ("SELECT a.x FROM attempts a CROSS JOIN missions m ON m.id = a.mission", 
+     "SELECT a.x FROM attempts a JOIN missions m ON m.id = a.mission"),
+])
+def test_the_postgresql_translation_of_the_common_dialect(sql: str, want: str) -> None:
+    assert translate(sql) == (want, None)
+
+
+def test_numbered_parameters_are_reordered() -> None:
+    assert translate("SELECT 1 WHERE a <= ?1 AND b >= ?1 AND c = ?2") == (
+        "SELECT 1 WHERE a <= %s AND b >= %s AND c = %s", (0, 0, 1))
