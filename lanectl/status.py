@@ -1,8 +1,10 @@
 """What runs: systemd's view of every lane, its processes (psutil), its port and its health endpoint."""
 from __future__ import annotations
 
+import errno
 import json
 import os
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -197,33 +199,87 @@ def _parse_response(raw: bytes, latency_ms: float) -> Health:
     return h
 
 
-def check_health_many(targets: list[tuple[int, str]], timeout: float = HEALTH_TIMEOUT_S) -> list[Health]:
-    """GET every lane's health endpoint at once (non-blocking sockets, one thread, one deadline)."""
-    import selectors
-    import socket
+class HealthRound:
+    """Health checks in flight: every lane's ``GET`` sent at once on non-blocking sockets (``start``), answers read
+    by ``finish`` in one thread against one deadline. Between the two the caller does other work (status reads
+    systemd and the ledger meanwhile) while the lanes answer; ``latency_ms`` is still the lane's own: from the
+    request to the kernel's arrival time of the answer's first bytes (SO_TIMESTAMPNS), not to when it was read."""
 
-    results: list[Health | None] = [None] * len(targets)
-    bufs: dict[int, bytearray] = {}
-    started = time.monotonic()
-    sel = selectors.DefaultSelector()
-    for i, (port, path) in enumerate(targets):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        sock.connect_ex(("127.0.0.1", port))
-        req = f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode()
-        sel.register(sock, selectors.EVENT_WRITE, (i, req))
-    deadline = started + timeout
-    try:
+    __slots__ = ("sel", "results", "bufs", "arrived", "started", "deadline", "timeout")
+
+    def __init__(self, targets: list[tuple[int, str]], timeout: float = HEALTH_TIMEOUT_S) -> None:
+        import selectors
+        import socket
+
+        self.results: list[Health | None] = [None] * len(targets)
+        self.bufs: dict[int, bytearray] = {}
+        self.arrived: dict[int, float] = {}
+        self.timeout = timeout
+        self.started = time.time()  # the clock of SO_TIMESTAMPNS
+        self.deadline = time.monotonic() + timeout
+        self.sel = selectors.DefaultSelector()
+        for i, (port, path) in enumerate(targets):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+            except OSError:
+                pass  # then latency_ms counts until the answer was read
+            req = f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode()
+            err = sock.connect_ex(("127.0.0.1", port))
+            if err == 0:  # loopback usually connects at once: the request goes now
+                try:
+                    sock.send(req)
+                except OSError:
+                    pass
+                else:
+                    self.bufs[i] = bytearray()
+                    self.sel.register(sock, selectors.EVENT_READ, (i, req))
+                    continue
+            elif err not in (errno.EINPROGRESS, errno.EAGAIN):
+                self.results[i] = Health(error="connection refused" if err == errno.ECONNREFUSED else os.strerror(err))
+                sock.close()
+                continue
+            self.sel.register(sock, selectors.EVENT_WRITE, (i, req))
+        self.pump()  # the connections made meanwhile
+
+    def pump(self) -> None:
+        """Without waiting: send the requests whose connection is up by now, read what has arrived."""
+        self._run(0.0)
+
+    def finish(self) -> list[Health]:
+        """Wait for the remaining answers until the deadline: one Health per target, in order."""
+        try:
+            self._run(None)
+        finally:
+            for key in list(self.sel.get_map().values()):
+                i = key.data[0]
+                if self.results[i] is None:
+                    self.results[i] = Health(listening=i in self.bufs, error=f"no answer within {self.timeout:g}s")
+                key.fileobj.close()  # type: ignore[union-attr]
+            self.sel.close()
+        return [r if r is not None else Health(error="no answer") for r in self.results]
+
+    def _run(self, wait: float | None) -> None:
+        """Handle events until none is left (``wait`` None: until the deadline; 0: only those ready now)."""
+        import selectors
+        import socket
+
+        sel, results, bufs = self.sel, self.results, self.bufs
         while len(sel.get_map()):
-            left = deadline - time.monotonic()
+            left = self.deadline - time.monotonic()
             if left <= 0:
-                break
-            for key, events in sel.select(left):
+                return
+            ready = sel.select(left if wait is None else wait)
+            if not ready and wait is not None:
+                return
+            for key, events in ready:
                 sock, (i, req) = key.fileobj, key.data  # type: ignore[misc]
                 if events & selectors.EVENT_WRITE:
                     err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                     if err:
-                        results[i] = Health(error="connection refused" if err == 111 else os.strerror(err))
+                        results[i] = Health(error="connection refused" if err == errno.ECONNREFUSED
+                                            else os.strerror(err))
                         sel.unregister(sock)
                         sock.close()
                         continue
@@ -232,25 +288,46 @@ def check_health_many(targets: list[tuple[int, str]], timeout: float = HEALTH_TI
                     sel.modify(sock, selectors.EVENT_READ, (i, req))
                     continue
                 try:
-                    chunk = sock.recv(65536)
+                    chunk, anc, _flags, _addr = sock.recvmsg(65536, 64)
                 except OSError as exc:
                     results[i] = Health(listening=True, error=str(exc))
-                    chunk = b""
+                    chunk, anc = b"", []
+                if chunk and i not in self.arrived:
+                    self.arrived[i] = _arrival(anc)
                 if chunk and len(bufs[i]) < MAX_HEALTH_BYTES:
                     bufs[i] += chunk
                     continue
                 if results[i] is None:
-                    results[i] = _parse_response(bytes(bufs[i]), (time.monotonic() - started) * 1000)
+                    at = self.arrived.get(i) or time.time()
+                    results[i] = _parse_response(bytes(bufs[i]), max(at - self.started, 0.0) * 1000)
                 sel.unregister(sock)
                 sock.close()
-    finally:
-        for key in list(sel.get_map().values()):
-            i = key.data[0]
-            if results[i] is None:
-                results[i] = Health(listening=i in bufs, error=f"no answer within {timeout:g}s")
+
+    def close(self) -> None:
+        """Give up on the answers (the caller failed meanwhile)."""
+        for key in list(self.sel.get_map().values()):
             key.fileobj.close()  # type: ignore[union-attr]
-        sel.close()
-    return [r if r is not None else Health(error="no answer") for r in results]
+        self.sel.close()
+
+
+def _arrival(ancillary: list[tuple[int, int, bytes]]) -> float:
+    """The kernel's receive time (SCM_TIMESTAMPNS: a timespec of the real-time clock); now when it is missing."""
+    import socket
+
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(data) >= struct.calcsize("@ll"):
+            sec, nsec = struct.unpack_from("@ll", data)  # struct timespec (SO_TIMESTAMPNS_OLD: native longs)
+            return sec + nsec / 1e9
+    return time.time()
+
+
+SO_TIMESTAMPNS = 35
+"""Linux's SO_TIMESTAMPNS (= SCM_TIMESTAMPNS; asm-generic, x86 and arm): Python 3.11's socket module lacks it."""
+
+
+def check_health_many(targets: list[tuple[int, str]], timeout: float = HEALTH_TIMEOUT_S) -> list[Health]:
+    """GET every lane's health endpoint at once (non-blocking sockets, one thread, one deadline)."""
+    return HealthRound(targets, timeout).finish()
 
 
 def check_health(port: int, path: str, timeout: float = HEALTH_TIMEOUT_S) -> Health:
@@ -292,8 +369,9 @@ def collect(lanes: dict[str, dict[str, Any]], names: list[str] | None = None,
             supervisor: dict[str, Any] | None = None,
             meanwhile: Callable[[], None] | None = None, ledger: str | None = None,
             unit_dir: Path | None = None, usage: bool = True) -> list[LaneStatus]:
-    """Status of the named lanes (default: all, and the supervisor when given), from one systemctl call and
-    parallel health checks; ``meanwhile`` runs while systemctl answers (the probe reads the ledger then). With
+    """Status of the named lanes (default: all, and the supervisor when given), from one burst of unit reads
+    (systemd.show_start: D-Bus, else one systemctl) and health checks in flight meanwhile (HealthRound);
+    ``meanwhile`` runs while both answer (the probe reads the ledger then). With
     ``ledger`` (a path), each lane's dispatch state, drain and weight are read from it (read-only) meanwhile.
     With ``unit_dir`` and no names, lane units with no installed lane follow (kind ``orphan``, never ok).
     ``usage=False`` leaves memory, CPU and tasks unread (None, 0): the probe judges none of them."""
@@ -310,16 +388,21 @@ def collect(lanes: dict[str, dict[str, Any]], names: list[str] | None = None,
     orphans = [LaneStatus(n, u, False, 0, kind="orphan")
                for n, u in (orphan_units(lanes, unit_dir) if unit_dir is not None and not names else {}).items()]
     units = [s.unit for s in out + orphans]
-    proc = systemd.show_start(units, STATUS_PROPS)
-    # the health checks run while systemctl answers
-    healths = check_health_many([(s.port, lanes[s.name].get("health_path", "/healthz")) for s in out])
-    out += orphans
-    healths += [Health(error="no lane") for _ in orphans]
-    if meanwhile is not None:
-        meanwhile()
-    if ledger is not None:
-        _dispatch(out, ledger)
-    shown = systemd.show_finish(proc, units)
+    # the lanes answer their health checks while systemd answers and the ledger is read
+    checks = HealthRound([(s.port, lanes[s.name].get("health_path", "/healthz")) for s in out])
+    try:
+        proc = systemd.show_start(units, STATUS_PROPS)
+        checks.pump()
+        out += orphans
+        if meanwhile is not None:
+            meanwhile()
+        if ledger is not None:
+            _dispatch(out, ledger)
+        shown = systemd.show_finish(proc, units)
+    except BaseException:
+        checks.close()
+        raise
+    healths = checks.finish() + [Health(error="no lane") for _ in orphans]
     now_us = systemd.monotonic_now_us()
     for s, health in zip(out, healths):
         s.health = health

@@ -117,3 +117,44 @@ def test_cgroup_usage_v1_cpuacct_and_what_is_missing(tmp_path: Path) -> None:
     put(tmp_path, f"memory{CG}/memory.usage_in_bytes", "max\n")  # not a number: not a figure
     assert cgroup_usage(CG, str(tmp_path))[0] is None
     assert cgroup_usage("/lanectl.slice/none.service", str(tmp_path)) == (None, None, None)
+
+
+def test_health_latency_is_the_lanes_not_the_time_status_spent_meanwhile() -> None:
+    """status reads systemd and the ledger between sending the health checks and reading the answers; the
+    latency it reports ends when the answer arrived (the kernel's timestamp), before status got to read it."""
+    import socket
+    import threading
+    import time
+
+    from lanectl.status import HealthRound
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    answered = threading.Event()
+
+    def serve() -> None:
+        conn, _ = srv.accept()
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(4096)
+            conn.sendall(b'HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{"lane": "alpha"}')
+        answered.set()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        checks = HealthRound([(srv.getsockname()[1], "/healthz")], timeout=30.0)
+        for _ in range(600):  # until the request went out (pump sends it once the connection is up)
+            checks.pump()
+            if answered.wait(0.05):
+                break
+        assert answered.is_set()
+        seen = time.time()  # the answer is in the socket by now; status reads it only later
+        [h] = checks.finish()
+    finally:
+        srv.close()
+        t.join(30)
+    assert h.ok and h.body == {"lane": "alpha"} and h.http_status == 200
+    assert checks.started + h.latency_ms / 1000 <= seen + 1e-4
