@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import socket
 import struct
-import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from lanectl.errors import LanectlError, Unavailable
+
+if TYPE_CHECKING:  # subprocess and shutil (4-11 ms of imports here) only where systemctl runs: not on the status path
+    import subprocess
 
 SHOW_PROPS = (
     "Id", "LoadState", "ActiveState", "SubState", "Result", "MainPID", "NRestarts", "StatusText",
@@ -33,10 +34,21 @@ UNSET = 2**64 - 1  # what systemd prints for a counter it does not have (account
 
 def available() -> bool:
     """True when a systemd is running that systemctl can talk to."""
-    return Path("/run/systemd/system").is_dir() and shutil.which("systemctl") is not None
+    return Path("/run/systemd/system").is_dir() and _on_path("systemctl")
+
+
+def _on_path(name: str) -> bool:
+    """``shutil.which(name) is not None``, without importing shutil."""
+    for d in os.environ.get("PATH", os.defpath).split(os.pathsep):
+        exe = os.path.join(d or ".", name)
+        if os.path.isfile(exe) and os.access(exe, os.X_OK):
+            return True
+    return False
 
 
 def run(*args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    import subprocess
+
     run_check()
     proc = subprocess.run(["systemctl", *args], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "SYSTEMD_COLORS": "0", "SYSTEMD_PAGER": ""})
@@ -124,6 +136,8 @@ def show_start(units: list[str], props: tuple[str, ...] = SHOW_PROPS) -> subproc
 
 
 def _systemctl_show(units: list[str], props: tuple[str, ...]) -> subprocess.Popen[str]:
+    import subprocess
+
     return subprocess.Popen(["systemctl", "show", "-p", ",".join(props), "--", *units], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "SYSTEMD_COLORS": "0"})
 
