@@ -1,4 +1,4 @@
-"""What runs: systemd's view of every lane, its processes (psutil), its port and its health endpoint."""
+"""What runs: systemd's view of every lane, its cgroup's usage, its port and its health endpoint."""
 from __future__ import annotations
 
 import errno
@@ -7,7 +7,7 @@ import os
 import struct
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import KW_ONLY, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -72,6 +72,7 @@ class LaneStatus:
     unit: str
     enabled: bool
     port: int
+    _: KW_ONLY  # the rest by name only (``kind=``, ``weight=``), as before
     load_state: str = "unknown"
     active_state: str = "unknown"
     sub_state: str = "unknown"
