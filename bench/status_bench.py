@@ -9,12 +9,14 @@ Run INSIDE a private systemd (bench/run-status-bench boots one with sdsandbox an
    runtime (`python -m lanectl.runtime`, ports 8901..), and waits until all are RUNNING and listening;
 3. times, interleaved round-robin (the order rotates every round, so drift and noise hit all equally):
      lanectl      `lanectl status --json`
+     probe        `lanectl probe` (on the fleet's own ledger, which `lanectl install` creates, or --probe-ledger)
      supervisorctl `supervisorctl -c CONF status`
      systemctl    `systemctl show -p ActiveState,SubState,MainPID,NRestarts,StatusText -- UNITS` (one call)
      python-floor `python -c pass` (the venv interpreter: the floor for any Python CLI)
    each spawned the same way (subprocess.run, stdout/stderr captured, time.perf_counter around it);
 4. records `python -X importtime lanectl status --json` (median per module over several runs) and the time
-   of each step of lanectl.status.collect run in one process (imports, systemctl show, psutil, health checks);
+   of each step of lanectl.status.collect run in one process (imports, unit state over D-Bus, cgroup files,
+   health checks, the ledger; and psutil, which status no longer uses, for comparison);
 5. tears down: supervisord by its PID (SIGTERM, wait), `lanectl down -c DIR`.
 
 Prints one JSON document on stdout (progress goes to stderr). Nothing here changes lanectl's code.
@@ -152,23 +154,36 @@ import json, sys, time
 t = [time.perf_counter()]
 from lanectl import manifest, paths, systemd
 from lanectl.cli.statusview import run_status
-from lanectl.status import _processes, check_health, collect
+from lanectl.status import STATUS_PROPS, _processes, cgroup_usage, check_health_many, collect
 t.append(time.perf_counter())
-lanes = manifest.read(paths.unit_dir(None))["lanes"]
-shown = systemd.show([lanes[n]["unit"] for n in sorted(lanes)])
+data = manifest.read(paths.unit_dir(None))
+lanes = data["lanes"]
+names = sorted(lanes)
+t.append(time.perf_counter())
+shown = systemd.show([lanes[n]["unit"] for n in names], STATUS_PROPS)
+t.append(time.perf_counter())
+for props in shown.values():
+    cgroup_usage(props["ControlGroup"])
+t.append(time.perf_counter())
+check_health_many([(lanes[n]["port"], lanes[n].get("health_path", "/healthz")) for n in names])
+t.append(time.perf_counter())
+from lanectl.probe import read_lane_views
+try:
+    read_lane_views(data["ledger"])
+except Exception:
+    pass
 t.append(time.perf_counter())
 import psutil
 t.append(time.perf_counter())
 for props in shown.values():
     _processes(int(props["MainPID"]))
 t.append(time.perf_counter())
-from concurrent.futures import ThreadPoolExecutor
-with ThreadPoolExecutor(16) as pool:
-    list(pool.map(lambda n: check_health(lanes[n]["port"], lanes[n].get("health_path", "/healthz")), sorted(lanes)))
-t.append(time.perf_counter())
-names = ["imports (fast path, before psutil)", "manifest + systemctl show (17 props)", "import psutil",
-         "psutil per lane (16)", "16 health checks (threads)"]
-print(json.dumps({k: (b - a) * 1000 for k, a, b in zip(names, t, t[1:])}))
+n = len(names)
+steps = ["imports (fast path)", "read the install manifest", f"unit state of {n} units (D-Bus, {len(STATUS_PROPS)} props)",
+         f"cgroup files of {n} lanes", f"{n} health checks (one thread, one deadline)",
+         "ledger: dispatch state (imports sqlite3)", "not done by status: import psutil",
+         f"not done by status: psutil over {n} process trees (the old fallback)"]
+print(json.dumps({k: (b - a) * 1000 for k, a, b in zip(steps, t, t[1:])}))
 """
 
 
@@ -190,9 +205,13 @@ def main() -> int:
     ap.add_argument("--lane-port", type=int, default=8801)
     ap.add_argument("--supervisor-port", type=int, default=8901)
     ap.add_argument("--keep", action="store_true", help="leave lanes and supervisord running (debugging)")
+    ap.add_argument("--compare", action="append", default=[], metavar="NAME=VENV",
+                    help="also time `status --json` and `probe` of another lanectl (e.g. an earlier commit's, in "
+                         "VENV/bin/lanectl) against the same fleet, in the same rounds; repeatable")
     ap.add_argument("--probe-ledger", metavar="PATH",
-                    help="also time `lanectl probe` with this ledger (e.g. the 1M-mission one that "
-                         "bench/evidence_bench.py builds, fresh: its events end when it is built)")
+                    help="the fleet's ledger, which `lanectl status` and `lanectl probe` read (e.g. the 1M-mission "
+                         "one that bench/evidence_bench.py builds, fresh: its events end when it is built); default: "
+                         "the one `lanectl install` creates")
     args = ap.parse_args()
     if not Path("/run/systemd/system").is_dir():
         raise SystemExit("status_bench: no running systemd here; run it through bench/run-status-bench")
@@ -209,6 +228,7 @@ def main() -> int:
     out: dict = {"lanes": args.lanes, "runs": args.runs, "warmup_rounds": args.warmup}
     try:
         write_config(cfg, args.lanes, args.lane_port, args.probe_ledger)
+        out["ledger"] = args.probe_ledger or "the fleet's own (lanectl install creates it, the supervisor runs on it)"
         log(f"{args.lanes} lanes in {cfg}: install + up")
         run([LANECTL, "validate", "-c", str(cfg)])
         run([LANECTL, "install", "-c", str(cfg)])
@@ -230,25 +250,29 @@ def main() -> int:
                  "supervised runtimes listening")
         wait_for(lambda: all(port_open(args.lane_port + i) for i in range(args.lanes)), "lanes listening")
 
+        show = f"systemctl show (1 call, {args.lanes} units)"
         cmds = {
             "lanectl status --json": [LANECTL, "status", "--json"],
+            "lanectl probe": [LANECTL, "probe"],
             "supervisorctl status": [SUPERVISORCTL, "-c", str(conf), "status"],
-            "systemctl show (1 call, 16 units)": ["systemctl", "show", "-p",
-                                                  "ActiveState,SubState,MainPID,NRestarts,StatusText", "--", *units],
+            show: ["systemctl", "show", "-p", "ActiveState,SubState,MainPID,NRestarts,StatusText", "--", *units],
             "python -c pass (floor)": [PY, "-c", "pass"],
         }
-        if args.probe_ledger:
-            cmds["lanectl probe"] = [LANECTL, "probe"]
+        for spec in args.compare:
+            name, _, venv = spec.partition("=")
+            other = str(Path(venv) / "bin" / "lanectl")
+            cmds[f"{name}: lanectl status --json"] = [other, "status", "--json"]
+            cmds[f"{name}: lanectl probe"] = [other, "probe"]
         out["commands"] = {k: " ".join(v) for k, v in cmds.items()}
         # sanity: what each one says, once
         status = json.loads(run(cmds["lanectl status --json"]).stdout)
         lanes = status["data"]["lanes"]
         out["lanectl_status_check"] = {"lanes": len(lanes), "up": sum(l["state"] == "up" for l in lanes)}
         out["supervisorctl_check"] = run(cmds["supervisorctl status"]).stdout.count(" RUNNING ")
-        out["systemctl_check"] = run(cmds["systemctl show (1 call, 16 units)"]).stdout.count("SubState=running")
-        if args.probe_ledger:  # what the probe says (its exit code is its verdict: 0 OK ... 3 UNKNOWN)
-            p = run(cmds["lanectl probe"], check=False)
-            out["probe_check"] = {"exit": p.returncode, "first_line": p.stdout.splitlines()[0] if p.stdout else ""}
+        out["systemctl_check"] = run(cmds[show]).stdout.count("SubState=running")
+        # what the probe says (its exit code is its verdict: 0 OK ... 3 UNKNOWN)
+        p = run(cmds["lanectl probe"], check=False)
+        out["probe_check"] = {"exit": p.returncode, "first_line": p.stdout.splitlines()[0] if p.stdout else ""}
 
         keys = list(cmds)
         times: dict[str, list[float]] = {k: [] for k in keys}
@@ -271,6 +295,9 @@ def main() -> int:
         lc, sc = out["results"]["lanectl status --json"], out["results"]["supervisorctl status"]
         out["ratio_lanectl_over_supervisorctl"] = {"median": round(lc["median_ms"] / sc["median_ms"], 2),
                                                    "p90": round(lc["p90_ms"] / sc["p90_ms"], 2)}
+        pc = out["results"]["lanectl probe"]
+        out["ratio_probe_over_supervisorctl"] = {"median": round(pc["median_ms"] / sc["median_ms"], 2),
+                                                 "p90": round(pc["p90_ms"] / sc["p90_ms"], 2)}
         log("phases of lanectl status")
         out["lanectl_phases_median_ms"] = phases(args.importtime_runs)
         log("importtime")

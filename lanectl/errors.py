@@ -1,13 +1,13 @@
 """Exit codes and the error types the library raises; the CLI turns them into output in one place.
 
-These types are on the path of every `lanectl status` and `lanectl probe` (cron runs them every minute), so they
-are built on ``types.SimpleNamespace`` (attributes, equality and repr, implemented in C) rather than dataclasses:
-importing ``dataclasses`` pulls in ``inspect`` and costs ~7 ms before anything runs (docs/benchmarks.md).
+Problem is a dataclass (slots): its fields are declared. ``dataclasses`` (and the ``inspect`` it imports, ~7 ms) is
+on the path of every `lanectl status` and `lanectl probe` anyway since lanectl.systemd (UnitBus) uses it, so the
+declared records cost those commands no import (docs/decisions.md, "Records, not bags").
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import IntEnum
-from types import SimpleNamespace
 
 
 class ExitCode(IntEnum):
@@ -24,21 +24,19 @@ class ExitCode(IntEnum):
     UNHEALTHY = 8  #: a check ran and found a failing condition (a lane down, drift found)
 
 
-class Problem(SimpleNamespace):
-    """One thing wrong, with where it is and how to fix it."""
+@dataclass(slots=True)
+class Problem:
+    """One thing wrong, with where it is and how to fix it: an entry of ``errors`` / ``warnings`` in every JSON
+    envelope (``as_dict``)."""
 
     message: str
-    file: str | None
-    field: str | None
-    hint: str | None
-    code: str
-    lane: str | None
-    severity: str  # "error" or "warning"
-
-    def __init__(self, message: str, file: str | None = None, field: str | None = None, hint: str | None = None,
-                 code: str = "invalid", lane: str | None = None, severity: str = "error") -> None:
-        super().__init__(message=message, file=file, field=field, hint=hint, code=code, lane=lane,
-                         severity=severity)
+    file: str | None = None
+    field: str | None = None
+    hint: str | None = None
+    code: str = "invalid"
+    lane: str | None = None
+    severity: str = "error"
+    """"error" or "warning"."""
 
     def render(self) -> str:
         where = ":".join(p for p in (self.file, self.field) if p)

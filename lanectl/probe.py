@@ -19,8 +19,8 @@ reads the ledger read-only with indexed queries only.
 from __future__ import annotations
 
 import time
-from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -32,21 +32,45 @@ OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
 NAMES = {OK: "OK", WARNING: "WARNING", CRITICAL: "CRITICAL", UNKNOWN: "UNKNOWN"}
 
 
-class Check(SimpleNamespace):
+@dataclass(slots=True, frozen=True)
+class Check:
+    """One verdict of the probe: an entry of ``checks`` in ``probe --json`` (``name``, ``status``, ``text``)."""
+
     name: str
     code: int
+    """OK, WARNING, CRITICAL or UNKNOWN; rendered as its name (``status``)."""
     text: str
 
-    def __init__(self, name: str, code: int, text: str) -> None:
-        super().__init__(name=name, code=code, text=text)
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "status": NAMES[self.code], "text": self.text}
 
 
+class Perf(NamedTuple):
+    """One perfdata figure: ``label=value;warn;crit;min;max`` in the status line, an entry of ``perfdata`` in
+    ``probe --json`` (None: left empty). A named tuple: it compares equal to the plain tuple it was."""
+
+    label: str
+    value: float
+    warn: Any = None
+    crit: Any = None
+    min: Any = None
+    max: Any = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"value": self.value, "warn": self.warn, "crit": self.crit, "min": self.min, "max": self.max}
+
+    def text(self) -> str:
+        return (f"{self.label}={_fmt(self.value)};{_fmt(self.warn)};{_fmt(self.crit)};{_fmt(self.min)};"
+                f"{_fmt(self.max)}")
+
+
+@dataclass(slots=True)
 class ProbeResult:
-    """The checks and perfdata of one probe (plain classes, not dataclasses: see lanectl.errors)."""
+    """The checks and perfdata of one probe; ``as_dict`` is the ``data`` of ``probe --json``: ``status``,
+    ``code``, ``line``, ``checks`` (Check), ``perfdata`` (Perf, by label)."""
 
-    def __init__(self) -> None:
-        self.checks: list[Check] = []
-        self.perf: list[tuple[str, float, Any, Any, Any, Any]] = []  # label, value, warn, crit, min, max
+    checks: list[Check] = field(default_factory=list)
+    perf: list[Perf] = field(default_factory=list)
 
     @property
     def code(self) -> int:
@@ -62,15 +86,13 @@ class ProbeResult:
     def line(self) -> str:
         bad = [c.text for c in self.checks if c.code != OK]
         summary = "; ".join(bad) if bad else "; ".join(c.text for c in self.checks if c.name in ("lanes", "supervisor"))
-        perf = " ".join(f"{label}={_fmt(v)};{_fmt(w)};{_fmt(c)};{_fmt(lo)};{_fmt(hi)}"
-                        for label, v, w, c, lo, hi in self.perf)
+        perf = " ".join(p.text() for p in self.perf)
         return f"LANECTL {NAMES[self.code]} - {summary}" + (f" | {perf}" if perf else "")
 
     def as_dict(self) -> dict[str, Any]:
         return {"status": NAMES[self.code], "code": self.code, "line": self.line(),
-                "checks": [{"name": c.name, "status": NAMES[c.code], "text": c.text} for c in self.checks],
-                "perfdata": {label: {"value": v, "warn": w, "crit": c, "min": lo, "max": hi}
-                             for label, v, w, c, lo, hi in self.perf}}
+                "checks": [c.as_dict() for c in self.checks],
+                "perfdata": {p.label: p.as_dict() for p in self.perf}}
 
 
 def _fmt(v: Any) -> str:
@@ -144,7 +166,8 @@ def run(manifest: dict[str, Any], lanes: list[str] | None = None, now: float | N
             ledger["error"] = f"ledger unreadable: {exc}"
 
     try:
-        rows = collect(manifest["lanes"], lanes, manifest.get("supervisor"), meanwhile=read_ledger, unit_dir=unit_dir)
+        rows = collect(manifest["lanes"], lanes, manifest.get("supervisor"), meanwhile=read_ledger, unit_dir=unit_dir,
+                       usage=False)
     except LanectlError as exc:
         res.add("systemd", UNKNOWN, f"cannot read lane state: {exc.message}")
         rows = []
@@ -171,7 +194,7 @@ def judge_orphans(res: ProbeResult, rows: list[Any]) -> None:
         res.add(f"orphan:{r.name}", WARNING,
                 f"{r.unit} is installed ({r.active_state}) but lane {r.name} is not: 'lanectl down {r.name}' or "
                 f"'lanectl apply' stops and disables it")
-    res.perf.append(("orphan_units", len(rows), 0, None, 0, None))
+    res.perf.append(Perf("orphan_units", len(rows), 0, None, 0, None))
 
 
 def judge_supervisor(res: ProbeResult, r: Any) -> None:
@@ -183,7 +206,7 @@ def judge_supervisor(res: ProbeResult, r: Any) -> None:
     if up and r.reload_error:
         res.add("supervisor_reload", WARNING, f"supervisor runs its previous configuration, the last reload failed: "
                                               f"{r.reload_error}")
-    res.perf.append(("supervisor_up", 1 if up else 0, None, None, 0, 1))
+    res.perf.append(Perf("supervisor_up", 1 if up else 0, None, None, 0, 1))
 
 
 def stranded(conn: Source, lanes: dict[str, Any]) -> dict[str, int]:
@@ -208,7 +231,7 @@ def judge_stranded(res: ProbeResult, gone: dict[str, int], pending: set[str] | f
         res.add("not_installed", WARNING, f"{sum(waiting.values())} queued mission(s) wait for a lane of lanes.d "
                                           f"that is not installed yet ({where}): 'lanectl install', then "
                                           "'lanectl up LANE'")
-    res.perf.append(("stranded", sum(lost.values()), None, 0, 0, None))
+    res.perf.append(Perf("stranded", sum(lost.values()), None, 0, 0, None))
 
 
 def lane_files(config_dir: str | None) -> set[str]:
@@ -257,7 +280,7 @@ def judge_lanes(res: ProbeResult, rows: list[Any], views: dict[str, dict[str, An
                     f"{r.name} {r.state} ({r.active_state}/{r.sub_state}{gave_up})"
                     + ("" if known else ", drain state unknown"))
     res.add("lanes", OK, f"{up}/{len(rows)} lanes up")
-    res.perf.append(("lanes_up", up, None, None, 0, len(rows)))
+    res.perf.append(Perf("lanes_up", up, None, None, 0, len(rows)))
 
 
 def queue_figures(conn: Source, th: dict[str, Any], now: float) -> dict[str, Any]:
@@ -278,8 +301,8 @@ def judge_queue(res: ProbeResult, fig: dict[str, Any], th: dict[str, Any]) -> No
     warn, crit = th.get("interactive_wait_warn_sec", 30.0), th.get("interactive_wait_crit_sec", 120.0)
     code = CRITICAL if wait >= crit else WARNING if wait >= warn else OK
     res.add("interactive_wait", code, f"oldest queued interactive mission waits {wait:.1f}s")
-    res.perf.append(("interactive_wait_s", round(wait, 3), warn, crit, 0, None))
-    res.perf.append(("queued", fig["queued"], None, None, 0, None))
+    res.perf.append(Perf("interactive_wait_s", round(wait, 3), warn, crit, 0, None))
+    res.perf.append(Perf("queued", fig["queued"], None, None, 0, None))
     counts = fig["counts"]
     finished = sum(counts.values())
     failed = counts.get("failed", 0) + counts.get("dead", 0)
@@ -288,5 +311,5 @@ def judge_queue(res: ProbeResult, fig: dict[str, Any], th: dict[str, Any]) -> No
     if finished >= th.get("min_finished", 10):
         code = CRITICAL if rate >= fc else WARNING if rate >= fw else OK
         res.add("failure_rate", code, f"failure rate {rate:.1%} of {finished} in the window")
-    res.perf.append(("failure_rate", round(rate, 4), fw, fc, 0, 1))
-    res.perf.append(("finished", finished, None, None, 0, None))
+    res.perf.append(Perf("failure_rate", round(rate, 4), fw, fc, 0, 1))
+    res.perf.append(Perf("finished", finished, None, None, 0, None))

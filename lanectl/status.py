@@ -1,13 +1,15 @@
-"""What runs: systemd's view of every lane, its processes (psutil), its port and its health endpoint."""
+"""What runs: systemd's view of every lane, its cgroup's usage, its port and its health endpoint."""
 from __future__ import annotations
 
+import errno
 import json
 import os
+import struct
 import time
 from collections.abc import Callable
+from dataclasses import KW_ONLY, dataclass, field, fields
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any
+from typing import Any, ClassVar
 
 from lanectl import systemd
 from lanectl.errors import NotFound
@@ -15,6 +17,9 @@ from lanectl.errors import NotFound
 HEALTH_TIMEOUT_S = 1.0
 MAX_HEALTH_BYTES = 65536
 LANE_UNIT_PREFIX, LANE_UNIT_SUFFIX = "lanectl-lane@", ".service"
+STATUS_PROPS = (*(p for p in systemd.SHOW_PROPS if p not in ("MemoryCurrent", "CPUUsageNSec", "TasksCurrent")),
+                "ControlGroup")
+"""What status asks systemd for each unit: its cgroup's usage is read from the cgroup's files (cgroup_usage)."""
 CGROUP_SLICES = ("/sys/fs/cgroup/systemd/lanectl.slice", "/sys/fs/cgroup/unified/lanectl.slice",
                  "/sys/fs/cgroup/lanectl.slice")
 """Where systemd puts a running lane's cgroup (Slice=lanectl.slice): v1 name=systemd, hybrid v2, unified v2."""
@@ -38,66 +43,74 @@ def orphan_units(lanes: Any, unit_dir: Path) -> dict[str, str]:
     return {name: unit for name, unit in out.items() if name not in lanes}
 
 
-class Health(SimpleNamespace):
-    """The answer of one health endpoint (a SimpleNamespace, not a dataclass: see lanectl.errors)."""
+@dataclass(slots=True)
+class Health:
+    """The answer of one health endpoint; its fields, in this order, are the ``health`` object of ``status
+    --json``."""
 
-    ok: bool
-    listening: bool
-    http_status: int | None
-    latency_ms: float | None
-    body: dict[str, Any] | None
-    error: str | None
+    ok: bool = False
+    listening: bool = False
+    http_status: int | None = None
+    latency_ms: float | None = None
+    body: dict[str, Any] | None = None
+    error: str | None = None
 
-    def __init__(self, ok: bool = False, listening: bool = False, http_status: int | None = None,
-                 latency_ms: float | None = None, body: dict[str, Any] | None = None,
-                 error: str | None = None) -> None:
-        super().__init__(ok=ok, listening=listening, http_status=http_status, latency_ms=latency_ms, body=body,
-                         error=error)
+    def as_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "listening": self.listening, "http_status": self.http_status,
+                "latency_ms": self.latency_ms, "body": self.body, "error": self.error}
 
 
-class LaneStatus(SimpleNamespace):
+@dataclass(slots=True)
+class LaneStatus:
+    """One row of ``status``: a lane, the supervisor (``kind``) or a lane unit with no lane (``orphan``).
+
+    The JSON shape of ``status --json`` is declared here: one key per field, in this order (``health`` an object
+    of Health's fields), then the derived ``ok``, ``state`` and ``gave_up``, and ``reload_error`` for the supervisor
+    (``json_keys``). Adding a field adds a key; tests/unit/test_status_records.py holds the two together."""
+
     name: str
     unit: str
     enabled: bool
     port: int
-    load_state: str
-    active_state: str
-    sub_state: str
-    result: str
-    main_pid: int | None
-    invocation_id: str
-    uptime_s: float | None
-    restarts: int
-    status_text: str
-    watchdog_sec: float | None
-    watchdog_ping_age_s: float | None
-    memory_bytes: int | None
-    cpu_seconds: float | None
-    cpu_percent_avg: float | None
-    processes: int
-    health: Health
-    kind: str  # "lane" or "supervisor"
-    dispatch: str
+    _: KW_ONLY  # the rest by name only (``kind=``, ``weight=``), as before
+    load_state: str = "unknown"
+    active_state: str = "unknown"
+    sub_state: str = "unknown"
+    result: str = ""
+    main_pid: int | None = None
+    invocation_id: str = ""
+    uptime_s: float | None = None
+    restarts: int = 0
+    status_text: str = ""
+    watchdog_sec: float | None = None
+    watchdog_ping_age_s: float | None = None
+    memory_bytes: int | None = None
+    cpu_seconds: float | None = None
+    cpu_percent_avg: float | None = None
+    processes: int = 0
+    health: Health = field(default_factory=Health)
+    kind: str = "lane"
+    """"lane", "supervisor" or "orphan"."""
+    dispatch: str = "unknown"
     """The ledger's dispatch state: active, draining, drained, degraded, disabled; "unknown" when the ledger
     could not be read (``dispatch_error`` says why)."""
-    dispatch_since: float | None
-    dispatch_error: str | None
-    drained_by: str | None
-    drain_reason: str | None
-    automatic: bool
+    dispatch_since: float | None = None
+    dispatch_error: str | None = None
+    drained_by: str | None = None
+    drain_reason: str | None = None
+    automatic: bool = False
     """Drained by lanectl itself (the supervisor's rollback), not by an operator."""
-    weight: int | None
+    weight: int | None = None
     """The traffic weight in force: a promoted one (``lanectl promote``), else the lane file's."""
-    promoted: bool
+    promoted: bool = False
 
-    def __init__(self, name: str, unit: str, enabled: bool, port: int, kind: str = "lane",
-                 weight: int | None = None) -> None:
-        super().__init__(name=name, unit=unit, enabled=enabled, port=port, load_state="unknown",
-                         active_state="unknown", sub_state="unknown", result="", main_pid=None, invocation_id="",
-                         uptime_s=None, restarts=0, status_text="", watchdog_sec=None, watchdog_ping_age_s=None,
-                         memory_bytes=None, cpu_seconds=None, cpu_percent_avg=None, processes=0, health=Health(),
-                         kind=kind, dispatch="unknown", dispatch_since=None, dispatch_error=None, drained_by=None,
-                         drain_reason=None, automatic=False, weight=weight, promoted=False)
+    DERIVED: ClassVar[tuple[str, ...]] = ("ok", "state", "gave_up")
+    """Keys of ``as_dict`` computed from the fields (properties of the same names)."""
+
+    @classmethod
+    def json_keys(cls, kind: str = "lane") -> tuple[str, ...]:
+        """The keys of ``as_dict`` for a row of this ``kind``, in order."""
+        return (*_LANE_FIELDS, *cls.DERIVED, *(("reload_error",) if kind == "supervisor" else ()))
 
     def set_dispatch(self, view: dict[str, Any] | None) -> None:
         """Take the ledger's view of the lane (lanectl.probe.lane_views); None: the ledger has no row, active."""
@@ -157,14 +170,17 @@ class LaneStatus(SimpleNamespace):
         return "down" if self.enabled else "disabled"
 
     def as_dict(self) -> dict[str, Any]:
-        d = dict(vars(self))
-        d["health"] = dict(vars(self.health))
+        d = {name: getattr(self, name) for name in _LANE_FIELDS}
+        d["health"] = self.health.as_dict()
         d["ok"] = self.ok
         d["state"] = self.state
         d["gave_up"] = self.gave_up
         if self.kind == "supervisor":
             d["reload_error"] = self.reload_error
         return d
+
+
+_LANE_FIELDS = tuple(f.name for f in fields(LaneStatus))
 
 
 def _parse_response(raw: bytes, latency_ms: float) -> Health:
@@ -184,33 +200,87 @@ def _parse_response(raw: bytes, latency_ms: float) -> Health:
     return h
 
 
-def check_health_many(targets: list[tuple[int, str]], timeout: float = HEALTH_TIMEOUT_S) -> list[Health]:
-    """GET every lane's health endpoint at once (non-blocking sockets, one thread, one deadline)."""
-    import selectors
-    import socket
+class HealthRound:
+    """Health checks in flight: every lane's ``GET`` sent at once on non-blocking sockets (``start``), answers read
+    by ``finish`` in one thread against one deadline. Between the two the caller does other work (status reads
+    systemd and the ledger meanwhile) while the lanes answer; ``latency_ms`` is still the lane's own: from the
+    request to the kernel's arrival time of the answer's first bytes (SO_TIMESTAMPNS), not to when it was read."""
 
-    results: list[Health | None] = [None] * len(targets)
-    bufs: dict[int, bytearray] = {}
-    started = time.monotonic()
-    sel = selectors.DefaultSelector()
-    for i, (port, path) in enumerate(targets):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        sock.connect_ex(("127.0.0.1", port))
-        req = f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode()
-        sel.register(sock, selectors.EVENT_WRITE, (i, req))
-    deadline = started + timeout
-    try:
+    __slots__ = ("sel", "results", "bufs", "arrived", "started", "deadline", "timeout")
+
+    def __init__(self, targets: list[tuple[int, str]], timeout: float = HEALTH_TIMEOUT_S) -> None:
+        import selectors
+        import socket
+
+        self.results: list[Health | None] = [None] * len(targets)
+        self.bufs: dict[int, bytearray] = {}
+        self.arrived: dict[int, float] = {}
+        self.timeout = timeout
+        self.started = time.time()  # the clock of SO_TIMESTAMPNS
+        self.deadline = time.monotonic() + timeout
+        self.sel = selectors.DefaultSelector()
+        for i, (port, path) in enumerate(targets):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+            except OSError:
+                pass  # then latency_ms counts until the answer was read
+            req = f"GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode()
+            err = sock.connect_ex(("127.0.0.1", port))
+            if err == 0:  # loopback usually connects at once: the request goes now
+                try:
+                    sock.send(req)
+                except OSError:
+                    pass
+                else:
+                    self.bufs[i] = bytearray()
+                    self.sel.register(sock, selectors.EVENT_READ, (i, req))
+                    continue
+            elif err not in (errno.EINPROGRESS, errno.EAGAIN):
+                self.results[i] = Health(error="connection refused" if err == errno.ECONNREFUSED else os.strerror(err))
+                sock.close()
+                continue
+            self.sel.register(sock, selectors.EVENT_WRITE, (i, req))
+        self.pump()  # the connections made meanwhile
+
+    def pump(self) -> None:
+        """Without waiting: send the requests whose connection is up by now, read what has arrived."""
+        self._run(0.0)
+
+    def finish(self) -> list[Health]:
+        """Wait for the remaining answers until the deadline: one Health per target, in order."""
+        try:
+            self._run(None)
+        finally:
+            for key in list(self.sel.get_map().values()):
+                i = key.data[0]
+                if self.results[i] is None:
+                    self.results[i] = Health(listening=i in self.bufs, error=f"no answer within {self.timeout:g}s")
+                key.fileobj.close()  # type: ignore[union-attr]
+            self.sel.close()
+        return [r if r is not None else Health(error="no answer") for r in self.results]
+
+    def _run(self, wait: float | None) -> None:
+        """Handle events until none is left (``wait`` None: until the deadline; 0: only those ready now)."""
+        import selectors
+        import socket
+
+        sel, results, bufs = self.sel, self.results, self.bufs
         while len(sel.get_map()):
-            left = deadline - time.monotonic()
+            left = self.deadline - time.monotonic()
             if left <= 0:
-                break
-            for key, events in sel.select(left):
+                return
+            ready = sel.select(left if wait is None else wait)
+            if not ready and wait is not None:
+                return
+            for key, events in ready:
                 sock, (i, req) = key.fileobj, key.data  # type: ignore[misc]
                 if events & selectors.EVENT_WRITE:
                     err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                     if err:
-                        results[i] = Health(error="connection refused" if err == 111 else os.strerror(err))
+                        results[i] = Health(error="connection refused" if err == errno.ECONNREFUSED
+                                            else os.strerror(err))
                         sel.unregister(sock)
                         sock.close()
                         continue
@@ -219,25 +289,46 @@ def check_health_many(targets: list[tuple[int, str]], timeout: float = HEALTH_TI
                     sel.modify(sock, selectors.EVENT_READ, (i, req))
                     continue
                 try:
-                    chunk = sock.recv(65536)
+                    chunk, anc, _flags, _addr = sock.recvmsg(65536, 64)
                 except OSError as exc:
                     results[i] = Health(listening=True, error=str(exc))
-                    chunk = b""
+                    chunk, anc = b"", []
+                if chunk and i not in self.arrived:
+                    self.arrived[i] = _arrival(anc)
                 if chunk and len(bufs[i]) < MAX_HEALTH_BYTES:
                     bufs[i] += chunk
                     continue
                 if results[i] is None:
-                    results[i] = _parse_response(bytes(bufs[i]), (time.monotonic() - started) * 1000)
+                    at = self.arrived.get(i) or time.time()
+                    results[i] = _parse_response(bytes(bufs[i]), max(at - self.started, 0.0) * 1000)
                 sel.unregister(sock)
                 sock.close()
-    finally:
-        for key in list(sel.get_map().values()):
-            i = key.data[0]
-            if results[i] is None:
-                results[i] = Health(listening=i in bufs, error=f"no answer within {timeout:g}s")
+
+    def close(self) -> None:
+        """Give up on the answers (the caller failed meanwhile)."""
+        for key in list(self.sel.get_map().values()):
             key.fileobj.close()  # type: ignore[union-attr]
-        sel.close()
-    return [r if r is not None else Health(error="no answer") for r in results]
+        self.sel.close()
+
+
+def _arrival(ancillary: list[tuple[int, int, bytes]]) -> float:
+    """The kernel's receive time (SCM_TIMESTAMPNS: a timespec of the real-time clock); now when it is missing."""
+    import socket
+
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(data) >= struct.calcsize("@ll"):
+            sec, nsec = struct.unpack_from("@ll", data)  # struct timespec (SO_TIMESTAMPNS_OLD: native longs)
+            return sec + nsec / 1e9
+    return time.time()
+
+
+SO_TIMESTAMPNS = 35
+"""Linux's SO_TIMESTAMPNS (= SCM_TIMESTAMPNS; asm-generic, x86 and arm): Python 3.11's socket module lacks it."""
+
+
+def check_health_many(targets: list[tuple[int, str]], timeout: float = HEALTH_TIMEOUT_S) -> list[Health]:
+    """GET every lane's health endpoint at once (non-blocking sockets, one thread, one deadline)."""
+    return HealthRound(targets, timeout).finish()
 
 
 def check_health(port: int, path: str, timeout: float = HEALTH_TIMEOUT_S) -> Health:
@@ -278,11 +369,13 @@ def _num(value: str | None) -> int:
 def collect(lanes: dict[str, dict[str, Any]], names: list[str] | None = None,
             supervisor: dict[str, Any] | None = None,
             meanwhile: Callable[[], None] | None = None, ledger: str | None = None,
-            unit_dir: Path | None = None) -> list[LaneStatus]:
-    """Status of the named lanes (default: all, and the supervisor when given), from one systemctl call and
-    parallel health checks; ``meanwhile`` runs while systemctl answers (the probe reads the ledger then). With
+            unit_dir: Path | None = None, usage: bool = True) -> list[LaneStatus]:
+    """Status of the named lanes (default: all, and the supervisor when given), from one burst of unit reads
+    (systemd.show_start: D-Bus, else one systemctl) and health checks in flight meanwhile (HealthRound);
+    ``meanwhile`` runs while both answer (the probe reads the ledger then). With
     ``ledger`` (a path), each lane's dispatch state, drain and weight are read from it (read-only) meanwhile.
-    With ``unit_dir`` and no names, lane units with no installed lane follow (kind ``orphan``, never ok)."""
+    With ``unit_dir`` and no names, lane units with no installed lane follow (kind ``orphan``, never ok).
+    ``usage=False`` leaves memory, CPU and tasks unread (None, 0): the probe judges none of them."""
     wanted = names or sorted(lanes)
     for n in wanted:
         if n not in lanes:
@@ -296,16 +389,21 @@ def collect(lanes: dict[str, dict[str, Any]], names: list[str] | None = None,
     orphans = [LaneStatus(n, u, False, 0, kind="orphan")
                for n, u in (orphan_units(lanes, unit_dir) if unit_dir is not None and not names else {}).items()]
     units = [s.unit for s in out + orphans]
-    proc = systemd.show_start(units)
-    # the health checks run while systemctl answers
-    healths = check_health_many([(s.port, lanes[s.name].get("health_path", "/healthz")) for s in out])
-    out += orphans
-    healths += [Health(error="no lane") for _ in orphans]
-    if meanwhile is not None:
-        meanwhile()
-    if ledger is not None:
-        _dispatch(out, ledger)
-    shown = systemd.show_finish(proc, units)
+    # the lanes answer their health checks while systemd answers and the ledger is read
+    checks = HealthRound([(s.port, lanes[s.name].get("health_path", "/healthz")) for s in out])
+    try:
+        proc = systemd.show_start(units, STATUS_PROPS)
+        checks.pump()
+        out += orphans
+        if meanwhile is not None:
+            meanwhile()
+        if ledger is not None:
+            _dispatch(out, ledger)
+        shown = systemd.show_finish(proc, units)
+    except BaseException:
+        checks.close()
+        raise
+    healths = checks.finish() + [Health(error="no lane") for _ in orphans]
     now_us = systemd.monotonic_now_us()
     for s, health in zip(out, healths):
         s.health = health
@@ -326,7 +424,8 @@ def collect(lanes: dict[str, dict[str, Any]], names: list[str] | None = None,
         ping = _num(props.get("WatchdogTimestampMonotonic"))
         if s.running and ping:
             s.watchdog_ping_age_s = round((now_us - ping) / 1e6, 3)
-        _usage(s, props, since, now_us)
+        if usage:
+            _usage(s, props, since, now_us)
     return out
 
 
@@ -346,19 +445,63 @@ def _dispatch(rows: list[LaneStatus], ledger: str) -> None:
 
 
 def _usage(s: LaneStatus, props: dict[str, str], since_us: int, now_us: int) -> None:
-    """Memory, CPU and tasks of the lane's whole cgroup as systemd accounts them (what MemoryMax= limits);
-    psutil over the process tree where accounting is off."""
-    mem, cpu_ns, tasks = (_num(props.get(k)) for k in ("MemoryCurrent", "CPUUsageNSec", "TasksCurrent"))
+    """Memory, CPU and tasks of the lane's whole cgroup (what MemoryMax= limits), read from the kernel's files;
+    psutil over the process tree where they cannot be read."""
     if not s.running:
         return
-    if mem and mem != systemd.UNSET and cpu_ns != systemd.UNSET:
-        s.memory_bytes = mem
-        s.cpu_seconds = round(cpu_ns / 1e9, 3)
-        age = max((now_us - since_us) / 1e6, 1e-3) if since_us else None
-        s.cpu_percent_avg = round(100.0 * s.cpu_seconds / age, 2) if age else None
-        s.processes = tasks if tasks != systemd.UNSET else 0
+    cgroup = props.get("ControlGroup")
+    mem, cpu_ns, tasks = cgroup_usage(cgroup) if cgroup else (None, None, None)
+    if mem is None or cpu_ns is None:
+        s.memory_bytes, s.cpu_seconds, s.cpu_percent_avg, s.processes = _processes(s.main_pid)
         return
-    s.memory_bytes, s.cpu_seconds, s.cpu_percent_avg, s.processes = _processes(s.main_pid)
+    s.memory_bytes = mem
+    s.cpu_seconds = round(cpu_ns / 1e9, 3)
+    age = max((now_us - since_us) / 1e6, 1e-3) if since_us else None
+    s.cpu_percent_avg = round(100.0 * s.cpu_seconds / age, 2) if age else None
+    s.processes = tasks or 0
+
+
+CGROUP_ROOT = "/sys/fs/cgroup"
+
+
+def cgroup_usage(cgroup: str, root: str = CGROUP_ROOT) -> tuple[int | None, int | None, int | None]:
+    """Memory (bytes), CPU time (ns) and tasks of a cgroup with everything below it, from the kernel's own
+    counters -- the ones systemd reports as MemoryCurrent, CPUUsageNSec and TasksCurrent, read directly: systemd
+    252 on a cgroup v1 hybrid host leaves CPUUsageNSec unset (no cpuacct.usage under its cpu hierarchy), while
+    the unified hierarchy's ``cpu.stat`` counts every cgroup's CPU time without a controller. Each figure from
+    cgroup v2 (the root, or ``unified/`` on a hybrid host) first, then the v1 hierarchy; None when neither has
+    it. ``cgroup`` is systemd's ControlGroup (``/lanectl.slice/lanectl-lane@NAME.service``)."""
+    mem = _read_int(f"{root}{cgroup}/memory.current")
+    if mem is None:
+        mem = _read_int(f"{root}/memory{cgroup}/memory.usage_in_bytes")
+    tasks = _read_int(f"{root}{cgroup}/pids.current")
+    if tasks is None:
+        tasks = _read_int(f"{root}/pids{cgroup}/pids.current")
+    cpu_ns = None
+    for base in (f"{root}{cgroup}", f"{root}/unified{cgroup}"):
+        try:
+            with open(f"{base}/cpu.stat", "rb") as f:
+                text = f.read()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            key, _, value = line.partition(b" ")
+            if key == b"usage_usec" and value.strip().isdigit():
+                cpu_ns = int(value) * 1000
+                break
+        break
+    if cpu_ns is None:
+        cpu_ns = _read_int(f"{root}/cpuacct{cgroup}/cpuacct.usage")
+    return mem, cpu_ns, tasks
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path, "rb") as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
 
 
 def installed_lanes(unit_dir: Path, config_path: str | None = None) -> dict[str, dict[str, Any]]:

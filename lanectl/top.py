@@ -4,8 +4,9 @@ It reads what the other commands read, through their code: each lane's unit, res
 health come from ``status.collect`` (one systemd query and parallel health checks, as ``lanectl status``); the
 dispatch state, in flight, capacity, queue depth, oldest and p95 queue wait come from ``evidence.metrics`` over a
 short window (as ``lanectl metrics``, with ``now_state``); the last events from ``evidence.events`` (as ``lanectl
-events``). The ledger is opened read-only once. CPU is the share of one CPU used between two refreshes (systemd's
-``CPUUsageNSec``), not the average since start that ``status`` shows.
+events``). The ledger is opened read-only once. CPU is the share of one CPU used between two refreshes (the lane
+cgroup's CPU time, what systemd reports as ``CPUUsageNSec``: ``status.cgroup_usage``), not the average since start
+that ``status`` shows.
 
 The screen is drawn by rich ``Live`` on the alternate screen and replaced in place each refresh (no clearing, so
 no flicker over SSH). ``q`` or Ctrl-C leaves and restores the terminal; so do SIGTERM and SIGHUP. On a narrow

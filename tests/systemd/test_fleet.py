@@ -1,6 +1,7 @@
 """The example fleet under a real systemd: install, up, crash, hang, down."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -45,6 +46,32 @@ def test_up_starts_every_lane_after_ready(fleet: Fleet) -> None:
     # idempotent
     code, doc = fleet.json("up")
     assert code == 0 and doc["data"]["changed"] == []
+
+
+def test_status_json_keys_are_the_declared_fields(fleet: Fleet) -> None:
+    """Issue 11 item 8: every lane of the real `status --json` (the fast path) has exactly LaneStatus's declared keys,
+    its health Health's; memory, CPU and tasks are the lane cgroup's, read from the kernel's files on this host."""
+    import dataclasses
+
+    from lanectl.status import Health, LaneStatus
+
+    assert fleet.json("up")[0] == 0
+    proc = fleet.sb.exec([LANECTL_BIN, "status", "--json"], check=False)
+    data = json.loads(proc.stdout)["data"]
+    assert sorted(lane["name"] for lane in data["lanes"]) == sorted(LANES)
+    for lane in data["lanes"]:
+        assert sorted(lane) == sorted(LaneStatus.json_keys("lane"))
+        assert sorted(lane["health"]) == sorted(f.name for f in dataclasses.fields(Health))
+        assert lane["memory_bytes"] > 0 and lane["cpu_seconds"] is not None and lane["processes"] >= 1, lane
+    assert sorted(data["supervisor"]) == sorted(LaneStatus.json_keys("supervisor"))
+    # the figures come from the cgroup files (not psutil's fallback): read them the same way, by hand
+    unit = "lanectl-lane@alpha.service"
+    cg = fleet.show(unit, "ControlGroup")["ControlGroup"]
+    code = ("import sys; from lanectl.status import cgroup_usage; "
+            "print(*cgroup_usage(sys.argv[1]))")
+    mem, cpu_ns, tasks = fleet.sb.exec([str(Path(LANECTL_BIN).parent / "python"), "-c", code, cg],
+                                       check=True).stdout.split()
+    assert int(mem) > 0 and int(cpu_ns) > 0 and int(tasks) >= 1
 
 
 def test_kill_9_is_restarted_and_status_shows_it(fleet: Fleet) -> None:
