@@ -151,6 +151,10 @@ class Dispatcher:
 
             self.pool.submit(post)
 
+    def next_cancel_due(self) -> float:
+        """When the next cancel is due to be sent (again); one whose POST is out wakes the loop when it returns."""
+        return min((e[0] for e in self.cancels.values() if not e[2]), default=float("inf"))
+
     def cancels_pending(self) -> bool:
         return bool(self.cancels) or not self.cancel_results.empty()
 

@@ -40,7 +40,10 @@ log = logging.getLogger("lanectl.supervisor")
 POLL_S = 0.01
 """Without inotify: how often the main loop looks for commits of other processes (PRAGMA data_version)."""
 IDLE_S = 0.1
-"""With inotify (a wake-up per commit): the longest the main loop sleeps when nothing happens."""
+"""With inotify: the longest the main loop sleeps while a part asked for a policy pass (``dirty``)."""
+IDLE_MAX_S = 1.0
+"""With inotify (a wake-up per commit, per callback, per POST result, per lane exit, per signal): the longest the
+main loop sleeps; otherwise it sleeps until the next turn has something due by the clock (:meth:`next_due`)."""
 SUMMARY_EVERY_S = 1.0
 """How often /healthz's summary and systemd's STATUS= are refreshed."""
 LEDGER_RETRY_S = 0.2
@@ -357,7 +360,7 @@ class Supervisor:
         while not self.stop.is_set():
             if not self.turn(self.clock.now()):
                 self.stop.wait(LEDGER_RETRY_S)
-            self.wait(POLL_S if self.commits is None else IDLE_S)
+            self.wait(self.idle_timeout(self.clock.now()))
         self.notify("STOPPING=1\nSTATUS=stopping")
         self.close()
         return 0
@@ -409,6 +412,28 @@ class Supervisor:
             self.notify("STATUS=" + self.status_line())
             self.last_summary = now
         return ok
+
+    def next_due(self) -> float:
+        """When (on the loop's clock) the next turn has something to do without being woken: an observation, a
+        policy pass (every ``supervisor.tick_sec`` at least), a roll-up, a cancel to send again, the TCP listener
+        to retry, WATCHDOG=1, a retention pass, the summary. Everything else wakes the loop itself."""
+        s = self.settings
+        due = [self.watch.next_observe(), self.last_tick + s.supervisor.tick_sec, self.history.next_rollup,
+               self.last_ping + self.ping_every, self.last_summary + SUMMARY_EVERY_S,
+               self.dispatcher.next_cancel_due(), self.endpoints.next_tcp_try()]
+        if s.ledger.retention is not None:
+            due.append(self.history.next_prune)
+        return min(due)
+
+    def idle_timeout(self, now: float) -> float:
+        """How long :meth:`wait` may sleep after a turn at ``now``: POLL_S without inotify (commits of other
+        processes are polled), IDLE_S while a policy pass is wanted, else until :meth:`next_due`, at most
+        IDLE_MAX_S."""
+        if self.commits is None:
+            return POLL_S
+        if self.dirty:
+            return IDLE_S
+        return max(0.0, min(IDLE_MAX_S, self.next_due() - now))
 
     def ledger_turn(self, now: float) -> None:
         """Steps 1-7 of :meth:`turn`: everything that reads or writes the ledger."""

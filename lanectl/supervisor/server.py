@@ -186,6 +186,11 @@ class Endpoints:
                                            self.shared.settings.supervisor.port), Handler)
         self.bind_tcp(now)
 
+    def next_tcp_try(self) -> float:
+        if self.server is None and self.tcp_factory is not None:
+            return self.tcp_tried + TCP_RETRY_S
+        return float("inf")
+
     def maybe_bind_tcp(self, now: float) -> None:
         if self.server is None and self.tcp_factory is not None and now - self.tcp_tried >= TCP_RETRY_S:
             self.bind_tcp(now)

@@ -217,11 +217,17 @@ class LaneWatcher:
         return settled
 
     # ------------------------------------------------------------------------------------------ observation
+    def observe_every(self) -> float:
+        observe_sec = self.shared.settings.health.observe_sec
+        return min(SETTLE_OBSERVE_S, observe_sec) if self.settling else observe_sec
+
+    def next_observe(self) -> float:
+        return self.last_observe + self.observe_every()
+
     def maybe_observe(self, now: float) -> bool:
         """Observe when one is due (every ``health.observe_sec``, SETTLE_OBSERVE_S while settling); for
         RECONCILE_FOR_S after the start, reconcile after each. Whether it observed."""
-        observe_sec = self.shared.settings.health.observe_sec
-        every = min(SETTLE_OBSERVE_S, observe_sec) if self.settling else observe_sec
+        every = self.observe_every()
         if now - self.last_observe < every:
             return False
         self.observe(now)
