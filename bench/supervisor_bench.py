@@ -17,8 +17,9 @@ its own ledger, /var/lib/lanectl/ledger.db in the sandbox's private /var):
             empty queue (baseline), then with 10k background missions queued (pinned to gamma, `sleep 3600`: gamma
             runs 2, the rest stay queued). Per mission: dispatched event - created_at, the lane's own start record
             (its execution log) - created_at, started event - created_at. Supervisor CPU and RSS over each phase.
---part fleet16  16 lanes (all classes, capacity 4, watchdog 10 s) + the supervisor; its CPU and RSS over 30 s
-                idle, then over 30 s of load (4 producers, short missions, any lane).
+--part fleet16  16 lanes (all classes, capacity 4, watchdog 10 s; --lanes N for another count, e.g. 48) + the
+                supervisor; its CPU and RSS over 30 s idle, then over 30 s of load (4 producers, short missions,
+                any lane; --load-sec 0 skips the load phase).
 
 The restart policy of the bench lanes is raised (start_limit_burst 1000, max_restarts 999) so that 25 deliberate
 crashes of alpha trip neither systemd's start limit nor the supervisor's restart-storm rule (which would make alpha
@@ -431,7 +432,7 @@ def up(cfg: Path, names: list[str]) -> None:
     run([LANECTL, "up", "-c", str(cfg)])
     wait_for(lambda: run(["systemctl", "is-active", SUP_UNIT], check=False).stdout.strip() == "active",
              "the supervisor", 30)
-    wait_for(lambda: lanes_ready(names), "every lane healthy in the supervisor's view", 60, 0.2)
+    wait_for(lambda: lanes_ready(names), "every lane healthy in the supervisor's view", 60 + 2 * len(names), 0.2)
 
 
 def part_fleet3(cfg: Path, args) -> dict:
@@ -467,8 +468,8 @@ def part_fleet3(cfg: Path, args) -> dict:
 
 
 def part_fleet16(cfg: Path, args) -> dict:
-    names = [f"l{i:02d}" for i in range(1, 17)]
-    write_fleet16(cfg)
+    names = [f"l{i:02d}" for i in range(1, args.lanes + 1)]
+    write_fleet16(cfg, args.lanes)
     up(cfg, names)
     from lanectl import config
 
@@ -481,6 +482,9 @@ def part_fleet16(cfg: Path, args) -> dict:
     out: dict = {"lanes": len(names), "supervisor_pid": pid,
                  "idle": {**cpu.done(), "rss_mb_median": round(statistics.median(rss), 1),
                           "rss_mb_max": round(max(rss), 1), "rss_samples": len(rss)}}
+    if args.load_sec <= 0:
+        out["supervisor_rss_mb_end"] = round(rss_mb(pid), 1)
+        return out
     rate = args.load_rate
     per = int(rate * args.load_sec)
     log(f"load: {args.producers} producers x {per} missions at {rate}/s each")
@@ -519,12 +523,15 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=10.0, help="missions/s per producer (dispatch phases)")
     ap.add_argument("--background", type=int, default=10_000)
     ap.add_argument("--idle-sec", type=float, default=30.0)
-    ap.add_argument("--load-sec", type=float, default=30.0)
+    ap.add_argument("--load-sec", type=float, default=30.0, help="fleet16's load phase (0: none)")
+    ap.add_argument("--lanes", type=int, default=16, help="lanes of the fleet16 part")
     ap.add_argument("--load-rate", type=float, default=25.0, help="missions/s per producer (fleet16 load)")
     ap.add_argument("--keep", action="store_true", help="leave the fleet running (debugging)")
     args = ap.parse_args()
     if not Path("/run/systemd/system").is_dir():
         raise SystemExit("supervisor_bench: no running systemd here; run it through bench/run-supervisor-bench")
+    if not 1 <= args.lanes <= 99:
+        raise SystemExit("supervisor_bench: --lanes out of range (1..99)")
     for k in ("failover_runs", "hang_runs", "producers", "per_producer"):
         if not 1 <= getattr(args, k) <= 10_000:
             raise SystemExit(f"supervisor_bench: --{k.replace('_', '-')} out of range")

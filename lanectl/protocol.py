@@ -410,10 +410,70 @@ _ANY_OR_LOOPBACK: Final = frozenset({"0100007F", "00000000", "000000000000000000
                                       "00000000000000000000000001000000", "0000000000000000FFFF00000100007F"})
 
 
+_LISTEN_ADDRS: Final = frozenset({bytes(4), bytes([127, 0, 0, 1]), bytes(16), bytes(15) + b"\x01",
+                                   bytes(10) + b"\xff\xff" + bytes([127, 0, 0, 1])})
+"""The same addresses as _ANY_OR_LOOPBACK, as sock_diag gives them (network order): 0.0.0.0, 127.0.0.1, ::, ::1,
+::ffff:127.0.0.1."""
+_NETLINK_SOCK_DIAG = 4
+_SOCK_DIAG_BY_FAMILY = 20
+_NLM_F_REQUEST_DUMP = 0x1 | 0x300
+_NLMSG_ERROR, _NLMSG_DONE = 2, 3
+_TCP_LISTEN = 10
+
+
 def tcp_listener_uids(ports: set[int], proc_net: str = "/proc/net") -> dict[int, set[int]]:
     """For each port, the uids owning the sockets that listen on it on loopback or any address, from the kernel's
-    socket tables (``/proc/net/tcp`` and ``tcp6`` of this network namespace: the lanes'). What answers a dispatch
-    to 127.0.0.1:PORT is one of them; a lane's port held by any other uid is not the lane."""
+    socket tables of this network namespace (the lanes'). What answers a dispatch to 127.0.0.1:PORT is one of
+    them; a lane's port held by any other uid is not the lane.
+
+    Asked over netlink (``sock_diag``, listening sockets only: the kernel filters, so the many ``TIME_WAIT``
+    sockets of health checks cost nothing); where that fails, read from ``/proc/net/tcp`` and ``tcp6``."""
+    if proc_net == "/proc/net":
+        try:
+            return _listeners_by_netlink(ports)
+        except (OSError, ValueError, struct.error):
+            pass
+    return _listeners_by_proc(ports, proc_net)
+
+
+def _listeners_by_netlink(ports: set[int]) -> dict[int, set[int]]:
+    out: dict[int, set[int]] = {p: set() for p in ports}
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG) as nl:
+        nl.settimeout(2.0)
+        for seq, family in enumerate((socket.AF_INET, socket.AF_INET6), start=1):
+            # inet_diag_req_v2: family, protocol, ext, pad, states; then a zeroed inet_diag_sockid (48 bytes)
+            req = struct.pack("=BBBBI", family, socket.IPPROTO_TCP, 0, 0, 1 << _TCP_LISTEN) + bytes(48)
+            nl.send(struct.pack("=IHHII", 16 + len(req), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST_DUMP, seq, 0) + req)
+            done = False
+            while not done:
+                data = nl.recv(1 << 16)
+                if not data:
+                    raise OSError("sock_diag: the kernel closed the netlink socket")
+                off = 0
+                while off + 16 <= len(data):
+                    length, kind, _flags, got_seq, _pid = struct.unpack_from("=IHHII", data, off)
+                    if length < 16:
+                        raise ValueError("sock_diag: a netlink message shorter than its header")
+                    if got_seq == seq:
+                        if kind == _NLMSG_DONE:
+                            done = True
+                        elif kind == _NLMSG_ERROR:
+                            raise OSError(-struct.unpack_from("=i", data, off + 16)[0], "sock_diag refused")
+                        elif kind == _SOCK_DIAG_BY_FAMILY:
+                            # inet_diag_msg: family, state, timer, retrans, sockid (sport, dport: big-endian;
+                            # src, dst: 16 bytes each; if; cookie), expires, rqueue, wqueue, uid, inode
+                            body = off + 16
+                            fam, state = data[body], data[body + 1]
+                            port = struct.unpack_from(">H", data, body + 4)[0]
+                            src = bytes(data[body + 8:body + 8 + (4 if fam == socket.AF_INET else 16)])
+                            uid = struct.unpack_from("=I", data, body + 64)[0]
+                            if state == _TCP_LISTEN and port in out and src in _LISTEN_ADDRS:
+                                out[port].add(uid)
+                    off += (length + 3) & ~3
+    return out
+
+
+def _listeners_by_proc(ports: set[int], proc_net: str) -> dict[int, set[int]]:
     out: dict[int, set[int]] = {p: set() for p in ports}
     for name in ("tcp", "tcp6"):
         try:

@@ -208,7 +208,7 @@ def _push(sup, *msgs):
     futures = []
     for mission, attempt, lane, token, event in msgs:
         fut: Future = Future()
-        sup.inbox.put(Pending(CallbackMsg(mission, attempt, lane, token, event, exit_code=0), fut))
+        sup.callbacks.inbox.put(Pending(CallbackMsg(mission, attempt, lane, token, event, exit_code=0), fut))
         futures.append(fut)
     return futures
 
@@ -219,13 +219,13 @@ def test_supervisor_group_commit_answers_each_callback(led, fleet):
     sup = _supervisor_with(led, fleet)
     futs = _push(sup, (d1.mission, 1, d1.lane, d1.token, "started"), (d1.mission, 1, d1.lane, d1.token, "succeeded"),
                  (d2.mission, 1, d2.lane, "forged", "succeeded"))
-    assert sup.apply_callbacks(T0 + 1) == 3
+    assert sup.callbacks.apply(T0 + 1) == 3
     answers = [f.result(0) for f in futs]
     assert answers[0] == (200, {"ok": True, "changed": True, "state": "running"})
     assert answers[1] == (200, {"ok": True, "changed": True, "state": "succeeded"})
     assert answers[2][0] == 409 and answers[2][1]["error"] == "lease_fenced"
     assert sup.counters["callbacks"] == 3 and sup.counters["rejected"] == 1
-    sup.pool.shutdown()
+    sup.dispatcher.pool.shutdown()
 
 
 def test_supervisor_falls_back_to_one_by_one_when_a_batch_fails(led, fleet, monkeypatch):
@@ -242,11 +242,11 @@ def test_supervisor_falls_back_to_one_by_one_when_a_batch_fails(led, fleet, monk
     monkeypatch.setattr(ms, "apply_callbacks_in", flaky)
     sup = _supervisor_with(led, fleet)
     futs = _push(sup, (d1.mission, 1, d1.lane, d1.token, "succeeded"), (d2.mission, 1, d2.lane, d2.token, "succeeded"))
-    sup.apply_callbacks(T0 + 1)
+    sup.callbacks.apply(T0 + 1)
     assert [f.result(0)[0] for f in futs] == [200, 500]
     assert ms.get(led, d1.mission).state == "succeeded"
     assert ms.get(led, d2.mission).state == "dispatched"  # the lane retries; nothing half-applied
-    sup.pool.shutdown()
+    sup.dispatcher.pool.shutdown()
 
 
 @pytest.mark.backends("sqlite")

@@ -167,7 +167,7 @@ def test_a_start_the_lane_refused_goes_back_uncharged_and_is_no_failure(tmp_path
     from lanectl.ledger import Ledger, events, tick
     from lanectl.ledger import missions as ms
     from lanectl.ledger.events import EventKind
-    from lanectl.supervisor import Supervisor
+    from lanectl.supervisor.callbacks import as_callback
 
     fleet = LaneSet({"a": Lane(port=9001, workspace="/var/lib/lanes/a", capacity=2)},
                     Settings(classes={"background": ClassPolicy(max_wait_sec=600, queue_limit=50, max_attempts=2)}),
@@ -179,7 +179,7 @@ def test_a_start_the_lane_refused_goes_back_uncharged_and_is_no_failure(tmp_path
         for n in range(5):  # refused more often than max_attempts: never dead
             [d] = tick.run_once(led, fleet, now=t).dispatches
             msg = CallbackMsg(m, d.attempt, "a", d.token, "failed", error="could not start: no task", retry=True)
-            cb = Supervisor.as_callback(msg)
+            cb = as_callback(msg)
             assert cb.uncharged
             with led.transaction() as conn:
                 [o] = ms.apply_callbacks_in(conn, [cb], now=t + 1, lease_sec=20)

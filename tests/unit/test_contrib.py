@@ -7,16 +7,15 @@ import json
 import re
 import shutil
 import subprocess
-import threading
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import yaml
 
 from lanectl import evidence
-from lanectl.supervisor import Supervisor
+from lanectl.supervisor.callbacks import Refusals
+from lanectl.supervisor.metrics import refusal_text
 
 ROOT = Path(__file__).resolve().parents[2]
 CONTRIB = ROOT / "contrib"
@@ -67,8 +66,9 @@ def exported_names() -> set[str]:
              "classes": [{"class": "interactive", "queued": 0, "oldest_wait_s": 0.0}]}
     text = evidence.prometheus_text({"window_s": 900.0, "groups": [group], "lanes": [lane], "now_state": state},
                                     generated=0.0)
-    sup = SimpleNamespace(refused_lock=threading.Lock(), refused={"tcp": 1}, server=None, unix_server=None)
-    text += Supervisor.refusal_text(sup)  # type: ignore[arg-type]
+    refusals = Refusals()
+    refusals.add("tcp")
+    text += refusal_text(refusals, [("tcp", None), ("socket", None)])
     names = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE")}
     summaries = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE") and line.endswith("summary")}
     samples = {re.split(r"[{ ]", line, 1)[0] for line in text.splitlines() if line and not line.startswith("#")}

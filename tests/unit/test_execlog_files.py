@@ -251,7 +251,7 @@ def test_supervisor_settles_authentic_ends_only(tmp_path: Path) -> None:
     try:
         sup.ledger = led
         w = sup.lanes["alpha"] = LaneWatch("alpha", "lanectl-lane@alpha.service", 9001, KEY, "/healthz", 5, True)
-        sup.lane_uids["alpha"] = ME
+        sup.users.uids["alpha"] = ME
         now = time.time()
         ids = [ms.submit(led, fleet, cls="background", payload={}, now=now, lane="alpha").mission.id
                for _ in range(4)]
@@ -264,9 +264,9 @@ def test_supervisor_settles_authentic_ends_only(tmp_path: Path) -> None:
         genuine = json.loads((ws / ".lanectl" / "executions.log").read_text().splitlines()[0])
         write_log(ws, json.dumps({**genuine, "mission": ids[2]}).encode() + b"\n",
                   json.dumps({**entry(ids[3], invocation="inv1"), "outcome": "failed"}).encode() + b"\n")
-        assert sorted(sup.settle_from_log(w, "inv1", now)) == ids[:2]
+        assert sorted(sup.watch.settle_from_log(w, "inv1", now)) == ids[:2]
         got = dict(led.conn.execute(f"SELECT id, state FROM missions WHERE id IN ({','.join('?' * 4)})", ids))
         assert got == {ids[0]: "succeeded", ids[1]: "failed", ids[2]: "dispatched", ids[3]: "dispatched"}
     finally:
-        sup.pool.shutdown()
+        sup.dispatcher.pool.shutdown()
         led.close()

@@ -389,7 +389,7 @@ def sup_mod(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sup]:
     sock = str(base / "callbacks.sock")
     sup = Supervisor(fleet, ledger_path, use_systemd=False, notifier=None, callback_socket=sock,
                      lane_uids={"alpha": os.getuid(), "beta": os.getuid()})
-    sup.rejected_burst = 1e9  # every rejection recorded: the tests below count them (the limit: its own test)
+    sup.callbacks.rejected_burst = 1e9  # every rejection recorded: the tests below count them (the limit: its own test)
     th = threading.Thread(target=sup.run, name="sup-main", daemon=True)
     th.start()
     s = Sup(sup, th, ledger_path, port, sock, tokens, {(1, 1): "alpha", (2, 1): "alpha", (3, 1): "beta", (4, 1): "alpha"})
@@ -1181,43 +1181,43 @@ def test_supervisor_tcp_callbacks_are_403_and_point_at_the_socket(sup: Sup) -> N
     status, body = request(sup.port, "POST", "/callbacks", json.dumps(doc).encode())
     assert status == 403 and sup.sock in json.loads(body)["message"]
     sup.assert_unchanged(before, rejected=0)
-    assert sup.sup.refused_counts()["tcp"] >= 1
+    assert sup.sup.refusals.counts()["tcp"] >= 1
 
 
 def test_supervisor_refusals_are_recorded_at_a_bounded_rate(sup: Sup) -> None:
     """Wrong-token callbacks from a real lane: the first REJECTED_BURST are recorded, the rest only counted."""
     s = sup.sup
-    saved = s.rejected_burst, s.rejected_per_s
-    s.rejected_burst, s.rejected_per_s = 3.0, 1e-9
-    s.buckets.clear()
-    unrecorded = s.refused_counts()["unrecorded"]
+    saved = s.callbacks.rejected_burst, s.callbacks.rejected_per_s
+    s.callbacks.rejected_burst, s.callbacks.rejected_per_s = 3.0, 1e-9
+    s.callbacks.buckets.clear()
+    unrecorded = s.refusals.counts()["unrecorded"]
     before = sup.snapshot()
     try:
         for _ in range(10):
             assert post_sup(sup, callback_doc(mission=1, token="forged")) == 409
         sup.assert_unchanged(before, rejected=3)
-        assert s.refused_counts()["unrecorded"] == unrecorded + 7
+        assert s.refusals.counts()["unrecorded"] == unrecorded + 7
         text = s.metrics_text()
         assert f'lanectl_callbacks_refused_total{{reason="unrecorded"}} {unrecorded + 7}' in text
     finally:
-        s.rejected_burst, s.rejected_per_s = saved
-        s.buckets.clear()
+        s.callbacks.rejected_burst, s.callbacks.rejected_per_s = saved
+        s.callbacks.buckets.clear()
 
 
 def test_supervisor_refuses_a_peer_that_is_no_lane_without_a_ledger_write(sup: Sup) -> None:
     s = sup.sup
-    saved = dict(s.lane_uids)
-    s.lane_uids = {"alpha": os.getuid() + 1, "beta": os.getuid() + 2}  # nobody here is a lane now
+    saved = dict(s.users.uids)
+    s.users.uids = {"alpha": os.getuid() + 1, "beta": os.getuid() + 2}  # nobody here is a lane now
     before = sup.snapshot()
     try:
         status, body = request(sup.sock, "POST", "/callbacks", json.dumps(callback_doc(mission=1)).encode())
         assert status == 403 and json.loads(body)["error"] == "not_a_lane"
-        s.lane_uids = {"alpha": os.getuid() + 1, "beta": os.getuid()}  # this uid is beta's: alpha's are foreign
+        s.users.uids = {"alpha": os.getuid() + 1, "beta": os.getuid()}  # this uid is beta's: alpha's are foreign
         status, body = request(sup.sock, "POST", "/callbacks", json.dumps(callback_doc(mission=1)).encode())
         assert status == 403 and json.loads(body)["error"] == "not_your_lane"
         sup.assert_unchanged(before, rejected=0)
     finally:
-        s.lane_uids = saved
+        s.users.uids = saved
 
 
 @pytest.mark.parametrize("end", ["lane", "supervisor-tcp", "supervisor-socket"])
@@ -1320,11 +1320,11 @@ def test_supervisor_batch_answers_each_callback_in_order(sup: Sup) -> None:
 def test_supervisor_batch_naming_another_lane_is_refused_whole(sup: Sup) -> None:
     before = sup.snapshot()
     ok = callback_doc(mission=2, event="heartbeat", token=sup.tokens[2])
-    refused = sup.sup.refused_counts().get("foreign_lane", 0)
+    refused = sup.sup.refusals.counts().get("foreign_lane", 0)
     status, _ = post_batch(sup, [ok, callback_doc(mission=3, lane="zulu"), ok])
     assert status == 403
     sup.assert_unchanged(before, rejected=0)
-    assert sup.sup.refused_counts()["foreign_lane"] == refused + 3  # callbacks, not requests
+    assert sup.sup.refusals.counts()["foreign_lane"] == refused + 3  # callbacks, not requests
 
 
 @pytest.mark.parametrize("items", [

@@ -7,7 +7,7 @@ import socket
 import time
 from pathlib import Path
 
-from lanectl.protocol import DispatchMsg, tcp_listener_uids
+from lanectl.protocol import DispatchMsg, _listeners_by_netlink, _listeners_by_proc, tcp_listener_uids
 from lanectl.runtime import LaneInfo, LaneRuntime, Running
 
 
@@ -22,6 +22,29 @@ def test_the_listener_of_a_port_and_its_uid_come_from_the_kernel() -> None:
     finally:
         s.close()
     assert tcp_listener_uids({port}) == {port: set()}
+
+
+def test_netlink_and_proc_name_the_same_listeners() -> None:
+    """The supervisor asks sock_diag (listening sockets only); /proc/net/tcp{,6} is the fallback: both must name
+    the same uids for listeners on every loopback and any address, and none for a socket bound but not listening."""
+    socks = []
+    for family, addr in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::1"),
+                         (socket.AF_INET6, "::")):
+        s = socket.socket(family)
+        s.bind((addr, 0))
+        s.listen(1)
+        socks.append(s)
+    bound = socket.socket()
+    bound.bind(("127.0.0.1", 0))
+    try:
+        listening = {s.getsockname()[1] for s in socks}
+        ports = listening | {bound.getsockname()[1]}
+        by_netlink = _listeners_by_netlink(ports)
+        assert by_netlink == _listeners_by_proc(ports, "/proc/net")
+        assert by_netlink == {p: ({os.getuid()} if p in listening else set()) for p in ports}
+    finally:
+        for s in [*socks, bound]:
+            s.close()
 
 
 def _runtime(tmp_path: Path) -> LaneRuntime:

@@ -59,10 +59,9 @@ class Rig:
     lane: LaneRuntime
     thread: threading.Thread
     wall: Wall
-    last_observe: float = 0.0
 
     def turn(self) -> None:
-        self.last_observe = self.sup.turn(self.sup.clock.mono(), self.last_observe)
+        self.sup.turn(self.sup.clock.now())
         self.sup.wait(0.01)
 
     def until(self, pred: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
@@ -120,9 +119,9 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
     th.start()
     r = Rig(sup, lane, th, wall)
     now = sup.clock.now()
-    r.until(lambda: (sup.observe(now), sup.lanes["alpha"].healthy)[1], what="the lane to be healthy")
-    sup.started_at, sup.started_mono = now, sup.clock.mono()
-    r.last_observe = sup.clock.mono()
+    r.until(lambda: (sup.watch.observe(now), sup.lanes["alpha"].healthy)[1], what="the lane to be healthy")
+    sup.watch.started_at = now
+    sup.watch.last_observe = sup.clock.now()
     yield r
     lane.stop.set()
     lane.inbox.put(0)

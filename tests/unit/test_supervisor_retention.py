@@ -30,16 +30,16 @@ def test_the_supervisor_prunes_by_itself(tmp_path: Path) -> None:
                                         "updated_at < ?", (OLD + 86400 * 30,)).fetchone()[0]
     sup = Supervisor(fleet, state / "ledger.db", use_systemd=False, notifier=None,
                      callback_socket=str(tmp_path / "cb.sock"), lane_uids={"alpha": os.getuid()})
-    sup.next_prune = 0.0
-    th = sup.maybe_prune(time.monotonic())
+    sup.history.next_prune = 0.0
+    th = sup.history.maybe_prune(sup.clock.now())
     assert th is not None
     th.join(300)
-    assert not th.is_alive() and sup.last_prune is not None
-    assert sup.maybe_prune(time.monotonic()) is None  # the next one is due in an hour
+    assert not th.is_alive() and sup.history.last_prune is not None
+    assert sup.history.maybe_prune(sup.clock.now()) is None  # the next one is due in an hour
     archives = list((state / "archive").glob("ledger-*.jsonl.gz"))
     assert len(archives) == 1 and (state / "archive").stat().st_mode & 0o777 == 0o700
     arch = retention.load_archive(archives[0])
-    assert arch["end"]["missions"] == finished_old == sup.last_prune["missions"]
+    assert arch["end"]["missions"] == finished_old == sup.history.last_prune["missions"]
     with Ledger.open(state / "ledger.db") as led:
         left = {r[0] for r in led.conn.execute("SELECT id FROM missions")}
         assert set(old["running"] + old["queued"]) <= left  # unfinished: kept
@@ -55,5 +55,5 @@ def test_no_retention_setting_no_pass(tmp_path: Path) -> None:
     (tmp_path / "etc" / "lanes.d" / "alpha.toml").write_text(f'port = 9001\nworkspace = "{tmp_path}/alpha"\n')
     sup = Supervisor(config.load(tmp_path / "etc"), tmp_path / "ledger.db", use_systemd=False, notifier=None,
                      callback_socket=str(tmp_path / "cb.sock"), lane_uids={})
-    assert sup.maybe_prune(time.monotonic() + 1e6) is None and sup.retention_pass(time.time()) is None
+    assert sup.history.maybe_prune(sup.clock.now() + 1e6) is None and sup.history.retention_pass(time.time()) is None
     sup.close()

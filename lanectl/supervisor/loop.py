@@ -1,0 +1,499 @@
+"""The supervisor itself: its life (open, reload, close) and its main loop, which owns the ledger and decides.
+
+Each turn (:meth:`Supervisor.turn`) is driven by one reading of the supervisor's :class:`Clock`, ``now``, passed
+in: every cadence (observations, roll-ups, the policy pass, cancels' backoff, the watchdog ping) is measured on
+it, so a test can drive turns with chosen ``now`` values without sleeping. Between turns the loop waits on one
+selector (:meth:`Supervisor.wait`): a wake-up pipe (callbacks, POST results, SIGHUP), an inotify watch of the
+ledger's WAL (another process committed) and a pidfd per lane process.
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import selectors
+import threading
+from pathlib import Path
+from typing import Any
+
+from lanectl import __version__, config, keys, paths
+from lanectl.config import LaneSet, Settings
+from lanectl.errors import LanectlError
+from lanectl.ledger import Checkpointer, Ledger, reads
+from lanectl.ledger import Error as LedgerError
+from lanectl.ledger import lanes as lane_ops
+from lanectl.ledger import missions as ms
+from lanectl.ledger.events import EventKind, append
+from lanectl.supervisor.callbacks import Callbacks, Refusals
+from lanectl.supervisor.dispatcher import Dispatcher
+from lanectl.supervisor.health import Health
+from lanectl.supervisor.history import History
+from lanectl.supervisor.metrics import MetricsCache
+from lanectl.supervisor.rollback import Governor
+from lanectl.supervisor.server import Endpoints
+from lanectl.supervisor.shared import Clock, LaneWatch, Shared
+from lanectl.supervisor.users import LaneUsers
+from lanectl.supervisor.watch import LaneWatcher
+from lanectl.units import unit_name
+
+log = logging.getLogger("lanectl.supervisor")
+POLL_S = 0.01
+"""Without inotify: how often the main loop looks for commits of other processes (PRAGMA data_version)."""
+IDLE_S = 0.1
+"""With inotify: the longest the main loop sleeps while a part asked for a policy pass (``dirty``)."""
+IDLE_MAX_S = 1.0
+"""With inotify (a wake-up per commit, per callback, per POST result, per lane exit, per signal): the longest the
+main loop sleeps; otherwise it sleeps until the next turn has something due by the clock (:meth:`next_due`)."""
+SUMMARY_EVERY_S = 1.0
+"""How often /healthz's summary and systemd's STATUS= are refreshed."""
+LEDGER_RETRY_S = 0.2
+"""After a turn the ledger failed: the loop pauses this long (feeding the watchdog) before the next."""
+LEDGER_LOG_EVERY_S = 5.0
+
+
+def bound_settings(old: Any, new: Any) -> list[tuple[str, Any, Any]]:
+    """The settings the supervisor takes once, at start, that differ between ``old`` and ``new``: a reload cannot
+    change them (``lanectl install`` restarts it when the port or the ledger changed)."""
+    keys_ = (("[supervisor] host", lambda s: s.supervisor.host), ("[supervisor] port", lambda s: s.supervisor.port),
+             ("[supervisor] socket", lambda s: s.supervisor.socket), ("[ledger] path", lambda s: s.ledger.path),
+             ("[ledger] synchronous", lambda s: s.ledger.synchronous), ("state_dir", lambda s: s.state_dir))
+    return [(name, get(old), get(new)) for name, get in keys_ if get(old) != get(new)]
+
+
+def lane_watch(name: str, lane: Any, key: str) -> LaneWatch:
+    return LaneWatch(name, unit_name(name), lane.port, key, lane.health_path, lane.restart.max_restarts,
+                     lane.enabled)
+
+
+class Supervisor:
+    """The parts, each with its own state (module docstrings say what each does):
+
+    ``callbacks`` (group commit of lanes' callbacks), ``dispatcher`` (policy pass, dispatch and cancel POSTs),
+    ``watch`` (pidfds, systemd, health endpoints, reconciliation), ``lane_health`` (healthy flag, degradation,
+    recovery), ``governor`` (rollback triggers), ``history`` (roll-ups, retention), ``endpoints`` (the callback
+    socket and the TCP listener), ``metrics`` (the /metrics cache), ``users`` (lane uids); ``shared`` holds what
+    they all read (clock, fleet, ledger, lanes, full lanes, counters, the dirty flag)."""
+
+    def __init__(self, fleet: LaneSet, ledger_path: Path | None = None, *, notifier: Any = None,
+                 use_systemd: bool = True, callback_socket: Path | str | None = None,
+                 lane_uids: dict[str, int] | None = None, clock: Clock | None = None,
+                 config_source: str | Path | None = None, create: bool = True) -> None:
+        """``create=False`` refuses a ledger that does not exist (``ledger_missing``): ``lanectl supervise
+        --ledger PATH`` names one explicitly, and a typo must not start an empty ledger nothing reads.
+        ``callback_socket`` and ``lane_uids`` (lane -> the uid its callbacks must come from) replace the
+        configured socket path and the lane users' uids, ``clock`` the real clocks: for in-process tests only.
+        ``config_source`` is what a reload loads (default: the fleet's config dir)."""
+        self.config_source = str(config_source or fleet.config_dir)
+        self.reload_requested = False
+        self.generation = 0
+        """Configurations loaded since start: 0 the first, +1 per successful reload (in /healthz)."""
+        self.reload_error: str | None = None
+        self.reloads = 0
+        """Reloads attempted since start (in /healthz, with ``generation`` and ``reload_error``)."""
+        self.create = create
+        self.locks: list[int] = []
+        """Exclusive flocks held for the supervisor's life: one per ledger, one per socket (lanectl.exclusive)."""
+        self.notifier = notifier
+        self.stop = threading.Event()
+        self.sel = selectors.DefaultSelector()
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
+        self.sel.register(self.wake_r, selectors.EVENT_READ, None)
+        self.shared = Shared(clock or Clock(), fleet, ledger_path or config.ledger_path(fleet),
+                             self.wake, use_systemd)
+        self.refusals = Refusals()
+        self.users = LaneUsers(self.shared, lane_uids)
+        self.callbacks = Callbacks(self.shared, self.refusals)
+        self.governor = Governor(self.shared)
+        self.lane_health = Health(self.shared, self.governor)
+        self.dispatcher = Dispatcher(self.shared, self.lane_health)
+        self.watch = LaneWatcher(self.shared, self.sel, self.lane_health, self.dispatcher, self.users)
+        self.history = History(self.shared)
+        self.endpoints = Endpoints(self.shared, Path(callback_socket or fleet.settings.supervisor.socket),
+                                   self.callbacks, self.refusals, self.users, self.health, self.metrics_text)
+        self.metrics = MetricsCache(self.shared, self.refusals, self.endpoints.servers)
+        self.commits: Any = None
+        self.checkpointer: Checkpointer | None = None
+        self.data_version = -1
+        self.summary: dict[str, Any] = {}
+        self.ledger_error: float | None = None
+        self.ping_every = 1.0
+        self.last_ping = self.last_summary = float("-inf")
+
+    # ------------------------------------------------------------------------------------------ shared state
+    @property
+    def clock(self) -> Clock:
+        return self.shared.clock
+
+    @property
+    def fleet(self) -> LaneSet:
+        return self.shared.fleet
+
+    @property
+    def settings(self) -> Settings:
+        return self.shared.settings
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.shared.ledger_path
+
+    @property
+    def ledger(self) -> Ledger | None:
+        return self.shared.ledger
+
+    @ledger.setter
+    def ledger(self, led: Ledger | None) -> None:
+        self.shared.ledger = led
+
+    @property
+    def lanes(self) -> dict[str, LaneWatch]:
+        return self.shared.lanes
+
+    @property
+    def counters(self) -> dict[str, int]:
+        return self.shared.counters
+
+    @property
+    def dirty(self) -> bool:
+        return self.shared.dirty
+
+    @dirty.setter
+    def dirty(self, value: bool) -> None:
+        self.shared.dirty = value
+
+    @property
+    def socket_path(self) -> Path:
+        return self.endpoints.socket_path
+
+    @property
+    def server(self) -> Any:
+        return self.endpoints.server
+
+    @property
+    def unix_server(self) -> Any:
+        return self.endpoints.unix_server
+
+    @property
+    def last_tick(self) -> float:
+        return self.dispatcher.last_tick
+
+    # ------------------------------------------------------------------------------------------ setup
+    def open(self) -> None:
+        """Migrate the ledger, load lane keys, bind the callback endpoint (READY=1 comes after this)."""
+        try:
+            self.take_locks()
+            self._open()
+        except BaseException:
+            self.release_locks()
+            raise
+
+    def take_locks(self) -> None:
+        """One supervisor per ledger and per callback socket, before anything is read or written: a second one is
+        refused (``supervisor_running``, exit 5) naming the one that runs, instead of stealing its socket."""
+        from lanectl import exclusive
+        from lanectl.ledger import require_ledger_file
+
+        if not self.create:
+            require_ledger_file(self.ledger_path)
+        self.locks.append(exclusive.take(exclusive.ledger_lock_path(self.ledger_path),
+                                         f"the ledger {self.ledger_path}"))
+        self.socket_path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        self.locks.append(exclusive.take(exclusive.socket_lock_path(self.socket_path),
+                                         f"the callback socket {self.socket_path}"))
+        if self.socket_path.is_socket() and exclusive.listening(self.socket_path):  # one that takes no lock
+            raise exclusive.running(f"a process listens on the callback socket {self.socket_path}: another "
+                                    "supervisor runs")
+
+    def release_locks(self) -> None:
+        from lanectl import exclusive
+
+        while self.locks:
+            exclusive.release(self.locks.pop())
+
+    def _open(self) -> None:
+        sync = self.settings.ledger.synchronous  # FULL: a callback is answered only once its commit is on disk
+        led = self.shared.ledger = Ledger.open(self.ledger_path, autocheckpoint=False, synchronous=sync,
+                                               create=self.create)
+        # WAL checkpoints off the dispatch path
+        self.checkpointer = Checkpointer(self.ledger_path, synchronous=sync).start()
+        from lanectl.watch import commit_watch
+
+        self.commits = commit_watch(self.ledger_path)
+        if self.commits is not None:
+            self.sel.register(self.commits.fd, selectors.EVENT_READ, "commit")
+        self.dispatcher.cancel_cursor = reads.last_event_id(led)
+        lane_keys = keys.read_lane_keys(Path(self.settings.state_dir), sorted(self.fleet.lanes))
+        recorded = lane_ops.recorded_invocations(led)
+        for name, lane in sorted(self.fleet.lanes.items()):
+            self.watch.add(lane_watch(name, lane, lane_keys[name]), recorded.get(name, ""))
+        self.users.resolve()
+        self.endpoints.bind(self.clock.now())
+
+    # ------------------------------------------------------------------------------------------ reload
+    def request_reload(self) -> None:
+        """From the SIGHUP handler: reload between two turns of the main loop (never inside one)."""
+        self.reload_requested = True
+        self.wake()
+
+    def reload(self, now: float) -> bool:
+        """Re-read the configuration and adopt its lanes; in-flight work of the lanes that stay is untouched.
+
+        A configuration that does not load (or whose lane keys cannot be read) changes nothing: the previous one
+        goes on, the error is logged and shown in /healthz as ``reload_error``."""
+        from lanectl import config
+
+        self.reloads += 1
+        self.notify("RELOADING=1\nSTATUS=reloading the configuration")
+        try:
+            fleet = config.load(self.config_source)
+            lane_keys = keys.read_lane_keys(Path(fleet.settings.state_dir), sorted(fleet.lanes))
+        except (LanectlError, OSError) as exc:
+            msg = exc.message if isinstance(exc, LanectlError) else str(exc)
+            if isinstance(exc, LanectlError) and exc.problems:
+                msg += ": " + "; ".join(p.render() for p in exc.problems[:5])
+            self.reload_error = msg
+            log.error("reload failed, the previous configuration stays in force: %s", msg)
+            self.notify("READY=1\nSTATUS=reload failed (previous configuration in force): " + msg[:200])
+            return False
+        self.adopt(fleet, lane_keys, now)
+        self.generation += 1
+        self.reload_error = None
+        self.refresh_summary()
+        self.notify("READY=1\nSTATUS=" + self.status_line())
+        return True
+
+    def adopt(self, fleet: LaneSet, lane_keys: dict[str, str], now: float) -> None:
+        """Switch to ``fleet``: watch lanes that are new, forget lanes that are gone, update the others."""
+        s = self.shared
+        old, new = set(s.lanes), set(fleet.lanes)
+        for name in sorted(old - new):
+            self.watch.remove(name)
+            lost = ms.requeue_lane(s.db, name, "lane removed from the fleet", now=now)
+            log.warning("lane %s removed from the fleet%s", name, f"; re-queued missions {lost}" if lost else "")
+        recorded = lane_ops.recorded_invocations(s.db)
+        for name in sorted(new):
+            lane = fleet.lanes[name]
+            w = s.lanes.get(name)
+            if w is None:
+                self.watch.add(lane_watch(name, lane, lane_keys[name]), recorded.get(name, ""))
+                log.info("lane %s added to the fleet (port %d)", name, lane.port)
+            else:
+                w.port, w.key, w.health_path = lane.port, lane_keys[name], lane.health_path
+                w.max_restarts, w.enabled = lane.restart.max_restarts, lane.enabled
+        for name, was, now_ in bound_settings(s.settings, fleet.settings):
+            log.warning("%s changed (%r -> %r): it takes effect when the supervisor restarts", name, was, now_)
+        s.fleet = fleet
+        if self.users.fixed is None:
+            self.users.resolve()
+        self.metrics.invalidate()
+        s.dirty = True
+        self.watch.look_again()  # systemd (and so the new lanes) at this observation
+        self.watch.observe(now)
+
+    # ------------------------------------------------------------------------------------------ reports
+    def wake(self) -> None:
+        try:
+            os.write(self.wake_w, b"x")
+        except BlockingIOError:
+            pass  # a wake-up is pending already
+
+    def metrics_text(self) -> str:
+        return self.metrics.text()
+
+    def health(self) -> dict[str, Any]:
+        """The /healthz document."""
+        return {"pid": os.getpid(), "version": __version__, "ledger": str(self.ledger_path),
+                "generation": self.generation, "reloads": self.reloads, "reload_error": self.reload_error,
+                **self.summary}
+
+    def refresh_summary(self) -> None:
+        counts = ms.state_counts(self.shared.db.conn)  # every second: must not count a million-row queue
+        lanes = self.lanes.values()
+        self.summary = {
+            "lanes": {w.name: {"state": w.state, "healthy": w.healthy, "unit": f"{w.active}/{w.sub}",
+                               "invocation": w.invocation, "restarts": w.restarts} for w in lanes},
+            "lanes_up": sum(1 for w in lanes if w.healthy), "queued": counts.get("queued", 0),
+            "in_flight": counts.get("dispatched", 0) + counts.get("running", 0),
+            "counters": dict(self.counters), "refused": self.refusals.counts(), "last_tick": self.last_tick,
+            "clock_skew_s": round(self.clock.skew(), 3),
+        }
+
+    def status_line(self) -> str:
+        s = self.summary
+        return (f"{s.get('lanes_up', 0)}/{len(self.lanes)} lanes up; {s.get('queued', 0)} queued, "
+                f"{s.get('in_flight', 0)} in flight; {self.counters['dispatched']} dispatched, "
+                f"{self.counters['failovers']} failovers")
+
+    def notify(self, msg: str) -> None:
+        if self.notifier is not None:
+            self.notifier.send(msg)
+
+    # ------------------------------------------------------------------------------------------ loop
+    def start(self, now: float) -> None:
+        """Before the first turn: what every lane holds, the outage forgiven, reconciliation, READY=1."""
+        self.watch.started_at = now
+        self.watch.observe(now)  # what every lane holds, before anything is reaped
+        self.watch.last_observe = now
+        # the outage is forgiven: every lease runs from the supervisor's return; what a lane holds is kept alive by
+        # its heartbeats and health reports, what it does not hold is reconciled below
+        moved = ms.extend_leases(self.shared.db, until=now + self.settings.leases.lease_sec)
+        if moved:
+            log.info("%d leases restarted from now (the supervisor was away)", moved)
+        self.watch.reconcile(now)
+        self.refresh_summary()
+        self.history.start(now)
+        self.last_ping = self.last_summary = now
+        self.notify("READY=1\nSTATUS=" + self.status_line())
+
+    def run(self) -> int:
+        self.open()
+        self.start(self.clock.now())
+        # Everything imported and built so far lives as long as the process: keep it out of the collector's
+        # full passes, which otherwise walk it inside a tick now and then (docs/benchmarks.md, dispatch latency).
+        gc.freeze()
+        log.info("supervising %d lanes; callbacks on %s, /healthz and /metrics on %s:%d", len(self.lanes),
+                 self.socket_path, self.settings.supervisor.host, self.settings.supervisor.port)
+        from lanectl.runtime import Notifier
+
+        self.ping_every = Notifier.watchdog_interval() or 1.0
+        while not self.stop.is_set():
+            if not self.turn(self.clock.now()):
+                self.stop.wait(LEDGER_RETRY_S)
+            self.wait(self.idle_timeout(self.clock.now()))
+        self.notify("STOPPING=1\nSTATUS=stopping")
+        self.close()
+        return 0
+
+    def turn(self, now: float) -> bool:
+        """One turn of the main loop at ``now`` (the supervisor's clock); False when the ledger failed it.
+
+        1. lane processes whose pidfd turned readable since the last turn: what they logged as done is settled,
+           the rest re-queued (``watch.reap``);
+        2. a reload requested by SIGHUP (between two turns, never inside one);
+        3. callbacks that arrived are applied in one transaction (group commit), fenced by mission, lane, attempt,
+           token;
+        4. results of dispatch POSTs (429/503: back uncharged, the lane full until its next report; other
+           refusals and unreachable lanes: the attempt is lost);
+        5. every ``health.observe_sec``: systemd's view and every lane's health endpoint, then degradation and
+           recovery (``watch.maybe_observe``); cancels a lane did not take are sent again;
+        6. when the ledger changed (another process committed), a part asked (``dirty``) or ``supervisor.tick_sec``
+           passed: one policy pass and its POSTs, cancels forwarded, draining lanes with nothing in flight
+           drained, and the rollback triggers (every ``tick_sec``);
+        7. roll-ups when due;
+        then, ledger or not: the TCP listener retried, WATCHDOG=1, a retention pass when due, the /healthz summary
+        and STATUS= every SUMMARY_EVERY_S.
+
+        Side effects (POSTs) happen only after the assignment committed; a supervisor killed between the two
+        leaves attempts that the lane never got, which its restart reconciles against each lane's ``/healthz``.
+        """
+        ok = True
+        try:
+            self.ledger_turn(now)
+            self.ledger_error = None
+        except (LedgerError, LanectlError, OSError) as exc:
+            # the ledger cannot be written (disk full, I/O error, locked past the timeout): keep the watchdog
+            # fed and the callbacks answered (500: the lanes retry), and try again shortly
+            if self.ledger_error is None or now - self.ledger_error >= LEDGER_LOG_EVERY_S:
+                log.error("ledger unavailable, retrying: %s", exc)
+                self.ledger_error = now
+            self.dirty = True
+            ok = False
+        self.endpoints.maybe_bind_tcp(now)
+        if now - self.last_ping >= self.ping_every:
+            self.notify("WATCHDOG=1")
+            self.last_ping = now
+        self.history.maybe_prune(now)
+        if now - self.last_summary >= SUMMARY_EVERY_S:
+            try:
+                self.refresh_summary()
+            except (LedgerError, LanectlError):
+                pass
+            self.notify("STATUS=" + self.status_line())
+            self.last_summary = now
+        return ok
+
+    def next_due(self) -> float:
+        """When (on the loop's clock) the next turn has something to do without being woken: an observation, a
+        policy pass (every ``supervisor.tick_sec`` at least), a roll-up, a cancel to send again, the TCP listener
+        to retry, WATCHDOG=1, a retention pass, the summary. Everything else wakes the loop itself."""
+        s = self.settings
+        due = [self.watch.next_observe(), self.last_tick + s.supervisor.tick_sec, self.history.next_rollup,
+               self.last_ping + self.ping_every, self.last_summary + SUMMARY_EVERY_S,
+               self.dispatcher.next_cancel_due(), self.endpoints.next_tcp_try()]
+        if s.ledger.retention is not None:
+            due.append(self.history.next_prune)
+        return min(due)
+
+    def idle_timeout(self, now: float) -> float:
+        """How long :meth:`wait` may sleep after a turn at ``now``: POLL_S without inotify (commits of other
+        processes are polled), IDLE_S while a policy pass is wanted, else until :meth:`next_due`, at most
+        IDLE_MAX_S."""
+        if self.commits is None:
+            return POLL_S
+        if self.dirty:
+            return IDLE_S
+        return max(0.0, min(IDLE_MAX_S, self.next_due() - now))
+
+    def ledger_turn(self, now: float) -> None:
+        """Steps 1-7 of :meth:`turn`: everything that reads or writes the ledger."""
+        s = self.shared
+        self.watch.reap(now)
+        if self.reload_requested:
+            self.reload_requested = False
+            self.reload(now)
+        self.callbacks.apply(now)
+        self.dispatcher.apply_results(now)
+        self.watch.maybe_observe(now)
+        if self.dispatcher.cancels_pending():
+            self.dispatcher.apply_cancel_results(now)
+        version = s.db.data_version()
+        if version != self.data_version or s.dirty or now - self.last_tick >= self.settings.supervisor.tick_sec:
+            self.data_version = version
+            s.dirty = False
+            self.tick(now)
+        self.history.maybe_roll_up(now)
+
+    def tick(self, now: float) -> None:
+        """One policy pass and its POSTs, cancels forwarded, drains settled, rollback triggers when due."""
+        self.dispatcher.dispatch(now)
+        self.dispatcher.forward_cancels(now)
+        self.settle_drains(now)
+        self.governor.maybe_govern(now)
+
+    def settle_drains(self, now: float) -> None:
+        """Draining lanes with nothing in flight become drained."""
+        led = self.shared.db
+        for name in reads.draining_idle(led):
+            with led.transaction() as conn:
+                if lane_ops.mark_drained(conn, name, now=now):
+                    append(conn, EventKind.LANE_STATE, now, lane=name, to="drained", previous="draining",
+                           reason="nothing in flight")
+
+    def wait(self, timeout: float) -> None:
+        """Until something happens or ``timeout``: wake-ups are drained, commits of other processes noted, lanes
+        whose process exited handed to the next turn."""
+        ready = self.sel.select(timeout)
+        for key, _ in ready:
+            if key.data is None:
+                try:
+                    while os.read(self.wake_r, 4096):
+                        pass
+                except BlockingIOError:
+                    pass
+            elif key.data == "commit":
+                self.commits.drain()
+            else:
+                self.watch.pid_exited(key.data)
+
+    def close(self) -> None:
+        self.endpoints.close()
+        self.dispatcher.close()
+        self.watch.close()
+        if self.commits is not None:
+            self.commits.close()
+        if self.checkpointer is not None:
+            self.checkpointer.stop()
+        if self.shared.ledger is not None:
+            self.shared.ledger.close()
+        self.release_locks()
