@@ -154,7 +154,11 @@ import json, sys, time
 t = [time.perf_counter()]
 from lanectl import manifest, paths, systemd
 from lanectl.cli.statusview import run_status
-from lanectl.status import STATUS_PROPS, _processes, cgroup_usage, check_health_many, collect
+from lanectl.status import STATUS_PROPS, _processes, cgroup_usage, collect
+try:  # the health prober's own module since issue 11 item 7; in lanectl.status before (--compare runs older trees)
+    from lanectl.healthcheck import check_health_many
+except ImportError:
+    from lanectl.status import check_health_many
 t.append(time.perf_counter())
 data = manifest.read(paths.unit_dir(None))
 lanes = data["lanes"]

@@ -371,17 +371,17 @@ def ensure_ledger(fleet: LaneSet) -> str | None:
 
 def signal_supervisor(fleet: LaneSet, result: InstallResult, *, restart: bool = False) -> None:
     """Reload a running supervisor (``restart``: restart it) and wait until it runs the new fleet."""
-    from lanectl import operate
+    from lanectl import lifecycle
     from lanectl.units import SUPERVISOR
 
-    if operate.active_states([SUPERVISOR]).get(SUPERVISOR) not in ("active", "reloading"):
+    if lifecycle.active_states([SUPERVISOR]).get(SUPERVISOR) not in ("active", "reloading"):
         return  # not running: it loads the new fleet when it starts
     if restart:
         proc = systemd.run("restart", SUPERVISOR, check=False)
         result.supervisor = "restarted"
     else:
         proc = None
-        err = operate.reload_supervisor(fleet.settings.supervisor.port, sorted(fleet.lanes))
+        err = lifecycle.reload_supervisor(fleet.settings.supervisor.port, sorted(fleet.lanes))
         result.supervisor = "reloaded"
         if err:
             result.supervisor_error = err
@@ -434,10 +434,10 @@ def stop_removed(gone: list[str], res: InstallResult, *, enabled: set[str] = fro
     before, ``lane_in_use``). ``enabled``: lanes whose unit is linked in lanectl.target.wants or runs."""
     if not gone or not systemd.available():
         return
-    from lanectl import operate
+    from lanectl import lifecycle
 
     units = {unit_name(n): n for n in gone}
-    active = operate.active_states(list(units))
+    active = lifecycle.active_states(list(units))
     doomed = [u for u in units if active.get(u) not in ("inactive", "failed", "unknown") or units[u] in enabled]
     if not doomed:
         return

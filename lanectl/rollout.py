@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from lanectl import config, install as installer, operate, paths, systemd, units
+from lanectl import config, install as installer, lifecycle, paths, systemd, units
 from lanectl.errors import ExitCode, LanectlError, Timeout
 from lanectl.ledger import Ledger
 from lanectl.ledger import lanes as lane_ops
@@ -42,14 +42,14 @@ class ApplyResult:
 
 
 def graceful_restart(led: Ledger, fleet: config.LaneSet, lanes: dict[str, Any], name: str, timeout: float,
-                     reason: str | None, progress: operate.Progress | None = None) -> None:
+                     reason: str | None, progress: lifecycle.Progress | None = None) -> None:
     """Drain, wait until nothing is in flight, restart, wait until up, undrain (back to its previous state).
 
     Raises ``Timeout`` (exit 7, ``drain_timeout``; the lane stays draining) when work is still in flight after
     ``timeout`` seconds, and ``restart_failed`` (exit 8) when the lane is not up 60 s after its restart."""
     previous = lane_ops.state_of(led, name)
     lane_ops.drain(led, fleet, name, now=time.time(), reason=f"graceful restart: {reason or ''}".strip(": "))
-    left = operate.wait_drained(led.path, name, timeout, progress=progress)
+    left = lifecycle.wait_drained(led.path, name, timeout, progress=progress)
     if left:
         raise Timeout(f"lane {name} still has {len(left)} mission(s) in flight after {timeout:g}s",
                       "it stays draining; wait, cancel them, or restart without --graceful", "drain_timeout")
@@ -58,7 +58,7 @@ def graceful_restart(led: Ledger, fleet: config.LaneSet, lanes: dict[str, Any], 
     lane_ops.record(led, EventKind.LANE_RESTART, now=time.time(), lane=name, graceful=True, reason=reason)
     if progress is not None:
         progress(f"restarting {name}")
-    up = operate.wait_up(lanes, name, 60, progress=progress)
+    up = lifecycle.wait_up(lanes, name, 60, progress=progress)
     if previous in ("active", "degraded"):
         lane_ops.undrain(led, fleet, name, now=time.time(), reason="graceful restart done")
     if not up:
@@ -68,21 +68,21 @@ def graceful_restart(led: Ledger, fleet: config.LaneSet, lanes: dict[str, Any], 
 
 def restart_gracefully(lane: str, *, timeout: float, reason: str | None = None, unit_dir: str | None = None,
                        config_dir: str | None = None, ledger: str | None = None,
-                       progress: operate.Progress | None = None) -> operate.OpResult:
+                       progress: lifecycle.Progress | None = None) -> lifecycle.OpResult:
     """``lanectl restart --graceful LANE``: ``graceful_restart`` of one installed lane (exit 4 for a lane that is
     not installed); the result says it was restarted."""
     from lanectl.status import installed_lanes
 
     lanes = installed_lanes(paths.unit_dir(unit_dir), config_dir)
-    operate.select(lanes, [lane], enabled_only=False)
+    lifecycle.select(lanes, [lane], enabled_only=False)
     fleet = config.load(config_dir)
     with config.open_ledger(fleet, ledger) as led:
         graceful_restart(led, fleet, lanes, lane, timeout, reason, progress)
-    return operate.OpResult("restart", [lane], [lane])
+    return lifecycle.OpResult("restart", [lane], [lane])
 
 
 def apply(*, timeout: float, reason: str | None = None, unit_dir: str | None = None, config_dir: str | None = None,
-          ledger: str | None = None, progress: operate.Progress | None = None) -> ApplyResult:
+          ledger: str | None = None, progress: lifecycle.Progress | None = None) -> ApplyResult:
     """``lanectl apply``: install what changed, record an ``apply`` event when something did, then restart
     gracefully, one at a time, the changed lanes whose units run (a stopped one takes its new unit when it starts).
 
@@ -95,7 +95,7 @@ def apply(*, timeout: float, reason: str | None = None, unit_dir: str | None = N
     changed_lanes = sorted({n for n in fleet.lanes if units.dropin_path(n) in res.written} |
                            (set(fleet.lanes) if template_changed else set()))
     lanes = installer.manifest(fleet)["lanes"]
-    active = operate.active_states([lanes[n]["unit"] for n in changed_lanes]) if changed_lanes else {}
+    active = lifecycle.active_states([lanes[n]["unit"] for n in changed_lanes]) if changed_lanes else {}
     out = ApplyResult(res, changed_lanes)
     with config.open_ledger(fleet, config.ledger_path(fleet, ledger)) as led:
         if res.changed:
@@ -140,7 +140,7 @@ class DrainResult:
 
 def drain(lane: str, *, wait: bool = False, stop: bool = False, timeout: float = 300.0, reason: str | None = None,
           config_dir: str | None = None, ledger: str | None = None,
-          progress: operate.Progress | None = None) -> DrainResult:
+          progress: lifecycle.Progress | None = None) -> DrainResult:
     """``lanectl drain``: the lane takes no new work (an operator's drain takes over one lanectl made by itself).
     With ``wait`` (or ``stop``), wait until nothing is in flight: ``Timeout`` (exit 7, ``drain_timeout``) after
     ``timeout`` seconds; with ``stop``, then stop the lane's unit."""
@@ -151,7 +151,7 @@ def drain(lane: str, *, wait: bool = False, stop: bool = False, timeout: float =
         path = led.path
     res = DrainResult(lane, changed, previous)
     if wait or stop:
-        res.in_flight = operate.wait_drained(path, lane, timeout, progress=progress)
+        res.in_flight = lifecycle.wait_drained(path, lane, timeout, progress=progress)
         res.drained = not res.in_flight
     if res.in_flight:
         left = res.in_flight
@@ -165,7 +165,7 @@ def drain(lane: str, *, wait: bool = False, stop: bool = False, timeout: float =
 
 @dataclass
 class UndrainResult:
-    """What ``undrain`` did: the ledger's change, and what ``operate.bring_back`` did to the unit (None without
+    """What ``undrain`` did: the ledger's change, and what ``lifecycle.bring_back`` did to the unit (None without
     systemd)."""
 
     lane: str
@@ -188,5 +188,5 @@ def undrain(lane: str, *, reason: str | None = None, unit_dir: str | None = None
     fleet = config.load(config_dir)
     with config.open_ledger(fleet, ledger) as led:
         changed = lane_ops.undrain(led, fleet, lane, now=time.time(), reason=reason)
-    unit = operate.bring_back(lane, unit_dir, config_dir) if systemd.available() else None
+    unit = lifecycle.bring_back(lane, unit_dir, config_dir) if systemd.available() else None
     return UndrainResult(lane, changed, unit)

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from lanectl import __version__, cgroups, landlock, outcap
+from lanectl.notify import Notifier
 from lanectl.protocol import (LOG_NAME, MAX_BODY, MAX_CALLBACK_BATCH, MAX_TAIL, STATE_DIR_NAME, BadMessage, BoundedServer, CallbackMsg,
                               DeadlineHandler, DispatchMsg, LogRefused, PeerMismatch, UnixHTTPConnection, bearer_ok,
                               callback_socket, log_key, open_state_dir, parse_dispatch, read_body, send_json,
@@ -84,30 +85,6 @@ def wipe_initial_env(name: str) -> None:
             n = len(ctypes.string_at(ptr))  # the value as libc holds it
             ctypes.memset(ptr, 0, n)
     os.environ.pop(name, None)
-
-
-class Notifier:
-    """sd_notify through the sdnotify library; a no-op outside systemd (no NOTIFY_SOCKET)."""
-
-    def __init__(self) -> None:
-        self._n = None
-        if os.environ.get("NOTIFY_SOCKET"):
-            import sdnotify
-
-            self._n = sdnotify.SystemdNotifier()
-
-    def send(self, msg: str) -> None:
-        if self._n is not None:
-            self._n.notify(msg)
-
-    @staticmethod
-    def watchdog_interval() -> float | None:
-        """Half of WATCHDOG_USEC (when it is meant for this process), as systemd recommends."""
-        usec = os.environ.get("WATCHDOG_USEC")
-        pid = os.environ.get("WATCHDOG_PID")
-        if not usec or (pid and pid != str(os.getpid())):
-            return None
-        return int(usec) / 2e6
 
 
 @dataclass

@@ -132,3 +132,14 @@ def test_the_operator_guide_says_which_commands_take_json() -> None:
     m = re.search(r"Every command but ([^.]+?) takes `--json`", guide)
     assert m, "docs/operations.md: say which commands do not take --json"
     assert sorted(re.findall(r"`([a-z ]+)` \(", m.group(1))) == without, (m.group(1), without)
+
+
+def test_the_module_map_matches_the_tree() -> None:
+    """docs/modules.md names every module of the package once, and nothing that is not there."""
+    text = (DOCS / "modules.md").read_text()
+    listed = re.findall(r"^\| `(lanectl/[\w/]+\.py)` \|", text, flags=re.M)
+    tree = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "lanectl").rglob("*.py"))
+    dupes = sorted({m for m in listed if listed.count(m) > 1})
+    assert not dupes, f"docs/modules.md lists these twice: {dupes}"
+    assert sorted(set(tree) - set(listed)) == [], "add these modules to docs/modules.md"
+    assert sorted(set(listed) - set(tree)) == [], "docs/modules.md lists modules that are gone"

@@ -1,7 +1,7 @@
 """The CLI is thin (issue 11 item 5), checked on the source (ast) so that a change that thickens it fails here.
 
 1. No CLI module reaches into the library's privates: ``lanectl/cli/`` imports no ``_name`` from a lanectl module
-   outside ``lanectl/cli/`` (nor a ``_module``), and reads no ``_name`` attribute of one (``operate._active(...)``,
+   outside ``lanectl/cli/`` (nor a ``_module``), and reads no ``_name`` attribute of one (``lifecycle._active(...)``,
    ``getattr(operate, "_active")``). What a command needs is a public, documented function of the library.
 2. A command parses, calls one library function and renders: the body of a command (the functions typer runs;
    the ``human`` renderers nested in them are not counted) has no ``for`` or ``while`` loop. Orchestration
@@ -48,7 +48,7 @@ def _library(module: str) -> bool:
 def bindings(tree: ast.Module) -> dict[str, str]:
     """Local name -> the dotted lanectl object it is bound to by an import (anywhere in the module, imports inside
     functions included): ``from lanectl.ledger import lanes as lane_ops`` binds lane_ops to
-    ``lanectl.ledger.lanes``; ``import lanectl.operate`` binds lanectl to ``lanectl``."""
+    ``lanectl.ledger.lanes``; ``import lanectl.lifecycle`` binds lanectl to ``lanectl``."""
     out: dict[str, str] = {}
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -226,21 +226,21 @@ def _package(tmp_path: Path, files: dict[str, str]) -> Path:
 
 
 @pytest.mark.parametrize("code, found", [
-    ("from lanectl import operate\ndef f():\n    return operate._active([])\n", "operate._active"),
-    ("from lanectl.operate import _active\n", "import _active"),
-    ("import lanectl.operate\ndef f():\n    return lanectl.operate._active([])\n", "lanectl.operate._active"),
-    ("from lanectl import operate as op\nx = getattr(op, '_active')\n", "getattr(op, '_active')"),
+    ("from lanectl import lifecycle\ndef f():\n    return lifecycle._active([])\n", "lifecycle._active"),
+    ("from lanectl.lifecycle import _active\n", "import _active"),
+    ("import lanectl.lifecycle\ndef f():\n    return lanectl.lifecycle._active([])\n", "lanectl.lifecycle._active"),
+    ("from lanectl import lifecycle as op\nx = getattr(op, '_active')\n", "getattr(op, '_active')"),
     ("from lanectl._secret import thing\n", "from lanectl._secret import"),
     ("def f():\n    from lanectl.ledger import lanes\n    return lanes._row\n", "lanes._row"),
 ])
 def test_a_private_reach_fails(tmp_path: Path, code: str, found: str) -> None:
-    root = _package(tmp_path, {"lanectl/cli/ops.py": code})
+    root = _package(tmp_path, {"lanectl/cli/control.py": code})
     hits = private_reaches(root)
     assert len(hits) == 1 and found in hits[0], hits
 
 
 def test_privates_of_the_cli_itself_and_of_other_packages_are_not_reaches(tmp_path: Path) -> None:
-    root = _package(tmp_path, {"lanectl/cli/ops.py": "from lanectl.cli.fleet import _lanes\nimport typer\n"
+    root = _package(tmp_path, {"lanectl/cli/control.py": "from lanectl.cli.fleet import _lanes\nimport typer\n"
                                                      "x = typer._internal\nfrom lanectl import __version__\n"
                                                      "def f(res):\n    return res._x\n"})
     assert private_reaches(root) == []
@@ -255,7 +255,7 @@ COMMAND = "from lanectl.output import command\n@command('apply')\ndef apply(json
     "    if json_out:\n        for n in []:\n            pass\n",
 ])
 def test_a_loop_in_a_command_fails(tmp_path: Path, body: str) -> None:
-    root = _package(tmp_path, {"lanectl/cli/ops.py": COMMAND + body})
+    root = _package(tmp_path, {"lanectl/cli/control.py": COMMAND + body})
     assert len(command_loops(root)) == 1 and "apply" in command_loops(root)[0]
 
 
@@ -263,7 +263,7 @@ def test_a_loop_in_a_registered_command_fails_and_one_in_its_renderer_does_not(t
     code = ("def register(app):\n    app.command('drain')(drain)\n"
             "def drain(lane: str) -> None:\n    def human():\n        for x in []:\n            pass\n"
             "    items = [x for x in range(3)]\n    while items:\n        items.pop()\n")
-    found = command_loops(_package(tmp_path, {"lanectl/cli/ops.py": code}))
+    found = command_loops(_package(tmp_path, {"lanectl/cli/control.py": code}))
     assert len(found) == 1 and "drain: while loop" in found[0], found
 
 
@@ -276,7 +276,7 @@ def test_a_loop_in_a_registered_command_fails_and_one_in_its_renderer_does_not(t
     "import os\ndef f():\n    os.system('systemctl restart x')\n",
 ])
 def test_running_or_waiting_in_the_cli_fails(tmp_path: Path, code: str) -> None:
-    assert len(runs_and_waits(_package(tmp_path, {"lanectl/cli/ops.py": code}))) == 1
+    assert len(runs_and_waits(_package(tmp_path, {"lanectl/cli/control.py": code}))) == 1
 
 
 @pytest.mark.parametrize("code", [
@@ -285,18 +285,18 @@ def test_running_or_waiting_in_the_cli_fails(tmp_path: Path, code: str) -> None:
     "from lanectl.ledger import events\ndef f(led):\n    events.append(led, 'x')\n",
 ])
 def test_an_event_written_by_the_cli_fails(tmp_path: Path, code: str) -> None:
-    assert len(event_writes(_package(tmp_path, {"lanectl/cli/ops.py": code}))) == 1
+    assert len(event_writes(_package(tmp_path, {"lanectl/cli/control.py": code}))) == 1
 
 
 def test_the_cli_before_this_change_fails_every_rule(tmp_path: Path) -> None:
-    """The apply command as it was (ea1c48c..1f36df2): a loop over the changed lanes, operate._active, systemctl
+    """The apply command as it was (ea1c48c..1f36df2): a loop over the changed lanes, lifecycle._active, systemctl
     in graceful_restart, the apply event recorded by the command."""
     shutil.copytree(ROOT / "lanectl", tmp_path / "lanectl")
     before = (
-        "from lanectl import operate, systemd\nfrom lanectl.ledger import lanes as lane_ops\n"
+        "from lanectl import lifecycle, systemd\nfrom lanectl.ledger import lanes as lane_ops\n"
         "from lanectl.output import command\n"
         "@command('apply')\ndef apply(json_out: bool = False) -> None:\n"
-        "    active = operate._active(['a'])\n"
+        "    active = lifecycle._active(['a'])\n"
         "    for name in active:\n"
         "        lane_ops.record(None, 'apply', now=0)\n"
         "        systemd.run('restart', name)\n")

@@ -6,7 +6,7 @@ from typing import Any, List, Optional
 
 import typer
 
-from lanectl import operate, paths
+from lanectl import lifecycle, paths
 from lanectl.cli.options import CONFIG, JSON, LEDGER, UNIT_DIR, complete_lanes
 from lanectl.errors import ExitCode
 from lanectl.cli.statusview import run_status
@@ -31,7 +31,7 @@ def _lanes(unit_dir: Optional[str], config_dir: Optional[str]) -> dict[str, dict
     return installed_lanes(paths.unit_dir(unit_dir), config_dir)
 
 
-def _report(res: operate.OpResult, json_out: bool, verb: str, warnings: list[Any] | None = None) -> None:
+def _report(res: lifecycle.OpResult, json_out: bool, verb: str, warnings: list[Any] | None = None) -> None:
     data = {"action": res.action, "lanes": res.lanes, "changed": res.changed, "failed": res.failed,
             "reset": res.reset}
 
@@ -63,7 +63,7 @@ def up(lanes: Optional[List[str]] = LANES, unit_dir: Optional[str] = UNIT_DIR,
     Exits 8 when a lane failed to start (the others are started anyway), 6 when this user may not manage
     units.
     """
-    _report(operate.up(_lanes(unit_dir, config_dir), lanes or None), json_out, "started")
+    _report(lifecycle.up(_lanes(unit_dir, config_dir), lanes or None), json_out, "started")
 
 
 @command("down")
@@ -78,8 +78,8 @@ def down(lanes: Optional[List[str]] = LANES, unit_dir: Optional[str] = UNIT_DIR,
     from lanectl.status import installed_fleet
 
     fleet = installed_fleet(paths.unit_dir(unit_dir), config_dir)
-    res = operate.down(fleet["lanes"], lanes or None, paths.unit_dir(unit_dir))
-    _report(res, json_out, "stopped", operate.bound_warnings(fleet.get("ledger"), res.lanes) if lanes else None)
+    res = lifecycle.down(fleet["lanes"], lanes or None, paths.unit_dir(unit_dir))
+    _report(res, json_out, "stopped", lifecycle.bound_warnings(fleet.get("ledger"), res.lanes) if lanes else None)
 
 
 @command("restart")
@@ -98,7 +98,7 @@ def restart(lane: str = typer.Argument(..., autocompletion=complete_lanes),
     the lane did not start, 6 when this user may not manage units.
     """
     if not graceful:
-        _report(operate.restart(_lanes(unit_dir, config_dir), lane), json_out, "restarted")
+        _report(lifecycle.restart(_lanes(unit_dir, config_dir), lane), json_out, "restarted")
         return
     from lanectl import rollout
 
@@ -194,6 +194,6 @@ def logs(lanes: Optional[List[str]] = typer.Argument(
 
     Exits 4 for a lane that is not installed, 6 when journalctl is missing; otherwise journalctl's own code.
     """
-    argv = operate.journal_argv(_lanes(unit_dir, config_dir), lanes or None, supervisor=supervisor, follow=follow,
+    argv = lifecycle.journal_argv(_lanes(unit_dir, config_dir), lanes or None, supervisor=supervisor, follow=follow,
                                 since=since, lines=lines)
     os.execv(argv[0], argv)

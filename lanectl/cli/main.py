@@ -7,7 +7,7 @@ import typing
 import typer
 
 from lanectl import __version__, paths
-from lanectl.cli import evidence, fleet, governance, lanes, ledgercmd, missions, ops, units
+from lanectl.cli import control, evidence, fleet, governance, lanes, ledgercmd, missions, units
 
 app = typer.Typer(
     name="lanectl",
@@ -42,7 +42,7 @@ lanes.register(app)
 units.register(app)
 fleet.register(app)
 missions.register(app)
-ops.register(app)
+control.register(app)
 governance.register(app)
 evidence.register(app)
 ledgercmd.register(app)

@@ -1,4 +1,4 @@
-"""The mission ledger: one SQLite file in WAL mode, written only by the supervisor and the operator's CLI.
+"""The mission ledger: one SQLite file in WAL mode (the default) or a PostgreSQL database (``lanectl.ledger.pg``), written only by the supervisor and the operator's CLI.
 
 ``Ledger.open(path)`` creates the file (mode 0640, directory 0750), applies pending migrations and refuses a file
 that is not SQLite or was written by a newer schema (both ``ExitCode.CONFIG``). Every write goes through

@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from lanectl import __version__, config, keys, paths
+from lanectl import __version__, config, keys
 from lanectl.config import LaneSet, Settings
 from lanectl.errors import LanectlError
 from lanectl.ledger import Checkpointer, Ledger, reads
@@ -217,7 +217,7 @@ class Supervisor:
                                                create=self.create)
         # WAL checkpoints off the dispatch path
         self.checkpointer = Checkpointer(self.ledger_path, synchronous=sync).start()
-        from lanectl.watch import commit_watch
+        from lanectl.wakeup import commit_watch
 
         self.commits = commit_watch(self.ledger_path)
         if self.commits is not None:
@@ -354,7 +354,7 @@ class Supervisor:
         gc.freeze()
         log.info("supervising %d lanes; callbacks on %s, /healthz and /metrics on %s:%d", len(self.lanes),
                  self.socket_path, self.settings.supervisor.host, self.settings.supervisor.port)
-        from lanectl.runtime import Notifier
+        from lanectl.notify import Notifier
 
         self.ping_every = Notifier.watchdog_interval() or 1.0
         while not self.stop.is_set():

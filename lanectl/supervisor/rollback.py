@@ -93,15 +93,15 @@ class Governor:
     def snapshot_async(self, lane: str, out: Path, reason: str, now: float) -> str:
         """Capture in a thread (systemctl, journalctl and an integrity check may take seconds; the main loop must
         keep pinging the watchdog); returns where it will be."""
-        from lanectl import snapshot
+        from lanectl import incident
 
         fleet, ledger_path = self.shared.fleet, self.shared.ledger_path
 
         def run() -> None:
             try:
-                snapshot.capture(fleet, ledger_path, out, lane=lane, reason=reason, actor=WHO, now=now)
+                incident.capture(fleet, ledger_path, out, lane=lane, reason=reason, actor=WHO, now=now)
             except Exception:
                 log.exception("lane=%s: snapshot failed", lane)
 
         threading.Thread(target=run, name="snapshot", daemon=True).start()
-        return str(snapshot.final_path(out, lane, now))
+        return str(incident.final_path(out, lane, now))

@@ -26,7 +26,7 @@ from lanectl.ledger import lanes as lane_ops
 from lanectl.ledger import missions as ms
 from lanectl.ledger import reads
 from lanectl.protocol import LogScan, log_key, scan_execution_log, tcp_listener_uids
-from lanectl.status import check_health_many
+from lanectl.healthcheck import check_health_many
 from lanectl.supervisor.dispatcher import Dispatcher
 from lanectl.supervisor.health import Health
 from lanectl.supervisor.shared import LaneWatch, Shared

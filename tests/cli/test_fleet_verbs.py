@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from lanectl import operate
+from lanectl import lifecycle
 from lanectl.cli.main import app
 from lanectl.errors import ExitCode, NotFound
 from tests.conftest import write_lane
@@ -83,16 +83,16 @@ def test_render_check_diff_shows_each_difference(cfg: Path, tmp_path: Path) -> N
 @pytest.mark.skipif(not shutil.which("journalctl"), reason="no journalctl")
 def test_logs_reads_the_journal_of_the_named_units() -> None:
     lanes = {"alpha": {"unit": "lanectl-lane@alpha.service"}, "beta": {"unit": "lanectl-lane@beta.service"}}
-    argv = operate.journal_argv(lanes, ["alpha", "supervisor"], follow=True, since="-1h")
+    argv = lifecycle.journal_argv(lanes, ["alpha", "supervisor"], follow=True, since="-1h")
     assert argv[0].endswith("journalctl")
     assert argv[argv.index("-u") + 1] == "lanectl-lane@alpha.service" and "lanectl-supervisor.service" in argv
     assert "lanectl-lane@beta.service" not in argv and argv[-1] == "-f" and "-1h" in argv and "-n" not in argv
-    every = operate.journal_argv(lanes, None)
+    every = lifecycle.journal_argv(lanes, None)
     assert [every[i + 1] for i, a in enumerate(every) if a == "-u"] == [
         "lanectl-lane@alpha.service", "lanectl-lane@beta.service", "lanectl-supervisor.service"]
     assert every[every.index("-n") + 1] == "100"
     with pytest.raises(NotFound):
-        operate.journal_argv(lanes, ["nope"])
+        lifecycle.journal_argv(lanes, ["nope"])
 
 
 def test_lane_remove_refuses_while_work_is_bound_and_moves_it_with_reroute_to(cfg: Path) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lanectl import operate
+from lanectl import lifecycle
 from lanectl.client import Client
 from lanectl.config import load
 from lanectl.dispatch import Assignment
@@ -60,7 +60,7 @@ def test_wait_drained_tells_what_is_still_in_flight(cfg: Path) -> None:
         ms.assign(led, [Assignment(mid, "alpha", "interactive")], now=time.time(), lease_sec=600)
         path = led.path
     said: list[str] = []
-    left = operate.wait_drained(path, "alpha", 0.5, poll=0.1, progress=said.append)
+    left = lifecycle.wait_drained(path, "alpha", 0.5, poll=0.1, progress=said.append)
     assert left == [mid] and said
     assert said[-1].startswith(f"draining alpha: 1 mission(s) in flight (missions {mid}); ") and "left of the " \
         "timeout" in said[-1]

@@ -53,7 +53,8 @@ def test_status_json_keys_are_the_declared_fields(fleet: Fleet) -> None:
     its health Health's; memory, CPU and tasks are the lane cgroup's, read from the kernel's files on this host."""
     import dataclasses
 
-    from lanectl.status import Health, LaneStatus
+    from lanectl.healthcheck import Health
+    from lanectl.status import LaneStatus
 
     assert fleet.json("up")[0] == 0
     proc = fleet.sb.exec([LANECTL_BIN, "status", "--json"], check=False)

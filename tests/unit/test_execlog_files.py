@@ -20,7 +20,8 @@ from lanectl.ledger import Ledger
 from lanectl.ledger import missions as ms
 from lanectl.protocol import (MAX_LOG_TAIL, LogScan, log_entry_authentic, log_key, scan_execution_log,
                               sign_log_entry)
-from lanectl.runtime import LaneInfo, LaneRuntime, Notifier, append_own_log
+from lanectl.notify import Notifier
+from lanectl.runtime import LaneInfo, LaneRuntime, append_own_log
 from lanectl.supervisor import LaneWatch, Supervisor
 
 KEY = "k" * 64

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from lanectl import probe
-from lanectl.status import Health, LaneStatus
+from lanectl.healthcheck import Health
+from lanectl.status import LaneStatus
 
 LANES = {"alpha": {"enabled": True}, "beta": {"enabled": True}}
 

@@ -15,7 +15,8 @@ import pytest
 from lanectl.cli.statusview import run_status
 from lanectl.errors import Problem
 from lanectl.probe import CRITICAL, OK, Check, Perf, ProbeResult
-from lanectl.status import Health, LaneStatus, cgroup_usage
+from lanectl.healthcheck import Health
+from lanectl.status import LaneStatus, cgroup_usage
 
 
 def names(cls: type) -> tuple[str, ...]:
@@ -126,7 +127,7 @@ def test_health_latency_is_the_lanes_not_the_time_status_spent_meanwhile() -> No
     import threading
     import time
 
-    from lanectl.status import HealthRound
+    from lanectl.healthcheck import HealthRound
 
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))

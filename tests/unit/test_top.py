@@ -10,7 +10,8 @@ from rich.console import Console
 from lanectl import top
 from lanectl.ledger import Ledger
 from lanectl.ledger import missions as ms
-from lanectl.status import Health, LaneStatus
+from lanectl.healthcheck import Health
+from lanectl.status import LaneStatus
 from tests.unit.test_evidence import T0, add, make_fleet
 
 

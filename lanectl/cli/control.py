@@ -1,4 +1,4 @@
-"""supervise, drain, undrain, reroute, apply: the control plane and the operator's verbs on it."""
+"""supervise, drain, undrain, reroute, apply, snapshot: the control plane and the operator's verbs on it."""
 from __future__ import annotations
 
 import contextlib
@@ -46,7 +46,7 @@ def supervise(config_dir: Optional[str] = CONFIG, ledger: Optional[str] = LEDGER
     """
     import os
 
-    from lanectl.runtime import Notifier
+    from lanectl.notify import Notifier
     from lanectl.supervisor import Supervisor
 
     setup_logging()
@@ -219,7 +219,7 @@ def snapshot(
     Units, status, the last hour of events, metrics, the journal tail where journald runs, and a ledger
     integrity check, in DIR/snapshot-TIME-LANE/. What could not be captured is listed in problems.txt.
     """
-    from lanectl import snapshot as snap
+    from lanectl import incident as snap
 
     res = snap.take(lane=lane, out=out, reason=reason, config_dir=config_dir, ledger=ledger)
     finish(["snapshot"], res.as_dict(), json_mode=json_out,
