@@ -157,3 +157,18 @@ def test_example_units_match_the_shipped_docs() -> None:
     fleet = config.load(ROOT)
     alpha = {f.path: f for f in units.render(fleet, RUNTIME_PY)}["lanectl-lane@alpha.service.d/50-lanectl.conf"]
     assert alpha.body in doc, "docs/units.md's example drop-in differs from render(); run scripts/gen-docs"
+
+
+def test_only_the_supervisor_may_open_netlink_sockets(fleet: config.LaneSet) -> None:
+    """The supervisor asks the kernel who listens on a lane's port over netlink sock_diag; without AF_NETLINK in its
+    unit it silently falls back to reading /proc/net/tcp (half its idle CPU at 48 lanes). Lanes and the probe get
+    no netlink."""
+    files = {f.path: f.text for f in units.render(fleet, RUNTIME_PY)}
+
+    def families(text: str) -> set[str]:
+        (line,) = [ln for ln in text.splitlines() if ln.startswith("RestrictAddressFamilies=")]
+        return set(line.split("=", 1)[1].split())
+
+    assert "AF_NETLINK" in families(files["lanectl-supervisor.service"])
+    assert "AF_NETLINK" not in families(files["lanectl-lane@.service"])
+    assert "AF_NETLINK" not in families(files["lanectl-probe.service"])
