@@ -143,9 +143,13 @@ def imports(path: Path, name: str, is_package: bool) -> list[tuple[str, int]]:
     return out
 
 
-def import_graph(root: Path) -> dict[str, set[str]]:
+def import_graph(root: Path, *, own_packages: bool = True) -> dict[str, set[str]]:
     """lanectl module -> the lanectl modules it imports. Importing ``a.b.c`` runs ``a/__init__`` and
-    ``a/b/__init__`` first, so every package on the way is an edge too."""
+    ``a/b/__init__`` first, so every package on the way is an edge too. With ``own_packages=False`` (the cycle
+    check) the packages a module lives in are no edge when it imports a sibling through them (``from a.b.c import
+    x`` inside ``a.b.d``): Python has ``a.b`` in sys.modules before its ``__init__`` runs, and a package whose
+    ``__init__`` names its parts is a facade, not a circle; ``from a.b import x`` (a name of ``a/b/__init__``)
+    stays an edge."""
     files = {name: path for name, path in modules(root)}
     graph: dict[str, set[str]] = {}
     for name, path in files.items():
@@ -154,6 +158,9 @@ def import_graph(root: Path) -> dict[str, set[str]]:
             parts = mod.split(".")
             for i in range(1, len(parts) + 1):
                 prefix = ".".join(parts[:i])
+                passing = i < len(parts) and f"{prefix}.{parts[i]}" in files  # a package on the way to a module
+                if not own_packages and passing and name.startswith(prefix + "."):
+                    continue
                 if prefix in files and prefix != name:
                     edges.add(prefix)
         graph[name] = edges
@@ -208,7 +215,7 @@ def cli_imports(root: Path, allowed: set[str] = CLI_ALLOWED) -> list[str]:
 
 def import_cycles(root: Path) -> list[list[str]]:
     """The strongly connected components of more than one module in the import graph (Tarjan), each sorted."""
-    graph = import_graph(root)
+    graph = import_graph(root, own_packages=False)
     index: dict[str, int] = {}
     low: dict[str, int] = {}
     stack: list[str] = []
@@ -461,6 +468,20 @@ def test_a_vocabulary_import_keeps_dispatch_pure_and_nothing_else_does(tmp_path:
     (root / "lanectl" / "dispatch.py").write_text("from lanectl.states import CLASSES\nfrom lanectl.statesx import A\n")
     assert non_stdlib_imports(root, "lanectl.dispatch", PURE_ALLOWED) == ["lanectl/dispatch.py:2: lanectl.statesx",
                                                                           "lanectl/dispatch.py:2: lanectl.statesx.A"]
+
+
+def test_a_package_facade_is_no_cycle_but_a_name_borrowed_from_it_is(tmp_path: Path) -> None:
+    """A package's ``__init__`` that names its parts, and parts that import their siblings by full path, are no
+    cycle (lanectl.supervisor, lanectl.ledger); a part that takes a name from the package's ``__init__`` while
+    the ``__init__`` imports that part is one."""
+    root = _package(tmp_path, {
+        "lanectl/sup/__init__.py": "from lanectl.sup.loop import Loop\nfrom lanectl.sup.parts import Part\n",
+        "lanectl/sup/loop.py": "from lanectl.sup.parts import Part\nclass Loop: pass\n",
+        "lanectl/sup/parts.py": "class Part: pass\n",
+    })
+    assert import_cycles(root) == []
+    (root / "lanectl" / "sup" / "parts.py").write_text("from lanectl.sup import Loop\nclass Part: pass\n")
+    assert import_cycles(root) == [["lanectl.sup", "lanectl.sup.loop", "lanectl.sup.parts"]]
 
 
 def test_an_import_cycle_fails(tmp_path: Path) -> None:
