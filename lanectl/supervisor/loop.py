@@ -44,6 +44,13 @@ IDLE_S = 0.1
 IDLE_MAX_S = 1.0
 """With inotify (a wake-up per commit, per callback, per POST result, per lane exit, per signal): the longest the
 main loop sleeps; otherwise it sleeps until the next turn has something due by the clock (:meth:`next_due`)."""
+RECHECK_S = (0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.5)
+"""After a commit wake-up that showed nothing new: the waits before looking again. inotify fires when another
+process writes the WAL, which is before its commit is visible (with synchronous=FULL the fsync and the wal-index
+update come after): a turn that reads ``PRAGMA data_version`` in between sees nothing, and no second wake-up
+follows for that commit. So the loop looks again, sooner first, for about 1.1 s (a slow fsync), before it sleeps
+until the next thing due; a commit is seen at most about twice its delay late. Commits of the supervisor's own
+connection (the WAL is its too) cost the same few looks."""
 SUMMARY_EVERY_S = 1.0
 """How often /healthz's summary and systemd's STATUS= are refreshed."""
 LEDGER_RETRY_S = 0.2
@@ -116,6 +123,7 @@ class Supervisor:
         self.commits: Any = None
         self.checkpointer: Checkpointer | None = None
         self.data_version = -1
+        self.recheck: int | None = None  # index into RECHECK_S while a commit woke the loop but is not visible yet
         self.summary: dict[str, Any] = {}
         self.ledger_error: float | None = None
         self.ping_every = 1.0
@@ -433,7 +441,10 @@ class Supervisor:
             return POLL_S
         if self.dirty:
             return IDLE_S
-        return max(0.0, min(IDLE_MAX_S, self.next_due() - now))
+        wait = max(0.0, min(IDLE_MAX_S, self.next_due() - now))
+        if self.recheck is not None:
+            wait = min(wait, RECHECK_S[max(0, self.recheck)])
+        return wait
 
     def ledger_turn(self, now: float) -> None:
         """Steps 1-7 of :meth:`turn`: everything that reads or writes the ledger."""
@@ -448,6 +459,10 @@ class Supervisor:
         if self.dispatcher.cancels_pending():
             self.dispatcher.apply_cancel_results(now)
         version = s.db.data_version()
+        if version != self.data_version:
+            self.recheck = None  # the commit that woke the loop (if one did) is visible: this pass sees it
+        elif self.recheck is not None:
+            self.recheck = self.recheck + 1 if self.recheck + 1 < len(RECHECK_S) else None
         if version != self.data_version or s.dirty or now - self.last_tick >= self.settings.supervisor.tick_sec:
             self.data_version = version
             s.dirty = False
@@ -483,6 +498,7 @@ class Supervisor:
                     pass
             elif key.data == "commit":
                 self.commits.drain()
+                self.recheck = -1  # the next turn looks; if the commit is not visible yet, RECHECK_S[0] later
             else:
                 self.watch.pid_exited(key.data)
 

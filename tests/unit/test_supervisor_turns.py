@@ -241,3 +241,41 @@ def test_a_degraded_lane_recovers_at_the_first_turn_after_recover_sec_of_health(
         lane.inbox.put(0)
         th.join(15)
         sup.close()
+
+
+def test_a_commit_wake_up_that_shows_nothing_new_is_looked_at_again(sup: Supervisor, tmp_path: Path) -> None:
+    """inotify fires when a process writes the WAL, before its commit is visible: a turn that sees nothing new
+    looks again after RECHECK_S[0], then later and later, instead of sleeping until the next thing due (up to
+    IDLE_MAX_S); a commit it then sees ends the rechecks. A commit of the supervisor's own connection is the
+    deterministic case of "woken, nothing new" (PRAGMA data_version counts other connections' commits only)."""
+    from lanectl.ledger.events import EventKind, append
+    from lanectl.supervisor.loop import RECHECK_S
+
+    assert sup.commits is not None, "no inotify: the loop polls (POLL_S) and this test does not apply"
+    sup.ping_every = 60.0
+    sup.last_summary = T0 + 100
+    assert sup.turn(T0 + 0.1)
+    assert sup.idle_timeout(T0 + 0.1) == IDLE_MAX_S
+    with sup.shared.db.transaction() as conn:  # the supervisor's own commit: the WAL changes, data_version not
+        append(conn, EventKind.LANE_STATE, T0, lane="alpha", to="active", previous="active", reason="test")
+    sup.wait(5.0)  # returns at the inotify event
+    assert sup.recheck == -1
+    seen = []
+    for i in range(len(RECHECK_S)):
+        assert sup.turn(T0 + 0.2 + i * 0.01)
+        seen.append(sup.idle_timeout(T0 + 0.2 + i * 0.01))
+    assert seen == list(RECHECK_S)
+    assert sup.turn(T0 + 0.3)
+    assert sup.recheck is None and sup.idle_timeout(T0 + 0.3) == IDLE_MAX_S  # given up: sleeps until due
+    # another process's commit that the next turn sees ends the rechecks at once
+    with sup.shared.db.transaction() as conn:
+        append(conn, EventKind.LANE_STATE, T0, lane="alpha", to="active", previous="active", reason="test")
+    sup.wait(5.0)
+    other = Ledger.open(tmp_path / "state" / "ledger.db")
+    try:
+        with other.transaction() as conn:
+            append(conn, EventKind.LANE_STATE, T0, lane="beta", to="active", previous="active", reason="test")
+    finally:
+        other.close()
+    assert sup.turn(T0 + 0.4)
+    assert sup.recheck is None and sup.idle_timeout(T0 + 0.4) == IDLE_MAX_S
