@@ -28,14 +28,24 @@ def fast(command: str, argv: list[str]) -> bool:
     data = manifest.read(paths.unit_dir(unit_dir))
     if data is None:
         return False
-    data = {**data, "ledger": manifest.ledger(data)}
+    from lanectl.errors import LanectlError
+
+    try:
+        data = {**data, "ledger": manifest.ledger(data)}
+    except LanectlError as exc:  # $LANECTL_LEDGER is a URL that cannot be used (a password in it, ...)
+        if command == "probe":
+            from lanectl.cli.probeview import unknown
+
+            unknown(exc.message, json_out, exc.code)
+        from lanectl.output import fail
+
+        fail(["status"], exc, json_out)
     if command == "probe":
         from lanectl.cli.probeview import run_probe
 
         run_probe(data, names or None, json_out, paths.unit_dir(unit_dir))
         return True
     from lanectl.cli.statusview import run_status
-    from lanectl.errors import LanectlError
     from lanectl.output import fail
     from lanectl.status import collect
 

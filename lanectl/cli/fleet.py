@@ -8,7 +8,7 @@ import typer
 
 from lanectl import lifecycle, paths
 from lanectl.cli.options import CONFIG, JSON, LEDGER, UNIT_DIR, complete_lanes
-from lanectl.errors import ExitCode
+from lanectl.errors import ExitCode, LanectlError
 from lanectl.cli.statusview import run_status
 from lanectl.output import command, escape, finish, stderr_console, stdout_console, waiting
 
@@ -176,7 +176,11 @@ def probe(lanes: Optional[List[str]] = LANES, unit_dir: Optional[str] = UNIT_DIR
         data = installed_fleet(paths.unit_dir(unit_dir), config_dir)
     except Exception as exc:  # no manifest and no valid config: UNKNOWN, as the convention wants
         unknown(f"no installed fleet: {exc}", json_out, "no_installed_fleet")
-    run_probe({**data, "ledger": manifest.ledger(data, ledger)}, lanes or None, json_out, paths.unit_dir(unit_dir))
+    try:
+        where = manifest.ledger(data, ledger)
+    except LanectlError as exc:  # a ledger URL that cannot be used (a password in it, ...): UNKNOWN, never a trace
+        unknown(exc.message, json_out, exc.code)
+    run_probe({**data, "ledger": where}, lanes or None, json_out, paths.unit_dir(unit_dir))
 
 
 @command("logs")

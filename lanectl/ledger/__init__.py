@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -138,8 +139,19 @@ class Ledger:
         migration check, so the probe's read costs what it did when it opened the file itself."""
         if _is_url(path):
             return cls._open_pg(str(path), busy_timeout_s=timeout_s, migrate=False, readonly=True, check=check)
-        if must_exist and not os.path.isfile(path):
-            raise FileNotFoundError(f"ledger {path} does not exist")
+        if must_exist:
+            try:
+                st = os.stat(path)
+            except PermissionError:  # a directory on the way this user may not search: not "missing"
+                raise PermissionError(f"ledger {path}: permission denied (read it as root, or give this user read "
+                                      "access to the ledger and its directory)") from None
+            except FileNotFoundError:
+                raise FileNotFoundError(f"ledger {path} does not exist") from None
+            if not stat.S_ISREG(st.st_mode):
+                raise FileNotFoundError(f"ledger {path} is not a file")
+            if not os.access(path, os.R_OK):
+                raise PermissionError(f"ledger {path}: permission denied (read it as root, or give this user read "
+                                      "access to the ledger and its directory)")
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=timeout_s, check_same_thread=not any_thread)
         if check:
             try:

@@ -240,3 +240,38 @@ def test_every_reader_finds_the_ledger_the_same_way(installed: dict[str, Path], 
         assert (code, out) == run_typer(argv, env)[:2]
     code, out, _, _ = run_entry(["probe", "--json"], env)
     assert (code, out) == run_typer(["probe", "--json"], env)[:2]
+
+
+@pytest.mark.parametrize("how", ["env", "option"])
+@pytest.mark.parametrize("json_out", [False, True])
+def test_probe_with_an_unusable_ledger_url_is_unknown_not_a_trace(installed: dict[str, Path], how: str,
+                                                                  json_out: bool) -> None:
+    """Found by an attack on issue 11 (F3): a password in a ledger URL made probe die with a traceback and exit 1
+    (WARNING to Nagios). Now UNKNOWN (exit 3) naming the problem, the envelope with --json, the password never
+    printed; the fast path (environment) and typer (--ledger, or the environment) answer alike."""
+    url = "postgresql://bob:s3cretPW@localhost/led"
+    env = _env(installed, "fleet")
+    argv = ["probe", *(["--json"] if json_out else [])]
+    if how == "env":
+        env["LANECTL_LEDGER"] = url
+        code, out, err, typer_loaded = run_entry(argv, env)
+        assert not typer_loaded
+        assert (code, out, err) == run_typer(argv, env)
+    else:
+        code, out, err = run_typer([*argv, "--ledger", url], env)
+    text = (out + err).decode()
+    assert code == 3 and "Traceback" not in text and "s3cretPW" not in text, text
+    if json_out:
+        doc = json.loads(out)
+        assert doc["exit_code"] == 3 and doc["data"]["status"] == "UNKNOWN", doc
+        assert [e["code"] for e in doc["errors"]] == ["ledger_url_password"], doc
+    else:
+        assert out.startswith(b"LANECTL UNKNOWN - ledger URL postgresql://bob:***@localhost/led carries a password")
+
+
+@pytest.mark.parametrize("argv", [["status"], ["status", "--json"]])
+def test_status_with_an_unusable_ledger_url_answers_like_typer(installed: dict[str, Path], argv: list[str]) -> None:
+    env = {**_env(installed, "fleet"), "LANECTL_LEDGER": "postgresql://bob:s3cretPW@localhost/led"}
+    code, out, err, typer_loaded = run_entry(argv, env)
+    assert not typer_loaded and code == 2 and b"s3cretPW" not in out + err and b"Traceback" not in out + err
+    assert (code, out, err) == run_typer(argv, env)

@@ -42,8 +42,14 @@ def test_read_commands_as_a_user_who_may_not_read_the_ledger_say_so(fresh_sandbo
     (warn,) = doc["errors"]
     assert warn["code"] == "ledger_unreadable" and warn["severity"] == "warning" and "root" in warn["hint"], warn
     assert all(ln["dispatch"] == "unknown" and ln["dispatch_error"] for ln in doc["data"]["lanes"]), doc
+    assert all("permission denied" in ln["dispatch_error"] and "does not exist" not in ln["dispatch_error"]
+               for ln in doc["data"]["lanes"]), doc  # not reported as missing (attack on issue 11, F2)
     proc = as_nobody(f, "status")
     assert proc.returncode == 6 and "ledger unreadable" in proc.stdout and "dispatch state unknown" in proc.stderr, \
+        proc.stdout + proc.stderr
+    assert "does not exist" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    proc = as_nobody(f, "probe")
+    assert proc.returncode == 3 and "does not exist" not in proc.stdout and "permission denied" in proc.stdout, \
         proc.stdout + proc.stderr
 
     proc = as_nobody(f, "lane", "show", "alpha", "-c", NR_CONFIG, "--json")
