@@ -407,13 +407,16 @@ def peer_cred(sock: socket.socket) -> tuple[int, int, int]:
 
 
 _ANY_OR_LOOPBACK: Final = frozenset({"0100007F", "00000000", "00000000000000000000000000000000",
-                                      "00000000000000000000000001000000", "0000000000000000FFFF00000100007F"})
+                                      "0000000000000000FFFF00000100007F"})
+"""The listening addresses that can answer a connection to 127.0.0.1 (what lanectl dispatches to), as
+/proc/net/tcp{,6} write them: 127.0.0.1, 0.0.0.0, ::, ::ffff:127.0.0.1. Not ::1: a listener there (another lane's
+user's, say) answers nothing lanectl sends, so it must not take the lane out of dispatch. /proc cannot tell a
+v6-only :: from a dual-stack one; sock_diag can (below)."""
 
-
-_LISTEN_ADDRS: Final = frozenset({bytes(4), bytes([127, 0, 0, 1]), bytes(16), bytes(15) + b"\x01",
+_LISTEN_ADDRS: Final = frozenset({bytes(4), bytes([127, 0, 0, 1]), bytes(16),
                                    bytes(10) + b"\xff\xff" + bytes([127, 0, 0, 1])})
-"""The same addresses as _ANY_OR_LOOPBACK, as sock_diag gives them (network order): 0.0.0.0, 127.0.0.1, ::, ::1,
-::ffff:127.0.0.1."""
+"""The same addresses as _ANY_OR_LOOPBACK, as sock_diag gives them (network order)."""
+_INET_DIAG_SKV6ONLY = 11  # attribute the kernel adds to every AF_INET6 socket of a dump: IPV6_V6ONLY
 _NETLINK_SOCK_DIAG = 4
 _SOCK_DIAG_BY_FAMILY = 20
 _NLM_F_REQUEST_DUMP = 0x1 | 0x300
@@ -467,10 +470,24 @@ def _listeners_by_netlink(ports: set[int]) -> dict[int, set[int]]:
                             port = struct.unpack_from(">H", data, body + 4)[0]
                             src = bytes(data[body + 8:body + 8 + (4 if fam == socket.AF_INET else 16)])
                             uid = struct.unpack_from("=I", data, body + 64)[0]
-                            if state == _TCP_LISTEN and port in out and src in _LISTEN_ADDRS:
+                            if (state == _TCP_LISTEN and port in out and src in _LISTEN_ADDRS
+                                    and not (src == bytes(16) and _v6only(data, body + 72, off + length))):
                                 out[port].add(uid)
                     off += (length + 3) & ~3
     return out
+
+
+def _v6only(data: bytes, start: int, end: int) -> bool:
+    """Whether the rtattrs in ``data[start:end]`` (after an inet_diag_msg) say IPV6_V6ONLY: such a :: listener
+    takes no connection to 127.0.0.1."""
+    while start + 4 <= end:
+        alen, kind = struct.unpack_from("=HH", data, start)
+        if alen < 4:
+            return False
+        if kind == _INET_DIAG_SKV6ONLY and alen >= 5:
+            return bool(data[start + 4])
+        start += (alen + 3) & ~3
+    return False
 
 
 def _listeners_by_proc(ports: set[int], proc_net: str) -> dict[int, set[int]]:
