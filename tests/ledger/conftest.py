@@ -10,6 +10,8 @@ engine only, and the report says which tests run where; nothing is skipped or xf
 """
 from __future__ import annotations
 
+import abc
+
 import itertools
 import sqlite3
 from pathlib import Path
@@ -56,11 +58,13 @@ def sqlite_connect(location: str | Path, **kw: Any) -> sqlite3.Connection:
     return sqlite3.connect(location, **kw)
 
 
-class SqliteBackend:
-    """Ledgers as SQLite files under one directory (``<root>/state/<name>.db``)."""
+class Backend(abc.ABC):
+    """What every backend gives a contract test: named ledgers, opened read-write or read-only, closed at the end
+    of the test unless the test closes them itself. A backend says where a ledger is (``location``), whether it
+    holds anything (``exists``), how to drop one (``discard``) and what it leaves behind (``close``)."""
 
-    name = "sqlite"
-    integrity_error: type[Exception] = sqlite3.IntegrityError
+    name = ""
+    integrity_error: type[Exception] | tuple[type[Exception], ...] = sqlite3.IntegrityError
     """What the engine raises when a CHECK, a constraint or an append-only trigger refuses a write."""
 
     def __init__(self, root: Path) -> None:
@@ -68,8 +72,48 @@ class SqliteBackend:
         self._opened: list[Ledger] = []
         self._names = itertools.count(1)
 
+    @abc.abstractmethod
     def location(self, name: str = "ledger") -> str:
         """What ``--ledger`` / ``LANECTL_LEDGER`` / ``Ledger.open`` take for the ledger called ``name``."""
+
+    @abc.abstractmethod
+    def exists(self, name: str = "ledger") -> bool:
+        """Whether the ledger ``name`` was made (and, on a server, holds anything)."""
+
+    @abc.abstractmethod
+    def discard(self, led: Ledger) -> None:
+        """Close a ledger from ``fresh()`` and drop what it stored."""
+
+    def open(self, name: str = "ledger", **kw: Any) -> Ledger:
+        """A read-write connection to the ledger ``name``, created and migrated on first use."""
+        led = open_ledger(self.location(name), **kw)
+        self._opened.append(led)
+        return led
+
+    def fresh(self, **kw: Any) -> Ledger:
+        """A new, empty ledger of its own (one per hypothesis example)."""
+        return self.open(f"fresh-{next(self._names)}", **kw)
+
+    def open_readonly(self, name: str = "ledger", **kw: Any) -> Ledger:
+        led = Ledger.open_readonly(self.location(name), **kw)
+        self._opened.append(led)
+        return led
+
+    def close(self) -> None:
+        for led in self._opened:
+            try:
+                led.close()  # closing twice is harmless
+            except Exception:
+                pass
+        self._opened.clear()
+
+
+class SqliteBackend(Backend):
+    """Ledgers as SQLite files under one directory (``<root>/state/<name>.db``)."""
+
+    name = "sqlite"
+
+    def location(self, name: str = "ledger") -> str:
         return str(self.root / "state" / f"{name}.db")
 
     def path(self, name: str = "ledger") -> Path:
@@ -80,17 +124,6 @@ class SqliteBackend:
         """Whether anything of the ledger ``name`` was made: its file, or the directory its first open creates."""
         return self.path(name).exists() or self.path(name).parent.exists()
 
-    def open(self, name: str = "ledger", **kw: Any) -> Ledger:
-        """A read-write connection to the ledger ``name``, created and migrated on first use; closed at the end
-        of the test unless the test closes it itself."""
-        led = open_ledger(self.location(name), **kw)
-        self._opened.append(led)
-        return led
-
-    def fresh(self, **kw: Any) -> Ledger:
-        """A new, empty ledger of its own (one per hypothesis example)."""
-        return self.open(f"fresh-{next(self._names)}", **kw)
-
     def discard(self, led: Ledger) -> None:
         """Close a ledger from ``fresh()`` and drop what it stored."""
         led.close()
@@ -98,41 +131,29 @@ class SqliteBackend:
         for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
             p.unlink(missing_ok=True)
 
-    def open_readonly(self, name: str = "ledger", **kw: Any) -> Ledger:
-        led = Ledger.open_readonly(self.location(name), **kw)
-        self._opened.append(led)
-        return led
-
     def connect(self, name: str = "ledger", **kw: Any) -> sqlite3.Connection:
         """A raw DB-API connection below the ledger's API (to build an old schema, to corrupt, to read a PRAGMA):
         only tests marked ``backends("sqlite")`` use it."""
         self.path(name).parent.mkdir(parents=True, exist_ok=True)
         return sqlite_connect(self.location(name), **kw)
 
-    def close(self) -> None:
-        for led in self._opened:
-            led.close()  # closing twice is harmless for sqlite3
-        self._opened.clear()
 
-
-class PostgresBackend:
+class PostgresBackend(Backend):
     """Ledgers as databases of the session's real PostgreSQL server (tests/pgserver.py), each cloned from a
     template that holds the ledger's schema. ``name`` maps to one database per test."""
 
     name = "postgresql"
+    integrity_error = (sqlite3.IntegrityError, sqlite3.DataError)
+    """A CHECK, a constraint, a type or an append-only trigger refusing a write (the ledger's connection raises
+    psycopg's errors as the sqlite3 class of the same DB-API kind)."""
 
     def __init__(self, root: Path, server: Any) -> None:
         import psycopg
 
-        self.root = root
+        super().__init__(root)
         self.server = server
-        self.integrity_error: tuple[type[Exception], ...] = (sqlite3.IntegrityError, sqlite3.DataError)
-        """What the engine raises when a CHECK, a constraint, a type or an append-only trigger refuses a write
-        (the ledger's connection raises psycopg's errors as the sqlite3 class of the same DB-API kind)."""
         self._psycopg = psycopg
         self._dbs: dict[str, str] = {}
-        self._opened: list[Ledger] = []
-        self._names = itertools.count(1)
 
     def _db(self, name: str, *, create: bool = True) -> str:
         if name not in self._dbs and create:
@@ -150,14 +171,6 @@ class PostgresBackend:
             return bool(c.execute("SELECT (SELECT count(*) FROM missions) + (SELECT count(*) FROM events)")
                         .fetchone()[0])
 
-    def open(self, name: str = "ledger", **kw: Any) -> Ledger:
-        led = open_ledger(self.location(name), **kw)
-        self._opened.append(led)
-        return led
-
-    def fresh(self, **kw: Any) -> Ledger:
-        return self.open(f"fresh-{next(self._names)}", **kw)
-
     def discard(self, led: Ledger) -> None:
         led.close()
         for name, db in list(self._dbs.items()):
@@ -165,18 +178,8 @@ class PostgresBackend:
                 self.server.drop_db(db)
                 del self._dbs[name]
 
-    def open_readonly(self, name: str = "ledger", **kw: Any) -> Ledger:
-        led = Ledger.open_readonly(self.location(name), **kw)
-        self._opened.append(led)
-        return led
-
     def close(self) -> None:
-        for led in self._opened:
-            try:
-                led.close()
-            except Exception:
-                pass
-        self._opened.clear()
+        super().close()
         for db in self._dbs.values():
             self.server.drop_db(db)
         self._dbs.clear()
