@@ -41,6 +41,8 @@ def _parse_response(raw: bytes, latency_ms: float) -> Health:
     try:
         doc = json.loads(body or b"null")
         h.body = doc if isinstance(doc, dict) else None
+        if body.strip() and not isinstance(doc, dict):  # the lane protocol answers an object (DESIGN.md)
+            h.error = "health answer is not a JSON object"
     except ValueError:
         h.error = "health answer is not JSON"
     if h.http_status != 200:

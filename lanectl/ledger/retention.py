@@ -257,6 +257,9 @@ def _prune(led: Ledger, *, cutoff: float, archive: str | Path, now: float | None
     started = time.monotonic()
     now = time.time() if now is None else now
     path = Path(archive)
+    if not path.parent.is_dir():  # checked first, so that a cron job learns of it on a day with nothing to prune
+        raise LanectlError(f"{path}: its directory {path.parent} does not exist", "create it, or name another file",
+                           "archive_dir_missing", ExitCode.CONFIG)
     res = PruneResult(cutoff=cutoff, archive=None, file_bytes_before=_file_bytes(led))
     conn = led.conn
     # ---------------------------------------------------------------- 1. archive
@@ -274,9 +277,6 @@ def _prune(led: Ledger, *, cutoff: float, archive: str | Path, now: float | None
         res.file_bytes_after = _file_bytes(led)
         res.seconds = time.monotonic() - started
         return res
-    if not path.parent.is_dir():
-        raise LanectlError(f"{path}: its directory {path.parent} does not exist", "create it, or name another file",
-                           "archive_dir_missing", ExitCode.CONFIG)
     _check_existing(led, path)
     try:
         writer = _ArchiveWriter(path)

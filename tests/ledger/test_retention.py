@@ -313,6 +313,9 @@ def test_cli_ledger_prune(world, tmp_path: Path) -> None:
     generation(led, fleet, OLD, 10)
     r = cli("--older-than", "30d", "--archive", str(tmp_path / "b.gz"))
     assert r.returncode == 5 and "already there" in r.stderr and (tmp_path / "b.gz").read_bytes() == b"not an archive"
+    # a cron job with a missing archive directory learns of it on a day with nothing to prune too (exit 3, not 0)
+    r = cli("--older-than", "3650d", "--archive", str(tmp_path / "nodir" / "c.gz"))
+    assert r.returncode == 3 and "does not exist" in r.stderr, r.stdout + r.stderr
 
 
 @pytest.mark.backends("sqlite")  # reads SQLite's table_info

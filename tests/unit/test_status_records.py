@@ -159,3 +159,17 @@ def test_health_latency_is_the_lanes_not_the_time_status_spent_meanwhile() -> No
         t.join(30)
     assert h.ok and h.body == {"lane": "alpha"} and h.http_status == 200
     assert checks.started + h.latency_ms / 1000 <= seen + 1e-4
+
+
+@pytest.mark.parametrize("body, error", [
+    (b'{"lane": "alpha"}', None), (b"", None), (b'["ok"]', "health answer is not a JSON object"),
+    (b'"ok"', "health answer is not a JSON object"), (b"1", "health answer is not a JSON object"),
+    (b"ok", "health answer is not JSON"),
+])
+def test_a_health_answer_must_be_a_json_object(body: bytes, error: str | None) -> None:
+    """Found by an attack on issue 11: a /healthz answering a JSON list counted as healthy. The lane protocol's
+    answer is an object (lane, pid, invocation, ...); any other JSON value is an unhealthy answer, saying why."""
+    from lanectl.healthcheck import _parse_response
+
+    h = _parse_response(b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n" + body, 1.0)
+    assert (h.ok, h.error) == (error is None, error)
