@@ -159,6 +159,10 @@ def show_finish(proc: subprocess.Popen[str] | _Pending | None, units: list[str])
             return show_finish(_systemctl_show(proc.units, proc.props), units)
     out, err = proc.communicate(timeout=60)
     if proc.returncode != 0:
+        if "Failed to connect to bus" in err or "has not been booted with systemd" in err:
+            raise Unavailable(f"systemd cannot be asked: {err.strip()}",  # its bus is down: exit 6, not a failure
+                              "is the system D-Bus (dbus.service) running? root reads systemd's private socket",
+                              "systemd_unavailable")
         raise LanectlError(f"systemctl show failed: {err.strip() or proc.returncode}",
                            "see 'systemctl status'", "systemctl_failed")
     return {b.get("Id", u): b for u, b in zip(units, parse_show(out))}
