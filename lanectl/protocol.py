@@ -299,6 +299,14 @@ class DeadlineHandler(BaseHTTPRequestHandler):
     request_deadline = REQUEST_DEADLINE_S
     protocol_version = "HTTP/1.1"
     timeout = REQUEST_DEADLINE_S  # writes: a client that does not read its answer is cut off too
+    logger = logging.getLogger("lanectl.http")
+    """Where each request's line goes, at debug level (a server sets its own: the supervisor's, the runtime's)."""
+
+    def log_message(self, fmt: str, *args: Any) -> None:
+        self.logger.debug("%s " + fmt, self.address_string(), *args)
+
+    def _send(self, code: int, doc: dict[str, Any]) -> None:
+        send_json(self, code, doc)
 
     def setup(self) -> None:
         super().setup()

@@ -48,7 +48,7 @@ from lanectl import __version__, cgroups, landlock, outcap
 from lanectl.notify import Notifier
 from lanectl.protocol import (LOG_NAME, MAX_BODY, MAX_CALLBACK_BATCH, MAX_TAIL, STATE_DIR_NAME, BadMessage, BoundedServer, CallbackMsg,
                               DeadlineHandler, DispatchMsg, LogRefused, PeerMismatch, UnixHTTPConnection, bearer_ok,
-                              callback_socket, log_key, open_state_dir, parse_dispatch, read_body, send_json,
+                              callback_socket, log_key, open_state_dir, parse_dispatch, read_body,
                               sign_log_entry)
 
 log = logging.getLogger("lanectl.runtime")
@@ -525,12 +525,7 @@ class LaneRuntime:
 
         class Handler(DeadlineHandler):  # a whole-request deadline: a slow client cannot hold a thread
             server_version = f"lanectl-runtime/{__version__}"
-
-            def log_message(self, fmt: str, *args: Any) -> None:
-                log.debug("%s " + fmt, self.address_string(), *args)
-
-            def _send(self, code: int, doc: dict[str, Any]) -> None:
-                send_json(self, code, doc)
+            logger = log
 
             def do_GET(self) -> None:  # noqa: N802 (http.server naming)
                 if self.path.split("?", 1)[0] in (runtime.info.health_path, "/healthz"):

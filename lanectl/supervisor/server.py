@@ -29,7 +29,6 @@ from lanectl.protocol import (
     parse_callbacks,
     peer_cred,
     read_body,
-    send_json,
 )
 from lanectl.supervisor.callbacks import Callbacks, Refusals
 from lanectl.supervisor.shared import Shared
@@ -66,12 +65,7 @@ class Endpoints:
 
         class Handler(DeadlineHandler):  # a whole-request deadline: a slow client cannot hold a thread
             server_version = f"lanectl-supervisor/{__version__}"
-
-            def log_message(self, fmt: str, *args: Any) -> None:
-                log.debug("%s " + fmt, self.address_string(), *args)
-
-            def _send(self, code: int, doc: dict[str, Any]) -> None:
-                send_json(self, code, doc)
+            logger = log
 
             def do_GET(self) -> None:  # noqa: N802
                 path = self.path.split("?", 1)[0]
@@ -106,18 +100,14 @@ class Endpoints:
 
             server_version = f"lanectl-supervisor/{__version__}"
 
+            logger = log
+
             def setup(self) -> None:
                 super().setup()
                 self.peer_pid, self.peer_uid, _ = peer_cred(self.connection)
 
             def address_string(self) -> str:
                 return f"pid {self.peer_pid} uid {self.peer_uid}"
-
-            def log_message(self, fmt: str, *args: Any) -> None:
-                log.debug("%s " + fmt, self.address_string(), *args)
-
-            def _send(self, code: int, doc: dict[str, Any]) -> None:
-                send_json(self, code, doc)
 
             def do_GET(self) -> None:  # noqa: N802
                 self._send(404, {"error": "not_found", "message": "POST /callbacks only"})
