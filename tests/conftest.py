@@ -27,3 +27,13 @@ def write_lane(d: Path, name: str, body: str) -> Path:
     p = d / "lanes.d" / f"{name}.toml"
     p.write_text(body)
     return p
+
+
+def write_package(root: Path, files: dict[str, str], packages: tuple[str, ...]) -> Path:
+    """A small source tree under ``root`` for the source checkers' own tests (tests/test_layers.py,
+    tests/test_thin_cli.py): an empty ``__init__.py`` in each of ``packages``, then ``files`` (path -> text)."""
+    for rel, text in {**{f"{p}/__init__.py": "" for p in packages}, **files}.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return root

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import write_package
+
 ROOT = Path(__file__).resolve().parent.parent
 SQL_METHODS = frozenset({"execute", "executemany", "executescript"})
 SQL_ALLOWED: set[str] = set()  # modules still allowed SQL outside lanectl/ledger/ (none: keep it so)
@@ -379,11 +381,7 @@ def test_the_library_never_imports_the_cli() -> None:
 
 
 def _package(tmp_path: Path, files: dict[str, str]) -> Path:
-    for rel, text in {"lanectl/__init__.py": "", "lanectl/ledger/__init__.py": "", **files}.items():
-        p = tmp_path / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(text)
-    return tmp_path
+    return write_package(tmp_path, files, ("lanectl", "lanectl/ledger"))
 
 
 @pytest.mark.parametrize("code, found", [

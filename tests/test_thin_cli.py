@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import write_package
+
 ROOT = Path(__file__).resolve().parent.parent
 RUNNERS = {("subprocess", None), ("time", "sleep"), ("systemd", "run"), ("os", "system")}
 """(module, function) pairs the CLI never calls (None: any function of the module, or importing it)."""
@@ -218,11 +220,7 @@ def test_every_command_module_is_seen() -> None:
 
 # ------------------------------------------------------------------------------------- each rule can fail
 def _package(tmp_path: Path, files: dict[str, str]) -> Path:
-    for rel, text in {"lanectl/__init__.py": "", "lanectl/cli/__init__.py": "", **files}.items():
-        p = tmp_path / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(text)
-    return tmp_path
+    return write_package(tmp_path, files, ("lanectl", "lanectl/cli"))
 
 
 @pytest.mark.parametrize("code, found", [
