@@ -14,7 +14,6 @@ retry later) and the documented ``exit_code``.
 """
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable
 from collections.abc import Callable
 from pathlib import Path
@@ -45,7 +44,8 @@ class Client:
     @property
     def ledger(self) -> Ledger:
         if self._ledger is None:
-            self._ledger = config.open_ledger(self._where, self._ledger_path)  # [ledger] synchronous
+            self._ledger = config.open_ledger(self._where, self._ledger_path,  # [ledger] synchronous
+                                              role="lanectl-client")
         return self._ledger
 
     @property
@@ -72,12 +72,12 @@ class Client:
         since the epoch or a relative text such as ``"+30m"``, which a retry with the same key may repeat as is."""
         return ms.submit(self.ledger, self.fleet, cls=cls, payload=payload, deadline=deadline, lane=lane,
                          tags=tags, session=session, idempotency_key=idempotency_key, max_attempts=max_attempts,
-                         now=time.time() if now is None else now).mission
+                         now=self.ledger.clock() if now is None else now).mission
 
     def submit_many(self, requests: list[ms.SubmitRequest], now: float | None = None) -> list[ms.SubmitResult]:
         """Queue up to ``missions.MAX_BATCH`` missions in one transaction, all or nothing (one commit: the way to
         enqueue many at once); ``created`` is False for an idempotency key that was already used."""
-        return ms.submit_many(self.ledger, self.fleet, requests, now=time.time() if now is None else now)
+        return ms.submit_many(self.ledger, self.fleet, requests, now=self.ledger.clock() if now is None else now)
 
     def get(self, mission_id: int) -> ms.Mission:
         return ms.get(self.ledger, mission_id)
@@ -100,5 +100,5 @@ class Client:
         return m
 
     def cancel(self, mission_id: int, now: float | None = None) -> ms.Mission:
-        return ms.cancel(self.ledger, mission_id, now=time.time() if now is None else now,
+        return ms.cancel(self.ledger, mission_id, now=self.ledger.clock() if now is None else now,
                          reason="cancelled by producer").mission

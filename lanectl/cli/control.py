@@ -49,7 +49,10 @@ def supervise(config_dir: Optional[str] = CONFIG, ledger: Optional[str] = LEDGER
     from lanectl.notify import Notifier
     from lanectl.supervisor import Supervisor
 
+    from lanectl.ledger import pg
+
     setup_logging()
+    pg.set_role("lanectl-supervisor")  # its retention pass's connection too
     fleet = config.load(config_dir)
     sup = Supervisor(fleet, config.ledger_path(fleet, ledger), notifier=Notifier(), use_systemd=systemd.available(),
                      config_source=config_dir, create=not (ledger or os.environ.get("LANECTL_LEDGER")))

@@ -67,20 +67,26 @@ class Ledger:
         self._depth = 0
         self._busy_timeout_ms = int(busy_timeout_s * 1000)
         self._busy_poll = busy_poll
+        self.readonly = False
+        self.role: str | None = None
+        """PostgreSQL: the connection's ``application_name`` (None: ``pg.ROLE``), kept for ``reconnect``."""
+        self._offset = 0.0  # PostgreSQL: the server's clock minus this host's (``clock``)
+        self._offset_at = float("-inf")  # time.monotonic() when ``_offset`` was measured
 
     @classmethod
     def open(cls, path: str | Path, *, synchronous: Synchronous = DEFAULT_SYNCHRONOUS,
              busy_timeout_s: float = BUSY_TIMEOUT_S, migrate: bool = True, autocheckpoint: bool = True,
-             busy_poll: bool = True, create: bool = True) -> Ledger:
+             busy_poll: bool = True, create: bool = True, role: str | None = None) -> Ledger:
         """Open (create, migrate) the ledger. ``create=False`` refuses a file that does not exist
         (``ledger_missing``, exit 6) instead of creating it: the CLI passes it everywhere but ``install`` and
         ``ledger init``, so a mistyped ``--ledger`` path is an error rather than a new, empty ledger. ``autocheckpoint=False`` leaves WAL checkpoints to a
         ``Checkpointer`` (the supervisor), so no commit of this connection ever pays for one. ``busy_poll=False``
-        waits for the write lock with SQLite's own busy handler instead of ``_begin``'s (for comparisons)."""
+        waits for the write lock with SQLite's own busy handler instead of ``_begin``'s (for comparisons). ``role``
+        names a PostgreSQL connection (``application_name``, default ``pg.ROLE``); SQLite ignores it."""
         from lanectl.ledger import schema  # here, not at the top: a read-only open (the probe) never needs it
 
         if _is_url(path):
-            return cls._open_pg(str(path), busy_timeout_s=busy_timeout_s, migrate=migrate, create=create)
+            return cls._open_pg(str(path), busy_timeout_s=busy_timeout_s, migrate=migrate, create=create, role=role)
         path = Path(path)
         check_synchronous(synchronous)
         if not create:
@@ -163,12 +169,12 @@ class Ledger:
 
     @classmethod
     def _open_pg(cls, url: str, *, busy_timeout_s: float, migrate: bool, readonly: bool = False,
-                 check: bool = False, create: bool = True) -> Ledger:
+                 check: bool = False, create: bool = True, role: str | None = None) -> Ledger:
         """A PostgreSQL ledger (issue 12): connect, then migrate (or only refuse a newer schema). ``create=False``
         refuses a database without the ledger's tables (``ledger_missing``), as it refuses a missing file."""
         from lanectl.ledger import pg, schema
 
-        conn = pg.connect(url, busy_timeout_s=busy_timeout_s, readonly=readonly)
+        conn = pg.connect(url, busy_timeout_s=busy_timeout_s, readonly=readonly, role=role)
         try:
             if not create and schema.pg_current_version(conn) == 0:
                 raise Unavailable(
@@ -185,10 +191,56 @@ class Ledger:
             if mapped is not None:
                 raise mapped from exc
             raise
-        return cls(conn, url, busy_timeout_s, dialect="postgresql")  # type: ignore[arg-type]
+        led = cls(conn, url, busy_timeout_s, dialect="postgresql")  # type: ignore[arg-type]
+        led.readonly, led.role = readonly, role
+        return led
 
     def close(self) -> None:
         self.conn.close()
+
+    CLOCK_REFRESH_S = 30.0
+    """PostgreSQL: how often ``clock`` measures the server's clock again (and at every ``reconnect``)."""
+
+    def clock(self) -> float:
+        """The ledger's clock in epoch seconds: what leases, deadlines and event times are measured on.
+
+        SQLite: this host's ``time.time()``. PostgreSQL: the database server's clock, as this host's clock plus an
+        offset measured at connect and again every CLOCK_REFRESH_S (outside a transaction) and on ``reconnect``
+        (``pg.server_offset``), so that hosts whose clocks disagree write leases and event times that agree. A
+        measurement that fails keeps the last offset (the next write reports the broken connection)."""
+        import time
+
+        if self.dialect != "postgresql":
+            return time.time()
+        if time.monotonic() - self._offset_at >= self.CLOCK_REFRESH_S and not self.conn.in_transaction:
+            self._measure_clock()
+        return time.time() + self._offset
+
+    def _measure_clock(self) -> None:
+        import time
+
+        from lanectl.ledger import pg
+
+        try:
+            self._offset = pg.server_offset(self.conn)  # type: ignore[arg-type]
+        except Exception:
+            pass  # the connection is broken: the caller's next statement says so (ledger_unavailable)
+        self._offset_at = time.monotonic()
+
+    def reconnect(self) -> None:
+        """Drop a broken PostgreSQL connection and open a new one with the same settings (role, read-only, busy
+        timeout; no migration); the server's clock is measured again. Raises ``ledger_unavailable`` (exit 6) when
+        the server cannot be reached yet. SQLite: nothing to do (a file needs no reconnect)."""
+        if self.dialect != "postgresql":
+            return
+        from lanectl.ledger import pg
+
+        with contextlib.suppress(Exception):
+            self.conn.close()
+        self._depth = 0
+        self.conn = pg.connect(str(self.path), busy_timeout_s=self._busy_timeout_ms / 1000,  # type: ignore[assignment]
+                               readonly=self.readonly, role=self.role)
+        self._offset_at = float("-inf")
 
     def __enter__(self) -> Ledger:
         return self
@@ -222,7 +274,11 @@ class Ledger:
         except BaseException as exc:
             self._depth = 0
             if self.conn.in_transaction:  # SQLite may have rolled back already (disk full, I/O error)
-                self.conn.execute("ROLLBACK")
+                if self.dialect == "postgresql":
+                    with contextlib.suppress(sqlite3.Error):  # a connection lost meanwhile rolled back itself
+                        self.conn.execute("ROLLBACK")
+                else:
+                    self.conn.execute("ROLLBACK")
             mapped = self._error(exc) if isinstance(exc, sqlite3.Error) else None
             if mapped is not None:
                 raise mapped from exc
@@ -230,7 +286,9 @@ class Ledger:
         self._depth = 0
         try:
             if self.dialect == "postgresql":
-                own = self._newest_event()  # under the write lock: the newest event is this transaction's or older
+                # under the write lock the newest event is this transaction's or older; the one notification of
+                # this transaction goes out with it (delivered at COMMIT: lanectl.wakeup.PgListener)
+                own = self._notify_commit()
             self.conn.execute("COMMIT")  # with synchronous=FULL, the WAL is on disk when this returns
         except sqlite3.Error as exc:
             if self.conn.in_transaction:
@@ -314,6 +372,13 @@ class Ledger:
                 self._others += 1
             return self._others
         return self.conn.execute("PRAGMA data_version").fetchone()[0]
+
+    def _notify_commit(self) -> int:
+        from lanectl.ledger import pg
+
+        if self.readonly:
+            return self._newest_event()
+        return int(self.conn.execute(pg.NOTIFY_COMMIT).fetchone()[0])
 
     def _newest_event(self) -> int:
         return int(self.conn.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0])

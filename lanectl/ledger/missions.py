@@ -541,9 +541,18 @@ def assign(ledger: Ledger, assignments: Sequence[Assignment], *, now: float, lea
         return assign_in(conn, assignments, now=now, lease_sec=lease_sec, swrr=swrr, invocations=invocations)
 
 
-_CLAIM: Final = ("UPDATE missions SET state = 'dispatched', attempts = attempts + 1, current_lane = ?, "
-                  "wait_reason = NULL, updated_at = ? WHERE state = 'queued' AND id IN ({}) "
-                  "RETURNING id, attempts, class, session, deadline, payload")
+_CLAIM_SET: Final = ("UPDATE missions SET state = 'dispatched', attempts = attempts + 1, current_lane = ?, "
+                     "wait_reason = NULL, updated_at = ? WHERE ")
+_CLAIM_RETURNING: Final = " RETURNING id, attempts, class, session, deadline, payload"
+_CLAIMS: Final = {
+    # the claim of planned missions, per dialect. PostgreSQL: the rows are locked FOR UPDATE SKIP LOCKED first, so
+    # a mission row another transaction holds (a tool's SELECT ... FOR UPDATE, a later multi-host claimer) is
+    # skipped by this pass instead of waited on: it stays queued and a later pass takes it. The outer
+    # "state = 'queued'" re-checks the row as locked (docs/decisions.md, claims on PostgreSQL).
+    "sqlite": _CLAIM_SET + "state = 'queued' AND id IN ({})" + _CLAIM_RETURNING,
+    "postgresql": _CLAIM_SET + "id IN (SELECT id FROM missions WHERE state = 'queued' AND id IN ({}) "
+                  "FOR UPDATE SKIP LOCKED) AND state = 'queued'" + _CLAIM_RETURNING,
+}
 _CLAIM_CHUNK: Final = 500
 
 
@@ -557,6 +566,7 @@ def assign_in(conn: Any, assignments: Sequence[Assignment], *, now: float, lease
     usage: dict[tuple[str, str], int] = {}
     evs: list[events.EventRow] = []
     tokens = _tokens(len(assignments))
+    claim = _CLAIMS[getattr(conn, "dialect", "sqlite")]
     # Missions without a session cannot conflict with one another: claim them with one statement per lane.
     claimed: dict[int, tuple[Any, ...]] = {}
     plain: dict[str, list[int]] = {}
@@ -566,7 +576,7 @@ def assign_in(conn: Any, assignments: Sequence[Assignment], *, now: float, lease
     for lane, ids in plain.items():
         for i in range(0, len(ids), _CLAIM_CHUNK):
             chunk = ids[i:i + _CLAIM_CHUNK]
-            for r in conn.execute(_CLAIM.format(",".join("?" * len(chunk))), (lane, now, *chunk)):
+            for r in conn.execute(claim.format(",".join("?" * len(chunk))), (lane, now, *chunk)):
                 claimed[r[0]] = r[1:]
     for a in assignments:
         if a.session is not None:
@@ -575,7 +585,7 @@ def assign_in(conn: Any, assignments: Sequence[Assignment], *, now: float, lease
                                 "AND current_lane <> ? LIMIT 1", (a.session, a.lane)).fetchone()
             if busy or (owner and owner[0] != a.lane and a.session_move is None):
                 continue  # would put one session on two lanes: the plan was stale
-            found = conn.execute(_CLAIM.format("?"), (a.lane, now, a.mission)).fetchone()
+            found = conn.execute(claim.format("?"), (a.lane, now, a.mission)).fetchone()
             row = None if found is None else found[1:]
         else:
             row = claimed.pop(a.mission, None)  # pop: a mission planned twice is dispatched once

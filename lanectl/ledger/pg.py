@@ -217,9 +217,19 @@ class PgConn:
 
     @property
     def in_transaction(self) -> bool:
-        from psycopg.pq import TransactionStatus
+        from psycopg.pq import TransactionStatus as T
 
-        return self.raw.info.transaction_status != TransactionStatus.IDLE
+        # UNKNOWN (a broken connection) is not a transaction to roll back: there is nothing left of it
+        return self.raw.info.transaction_status in (T.ACTIVE, T.INTRANS, T.INERROR)
+
+    @property
+    def backend_pid(self) -> int:
+        """The server process of this connection (NOTIFY names the sender's: the supervisor ignores its own)."""
+        return int(self.raw.info.backend_pid)
+
+    @property
+    def closed(self) -> bool:
+        return bool(self.raw.closed)
 
     def close(self) -> None:
         self.raw.close()
@@ -238,20 +248,123 @@ def _loaders(psycopg: Any, conn: Any) -> None:
     conn.adapters.register_loader("numeric", NumericLoader)
 
 
-def connect(url: str, *, busy_timeout_s: float, readonly: bool = False) -> PgConn:
-    """Connect to the ledger database; errors a person can act on become LanectlErrors naming the URL."""
+IDLE_IN_TRANSACTION_S = 15
+"""``idle_in_transaction_session_timeout`` of every ledger connection: a process frozen inside a transaction (a
+stopped debugger, a SIGSTOP, a hung host) is disconnected by the server after this long, so it can never hold the
+ledger's write lock (or row locks) for ever; its transaction is rolled back, nothing of it is written."""
+CHANNEL = "lanectl_ledger"
+"""The NOTIFY channel: every write transaction sends one notification on it, delivered at COMMIT (its payload is
+the newest event id the transaction leaves); the supervisor LISTENs on it (``lanectl.wakeup.PgListener``)."""
+ROLE = "lanectl"
+"""The default ``application_name`` of this process's ledger connections (``set_role``): what
+``pg_stat_activity`` shows an operator, e.g. ``lanectl-cli``, ``lanectl-supervisor``."""
+
+
+def set_role(name: str) -> None:
+    """Name this process's ledger connections (``application_name``) unless a caller names its own."""
+    global ROLE
+    ROLE = name
+
+
+def settings_sql(busy_timeout_s: float, readonly: bool) -> list[str]:
+    """What every ledger connection sets after it connects (its own and pooled ones alike)."""
+    out = [f"SET lock_timeout = {int(busy_timeout_s * 1000):d}",
+           f"SET idle_in_transaction_session_timeout = {IDLE_IN_TRANSACTION_S * 1000:d}",
+           "SET TIME ZONE 'UTC'"]
+    if readonly:
+        out.append("SET default_transaction_read_only = on")
+    return out
+
+
+def connect(url: str, *, busy_timeout_s: float, readonly: bool = False, role: str | None = None) -> PgConn:
+    """Connect to the ledger database; errors a person can act on become LanectlErrors naming the URL.
+    ``role`` is the connection's ``application_name`` (default ``ROLE``)."""
     psycopg = _import_psycopg()
     try:
         raw = psycopg.connect(url, autocommit=True, connect_timeout=max(1, int(busy_timeout_s)),
-                              application_name="lanectl")
+                              application_name=role or ROLE)
     except psycopg.OperationalError as exc:
         raise connect_error(url, exc) from None
-    _loaders(psycopg, raw)
-    raw.execute(f"SET lock_timeout = {int(busy_timeout_s * 1000):d}")
-    raw.execute("SET TIME ZONE 'UTC'")
-    if readonly:
-        raw.execute("SET default_transaction_read_only = on")
+    try:
+        _loaders(psycopg, raw)
+        for sql in settings_sql(busy_timeout_s, readonly):
+            raw.execute(sql)
+    except psycopg.Error as exc:
+        raw.close()
+        raise ledger_error(url, exc) or connect_error(url, exc) from None
     return PgConn(raw, url)
+
+
+def server_offset(conn: PgConn) -> float:
+    """The server's clock minus this host's, in seconds: ``clock_timestamp()`` as epoch seconds minus the local
+    midpoint of the round trip that read it (the error is at most half the round trip)."""
+    import time
+
+    t0 = time.time()
+    server = float(conn.execute("SELECT extract(epoch from clock_timestamp())").fetchone()[0])
+    t1 = time.time()
+    return server - (t0 + t1) / 2
+
+
+class ReadPool:
+    """Read-only ledger connections shared by the threads of one process (psycopg_pool.ConnectionPool): the
+    supervisor's HTTP threads (GET /metrics) borrow one per read instead of connecting per request. Each
+    connection is set up as ``connect`` sets up a read-only one; a broken one is dropped when it is handed back
+    or checked out (``check``), so a server restart costs one failed read at most."""
+
+    def __init__(self, url: str, *, busy_timeout_s: float = 5.0, min_size: int = 1, max_size: int = 4,
+                 role: str | None = None) -> None:
+        psycopg = _import_psycopg()
+        from psycopg_pool import ConnectionPool
+
+        def configure(raw: Any) -> None:
+            _loaders(psycopg, raw)
+            for sql in settings_sql(busy_timeout_s, True):
+                raw.execute(sql)
+
+        self.url = url
+        self.busy_timeout_s = busy_timeout_s
+        self.pool = ConnectionPool(
+            url, min_size=min_size, max_size=max_size, open=False, configure=configure,
+            check=ConnectionPool.check_connection, timeout=max(1.0, busy_timeout_s), name="lanectl-reads",
+            kwargs={"autocommit": True, "application_name": (role or ROLE) + "-reads",
+                    "connect_timeout": max(1, int(busy_timeout_s))})
+
+    def open(self) -> ReadPool:
+        """Start the pool without waiting for its connections (the server may be down at the moment)."""
+        self.pool.open(wait=False)
+        return self
+
+    def connection(self) -> Any:
+        """A context manager giving a ``PgConn`` of a pooled connection (returned to the pool at its end); a
+        server that cannot be reached is ``ledger_unavailable``."""
+        import contextlib
+
+        psycopg = _import_psycopg()
+        from psycopg_pool import PoolTimeout
+
+        @contextlib.contextmanager
+        def borrow() -> Any:
+            try:
+                cm = self.pool.connection()
+                raw = cm.__enter__()
+            except (PoolTimeout, psycopg.OperationalError) as exc:
+                raise Unavailable(f"{redact(self.url)}: no connection to the ledger's server ({exc})",
+                                  "check that the server runs; then retry", "ledger_unavailable") from None
+            try:
+                yield PgConn(raw, self.url)
+            except BaseException as exc:
+                cm.__exit__(type(exc), exc, exc.__traceback__)
+                raise
+            cm.__exit__(None, None, None)
+
+        return borrow()
+
+    def stats(self) -> dict[str, int]:
+        return dict(self.pool.get_stats())
+
+    def close(self) -> None:
+        self.pool.close()
 
 
 def connect_error(url: str, exc: Exception) -> LanectlError:
@@ -301,6 +414,12 @@ def ledger_error(url: str, exc: BaseException) -> LanectlError | None:
         return Unavailable(f"{where}: the connection to the ledger's server failed ({exc}); the transaction was "
                            "rolled back", "check the server, then retry", "ledger_unavailable")
     return None
+
+
+NOTIFY_COMMIT = (f"SELECT m, pg_notify('{CHANNEL}', m::text) FROM (SELECT coalesce(max(id), 0) AS m FROM events) n")
+"""Run just before COMMIT of every write transaction: the newest event id (under the write lock: this
+transaction's or older) and ONE notification, delivered to the listeners when the COMMIT is done (never for a
+transaction rolled back)."""
 
 
 def begin(conn: PgConn) -> None:
