@@ -479,6 +479,9 @@ class LedgerSettings(Model):
     """Where the supervisor writes its retention archives; default: STATE_DIR/archive."""
     prune_every: str = "1h"
     """How often the supervisor looks for history past ``retention`` (at least 1m)."""
+    listen: bool = True
+    """PostgreSQL: the supervisor learns of new work by LISTEN/NOTIFY (polling stays the fallback). false: it
+    polls only, as it must behind a pooler in transaction mode (docs/ledger.md); ``LANECTL_PG_LISTEN=0`` too."""
 
     @field_validator("path", "archive_dir")
     @classmethod

@@ -1,15 +1,21 @@
 """Wake the supervisor the moment another process commits to the ledger, without polling.
 
-In WAL mode every commit writes the ``-wal`` file, so an inotify watch on it (and on its directory, in case it is
-recreated) gives a readable file descriptor per commit; the supervisor's selector waits on it. Linux only;
+SQLite: in WAL mode every commit writes the ``-wal`` file, so an inotify watch on it (and on its directory, in case
+it is recreated) gives a readable file descriptor per commit; the supervisor's selector waits on it. Linux only;
 where inotify is unavailable the supervisor falls back to polling ``PRAGMA data_version``.
+
+PostgreSQL: every write transaction NOTIFYs the channel ``lanectl_ledger`` once; ``PgListener`` LISTENs on it in a
+thread and wakes the supervisor's loop; polling stays the fallback.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 IN_MODIFY = 0x00000002
 IN_CREATE = 0x00000100
@@ -58,3 +64,119 @@ def commit_watch(ledger: Path) -> CommitWatch | None:
         return CommitWatch(ledger)
     except (OSError, AttributeError):
         return None
+
+
+LISTEN_ENV = "LANECTL_PG_LISTEN"
+"""``LANECTL_PG_LISTEN=0``: the supervisor does not LISTEN on a PostgreSQL ledger, it polls (a pooler in
+transaction mode, where LISTEN does not work; the latency benchmark's polling-only run)."""
+BACKOFF_S = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+"""Waits between attempts to (re)connect the LISTEN connection; the last one repeats."""
+
+
+def listen_enabled(listen_setting: bool) -> bool:
+    """``[ledger] listen`` (lanectl.toml, default true) unless ``LANECTL_PG_LISTEN`` says 0/false/no/off."""
+    env = os.environ.get(LISTEN_ENV, "").strip().lower()
+    if env in ("0", "false", "no", "off"):
+        return False
+    return listen_setting
+
+
+class PgListener:
+    """Wake the supervisor when another process commits to a PostgreSQL ledger: a thread with a connection of its
+    own that LISTENs on ``lanectl_ledger`` (every write transaction NOTIFYs it once, at COMMIT:
+    ``lanectl.ledger.pg.NOTIFY_COMMIT``) and calls ``wake`` for each notification whose sender is not
+    ``own_pid()`` (the supervisor's own ledger connection: its commits need no wake-up).
+
+    Notifications are a shortcut, never the only way: the loop still looks (``data_version``) at least every
+    ``IDLE_MAX_S`` while ``connected`` and every ``POLL_S`` while not, so a notification lost (a pooler in
+    transaction mode, a dropped connection) costs latency, not correctness. A lost LISTEN connection is
+    reconnected with backoff (``BACKOFF_S``); each (re)connect wakes the loop once, since notifications sent
+    meanwhile are gone."""
+
+    def __init__(self, url: str, wake: Callable[[], None], own_pid: Callable[[], int | None], *,
+                 role: str = "lanectl-supervisor-listen", poll_s: float = 0.5) -> None:
+        import threading
+
+        self.url = url
+        self.wake = wake
+        self.own_pid = own_pid
+        self.role = role
+        self.poll_s = poll_s
+        self.connected = threading.Event()
+        self.accepted = 0
+        """Notifications that woke the loop."""
+        self.ignored = 0
+        """Notifications of the supervisor's own connection."""
+        self.connects = 0
+        self.errors = 0
+        self.last_error: str | None = None
+        self._stop = threading.Event()
+        self._conn: Any = None
+        self._thread = threading.Thread(target=self._run, name="ledger-listen", daemon=True)
+
+    def start(self) -> PgListener:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    def _connect(self) -> Any:
+        import psycopg
+
+        from lanectl.ledger.pg import CHANNEL, IDLE_IN_TRANSACTION_S
+
+        conn = psycopg.connect(self.url, autocommit=True, connect_timeout=5, application_name=self.role)
+        try:
+            conn.execute(f"SET idle_in_transaction_session_timeout = {IDLE_IN_TRANSACTION_S * 1000:d}")
+            conn.execute(f"LISTEN {CHANNEL}")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _run(self) -> None:
+        import psycopg
+
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                self._conn = self._connect()
+            except psycopg.Error as exc:
+                self._failed(exc)
+                self._stop.wait(BACKOFF_S[min(failures, len(BACKOFF_S) - 1)])
+                failures += 1
+                continue
+            failures = 0
+            self.connects += 1
+            self.connected.set()
+            self.wake()  # whatever was committed while this connection was not listening
+            try:
+                while not self._stop.is_set():
+                    for note in self._conn.notifies(timeout=self.poll_s):
+                        if note.pid == self.own_pid():
+                            self.ignored += 1
+                        else:
+                            self.accepted += 1
+                            self.wake()
+            except psycopg.Error as exc:
+                self._failed(exc)
+                self.wake()  # the loop polls until this connection is back
+                self._stop.wait(BACKOFF_S[0])
+            finally:
+                self.connected.clear()
+                with contextlib.suppress(Exception):
+                    self._conn.close()
+                self._conn = None
+
+    def _failed(self, exc: Exception) -> None:
+        import logging
+
+        self.errors += 1
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if text != self.last_error:
+            logging.getLogger("lanectl.supervisor").warning(
+                "ledger LISTEN connection failed (polling meanwhile, reconnecting): %s", text)
+        self.last_error = text

@@ -121,6 +121,9 @@ class Supervisor:
                                    self.callbacks, self.refusals, self.users, self.health, self.metrics_text)
         self.metrics = MetricsCache(self.shared, self.refusals, self.endpoints.servers)
         self.commits: Any = None
+        self.listener: Any = None
+        """PostgreSQL: the ``lanectl.wakeup.PgListener`` (None: SQLite, or LISTEN turned off)."""
+        self.own_clock = clock is None
         self.checkpointer: Checkpointer | None = None
         self.data_version = -1
         self.recheck: int | None = None  # index into RECHECK_S while a commit woke the loop but is not visible yet
@@ -222,14 +225,17 @@ class Supervisor:
     def _open(self) -> None:
         sync = self.settings.ledger.synchronous  # FULL: a callback is answered only once its commit is on disk
         led = self.shared.ledger = Ledger.open(self.ledger_path, autocheckpoint=False, synchronous=sync,
-                                               create=self.create)
-        # WAL checkpoints off the dispatch path
-        self.checkpointer = Checkpointer(self.ledger_path, synchronous=sync).start()
-        from lanectl.wakeup import commit_watch
+                                               create=self.create, role="lanectl-supervisor")
+        if led.dialect == "postgresql":
+            self.open_pg(led)
+        else:
+            # WAL checkpoints off the dispatch path
+            self.checkpointer = Checkpointer(self.ledger_path, synchronous=sync).start()
+            from lanectl.wakeup import commit_watch
 
-        self.commits = commit_watch(self.ledger_path)
-        if self.commits is not None:
-            self.sel.register(self.commits.fd, selectors.EVENT_READ, "commit")
+            self.commits = commit_watch(self.ledger_path)
+            if self.commits is not None:
+                self.sel.register(self.commits.fd, selectors.EVENT_READ, "commit")
         self.dispatcher.cancel_cursor = reads.last_event_id(led)
         lane_keys = keys.read_lane_keys(Path(self.settings.state_dir), sorted(self.fleet.lanes))
         recorded = lane_ops.recorded_invocations(led)
@@ -237,6 +243,24 @@ class Supervisor:
             self.watch.add(lane_watch(name, lane, lane_keys[name]), recorded.get(name, ""))
         self.users.resolve()
         self.endpoints.bind(self.clock.now())
+
+    def open_pg(self, led: Ledger) -> None:
+        """PostgreSQL: the loop's clock follows the database server's (``Ledger.clock``), the LISTEN thread wakes
+        the loop on other processes' commits (unless ``[ledger] listen = false`` / ``LANECTL_PG_LISTEN=0``), and
+        GET /metrics reads through a small pool of read-only connections (``metrics.MetricsCache``)."""
+        from lanectl.ledger import pg
+        from lanectl.wakeup import PgListener, listen_enabled
+
+        if self.own_clock:
+            self.clock.follow(led.clock)
+        if listen_enabled(self.settings.ledger.listen):
+            self.listener = PgListener(str(self.ledger_path), self.wake, self.own_backend_pid).start()
+        self.metrics.pool = pg.ReadPool(str(self.ledger_path), role="lanectl-supervisor").open()
+
+    def own_backend_pid(self) -> int | None:
+        """The server process of the supervisor's own ledger connection (its NOTIFYs wake nothing)."""
+        led = self.shared.ledger
+        return getattr(led.conn, "backend_pid", None) if led is not None else None
 
     # ------------------------------------------------------------------------------------------ reload
     def request_reload(self) -> None:
@@ -437,8 +461,8 @@ class Supervisor:
         """How long :meth:`wait` may sleep after a turn at ``now``: POLL_S without inotify (commits of other
         processes are polled), IDLE_S while a policy pass is wanted, else until :meth:`next_due`, at most
         IDLE_MAX_S."""
-        if self.commits is None:
-            return POLL_S
+        if self.commits is None and not (self.listener is not None and self.listener.connected.is_set()):
+            return POLL_S  # nothing wakes the loop on other processes' commits: it looks every POLL_S
         if self.dirty:
             return IDLE_S
         wait = max(0.0, min(IDLE_MAX_S, self.next_due() - now))
@@ -508,6 +532,10 @@ class Supervisor:
         self.watch.close()
         if self.commits is not None:
             self.commits.close()
+        if self.listener is not None:
+            self.listener.stop()
+        if self.metrics.pool is not None:
+            self.metrics.pool.close()
         if self.checkpointer is not None:
             self.checkpointer.stop()
         if self.shared.ledger is not None:

@@ -23,6 +23,9 @@ class MetricsCache:
         self.servers = servers
         self.lock = threading.Lock()
         self.cache: tuple[float, str] | None = None
+        self.pool: Any = None
+        """PostgreSQL: a ``lanectl.ledger.pg.ReadPool`` the scrapes borrow a connection from (the supervisor's
+        ``open_pg``); None: each scrape opens a read-only connection of its own (SQLite: a file open)."""
 
     def invalidate(self) -> None:
         """The fleet changed (a reload): the next scrape reads the ledger afresh."""
@@ -38,11 +41,17 @@ class MetricsCache:
         with self.lock:
             now = s.clock.now()
             if self.cache is None or now - self.cache[0] >= METRICS_CACHE_S:
-                ro = Ledger.open_readonly(s.ledger_path, timeout_s=5)
-                try:
-                    m = evidence.metrics_conn(ro, window_s=METRICS_WINDOW_S, now=now, fleet=s.fleet)
-                finally:
-                    ro.close()
+                if self.pool is not None:
+                    with self.pool.connection() as conn:
+                        ro = Ledger(conn, s.ledger_path, dialect="postgresql")
+                        ro.readonly = True
+                        m = evidence.metrics_conn(ro, window_s=METRICS_WINDOW_S, now=now, fleet=s.fleet)
+                else:
+                    ro = Ledger.open_readonly(s.ledger_path, timeout_s=5)
+                    try:
+                        m = evidence.metrics_conn(ro, window_s=METRICS_WINDOW_S, now=now, fleet=s.fleet)
+                    finally:
+                        ro.close()
                 self.cache = (now, evidence.prometheus_text(m, generated=now))
             text = self.cache[1]
         return text + refusal_text(self.refusals, self.servers())

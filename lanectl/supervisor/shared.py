@@ -33,6 +33,13 @@ class Clock:
     def now(self) -> float:
         return self.base_wall + (self.mono() - self.base_mono)
 
+    def follow(self, wall: Any) -> None:
+        """Take ``wall`` as the wall clock from now on (a PostgreSQL ledger's ``Ledger.clock``: the database
+        server's time), measured once more as the base: durations stay monotonic, timestamps read as its time."""
+        self.wall = wall
+        self.base_wall = wall()
+        self.base_mono = self.mono()
+
     def skew(self) -> float:
         """How far the wall clock has moved away from this clock since the supervisor started (seconds)."""
         return self.wall() - self.now()

@@ -171,6 +171,12 @@ class PostgresBackend(Backend):
             return bool(c.execute("SELECT (SELECT count(*) FROM missions) + (SELECT count(*) FROM events)")
                         .fetchone()[0])
 
+    def connect(self, name: str = "ledger", **kw: Any) -> Any:
+        """A plain psycopg connection to the ledger ``name``'s database (autocommit unless ``autocommit=False``):
+        another process's view below the ledger's API (row locks, LISTEN, pg_terminate_backend); the caller
+        closes it."""
+        return self._psycopg.connect(self.location(name), **{"autocommit": True, **kw})
+
     def discard(self, led: Ledger) -> None:
         led.close()
         for name, db in list(self._dbs.items()):

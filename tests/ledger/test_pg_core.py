@@ -27,9 +27,7 @@ PG = pytest.mark.backends("postgresql")
 @contextlib.contextmanager
 def raw(backend: Any, *, autocommit: bool = True) -> Iterator[Any]:
     """A plain psycopg connection to the test's ledger database: another process's view."""
-    import psycopg
-
-    conn = psycopg.connect(backend.location(), autocommit=autocommit)
+    conn = backend.connect(autocommit=autocommit)
     try:
         yield conn
     finally:
@@ -329,7 +327,8 @@ def test_the_listener_reconnects_after_its_connection_is_killed(backend, led, fl
         listener.stop()
 
 
-def test_listen_can_be_turned_off(monkeypatch, tmp_path):
+def test_listen_can_be_turned_off(backend, monkeypatch):
+    """``[ledger] listen`` and ``LANECTL_PG_LISTEN`` (the supervisor's choice; the same on either backend)."""
     from lanectl import config
     from lanectl.wakeup import LISTEN_ENV, listen_enabled
 
