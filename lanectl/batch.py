@@ -185,14 +185,16 @@ def submit_batch(batch: str, *, now: float | None = None, config_dir: str | None
                  ledger: str | None = None, stdin: BinaryIO | None = None) -> BatchResult:
     """``lanectl submit --batch FILE``: read the file, check every request against the fleet before the ledger is
     opened (a refused batch creates no ledger file), then queue them all in one transaction or none. A request
-    the ledger refuses is an error naming the file and its line."""
+    the ledger refuses is an error naming the file and its line. ``now`` None: the ledger's clock
+    (``Ledger.clock``: on PostgreSQL the server's) times the missions; this host's checks the file first."""
+    given = now
     now = time.time() if now is None else now
     read = read_file(batch, now, stdin)
     fleet = config.load(config_dir)
     try:
         ms.check_requests(fleet, read.requests, now)  # every refusal before the ledger is opened (or created)
         with config.open_ledger(config_dir, ledger) as led:
-            results = ms.submit_many(led, fleet, read.requests, now=now)
+            results = ms.submit_many(led, fleet, read.requests, now=led.clock() if given is None else now)
     except LanectlError as exc:
         m = re.match(r"request (\d+): ", exc.message)
         if m:  # name the file and line, not the index of the request
@@ -205,11 +207,12 @@ def submit_batch(batch: str, *, now: float | None = None, config_dir: str | None
     return BatchResult(results)
 
 
-def submit_one(request: ms.SubmitRequest, *, now: float, config_dir: str | None = None,
+def submit_one(request: ms.SubmitRequest, *, now: float | None = None, config_dir: str | None = None,
                ledger: str | None = None) -> ms.SubmitResult:
     """``lanectl submit``: check the request against the fleet (a refused one creates no ledger file), then queue
-    it; ``created`` is false when its idempotency key found the mission it made before."""
+    it; ``created`` is false when its idempotency key found the mission it made before. ``now`` None: timed by
+    the ledger's clock (``Ledger.clock``), checked first against this host's."""
     fleet = config.load(config_dir)
-    ms.check_requests(fleet, [request], now)
+    ms.check_requests(fleet, [request], time.time() if now is None else now)
     with config.open_ledger(config_dir, ledger) as led:
-        return ms.submit_many(led, fleet, [request], now=now)[0]
+        return ms.submit_many(led, fleet, [request], now=led.clock() if now is None else now)[0]

@@ -137,7 +137,7 @@ def run(ledger: Ledger, fleet: LaneSet, lane: str, kind: str, *, timeout: float 
                       not failures, after, failures)
     data = res.as_dict()
     del data["lane"]
-    lane_ops.record(ledger, EventKind.DRILL, now=time.time(), lane=lane, **data)
+    lane_ops.record(ledger, EventKind.DRILL, now=ledger.clock(), lane=lane, **data)
     return res
 
 

@@ -302,8 +302,8 @@ def promote(lane: str, weight: int, *, force: bool = False, reason: str | None =
     if force and not reason:
         raise LanectlError("--force needs --reason", "say why the evidence is being overridden", "reason_required",
                            ExitCode.USAGE)
-    now = time.time() if now is None else now
     with config.open_ledger(fleet, ledger) as led:
+        now = led.clock() if now is None else now  # the ledger's clock (PostgreSQL: the server's)
         promoted = lane_ops.weight_of(led, lane)
         current = promoted if promoted is not None else fleet.lanes[lane].weight
         if weight == current:

@@ -102,7 +102,7 @@ def take(*, lane: str | None = None, out: str | Path | None = None, reason: str 
     made = capture(fleet, path, target, lane=lane, reason=reason, actor=who)
     try:
         with config.open_ledger(fleet, path) as led:
-            lane_ops.record(led, EventKind.SNAPSHOT, now=time.time(), lane=lane, path=str(made), reason=reason,
+            lane_ops.record(led, EventKind.SNAPSHOT, now=led.clock(), lane=lane, path=str(made), reason=reason,
                             actor=who)
     except LanectlError:
         pass  # the snapshot is the point; an unwritable ledger is one of the things it records

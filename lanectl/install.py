@@ -409,7 +409,7 @@ def install_fleet(fleet: LaneSet, unit_dir: Path, *, ledger: str | Path | None =
         stop_removed(sorted((before - set(fleet.lanes)) | set(orphans)), res, enabled=set(orphans))
     if res.supervisor and config.ledger_path(fleet, ledger).exists():
         with config.open_ledger(fleet, ledger) as led:
-            lane_ops.record(led, EventKind.SUPERVISOR, now=time.time(), action=res.supervisor, by=by,
+            lane_ops.record(led, EventKind.SUPERVISOR, now=led.clock(), action=res.supervisor, by=by,
                             lanes=sorted(fleet.lanes), added=sorted(set(fleet.lanes) - before),
                             removed=sorted(before - set(fleet.lanes)), error=res.supervisor_error, reason=reason)
     return res

@@ -129,7 +129,7 @@ def remove(name: str, config_path: str | Path | None = None, *, ledger: str | Pa
     moved: dict[str, Any] = {"missions": [], "sessions": []}
     if ledger is not None or config.ledger_path(fleet).exists():
         with config.open_ledger(fleet, ledger) as led:
-            _, res = lane_ops.release(led, fleet, name, reroute_to, now=time.time(), reason=reason)
+            _, res = lane_ops.release(led, fleet, name, reroute_to, now=led.clock(), reason=reason)
         if res is not None:
             moved = {"missions": res.missions, "sessions": res.sessions}
     path.unlink()

@@ -8,7 +8,6 @@ time, the running lanes whose units changed. Waits tell a ``progress`` callback 
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,19 +47,19 @@ def graceful_restart(led: Ledger, fleet: config.LaneSet, lanes: dict[str, Any], 
     Raises ``Timeout`` (exit 7, ``drain_timeout``; the lane stays draining) when work is still in flight after
     ``timeout`` seconds, and ``restart_failed`` (exit 8) when the lane is not up 60 s after its restart."""
     previous = lane_ops.state_of(led, name)
-    lane_ops.drain(led, fleet, name, now=time.time(), reason=f"graceful restart: {reason or ''}".strip(": "))
+    lane_ops.drain(led, fleet, name, now=led.clock(), reason=f"graceful restart: {reason or ''}".strip(": "))
     left = lifecycle.wait_drained(led.path, name, timeout, progress=progress)
     if left:
         raise Timeout(f"lane {name} still has {len(left)} mission(s) in flight after {timeout:g}s",
                       "it stays draining; wait, cancel them, or restart without --graceful", "drain_timeout")
     systemd.run("reset-failed", lanes[name]["unit"], check=False)  # a unit systemd gave up on restarts too
     systemd.run("restart", lanes[name]["unit"])
-    lane_ops.record(led, EventKind.LANE_RESTART, now=time.time(), lane=name, graceful=True, reason=reason)
+    lane_ops.record(led, EventKind.LANE_RESTART, now=led.clock(), lane=name, graceful=True, reason=reason)
     if progress is not None:
         progress(f"restarting {name}")
     up = lifecycle.wait_up(lanes, name, 60, progress=progress)
     if previous in ("active", "degraded"):
-        lane_ops.undrain(led, fleet, name, now=time.time(), reason="graceful restart done")
+        lane_ops.undrain(led, fleet, name, now=led.clock(), reason="graceful restart done")
     if not up:
         raise LanectlError(f"lane {name} did not come back up within 60s", "see 'lanectl status' and its journal",
                            "restart_failed", ExitCode.UNHEALTHY)
@@ -99,7 +98,7 @@ def apply(*, timeout: float, reason: str | None = None, unit_dir: str | None = N
     out = ApplyResult(res, changed_lanes)
     with config.open_ledger(fleet, config.ledger_path(fleet, ledger)) as led:
         if res.changed:
-            lane_ops.record(led, EventKind.APPLY, now=time.time(), written=res.written, removed=res.removed,
+            lane_ops.record(led, EventKind.APPLY, now=led.clock(), written=res.written, removed=res.removed,
                             lanes=changed_lanes, reason=reason)
         for i, name in enumerate(changed_lanes):
             if active.get(lanes[name]["unit"]) != "active":
@@ -147,7 +146,7 @@ def drain(lane: str, *, wait: bool = False, stop: bool = False, timeout: float =
     fleet = config.load(config_dir)
     with config.open_ledger(fleet, ledger) as led:
         previous = lane_ops.state_of(led, lane)
-        changed = lane_ops.drain(led, fleet, lane, now=time.time(), reason=reason, take_over=True)
+        changed = lane_ops.drain(led, fleet, lane, now=led.clock(), reason=reason, take_over=True)
         path = led.path
     res = DrainResult(lane, changed, previous)
     if wait or stop:
@@ -187,6 +186,6 @@ def undrain(lane: str, *, reason: str | None = None, unit_dir: str | None = None
     --stop`` leaves it)."""
     fleet = config.load(config_dir)
     with config.open_ledger(fleet, ledger) as led:
-        changed = lane_ops.undrain(led, fleet, lane, now=time.time(), reason=reason)
+        changed = lane_ops.undrain(led, fleet, lane, now=led.clock(), reason=reason)
     unit = lifecycle.bring_back(lane, unit_dir, config_dir) if systemd.available() else None
     return UndrainResult(lane, changed, unit)

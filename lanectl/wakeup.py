@@ -124,18 +124,9 @@ class PgListener:
             self._thread.join(timeout=10)
 
     def _connect(self) -> Any:
-        import psycopg
+        from lanectl.ledger import pg
 
-        from lanectl.ledger.pg import CHANNEL, IDLE_IN_TRANSACTION_S
-
-        conn = psycopg.connect(self.url, autocommit=True, connect_timeout=5, application_name=self.role)
-        try:
-            conn.execute(f"SET idle_in_transaction_session_timeout = {IDLE_IN_TRANSACTION_S * 1000:d}")
-            conn.execute(f"LISTEN {CHANNEL}")
-        except BaseException:
-            conn.close()
-            raise
-        return conn
+        return pg.listen_connect(self.url, role=self.role)
 
     def _run(self) -> None:
         import psycopg

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import time
 from typing import Optional
 
 import typer
@@ -146,7 +145,7 @@ def reroute(
     """
     fleet, led = _open(config_dir, ledger)
     with led:
-        res = lane_ops.reroute(led, fleet, lane, to, now=time.time(), cls=cls, sessions=sessions, reason=reason)
+        res = lane_ops.reroute(led, fleet, lane, to, now=led.clock(), cls=cls, sessions=sessions, reason=reason)
     data = {"lane": lane, "to": to, "missions": res.missions, "sessions": res.sessions, "skipped": res.skipped,
             "changed": res.changed}
 

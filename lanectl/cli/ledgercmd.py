@@ -2,7 +2,6 @@
 (retention of the ledger's history: lanectl.ledger.retention does the work)."""
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -64,9 +63,9 @@ def prune(
     except ValueError:
         raise invalid("older-than", f"{older_than!r} is not a duration", "use e.g. 30d, 12h or 2w",
                       "bad_duration") from None
-    now = time.time()
-    cutoff = now - seconds
     with config.open_ledger(config_dir, ledger) as led:
+        now = led.clock()
+        cutoff = now - seconds
         if dry_run:
             m, e = retention.candidates(led, cutoff)
             data = {"cutoff": cutoff, "missions": m, "events_older": e, "dry_run": True}

@@ -64,7 +64,7 @@ def submit(
         if argv or payload is not None:
             raise ms.invalid("batch", "--batch was given together with a payload or command",
                              "put every mission in the batch file", "payload_ambiguous")
-        res = batches.submit_batch(batch, now=now, config_dir=config_dir, ledger=ledger)
+        res = batches.submit_batch(batch, config_dir=config_dir, ledger=ledger)  # timed by the ledger's clock
         finish(["submit"], res.as_dict(), json_mode=json_out,
                human=lambda: stdout_console().print(f"queued {res.created} mission(s), {res.existing} already "
                                                     f"submitted; ids {min(res.ids)}..{max(res.ids)}"))
@@ -77,7 +77,7 @@ def submit(
     body: Any = payload if payload is not None else {"argv": list(argv or [])}
     req = ms.SubmitRequest(cls, body, deadline_request(deadline, now), lane, tuple(tag or ()), session,
                            idempotency_key, max_attempts)
-    res = batches.submit_one(req, now=now, config_dir=config_dir, ledger=ledger)
+    res = batches.submit_one(req, config_dir=config_dir, ledger=ledger)  # timed by the ledger's clock
     data = {**res.mission.as_dict(), "changed": res.created}
 
     def human() -> None:
@@ -163,7 +163,7 @@ def cancel(mission_id: int = typer.Argument(..., metavar="ID"), ledger: Optional
            config_dir: Optional[str] = CONFIG, json_out: bool = JSON) -> None:
     """Cancel a queued or running mission (no-op if already cancelled)."""
     with config.open_ledger(config_dir, ledger) as led:
-        res = ms.cancel(led, mission_id, now=time.time())
+        res = ms.cancel(led, mission_id, now=led.clock())
     finish(["mission", "cancel"], {**res.mission.as_dict(), "changed": res.changed}, json_mode=json_out,
            human=lambda: stdout_console().print(f"mission {mission_id}: cancelled"
                                                 + ("" if res.changed else " (already)")))
@@ -175,8 +175,8 @@ def retry(mission_id: int = typer.Argument(..., metavar="ID"),
           deadline: Optional[str] = typer.Option(None, help="New deadline (+10m, RFC 3339, epoch)."),
           ledger: Optional[str] = LEDGER, config_dir: Optional[str] = CONFIG, json_out: bool = JSON) -> None:
     """Queue a failed, dead, cancelled or expired mission again."""
-    now = time.time()
     with config.open_ledger(config_dir, ledger) as led:
+        now = led.clock()
         res = ms.retry(led, mission_id, now=now, deadline=parse_deadline(deadline, now))
     finish(["mission", "retry"], {**res.mission.as_dict(), "changed": True}, json_mode=json_out,
            human=lambda: stdout_console().print(f"mission {mission_id}: queued again"))
@@ -192,7 +192,7 @@ def explain(mission_id: int = typer.Argument(..., metavar="ID"), ledger: Optiona
     """
     fleet = config.load(config_dir)
     with config.open_ledger(config_dir, ledger) as led:
-        data = tick.explain(led, fleet, mission_id, now=time.time(), installed=_installed_lanes(fleet))
+        data = tick.explain(led, fleet, mission_id, now=led.clock(), installed=_installed_lanes(fleet))
 
     def human() -> None:
         out = stdout_console()
@@ -232,7 +232,7 @@ def dispatch_(
                          "once_required")
     fleet = config.load(config_dir)
     with config.open_ledger(config_dir, ledger) as led:
-        res = tick.run_once(led, fleet, now=time.time())
+        res = tick.run_once(led, fleet, now=led.clock())
     data = {**res.as_dict(), "changed": bool(res.dispatches or res.expired_deadlines or res.expired_leases)}
 
     def human() -> None:

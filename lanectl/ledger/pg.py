@@ -295,6 +295,20 @@ def connect(url: str, *, busy_timeout_s: float, readonly: bool = False, role: st
     return PgConn(raw, url)
 
 
+def listen_connect(url: str, *, role: str, connect_timeout: int = 5) -> Any:
+    """A psycopg connection (autocommit) LISTENing on ``CHANNEL``, for ``lanectl.wakeup.PgListener``; psycopg's
+    errors are raised as they are (the listener retries with backoff)."""
+    psycopg = _import_psycopg()
+    conn = psycopg.connect(url, autocommit=True, connect_timeout=connect_timeout, application_name=role)
+    try:
+        conn.execute(f"SET idle_in_transaction_session_timeout = {IDLE_IN_TRANSACTION_S * 1000:d}")
+        conn.execute(f"LISTEN {CHANNEL}")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
 def server_offset(conn: PgConn) -> float:
     """The server's clock minus this host's, in seconds: ``clock_timestamp()`` as epoch seconds minus the local
     midpoint of the round trip that read it (the error is at most half the round trip)."""

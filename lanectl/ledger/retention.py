@@ -255,7 +255,7 @@ def prune(led: Ledger, *, cutoff: float, archive: str | Path, now: float | None 
 def _prune(led: Ledger, *, cutoff: float, archive: str | Path, now: float | None, batch: int, vacuum: bool,
            actor: str | None, progress: Callable[[str, int], None] | None) -> PruneResult:
     started = time.monotonic()
-    now = time.time() if now is None else now
+    now = led.clock() if now is None else now
     path = Path(archive)
     if not path.parent.is_dir():  # checked first, so that a cron job learns of it on a day with nothing to prune
         raise LanectlError(f"{path}: its directory {path.parent} does not exist", "create it, or name another file",

@@ -343,3 +343,21 @@ def test_listen_can_be_turned_off(backend, monkeypatch):
     with pytest.raises(Exception) as err:
         config.LedgerSettings(listen="sometimes")
     assert "listen" in str(err.value)
+
+
+@PG
+def test_the_client_library_times_its_writes_by_the_ledgers_clock(backend, fleet, monkeypatch):
+    """``lanectl.client.Client`` (what producers embed; the CLI's writing commands do the same through
+    ``Ledger.clock``) on a host an hour fast: the mission and its event carry the server's time."""
+    from lanectl.client import Client
+
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 3600.0)
+    with Client(ledger=backend.location(), fleet=fleet) as client:
+        m = client.submit("interactive", {"argv": ["true"]})
+        cancelled = client.cancel(m.id)
+    with raw(backend) as other:
+        server = float(other.execute("SELECT extract(epoch from now())").fetchone()[0])
+        at = [r[0] for r in other.execute("SELECT at FROM events WHERE mission = %s", (m.id,))]
+    assert abs(m.created_at - server) < 60 and abs(cancelled.updated_at - server) < 60
+    assert len(at) == 2 and all(abs(a - server) < 60 for a in at)
