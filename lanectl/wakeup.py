@@ -129,13 +129,11 @@ class PgListener:
         return pg.listen_connect(self.url, role=self.role)
 
     def _run(self) -> None:
-        import psycopg
-
         failures = 0
         while not self._stop.is_set():
             try:
                 self._conn = self._connect()
-            except psycopg.Error as exc:
+            except Exception as exc:  # noqa: BLE001 - psycopg's errors, a LanectlError (no driver): retried
                 self._failed(exc)
                 self._stop.wait(BACKOFF_S[min(failures, len(BACKOFF_S) - 1)])
                 failures += 1
@@ -152,7 +150,7 @@ class PgListener:
                         else:
                             self.accepted += 1
                             self.wake()
-            except psycopg.Error as exc:
+            except Exception as exc:  # noqa: BLE001 - a dead thread would leave the loop polling for good
                 self._failed(exc)
                 self.wake()  # the loop polls until this connection is back
                 self._stop.wait(BACKOFF_S[0])

@@ -424,6 +424,11 @@ def ledger_error(url: str, exc: BaseException) -> LanectlError | None:
         return LanectlError(f"{where}: no permission on the ledger ({exc})",
                             "grant the user in the URL the ledger's tables (or connect as their owner)",
                             "ledger_permission", ExitCode.UNAVAILABLE)
+    if isinstance(exc, getattr(e, "IdleInTransactionSessionTimeout", ())):
+        return Unavailable(f"{where}: the server ended the connection: it stayed idle inside a transaction longer "
+                           f"than {IDLE_IN_TRANSACTION_S} s (idle_in_transaction_session_timeout); the transaction "
+                           "was rolled back", "retry (the process was stopped or stalled mid-transaction)",
+                           "ledger_unavailable")
     if isinstance(exc, psycopg.OperationalError):
         return Unavailable(f"{where}: the connection to the ledger's server failed ({exc}); the transaction was "
                            "rolled back", "check the server, then retry", "ledger_unavailable")

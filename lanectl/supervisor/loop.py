@@ -260,7 +260,10 @@ class Supervisor:
     def own_backend_pid(self) -> int | None:
         """The server process of the supervisor's own ledger connection (its NOTIFYs wake nothing)."""
         led = self.shared.ledger
-        return getattr(led.conn, "backend_pid", None) if led is not None else None
+        try:
+            return getattr(led.conn, "backend_pid", None) if led is not None else None
+        except Exception:  # noqa: BLE001 - a connection being replaced: no pid to ignore
+            return None
 
     # ------------------------------------------------------------------------------------------ reload
     def request_reload(self) -> None:

@@ -211,6 +211,30 @@ def test_connection_settings_name_the_role_and_bound_idle_transactions(backend):
 
 
 @PG
+def test_a_frozen_transaction_cannot_hold_the_ledger_lock_for_ever(backend, fleet, monkeypatch):
+    """A process stopped inside a write transaction (here: one that just does not go on) is disconnected by the
+    server after ``idle_in_transaction_session_timeout`` (1 s here, 15 s in production): its lock is released,
+    another writer goes on, and nothing of the frozen transaction is written."""
+    monkeypatch.setattr(pg, "IDLE_IN_TRANSACTION_S", 1)
+    frozen = backend.open()
+    other = backend.open()
+    with pytest.raises(LanectlError) as err:
+        with frozen.transaction() as conn:
+            events.append(conn, EventKind.SUBMITTED, T0, lane="alpha")
+            pid = frozen.conn.backend_pid
+            with raw(backend) as look:  # wait until the server has ended the idle transaction's session
+                deadline = time.monotonic() + 60
+                while look.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone():
+                    assert time.monotonic() < deadline, "the idle transaction was never ended"
+                    time.sleep(0.05)
+            conn.execute("SELECT 1").fetchone()
+    assert err.value.code == "ledger_unavailable"
+    assert ms.submit(other, fleet, cls="interactive", payload={}, now=T0).created  # the lock is free
+    with raw(backend) as look:
+        assert look.execute("SELECT count(*) FROM events").fetchone()[0] == 1  # only the other's submit
+
+
+@PG
 def test_a_killed_backend_is_ledger_unavailable_then_reconnect_works(backend, fleet):
     led = backend.open()
     _terminate(backend, led.conn.backend_pid)
