@@ -86,7 +86,7 @@ def run(ledger: Ledger, fleet: LaneSet, lane: str, kind: str, *, timeout: float 
         raise Conflict(f"drill: lane {lane} is {lane_ops.state_of(ledger, lane)}, not active",
                        "drill a lane that takes work", "lane_not_active")
     cls = cfg.classes[0]
-    now = time.time()
+    now = ledger.clock()  # the ledger's clock (PostgreSQL: the server's)
     mission = ms.submit(ledger, fleet, cls=cls, payload={"argv": ["/bin/sh", "-c", "sleep 2"], "drill": kind},
                         now=now, lane=lane, deadline=now + 3600 if cls == "deadline" else None).mission.id
 
