@@ -198,3 +198,24 @@ def test_explain_says_a_lane_of_lanes_d_that_is_not_installed_cannot_take_it(app
                                                           "lanes": {"alpha": {}}}))
     res, doc = run(app, "mission", "explain", mid, "--json")
     assert doc["data"]["summary"].startswith("eligible now"), doc
+
+
+def test_writing_commands_time_their_writes_by_the_ledgers_clock(app, env, backend, monkeypatch):
+    """On a host whose clock is an hour fast, submit (one and --batch), dispatch --once, cancel and retry write the
+    ledger's time: on PostgreSQL the server's (``Ledger.clock``), on SQLite this host's own (its only clock)."""
+    import time
+
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 3600.0)
+    batch = env / "batch.jsonl"
+    batch.write_text('{"class": "interactive", "payload": {"n": 1}}\n')
+    assert run(app, "submit", "--class", "interactive", "--payload", "{}")[0].exit_code == 0
+    assert run(app, "submit", "--batch", str(batch))[0].exit_code == 0
+    assert run(app, "dispatch", "--once")[0].exit_code == 0
+    assert run(app, "mission", "cancel", "1")[0].exit_code == 0
+    assert run(app, "mission", "retry", "1")[0].exit_code == 0
+    led = backend.open()
+    expected = real() if led.dialect == "postgresql" else time.time()
+    times = [r[0] for r in led.conn.execute("SELECT at FROM events")]
+    times += [t for r in led.conn.execute("SELECT dispatched_at, lease_expires - 30 FROM attempts") for t in r]
+    assert len(times) >= 7 and all(abs(t - expected) < 60 for t in times), (times, expected)
