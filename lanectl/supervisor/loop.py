@@ -63,7 +63,8 @@ def bound_settings(old: Any, new: Any) -> list[tuple[str, Any, Any]]:
     change them (``lanectl install`` restarts it when the port or the ledger changed)."""
     keys_ = (("[supervisor] host", lambda s: s.supervisor.host), ("[supervisor] port", lambda s: s.supervisor.port),
              ("[supervisor] socket", lambda s: s.supervisor.socket), ("[ledger] path", lambda s: s.ledger.path),
-             ("[ledger] synchronous", lambda s: s.ledger.synchronous), ("state_dir", lambda s: s.state_dir))
+             ("[ledger] synchronous", lambda s: s.ledger.synchronous), ("[ledger] listen", lambda s: s.ledger.listen),
+             ("state_dir", lambda s: s.state_dir))
     return [(name, get(old), get(new)) for name, get in keys_ if get(old) != get(new)]
 
 

@@ -191,3 +191,11 @@ def test_metrics_read_through_a_pool_that_survives_a_killed_backend(tmp_path: Pa
     finally:
         sup.close()
     assert pool.pool.closed
+
+
+def test_listen_is_taken_at_start_a_reload_says_so() -> None:
+    from lanectl.config import LedgerSettings, Settings
+    from lanectl.supervisor import bound_settings
+
+    off = Settings(ledger=LedgerSettings(listen=False))
+    assert bound_settings(Settings(), off) == [("[ledger] listen", True, False)]
