@@ -52,6 +52,11 @@ def check_url(url: str) -> str:
     return url
 
 
+def shown(location: str | Path) -> str:
+    """A ledger location as output shows it: a path as it is, a URL redacted."""
+    return redact(location) if is_url(location) else str(location)
+
+
 def redact(url: str) -> str:
     """The URL with any password replaced by ``***`` (for output and errors); the rest exactly as written."""
     url = re.sub(r"^([a-z]+://[^/@:?#]*):[^@/?#]*@", r"\1:***@", url)
