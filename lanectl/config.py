@@ -483,9 +483,9 @@ class LedgerSettings(Model):
     @field_validator("path", "archive_dir")
     @classmethod
     def _path(cls, v: str | None, info: Any) -> str | None:
-        from lanectl.ledgerurl import check_url, is_url
+        from lanectl.ledgerurl import PREFIXES, check_url
 
-        if v is not None and info.field_name == "path" and is_url(v):
+        if v is not None and info.field_name == "path" and v.startswith(PREFIXES):
             try:
                 return check_url(v)
             except LanectlError as exc:

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from lanectl.errors import Conflict, ExitCode, LanectlError, Problem
-from lanectl.ledger import Ledger, schema
+from lanectl.ledger import Ledger, require_ledger_file, schema
 from lanectl.ledgerurl import is_url, shown
 
 BATCH: Final = 2000
@@ -328,6 +328,8 @@ def copy(source: str | Path, destination: str | Path, *, progress: Progress | No
                            "name a new ledger as the destination", "ledger_copy_same", ExitCode.USAGE)
     started = time.monotonic()
     say = progress or (lambda text: None)
+    if not is_url(source):
+        require_ledger_file(Path(source))  # ledger_missing (exit 6), as every command but init says it
     src = Ledger.open_readonly(source, must_exist=True, timeout_s=busy_timeout_s, check=True)
     try:
         _begin_snapshot(src)
