@@ -171,3 +171,37 @@ def test_copy_sqlite_to_postgresql_and_refusals(etc, tmp_path, empty_db):
     code, doc, _, _ = lanectl("ledger", "copy", str(tmp_path / "nope.db"), str(tmp_path / "n2.db"))
     assert code == ExitCode.UNAVAILABLE and error_of(doc)["code"] == "ledger_missing"
     assert not (tmp_path / "n2.db").exists()
+
+
+def test_probe_top_and_status_read_a_postgresql_ledger_and_name_one_that_cannot_be_read(pg_server, tmp_path):
+    """The readers behind probe, top and status (lanectl.probe, lanectl.top, lanectl.status) on a PostgreSQL
+    ledger: they read it (no Path operations on the URL), and a server that cannot be reached is the ledger's
+    problem ("ledger unreadable"), never taken for systemd's."""
+    from lanectl import probe, status, top
+    from lanectl.ledger import Ledger, lanes as lane_ops
+
+    db = pg_server.create_db("readers")
+    url = pg_server.url(db)
+    with Ledger.open(url) as led:
+        lane_ops.set_weight(led, "alpha", 42, now=1.0)
+    lanes = {"alpha": {"capacity": 2, "port": 9101, "unit": "lanectl-lane-alpha.service"}}
+    assert probe.read_lane_views(url)["alpha"]["weight"] == 42
+    source = top.Source({"lanes": lanes}, url)
+    frame = source.frame()
+    assert frame.metrics is not None and not [e for e in frame.errors if e.startswith("ledger")], frame.errors
+    source.close()
+
+    gone = tmp_path / "no-server"
+    gone.mkdir()
+    bad = f"postgresql:///x?host={gone}"
+    res = probe.run({"lanes": lanes, "ledger": bad})
+    ledger_checks = [c for c in res.checks if c.name == "ledger"]
+    assert ledger_checks and ledger_checks[0].code == probe.UNKNOWN and "ledger unreadable" in ledger_checks[0].text
+    assert bad in ledger_checks[0].text and "cannot reach" in ledger_checks[0].text
+    source = top.Source({"lanes": lanes}, bad)
+    frame = source.frame()
+    assert [e for e in frame.errors if e.startswith("ledger:") and "cannot reach" in e], frame.errors
+    rows = [status.LaneStatus("alpha", "lanectl-lane-alpha.service", True, 9101)]
+    status._dispatch(rows, bad)  # what collect(ledger=...) runs beside systemd
+    assert "unreadable" in (rows[0].dispatch_error or "") and bad in rows[0].dispatch_error
+    pg_server.drop_db(db)
