@@ -15,10 +15,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lanectl.errors import ExitCode, LanectlError
+from lanectl.states import MISSION_STATES
 from lanectl.ledger import Ledger, lanes as lane_ops, missions as ms, retention, rollups, schema, tick, transfer
 from tests.ledger.conftest import T0, make_fleet, open_ledger
 
-STATES = ("queued", "dispatched", "running", "succeeded", "failed", "cancelled", "expired", "dead")
 
 
 def _dispatch(led: Ledger, fleet: Any, now: float) -> list[ms.Dispatch]:
@@ -60,7 +60,7 @@ def build_world(led: Ledger, fleet: Any, tmp: Path) -> None:
         rollups.roll_up(conn, now + 3 * 3600, max_buckets=50)
     retention.prune(led, cutoff=T0 + 100, archive=tmp / "archive.jsonl.gz", now=now + 100)
     got = {m.state for m in ms.list_missions(led, limit=100)}
-    assert got == set(STATES), got
+    assert got == set(MISSION_STATES), got
     assert ms.get(led, expired).state == "expired" and ms.get(led, dispatched).state == "dispatched"
 
 
