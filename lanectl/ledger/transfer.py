@@ -58,7 +58,6 @@ _CATALOG: Final = {
         "columns": "SELECT name FROM pragma_table_info(?) ORDER BY cid",
         "key": "SELECT name FROM pragma_table_info(?) WHERE pk > 0 ORDER BY pk",
         "parents": "SELECT DISTINCT \"table\" FROM pragma_foreign_key_list(?)",
-        "id_type": "SELECT lower(type) FROM pragma_table_info(?) WHERE name = 'id'",
     },
     "postgresql": {
         "tables": "SELECT tablename FROM pg_tables WHERE schemaname = current_schema() ORDER BY tablename",
@@ -69,9 +68,6 @@ _CATALOG: Final = {
                "ORDER BY array_position(i.indkey::int2[], a.attnum)",
         "parents": "SELECT DISTINCT confrelid::regclass::text FROM pg_constraint WHERE conrelid = to_regclass(?) "
                    "AND contype = 'f'",
-        "id_type": "SELECT CASE WHEN data_type IN ('integer', 'bigint', 'smallint') THEN 'integer' ELSE data_type "
-                   "END FROM information_schema.columns WHERE table_schema = current_schema() AND table_name = ? "
-                   "AND column_name = 'id'",
     },
 }
 
@@ -93,6 +89,14 @@ def json_columns() -> dict[str, frozenset[str]]:
         for table, col in re.findall(r"ALTER TABLE (\w+) ADD COLUMN (?:IF NOT EXISTS )?(\w+)\s+jsonb\b", text):
             out.setdefault(table, set()).add(col)
     return {t: frozenset(c) for t, c in out.items()}
+
+
+def id_tables() -> frozenset[str]:
+    """The tables whose ids the ledger hands out (an identity column in the PostgreSQL schema; AUTOINCREMENT or the
+    rowid on SQLite), read from the schema's text like ``json_columns``."""
+    texts = [schema.PG_BASELINE, *(m.pg for m in schema.MIGRATIONS if m.pg)]
+    return frozenset(t for text in texts for t, _ in re.findall(
+        r"CREATE TABLE (\w+) \(\s*(\w+) bigint GENERATED (?:BY DEFAULT|ALWAYS) AS IDENTITY", text))
 
 
 def _number(text: str) -> dict[str, str]:
@@ -242,15 +246,11 @@ def _id_marks(led: Ledger, tables: list[str], keys: dict[str, list[str]]) -> dic
     """The id high-water mark of each table with a single integer id column: the largest id it holds or has handed
     out (SQLite: ``sqlite_sequence``; PostgreSQL: its identity sequence)."""
     marks: dict[str, int] = {}
+    handed_out = id_tables()
     for t in tables:
-        if keys.get(t) != ["id"]:
+        if keys.get(t) != ["id"] or t not in handed_out:
             continue
-        high = led.conn.execute(f"SELECT max(id) FROM {t}").fetchone()[0]
-        if high is not None and not isinstance(high, int):
-            continue  # a text id (sessions): no id is handed out
-        if high is None and led.conn.execute(_CATALOG[led.dialect]["id_type"], (t,)).fetchone()[0] != "integer":
-            continue
-        high = high or 0
+        high = led.conn.execute(f"SELECT coalesce(max(id), 0) FROM {t}").fetchone()[0]
         seq = _sequence(led, t)
         marks[t] = max(int(high), seq or 0)
     return marks

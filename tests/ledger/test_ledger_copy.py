@@ -102,10 +102,13 @@ def test_round_trip_through_the_other_engine_keeps_every_row_and_a_working_ledge
     assert [t for t, n in counts.items() if n == 0] == []
     max_id = src.conn.execute("SELECT max(id) FROM missions").fetchone()[0]
     mark = transfer._id_marks(src, list(counts), {"missions": ["id"], "events": ["id"]})
+    assert set(mark) == {"missions", "events"}
     src.close()
 
     middle = other()
-    there = transfer.copy(backend.location(), middle)
+    told: list[str] = []
+    there = transfer.copy(backend.location(), middle, progress=told.append)
+    assert any(t.startswith("copying events: ") for t in told) and "verifying the destination" in told
     assert there.verified and {t.name for t in there.tables} == set(counts)
     assert {t.name: t.rows for t in there.tables} == counts
     back = backend.location("back")
@@ -216,7 +219,7 @@ def test_the_same_ledger_twice_is_refused(backend):
 
 
 @pytest.mark.backends("postgresql")
-def test_the_json_columns_are_those_of_the_postgresql_catalog(backend):
+def test_the_json_columns_and_id_tables_are_those_of_the_postgresql_catalog(backend):
     led = backend.open()
     rows = led.conn.execute("SELECT table_name, column_name FROM information_schema.columns WHERE "
                             "table_schema = current_schema() AND data_type = 'jsonb'").fetchall()
@@ -224,6 +227,9 @@ def test_the_json_columns_are_those_of_the_postgresql_catalog(backend):
     for t, c in rows:
         want.setdefault(t, set()).add(c)
     assert {t: set(c) for t, c in transfer.json_columns().items()} == want
+    identity = {t for (t,) in led.conn.execute("SELECT table_name FROM information_schema.columns WHERE "
+                                               "table_schema = current_schema() AND is_identity = 'YES'").fetchall()}
+    assert transfer.id_tables() == identity == {"missions", "events"}
 
 
 _text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=20)
@@ -255,3 +261,28 @@ def test_a_json_value_renders_the_same_however_postgresql_rewrites_its_text(back
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_floats_render_exactly(backend, x, y):
     assert (transfer.render({"a": x}) == transfer.render({"a": y})) == (x == y and str(x) == str(y))
+
+
+@pytest.mark.backends("sqlite")  # SQLite's own old steps (the PostgreSQL schema starts at the latest version)
+def test_an_old_source_is_refused_until_ledger_migrate_brings_it_up(backend, other, tmp_path):
+    from lanectl.ledger import where
+
+    conn = backend.connect(isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    for n, step in enumerate(schema.MIGRATIONS[:schema.LATEST - 1], start=1):  # as lanectl left it back then
+        conn.execute("BEGIN")
+        for stmt in schema._statements(step.sql):
+            conn.execute(stmt)
+        conn.execute("INSERT INTO schema_migrations VALUES (?, ?, ?)", (n, step.name, T0))
+        conn.execute(f"PRAGMA user_version = {n}")
+        conn.execute("COMMIT")
+    conn.close()
+    dst = other()
+    with pytest.raises(LanectlError) as err:
+        transfer.copy(backend.location(), dst)
+    assert err.value.code == "ledger_needs_migration"
+    res = where.migrate(backend.location())
+    assert (res["from_version"], res["to_version"], res["applied"]) == (
+        schema.LATEST - 1, schema.LATEST, [schema.MIGRATIONS[-1].name])
+    assert where.migrate(backend.location())["changed"] is False
+    assert transfer.copy(backend.location(), dst).verified
