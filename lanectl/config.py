@@ -853,8 +853,9 @@ def cross_check(lanes: dict[str, Lane], lanes_dir: Path, *, check_host_ports: bo
 def control_dirs(settings: Settings, config_dir: Path) -> dict[str, str]:
     """The control plane's own directories, which no workspace may equal, contain or sit in."""
     dirs = {"state_dir": settings.state_dir,
-            "ledger directory": (str(PurePosixPath(settings.ledger.path).parent) if settings.ledger.path
-                                 else settings.state_dir),
+            "ledger directory": (str(PurePosixPath(settings.ledger.path).parent)
+                                 if settings.ledger.path and not settings.ledger.path.startswith("postgres")
+                                 else settings.state_dir),  # a PostgreSQL URL: no directory of this host
             "configuration directory": os.path.realpath(config_dir),
             "unit directory": os.path.realpath(paths.unit_dir())}
     return dirs

@@ -136,3 +136,18 @@ def test_a_malformed_url_in_lanectl_toml_is_a_config_error(tmp_path: Path, monke
     with pytest.raises(LanectlError) as err:
         config.ledger_path(etc)
     assert err.value.exit_code == ExitCode.CONFIG and "//" in str(err.value) + str(err.value.problems)
+
+
+def test_a_postgresql_ledger_is_no_directory_of_this_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The supervisor's unit gets no ReadWritePaths= for a URL (Path(URL).parent is "postgresql:"), and no
+    workspace is checked against such a "directory"."""
+    from lanectl import units
+
+    monkeypatch.delenv("LANECTL_LEDGER", raising=False)
+    etc = _etc(tmp_path, f'ledger = "{URL}"\n')
+    (etc / "lanes.d" / "alpha.toml").write_text('port = 9001\nworkspace = "/var/lib/lanes/alpha"\n')
+    fleet = config.load(etc)
+    text = units.render_supervisor(fleet, "/usr/bin/python3")
+    rw = [line for line in text.splitlines() if line.startswith("ReadWritePaths=")]
+    assert rw and all("postgresql:" not in line for line in rw), rw
+    assert "postgresql:" not in " ".join(config.control_dirs(fleet.settings, etc).values())
