@@ -205,3 +205,22 @@ def test_probe_top_and_status_read_a_postgresql_ledger_and_name_one_that_cannot_
     status._dispatch(rows, bad)  # what collect(ledger=...) runs beside systemd
     assert "unreadable" in (rows[0].dispatch_error or "") and bad in rows[0].dispatch_error
     pg_server.drop_db(db)
+
+
+def test_the_snapshot_ledger_check_on_postgresql_finds_a_broken_invariant(pg_server):
+    """reads.integrity_check on PostgreSQL: ["ok"] for a sound ledger, and what is wrong when the queue-depth count
+    no longer matches the queued missions (written below the ledger's API, as a bug or a hand edit would)."""
+    from lanectl.ledger import Ledger, missions as ms, reads
+    from tests.ledger.conftest import T0, make_fleet
+
+    db = pg_server.create_db("integrity")
+    url = pg_server.url(db)
+    try:
+        with Ledger.open(url) as led:
+            ms.submit(led, make_fleet(Path("/tmp")), cls="interactive", payload={}, now=T0)
+            assert reads.integrity_check(led) == ["ok"]
+            led.conn.execute("UPDATE queue_depth SET n = n + 2 WHERE rank = 0")
+            found = reads.integrity_check(led)
+            assert found == ["queue_depth of rank 0 is 3 but 1 are queued"], found
+    finally:
+        pg_server.drop_db(db)
