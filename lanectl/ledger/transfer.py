@@ -450,6 +450,8 @@ def _copy_table(src: Ledger, dst: Ledger, table: str, cols: list[str], key: list
                 seeded: bool, say: Progress) -> _Sum:
     """Copy one table; its source checksum. A seeded table's rows replace the seed's (by primary key)."""
     s = _Sum()
+    total = src.conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]  # in the snapshot: what will come
+    say(f"copying {table}: 0/{total} rows")
     insert = f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
     rest = [c for c in cols if c not in key]
     update = (f"UPDATE {table} SET {', '.join(f'{c} = ?' for c in rest)} WHERE "
@@ -468,7 +470,7 @@ def _copy_table(src: Ledger, dst: Ledger, table: str, cols: list[str], key: list
             raise LanectlError(f"table {table}: the destination refused a row ({exc}); the destination was rolled "
                                "back, nothing was written", "see the message: the destination's engine cannot "
                                "hold this value", "ledger_copy_refused", ExitCode.ERROR) from exc
-        say(f"copying {table}: {s.rows} rows")
+        say(f"copying {table}: {s.rows}/{total} rows")
         batch.clear()
 
     for row in _rows(src, table, cols, key):

@@ -108,7 +108,8 @@ def test_round_trip_through_the_other_engine_keeps_every_row_and_a_working_ledge
     middle = other()
     told: list[str] = []
     there = transfer.copy(backend.location(), middle, progress=told.append)
-    assert any(t.startswith("copying events: ") for t in told) and "verifying the destination" in told
+    assert f"copying events: {counts['events']}/{counts['events']} rows" in told
+    assert "verifying the destination" in told
     assert there.verified and {t.name for t in there.tables} == set(counts)
     assert {t.name: t.rows for t in there.tables} == counts
     back = backend.location("back")
@@ -116,6 +117,9 @@ def test_round_trip_through_the_other_engine_keeps_every_row_and_a_working_ledge
     assert sums(again) == sums(there)  # identical rows on all three, checksums as computed on each side
     assert all(t.match for t in again.tables) and again.verified
     assert again.id_marks["missions"]["destination"] >= mark["missions"] >= max_id
+
+    same = transfer.copy(backend.location(), backend.location("same"))  # and to the same engine
+    assert sums(same) == sums(there) and same.verified
 
     led = open_ledger(back)
     try:
@@ -286,3 +290,33 @@ def test_an_old_source_is_refused_until_ledger_migrate_brings_it_up(backend, oth
         schema.LATEST - 1, schema.LATEST, [schema.MIGRATIONS[-1].name])
     assert where.migrate(backend.location())["changed"] is False
     assert transfer.copy(backend.location(), dst).verified
+
+
+def test_a_writer_during_the_copy_does_not_tear_it(backend, other, tmp_path):
+    """The source is read in one snapshot: missions submitted (by another connection, as a running supervisor or
+    producer would) while the copy runs are in none of its tables, so no event of the copy names a mission it lacks,
+    and the counts are those of the moment the copy began."""
+    fleet = make_fleet(tmp_path)
+    src = backend.open()
+    for i in range(5):
+        ms.submit(src, fleet, cls="interactive", payload={"i": i}, now=T0 + i)
+    before = tables_of(src)
+    writer = backend.open()
+    late: list[int] = []
+
+    def meanwhile(text: str) -> None:
+        if text.startswith("copying") and len(late) < 3:  # between the copy's reads of its tables
+            late.append(ms.submit(writer, fleet, cls="interactive", payload={"late": len(late)}, now=T0 + 99).mission.id)
+
+    dst = other()
+    res = transfer.copy(backend.location(), dst, progress=meanwhile)
+    assert len(late) == 3 and res.verified
+    assert {t.name: t.rows for t in res.tables} == before
+    copy = open_ledger(dst)
+    try:
+        ids = {r[0] for r in copy.conn.execute("SELECT id FROM missions").fetchall()}
+        named = {r[0] for r in copy.conn.execute("SELECT mission FROM events WHERE mission IS NOT NULL").fetchall()}
+        assert named <= ids and not ids & set(late)
+    finally:
+        copy.close()
+    assert tables_of(src)["missions"] == before["missions"] + 3
