@@ -112,6 +112,7 @@ SCRIPT: list[tuple[str, ...]] = [
     ("missions", "--state", "dispatched"),
     ("mission", "show", "1"),
     ("mission", "show", "42"),
+    ("mission", "show", "1", "--wait", "--timeout", "0.3"),
     ("mission", "explain", "4"),
     ("mission", "cancel", "2"),
     ("mission", "cancel", "2"),
@@ -134,6 +135,7 @@ SCRIPT: list[tuple[str, ...]] = [
     ("report", "--since", "7d", "--out", "{root}/report.md"),
     ("drain", "beta", "--reason", "test"),
     ("drain", "beta"),
+    ("drain", "beta", "--wait", "--timeout", "0.3"),
     ("reroute", "beta", "--to", "alpha", "--sessions"),
     ("reroute", "gamma", "--to", "alpha"),
     ("undrain", "beta"),
@@ -160,10 +162,10 @@ SCRIPT: list[tuple[str, ...]] = [
 
 EXPECTED_CODES: list[int] = [
     0, 0, 0, 0, 0, 0, 0, 0, 5, 0, 2, 4, 0,  # ledger init, migrate, submits (idempotency conflict, bad class, lane)
-    0, 0, 0, 0, 0, 0, 4, 0, 0, 0, 0, 0, 4,  # missions, dispatch, show (42: not found), explain, cancel/retry, logs
+    0, 0, 0, 0, 0, 0, 4, 7, 0, 0, 0, 0, 0, 4,  # missions, dispatch, show (42: none; --wait: 7), explain, cancel, logs
     0, 0, 0, 0, 0, 2, 0, 0, 0,  # events (an unknown kind: 2)
     0, 0, 0, 0, 0,  # metrics, report
-    0, 0, 0, 0, 0, 0, 0, 8, 0,  # drain, reroute, undrain, promote (no evidence: 8), dispatch
+    0, 0, 7, 0, 0, 0, 0, 0, 8, 0,  # drain (--wait: in flight, 7), reroute, undrain, promote (no evidence: 8), dispatch
     0, 0, 6, 3, 6, 0, 6,  # lane show/list, status/probe/top/drill without systemd (probe: UNKNOWN), snapshot
     0, 0, 5, 0, 5, 0, 0,  # prune, lane remove (work in flight: 5), events, missions
 ]
