@@ -242,18 +242,28 @@ def seeded_tables() -> dict[str, int]:
     return {t: n for t, n in counts.items() if n}
 
 
-def _id_marks(led: Ledger, tables: list[str], keys: dict[str, list[str]]) -> dict[str, int]:
-    """The id high-water mark of each table with a single integer id column: the largest id it holds or has handed
-    out (SQLite: ``sqlite_sequence``; PostgreSQL: its identity sequence)."""
-    marks: dict[str, int] = {}
+def _id_marks(led: Ledger, tables: list[str], keys: dict[str, list[str]]) -> dict[str, tuple[int, int]]:
+    """(highest id held, high-water mark) of each table whose ids the ledger hands out: the mark is the largest id
+    it holds or ever handed out (SQLite: ``sqlite_sequence``; PostgreSQL: its identity sequence, which also moves
+    for a transaction that was rolled back)."""
+    marks: dict[str, tuple[int, int]] = {}
     handed_out = id_tables()
     for t in tables:
         if keys.get(t) != ["id"] or t not in handed_out:
             continue
-        high = led.conn.execute(f"SELECT coalesce(max(id), 0) FROM {t}").fetchone()[0]
-        seq = _sequence(led, t)
-        marks[t] = max(int(high), seq or 0)
+        high = int(led.conn.execute(f"SELECT coalesce(max(id), 0) FROM {t}").fetchone()[0])
+        marks[t] = (high, max(high, _sequence(led, t) or 0))
     return marks
+
+
+def _has_counter(led: Ledger, table: str) -> bool:
+    """Whether ``table`` keeps a high-water mark of its ids beside its rows (PostgreSQL's identity sequence,
+    SQLite's AUTOINCREMENT); without one (an SQLite rowid table: events) the next id is the highest held + 1, so the
+    highest copied id is the mark that matters (no event id is ever deleted from the top: events_no_delete)."""
+    if led.dialect == "postgresql":
+        return led.conn.execute("SELECT pg_get_serial_sequence(?, 'id')", (table,)).fetchone()[0] is not None
+    return led.conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ? "
+                            "AND sql LIKE '%AUTOINCREMENT%'", (table,)).fetchone() is not None
 
 
 def _sequence(led: Ledger, table: str) -> int | None:
@@ -277,9 +287,7 @@ def _set_mark(led: Ledger, table: str, mark: int) -> None:
         if name is not None and mark > 0:
             led.conn.execute("SELECT setval(to_regclass(?), ?, true)", (name, mark))
         return
-    autoinc = led.conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ? "
-                               "AND sql LIKE '%AUTOINCREMENT%'", (table,)).fetchone()
-    if autoinc is None:
+    if not _has_counter(led, table):
         return  # ids are max(id) + 1: the copied rows carry the mark
     if led.conn.execute("UPDATE sqlite_sequence SET seq = max(seq, ?) WHERE name = ?", (mark, table)).rowcount == 0:
         led.conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES (?, ?)", (table, mark))
@@ -367,7 +375,6 @@ def _end_snapshot(led: Ledger) -> None:
 
 def _copy_into(src: Ledger, source: str | Path, destination: str | Path, version: int, say: Progress,
                started: float, busy_timeout_s: float) -> CopyResult:
-    dst_where = _where(destination)
     created_file = not is_url(destination) and not Path(destination).exists()
     try:
         return _write(src, source, destination, version, say, started, busy_timeout_s)
@@ -377,8 +384,6 @@ def _copy_into(src: Ledger, source: str | Path, destination: str | Path, version
                       Path(f"{destination}-journal")):
                 p.unlink(missing_ok=True)
         raise
-    finally:
-        say(f"done: {dst_where}")
 
 
 def _write(src: Ledger, source: str | Path, destination: str | Path, version: int, say: Progress,
@@ -418,14 +423,16 @@ def _write(src: Ledger, source: str | Path, destination: str | Path, version: in
                 raise _not_empty(dst_where, occupied)
             for t in order:
                 sums[t] = _copy_table(src, dst, t, cols[t], keys[t], jcols.get(t, frozenset()), t in seeded, say)
-            for t, mark in src_marks.items():
+            for t, (_, mark) in src_marks.items():
                 _set_mark(dst, t, mark)
             say("verifying the destination")
             for t in order:
                 mine = _checksum(dst, t, cols[t], keys[t], jcols.get(t, frozenset()))
                 result.tables.append(TableCopy(t, sums[t].rows, sums[t].hexdigest, mine.rows, mine.hexdigest))
             dst_marks = _id_marks(dst, tables, keys)
-            result.id_marks = {t: {"source": m, "destination": dst_marks.get(t, 0)} for t, m in src_marks.items()}
+            result.id_marks = {t: {"source": mark if _has_counter(dst, t) else high,
+                                   "destination": dst_marks.get(t, (0, 0))[1]}
+                               for t, (high, mark) in src_marks.items()}
             result.tables.sort(key=lambda tc: tc.name)
             if not result.verified:
                 bad = [tc for tc in result.tables if not tc.match]

@@ -101,7 +101,7 @@ def test_round_trip_through_the_other_engine_keeps_every_row_and_a_working_ledge
     # and is then copied and compared like the others
     assert [t for t, n in counts.items() if n == 0] == []
     max_id = src.conn.execute("SELECT max(id) FROM missions").fetchone()[0]
-    mark = transfer._id_marks(src, list(counts), {"missions": ["id"], "events": ["id"]})
+    mark = {t: m for t, (_, m) in transfer._id_marks(src, list(counts), {"missions": ["id"], "events": ["id"]}).items()}
     assert set(mark) == {"missions", "events"}
     src.close()
 
@@ -320,3 +320,27 @@ def test_a_writer_during_the_copy_does_not_tear_it(backend, other, tmp_path):
     finally:
         copy.close()
     assert tables_of(src)["missions"] == before["missions"] + 3
+
+
+@pytest.mark.backends("postgresql")
+def test_ids_handed_out_by_postgresql_but_rolled_back_are_never_reused_on_sqlite(backend, other, tmp_path):
+    """A PostgreSQL sequence moves for transactions that rolled back: the mission counter on the SQLite copy starts
+    past it (a mission id is never given twice); events continue past the highest copied (SQLite's events have no
+    counter, and no reader ever saw an id that was not committed)."""
+    fleet = make_fleet(tmp_path)
+    led = backend.open()
+    ms.submit(led, fleet, cls="interactive", payload={}, now=T0)
+    led.conn.execute("SELECT setval(pg_get_serial_sequence('missions', 'id'), 500)")  # 499 submits rolled back
+    led.conn.execute("SELECT setval(pg_get_serial_sequence('events', 'id'), 900)")
+    led.close()
+    dst = other()
+    res = transfer.copy(backend.location(), dst)
+    assert res.verified and res.id_marks == {"missions": {"source": 500, "destination": 500},
+                                             "events": {"source": 1, "destination": 1}}
+    copy = open_ledger(dst)
+    try:
+        assert ms.submit(copy, fleet, cls="interactive", payload={"n": 2}, now=T0 + 1).mission.id == 501
+    finally:
+        copy.close()
+    back = transfer.copy(dst, backend.location("back"))  # and to PostgreSQL again: the sequence at 501
+    assert back.verified and back.id_marks["missions"] == {"source": 501, "destination": 501}
