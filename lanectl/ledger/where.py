@@ -17,7 +17,7 @@ def exists(location: str | Path) -> bool:
     (``ledger_unavailable``, ``ledger_auth``): whether a ledger is there is then unknown, and guessing "no" would
     let a caller create or skip what it must not."""
     if not is_url(location):
-        return os.path.lexists(location)
+        return os.path.exists(location)
     from lanectl.ledger import pg, schema
 
     try:
