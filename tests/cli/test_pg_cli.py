@@ -224,3 +224,19 @@ def test_the_snapshot_ledger_check_on_postgresql_finds_a_broken_invariant(pg_ser
             assert found == ["queue_depth of rank 0 is 3 but 1 are queued"], found
     finally:
         pg_server.drop_db(db)
+
+
+def test_a_ledger_named_in_lanectl_toml_by_url_is_found_by_lane_remove_and_init(etc, empty_db):
+    """`ledger = URL` in lanectl.toml, no --ledger: `ledger init` creates it, and `lane remove` asks it whether work
+    is bound to the lane (it used to call Path.exists() on the URL)."""
+    (etc / "lanectl.toml").write_text((etc / "lanectl.toml").read_text() + f'ledger = "{empty_db}"\n')
+    (etc / "lanes.d" / "beta.toml").write_text('port = 9102\nworkspace = "/var/lib/lanes/beta"\n')
+    code, doc, _, _ = lanectl("ledger", "init", "--config", str(etc))
+    assert code == 0 and doc["data"] == {"ledger": empty_db, "changed": True}, doc
+    assert lanectl("submit", "--config", str(etc), "--lane", "beta", "--payload", "{}")[0] == 0
+    code, doc, _, _ = lanectl("lane", "remove", "beta", "--config", str(etc))
+    assert code == ExitCode.CONFLICT and error_of(doc)["code"] == "lane_in_use", doc
+    code, doc, _, _ = lanectl("lane", "remove", "beta", "--config", str(etc), "--reroute-to", "alpha")
+    assert code == 0 and doc["data"]["moved"]["missions"] == [1], doc
+    code, doc, _, _ = lanectl("missions", "--config", str(etc))
+    assert code == 0 and doc["data"]["missions"][0]["lane"] == "alpha", doc
