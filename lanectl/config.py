@@ -486,9 +486,9 @@ class LedgerSettings(Model):
     @field_validator("path", "archive_dir")
     @classmethod
     def _path(cls, v: str | None, info: Any) -> str | None:
-        from lanectl.ledgerurl import check_url, is_url
+        from lanectl.ledgerurl import PREFIXES, check_url
 
-        if v is not None and info.field_name == "path" and is_url(v):
+        if v is not None and info.field_name == "path" and v.startswith(PREFIXES):
             try:
                 return check_url(v)
             except LanectlError as exc:
@@ -856,8 +856,9 @@ def cross_check(lanes: dict[str, Lane], lanes_dir: Path, *, check_host_ports: bo
 def control_dirs(settings: Settings, config_dir: Path) -> dict[str, str]:
     """The control plane's own directories, which no workspace may equal, contain or sit in."""
     dirs = {"state_dir": settings.state_dir,
-            "ledger directory": (str(PurePosixPath(settings.ledger.path).parent) if settings.ledger.path
-                                 else settings.state_dir),
+            "ledger directory": (str(PurePosixPath(settings.ledger.path).parent)
+                                 if settings.ledger.path and not settings.ledger.path.startswith("postgres")
+                                 else settings.state_dir),  # a PostgreSQL URL: no directory of this host
             "configuration directory": os.path.realpath(config_dir),
             "unit directory": os.path.realpath(paths.unit_dir())}
     return dirs

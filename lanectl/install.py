@@ -292,8 +292,9 @@ def check_removals(fleet: LaneSet, unit_dir: Path, ledger: str | Path | None = N
 
     before = installed.read(unit_dir)
     gone = sorted((set((before or {}).get("lanes", {})) - set(fleet.lanes)) | set(live_orphans(fleet, unit_dir)))
-    path = config.ledger_path(fleet, ledger)
-    if not gone or not path.exists():
+    from lanectl.ledger.where import exists as ledger_exists
+
+    if not gone or not ledger_exists(config.ledger_path(fleet, ledger)):
         return
     with config.open_ledger(fleet, ledger) as led:
         for name in gone:
@@ -362,11 +363,14 @@ def ensure_ledger(fleet: LaneSet) -> str | None:
     """Create (and migrate) the configured ledger when it does not exist; its path when created."""
     from lanectl import config
 
+    from lanectl.ledger.where import exists as ledger_exists
+    from lanectl.ledgerurl import shown
+
     path = config.ledger_path(fleet)
-    if path.exists():
+    if ledger_exists(path):
         return None
     config.open_ledger(fleet, create=True).close()
-    return str(path)
+    return shown(path)
 
 
 def signal_supervisor(fleet: LaneSet, result: InstallResult, *, restart: bool = False) -> None:
@@ -407,7 +411,9 @@ def install_fleet(fleet: LaneSet, unit_dir: Path, *, ledger: str | Path | None =
     res = install(fleet, unit_dir, **kwargs)
     if is_live(unit_dir):
         stop_removed(sorted((before - set(fleet.lanes)) | set(orphans)), res, enabled=set(orphans))
-    if res.supervisor and config.ledger_path(fleet, ledger).exists():
+    from lanectl.ledger.where import exists as ledger_exists
+
+    if res.supervisor and ledger_exists(config.ledger_path(fleet, ledger)):
         with config.open_ledger(fleet, ledger) as led:
             lane_ops.record(led, EventKind.SUPERVISOR, now=led.clock(), action=res.supervisor, by=by,
                             lanes=sorted(fleet.lanes), added=sorted(set(fleet.lanes) - before),

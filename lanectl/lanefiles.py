@@ -111,6 +111,7 @@ def remove(name: str, config_path: str | Path | None = None, *, ledger: str | Pa
     import time
 
     from lanectl.ledger import lanes as lane_ops
+    from lanectl.ledger.where import exists as ledger_exists
 
     _, lanes_dir = config.resolve_dirs(config_path)
     path = lanes_dir / f"{name}.toml"
@@ -127,7 +128,7 @@ def remove(name: str, config_path: str | Path | None = None, *, ledger: str | Pa
                            "reroute_self")
         fleet.get(reroute_to)
     moved: dict[str, Any] = {"missions": [], "sessions": []}
-    if ledger is not None or config.ledger_path(fleet).exists():
+    if ledger is not None or ledger_exists(config.ledger_path(fleet)):
         with config.open_ledger(fleet, ledger) as led:
             _, res = lane_ops.release(led, fleet, name, reroute_to, now=led.clock(), reason=reason)
         if res is not None:

@@ -46,7 +46,7 @@ def ledger_path(override: str | Path | None = None, configured: str | Path | Non
     ``postgresql://`` URL is returned checked, as a ``str`` (``lanectl.ledgerurl``); a path means SQLite."""
     chosen = override or os.environ.get("LANECTL_LEDGER") or configured
     if chosen:
-        if isinstance(chosen, str) and chosen.startswith(("postgresql://", "postgres://")):
+        if isinstance(chosen, str) and chosen.startswith(("postgresql:", "postgres:")):  # URL, or a malformed one
             from lanectl.ledgerurl import check_url
 
             return check_url(chosen)

@@ -162,7 +162,7 @@ def run(manifest: dict[str, Any], lanes: list[str] | None = None, now: float | N
                 ledger["stranded"] = stranded(conn, manifest["lanes"])
             finally:
                 conn.close()
-        except (OSError, LedgerError) as exc:
+        except (OSError, LedgerError, LanectlError) as exc:  # LanectlError: a PostgreSQL server that cannot be used
             ledger["error"] = f"ledger unreadable: {exc}"
 
     try:

@@ -257,12 +257,13 @@ def collect(lanes: dict[str, dict[str, Any]], names: list[str] | None = None,
 
 
 def _dispatch(rows: list[LaneStatus], ledger: str) -> None:
+    from lanectl.errors import LanectlError
     from lanectl.ledger import Error as LedgerError
     from lanectl.probe import read_lane_views
 
     try:
         views = read_lane_views(ledger)
-    except (OSError, LedgerError) as exc:
+    except (OSError, LedgerError, LanectlError) as exc:  # LanectlError: a PostgreSQL server that cannot be used
         for r in rows:
             r.dispatch_error = f"ledger {ledger} unreadable: {exc}"
         return

@@ -65,7 +65,7 @@ class Source:
         self.cpu: dict[str, tuple[float, float]] = {}  # lane -> (cpu seconds, monotonic time)
 
     def ledger(self) -> Ledger:
-        if self.conn is None:
+        if self.conn is None and not str(self.ledger_path).startswith(("postgresql://", "postgres://")):
             try:  # a file this user may not see (a 0700 state directory) is not a file that does not exist
                 st = os.stat(self.ledger_path)
             except FileNotFoundError:
@@ -78,6 +78,7 @@ class Source:
             if not os.access(self.ledger_path, os.R_OK):
                 raise PermissionError(f"ledger {self.ledger_path} cannot be read by this user (permission "
                                       f"denied): run as root or as its owner")
+        if self.conn is None:  # a file checked above, or a PostgreSQL URL (its errors are LanectlErrors)
             self.conn = Ledger.open_readonly(self.ledger_path, timeout_s=2.0, must_exist=True, any_thread=True)
         return self.conn
 
@@ -99,7 +100,7 @@ class Source:
             conn = self.ledger()
             f.metrics = evidence.metrics(conn, self.window_s, now, capacity=self.capacity)
             f.events = evidence.events(conn, limit=self.events, latest=True)
-        except (OSError, LedgerError) as exc:
+        except (OSError, LedgerError, LanectlError) as exc:
             f.errors.append(f"ledger: {exc}")
             self.close()  # opened afresh next time (the file may come back)
         return f

@@ -17,6 +17,7 @@ from typing import Any
 from lanectl import __version__, keys
 from lanectl.config import RUNTIME_MODULE, SAFE_PATH_RE, Lane, LaneSet, check_text, size_bytes
 from lanectl.errors import Problem, config_error
+from lanectl.ledgerurl import is_url
 
 TEMPLATE = "lanectl-lane@.service"
 SUPERVISOR = "lanectl-supervisor.service"
@@ -116,7 +117,7 @@ def render_template(python: str) -> str:
 def render_supervisor(fleet: LaneSet, python: str) -> str:
     state = fleet.settings.state_dir
     rw = [state]
-    if fleet.settings.ledger.path:
+    if fleet.settings.ledger.path and not is_url(fleet.settings.ledger.path):  # a URL: the server holds it
         ledger_dir = str(Path(fleet.settings.ledger.path).parent)
         if not (ledger_dir + "/").startswith(state + "/"):
             rw.append(ledger_dir)

@@ -37,3 +37,16 @@ def write_package(root: Path, files: dict[str, str], packages: tuple[str, ...]) 
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
     return root
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """The session's real PostgreSQL server (tests/pgserver.py; started on first use, stopped and removed at the
+    end): one for the whole session, shared by the ledger contract suite and the CLI's tests."""
+    from tests.pgserver import PgServer
+
+    server = PgServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -38,6 +38,12 @@ def find_bindir() -> Path | None:
     return Path(found[-1]).parent if found else None
 
 
+def psycopg_connect(url: str):  # type: ignore[no-untyped-def]
+    import psycopg
+
+    return psycopg.connect(url, autocommit=True)
+
+
 class PgServer:
     def __init__(self, bindir: Path | None = None) -> None:
         self.bindir = bindir or find_bindir()
@@ -123,6 +129,53 @@ class PgServer:
         with self.admin() as conn:
             conn.execute(f"CREATE DATABASE {name} TEMPLATE {'template0' if empty else self.template()}")
         return name
+
+    def add_password_role(self, role: str, password: str, *, dbname: str | None = None) -> str:
+        """A login role that must give ``password`` (SCRAM) on the Unix socket: the role with a scram-sha-256
+        password, an ``hba`` line requiring it put before the trust lines, the server reloaded. With ``dbname`` a
+        database from the template owned by the role (its tables too) is made; its name is returned."""
+        from psycopg import sql
+
+        assert self.dir is not None
+        with self.admin() as conn:
+            conn.execute("SET password_encryption = 'scram-sha-256'")
+            conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(role),
+                                                                          sql.Literal(password)))
+        hba = self.dir / "data" / "pg_hba.conf"
+        hba.write_text(f"local all {role} scram-sha-256\n" + hba.read_text())
+        with self.admin() as conn:
+            conn.execute("SELECT pg_reload_conf()")
+        self._wait_password_required(role)
+        name = ""
+        if dbname is not None:
+            name = self.create_db(dbname)
+            with psycopg_connect(self.url(name)) as conn:
+                who = sql.Identifier(role)
+                for grant in ("GRANT ALL ON SCHEMA public TO {}", "GRANT ALL ON ALL TABLES IN SCHEMA public TO {}",
+                              "GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {}"):
+                    conn.execute(sql.SQL(grant).format(who))
+        return name
+
+    def _wait_password_required(self, role: str) -> None:
+        """The postmaster rereads pg_hba.conf on SIGHUP, in its own time: wait until a login of ``role`` without
+        a password is refused (until then the trust line lets it in)."""
+        import psycopg
+
+        import time
+
+        for _ in range(1200):  # 60 s at most
+            try:
+                psycopg.connect(self.url_as(role, "postgres"), passfile="/dev/null", connect_timeout=5).close()
+            except psycopg.OperationalError as exc:
+                if "password" in str(exc):
+                    return
+                raise
+            time.sleep(0.05)
+        raise RuntimeError(f"the server did not start requiring a password of {role} after pg_reload_conf()")
+
+    def url_as(self, role: str, dbname: str) -> str:
+        """The URL of ``dbname`` as ``role`` (no password in it: libpq finds it in PGPASSFILE)."""
+        return f"postgresql:///{dbname}?host={self.socket_dir}&user={role}"
 
     def drop_db(self, name: str) -> None:
         with self.admin() as conn:

@@ -1,5 +1,6 @@
-"""``lanectl ledger init`` (the only command besides install that creates a ledger) and ``lanectl ledger prune``
-(retention of the ledger's history: lanectl.ledger.retention does the work)."""
+"""``lanectl ledger init`` (the only command besides install that creates a ledger), ``ledger migrate``, ``ledger
+copy`` (lanectl.ledger.transfer: SQLite <-> PostgreSQL, verified) and ``lanectl ledger prune`` (retention of the
+ledger's history: lanectl.ledger.retention does the work)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,14 +8,14 @@ from typing import Optional
 
 import typer
 
-from lanectl import config
+from lanectl import config, ledgerurl
 from lanectl.cli.options import CONFIG, JSON, LEDGER
 from lanectl.ledger import lanes as lane_ops
-from lanectl.ledger import retention
+from lanectl.ledger import retention, transfer, where
 from lanectl.ledger.missions import invalid
-from lanectl.output import command, escape, finish, stdout_console
+from lanectl.output import command, escape, finish, stdout_console, waiting
 
-ledger_app = typer.Typer(help="The ledger file: create it, archive and delete old finished history.",
+ledger_app = typer.Typer(help="The ledger: create, migrate or copy it; archive and delete old finished history.",
                          no_args_is_help=True)
 
 
@@ -34,12 +35,61 @@ def ledger_init(config_dir: Optional[str] = CONFIG, ledger: Optional[str] = LEDG
     Every other command refuses a ledger that does not exist (exit 6), so a mistyped --ledger is an error, not
     a new empty ledger. Idempotent: an existing ledger is only migrated (exit 0).
     """
-    existed = config.ledger_path(config_dir, ledger).exists()
+    existed = where.exists(config.ledger_path(config_dir, ledger))
     with config.open_ledger(config_dir, ledger, create=True) as led:
-        path = led.path
+        shown = ledgerurl.shown(led.path)
     created = not existed
-    finish(["ledger", "init"], {"ledger": str(path), "changed": created}, json_mode=json_out,
-           human=lambda: stdout_console().print(f"{'created' if created else 'ready'}: {escape(str(path))}"))
+    finish(["ledger", "init"], {"ledger": shown, "changed": created}, json_mode=json_out,
+           human=lambda: stdout_console().print(f"{'created' if created else 'ready'}: {escape(shown)}"))
+
+
+@ledger_app.command("migrate")
+@command("ledger", "migrate")
+def ledger_migrate(config_dir: Optional[str] = CONFIG, ledger: Optional[str] = LEDGER,
+                   json_out: bool = JSON) -> None:
+    """Apply the schema migrations this lanectl knows to an existing ledger (every command that writes does it
+    too; this one only migrates). Exit 6 when there is no ledger, 3 when it was written by a newer lanectl."""
+    res = where.migrate(config.ledger_path(config_dir, ledger))
+    finish(["ledger", "migrate"], res, json_mode=json_out, human=lambda: stdout_console().print(
+        f"{escape(res['ledger'])}: schema version {res['from_version']} -> {res['to_version']}"
+        + (f" ({', '.join(res['applied'])})" if res["applied"] else " (up to date)")))
+
+
+@ledger_app.command("copy")
+@command("ledger", "copy")
+def ledger_copy(
+    source: str = typer.Argument(..., metavar="SRC", help="The ledger to copy: a file or a postgresql:// URL."),
+    destination: str = typer.Argument(..., metavar="DST",
+                                      help="A new (or empty) ledger: a file or a postgresql:// URL of a database."),
+    json_out: bool = JSON,
+) -> None:
+    """Copy a whole ledger between SQLite and PostgreSQL (either way, or to the same engine), verified.
+
+    Every table is copied in one transaction of the destination from one snapshot of the source; the ids continue
+    past the copied ones. Both sides' row counts and checksums are printed and compared: a mismatch rolls the
+    destination back (exit 1). Refused, writing nothing: a destination that holds any mission, event or other row
+    (exit 5, ledger_not_empty), a source at another schema version (exit 5, ledger_needs_migration: run 'lanectl
+    ledger migrate' on it; a newer one: exit 3). Stop the supervisor of the source first: what it writes after the
+    copy starts is not in the copy (docs/ledger.md, "Copying a ledger").
+    """
+    src, dst = ledgerurl.resolve(source), ledgerurl.resolve(destination)
+    with waiting(json_out) as progress:
+        res = transfer.copy(src, dst, progress=progress)
+
+    def human() -> None:
+        from rich.table import Table
+
+        table = Table(title=f"{res.source} -> {res.destination} (schema version {res.schema_version})")
+        for col in ("table", "rows", "source sha256", "destination sha256", "match"):
+            table.add_column(col, justify="right" if col == "rows" else "left")
+        for t in res.tables:
+            table.add_row(t.name, str(t.rows), t.source_sha256[:16], t.destination_sha256[:16],
+                          "yes" if t.match else "NO")
+        con = stdout_console()
+        con.print(table)
+        marks = ", ".join(f"{t} {m['destination']}" for t, m in sorted(res.id_marks.items()))
+        con.print(f"copied {res.rows} rows in {res.seconds:.1f} s, verified; ids continue past: {escape(marks)}")
+    finish(["ledger", "copy"], res.as_dict(), json_mode=json_out, human=human)
 
 
 @ledger_app.command("prune")

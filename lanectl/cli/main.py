@@ -12,7 +12,7 @@ from lanectl.cli import control, evidence, fleet, governance, lanes, ledgercmd, 
 app = typer.Typer(
     name="lanectl",
     help="Run several long-lived runtime lanes on one server, under systemd.\n\n"
-         f"The ledger file: --ledger PATH, else {paths.LEDGER_DEFAULT}.",  # said once (lanectl.paths)
+         f"The ledger: --ledger PATH (SQLite) or URL (postgresql://...), else {paths.LEDGER_DEFAULT}.",  # said once
     no_args_is_help=True,
     add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish, PowerShell)
     pretty_exceptions_enable=False,

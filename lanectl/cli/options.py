@@ -9,8 +9,8 @@ CONFIG = typer.Option(None, "--config", "-c", metavar="DIR",
 UNIT_DIR = typer.Option(None, "--unit-dir", metavar="DIR", help="Where units are installed.",
                         show_default="$LANECTL_UNIT_DIR or /etc/systemd/system")
 JSON = typer.Option(False, "--json", help="Print one JSON document (the lanectl_json envelope) on stdout.")
-LEDGER = typer.Option(None, "--ledger", metavar="PATH", show_default=False,
-                      help="The ledger file (default: see 'lanectl --help').")
+LEDGER = typer.Option(None, "--ledger", metavar="PATH|URL", show_default=False,
+                      help="The ledger: a file, or a postgresql:// URL (default: see 'lanectl --help').")
 """The one --ledger of every command; how the file is found without it (lanectl.paths.LEDGER_DEFAULT) is said
 once, in the application's help, and resolved once (lanectl.paths.ledger_path)."""
 

@@ -212,18 +212,6 @@ def _make(name: str, root: Path, request: pytest.FixtureRequest) -> Any:
     return BACKEND_CLASSES[name](root)
 
 
-@pytest.fixture(scope="session")
-def pg_server():
-    """The session's real PostgreSQL server (started on first use, stopped and removed at the end)."""
-    from tests.pgserver import PgServer
-
-    server = PgServer().start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 @pytest.fixture
 def backend(backend_name: str, tmp_path: Path, request: pytest.FixtureRequest):
     """The backend every ledger of this test comes from (one per test, its ledgers closed at the end)."""

@@ -93,3 +93,61 @@ def test_the_postgresql_translation_of_the_common_dialect(sql: str, want: str) -
 def test_numbered_parameters_are_reordered() -> None:
     assert translate("SELECT 1 WHERE a <= ?1 AND b >= ?1 AND c = ?2") == (
         "SELECT 1 WHERE a <= %s AND b >= %s AND c = %s", (0, 0, 1))
+
+
+@pytest.mark.parametrize("url, names", [
+    ("postgresql:", "postgresql: must be followed by //"),
+    ("postgresql:lanectl", "postgresql: must be followed by //"),
+    ("postgres:/x/y", "postgresql: must be followed by //"),
+    ("postgresql:///l?sslmode=bogus", "sslmode='bogus'"),
+    ("postgresql:///l?target_session_attrs=primaryy", "target_session_attrs='primaryy'"),
+    ("postgresql:///l?host=/s&sslmod=require", "sslmod"),
+    ("postgresql:///l?passfile=pgpass", "passfile='pgpass'"),
+    ("postgresql:///l?passfile=", "passfile=''"),
+    ("postgresql:///l?host=/s&&", "cannot be read"),
+])
+def test_urls_libpq_would_not_take_are_refused_naming_the_parameter(url: str, names: str) -> None:
+    with pytest.raises(LanectlError) as err:
+        location.resolve(url)
+    assert err.value.code == "bad_ledger_url" and err.value.exit_code == ExitCode.USAGE
+    assert names in err.value.message, err.value.message
+
+
+@pytest.mark.parametrize("url", [
+    "postgresql:///l?sslmode=verify-full&target_session_attrs=read-write&application_name=lanectl-a",
+    "postgresql:///l?passfile=/etc/lanectl/pgpass&host=/run/postgresql",
+    "postgresql://h1:5432,h2:5433/l?target_session_attrs=primary&connect_timeout=5",
+])
+def test_urls_with_libpqs_parameters_pass(url: str) -> None:
+    assert location.resolve(url) == url
+
+
+@pytest.mark.parametrize("param", ["password", "sslpassword", "oauth_client_secret"])
+def test_a_secret_in_the_query_is_refused_like_a_password(param: str) -> None:
+    with pytest.raises(LanectlError) as err:
+        location.resolve(f"postgresql:///l?host=/s&{param}=s3cret")
+    assert err.value.code == "ledger_url_password" and "s3cret" not in str(err.value)
+    assert "s3cret" not in location.redact(f"postgresql:///l?{param}=s3cret")
+
+
+def test_a_malformed_url_in_lanectl_toml_is_a_config_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LANECTL_LEDGER", raising=False)
+    etc = _etc(tmp_path, 'ledger = "postgresql:lanectl"\n')
+    with pytest.raises(LanectlError) as err:
+        config.ledger_path(etc)
+    assert err.value.exit_code == ExitCode.CONFIG and "//" in str(err.value) + str(err.value.problems)
+
+
+def test_a_postgresql_ledger_is_no_directory_of_this_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The supervisor's unit gets no ReadWritePaths= for a URL (Path(URL).parent is "postgresql:"), and no
+    workspace is checked against such a "directory"."""
+    from lanectl import units
+
+    monkeypatch.delenv("LANECTL_LEDGER", raising=False)
+    etc = _etc(tmp_path, f'ledger = "{URL}"\n')
+    (etc / "lanes.d" / "alpha.toml").write_text('port = 9001\nworkspace = "/var/lib/lanes/alpha"\n')
+    fleet = config.load(etc)
+    text = units.render_supervisor(fleet, "/usr/bin/python3")
+    rw = [line for line in text.splitlines() if line.startswith("ReadWritePaths=")]
+    assert rw and all("postgresql:" not in line for line in rw), rw
+    assert "postgresql:" not in " ".join(config.control_dirs(fleet.settings, etc).values())
