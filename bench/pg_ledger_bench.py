@@ -74,6 +74,13 @@ def log(msg: str) -> None:
     print(f"pg_ledger_bench: {msg}", file=sys.stderr, flush=True)
 
 
+def proc_cpu_s(pid: int) -> float:
+    """utime + stime of a process (this one, or a PostgreSQL backend: the bench runs as root)."""
+    with open(f"/proc/{pid}/stat") as fh:
+        f = fh.read().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
 # ------------------------------------------------------------------------------------------------------- lanectl
 def fleet(claimer: int, lanes: int, capacity: int) -> LaneSet:
     """Claimer ``claimer``'s lanes (c<claimer>l<j>), every class, ``capacity`` slots each; ``claimer`` -1: no lane
@@ -91,12 +98,16 @@ def lanectl_claimer(url: str, k: int, lanes: int, capacity: int, ready: Any, go:
     f = fleet(k, lanes, capacity)
     led = Ledger.open(url)
     lease = f.settings.leases.lease_sec
+    backend = led.conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+    if profile:  # the server's side too: time in each PL/pgSQL (trigger) function
+        led.conn.execute("SET track_functions = 'pl'")
     ready.put(k)
     go.wait()
     prof = cProfile.Profile() if profile else None
     if prof:
         prof.enable()
     t0 = time.time()
+    cpu0, bcpu0 = proc_cpu_s(os.getpid()), proc_cpu_s(backend)
     passes = claimed = 0
     while True:
         res = tick.run_once(led, f, now=time.time())
@@ -114,11 +125,18 @@ def lanectl_claimer(url: str, k: int, lanes: int, capacity: int, ready: Any, go:
             raise SystemExit(f"claimer {k}: a callback changed nothing: {[o for o in outcome if not o.changed][:3]}")
         claimed += len(res.dispatches)
     t1 = time.time()
+    cpu, bcpu = proc_cpu_s(os.getpid()) - cpu0, proc_cpu_s(backend) - bcpu0
+    functions = []
     if prof:
         prof.disable()
         prof.dump_stats(profile)
+        led.conn.execute("SELECT pg_stat_force_next_flush()")
+        led.conn.execute("SELECT 1")
+        functions = [tuple(r) for r in led.conn.execute(
+            "SELECT funcname, calls, total_time, self_time FROM pg_stat_user_functions ORDER BY total_time DESC")]
     led.close()
-    out.put({"claimer": k, "start": t0, "end": t1, "claimed": claimed, "passes": passes})
+    out.put({"claimer": k, "start": t0, "end": t1, "claimed": claimed, "passes": passes, "cpu_s": cpu,
+             "backend_cpu_s": bcpu, "functions": functions})
 
 
 def run_claimers(target: Any, args_of: Any, claimers: int) -> tuple[float, list[dict[str, Any]]]:
@@ -165,7 +183,9 @@ def lanectl_run(server: DurableServer, n: int, claimers: int, sync: str, args: a
         if states != {"succeeded": n} or tuple(attempts) != (n, n):
             raise SystemExit(f"pg_ledger_bench: lanectl run ended with {states}, attempts {attempts}")
         return {"submit_s": submit_s, "drain_s": drain_s, "passes": sum(r["passes"] for r in reports),
-                "per_claimer": [r["claimed"] for r in reports]}
+                "per_claimer": [r["claimed"] for r in reports], "cpu_s": sum(r["cpu_s"] for r in reports),
+                "backend_cpu_s": sum(r["backend_cpu_s"] for r in reports),
+                "functions": reports[0].get("functions", [])}
     finally:
         server.drop_db(db)
 
@@ -190,9 +210,11 @@ def raw_claimer(url: str, k: int, ready: Any, go: Any, out: Any) -> None:
     import psycopg
 
     with psycopg.connect(url, autocommit=True) as conn:
+        backend = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
         ready.put(k)
         go.wait()
         t0 = time.time()
+        cpu0, bcpu0 = proc_cpu_s(os.getpid()), proc_cpu_s(backend)
         done = 0
         while True:
             with conn.transaction():
@@ -202,7 +224,9 @@ def raw_claimer(url: str, k: int, ready: Any, go: Any, out: Any) -> None:
             conn.execute("UPDATE jobs SET state = 'done' WHERE id = %s", row)
             done += 1
         t1 = time.time()
-    out.put({"claimer": k, "start": t0, "end": t1, "claimed": done, "passes": done})
+        cpu, bcpu = proc_cpu_s(os.getpid()) - cpu0, proc_cpu_s(backend) - bcpu0
+    out.put({"claimer": k, "start": t0, "end": t1, "claimed": done, "passes": done, "cpu_s": cpu,
+             "backend_cpu_s": bcpu})
 
 
 def raw_run(server: DurableServer, n: int, claimers: int, sync: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -227,7 +251,8 @@ def raw_run(server: DurableServer, n: int, claimers: int, sync: str, args: argpa
         if states != {"done": n}:
             raise SystemExit(f"pg_ledger_bench: raw run ended with {states}")
         return {"submit_s": submit_s, "drain_s": drain_s, "passes": sum(r["passes"] for r in reports),
-                "per_claimer": [r["claimed"] for r in reports]}
+                "per_claimer": [r["claimed"] for r in reports], "cpu_s": sum(r["cpu_s"] for r in reports),
+                "backend_cpu_s": sum(r["backend_cpu_s"] for r in reports)}
     finally:
         server.drop_db(db)
 
@@ -395,6 +420,12 @@ def report(args: argparse.Namespace, info: dict[str, Any], results: dict[tuple[s
     print("\nper run (end to end /s): " + "; ".join(
         f"{s}/{sc}/{c}: " + ", ".join(f"{n / (r['submit_s'] + r['drain_s']):,.0f}" for r in runs)
         for (s, sc, c), runs in sorted(results.items())))
+    print("\nCPU per 1,000 items in the drain (medians; claimer processes / their PostgreSQL backends, seconds):")
+    for key, runs in sorted(results.items()):
+        if "cpu_s" in runs[0]:
+            print(f"  {key[0]} synchronous_commit={key[1]} claimers={key[2]}: "
+                  f"{statistics.median(1000 * r['cpu_s'] / n for r in runs):.3f} / "
+                  f"{statistics.median(1000 * r['backend_cpu_s'] / n for r in runs):.3f}")
     lc_passes = {k: [r["passes"] for r in v] for k, v in results.items() if k[0] == "lanectl"}
     print(f"lanectl policy passes per run: {lc_passes}; missions per claimer: "
           f"{ {k: v[0]['per_claimer'] for k, v in results.items() if k[0] == 'lanectl'} }")
@@ -407,7 +438,14 @@ def report(args: argparse.Namespace, info: dict[str, Any], results: dict[tuple[s
     if prof is not None and args.profile:
         print(f"\nprofiled lanectl run (1 claimer): drain {n / prof['drain_s']:,.0f}/s under cProfile; "
               f"top functions by cumulative time (stats in {args.profile}):\n")
+        print(f"claimer process CPU {prof['cpu_s']:.2f} s, its PostgreSQL backend's CPU {prof['backend_cpu_s']:.2f} s, "
+              f"drain {prof['drain_s']:.2f} s (wall)\n")
         breakdown(args.profile, prof["drain_s"], n)
+        print("server side, PL/pgSQL functions (track_functions = pl in the profiled claimer's session):\n")
+        print("| function | calls | total ms | self ms |\n|---|---:|---:|---:|")
+        for name, calls, total, self_ in prof.get("functions", []):
+            print(f"| {name} | {calls:,} | {total:.0f} | {self_:.0f} |")
+        print()
         import io
 
         buf = io.StringIO()
