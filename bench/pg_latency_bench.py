@@ -96,13 +96,12 @@ def supervisor_proc(etc: str, sock: str, env: dict[str, str], status: Any) -> No
         raise SystemExit(1) from None
 
 
-def lane_proc(etc: str, sock: str, port: int) -> None:
-    from lanectl import config, keys
+def lane_proc(etc: str, sock: str, port: int, key: str) -> None:
+    from lanectl import config
     from lanectl.runtime import LaneInfo, LaneRuntime
 
     fleet = config.load(etc)
     lane = fleet.lanes["alpha"]
-    key = keys.read_lane_keys(Path(fleet.settings.state_dir), ["alpha"])["alpha"]
 
     class Null:
         def send(self, msg: str) -> None:
@@ -137,7 +136,7 @@ def cpu_s(pid: int) -> float:
 
 
 def block(server: DurableServer, mode: str, samples: int, poll_s: float, rnd: random.Random) -> dict[str, Any]:
-    from lanectl import config
+    from lanectl import config, keys
     from lanectl.ledger import Ledger
     from lanectl.ledger import missions as ms
 
@@ -146,6 +145,8 @@ def block(server: DurableServer, mode: str, samples: int, poll_s: float, rnd: ra
     root = Path(tempfile.mkdtemp(prefix="pg-latency-"))
     etc, sup_port, lane_port = write_config(root, url)
     sock = str(root / "callbacks.sock")
+    # the box secret before either process starts: both would otherwise race to create it (two different keys)
+    key = keys.read_lane_keys(root / "state", ["alpha"])["alpha"]
     ctx = mp.get_context("fork")
     status = ctx.Queue()
     procs = []
@@ -156,7 +157,7 @@ def block(server: DurableServer, mode: str, samples: int, poll_s: float, rnd: ra
         kind, detail = status.get(timeout=60)
         if kind == "error":
             raise RuntimeError(f"the supervisor did not start on {url}:\n{detail}")
-        lane = ctx.Process(target=lane_proc, args=(str(etc), sock, lane_port))
+        lane = ctx.Process(target=lane_proc, args=(str(etc), sock, lane_port, key))
         lane.start()
         procs.append(lane)
         end = time.monotonic() + 60
@@ -190,7 +191,9 @@ def block(server: DurableServer, mode: str, samples: int, poll_s: float, rnd: ra
             deadline = time.monotonic() + 30
             while led.conn.execute("SELECT state FROM missions WHERE id = ?", (m,)).fetchone()[0] != "succeeded":
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"mission {m} did not succeed within 30 s")
+                    evs = led.conn.execute("SELECT kind, lane, attempt, data FROM events WHERE mission = ? "
+                                           "ORDER BY id", (m,)).fetchall()
+                    raise RuntimeError(f"mission {m} did not succeed within 30 s; its events: {evs}")
                 time.sleep(0.005)
         wall = time.monotonic() - t0
         cpu = cpu_s(sup.pid) - cpu0
