@@ -1035,15 +1035,29 @@ def expire_deadlines_in(conn: Any, *, now: float) -> list[int]:
 
 
 def record_waits_in(conn: Any, waits: Mapping[int, str], *, now: float) -> int:
-    """Make a wait visible: one ``waiting`` event each time a mission's reason changes (not every tick)."""
-    n = 0
+    """Make a wait visible: one ``waiting`` event each time a mission's reason changes (not every tick).
+
+    Set-based: one ``UPDATE ... RETURNING`` per distinct reason and chunk of ids (a pass has a handful of reasons),
+    then the events in one ``executemany``, in the order of ``waits`` as the row-by-row version wrote them. A
+    backlog's surplus over the free slots is waited on every pass, so this was a statement pair per mission and the
+    largest single cost of a pass on PostgreSQL (docs/benchmarks.md, PostgreSQL ledger)."""
+    by_reason: dict[str, list[int]] = {}
     for mission_id, reason in waits.items():
-        cur = conn.execute("UPDATE missions SET wait_reason = ? WHERE id = ? AND state = 'queued' "
-                           "AND wait_reason IS NOT ?", (reason, mission_id, reason))
-        if cur.rowcount:
-            append(conn, EventKind.WAITING, now, mission=mission_id, reason=reason)
-            n += 1
-    return n
+        by_reason.setdefault(reason, []).append(mission_id)
+    changed: set[int] = set()
+    for reason, ids in by_reason.items():
+        for i in range(0, len(ids), _WAIT_CHUNK):
+            chunk = ids[i:i + _WAIT_CHUNK]
+            changed.update(r[0] for r in conn.execute(
+                f"UPDATE missions SET wait_reason = ? WHERE state = 'queued' AND wait_reason IS NOT ? "
+                f"AND id IN ({','.join('?' * len(chunk))}) RETURNING id", (reason, reason, *chunk)))
+    if changed:
+        events.append_many(conn, [events.row(EventKind.WAITING, now, mission=m, reason=r)
+                                  for m, r in waits.items() if m in changed])
+    return len(changed)
+
+
+_WAIT_CHUNK: Final = 400
 
 
 def record_group_waits_in(conn: Any, groups: Sequence[tuple[int, str, str]],
