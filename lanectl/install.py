@@ -293,7 +293,7 @@ def check_removals(fleet: LaneSet, unit_dir: Path, ledger: str | Path | None = N
     before = installed.read(unit_dir)
     gone = sorted((set((before or {}).get("lanes", {})) - set(fleet.lanes)) | set(live_orphans(fleet, unit_dir)))
     path = config.ledger_path(fleet, ledger)
-    if not gone or not path.exists():
+    if not gone or (not isinstance(path, str) and not path.exists()):  # a URL: the database says (open_ledger)
         return
     with config.open_ledger(fleet, ledger) as led:
         for name in gone:
@@ -363,6 +363,9 @@ def ensure_ledger(fleet: LaneSet) -> str | None:
     from lanectl import config
 
     path = config.ledger_path(fleet)
+    if isinstance(path, str):  # a postgresql:// URL: the database exists; its tables are created (migrated) here
+        config.open_ledger(fleet, create=True).close()
+        return None
     if path.exists():
         return None
     config.open_ledger(fleet, create=True).close()
@@ -407,7 +410,8 @@ def install_fleet(fleet: LaneSet, unit_dir: Path, *, ledger: str | Path | None =
     res = install(fleet, unit_dir, **kwargs)
     if is_live(unit_dir):
         stop_removed(sorted((before - set(fleet.lanes)) | set(orphans)), res, enabled=set(orphans))
-    if res.supervisor and config.ledger_path(fleet, ledger).exists():
+    where = config.ledger_path(fleet, ledger)
+    if res.supervisor and (isinstance(where, str) or where.exists()):
         with config.open_ledger(fleet, ledger) as led:
             lane_ops.record(led, EventKind.SUPERVISOR, now=time.time(), action=res.supervisor, by=by,
                             lanes=sorted(fleet.lanes), added=sorted(set(fleet.lanes) - before),

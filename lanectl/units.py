@@ -116,7 +116,7 @@ def render_template(python: str) -> str:
 def render_supervisor(fleet: LaneSet, python: str) -> str:
     state = fleet.settings.state_dir
     rw = [state]
-    if fleet.settings.ledger.path:
+    if fleet.settings.ledger.path and not str(fleet.settings.ledger.path).startswith(("postgresql://", "postgres://")):
         ledger_dir = str(Path(fleet.settings.ledger.path).parent)
         if not (ledger_dir + "/").startswith(state + "/"):
             rw.append(ledger_dir)

@@ -65,6 +65,7 @@ class Ledger:
         self._others = 0
         """``sqlite`` or ``postgresql`` (a ``postgresql://`` location: ``conn`` is a ``lanectl.ledger.pg.PgConn``)."""
         self._depth = 0
+        self._app_name = ""
         self._busy_timeout_ms = int(busy_timeout_s * 1000)
         self._busy_poll = busy_poll
 
@@ -190,6 +191,30 @@ class Ledger:
     def close(self) -> None:
         self.conn.close()
 
+    def reconnect(self) -> None:
+        """Drop a broken connection and open a new one: after the PostgreSQL server restarted or this connection's
+        backend was terminated (``ledger_unavailable`` until the server answers again: the caller retries).
+        SQLite: nothing to do (an error there leaves the connection usable)."""
+        if self.dialect != "postgresql":
+            return
+        from lanectl.ledger import pg
+
+        try:
+            self.conn.close()
+        except Exception:  # noqa: BLE001 - it is broken already
+            pass
+        self.conn = pg.connect(str(self.path), busy_timeout_s=self._busy_timeout_ms / 1000)
+        self._depth = 0
+        if self._app_name:
+            self.set_application_name(self._app_name)
+
+    def set_application_name(self, name: str) -> None:
+        """PostgreSQL: the name this connection shows in ``pg_stat_activity`` (kept across ``reconnect``), so that
+        an operator tells the supervisor's connection from the CLI's. SQLite: nothing."""
+        self._app_name = name
+        if self.dialect == "postgresql":
+            self.conn.execute("SELECT set_config('application_name', ?, false)", (name,))
+
     def __enter__(self) -> Ledger:
         return self
 
@@ -222,7 +247,13 @@ class Ledger:
         except BaseException as exc:
             self._depth = 0
             if self.conn.in_transaction:  # SQLite may have rolled back already (disk full, I/O error)
-                self.conn.execute("ROLLBACK")
+                try:
+                    self.conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    if self.dialect != "postgresql":
+                        raise
+                    # the connection is gone (server restarted, backend terminated): the server rolled the
+                    # transaction back itself; the error that broke it is the one to report
             mapped = self._error(exc) if isinstance(exc, sqlite3.Error) else None
             if mapped is not None:
                 raise mapped from exc
