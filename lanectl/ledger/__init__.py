@@ -208,6 +208,14 @@ class Ledger:
         if self._app_name:
             self.set_application_name(self._app_name)
 
+    def broken(self) -> bool:
+        """PostgreSQL: whether this connection is gone (the server restarted or terminated it), without a round
+        trip; a long-lived holder (``lanectl.client.Client``) then opens a new one. SQLite: never."""
+        if self.dialect != "postgresql":
+            return False
+        raw = self.conn.raw  # type: ignore[attr-defined]
+        return bool(raw.closed or raw.broken)
+
     def set_application_name(self, name: str) -> None:
         """PostgreSQL: the name this connection shows in ``pg_stat_activity`` (kept across ``reconnect``), so that
         an operator tells the supervisor's connection from the CLI's. SQLite: nothing."""

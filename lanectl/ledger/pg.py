@@ -192,8 +192,8 @@ class PgConn:
 
     def execute(self, sql: str, params: Any = ()) -> PgCursor:
         text, order = translate(sql)
-        cur = self.raw.cursor()
         try:
+            cur = self.raw.cursor()  # raises too when the connection is gone
             cur.execute(text, _args(params, order) or None)
         except Exception as exc:
             raise as_dbapi(exc) from exc
@@ -201,8 +201,8 @@ class PgConn:
 
     def executemany(self, sql: str, seq: Any) -> PgCursor:
         text, order = translate(sql)
-        cur = self.raw.cursor()
         try:
+            cur = self.raw.cursor()
             cur.executemany(text, [_args(p, order) for p in seq])
         except Exception as exc:
             raise as_dbapi(exc) from exc
@@ -247,10 +247,14 @@ def connect(url: str, *, busy_timeout_s: float, readonly: bool = False) -> PgCon
     except psycopg.OperationalError as exc:
         raise connect_error(url, exc) from None
     _loaders(psycopg, raw)
-    raw.execute(f"SET lock_timeout = {int(busy_timeout_s * 1000):d}")
-    raw.execute("SET TIME ZONE 'UTC'")
-    if readonly:
-        raw.execute("SET default_transaction_read_only = on")
+    try:
+        raw.execute(f"SET lock_timeout = {int(busy_timeout_s * 1000):d}")
+        raw.execute("SET TIME ZONE 'UTC'")
+        if readonly:
+            raw.execute("SET default_transaction_read_only = on")
+    except psycopg.OperationalError as exc:  # the server went away right after accepting it
+        raw.close()
+        raise connect_error(url, exc) from None
     return PgConn(raw, url)
 
 

@@ -480,7 +480,9 @@ class Supervisor:
                 self.ledger_turn(now)
                 if self.outage is not None:
                     self.ledger_back(now)
-            except (LedgerError, LanectlError, OSError) as exc:
+            except Exception as exc:  # noqa: BLE001 - anything else is a bug: raised on
+                if not self.ledger_fault(exc):
+                    raise
                 self.ledger_failed(exc, now)
                 ok = False
         self.endpoints.maybe_bind_tcp(now)
@@ -500,13 +502,24 @@ class Supervisor:
         return ok
 
     # ------------------------------------------------------------------------------------------ ledger outages
+    def ledger_fault(self, exc: BaseException) -> bool:
+        """Whether ``exc`` is the ledger failing (what a turn survives): an error of the ledger (SQLite's or, on
+        PostgreSQL, the driver's), a LanectlError, an OSError."""
+        if isinstance(exc, (LedgerError, LanectlError, OSError)):
+            return True
+        if self.on_pg:
+            from lanectl.ledger import pg
+
+            return isinstance(exc, pg.Error())
+        return False
+
     def ledger_failed(self, exc: BaseException, now: float) -> None:
         """A turn failed on the ledger (PostgreSQL: the server restarted, is down, or terminated this connection;
         SQLite: disk full, I/O error, locked past the timeout). Nothing is lost: a transaction either committed or
         did not, callbacks not applied are answered 503 (the lanes keep them and retry), what the policy pass did
         not commit is done by a later one. The loop keeps feeding the watchdog and tries again after a backoff
         (PostgreSQL: LEDGER_BACKOFF_S, reconnecting; SQLite: LEDGER_RETRY_S)."""
-        if self.on_pg and isinstance(exc, LedgerError):  # a read outside a transaction: as a transaction says it
+        if self.on_pg and not isinstance(exc, LanectlError):  # a read outside a transaction: as a transaction says
             from lanectl.ledger import pg
 
             exc = pg.ledger_error(str(self.ledger_path), exc.__cause__ or exc) or exc
