@@ -21,7 +21,7 @@ import pytest
 
 from lanectl.states import CLASSES
 from tests.pgserver import PgServer, find_bindir
-from tests.systemd.lanehelpers import Fleet, history, sql, submit_many, up_example, wait_for, wait_terminal
+from tests.systemd.lanehelpers import LANECTL, Fleet, history, sql, submit_many, up_example, wait_for, wait_terminal
 from tests.systemd.test_supervisor import all_up, ended_once, supervisor_health
 from tests.systemd.test_supervisor import test_500_missions_with_a_lane_killed_mid_mission as \
     test_pg_500_missions_with_a_lane_killed_mid_mission  # noqa: F401 - collected here, on the PostgreSQL fleet
@@ -150,7 +150,7 @@ def test_server_down_longer_than_lease_sec(fleet: Fleet) -> None:
     try:
         h = wait_for(lambda: (lambda d: d if d.get("ledger_ok") is False else None)(supervisor_health(fleet)), 30,
                      what="/healthz to say the ledger is unreachable")
-        assert h["ledger_unreachable_since"] and "unreachable" in h["ledger_error"], h
+        assert h["ledger_unreachable_since"] and "cannot reach" in h["ledger_error"], h
         status = fleet.sb.exec(["systemctl", "status", SUP, "--no-pager"], check=False).stdout
         assert "ledger unreachable since" in status, status
         proc = fleet.lanectl("status", "--json")
@@ -158,8 +158,10 @@ def test_server_down_longer_than_lease_sec(fleet: Fleet) -> None:
         err = json.loads(proc.stdout)["errors"][0]
         assert err["code"] in ("ledger_unavailable", "ledger_missing") and fleet.ledger.split("?")[0] in \
             err["message"] and err["hint"], err
-        proc = fleet.lanectl("submit", "--class", "interactive", "--json", "--", "/bin/true")
-        assert proc.returncode == 6, proc.stdout + proc.stderr
+        proc = fleet.sb.exec([LANECTL, "submit", "-c", str(fleet.config_dir), "--class", "interactive", "--json",
+                              "--", "/bin/true"], check=False)
+        assert proc.returncode == 6 and json.loads(proc.stdout)["errors"][0]["code"] == "ledger_unavailable", \
+            proc.stdout + proc.stderr
         # longer than lease_sec; the lanes finish their missions meanwhile and keep retrying their callbacks
         ev = threading.Event()
         ev.wait(LEASE * 1.5)
