@@ -569,9 +569,9 @@ class Faults:
         transaction or between two."""
         import psycopg
 
-        with self.busy["pg"]:
+        with self.busy["pg"], self.busy["supervisor"]:  # not while supervisor_outage has it stopped
             pids: list[int] = []
-            for _ in range(20):  # the supervisor may be between connections (restarting, reconnecting)
+            for _ in range(120):  # the supervisor may be between connections (restarting, reconnecting)
                 with psycopg.connect(LEDGER_URL, autocommit=True, application_name="lanectl-chaos") as conn:
                     pids = [r[0] for r in conn.execute(
                         "SELECT pg_terminate_backend(pid), pid FROM pg_stat_activity WHERE datname = "
@@ -580,7 +580,7 @@ class Faults:
                     break
                 time.sleep(0.25)
             self.record("pg_terminate", "supervisor", f"pg_terminate_backend {pids}" if pids else
-                        "no supervisor connection for 5 s", ok=bool(pids))
+                        "no supervisor connection for 30 s", ok=bool(pids))
 
 
 def bystanders_dead(faults: Faults, ids: list[int]) -> list[int]:

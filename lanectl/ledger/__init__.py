@@ -273,7 +273,11 @@ class Ledger:
             self.conn.execute("COMMIT")  # with synchronous=FULL, the WAL is on disk when this returns
         except sqlite3.Error as exc:
             if self.conn.in_transaction:
-                self.conn.execute("ROLLBACK")
+                try:
+                    self.conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    if self.dialect != "postgresql":
+                        raise
             raise self._error(exc) or _other(self.path, exc) from exc
         if self.dialect == "postgresql":
             self._seen_event = own
@@ -304,7 +308,10 @@ class Ledger:
                     self._others += 1
             except sqlite3.Error as exc:
                 if self.conn.in_transaction:
-                    self.conn.execute("ROLLBACK")
+                    try:
+                        self.conn.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass  # the connection is gone: the server rolled back; report what broke it
                 raise self._error(exc) or _other(self.path, exc) from exc
             return
         if not self._busy_poll:
