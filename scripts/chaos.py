@@ -573,7 +573,7 @@ class Faults:
             pids: list[int] = []
             for _ in range(120):  # the supervisor may be between connections (restarting, reconnecting)
                 with psycopg.connect(LEDGER_URL, autocommit=True, application_name="lanectl-chaos") as conn:
-                    pids = [r[0] for r in conn.execute(
+                    pids = [r[1] for r in conn.execute(
                         "SELECT pg_terminate_backend(pid), pid FROM pg_stat_activity WHERE datname = "
                         "current_database() AND application_name = 'lanectl-supervisor'").fetchall() if r[0]]
                 if pids:
@@ -949,8 +949,8 @@ def run_chaos(a: argparse.Namespace, kinds: list[str]) -> int:
           f"executions logged: {rec['executions']}; missions swallowed by silent delta: {rec['swallowed']}", file=out)
     print(f"  interactive queue wait: p50 {pct(rec['waits'], 50):.1f} ms, p99 {p99:.1f} ms "
           f"({len(rec['waits'])} missions)", file=out)
-    print(f"  supervisor restarts (NRestarts): {sup.get('NRestarts')}; ledger PRAGMA integrity_check: {integ}",
-          file=out)
+    print(f"  supervisor restarts (NRestarts): {sup.get('NRestarts')}; ledger "
+          f"{'check (PostgreSQL: its tables answer)' if LEDGER_URL else 'PRAGMA integrity_check'}: {integ}", file=out)
     if READ_ERRORS:
         print(f"  read-only ledger reads that failed (retried): {dict(READ_ERRORS)}", file=out)
     lanes_now = ledger_rows("SELECT name, state FROM lanes ORDER BY name")

@@ -104,6 +104,8 @@ def test_the_supervisor_runs_on_postgresql(fleet: Fleet) -> None:
     assert h["ledger"].startswith("postgresql://") and h["ledger_ok"] is True, h
     code, doc = fleet.json("status")
     assert code == 0, doc
+    proc = fleet.sb.exec([LANECTL, "probe"], check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
     assert supervisor_backends(fleet), "the supervisor's connection is named lanectl-supervisor"
 
 
@@ -158,6 +160,9 @@ def test_server_down_longer_than_lease_sec(fleet: Fleet) -> None:
         err = json.loads(proc.stdout)["errors"][0]
         assert err["code"] in ("ledger_unavailable", "ledger_missing") and fleet.ledger.split("?")[0] in \
             err["message"] and err["hint"], err
+        proc = fleet.sb.exec([LANECTL, "probe"], check=False)  # the monitoring check: UNKNOWN, saying why
+        assert proc.returncode == 3 and "ledger unreadable" in proc.stdout and "cannot reach" in proc.stdout, \
+            proc.stdout + proc.stderr
         proc = fleet.sb.exec([LANECTL, "submit", "-c", str(fleet.config_dir), "--class", "interactive", "--json",
                               "--", "/bin/true"], check=False)
         assert proc.returncode == 6 and json.loads(proc.stdout)["errors"][0]["code"] == "ledger_unavailable", \
