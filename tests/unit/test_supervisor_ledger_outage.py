@@ -142,3 +142,62 @@ def test_sqlite_keeps_its_fixed_retry(tmp_path: Path) -> None:
     finally:
         holder.close()
         s.close()
+
+
+def test_a_supervisor_started_while_the_server_is_down_waits_for_it(tmp_path: Path, pg: PgServer) -> None:
+    """Not exit 6 into systemd's start limit: open() waits (backing off, WATCHDOG=1 and EXTEND_TIMEOUT_USEC sent),
+    and returns once the server answers."""
+    url = pg.url(pg.create_db("late"))
+    lanes = {"alpha": free_port()}
+    fleet = config.load(write_config(tmp_path, lanes))
+    sent: list[str] = []
+
+    class Notifier:
+        def send(self, msg: str) -> None:
+            sent.append(msg)
+
+    sup = Supervisor(fleet, url, use_systemd=False, notifier=Notifier(), callback_socket=str(tmp_path / "cb.sock"),
+                     lane_uids={n: os.getuid() for n in lanes})
+    pg.halt("fast")
+    opened = threading.Event()
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            sup.open()
+            opened.set()
+        except BaseException as exc:  # noqa: BLE001
+            failed.append(exc)
+
+    t = threading.Thread(target=run)
+    t.start()
+    try:
+        assert not opened.wait(1.0) and not failed  # still waiting, not failed
+        assert any("WATCHDOG=1" in m and "EXTEND_TIMEOUT_USEC=" in m and "waiting for the ledger" in m for m in sent)
+    finally:
+        pg.resume()
+    t.join(30)
+    try:
+        assert opened.is_set() and not failed, failed
+        assert sup.ledger is not None and sup.ledger.version() > 0
+    finally:
+        sup.close()
+
+
+def test_a_supervisor_stopped_while_it_waits_for_the_server_exits(tmp_path: Path, pg: PgServer) -> None:
+    url = pg.url(pg.create_db("never"))
+    fleet = config.load(write_config(tmp_path, {"alpha": free_port()}))
+    sup = Supervisor(fleet, url, use_systemd=False, notifier=None, callback_socket=str(tmp_path / "cb.sock"),
+                     lane_uids={"alpha": os.getuid()})
+    pg.halt("fast")
+    failed: list[BaseException] = []
+    t = threading.Thread(target=lambda: failed.append(pytest.raises(Exception, sup.open).value))
+    try:
+        t.start()
+        t.join(0.5)
+        sup.stop.set()  # SIGTERM
+        t.join(15)
+        assert not t.is_alive() and getattr(failed[0], "code", None) == "ledger_unavailable", failed
+    finally:
+        pg.resume()
+        sup.close()
