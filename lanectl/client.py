@@ -43,6 +43,10 @@ class Client:
 
     @property
     def ledger(self) -> Ledger:
+        if self._ledger is not None and self._ledger.broken():
+            # PostgreSQL: the server restarted or cut this connection (the call that saw it raised
+            # ledger_unavailable): connect again rather than fail every later call
+            self.close()
         if self._ledger is None:
             self._ledger = config.open_ledger(self._where, self._ledger_path,  # [ledger] synchronous
                                               role="lanectl-client")
@@ -56,8 +60,12 @@ class Client:
 
     def close(self) -> None:
         if self._ledger is not None:
-            self._ledger.close()
-            self._ledger = None
+            led, self._ledger = self._ledger, None
+            try:
+                led.close()
+            except Exception:  # noqa: BLE001 - a broken PostgreSQL connection; it is dropped either way
+                if not led.broken():
+                    raise
 
     def __enter__(self) -> Client:
         return self

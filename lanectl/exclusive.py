@@ -28,6 +28,15 @@ def ledger_lock_path(ledger: Path) -> Path:
     return ledger.with_name(ledger.name + LOCK_SUFFIX)
 
 
+def url_lock_path(directory: Path, url: str) -> Path:
+    """The lock file of a PostgreSQL ledger (no file of its own to lock beside): named after a digest of its URL,
+    in ``directory`` (the callback socket's, /run/lanectl), so two supervisors of this host on one database
+    collide and the URL itself is never written anywhere."""
+    import hashlib
+
+    return directory / f"ledger-{hashlib.sha256(url.encode()).hexdigest()[:16]}{LOCK_SUFFIX}"
+
+
 def socket_lock_path(sock: Path) -> Path:
     return sock.with_name(sock.name + ".lock")
 

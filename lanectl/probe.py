@@ -162,8 +162,8 @@ def run(manifest: dict[str, Any], lanes: list[str] | None = None, now: float | N
                 ledger["stranded"] = stranded(conn, manifest["lanes"])
             finally:
                 conn.close()
-        except (OSError, LedgerError, LanectlError) as exc:  # LanectlError: a PostgreSQL server that cannot be used
-            ledger["error"] = f"ledger unreadable: {exc}"
+        except (OSError, LedgerError, LanectlError) as exc:  # LanectlError: a PostgreSQL server not answering
+            ledger["error"] = f"ledger unreadable: {getattr(exc, 'message', None) or exc}"
 
     try:
         rows = collect(manifest["lanes"], lanes, manifest.get("supervisor"), meanwhile=read_ledger, unit_dir=unit_dir,

@@ -48,6 +48,14 @@ SUPERVISOR_URL = "http://127.0.0.1:8700/healthz"
 # every kind of fault; each is injected at least once per run
 KINDS = ["kill_lane", "stop_lane", "kill_supervisor", "http500", "silent", "disk_full", "drain", "reroute", "apply",
          "fail_burst", "supervisor_outage", "poison"]
+PG_KINDS = ["pg_restart", "pg_terminate"]
+"""With a PostgreSQL ledger (--pg, --ledger URL): the server restarted (pg_ctl restart -m fast; only with --pg, whose
+server the run owns) and the supervisor's backends terminated (pg_terminate_backend). disk_full is not run there:
+the ledger is not a file on the run's tmpfs."""
+LEDGER_URL: str | None = None
+"""The PostgreSQL ledger of this run (--pg or --ledger URL); None: SQLite on the tmpfs."""
+PG_SERVER: Any = None
+"""--pg: the run's private server (tests/pgserver.py's PgServer), restarted by pg_restart, stopped at the end."""
 LEASE_S = 15
 """leases.lease_sec of the chaos fleet (shorter than the default 30 s, so that an outage longer than it fits)."""
 OUTAGE_S = LEASE_S + 5
@@ -186,7 +194,7 @@ def setup(src: Path, tmpfs_size: str) -> None:
     if CONFIG_DIR.exists():
         shutil.rmtree(CONFIG_DIR)
     (CONFIG_DIR / "lanes.d").mkdir(parents=True)
-    (CONFIG_DIR / "lanectl.toml").write_text(f'ledger = "{LEDGER}"\n' + (src / "lanectl.toml").read_text()
+    (CONFIG_DIR / "lanectl.toml").write_text(f'ledger = "{LEDGER_URL or LEDGER}"\n' + (src / "lanectl.toml").read_text()
                                              + f"\n[leases]\nlease_sec = {LEASE_S}\n")
     for f in sorted((src / "lanes.d").glob("*.toml")):
         (CONFIG_DIR / "lanes.d" / f.name).write_text(f.read_text())
@@ -548,6 +556,33 @@ class Faults:
         self.record("poison", "any+delta", f"missions {ids} kill their runtime")
 
 
+    def f_pg_restart(self, p: float, c: int) -> None:
+        """The ledger's server restarted under load (every connection cut; commits acknowledged before survive: a
+        fast shutdown writes them out)."""
+        with self.busy["pg"]:
+            t0 = time.monotonic()
+            PG_SERVER.restart("fast")
+            self.record("pg_restart", "postgresql", f"pg_ctl restart -m fast ({time.monotonic() - t0:.1f}s down)")
+
+    def f_pg_terminate(self, p: float, c: int) -> None:
+        """pg_terminate_backend of the supervisor's connections (application_name lanectl-supervisor): mid
+        transaction or between two."""
+        import psycopg
+
+        with self.busy["pg"], self.busy["supervisor"]:  # not while supervisor_outage has it stopped
+            pids: list[int] = []
+            for _ in range(120):  # the supervisor may be between connections (restarting, reconnecting)
+                with psycopg.connect(LEDGER_URL, autocommit=True, application_name="lanectl-chaos") as conn:
+                    pids = [r[1] for r in conn.execute(
+                        "SELECT pg_terminate_backend(pid), pid FROM pg_stat_activity WHERE datname = "
+                        "current_database() AND application_name = 'lanectl-supervisor'").fetchall() if r[0]]
+                if pids:
+                    break
+                time.sleep(0.25)
+            self.record("pg_terminate", "supervisor", f"pg_terminate_backend {pids}" if pids else
+                        "no supervisor connection for 30 s", ok=bool(pids))
+
+
 def bystanders_dead(faults: Faults, ids: list[int]) -> list[int]:
     """Missions that ended dead although they are not poison: lane deaths must not be charged to bystanders."""
     if not ids:
@@ -587,6 +622,9 @@ def heal(faults: Faults) -> None:
     """Undo every fault that may still hold, and make sure every unit runs again."""
     write_mode("normal")
     FILL.unlink(missing_ok=True)
+    if PG_SERVER is not None and not PG_SERVER.running:
+        faults.anomaly("the PostgreSQL server is down at heal time; starting it")
+        PG_SERVER.resume()
     for lane, pid, _ in list(faults.stopped_pids):
         if proc_state(pid) == "T":
             faults.anomaly(f"{lane} pid {pid} still stopped at heal time; SIGCONT")
@@ -619,6 +657,22 @@ def ledger_rows(sql: str, *args: Any) -> list[tuple[Any, ...]]:
     """A read-only query; retried (20 x 0.25 s) on any sqlite error, each error counted for the summary."""
     last: Exception | None = None
     for _ in range(20):
+        if LEDGER_URL:  # the ledger's own read-only handle: the same SQL on PostgreSQL
+            from lanectl.errors import LanectlError
+            from lanectl.ledger import Ledger
+
+            try:
+                led = Ledger.open_readonly(LEDGER_URL)
+                try:
+                    return [tuple(r) for r in led.conn.execute(sql, args).fetchall()]
+                finally:
+                    led.close()
+            except (sqlite3.DatabaseError, LanectlError) as exc:
+                READ_ERRORS[str(exc)[:200]] += 1
+                say(f"ledger read error: {exc} ({sql[:60]})")
+                last = exc
+                time.sleep(0.5)
+                continue
         try:
             conn = sqlite3.connect(f"file:{LEDGER}?mode=ro", uri=True, timeout=10)
             try:
@@ -634,6 +688,12 @@ def ledger_rows(sql: str, *args: Any) -> list[tuple[Any, ...]]:
 
 
 def integrity() -> str:
+    if LEDGER_URL:  # PostgreSQL checks its own pages; here: the ledger's tables answer
+        try:
+            ledger_rows("SELECT count(*) FROM missions")
+        except RuntimeError as exc:
+            return str(exc)
+        return "ok"
     try:
         rows = ledger_rows("PRAGMA integrity_check")
     except RuntimeError as exc:
@@ -771,14 +831,51 @@ def main() -> int:
     ap.add_argument("--src", default=str(Path(__file__).resolve().parents[1]), help="the checkout")
     ap.add_argument("--report", help="also write the summary as JSON here")
     ap.add_argument("--kinds", help="only these fault kinds, comma-separated (to reproduce one problem); "
-                    f"default all: {','.join(KINDS)}")
+                    f"default all: {','.join(KINDS)} (PostgreSQL: without disk_full, with {','.join(PG_KINDS)})")
+    ap.add_argument("--ledger", help="a postgresql:// URL: run on that database (it must be empty or a ledger of "
+                    "this run's only; pg_restart needs --pg)")
+    ap.add_argument("--pg", action="store_true", help="start a private PostgreSQL server for the run (as "
+                    "tests/pgserver.py does: initdb/pg_ctl as postgres, a socket in a private directory under /tmp) "
+                    "and run on it")
     a = ap.parse_args()
-    kinds = a.kinds.split(",") if a.kinds else None
-    if kinds and not set(kinds) <= set(KINDS):
-        ap.error(f"--kinds: unknown {sorted(set(kinds) - set(KINDS))}; known: {','.join(KINDS)}")
+    global LEDGER_URL, PG_SERVER
+    if a.ledger and a.pg:
+        ap.error("--ledger and --pg exclude each other")
+    if a.ledger and not a.ledger.startswith(("postgresql://", "postgres://")):
+        ap.error("--ledger: a postgresql:// URL (without it the ledger is SQLite on the run's tmpfs)")
+    known = KINDS + PG_KINDS
+    default = KINDS
+    if a.pg or a.ledger:
+        default = [k for k in KINDS if k != "disk_full"] + (PG_KINDS if a.pg else ["pg_terminate"])
+    kinds = a.kinds.split(",") if a.kinds else default
+    if not set(kinds) <= set(known):
+        ap.error(f"--kinds: unknown {sorted(set(kinds) - set(known))}; known: {','.join(known)}")
+    if "pg_restart" in kinds and not a.pg:
+        ap.error("--kinds pg_restart needs --pg (a server of the run's own to restart)")
+    if "pg_terminate" in kinds and not (a.pg or a.ledger):
+        ap.error("--kinds pg_terminate needs a PostgreSQL ledger (--pg or --ledger URL)")
     if os.geteuid() != 0:
         print("chaos.py: run as root inside the sandbox (scripts/chaos does that)", file=sys.stderr)
         return 2
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # finally: blocks run (the private server stops)
+    if a.ledger:
+        LEDGER_URL = a.ledger
+    elif a.pg:
+        sys.path.insert(0, str(Path(a.src)))
+        from tests.pgserver import PgServer
+
+        PG_SERVER = PgServer().start()
+        LEDGER_URL = PG_SERVER.url(PG_SERVER.create_db("chaos", empty=True))
+        say(f"private PostgreSQL server: {LEDGER_URL}")
+    try:
+        return run_chaos(a, kinds)
+    finally:
+        if PG_SERVER is not None:
+            lanectl("down", timeout=120)  # the supervisor's connection closes before its server stops
+            PG_SERVER.stop()
+
+
+def run_chaos(a: argparse.Namespace, kinds: list[str]) -> int:
     a.duration = max(20.0, min(a.duration, 24 * 3600.0))
     a.rate = max(0.5, min(a.rate, 200.0))
     a.wait = max(10.0, min(a.wait, 1800.0))
@@ -838,7 +935,8 @@ def main() -> int:
         "integrity": "ok" if integ == "ok" else "FAILED", "ledger_read_errors": sum(READ_ERRORS.values()),
         "burst_drained": len(drained_by_burst), "outage_charged": charged_by_outage,
         "bystanders_dead": len(dead_bystanders), "poison_dead_named": poison_named(faults),
-        **{f"faults_{k}": faults.counts[k] for k in KINDS},
+        **{f"faults_{k}": faults.counts[k] for k in faults.kinds},
+        "ledger": "postgresql" if LEDGER_URL else "sqlite",
     }
     out = sys.stdout
     print("", file=out)
@@ -851,8 +949,8 @@ def main() -> int:
           f"executions logged: {rec['executions']}; missions swallowed by silent delta: {rec['swallowed']}", file=out)
     print(f"  interactive queue wait: p50 {pct(rec['waits'], 50):.1f} ms, p99 {p99:.1f} ms "
           f"({len(rec['waits'])} missions)", file=out)
-    print(f"  supervisor restarts (NRestarts): {sup.get('NRestarts')}; ledger PRAGMA integrity_check: {integ}",
-          file=out)
+    print(f"  supervisor restarts (NRestarts): {sup.get('NRestarts')}; ledger "
+          f"{'check (PostgreSQL: its tables answer)' if LEDGER_URL else 'PRAGMA integrity_check'}: {integ}", file=out)
     if READ_ERRORS:
         print(f"  read-only ledger reads that failed (retried): {dict(READ_ERRORS)}", file=out)
     lanes_now = ledger_rows("SELECT name, state FROM lanes ORDER BY name")

@@ -79,18 +79,40 @@ class PgServer:
                                   "-E", "UTF8", "--locale=C", "--no-sync")
             if r.returncode:
                 raise RuntimeError(f"initdb failed ({r.returncode}): {r.stderr.strip()}")
-            opts = (f"-c listen_addresses='' -c unix_socket_directories='{self.dir}' -c fsync=off "
-                    "-c full_page_writes=off -c synchronous_commit=off -c max_connections=200")
-            r = self._as_postgres(str(self.bindir / "pg_ctl"), "-D", str(data), "-l", str(self.dir / "server.log"),
-                                  "-w", "-t", "120", "-o", opts, "start")
-            if r.returncode:
-                log = (self.dir / "server.log").read_text() if (self.dir / "server.log").exists() else ""
-                raise RuntimeError(f"pg_ctl start failed ({r.returncode}): {r.stderr.strip()} {log[-2000:]}")
-            self.running = True
+            self._pg_ctl_start()
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _pg_ctl_start(self) -> None:
+        assert self.dir is not None and self.bindir is not None
+        opts = (f"-c listen_addresses='' -c unix_socket_directories='{self.dir}' -c fsync=off "
+                "-c full_page_writes=off -c synchronous_commit=off -c max_connections=200")
+        r = self._as_postgres(str(self.bindir / "pg_ctl"), "-D", str(self.dir / "data"), "-l",
+                              str(self.dir / "server.log"), "-w", "-t", "120", "-o", opts, "start")
+        if r.returncode:
+            log = (self.dir / "server.log").read_text() if (self.dir / "server.log").exists() else ""
+            raise RuntimeError(f"pg_ctl start failed ({r.returncode}): {r.stderr.strip()} {log[-2000:]}")
+        self.running = True
+
+    def halt(self, mode: str = "fast") -> None:
+        """Stop the server and keep its data (``resume()`` starts it again): a database outage for fault tests.
+        ``fast`` and ``smart`` shut down cleanly, so every commit acknowledged before survives."""
+        assert self.dir is not None and self.bindir is not None and mode in ("fast", "smart")
+        r = self._as_postgres(str(self.bindir / "pg_ctl"), "-D", str(self.dir / "data"), "-m", mode, "-w", "-t",
+                              "120", "stop")
+        if r.returncode:
+            raise RuntimeError(f"pg_ctl stop failed ({r.returncode}): {r.stderr.strip()}")
+        self.running = False
+
+    def resume(self) -> None:
+        self._pg_ctl_start()
+
+    def restart(self, mode: str = "fast") -> None:
+        """``pg_ctl restart -m MODE``: every connection is cut, the data stays (fault tests)."""
+        self.halt(mode)
+        self.resume()
 
     def stop(self) -> None:
         if self.dir is None:

@@ -242,6 +242,14 @@ class Ledger:
                                readonly=self.readonly, role=self.role)
         self._offset_at = float("-inf")
 
+    def broken(self) -> bool:
+        """PostgreSQL: whether this connection is gone (the server restarted or terminated it), without a round
+        trip; a long-lived holder (``lanectl.client.Client``) then opens a new one. SQLite: never."""
+        if self.dialect != "postgresql":
+            return False
+        raw = self.conn.raw  # type: ignore[attr-defined]
+        return bool(raw.closed or raw.broken)
+
     def __enter__(self) -> Ledger:
         return self
 
@@ -292,7 +300,11 @@ class Ledger:
             self.conn.execute("COMMIT")  # with synchronous=FULL, the WAL is on disk when this returns
         except sqlite3.Error as exc:
             if self.conn.in_transaction:
-                self.conn.execute("ROLLBACK")
+                try:
+                    self.conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    if self.dialect != "postgresql":
+                        raise
             raise self._error(exc) or _other(self.path, exc) from exc
         if self.dialect == "postgresql":
             self._seen_event = own
@@ -323,7 +335,10 @@ class Ledger:
                     self._others += 1
             except sqlite3.Error as exc:
                 if self.conn.in_transaction:
-                    self.conn.execute("ROLLBACK")
+                    try:
+                        self.conn.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass  # the connection is gone: the server rolled back; report what broke it
                 raise self._error(exc) or _other(self.path, exc) from exc
             return
         if not self._busy_poll:

@@ -192,8 +192,8 @@ class PgConn:
 
     def execute(self, sql: str, params: Any = ()) -> PgCursor:
         text, order = translate(sql)
-        cur = self.raw.cursor()
         try:
+            cur = self.raw.cursor()  # raises too when the connection is gone
             cur.execute(text, _args(params, order) or None)
         except Exception as exc:
             raise as_dbapi(exc) from exc
@@ -201,8 +201,8 @@ class PgConn:
 
     def executemany(self, sql: str, seq: Any) -> PgCursor:
         text, order = translate(sql)
-        cur = self.raw.cursor()
         try:
+            cur = self.raw.cursor()
             cur.executemany(text, [_args(p, order) for p in seq])
         except Exception as exc:
             raise as_dbapi(exc) from exc

@@ -65,6 +65,23 @@ def as_callback(m: CallbackMsg) -> ms.Callback:
     return ms.Callback(m.event, m.mission, m.lane, m.attempt, m.token)
 
 
+def unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` means the ledger could not be used at all (nothing of the batch was written): a database
+    error, an OS error, or a LanectlError with exit 6 (ledger_unavailable, ledger_busy, ledger_full ...)."""
+    from lanectl.errors import ExitCode, LanectlError
+    from lanectl.ledger import Error as LedgerError
+
+    if isinstance(exc, LanectlError):
+        return exc.exit_code == ExitCode.UNAVAILABLE
+    return isinstance(exc, (LedgerError, OSError))
+
+
+def unavailable_answer(why: BaseException | str) -> Answer:
+    msg = getattr(why, "message", None) or str(why)
+    return 503, {"error": "ledger_unavailable", "message": f"the supervisor cannot reach its ledger ({msg[:300]}); "
+                 "retry"}
+
+
 class Callbacks:
     def __init__(self, shared: Shared, refusals: Refusals) -> None:
         self.shared = shared
@@ -122,7 +139,11 @@ class Callbacks:
             with led.transaction() as conn:
                 outcomes = ms.apply_callbacks_in(conn, cbs, now=now, lease_sec=lease, record_rejected=record)
             answers = [self.answer(cb, o) for cb, o in zip(cbs, outcomes)]
-        except Exception:
+        except Exception as exc:
+            if unreachable(exc):  # nothing was applied: the lanes keep these and send them again
+                for p in batch:
+                    p.future.set_result(unavailable_answer(exc))
+                raise
             log.exception("applying a batch of %d callbacks failed; applying them one by one", len(batch))
             try:
                 with led.transaction():
@@ -142,6 +163,18 @@ class Callbacks:
         full.update(cb.lane for cb, (status, _) in zip(cbs, answers) if cb.uncharged and status == 200)
         self.shared.dirty = True
         return len(batch)
+
+    def refuse_pending(self, why: str) -> int:
+        """While the ledger is unreachable: answer every callback that arrived with 503 at once (the lanes keep
+        them and retry, backing off), rather than let each HTTP thread wait CALLBACK_WAIT_S."""
+        n = 0
+        while True:
+            try:
+                p = self.inbox.get_nowait()
+            except queue.Empty:
+                return n
+            p.future.set_result(unavailable_answer(why))
+            n += 1
 
     def answer(self, cb: ms.Callback, o: ms.CallbackOutcome) -> Answer:
         counters = self.shared.counters

@@ -7,6 +7,7 @@ could not be reached loses the attempt. A cancel that did not reach its lane is 
 """
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import queue
@@ -36,6 +37,7 @@ class Dispatcher:
         self.health = health
         self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="dispatch")
         self.results: queue.Queue[tuple[ms.Dispatch, int | None, str]] = queue.Queue()
+        self.unapplied: collections.deque[tuple[ms.Dispatch, int | None, str]] = collections.deque()
         self.last_tick = 0.0
         self.cancel_cursor = 0
         """The last event the cancels were looked for up to (set when the ledger opens)."""
@@ -77,38 +79,47 @@ class Dispatcher:
         self.pool.submit(post)
 
     def apply_results(self, now: float) -> None:
+        """The results of dispatch POSTs, in order. One whose ledger write fails stays first in line (with those
+        after it) for the next turn: an outage of the ledger loses no lane's refusal."""
         s = self.shared
         while True:
             try:
-                d, status, text = self.results.get_nowait()
+                self.unapplied.append(self.results.get_nowait())
             except queue.Empty:
-                return
-            if status is not None and 200 <= status < 300:
-                continue
+                break
+        while self.unapplied:
+            self.apply_result(*self.unapplied[0], now)
+            self.unapplied.popleft()
+
+    def apply_result(self, d: ms.Dispatch, status: int | None, text: str, now: float) -> None:
+        s = self.shared
+        if status is not None and 200 <= status < 300:
+            return
+        if status in (429, 503):
+            # the lane ran nothing (full, or stopping): the mission goes back uncharged, and the lane gets no
+            # more work until its next health report
+            why = "lane full" if status == 429 else "lane stopping"
+            log.info("mission=%d attempt=%d lane=%s: %s (HTTP %d), re-queued, not charged", d.mission, d.attempt,
+                     d.lane, why, status)
+            ms.return_attempt(s.db, d.mission, d.attempt, d.lane, d.token,
+                              f"{why} (HTTP {status}): not charged", now=now)
+            s.full.add(d.lane)
             s.counters["dispatch_failed"] += 1
-            if status in (429, 503):
-                # the lane ran nothing (full, or stopping): the mission goes back uncharged, and the lane gets no
-                # more work until its next health report
-                why = "lane full" if status == 429 else "lane stopping"
-                log.info("mission=%d attempt=%d lane=%s: %s (HTTP %d), re-queued, not charged", d.mission, d.attempt,
-                         d.lane, why, status)
-                ms.return_attempt(s.db, d.mission, d.attempt, d.lane, d.token,
-                                  f"{why} (HTTP {status}): not charged", now=now)
-                s.full.add(d.lane)
-                if status == 503 and d.lane in s.lanes:
-                    self.health.set_health(s.lanes[d.lane], False, now, "it is stopping (HTTP 503 to a dispatch)")
-                s.dirty = True
-                continue
-            reason = f"lane refused the dispatch (HTTP {status}): {text[:200]}" if status else f"lane unreachable: {text}"
-            log.warning("mission=%d attempt=%d lane=%s: dispatch failed: %s", d.mission, d.attempt, d.lane, reason)
-            try:
-                ms.fail(s.db, d.mission, lane=d.lane, attempt=d.attempt, token=d.token, now=now,
-                        error=reason, retry=True)
-            except (Conflict, NotFound):
-                pass  # already over (cancelled, or re-queued by a failover)
-            if (status is None or status >= 500) and d.lane in s.lanes:
-                self.health.set_health(s.lanes[d.lane], False, now, f"dispatch failed: {reason}")
+            if status == 503 and d.lane in s.lanes:
+                self.health.set_health(s.lanes[d.lane], False, now, "it is stopping (HTTP 503 to a dispatch)")
             s.dirty = True
+            return
+        reason = f"lane refused the dispatch (HTTP {status}): {text[:200]}" if status else f"lane unreachable: {text}"
+        log.warning("mission=%d attempt=%d lane=%s: dispatch failed: %s", d.mission, d.attempt, d.lane, reason)
+        try:
+            ms.fail(s.db, d.mission, lane=d.lane, attempt=d.attempt, token=d.token, now=now,
+                    error=reason, retry=True)
+        except (Conflict, NotFound):
+            pass  # already over (cancelled, or re-queued by a failover)
+        s.counters["dispatch_failed"] += 1
+        if (status is None or status >= 500) and d.lane in s.lanes:
+            self.health.set_health(s.lanes[d.lane], False, now, f"dispatch failed: {reason}")
+        s.dirty = True
 
     # ------------------------------------------------------------------------------------------ cancels
     def forward_cancels(self, now: float) -> None:

@@ -13,6 +13,8 @@ import logging
 import os
 import selectors
 import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +56,27 @@ connection (the WAL is its too) cost the same few looks."""
 SUMMARY_EVERY_S = 1.0
 """How often /healthz's summary and systemd's STATUS= are refreshed."""
 LEDGER_RETRY_S = 0.2
-"""After a turn the ledger failed: the loop pauses this long (feeding the watchdog) before the next."""
-LEDGER_LOG_EVERY_S = 5.0
+"""SQLite: after a turn the ledger failed (disk full, I/O error, locked past the timeout), the next try comes this
+long later (a local file: nothing to reconnect to, and a try costs nothing remote)."""
+LEDGER_BACKOFF_S = (0.1, 5.0)
+"""PostgreSQL: after a failed turn, the wait before the next try starts at the first and doubles up to the second
+(the server restarting, down, or this connection's backend terminated); every try reconnects."""
+LEDGER_REMIND_S = 60.0
+"""An outage is logged when it starts, when it ends, and every this long while it lasts (never once per try)."""
+APPLICATION_NAME = "lanectl-supervisor"
+"""PostgreSQL: the supervisor's connection in ``pg_stat_activity`` (the CLI's is ``lanectl``)."""
+
+
+@dataclass
+class Outage:
+    """The ledger is unreachable: since when (the loop's clock), the last error, and when to try again."""
+
+    since: float
+    error: str
+    delay: float
+    next_try: float
+    reminded: float
+    tries: int = 1
 
 
 def bound_settings(old: Any, new: Any) -> list[tuple[str, Any, Any]]:
@@ -129,7 +150,8 @@ class Supervisor:
         self.data_version = -1
         self.recheck: int | None = None  # index into RECHECK_S while a commit woke the loop but is not visible yet
         self.summary: dict[str, Any] = {}
-        self.ledger_error: float | None = None
+        self.outage: Outage | None = None
+        """Set while the ledger is unreachable (docs/supervisor.md, "the ledger's database fails")."""
         self.ping_every = 1.0
         self.last_ping = self.last_summary = float("-inf")
 
@@ -149,6 +171,11 @@ class Supervisor:
     @property
     def ledger_path(self) -> Path:
         return self.shared.ledger_path
+
+    @property
+    def on_pg(self) -> bool:
+        """The ledger is a PostgreSQL database (a ``postgresql://`` URL), not an SQLite file."""
+        return isinstance(self.ledger_path, str)
 
     @property
     def ledger(self) -> Ledger | None:
@@ -206,10 +233,18 @@ class Supervisor:
         from lanectl import exclusive
         from lanectl.ledger import require_ledger_file
 
-        if not self.create:
-            require_ledger_file(self.ledger_path)
-        self.locks.append(exclusive.take(exclusive.ledger_lock_path(self.ledger_path),
-                                         f"the ledger {self.ledger_path}"))
+        if self.on_pg:
+            from lanectl.ledgerurl import redact
+
+            # no file to lock beside: the lock file is named after the URL, next to the callback socket (one
+            # supervisor per ledger on this host; docs/decisions.md)
+            self.locks.append(exclusive.take(exclusive.url_lock_path(self.socket_path.parent, str(self.ledger_path)),
+                                             f"the ledger {redact(str(self.ledger_path))}"))
+        else:
+            if not self.create:
+                require_ledger_file(self.ledger_path)
+            self.locks.append(exclusive.take(exclusive.ledger_lock_path(self.ledger_path),
+                                             f"the ledger {self.ledger_path}"))
         self.socket_path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
         self.locks.append(exclusive.take(exclusive.socket_lock_path(self.socket_path),
                                          f"the callback socket {self.socket_path}"))
@@ -223,14 +258,42 @@ class Supervisor:
         while self.locks:
             exclusive.release(self.locks.pop())
 
-    def _open(self) -> None:
+    def open_ledger(self) -> Ledger:
+        """The supervisor's connection to the ledger. A PostgreSQL server that cannot be reached yet (the host
+        boots, the database restarts) is waited for, backing off as in an outage, with WATCHDOG=1 and
+        EXTEND_TIMEOUT_USEC sent meanwhile, instead of exiting into systemd's start limit; every other error
+        (no such database, no permission, a newer schema) ends the start as before."""
         sync = self.settings.ledger.synchronous  # FULL: a callback is answered only once its commit is on disk
-        led = self.shared.ledger = Ledger.open(self.ledger_path, autocheckpoint=False, synchronous=sync,
-                                               create=self.create, role="lanectl-supervisor")
-        if led.dialect == "postgresql":
+        if not self.on_pg:
+            return Ledger.open(self.ledger_path, autocheckpoint=False, synchronous=sync, create=self.create,
+                               role=APPLICATION_NAME)
+        from lanectl.ledgerurl import redact
+
+        delay, since = LEDGER_BACKOFF_S[0], time.monotonic()
+        reminded = float("-inf")
+        while True:
+            try:
+                return Ledger.open(self.ledger_path, create=self.create, role=APPLICATION_NAME)
+            except LanectlError as exc:
+                if exc.code != "ledger_unavailable" or self.stop.is_set():
+                    raise
+                waited = time.monotonic() - since
+                if time.monotonic() - reminded >= LEDGER_REMIND_S:
+                    log.error("ledger unreachable%s: %s; waiting for it (retrying up to every %gs)",
+                              f" for {waited:.0f}s" if waited >= 1 else "", exc.message, LEDGER_BACKOFF_S[1])
+                    reminded = time.monotonic()
+                self.notify(f"WATCHDOG=1\nEXTEND_TIMEOUT_USEC={int((delay + 30) * 1e6)}\nSTATUS=waiting for the "
+                            f"ledger {redact(str(self.ledger_path))} (unreachable for {waited:.0f}s)")
+                if self.stop.wait(delay):
+                    raise
+                delay = min(delay * 2, LEDGER_BACKOFF_S[1])
+
+    def _open(self) -> None:
+        sync = self.settings.ledger.synchronous
+        led = self.shared.ledger = self.open_ledger()
+        if self.on_pg:
             self.open_pg(led)
-        else:
-            # WAL checkpoints off the dispatch path
+        else:  # SQLite only: WAL checkpoints off the dispatch path, and a wake-up per commit
             self.checkpointer = Checkpointer(self.ledger_path, synchronous=sync).start()
             from lanectl.wakeup import commit_watch
 
@@ -338,8 +401,15 @@ class Supervisor:
         return self.metrics.text()
 
     def health(self) -> dict[str, Any]:
-        """The /healthz document."""
-        return {"pid": os.getpid(), "version": __version__, "ledger": str(self.ledger_path),
+        """The /healthz document. ``ledger_ok`` is false while the ledger is unreachable, with
+        ``ledger_unreachable_since`` (epoch seconds) and ``ledger_error``; the rest of the summary is then the last
+        one read."""
+        from lanectl.ledgerurl import redact
+
+        o = self.outage
+        return {"pid": os.getpid(), "version": __version__, "ledger": redact(str(self.ledger_path)),
+                "ledger_ok": o is None, "ledger_unreachable_since": None if o is None else round(o.since, 3),
+                "ledger_error": None if o is None else o.error,
                 "generation": self.generation, "reloads": self.reloads, "reload_error": self.reload_error,
                 **self.summary}
 
@@ -357,7 +427,10 @@ class Supervisor:
 
     def status_line(self) -> str:
         s = self.summary
-        return (f"{s.get('lanes_up', 0)}/{len(self.lanes)} lanes up; {s.get('queued', 0)} queued, "
+        o = self.outage
+        down = "" if o is None else (f"ledger unreachable since {time.strftime('%H:%M:%SZ', time.gmtime(o.since))} "
+                                     f"({self.clock.now() - o.since:.0f}s, retrying; callbacks answered 503); ")
+        return down + (f"{s.get('lanes_up', 0)}/{len(self.lanes)} lanes up; {s.get('queued', 0)} queued, "
                 f"{s.get('in_flight', 0)} in flight; {self.counters['dispatched']} dispatched, "
                 f"{self.counters['failovers']} failovers")
 
@@ -394,8 +467,7 @@ class Supervisor:
 
         self.ping_every = Notifier.watchdog_interval() or 1.0
         while not self.stop.is_set():
-            if not self.turn(self.clock.now()):
-                self.stop.wait(LEDGER_RETRY_S)
+            self.turn(self.clock.now())
             self.wait(self.idle_timeout(self.clock.now()))
         self.notify("STOPPING=1\nSTATUS=stopping")
         self.close()
@@ -424,30 +496,101 @@ class Supervisor:
         leaves attempts that the lane never got, which its restart reconciles against each lane's ``/healthz``.
         """
         ok = True
-        try:
-            self.ledger_turn(now)
-            self.ledger_error = None
-        except (LedgerError, LanectlError, OSError) as exc:
-            # the ledger cannot be written (disk full, I/O error, locked past the timeout): keep the watchdog
-            # fed and the callbacks answered (500: the lanes retry), and try again shortly
-            if self.ledger_error is None or now - self.ledger_error >= LEDGER_LOG_EVERY_S:
-                log.error("ledger unavailable, retrying: %s", exc)
-                self.ledger_error = now
-            self.dirty = True
+        if self.outage is not None and now < self.outage.next_try:
+            self.callbacks.refuse_pending(self.outage.error)  # 503 at once: the lanes keep them and retry
             ok = False
+        else:
+            try:
+                if self.outage is not None:
+                    self.resume_ledger(now)
+                self.ledger_turn(now)
+                if self.outage is not None:
+                    self.ledger_back(now)
+            except Exception as exc:  # noqa: BLE001 - anything else is a bug: raised on
+                if not self.ledger_fault(exc):
+                    raise
+                self.ledger_failed(exc, now)
+                ok = False
         self.endpoints.maybe_bind_tcp(now)
         if now - self.last_ping >= self.ping_every:
             self.notify("WATCHDOG=1")
             self.last_ping = now
-        self.history.maybe_prune(now)
+        if self.outage is None:
+            self.history.maybe_prune(now)
         if now - self.last_summary >= SUMMARY_EVERY_S:
-            try:
-                self.refresh_summary()
-            except (LedgerError, LanectlError):
-                pass
+            if self.outage is None:
+                try:
+                    self.refresh_summary()
+                except (LedgerError, LanectlError):
+                    pass
             self.notify("STATUS=" + self.status_line())
             self.last_summary = now
         return ok
+
+    # ------------------------------------------------------------------------------------------ ledger outages
+    def ledger_fault(self, exc: BaseException) -> bool:
+        """Whether ``exc`` is the ledger failing (what a turn survives): an error of the ledger (SQLite's or, on
+        PostgreSQL, the driver's), a LanectlError, an OSError."""
+        if isinstance(exc, (LedgerError, LanectlError, OSError)):
+            return True
+        if self.on_pg:
+            from lanectl.ledger import pg
+
+            return isinstance(exc, pg.Error())
+        return False
+
+    def ledger_failed(self, exc: BaseException, now: float) -> None:
+        """A turn failed on the ledger (PostgreSQL: the server restarted, is down, or terminated this connection;
+        SQLite: disk full, I/O error, locked past the timeout). Nothing is lost: a transaction either committed or
+        did not, callbacks not applied are answered 503 (the lanes keep them and retry), what the policy pass did
+        not commit is done by a later one. The loop keeps feeding the watchdog and tries again after a backoff
+        (PostgreSQL: LEDGER_BACKOFF_S, reconnecting; SQLite: LEDGER_RETRY_S)."""
+        if self.on_pg and not isinstance(exc, LanectlError):  # a read outside a transaction: as a transaction says
+            from lanectl.ledger import pg
+
+            exc = pg.ledger_error(str(self.ledger_path), exc.__cause__ or exc) or exc
+        msg = exc.message if isinstance(exc, LanectlError) else f"{type(exc).__name__}: {exc}"
+        o = self.outage
+        if o is None:
+            first = LEDGER_BACKOFF_S[0] if self.on_pg else LEDGER_RETRY_S
+            self.outage = Outage(since=now, error=msg, delay=first, next_try=now + first, reminded=now)
+            log.error("ledger unreachable: %s; retrying %s, lane callbacks are answered 503 meanwhile", msg,
+                      f"with backoff up to every {LEDGER_BACKOFF_S[1]:g}s" if self.on_pg else
+                      f"every {LEDGER_RETRY_S:g}s")
+            self.notify("STATUS=" + self.status_line())
+        else:
+            o.error, o.tries = msg, o.tries + 1
+            if self.on_pg:
+                o.delay = min(o.delay * 2, LEDGER_BACKOFF_S[1])
+            o.next_try = now + o.delay
+            if now - o.reminded >= LEDGER_REMIND_S:
+                log.error("ledger still unreachable after %.0fs (%d tries): %s", now - o.since, o.tries, msg)
+                o.reminded = now
+        self.callbacks.refuse_pending(msg)
+        self.dirty = True
+
+    def resume_ledger(self, now: float) -> None:
+        """Before the first turn after a failure: a new connection (PostgreSQL), and the outage forgiven as a
+        supervisor restart forgives its own: lanes' heartbeats were refused meanwhile, so every lease runs from
+        now (a lane that died meanwhile is found by its pidfd and systemd, not by a lease)."""
+        self.shared.db.reconnect()
+        moved = ms.extend_leases(self.shared.db, until=now + self.settings.leases.lease_sec)
+        if moved:
+            log.info("%d leases restarted from now (the ledger was unreachable)", moved)
+        self.data_version = -1  # a policy pass at once: whatever others committed meanwhile
+        self.dirty = True
+
+    def ledger_back(self, now: float) -> None:
+        o = self.outage
+        assert o is not None
+        log.warning("ledger reachable again after %.1fs (%d failed tries)", now - o.since, o.tries)
+        self.outage = None
+        try:
+            self.refresh_summary()
+        except (LedgerError, LanectlError):
+            pass
+        self.notify("STATUS=" + self.status_line())
+        self.last_summary = now
 
     def next_due(self) -> float:
         """When (on the loop's clock) the next turn has something to do without being woken: an observation, a
@@ -465,6 +608,9 @@ class Supervisor:
         """How long :meth:`wait` may sleep after a turn at ``now``: POLL_S without inotify (commits of other
         processes are polled), IDLE_S while a policy pass is wanted, else until :meth:`next_due`, at most
         IDLE_MAX_S."""
+        if self.outage is not None:  # nothing to poll: the next try, the watchdog or the summary, or a wake-up
+            due = min(self.outage.next_try, self.last_ping + self.ping_every, self.last_summary + SUMMARY_EVERY_S)
+            return max(0.0, min(IDLE_MAX_S, due - now))
         if self.commits is None and not (self.listener is not None and self.listener.connected.is_set()):
             return POLL_S  # nothing wakes the loop on other processes' commits: it looks every POLL_S
         if self.dirty:

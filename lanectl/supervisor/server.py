@@ -22,6 +22,7 @@ from typing import Any
 
 from lanectl import __version__
 from lanectl.errors import LanectlError
+from lanectl.ledger import Error as LedgerError
 from lanectl.protocol import (
     BadMessage,
     BoundedServer,
@@ -72,7 +73,12 @@ class Endpoints:
                 if path == "/healthz":
                     self._send(200, ep.healthz())
                 elif path == "/metrics":
-                    body = ep.metrics().encode()
+                    try:
+                        body = ep.metrics().encode()
+                    except (LanectlError, LedgerError) as exc:  # the ledger is unreachable: no figures to give
+                        self._send(503, {"error": "ledger_unavailable", "message": "metrics read the ledger, "
+                                         f"which cannot be read now: {getattr(exc, 'message', None) or exc}"})
+                        return
                     self.send_response(200)
                     self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
                     self.send_header("Content-Length", str(len(body)))

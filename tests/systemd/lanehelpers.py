@@ -62,21 +62,22 @@ class Fleet:
         return self.sb.exec(["cat", path], check=True).stdout
 
 
-def copy_example(dest: Path) -> Path:
+def copy_example(dest: Path, ledger: str | None = None) -> Path:
     """The example fleet, with a ledger of its own: the tests of one sandbox session must not see each other's
-    evidence (rollback triggers read the last minutes of events)."""
+    evidence (rollback triggers read the last minutes of events). ``ledger``: another one (a ``postgresql://``
+    URL of a database of the test's own server, tests/pgserver.py)."""
     dest.mkdir(parents=True, exist_ok=True)
     name = "".join(c if c.isalnum() else "-" for c in dest.name)
     text = (ROOT / "lanectl.toml").read_text()
-    (dest / "lanectl.toml").write_text(f'ledger = "/var/lib/lanectl/test-{name}.db"\n' + text)
+    (dest / "lanectl.toml").write_text(f'ledger = "{ledger or f"/var/lib/lanectl/test-{name}.db"}"\n' + text)
     shutil.copytree(ROOT / "lanes.d", dest / "lanes.d", dirs_exist_ok=True)
     return dest
 
 
-def up_example(sandbox: Any, dest: Path, extra_toml: str = "") -> Fleet:
-    """The example fleet (``copy_example``) with ``extra_toml`` appended to its lanectl.toml, installed and up, its
-    supervisor active: what most module fixtures start from (they ``lanectl down`` it at the end)."""
-    cfg = copy_example(dest)
+def up_example(sandbox: Any, dest: Path, extra_toml: str = "", ledger: str | None = None) -> Fleet:
+    """The example fleet (``copy_example``, ``ledger``) with ``extra_toml`` appended to its lanectl.toml, installed
+    and up, its supervisor active: what most module fixtures start from (they ``lanectl down`` it at the end)."""
+    cfg = copy_example(dest, ledger)
     with open(cfg / "lanectl.toml", "a") as fh:
         fh.write(extra_toml)
     f = Fleet(sandbox, cfg)
@@ -105,7 +106,11 @@ print(json.dumps(ids))
 LEDGER_QUERY = r'''
 import json, sqlite3, sys
 q = json.load(sys.stdin)
-c = sqlite3.connect("file:" + q["ledger"] + "?mode=ro", uri=True, timeout=10)
+if q["ledger"].startswith("postgresql://"):  # the ledger's own read-only handle speaks the same SQL there
+    from lanectl.ledger import Ledger
+    c = Ledger.open_readonly(q["ledger"]).conn
+else:
+    c = sqlite3.connect("file:" + q["ledger"] + "?mode=ro", uri=True, timeout=10)
 print(json.dumps([list(r) for r in c.execute(q["sql"], q.get("args", []))]))
 '''
 

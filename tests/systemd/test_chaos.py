@@ -50,3 +50,34 @@ def test_chaos_two_minutes_nothing_lost_duplicated_or_orphaned() -> None:
     assert int(last.get("poison_dead_named", "0")) >= 1, report  # the one that kills delta ends dead, named
     assert int(last["submitted"]) > 500, report
     assert proc.returncode == 0, report
+
+
+PG_KINDS = [k for k in KINDS if k != "disk_full"] + ["pg_restart", "pg_terminate"]
+PG_LIMIT_S = 260
+
+
+def test_chaos_on_postgresql_nothing_lost_duplicated_or_orphaned() -> None:
+    """Issue 12: the same soak on a PostgreSQL ledger (`--pg`: a private server as tests/pgserver.py starts one),
+    90 s, every fault kind but disk_full (the ledger is not on the tmpfs) plus the server restarted mid-run
+    (pg_restart) and the supervisor's backends terminated (pg_terminate)."""
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    proc = subprocess.Popen([str(ROOT / "scripts" / "chaos"), "--pg", "--duration", "90", "--seed", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=PG_LIMIT_S)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=90)
+        pytest.fail(f"scripts/chaos --pg ran longer than {PG_LIMIT_S}s\n{out[-3000:]}\n{err[-3000:]}")
+    lines = [l for l in out.splitlines() if l.strip()]
+    assert lines, f"no output; stderr:\n{err[-5000:]}"
+    last = dict(kv.split("=", 1) for kv in lines[-1].split() if "=" in kv)
+    report = f"exit {proc.returncode}\n{out[-6000:]}\n--- stderr ---\n{err[-4000:]}"
+    assert last.get("ledger") == "postgresql", report
+    assert (last.get("lost"), last.get("duplicated"), last.get("orphaned")) == ("0", "0", "0"), report
+    assert all(int(last.get(f"faults_{k}", "0")) >= 1 for k in PG_KINDS), report
+    assert last.get("outage_charged") == "0" and last.get("bystanders_dead") == "0", report
+    assert int(last["submitted"]) > 300, report
+    assert proc.returncode == 0, report
