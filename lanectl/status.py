@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 
 from lanectl import systemd
 from lanectl.healthcheck import Health, HealthRound
-from lanectl.errors import NotFound
+from lanectl.errors import NotFound, Problem
 
 LANE_UNIT_PREFIX, LANE_UNIT_SUFFIX = "lanectl-lane@", ".service"
 STATUS_PROPS = (*(p for p in systemd.SHOW_PROPS if p not in ("MemoryCurrent", "CPUUsageNSec", "TasksCurrent")),
@@ -254,6 +254,19 @@ def collect(lanes: dict[str, dict[str, Any]], names: list[str] | None = None,
         if usage:
             _usage(s, props, since, now_us)
     return out
+
+
+def dispatch_unknown(error: str, lane: str | None = None) -> Problem:
+    """The warning of a read whose ledger part failed (``status``, ``lane show``): the lanes' units are shown, their
+    dispatch state is not. Its hint fits the cause: no permission (a non-root user) -> run it as root; anything
+    else (a PostgreSQL server that cannot be reached, a file that is not a ledger) -> the message says what to fix."""
+    if "permission denied" in error.lower():
+        fix = "run it as root (or as a user that may read the ledger)"
+    else:
+        fix = "fix what the message names (docs/runbooks.md has 'The database is down' for a PostgreSQL ledger)"
+    return Problem(f"dispatch state unknown: {error}", hint=f"{fix}: until then a lane lanectl drained by itself "
+                   "cannot be told apart from an active one", code="ledger_unreadable", lane=lane,
+                   severity="warning")
 
 
 def _dispatch(rows: list[LaneStatus], ledger: str) -> None:

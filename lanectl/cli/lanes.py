@@ -7,7 +7,7 @@ import typer
 
 from lanectl import config, lanefiles, units
 from lanectl.cli.options import CONFIG, JSON, LEDGER, UNIT_DIR, complete_lane_files
-from lanectl.errors import ExitCode, Problem
+from lanectl.errors import ExitCode
 from lanectl.output import command, escape, finish, stdout_console
 
 lane_app = typer.Typer(help="Create, inspect and remove lane files (lanes.d/NAME.toml).", no_args_is_help=True)
@@ -94,9 +94,9 @@ def show(name: str = typer.Argument(..., autocompletion=complete_lane_files), un
             t.add_row(f"[bold]{k}[/]", escape(v if isinstance(v, str) else json.dumps(v)))
         stdout_console().print(t)
 
-    warnings = [Problem(f"dispatch state unknown: {data['dispatch_error']}", hint="run it as root (or as a user "
-                        "that may read the ledger): a lane lanectl drained by itself cannot be told apart from an "
-                        "active one", code="ledger_unreadable", lane=name, severity="warning")] \
+    from lanectl.status import dispatch_unknown
+
+    warnings = [dispatch_unknown(data["dispatch_error"], lane=name)] \
         if data.get("dispatch_error") else []
     finish(["lane", "show"], data, json_mode=json_out, human=human, warnings=warnings,
            exit_code=ExitCode.UNAVAILABLE if warnings else ExitCode.OK, status="partial" if warnings else None)

@@ -1,10 +1,10 @@
 """Rendering of `lanectl status` (no typer here: the fast start-up path uses it too)."""
 from __future__ import annotations
 
-from lanectl.errors import ExitCode, Problem
+from lanectl.errors import ExitCode
 from lanectl.output import escape, finish, human_bytes, human_duration, stdout_console
 from lanectl.states import HELD
-from lanectl.status import LaneStatus
+from lanectl.status import LaneStatus, dispatch_unknown
 
 
 def run_status(rows: list[LaneStatus], json_out: bool) -> None:
@@ -15,10 +15,7 @@ def run_status(rows: list[LaneStatus], json_out: bool) -> None:
     unread = next((r.dispatch_error for r in rows if r.kind == "lane" and r.dispatch_error), None)
     warnings = []
     if unread:
-        warnings.append(Problem(f"dispatch state unknown: {unread}",
-                                hint="run it as root (or as a user that may read the ledger): a lane lanectl "
-                                     "drained by itself cannot be told apart from an active one",
-                                code="ledger_unreadable", severity="warning"))
+        warnings.append(dispatch_unknown(unread))
         if code == ExitCode.OK:
             code = ExitCode.UNAVAILABLE
     data = {"lanes": [r.as_dict() for r in rows if r.kind == "lane"], "ok": code == ExitCode.OK}
