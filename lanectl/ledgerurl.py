@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from lanectl.errors import ExitCode, LanectlError
 
@@ -110,7 +110,17 @@ def shown(location: str | Path) -> str:
 
 
 def redact(url: str) -> str:
-    """The URL with any password replaced by ``***`` (for output and errors); the rest exactly as written."""
+    """The URL with any secret replaced by ``***`` (for output and errors); the rest exactly as written.
+
+    Hidden: the userinfo's password; the value of every query parameter whose name, percent-decoded and in any case,
+    is one of SECRETS (libpq decodes ``pass%77ord`` to ``password``); and the value of every parameter libpq does not
+    know (``PassWord=...`` is refused as unknown, and may still be somebody's password)."""
     url = re.sub(r"^([a-z]+://[^/@:?#]*):[^@/?#]*@", r"\1:***@", url)
-    return re.sub(r"([?&](?:password|sslpassword|oauth_client_secret|scram_client_key|scram_server_key)=)[^&#]*",
-                  r"\1***", url)
+
+    def hide(m: re.Match[str]) -> str:
+        key = unquote(m.group(2))
+        if key.lower() in SECRETS or key not in PARAMETERS:
+            return f"{m.group(1)}{m.group(2)}=***"
+        return m.group(0)
+
+    return re.sub(r"([?&])([^=&#]*)=([^&#]*)", hide, url)

@@ -50,7 +50,7 @@ def human_mission(m: ms.Mission) -> None:
     stdout_console().print(t)
 
 
-def _ledger(override: str | None) -> Path | None:
+def _ledger(override: str | None) -> Path | str | None:
     """The ledger as every command finds it (lanectl.paths.ledger_path), when that needs no lanectl.toml: None
     (the typer path reads it) for another configuration than the installed one, or no installed fleet."""
     from lanectl import manifest, paths
@@ -65,7 +65,12 @@ def _ledger(override: str | None) -> Path | None:
                        and os.path.realpath(chosen) == os.path.realpath(data["config_dir"])):
         return None  # another configuration than the installed one: let its lanectl.toml decide
     found = manifest.ledger(data)
-    return Path(found) if found else None
+    if not found:
+        return None
+    from lanectl.ledgerurl import is_url
+
+    return found if is_url(found) else Path(found)  # a URL stays a str: Path() would fold its '//'
+
 
 
 def fast(command: str, argv: list[str]) -> bool:
@@ -85,11 +90,11 @@ def fast(command: str, argv: list[str]) -> bool:
             return False
         if not 1 <= limit <= MAX_LIMIT:
             return False
-        path = _ledger(opts.get("--ledger"))
-        if path is None:
-            return False
         filters = {LIST_OPTIONS[k]: v for k, v in opts.items() if k not in ("--limit", "--after", "--ledger")}
         try:
+            path = _ledger(opts.get("--ledger"))  # a refused URL is an error like any other (exit 2)
+            if path is None:
+                return False
             with Ledger.open(path, create=False) as led:
                 rows, data = list_data(led, limit=limit, after_id=after, **filters)
         except LanectlError as exc:
@@ -102,10 +107,10 @@ def fast(command: str, argv: list[str]) -> bool:
     if parsed is None or len(parsed[1]) != 1 or not parsed[1][0].isdigit():
         return False
     opts, (ident,), json_out = parsed
-    path = _ledger(opts.get("--ledger"))
-    if path is None:
-        return False
     try:
+        path = _ledger(opts.get("--ledger"))
+        if path is None:
+            return False
         with Ledger.open(path, create=False) as led:
             m = ms.get(led, int(ident))
             data = show_data(led, m)

@@ -8,6 +8,7 @@ ledger's WAL (another process committed) and a pidfd per lane process.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
@@ -16,7 +17,8 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from lanectl import __version__, config, keys
 from lanectl.config import LaneSet, Settings
@@ -64,6 +66,19 @@ LEDGER_BACKOFF_S = (0.1, 5.0)
 LEDGER_REMIND_S = 60.0
 """An outage is logged when it starts, when it ends, and every this long while it lasts (never once per try)."""
 APPLICATION_NAME = "lanectl-supervisor"
+T = TypeVar("T")
+
+
+def _now(step: Callable[[], T]) -> T:
+    """``step()`` at once (SQLite: its writes wait for the lock with the busy timeout, nothing to reconnect)."""
+    return step()
+
+
+PG_LOCK_WAIT_S = 2.0
+"""PostgreSQL: the supervisor's ``lock_timeout`` (and connect timeout). Short beside the watchdog (WatchdogSec=10
+by default) so that a turn whose transactions wait for the ledger's lock held elsewhere (a CLI frozen inside a
+transaction, until the server ends it; any login taking the lock) fails over into the outage state, which keeps
+sending WATCHDOG=1, rather than waiting 5 s a statement until systemd kills the supervisor."""
 """PostgreSQL: the supervisor's connection in ``pg_stat_activity`` (the CLI's is ``lanectl``)."""
 
 
@@ -262,31 +277,43 @@ class Supervisor:
         """The supervisor's connection to the ledger. A PostgreSQL server that cannot be reached yet (the host
         boots, the database restarts) is waited for, backing off as in an outage, with WATCHDOG=1 and
         EXTEND_TIMEOUT_USEC sent meanwhile, instead of exiting into systemd's start limit; every other error
-        (no such database, no permission, a newer schema) ends the start as before."""
+        (no such database, no permission, a newer schema) ends the start as before. A ledger whose lock is held
+        elsewhere (``ledger_busy``) is waited for the same way."""
         sync = self.settings.ledger.synchronous  # FULL: a callback is answered only once its commit is on disk
         if not self.on_pg:
             return Ledger.open(self.ledger_path, autocheckpoint=False, synchronous=sync, create=self.create,
                                role=APPLICATION_NAME)
+        return self.waiting_for_ledger(lambda: Ledger.open(self.ledger_path, create=self.create,
+                                                           role=APPLICATION_NAME, busy_timeout_s=PG_LOCK_WAIT_S))
+
+    def waiting_for_ledger(self, step: Callable[[], T]) -> T:
+        """``step()``, repeated while it fails because the PostgreSQL ledger cannot be used yet (unreachable, or
+        its lock held elsewhere: ``ledger_unavailable``, ``ledger_busy``), backing off as in an outage with
+        WATCHDOG=1 and EXTEND_TIMEOUT_USEC sent meanwhile, on a new connection each time (once one exists). Before
+        the main loop runs (open, start) this is the outage state. Other errors, and a stop, end the wait."""
         from lanectl.ledgerurl import redact
 
         delay, since = LEDGER_BACKOFF_S[0], time.monotonic()
         reminded = float("-inf")
         while True:
             try:
-                return Ledger.open(self.ledger_path, create=self.create, role=APPLICATION_NAME)
+                return step()
             except LanectlError as exc:
-                if exc.code != "ledger_unavailable" or self.stop.is_set():
+                if exc.code not in ("ledger_unavailable", "ledger_busy") or self.stop.is_set():
                     raise
                 waited = time.monotonic() - since
                 if time.monotonic() - reminded >= LEDGER_REMIND_S:
-                    log.error("ledger unreachable%s: %s; waiting for it (retrying up to every %gs)",
+                    log.error("ledger unusable%s: %s; waiting for it (retrying up to every %gs)",
                               f" for {waited:.0f}s" if waited >= 1 else "", exc.message, LEDGER_BACKOFF_S[1])
                     reminded = time.monotonic()
                 self.notify(f"WATCHDOG=1\nEXTEND_TIMEOUT_USEC={int((delay + 30) * 1e6)}\nSTATUS=waiting for the "
-                            f"ledger {redact(str(self.ledger_path))} (unreachable for {waited:.0f}s)")
+                            f"ledger {redact(str(self.ledger_path))} ({exc.code} for {waited:.0f}s)")
                 if self.stop.wait(delay):
                     raise
                 delay = min(delay * 2, LEDGER_BACKOFF_S[1])
+                if self.shared.ledger is not None:
+                    with contextlib.suppress(LanectlError):
+                        self.shared.ledger.reconnect()
 
     def _open(self) -> None:
         sync = self.settings.ledger.synchronous
@@ -442,14 +469,20 @@ class Supervisor:
     def start(self, now: float) -> None:
         """Before the first turn: what every lane holds, the outage forgiven, reconciliation, READY=1."""
         self.watch.started_at = now
-        self.watch.observe(now)  # what every lane holds, before anything is reaped
-        self.watch.last_observe = now
-        # the outage is forgiven: every lease runs from the supervisor's return; what a lane holds is kept alive by
-        # its heartbeats and health reports, what it does not hold is reconciled below
-        moved = ms.extend_leases(self.shared.db, until=now + self.settings.leases.lease_sec)
+
+        def take_over() -> int:
+            self.watch.observe(now)  # what every lane holds, before anything is reaped
+            self.watch.last_observe = now
+            # the outage is forgiven: every lease runs from the supervisor's return; what a lane holds is kept alive
+            # by its heartbeats and health reports, what it does not hold is reconciled below
+            moved = ms.extend_leases(self.shared.db, until=now + self.settings.leases.lease_sec)
+            self.watch.reconcile(now)
+            return moved
+
+        # PostgreSQL: a ledger that cannot be used yet (its lock held elsewhere, the server gone) is waited for here
+        moved = (self.waiting_for_ledger if self.on_pg else _now)(take_over)
         if moved:
             log.info("%d leases restarted from now (the supervisor was away)", moved)
-        self.watch.reconcile(now)
         self.refresh_summary()
         self.history.start(now)
         self.last_ping = self.last_summary = now

@@ -323,8 +323,7 @@ class LaneWatcher:
         s.full.discard(w.name)
         if not ok:
             return
-        w.held = {int(x) for x in body.get("missions", []) if isinstance(x, int)}
-        w.held |= {int(x) for x in body.get("reporting", []) if isinstance(x, int)}
+        w.held = {x for key in ("missions", "reporting") for x in _ints(body.get(key))}
         cap = body.get("capacity")
         if isinstance(cap, int) and isinstance(body.get("in_flight"), int) and body["in_flight"] >= cap:
             s.full.add(w.name)
@@ -353,3 +352,11 @@ class LaneWatcher:
     def close(self) -> None:
         for w in self.shared.lanes.values():
             self.unwatch_pid(w)
+
+
+def _ints(value: object) -> set[int]:
+    """The mission ids of a list a lane's /healthz sent: anything else (a bool, a number, null, an object) is no
+    list of ids and means none. A lane's answer is hostile input: a wrong type must never reach ``int()``."""
+    if not isinstance(value, list):
+        return set()
+    return {x for x in value if isinstance(x, int) and not isinstance(x, bool)}

@@ -194,11 +194,6 @@ class PostgresBackend(Backend):
 BACKEND_CLASSES: dict[str, type] = {"sqlite": SqliteBackend, "postgresql": PostgresBackend}
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "backends(*names): the ledger backends this contract test runs on "
-                                       "(default: all of conftest.BACKENDS)")
-
-
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "backend_name" in metafunc.fixturenames:
         marker = metafunc.definition.get_closest_marker("backends")

@@ -151,3 +151,41 @@ def test_a_postgresql_ledger_is_no_directory_of_this_host(tmp_path: Path, monkey
     rw = [line for line in text.splitlines() if line.startswith("ReadWritePaths=")]
     assert rw and all("postgresql:" not in line for line in rw), rw
     assert "postgresql:" not in " ".join(config.control_dirs(fleet.settings, etc).values())
+
+
+@pytest.mark.parametrize("url, secret", [
+    ("postgresql:///db?host=/tmp&pass%77ord=S3cretPW", "S3cretPW"),  # libpq decodes the key: it is a password
+    ("postgresql:///db?host=/tmp&%70assword=S3cretPW", "S3cretPW"),
+    ("postgresql:///db?PassWord=S3cretPW&host=/tmp", "S3cretPW"),  # not libpq's (refused as unknown), still hidden
+])
+def test_a_disguised_password_is_refused_and_never_shown(url: str, secret: str) -> None:
+    """Attack finding F4: the refusal printed the URL with a percent-encoded password in it."""
+    with pytest.raises(LanectlError) as err:
+        location.check_url(url)
+    assert err.value.exit_code == ExitCode.USAGE and secret not in str(err.value)
+    assert secret not in location.redact(url) and "host=/tmp" in location.redact(url)
+
+
+@pytest.mark.parametrize("argv", [["missions"], ["mission", "show", "1"]])
+def test_the_fast_path_refuses_a_bad_url_with_exit_2_and_no_traceback(argv: list[str]) -> None:
+    """Attack finding F5: `missions --ledger URL-with-password` printed a traceback (exit 1)."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "lanectl", *argv, "--json", "--ledger", "postgresql://u:pw@/db"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
+    assert json.loads(proc.stdout)["errors"][0]["code"] == "ledger_url_password" and ":pw@" not in proc.stdout
+
+
+def test_the_installed_url_ledger_stays_a_url_on_the_fast_path(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Attack finding F3: `missions` without -c read the installed ledger's URL through Path(), which folds '//'
+    and took it for a file name."""
+    from lanectl import manifest
+    from lanectl.cli import missionview
+
+    monkeypatch.delenv("LANECTL_LEDGER", raising=False)
+    monkeypatch.delenv("LANECTL_CONFIG_DIR", raising=False)
+    monkeypatch.setattr(manifest, "read", lambda _unit_dir: {"ledger": URL})  # what install recorded
+    assert missionview._ledger(None) == URL

@@ -201,3 +201,65 @@ def test_a_supervisor_stopped_while_it_waits_for_the_server_exits(tmp_path: Path
     finally:
         pg.resume()
         sup.close()
+
+
+def test_the_ledger_lock_held_elsewhere_is_an_outage_not_a_watchdog_kill(tmp_path: Path, pg: PgServer) -> None:
+    """Attack finding F1: any login may take the ledger's advisory lock (a CLI frozen inside a transaction, a hostile
+    session). The supervisor waits for it at most PG_LOCK_WAIT_S a statement, so its turn fails into the outage
+    state, which keeps WATCHDOG=1 going, and a supervisor started meanwhile waits instead of exiting 6."""
+    import psycopg
+
+    from lanectl.ledger.pg import LOCK_KEY
+    from lanectl.supervisor.loop import PG_LOCK_WAIT_S
+
+    url = pg.url(pg.create_db("locked"))
+    sent: list[str] = []
+
+    class Notifier:
+        def send(self, msg: str) -> None:
+            sent.append(msg)
+
+    lanes = {"alpha": free_port()}
+    fleet = config.load(write_config(tmp_path, lanes))
+    sup = Supervisor(fleet, url, use_systemd=False, notifier=Notifier(), callback_socket=str(tmp_path / "cb.sock"),
+                     lane_uids={n: os.getuid() for n in lanes})
+    with psycopg.connect(url, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))  # held by a session: no idle timeout ends it
+        opened = threading.Event()
+        failed: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                sup.open()
+                sup.start(T0)
+                opened.set()
+            except BaseException as exc:  # noqa: BLE001
+                failed.append(exc)
+
+        t = threading.Thread(target=run)
+        t.start()
+        try:
+            t.join(3 * PG_LOCK_WAIT_S + 5)  # open and start wait for the lock; neither gives up
+            assert not failed, "".join(__import__("traceback").format_exception(failed[0])) if failed else ""
+            assert any("WATCHDOG=1" in m and "waiting for the ledger" in m for m in sent), sent
+        finally:
+            holder.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
+    t.join(60)
+    try:
+        assert opened.is_set() and not failed, failed
+        assert sup.ledger is not None
+        shown = sup.ledger.conn.execute("SHOW lock_timeout").fetchone()[0]
+        assert shown == f"{int(PG_LOCK_WAIT_S)}s", shown
+        with psycopg.connect(url, autocommit=True) as holder:
+            holder.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
+            try:
+                sent.clear()
+                assert not sup.turn(T0 + 1)  # the lock wait ran out: one failed turn, an outage, not a hang
+                assert sup.outage is not None and "busy" in sup.health()["ledger_error"]
+                assert any("WATCHDOG=1" in m for m in sent), sent
+            finally:
+                holder.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
+        assert sup.turn(T0 + 1 + LEDGER_BACKOFF_S[1])
+        assert sup.outage is None
+    finally:
+        sup.close()

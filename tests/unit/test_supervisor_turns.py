@@ -279,3 +279,11 @@ def test_a_commit_wake_up_that_shows_nothing_new_is_looked_at_again(sup: Supervi
         other.close()
     assert sup.turn(T0 + 0.4)
     assert sup.recheck is None and sup.idle_timeout(T0 + 0.4) == IDLE_MAX_S
+
+
+@pytest.mark.parametrize("value", [True, None, 7, "1,2", {"1": 2}, [1, True, "2", 3.0, 4]])
+def test_a_healthz_list_of_the_wrong_type_means_no_missions(value: object) -> None:
+    """Attack finding F2: a lane answering ``"reporting": true`` crashed the supervisor at every start."""
+    from lanectl.supervisor.watch import _ints
+
+    assert _ints(value) == ({1, 4} if isinstance(value, list) else set())
