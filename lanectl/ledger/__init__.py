@@ -281,12 +281,7 @@ class Ledger:
             yield self.conn
         except BaseException as exc:
             self._depth = 0
-            if self.conn.in_transaction:  # SQLite may have rolled back already (disk full, I/O error)
-                if self.dialect == "postgresql":
-                    with contextlib.suppress(sqlite3.Error):  # a connection lost meanwhile rolled back itself
-                        self.conn.execute("ROLLBACK")
-                else:
-                    self.conn.execute("ROLLBACK")
+            self._rollback()
             mapped = self._error(exc) if isinstance(exc, sqlite3.Error) else None
             if mapped is not None:
                 raise mapped from exc
@@ -299,15 +294,22 @@ class Ledger:
                 own = self._notify_commit()
             self.conn.execute("COMMIT")  # with synchronous=FULL, the WAL is on disk when this returns
         except sqlite3.Error as exc:
-            if self.conn.in_transaction:
-                try:
-                    self.conn.execute("ROLLBACK")
-                except sqlite3.Error:
-                    if self.dialect != "postgresql":
-                        raise
+            self._rollback()
             raise self._error(exc) or _other(self.path, exc) from exc
         if self.dialect == "postgresql":
             self._seen_event = own
+
+    def _rollback(self) -> None:
+        """End a failed transaction, if one is still open (SQLite may have rolled back already: disk full, I/O
+        error). On PostgreSQL a ROLLBACK that fails means the connection is gone, and the server rolled the
+        transaction back itself: the error that broke it is the one to report, not this one."""
+        if not self.conn.in_transaction:
+            return
+        try:
+            self.conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            if self.dialect != "postgresql":
+                raise
 
     def _error(self, exc: BaseException) -> LanectlError | None:
         if self.dialect == "postgresql":
@@ -334,11 +336,7 @@ class Ledger:
                 if self._newest_event() != self._seen_event:  # others committed since this connection looked
                     self._others += 1
             except sqlite3.Error as exc:
-                if self.conn.in_transaction:
-                    try:
-                        self.conn.execute("ROLLBACK")
-                    except sqlite3.Error:
-                        pass  # the connection is gone: the server rolled back; report what broke it
+                self._rollback()
                 raise self._error(exc) or _other(self.path, exc) from exc
             return
         if not self._busy_poll:
