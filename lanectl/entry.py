@@ -66,9 +66,6 @@ def main() -> None:
 
         if fast_read(argv[0], argv[1:]):
             return
-    from lanectl.ledger import pg
-
-    pg.set_role("lanectl-cli")  # what pg_stat_activity shows for this process's ledger connections
     from lanectl.cli.main import app
 
     app(prog_name="lanectl")

@@ -255,15 +255,26 @@ ledger's write lock (or row locks) for ever; its transaction is rolled back, not
 CHANNEL = "lanectl_ledger"
 """The NOTIFY channel: every write transaction sends one notification on it, delivered at COMMIT (its payload is
 the newest event id the transaction leaves); the supervisor LISTENs on it (``lanectl.wakeup.PgListener``)."""
-ROLE = "lanectl"
+ROLE = "lanectl-cli"
 """The default ``application_name`` of this process's ledger connections (``set_role``): what
-``pg_stat_activity`` shows an operator, e.g. ``lanectl-cli``, ``lanectl-supervisor``."""
+``pg_stat_activity`` shows an operator. The CLI's is this default (so its fast paths, which start before anything
+is set, are named alike); the supervisor's process sets ``lanectl-supervisor``, the library passes
+``lanectl-client``."""
 
 
 def set_role(name: str) -> None:
     """Name this process's ledger connections (``application_name``) unless a caller names its own."""
     global ROLE
     ROLE = name
+
+
+def app_name(url: str, name: str) -> str | None:
+    """The ``application_name`` to connect with: ``name``, unless the URL names one itself (``?application_name=
+    lanectl-web1``: the operator's choice, which then names every connection of that ledger); None lets libpq take
+    the URL's (a keyword argument would replace it)."""
+    from urllib.parse import parse_qs, urlsplit
+
+    return None if "application_name" in parse_qs(urlsplit(url).query) else name
 
 
 def settings_sql(busy_timeout_s: float, readonly: bool) -> list[str]:
@@ -282,7 +293,7 @@ def connect(url: str, *, busy_timeout_s: float, readonly: bool = False, role: st
     psycopg = _import_psycopg()
     try:
         raw = psycopg.connect(url, autocommit=True, connect_timeout=max(1, int(busy_timeout_s)),
-                              application_name=role or ROLE)
+                              application_name=app_name(url, role or ROLE))
     except psycopg.OperationalError as exc:
         raise connect_error(url, exc) from None
     try:
@@ -299,7 +310,8 @@ def listen_connect(url: str, *, role: str, connect_timeout: int = 5) -> Any:
     """A psycopg connection (autocommit) LISTENing on ``CHANNEL``, for ``lanectl.wakeup.PgListener``; psycopg's
     errors are raised as they are (the listener retries with backoff)."""
     psycopg = _import_psycopg()
-    conn = psycopg.connect(url, autocommit=True, connect_timeout=connect_timeout, application_name=role)
+    conn = psycopg.connect(url, autocommit=True, connect_timeout=connect_timeout,
+                           application_name=app_name(url, role))
     try:
         conn.execute(f"SET idle_in_transaction_session_timeout = {IDLE_IN_TRANSACTION_S * 1000:d}")
         conn.execute(f"LISTEN {CHANNEL}")
@@ -341,7 +353,7 @@ class ReadPool:
         self.pool = ConnectionPool(
             url, min_size=min_size, max_size=max_size, open=False, configure=configure,
             check=ConnectionPool.check_connection, timeout=max(1.0, busy_timeout_s), name="lanectl-reads",
-            kwargs={"autocommit": True, "application_name": (role or ROLE) + "-reads",
+            kwargs={"autocommit": True, "application_name": app_name(url, (role or ROLE) + "-reads"),
                     "connect_timeout": max(1, int(busy_timeout_s))})
 
     def open(self) -> ReadPool:

@@ -66,6 +66,7 @@ LEDGER_BACKOFF_S = (0.1, 5.0)
 LEDGER_REMIND_S = 60.0
 """An outage is logged when it starts, when it ends, and every this long while it lasts (never once per try)."""
 APPLICATION_NAME = "lanectl-supervisor"
+"""PostgreSQL: the supervisor's connection in ``pg_stat_activity`` (the CLI's is ``lanectl-cli``)."""
 T = TypeVar("T")
 
 
@@ -79,7 +80,6 @@ PG_LOCK_WAIT_S = 2.0
 by default) so that a turn whose transactions wait for the ledger's lock held elsewhere (a CLI frozen inside a
 transaction, until the server ends it; any login taking the lock) fails over into the outage state, which keeps
 sending WATCHDOG=1, rather than waiting 5 s a statement until systemd kills the supervisor."""
-"""PostgreSQL: the supervisor's connection in ``pg_stat_activity`` (the CLI's is ``lanectl``)."""
 
 
 @dataclass

@@ -17,7 +17,7 @@ from conftest import T0, make_fleet
 
 from lanectl.config import ClassPolicy
 from lanectl.errors import ExitCode, LanectlError
-from lanectl.ledger import events, pg, tick
+from lanectl.ledger import Ledger, events, pg, tick
 from lanectl.ledger import missions as ms
 from lanectl.ledger.events import EventKind
 
@@ -208,6 +208,27 @@ def test_connection_settings_name_the_role_and_bound_idle_transactions(backend):
         name = other.execute("SELECT application_name FROM pg_stat_activity WHERE pid = %s",
                              (led.conn.backend_pid,)).fetchone()[0]
     assert name == "lanectl-test-role"
+
+
+@PG
+def test_an_application_name_in_the_url_names_the_connections(backend):
+    """docs/ledger.md, connection settings: ``?application_name=`` in the URL is the operator's name for every
+    connection of that ledger (a keyword argument of the driver would replace it with lanectl's role)."""
+    led = backend.open()
+    url = str(led.path) + "&application_name=lanectl-web1"
+    named = Ledger.open(url, role="lanectl-test-role")
+    pool = pg.ReadPool(url, role="lanectl-test-role").open()
+    try:
+        with pool.connection() as conn:
+            pooled = conn.backend_pid
+            with raw(backend) as other:
+                names = dict(other.execute("SELECT pid, application_name FROM pg_stat_activity WHERE pid IN (%s, %s)",
+                                           (named.conn.backend_pid, pooled)).fetchall())
+        assert names == {named.conn.backend_pid: "lanectl-web1", pooled: "lanectl-web1"}, names
+        assert pg.app_name(str(led.path), "lanectl-cli") == "lanectl-cli"  # none in the URL: the role names it
+    finally:
+        pool.close()
+        named.close()
 
 
 @PG
