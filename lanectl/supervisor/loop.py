@@ -551,14 +551,19 @@ class Supervisor:
         if self.outage is None:
             self.history.maybe_prune(now)
         if now - self.last_summary >= SUMMARY_EVERY_S:
-            if self.outage is None:
-                try:
-                    self.refresh_summary()
-                except (LedgerError, LanectlError):
-                    pass
-            self.notify("STATUS=" + self.status_line())
-            self.last_summary = now
+            self.publish_summary(now)
         return ok
+
+    def publish_summary(self, now: float) -> None:
+        """The /healthz summary read again (not while the ledger is unreachable: the last one stands) and
+        ``STATUS=`` sent to systemd."""
+        if self.outage is None:
+            try:
+                self.refresh_summary()
+            except (LedgerError, LanectlError):
+                pass
+        self.notify("STATUS=" + self.status_line())
+        self.last_summary = now
 
     # ------------------------------------------------------------------------------------------ ledger outages
     def ledger_fault(self, exc: BaseException) -> bool:
@@ -618,12 +623,7 @@ class Supervisor:
         assert o is not None
         log.warning("ledger reachable again after %.1fs (%d failed tries)", now - o.since, o.tries)
         self.outage = None
-        try:
-            self.refresh_summary()
-        except (LedgerError, LanectlError):
-            pass
-        self.notify("STATUS=" + self.status_line())
-        self.last_summary = now
+        self.publish_summary(now)
 
     def next_due(self) -> float:
         """When (on the loop's clock) the next turn has something to do without being woken: an observation, a
