@@ -29,6 +29,7 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0 or find_bindir() is None,
 
 @pytest.fixture(scope="module")
 def pg() -> Iterator[PgServer]:
+    """A server of this module's own, not the session's (tests/conftest.py): these tests stop and start it."""
     server = PgServer().start()
     try:
         yield server
@@ -36,11 +37,27 @@ def pg() -> Iterator[PgServer]:
         server.stop()
 
 
+class Recorder:
+    """A notifier that keeps what the supervisor tells systemd (WATCHDOG=1, STATUS=, EXTEND_TIMEOUT_USEC=)."""
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+
+    def send(self, msg: str) -> None:
+        self.sent.append(msg)
+
+
+def unopened(tmp_path: Path, ledger: str | Path, lanes: tuple[str, ...] = ("alpha",),
+             notifier: Recorder | None = None) -> Supervisor:
+    """A supervisor of ``lanes`` (free ports, this user) on ``ledger``, not opened yet."""
+    ports = {n: free_port() for n in lanes}
+    fleet = config.load(write_config(tmp_path, ports))
+    return Supervisor(fleet, ledger, use_systemd=False, notifier=notifier, callback_socket=str(tmp_path / "cb.sock"),
+                      lane_uids={n: os.getuid() for n in ports})
+
+
 def supervisor(tmp_path: Path, ledger: str | Path) -> Supervisor:
-    lanes = {"alpha": free_port(), "beta": free_port()}
-    fleet = config.load(write_config(tmp_path, lanes))
-    sup = Supervisor(fleet, ledger, use_systemd=False, notifier=None, callback_socket=str(tmp_path / "cb.sock"),
-                     lane_uids={n: os.getuid() for n in lanes})
+    sup = unopened(tmp_path, ledger, ("alpha", "beta"))
     sup.open()
     return sup
 
@@ -147,17 +164,8 @@ def test_sqlite_keeps_its_fixed_retry(tmp_path: Path) -> None:
 def test_a_supervisor_started_while_the_server_is_down_waits_for_it(tmp_path: Path, pg: PgServer) -> None:
     """Not exit 6 into systemd's start limit: open() waits (backing off, WATCHDOG=1 and EXTEND_TIMEOUT_USEC sent),
     and returns once the server answers."""
-    url = pg.url(pg.create_db("late"))
-    lanes = {"alpha": free_port()}
-    fleet = config.load(write_config(tmp_path, lanes))
-    sent: list[str] = []
-
-    class Notifier:
-        def send(self, msg: str) -> None:
-            sent.append(msg)
-
-    sup = Supervisor(fleet, url, use_systemd=False, notifier=Notifier(), callback_socket=str(tmp_path / "cb.sock"),
-                     lane_uids={n: os.getuid() for n in lanes})
+    rec = Recorder()
+    sup = unopened(tmp_path, pg.url(pg.create_db("late")), notifier=rec)
     pg.halt("fast")
     opened = threading.Event()
     failed: list[BaseException] = []
@@ -173,7 +181,7 @@ def test_a_supervisor_started_while_the_server_is_down_waits_for_it(tmp_path: Pa
     t.start()
     try:
         assert not opened.wait(1.0) and not failed  # still waiting, not failed
-        assert any("WATCHDOG=1" in m and "EXTEND_TIMEOUT_USEC=" in m and "waiting for the ledger" in m for m in sent)
+        assert any("WATCHDOG=1" in m and "EXTEND_TIMEOUT_USEC=" in m and "waiting for the ledger" in m for m in rec.sent)
     finally:
         pg.resume()
     t.join(30)
@@ -185,10 +193,7 @@ def test_a_supervisor_started_while_the_server_is_down_waits_for_it(tmp_path: Pa
 
 
 def test_a_supervisor_stopped_while_it_waits_for_the_server_exits(tmp_path: Path, pg: PgServer) -> None:
-    url = pg.url(pg.create_db("never"))
-    fleet = config.load(write_config(tmp_path, {"alpha": free_port()}))
-    sup = Supervisor(fleet, url, use_systemd=False, notifier=None, callback_socket=str(tmp_path / "cb.sock"),
-                     lane_uids={"alpha": os.getuid()})
+    sup = unopened(tmp_path, pg.url(pg.create_db("never")))
     pg.halt("fast")
     failed: list[BaseException] = []
     t = threading.Thread(target=lambda: failed.append(pytest.raises(Exception, sup.open).value))
@@ -213,16 +218,8 @@ def test_the_ledger_lock_held_elsewhere_is_an_outage_not_a_watchdog_kill(tmp_pat
     from lanectl.supervisor.loop import PG_LOCK_WAIT_S
 
     url = pg.url(pg.create_db("locked"))
-    sent: list[str] = []
-
-    class Notifier:
-        def send(self, msg: str) -> None:
-            sent.append(msg)
-
-    lanes = {"alpha": free_port()}
-    fleet = config.load(write_config(tmp_path, lanes))
-    sup = Supervisor(fleet, url, use_systemd=False, notifier=Notifier(), callback_socket=str(tmp_path / "cb.sock"),
-                     lane_uids={n: os.getuid() for n in lanes})
+    rec = Recorder()
+    sup = unopened(tmp_path, url, notifier=rec)
     with psycopg.connect(url, autocommit=True) as holder:
         holder.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))  # held by a session: no idle timeout ends it
         opened = threading.Event()
@@ -241,7 +238,7 @@ def test_the_ledger_lock_held_elsewhere_is_an_outage_not_a_watchdog_kill(tmp_pat
         try:
             t.join(3 * PG_LOCK_WAIT_S + 5)  # open and start wait for the lock; neither gives up
             assert not failed, "".join(__import__("traceback").format_exception(failed[0])) if failed else ""
-            assert any("WATCHDOG=1" in m and "waiting for the ledger" in m for m in sent), sent
+            assert any("WATCHDOG=1" in m and "waiting for the ledger" in m for m in rec.sent), rec.sent
         finally:
             holder.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
     t.join(60)
@@ -253,10 +250,10 @@ def test_the_ledger_lock_held_elsewhere_is_an_outage_not_a_watchdog_kill(tmp_pat
         with psycopg.connect(url, autocommit=True) as holder:
             holder.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
             try:
-                sent.clear()
+                rec.sent.clear()
                 assert not sup.turn(T0 + 1)  # the lock wait ran out: one failed turn, an outage, not a hang
                 assert sup.outage is not None and "busy" in sup.health()["ledger_error"]
-                assert any("WATCHDOG=1" in m for m in sent), sent
+                assert any("WATCHDOG=1" in m for m in rec.sent), rec.sent
             finally:
                 holder.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
         assert sup.turn(T0 + 1 + LEDGER_BACKOFF_S[1])

@@ -29,15 +29,6 @@ from tests.unit.test_supervisor_turns import Null, free_port
 OBSERVE = 0.5
 
 
-@pytest.fixture(scope="module")
-def pg_server() -> Iterator[PgServer]:
-    server = PgServer().start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 @pytest.fixture
 def url(pg_server: PgServer) -> Iterator[str]:
     db = pg_server.create_db("sup")
