@@ -72,7 +72,6 @@ def _ledger(override: str | None) -> Path | str | None:
     return found if is_url(found) else Path(found)  # a URL stays a str: Path() would fold its '//'
 
 
-
 def fast(command: str, argv: list[str]) -> bool:
     """Answer ``missions`` or ``mission show ID``; False when the typer application must."""
     from lanectl.errors import LanectlError
