@@ -13,11 +13,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import T0, make_fleet
+from conftest import T0, make_fleet, open_ledger
 
 from lanectl.config import ClassPolicy
 from lanectl.errors import ExitCode, LanectlError
-from lanectl.ledger import Ledger, events, pg, tick
+from lanectl.ledger import events, pg, tick
 from lanectl.ledger import missions as ms
 from lanectl.ledger.events import EventKind
 
@@ -216,7 +216,7 @@ def test_an_application_name_in_the_url_names_the_connections(backend):
     connection of that ledger (a keyword argument of the driver would replace it with lanectl's role)."""
     led = backend.open()
     url = str(led.path) + "&application_name=lanectl-web1"
-    named = Ledger.open(url, role="lanectl-test-role")
+    named = open_ledger(url, role="lanectl-test-role")
     pool = pg.ReadPool(url, role="lanectl-test-role").open()
     try:
         with pool.connection() as conn:
