@@ -98,14 +98,21 @@ def register(ledger: Ledger, name: str, incarnation: str, boot_id: str, pid: int
 
 
 def claim_in(conn: Any, name: str, lanes: list[str] | tuple[str, ...] | set[str], *, now: float) -> list[str]:
-    """Host ``name`` owns ``lanes`` (inside the caller's transaction, after :func:`conflicts` was checked): the
-    lanes whose owner changed, each with a ``lane_host`` event."""
+    """Host ``name`` owns exactly ``lanes`` (inside the caller's transaction, after :func:`conflicts` was checked):
+    it claims those it did not own and releases those it owned that are no longer among them (a lane removed from
+    its ``lanes.d/`` may then be added on another host). The lanes whose owner changed, each with a ``lane_host``
+    event (``host`` absent: released)."""
     owners = lane_ops.owners(conn)
     changed = []
     for lane in sorted(lanes):
         if owners.get(lane) != name:
             lane_ops.set_host(conn, lane, name, now=now)
             append(conn, EventKind.LANE_HOST, now, lane=lane, host=name, previous=owners.get(lane))
+            changed.append(lane)
+    for lane in sorted(set(owners) - set(lanes)):
+        if owners[lane] == name:
+            lane_ops.set_host(conn, lane, None, now=now)
+            append(conn, EventKind.LANE_HOST, now, lane=lane, host=None, previous=name)
             changed.append(lane)
     return changed
 

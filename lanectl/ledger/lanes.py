@@ -340,8 +340,8 @@ def owners(conn: Any) -> dict[str, str]:
     return {r[0]: r[1] for r in conn.execute("SELECT name, host FROM lanes WHERE host IS NOT NULL")}
 
 
-def set_host(conn: Any, lane: str, host: str, *, now: float) -> None:
-    """Record that ``host`` runs ``lane`` (``lanectl.ledger.hosts``, inside its transaction with the ``lane_host``
+def set_host(conn: Any, lane: str, host: str | None, *, now: float) -> None:
+    """Record that ``host`` runs ``lane`` (None: no host does) (``lanectl.ledger.hosts``, inside its transaction with the ``lane_host``
     event); a new row's ``updated_at`` is ``now``, an old one keeps its own (its dispatch state did not change)."""
     conn.execute("INSERT INTO lanes (name, host, updated_at) VALUES (?, ?, ?) "
                  "ON CONFLICT (name) DO UPDATE SET host = excluded.host", (lane, host, now))

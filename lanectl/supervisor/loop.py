@@ -30,6 +30,7 @@ from lanectl.supervisor.callbacks import Callbacks, Refusals
 from lanectl.supervisor.dispatcher import Dispatcher
 from lanectl.supervisor.health import Health
 from lanectl.supervisor.history import History
+from lanectl.supervisor.hostlease import HostLease
 from lanectl.supervisor.metrics import MetricsCache
 from lanectl.supervisor.rollback import Governor
 from lanectl.supervisor.server import Endpoints
@@ -85,6 +86,7 @@ def bound_settings(old: Any, new: Any) -> list[tuple[str, Any, Any]]:
     keys_ = (("[supervisor] host", lambda s: s.supervisor.host), ("[supervisor] port", lambda s: s.supervisor.port),
              ("[supervisor] socket", lambda s: s.supervisor.socket), ("[ledger] path", lambda s: s.ledger.path),
              ("[ledger] synchronous", lambda s: s.ledger.synchronous), ("[ledger] listen", lambda s: s.ledger.listen),
+             ("host", lambda s: s.host),
              ("state_dir", lambda s: s.state_dir))
     return [(name, get(old), get(new)) for name, get in keys_ if get(old) != get(new)]
 
@@ -142,6 +144,8 @@ class Supervisor:
         self.endpoints = Endpoints(self.shared, Path(callback_socket or fleet.settings.supervisor.socket),
                                    self.callbacks, self.refusals, self.users, self.health, self.metrics_text)
         self.metrics = MetricsCache(self.shared, self.refusals, self.endpoints.servers)
+        self.host = HostLease(self.shared)
+        """This host's record in the ledger: incarnation, lease, self-fencing (issue 13)."""
         self.commits: Any = None
         self.listener: Any = None
         """PostgreSQL: the ``lanectl.wakeup.PgListener`` (None: SQLite, or LISTEN turned off)."""
@@ -300,6 +304,7 @@ class Supervisor:
             self.commits = commit_watch(self.ledger_path)
             if self.commits is not None:
                 self.sel.register(self.commits.fd, selectors.EVENT_READ, "commit")
+        self.host.register(self.clock.now())  # lanes another host owns end the start here (exit 3)
         self.dispatcher.cancel_cursor = reads.last_event_id(led)
         lane_keys = keys.read_lane_keys(Path(self.settings.state_dir), sorted(self.fleet.lanes))
         recorded = lane_ops.recorded_invocations(led)
@@ -347,6 +352,7 @@ class Supervisor:
         try:
             fleet = config.load(self.config_source)
             lane_keys = keys.read_lane_keys(Path(fleet.settings.state_dir), sorted(fleet.lanes))
+            self.host.claim(sorted(fleet.lanes), now)  # a lane another host owns: the reload fails, nothing changes
         except (LanectlError, OSError) as exc:
             msg = exc.message if isinstance(exc, LanectlError) else str(exc)
             if isinstance(exc, LanectlError) and exc.problems:
@@ -411,6 +417,8 @@ class Supervisor:
                 "ledger_ok": o is None, "ledger_unreachable_since": None if o is None else round(o.since, 3),
                 "ledger_error": None if o is None else o.error,
                 "generation": self.generation, "reloads": self.reloads, "reload_error": self.reload_error,
+                "host": self.host.name, "incarnation": self.host.incarnation,
+                "fenced": self.host.fenced_since is not None, "fence_reason": self.host.fence_reason,
                 **self.summary}
 
     def refresh_summary(self) -> None:
@@ -442,6 +450,7 @@ class Supervisor:
     def start(self, now: float) -> None:
         """Before the first turn: what every lane holds, the outage forgiven, reconciliation, READY=1."""
         self.watch.started_at = now
+        self.host.started(now)
         self.watch.observe(now)  # what every lane holds, before anything is reaped
         self.watch.last_observe = now
         # the outage is forgiven: every lease runs from the supervisor's return; what a lane holds is kept alive by
@@ -496,6 +505,7 @@ class Supervisor:
         leaves attempts that the lane never got, which its restart reconciles against each lane's ``/healthz``.
         """
         ok = True
+        self.host.check(now)  # the fence holds whether the ledger answers or not
         if self.outage is not None and now < self.outage.next_try:
             self.callbacks.refuse_pending(self.outage.error)  # 503 at once: the lanes keep them and retry
             ok = False
@@ -598,6 +608,7 @@ class Supervisor:
         to retry, WATCHDOG=1, a retention pass, the summary. Everything else wakes the loop itself."""
         s = self.settings
         due = [self.watch.next_observe(), self.last_tick + s.supervisor.tick_sec, self.history.next_rollup,
+               self.host.next_renew(),
                self.last_ping + self.ping_every, self.last_summary + SUMMARY_EVERY_S,
                self.dispatcher.next_cancel_due(), self.endpoints.next_tcp_try()]
         if s.ledger.retention is not None:
@@ -623,6 +634,7 @@ class Supervisor:
     def ledger_turn(self, now: float) -> None:
         """Steps 1-7 of :meth:`turn`: everything that reads or writes the ledger."""
         s = self.shared
+        self.host.maybe_renew(now)  # before anything else of the turn: a fence lifts as soon as the lease is back
         self.watch.reap(now)
         if self.reload_requested:
             self.reload_requested = False
@@ -644,8 +656,12 @@ class Supervisor:
         self.history.maybe_roll_up(now)
 
     def tick(self, now: float) -> None:
-        """One policy pass and its POSTs, cancels forwarded, drains settled, rollback triggers when due."""
-        self.dispatcher.dispatch(now)
+        """One policy pass and its POSTs (none while the host is fenced), cancels forwarded, drains settled,
+        rollback triggers when due."""
+        if self.host.fenced(now):
+            self.dispatcher.last_tick = now  # the pass's cadence goes on; it claims nothing
+        else:
+            self.dispatcher.dispatch(now)
         self.dispatcher.forward_cancels(now)
         self.settle_drains(now)
         self.governor.maybe_govern(now)
@@ -677,6 +693,11 @@ class Supervisor:
                 self.watch.pid_exited(key.data)
 
     def close(self) -> None:
+        if self.shared.ledger is not None and self.outage is None:
+            try:
+                self.host.stop(self.clock.now())
+            except (LedgerError, LanectlError, OSError) as exc:
+                log.warning("host %s: could not record the stop: %s", self.host.name, exc)
         self.endpoints.close()
         self.dispatcher.close()
         self.watch.close()
