@@ -46,6 +46,13 @@ def get(conn: Any, name: str) -> Host | None:
     return None if row is None else Host(*row)
 
 
+def holds(conn: Any, name: str, incarnation: str) -> bool:
+    """Whether ``incarnation`` still holds host ``name``'s record and it is ``up`` (a policy pass checks it inside
+    its transaction: ``lanectl.ledger.tick.run_once``)."""
+    return conn.execute("SELECT 1 FROM hosts WHERE name = ? AND incarnation = ? AND state = 'up'",
+                        (name, incarnation)).fetchone() is not None
+
+
 def all_hosts(conn: Any) -> list[Host]:
     return [Host(*r) for r in conn.execute(f"SELECT {_COLUMNS} FROM hosts ORDER BY name")]
 

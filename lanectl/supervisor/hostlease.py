@@ -123,12 +123,17 @@ class HostLease:
                 log.warning("host %s unfenced after %.1fs: lease renewed", self.name, fenced_for)
                 self.fenced_since = self.fence_reason = None
             return
+        self.lost(now)
+
+    def lost(self, now: float) -> None:
+        """The host's record is not this incarnation's any more (a renewal or a policy pass found it): fenced
+        until the supervisor restarts, with a ``host_fenced`` event."""
         cur = hosts.get(self.shared.db.conn, self.name)
         self.superseded = ("the host's record is gone" if cur is None else
                            f"the host's record names incarnation {cur.incarnation[:8]} ({cur.state}), not this "
                            f"supervisor's {self.incarnation[:8]}" if cur.incarnation != self.incarnation else
                            f"the host's record is {cur.state}")
-        log.error("host %s: cannot renew the lease: %s; this supervisor claims no new work (restart it)", self.name,
+        log.error("host %s: this supervisor lost the host's record: %s; it claims no new work (restart it)", self.name,
                   self.superseded)
         self.fenced_since, self.fence_recorded = None, False
         self.check(now)

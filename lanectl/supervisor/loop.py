@@ -305,6 +305,7 @@ class Supervisor:
             if self.commits is not None:
                 self.sel.register(self.commits.fd, selectors.EVENT_READ, "commit")
         self.host.register(self.clock.now())  # lanes another host owns end the start here (exit 3)
+        self.dispatcher.holder = (self.host.name, self.host.incarnation)
         self.dispatcher.cancel_cursor = reads.last_event_id(led)
         lane_keys = keys.read_lane_keys(Path(self.settings.state_dir), sorted(self.fleet.lanes))
         recorded = lane_ops.recorded_invocations(led)
@@ -662,6 +663,10 @@ class Supervisor:
             self.dispatcher.last_tick = now  # the pass's cadence goes on; it claims nothing
         else:
             self.dispatcher.dispatch(now)
+            if self.dispatcher.lost_hold:  # the record changed hands after this turn's renewal
+                self.dispatcher.lost_hold = False
+                if self.host.superseded is None:
+                    self.host.lost(now)
         self.dispatcher.forward_cancels(now)
         self.settle_drains(now)
         self.governor.maybe_govern(now)

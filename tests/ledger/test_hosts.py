@@ -116,3 +116,16 @@ def test_listing_shows_lease_lanes_and_in_flight(led, fleet) -> None:  # type: i
     assert (row["heartbeat_age_s"], row["lease_left_s"], row["expired"]) == (4.0, LEASE - 4, False)
     [row] = hosts.listing(led, T0 + LEASE + 1)
     assert row["expired"] and row["lease_left_s"] == -1.0
+
+
+def test_a_policy_pass_of_an_incarnation_that_lost_the_record_claims_nothing(led, fleet) -> None:  # type: ignore[no-untyped-def]
+    hosts.register(led, "a", "inc-1", "boot", 1, T0, LEASE, sorted(fleet.lanes))
+    m = ms.submit(led, fleet, cls="interactive", payload={"argv": ["x"]}, now=T0).mission.id
+    hosts.register(led, "a", "inc-2", "boot", 2, T0 + 1, LEASE, sorted(fleet.lanes))  # started again elsewhere
+    res = tick.run_once(led, fleet, now=T0 + 2, holder=("a", "inc-1"))
+    assert not res.held and res.dispatches == [] and ms.get(led, m).state == "queued"
+    assert hosts.forget(led, "a", now=T0 + 2, who="x", force=True)
+    assert not tick.run_once(led, fleet, now=T0 + 3, holder=("a", "inc-2")).held  # forgotten: nobody holds it
+    hosts.register(led, "a", "inc-3", "boot", 3, T0 + 4, LEASE, sorted(fleet.lanes))
+    res = tick.run_once(led, fleet, now=T0 + 5, holder=("a", "inc-3"))
+    assert res.held and [d.mission for d in res.dispatches] == [m]

@@ -167,3 +167,17 @@ def test_a_start_is_refused_lanes_another_host_owns(tmp_path: Path) -> None:
             assert lane_ops.owners(led.conn) == {"beta": "other-host"}
     finally:
         server.stop()
+
+
+def test_a_pass_after_the_record_changed_hands_claims_nothing(sup: Supervisor) -> None:
+    """The record is taken over after this turn's renewal (or between two renewals): the policy pass itself reads
+    the record in its transaction and claims nothing; the supervisor is fenced from then on."""
+    assert sup.ledger is not None
+    hosts.register(sup.ledger, sup.host.name, "e" * 32, "other-boot", 4242, T0 + 0.5, HOST_LEASE, ["alpha", "beta"])
+    m = ms.submit(sup.ledger, sup.fleet, cls="background", payload={}, now=T0 + 0.6).mission.id
+    sup.dirty = True
+    assert sup.turn(T0 + 1)  # no renewal due (every 3.3 s): the pass is what finds it
+    assert kinds_of(sup, m) == ["submitted"]
+    assert sup.host.superseded is not None and "eeeeeeee" in sup.host.superseded
+    assert "eeeeeeee" in host_events(sup, "host_fenced")[0]["reason"]
+    assert sup.host.fenced(T0 + 1.5)
