@@ -55,6 +55,7 @@ class EventKind(StrEnum):
     HOST_FENCED = "host_fenced"  #: a host stopped claiming new work: its lease could not be renewed in time, or another incarnation holds its record (data: host, incarnation, reason)
     HOST_UNFENCED = "host_unfenced"  #: a fenced host renewed its lease and claims work again (data: host, incarnation, fenced_s)
     HOST_FORGOTTEN = "host_forgotten"  #: an operator forgot a host: its lanes may be claimed by another (data: host, incarnation, lanes, actor)
+    HOST_DEAD = "host_dead"  #: a host's lease ran out: another host declared it dead and took back its lanes' work (data: host, incarnation, by, lease_expires, lanes, missions)
     LANE_HOST = "lane_host"  #: a lane's owning host changed (data: host, previous)
 
 

@@ -4,9 +4,11 @@ The ``hosts`` table has one row per host whose supervisor has ever started on th
 only writer. A supervisor :func:`register` s at start with a new random *incarnation*: the row then names that
 incarnation, and the host claims the lanes of its ``lanes.d/`` (``lanes.host``, written through
 ``lanectl.ledger.lanes``). A lane another host owns is refused (``lane_owned_by_other_host``, exit 3) unless that
-host was forgotten (``lanectl host forget``): lane names are unique across the fleet. The running supervisor
-:func:`renew` s its lease; a renew that finds another incarnation in the row (the host started again elsewhere, or
-was forgotten) changes nothing and returns False, and the supervisor fences itself (docs/multihost.md).
+host was declared dead (:func:`reap`) or forgotten (``lanectl host forget``): lane names are unique across the
+fleet. The running supervisor :func:`renew` s its lease; a renew that finds another incarnation in the row (the
+host started again elsewhere, was declared dead or forgotten) changes nothing and returns False, and the supervisor
+fences itself (docs/multihost.md). Any live host :func:`reap` s hosts whose lease has run out: dead, their lanes'
+attempts lost, their missions re-queued or dead.
 
 Every time is the ledger's clock (``Ledger.clock``: on PostgreSQL the database server's), passed in as ``now``.
 """
@@ -18,6 +20,7 @@ from typing import Any
 from lanectl.errors import Conflict, ExitCode, LanectlError, NotFound
 from lanectl.ledger import Ledger
 from lanectl.ledger import lanes as lane_ops
+from lanectl.ledger import missions as ms
 from lanectl.ledger.events import EventKind, append
 from lanectl.states import RELEASED
 
@@ -58,11 +61,11 @@ def all_hosts(conn: Any) -> list[Host]:
 
 
 def conflicts(conn: Any, name: str, lanes: list[str] | tuple[str, ...] | set[str]) -> list[tuple[str, str]]:
-    """``(lane, other host)`` for each of ``lanes`` that another host owns and has not been forgotten."""
+    """``(lane, other host)`` for each of ``lanes`` that another host owns and that is not dead or forgotten."""
     owners = lane_ops.owners(conn)
     states = {h.name: h.state for h in all_hosts(conn)}
     return [(lane, owners[lane]) for lane in sorted(lanes)
-            if owners.get(lane) not in (None, name) and states.get(owners[lane], RELEASED) != RELEASED]
+            if owners.get(lane) not in (None, name) and states.get(owners[lane], RELEASED[0]) not in RELEASED]
 
 
 def owned_elsewhere(name: str, found: list[tuple[str, str]]) -> LanectlError:
@@ -83,7 +86,7 @@ def register(ledger: Ledger, name: str, incarnation: str, boot_id: str, pid: int
     incarnation it replaces) and a ``lane_host`` event per lane whose owner changes. Returns the record it
     replaced (None for a new host).
 
-    A lane owned by another host that was not forgotten refuses the whole start (``lane_owned_by_other_host``,
+    A lane owned by another host that is not dead or forgotten refuses the whole start (``lane_owned_by_other_host``,
     exit 3; nothing written). ``exclusive`` (an SQLite ledger, which one host alone can open) takes such lanes
     over instead: the file cannot be shared, so another name in it is this same machine renamed."""
     with ledger.transaction() as conn:
@@ -182,7 +185,7 @@ def forget(ledger: Ledger, name: str, *, now: float, who: str, force: bool = Fal
             known = ", ".join(h.name for h in all_hosts(conn)) or "none"
             raise NotFound(f"no host {name!r} in the ledger (hosts: {known})", "see 'lanectl hosts'",
                            "host_unknown")
-        if cur.state == RELEASED:
+        if cur.state == "forgotten":
             return False
         if cur.state == "up" and cur.lease_expires > now and not force:
             raise Conflict(f"host {name!r} is up: its lease runs for {cur.lease_expires - now:.1f}s more "
@@ -190,10 +193,36 @@ def forget(ledger: Ledger, name: str, *, now: float, who: str, force: bool = Fal
                            f"stop its supervisor first ('systemctl stop lanectl-supervisor' on {name}), or wait "
                            "until its lease has run out; --force forgets it anyway", "host_alive")
         lanes = sorted(lane for lane, host in lane_ops.owners(conn).items() if host == name)
-        conn.execute("UPDATE hosts SET state = ? WHERE name = ?", (RELEASED, name))
+        conn.execute("UPDATE hosts SET state = 'forgotten' WHERE name = ?", (name,))
         append(conn, EventKind.HOST_FORGOTTEN, now, host=name, incarnation=cur.incarnation, lanes=lanes,
                previous=cur.state, actor=who, forced=force)
         return True
+
+
+def reap(ledger: Ledger, now: float, *, by: str) -> list[dict[str, Any]]:
+    """Declare dead every host (other than ``by``, the caller's) whose record is ``up`` with its lease run out by
+    ``now``, the ledger's clock: one transaction per host sets it ``dead``, loses every attempt in flight on its
+    lanes (each mission re-queued, attempt n+1, or dead when its attempts are used up, with its event) and appends
+    ``host_dead``. Idempotent, and safe for any number of hosts at once: the transaction re-reads the record
+    (writers are serialised) and does nothing for a host that renewed, restarted or was reaped meanwhile. A late
+    outcome of a lost attempt is then refused by the usual fencing (attempt + token). Returns what was reaped."""
+    candidates = [(r[0], r[1]) for r in ledger.conn.execute(
+        "SELECT name, incarnation FROM hosts WHERE state = 'up' AND lease_expires <= ? AND name <> ? ORDER BY name",
+        (now, by))]
+    out = []
+    for name, incarnation in candidates:
+        with ledger.transaction() as conn:
+            cur = conn.execute("UPDATE hosts SET state = 'dead' WHERE name = ? AND incarnation = ? AND state = 'up' "
+                               "AND lease_expires <= ? RETURNING lease_expires", (name, incarnation, now)).fetchone()
+            if cur is None:
+                continue
+            lanes = sorted(lane for lane, host in lane_ops.owners(conn).items() if host == name)
+            reason = f"host {name} lost: its lease ran out (declared dead by {by})"
+            lost = [m for lane in lanes for m in ms.lose_lane_in(conn, lane, reason, now=now)]
+            append(conn, EventKind.HOST_DEAD, now, host=name, incarnation=incarnation, by=by,
+                   lease_expires=cur[0], lanes=lanes, missions=lost)
+            out.append({"host": name, "incarnation": incarnation, "lanes": lanes, "missions": lost})
+    return out
 
 
 def listing(ledger: Ledger, now: float) -> list[dict[str, Any]]:

@@ -330,7 +330,7 @@ CREATE TABLE hosts (
     started_at REAL NOT NULL,
     heartbeat_at REAL NOT NULL,
     lease_expires REAL NOT NULL,
-    state TEXT NOT NULL CHECK (state IN ('up', 'stopped', 'forgotten'))
+    state TEXT NOT NULL CHECK (state IN ('up', 'stopped', 'dead', 'forgotten'))
 ) STRICT, WITHOUT ROWID;
 ALTER TABLE lanes ADD COLUMN host TEXT;
 CREATE INDEX lanes_host ON lanes (host) WHERE host IS NOT NULL;
@@ -345,7 +345,7 @@ CREATE TABLE hosts (
     started_at double precision NOT NULL,
     heartbeat_at double precision NOT NULL,
     lease_expires double precision NOT NULL,
-    state text NOT NULL CHECK (state IN ('up', 'stopped', 'forgotten'))
+    state text NOT NULL CHECK (state IN ('up', 'stopped', 'dead', 'forgotten'))
 );
 ALTER TABLE lanes ADD COLUMN host text;
 CREATE INDEX lanes_host ON lanes (host) WHERE host IS NOT NULL;

@@ -27,6 +27,9 @@ from lanectl.ledger import hosts
 from lanectl.supervisor.shared import Shared
 
 log = logging.getLogger("lanectl.supervisor")
+REAP_EVERY_S = 1.0
+"""PostgreSQL: how often a live, unfenced host looks for hosts whose lease has run out (``hosts.reap``): a lost
+host's work is re-queued within its lease plus this."""
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 
 
@@ -51,6 +54,7 @@ class HostLease:
         """Why the host is fenced, as said when it fenced itself (None: it is not)."""
         self.superseded: str | None = None
         """Why this incarnation lost its record for good (None: it holds it)."""
+        self.last_reap = float("-inf")
         self.name = shared.settings.host
         """The host's name, taken once at start (a reload cannot change it: ``bound_settings``)."""
 
@@ -107,6 +111,26 @@ class HostLease:
     def next_renew(self) -> float:
         return self.last_renew + self.shared.settings.hosts.renew_every_s()
 
+    def next_due(self) -> float:
+        """The next renewal, or (PostgreSQL, unfenced) the next look for lost hosts, on the loop's clock."""
+        due = self.next_renew()
+        if not self.exclusive() and self.superseded is None:
+            due = min(due, self.last_reap + REAP_EVERY_S)
+        return due
+
+    def maybe_reap(self, now: float) -> None:
+        """PostgreSQL, while this host holds its lease: every REAP_EVERY_S, declare dead the hosts whose lease ran
+        out and re-queue their lanes' work (the policy pass that follows in this turn can take it). SQLite has one
+        host: nothing to reap."""
+        if self.exclusive() or self.fenced(now) or now - self.last_reap < REAP_EVERY_S:
+            return
+        self.last_reap = now
+        for dead in hosts.reap(self.shared.db, now, by=self.name):
+            log.warning("host %s declared dead (its lease ran out, incarnation %s): %d missions of its lanes %s "
+                        "re-queued or dead", dead["host"], dead["incarnation"][:8], len(dead["missions"]),
+                        ", ".join(dead["lanes"]) or "(none)")
+            self.shared.dirty = True
+
     def maybe_renew(self, now: float) -> None:
         """In a turn that reaches the ledger, before the policy pass: renew when due (or while fenced); a fence
         not yet recorded gets its ``host_fenced`` event first."""
@@ -124,6 +148,11 @@ class HostLease:
                 self.fenced_since = self.fence_reason = None
             return
         self.lost(now)
+
+    def turn(self, now: float) -> None:
+        """A turn that reaches the ledger, before anything else of it: renew when due, then look for lost hosts."""
+        self.maybe_renew(now)
+        self.maybe_reap(now)
 
     def lost(self, now: float) -> None:
         """The host's record is not this incarnation's any more (a renewal or a policy pass found it): fenced

@@ -609,7 +609,7 @@ class Supervisor:
         to retry, WATCHDOG=1, a retention pass, the summary. Everything else wakes the loop itself."""
         s = self.settings
         due = [self.watch.next_observe(), self.last_tick + s.supervisor.tick_sec, self.history.next_rollup,
-               self.host.next_renew(),
+               self.host.next_due(),
                self.last_ping + self.ping_every, self.last_summary + SUMMARY_EVERY_S,
                self.dispatcher.next_cancel_due(), self.endpoints.next_tcp_try()]
         if s.ledger.retention is not None:
@@ -635,7 +635,7 @@ class Supervisor:
     def ledger_turn(self, now: float) -> None:
         """Steps 1-7 of :meth:`turn`: everything that reads or writes the ledger."""
         s = self.shared
-        self.host.maybe_renew(now)  # before anything else of the turn: a fence lifts as soon as the lease is back
+        self.host.turn(now)  # before anything else: a fence lifts as soon as the lease is back; lost hosts reaped
         self.watch.reap(now)
         if self.reload_requested:
             self.reload_requested = False

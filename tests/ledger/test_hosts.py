@@ -129,3 +129,41 @@ def test_a_policy_pass_of_an_incarnation_that_lost_the_record_claims_nothing(led
     hosts.register(led, "a", "inc-3", "boot", 3, T0 + 4, LEASE, sorted(fleet.lanes))
     res = tick.run_once(led, fleet, now=T0 + 5, holder=("a", "inc-3"))
     assert res.held and [d.mission for d in res.dispatches] == [m]
+
+
+def test_reap_declares_an_expired_host_dead_and_requeues_its_lanes_work(led, fleet) -> None:  # type: ignore[no-untyped-def]
+    hosts.register(led, "a", "inc-a", "boot", 1, T0, LEASE, ["alpha", "beta"])
+    hosts.register(led, "b", "inc-b", "boot", 2, T0, LEASE, ["gamma"])
+    ids = [ms.submit(led, fleet, cls="interactive", payload={"argv": ["x"]}, now=T0).mission.id for _ in range(2)]
+    res = tick.run_once(led, fleet, now=T0 + 1, holder=("a", "inc-a"))
+    assert sorted(d.mission for d in res.dispatches) == ids
+    assert hosts.renew(led, "b", "inc-b", T0 + 8, LEASE)
+    assert hosts.reap(led, T0 + LEASE - 0.001, by="b") == []  # a's lease still runs
+    [dead] = hosts.reap(led, T0 + LEASE, by="b")
+    assert dead == {"host": "a", "incarnation": "inc-a", "lanes": ["alpha", "beta"], "missions": ids}
+    assert hosts.get(led.conn, "a").state == "dead"  # type: ignore[union-attr]
+    for m in ids:  # attempt 1 lost, the mission queued for attempt 2, with its event
+        assert ms.get(led, m).state == "queued"
+        assert led.conn.execute("SELECT state FROM attempts WHERE mission = ? AND n = 1", (m,)).fetchone()[0] == "lost"
+        assert "host a lost" in led.conn.execute("SELECT data FROM events WHERE mission = ? AND kind = 'requeued'",
+                                                 (m,)).fetchone()[0]
+    [ev] = events(led, "host_dead")
+    assert (ev["host"], ev["by"], ev["lanes"], ev["missions"], ev["lease_expires"]) == (
+        "a", "b", ["alpha", "beta"], ids, T0 + LEASE)
+    assert hosts.reap(led, T0 + LEASE + 5, by="b") == []  # idempotent
+    assert not hosts.renew(led, "a", "inc-a", T0 + LEASE + 6, LEASE)  # a comes back: fenced
+    assert not tick.run_once(led, fleet, now=T0 + LEASE + 6, holder=("a", "inc-a")).held
+    hosts.register(led, "b", "inc-b2", "boot", 3, T0 + 20, LEASE, ["alpha", "gamma"])  # a dead host's lanes are free
+    assert lane_ops.owners(led.conn) == {"alpha": "b", "beta": "a", "gamma": "b"}
+    # the caller never reaps itself; a stopped or forgotten host is not reaped
+    assert hosts.reap(led, T0 + 1000, by="b") == []
+
+
+def test_a_host_that_renewed_in_time_is_not_reaped(led) -> None:  # type: ignore[no-untyped-def]
+    hosts.register(led, "a", "inc-a", "boot", 1, T0, LEASE, ["alpha"])
+    hosts.register(led, "b", "inc-b", "boot", 2, T0, LEASE, ["beta"])
+    assert hosts.renew(led, "a", "inc-a", T0 + 9, LEASE)
+    assert [d["host"] for d in hosts.reap(led, T0 + LEASE + 1, by="a")] == ["b"]
+    assert hosts.get(led.conn, "a").state == "up"  # type: ignore[union-attr]
+    assert hosts.stop(led, "a", "inc-a", T0 + 12)
+    assert hosts.reap(led, T0 + 100, by="c") == []  # stopped: its lease is not a promise any more

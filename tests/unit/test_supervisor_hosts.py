@@ -142,11 +142,58 @@ def test_another_incarnation_fences_this_one_for_good(sup: Supervisor) -> None:
     assert record(sup).state == "up" and host_events(sup, "host_stopped") == []
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or find_bindir() is None,
-                    reason="needs root and Debian's postgresql package (scripts/setup installs it)")
-def test_a_start_is_refused_lanes_another_host_owns(tmp_path: Path) -> None:
+needs_pg = pytest.mark.skipif(os.geteuid() != 0 or find_bindir() is None,
+                              reason="needs root and Debian's postgresql package (scripts/setup installs it)")
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[PgServer]:
     server = PgServer().start()
     try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_sqlite_reaps_no_host(sup: Supervisor) -> None:
+    """An SQLite ledger has one host: another name in it is this machine renamed, never a host to declare dead."""
+    assert sup.ledger is not None
+    hosts.register(sup.ledger, "old-name", "c" * 32, "boot", 1, T0, HOST_LEASE, [], exclusive=True)
+    assert sup.turn(T0 + 100) and sup.turn(T0 + 200)
+    assert hosts.get(sup.ledger.conn, "old-name").state == "up"  # type: ignore[union-attr]
+
+
+@needs_pg
+def test_a_live_host_reaps_a_host_whose_lease_ran_out(tmp_path: Path, pg: PgServer) -> None:
+    from lanectl.dispatch import Assignment
+
+    fleet = config.load(write_config(tmp_path, {"alpha": free_port(), "beta": free_port()}))
+    sup = Supervisor(fleet, pg.url(pg.create_db("reap")), use_systemd=False, callback_socket=str(tmp_path / "cb.sock"),
+                     lane_uids={"alpha": os.getuid(), "beta": os.getuid()})
+    sup.open()
+    try:
+        sup.start(T0)
+        assert sup.ledger is not None
+        hosts.register(sup.ledger, "web-9", "9" * 32, "boot", 1, T0, HOST_LEASE, ["zeta"])
+        m = ms.submit(sup.ledger, sup.fleet, cls="background", payload={}, now=T0).mission.id
+        [d] = ms.assign(sup.ledger, [Assignment(m, "zeta", "background")], now=T0, lease_sec=60)
+        assert sup.turn(T0 + HOST_LEASE - 0.5)  # web-9's lease still runs
+        assert hosts.get(sup.ledger.conn, "web-9").state == "up"  # type: ignore[union-attr]
+        assert sup.turn(T0 + HOST_LEASE + 0.6)  # the first look after it ran out (every REAP_EVERY_S)
+        assert hosts.get(sup.ledger.conn, "web-9").state == "dead"  # type: ignore[union-attr]
+        assert ms.get(sup.ledger, m).state == "queued" and kinds_of(sup, m)[:3] == ["submitted", "dispatched",
+                                                                                    "requeued"]
+        [ev] = host_events(sup, "host_dead")
+        assert (ev["host"], ev["by"], ev["missions"], ev["lanes"]) == ("web-9", sup.host.name, [m], ["zeta"])
+        assert record(sup).state == "up" and sup.host.superseded is None
+    finally:
+        sup.close()
+
+
+@needs_pg
+def test_a_start_is_refused_lanes_another_host_owns(tmp_path: Path, pg: PgServer) -> None:
+    server = pg
+    if True:
         url = server.url(server.create_db("hosts"))
         from lanectl.ledger import Ledger
 
@@ -165,8 +212,6 @@ def test_a_start_is_refused_lanes_another_host_owns(tmp_path: Path) -> None:
         with Ledger.open(url) as led:
             assert hosts.get(led.conn, config.default_host()) is None
             assert lane_ops.owners(led.conn) == {"beta": "other-host"}
-    finally:
-        server.stop()
 
 
 def test_a_pass_after_the_record_changed_hands_claims_nothing(sup: Supervisor) -> None:
