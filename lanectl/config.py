@@ -35,6 +35,8 @@ TAG_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,31}$")
 DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
 BYTES_RE = re.compile(r"^(\d+)([KMGT]?)$")
 BYTES_UNIT = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+HOST_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+"""A host's name (``host = ...``): one DNS label, lower case."""
 
 
 def duration_s(text: str) -> float:
@@ -460,6 +462,27 @@ class LeaseSettings(Model):
     retry_backoff_sec: Annotated[float, Field(ge=0)] = 1.0
 
 
+class HostSettings(Model):
+    """``[hosts]``: the leases of hosts sharing one ledger (docs/multihost.md)."""
+
+    lease_sec: Annotated[float, Field(ge=3, le=300)] = 10.0
+    """A host's lease in the ledger: its supervisor renews it every third of this; it stops claiming new work
+    (fences itself) ``fence_margin_s`` before the lease would run out unrenewed."""
+
+    def fence_margin_s(self) -> float:
+        """How long before its lease runs out a host that could not renew it stops claiming work: a tenth of the
+        lease, at least 1 s (the margin for a turn in progress and for clock rate differences)."""
+        return max(1.0, self.lease_sec / 10)
+
+    def renew_every_s(self) -> float:
+        return self.lease_sec / 3
+
+
+def default_host() -> str:
+    """This machine's host name, short form (up to the first dot), lower case."""
+    return socket.gethostname().split(".", 1)[0].lower()
+
+
 class LedgerSettings(Model):
     """``[ledger]``: where the ledger lives and how hard each commit is pushed to disk (docs/ledger.md)."""
 
@@ -518,6 +541,10 @@ class Settings(Model):
     """Global settings: ``lanectl.toml``."""
 
     ledger: LedgerSettings = LedgerSettings()
+    host: str = Field(default_factory=default_host, validate_default=True)
+    """This host's name among the hosts sharing the ledger (docs/multihost.md); default: the machine's host name,
+    short form."""
+    hosts: HostSettings = HostSettings()
     state_dir: str = str(paths.DEFAULT_STATE_DIR)
     """The control plane's own state: ledger (by default), box secret, lane keys. Lanes cannot see it."""
     python: str | None = None
@@ -536,6 +563,15 @@ class Settings(Model):
     @classmethod
     def _ledger_path(cls, v: Any) -> Any:
         return {"path": v} if isinstance(v, str) else v  # the short form: ledger = "PATH"
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str) -> str:
+        if not HOST_RE.match(v):
+            raise ValueError(f"{v!r} is not a host name: one DNS label, 1-63 of a-z 0-9 and '-' (not first or "
+                             "last); set host = \"NAME\" in lanectl.toml (the default is the machine's host name, "
+                             "short form)")
+        return v
 
     @field_validator("workspace_root", "python", "state_dir")
     @classmethod

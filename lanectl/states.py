@@ -34,3 +34,11 @@ AVAILABLE: Final = "active"
 """The one lane state in which a lane takes new work as a primary."""
 HELD: Final = ("draining", "drained")
 """Lane states an operator (or lanectl itself) put a lane in to keep new work away from it."""
+
+HOST_STATES: Final = ("up", "stopped", "dead", "forgotten")
+"""The states of a host's record (``hosts.state``, issue 13): ``up`` while its supervisor runs (renewing its lease),
+``stopped`` when that supervisor closed cleanly (its lanes stay its own: it comes back), ``dead`` when another host
+found its lease run out and took its work back (``lanectl.ledger.hosts.reap``), ``forgotten`` after ``lanectl host
+forget``."""
+RELEASED: Final = ("dead", "forgotten")
+"""The host states in which a host's lanes may be claimed by another host."""

@@ -47,6 +47,7 @@ CYCLES_ALLOWED: list[set[str]] = [
 TABLE_WRITERS = {
     # table -> the modules that may write it (the schema's migrations may always)
     "lanes": {"lanectl/ledger/lanes.py"},
+    "hosts": {"lanectl/ledger/hosts.py"},
 }
 _WRITE = r"(?:INSERT\s+(?:OR\s+\w+\s+)?INTO|REPLACE\s+INTO|UPDATE(?:\s+OR\s+\w+)?|DELETE\s+FROM)\s+"
 
@@ -271,7 +272,8 @@ def vocabulary() -> dict[str, frozenset[str]]:
     from lanectl import states
 
     return {name: frozenset(getattr(states, name)) for name in
-            ("CLASSES", "MISSION_STATES", "ACTIVE", "UNFINISHED", "FINISHED", "ENDS", "LANE_STATES")}
+            ("CLASSES", "MISSION_STATES", "ACTIVE", "UNFINISHED", "FINISHED", "ENDS", "LANE_STATES",
+             "HOST_STATES")}
 
 
 def second_definitions(root: Path, facts: dict[str, frozenset[str]], files: list[Path] | None = None,
@@ -369,8 +371,10 @@ def test_the_schema_checks_the_same_values() -> None:
     states_checked = schema_values("state")
     assert frozenset(states.MISSION_STATES) in states_checked and frozenset(states.LANE_STATES) in states_checked
     attempts = {s for s in states_checked if "lost" in s}  # attempts.state: an attempt's outcome, SQL-only
+    assert frozenset(states.HOST_STATES) in states_checked
     assert states_checked - attempts <= {frozenset(states.MISSION_STATES), frozenset(states.LANE_STATES),
-                                         frozenset(states.UNFINISHED), frozenset(states.ACTIVE)}, states_checked
+                                         frozenset(states.UNFINISHED), frozenset(states.ACTIVE),
+                                         frozenset(states.HOST_STATES)}, states_checked
 
 
 def test_the_library_never_imports_the_cli() -> None:

@@ -7,7 +7,7 @@ import typing
 import typer
 
 from lanectl import __version__, paths
-from lanectl.cli import control, evidence, fleet, governance, lanes, ledgercmd, missions, units
+from lanectl.cli import control, evidence, fleet, governance, hosts, lanes, ledgercmd, missions, units
 
 app = typer.Typer(
     name="lanectl",
@@ -46,6 +46,7 @@ control.register(app)
 governance.register(app)
 evidence.register(app)
 ledgercmd.register(app)
+hosts.register(app)
 
 
 def _reflow(doc: str) -> str:

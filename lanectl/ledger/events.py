@@ -50,6 +50,13 @@ class EventKind(StrEnum):
     ALERT = "alert"  #: a trigger not acted on: fleet-wide, last healthy lane, or one rollback per pass
     DRILL = "drill"  #: a recovery drill ran (data: type, detect_s, recover_s, orphaned, passed)
     PRUNE = "prune"  #: finished history older than a cutoff was archived and deleted (data: cutoff, counts, archive)
+    HOST_STARTED = "host_started"  #: a host's supervisor started a new incarnation (data: host, incarnation, previous, boot_id, pid)
+    HOST_STOPPED = "host_stopped"  #: a host's supervisor stopped cleanly (data: host, incarnation)
+    HOST_FENCED = "host_fenced"  #: a host stopped claiming new work: its lease could not be renewed in time, or another incarnation holds its record (data: host, incarnation, reason)
+    HOST_UNFENCED = "host_unfenced"  #: a fenced host renewed its lease and claims work again (data: host, incarnation, fenced_s)
+    HOST_FORGOTTEN = "host_forgotten"  #: an operator forgot a host: its lanes may be claimed by another (data: host, incarnation, lanes, actor)
+    HOST_DEAD = "host_dead"  #: a host's lease ran out: another host declared it dead and took back its lanes' work (data: host, incarnation, by, lease_expires, lanes, missions)
+    LANE_HOST = "lane_host"  #: a lane's owning host changed (data: host, previous)
 
 
 #: Mission state after each mission event kind (None: the kind does not change the mission's state).

@@ -333,3 +333,15 @@ def release(ledger: Ledger, fleet: LaneSet, lane: str, to: str | None, *, now: f
                f"--to OTHER --sessions'), or cancel it")
         raise Conflict(f"lane {lane!r} still has work bound to it: {left.describe()}", fix, "lane_in_use")
     return before, moved
+
+
+def owners(conn: Any) -> dict[str, str]:
+    """Each lane's owning host as recorded (issue 13; lanes no host has claimed yet are left out)."""
+    return {r[0]: r[1] for r in conn.execute("SELECT name, host FROM lanes WHERE host IS NOT NULL")}
+
+
+def set_host(conn: Any, lane: str, host: str | None, *, now: float) -> None:
+    """Record that ``host`` runs ``lane`` (None: no host does) (``lanectl.ledger.hosts``, inside its transaction with the ``lane_host``
+    event); a new row's ``updated_at`` is ``now``, an old one keeps its own (its dispatch state did not change)."""
+    conn.execute("INSERT INTO lanes (name, host, updated_at) VALUES (?, ?, ?) "
+                 "ON CONFLICT (name) DO UPDATE SET host = excluded.host", (lane, host, now))

@@ -1011,6 +1011,16 @@ def expire_leases(ledger: Ledger, *, now: float) -> list[int]:
         return expire_leases_in(conn, now=now)
 
 
+def lose_lane_in(conn: Any, lane: str, reason: str, *, now: float) -> list[int]:
+    """Every attempt in flight on ``lane`` is lost, charged as an expired lease is (its host was declared dead:
+    ``lanectl.ledger.hosts.reap``): each mission re-queued (attempt n+1 next) or dead; their ids."""
+    rows = conn.execute("SELECT id, attempts FROM missions WHERE state IN ('dispatched', 'running') "
+                        "AND current_lane = ? ORDER BY id", (lane,)).fetchall()
+    for mission_id, attempt in rows:
+        _lose(conn, mission_id, attempt, lane, reason, now)
+    return [r[0] for r in rows]
+
+
 def expire_leases_in(conn: Any, *, now: float) -> list[int]:
     # CROSS JOIN keeps attempts (its lease index) the outer loop: with statistics for missions and none yet for
     # attempts (ANALYZE on a young ledger), the planner would otherwise scan every mission on every pass

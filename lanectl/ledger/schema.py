@@ -319,6 +319,39 @@ ALTER TABLE missions ADD COLUMN suspect INTEGER NOT NULL DEFAULT 0 CHECK (suspec
 """
 
 
+# Hosts (issue 13): one row per host whose supervisor shares this ledger, and which host runs each lane
+# (lanectl/ledger/hosts.py owns the table; lanes.host is written by lanectl/ledger/lanes.py).
+_V8: Final = """
+CREATE TABLE hosts (
+    name TEXT PRIMARY KEY CHECK (length(name) BETWEEN 1 AND 63),
+    incarnation TEXT NOT NULL CHECK (length(incarnation) BETWEEN 1 AND 64),
+    boot_id TEXT NOT NULL,
+    pid INTEGER NOT NULL CHECK (pid > 0),
+    started_at REAL NOT NULL,
+    heartbeat_at REAL NOT NULL,
+    lease_expires REAL NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('up', 'stopped', 'dead', 'forgotten'))
+) STRICT, WITHOUT ROWID;
+ALTER TABLE lanes ADD COLUMN host TEXT;
+CREATE INDEX lanes_host ON lanes (host) WHERE host IS NOT NULL;
+"""
+
+_V8_PG: Final = """
+CREATE TABLE hosts (
+    name text PRIMARY KEY CHECK (length(name) BETWEEN 1 AND 63),
+    incarnation text NOT NULL CHECK (length(incarnation) BETWEEN 1 AND 64),
+    boot_id text NOT NULL,
+    pid integer NOT NULL CHECK (pid > 0),
+    started_at double precision NOT NULL,
+    heartbeat_at double precision NOT NULL,
+    lease_expires double precision NOT NULL,
+    state text NOT NULL CHECK (state IN ('up', 'stopped', 'dead', 'forgotten'))
+);
+ALTER TABLE lanes ADD COLUMN host text;
+CREATE INDEX lanes_host ON lanes (host) WHERE host IS NOT NULL;
+"""
+
+
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration("0001_missions_attempts_events_sessions_lanes", _V1),
     Migration("0002_lane_weight_override", _V2),
@@ -327,6 +360,7 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration("0005_retention", _V5),
     Migration("0006_metric_rollups", _V_ROLLUPS),
     Migration("0007_lane_death_suspects", _V6),
+    Migration("0008_hosts", _V8, pg=_V8_PG),
 )
 LATEST: Final = len(MIGRATIONS)
 

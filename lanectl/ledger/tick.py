@@ -46,6 +46,8 @@ class TickResult:
     expired_deadlines: list[int]
     expired_leases: list[int]
     waiting: dict[int, str]
+    held: bool = True
+    """False: the pass ran for a host incarnation that no longer holds its host's record; it did nothing."""
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -234,11 +236,19 @@ def _target(q: QueuedMission) -> str:
 
 
 def run_once(ledger: Ledger, fleet: LaneSet, *, now: float, sweep: int = WAIT_SWEEP,
-             full: frozenset[str] = frozenset()) -> TickResult:
+             full: frozenset[str] = frozenset(), holder: tuple[str, str] | None = None) -> TickResult:
     """One atomic policy pass: reap leases, expire deadlines, plan, record assignments and waits (the waits of
     whole groups that cannot be placed are written onto their missions ``sweep`` missions a pass); lanes in
-    ``full`` get nothing this pass."""
+    ``full`` get nothing this pass.
+
+    ``holder`` (host, incarnation), the supervisor's: the pass does nothing (``held`` False) unless that
+    incarnation still holds the host's record and it is ``up``, read inside the pass's own transaction, so a host
+    whose record was taken over (or forgotten) meanwhile claims nothing, however late its turn runs."""
+    from lanectl.ledger import hosts
+
     with ledger.transaction() as conn:
+        if holder is not None and not hosts.holds(conn, *holder):
+            return TickResult([], [], [], {}, held=False)
         leases = ms.expire_leases_in(conn, now=now)
         deadlines = ms.expire_deadlines_in(conn, now=now)
         view = read_queue(conn, fleet, now, full)

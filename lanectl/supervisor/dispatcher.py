@@ -39,6 +39,10 @@ class Dispatcher:
         self.results: queue.Queue[tuple[ms.Dispatch, int | None, str]] = queue.Queue()
         self.unapplied: collections.deque[tuple[ms.Dispatch, int | None, str]] = collections.deque()
         self.last_tick = 0.0
+        self.holder: tuple[str, str] | None = None
+        """(host, incarnation): a policy pass claims nothing unless the ledger's host record is still theirs."""
+        self.lost_hold = False
+        """A pass found the host's record held by another incarnation (or forgotten, stopped)."""
         self.cancel_cursor = 0
         """The last event the cancels were looked for up to (set when the ledger opens)."""
         self.cancels: dict[tuple[int, str], list[float]] = {}
@@ -49,8 +53,10 @@ class Dispatcher:
     def dispatch(self, now: float) -> int:
         """One policy pass (``ledger.tick.run_once``) and the POSTs of what it assigned (after its commit)."""
         s = self.shared
-        res = ticks.run_once(s.db, s.fleet, now=now, full=frozenset(s.full))
+        res = ticks.run_once(s.db, s.fleet, now=now, full=frozenset(s.full), holder=self.holder)
         self.last_tick = now
+        if not res.held:
+            self.lost_hold = True
         for d in res.dispatches:
             s.counters["dispatched"] += 1
             self.send(d)

@@ -32,6 +32,7 @@ from lanectl.supervisor.callbacks import Callbacks, Refusals
 from lanectl.supervisor.dispatcher import Dispatcher
 from lanectl.supervisor.health import Health
 from lanectl.supervisor.history import History
+from lanectl.supervisor.hostlease import HostLease
 from lanectl.supervisor.metrics import MetricsCache
 from lanectl.supervisor.rollback import Governor
 from lanectl.supervisor.server import Endpoints
@@ -100,6 +101,7 @@ def bound_settings(old: Any, new: Any) -> list[tuple[str, Any, Any]]:
     keys_ = (("[supervisor] host", lambda s: s.supervisor.host), ("[supervisor] port", lambda s: s.supervisor.port),
              ("[supervisor] socket", lambda s: s.supervisor.socket), ("[ledger] path", lambda s: s.ledger.path),
              ("[ledger] synchronous", lambda s: s.ledger.synchronous), ("[ledger] listen", lambda s: s.ledger.listen),
+             ("host", lambda s: s.host),
              ("state_dir", lambda s: s.state_dir))
     return [(name, get(old), get(new)) for name, get in keys_ if get(old) != get(new)]
 
@@ -157,6 +159,8 @@ class Supervisor:
         self.endpoints = Endpoints(self.shared, Path(callback_socket or fleet.settings.supervisor.socket),
                                    self.callbacks, self.refusals, self.users, self.health, self.metrics_text)
         self.metrics = MetricsCache(self.shared, self.refusals, self.endpoints.servers)
+        self.host = HostLease(self.shared)
+        """This host's record in the ledger: incarnation, lease, self-fencing (issue 13)."""
         self.commits: Any = None
         self.listener: Any = None
         """PostgreSQL: the ``lanectl.wakeup.PgListener`` (None: SQLite, or LISTEN turned off)."""
@@ -327,6 +331,8 @@ class Supervisor:
             self.commits = commit_watch(self.ledger_path)
             if self.commits is not None:
                 self.sel.register(self.commits.fd, selectors.EVENT_READ, "commit")
+        self.host.register(self.clock.now())  # lanes another host owns end the start here (exit 3)
+        self.dispatcher.holder = (self.host.name, self.host.incarnation)
         self.dispatcher.cancel_cursor = reads.last_event_id(led)
         lane_keys = keys.read_lane_keys(Path(self.settings.state_dir), sorted(self.fleet.lanes))
         recorded = lane_ops.recorded_invocations(led)
@@ -374,6 +380,7 @@ class Supervisor:
         try:
             fleet = config.load(self.config_source)
             lane_keys = keys.read_lane_keys(Path(fleet.settings.state_dir), sorted(fleet.lanes))
+            self.host.claim(sorted(fleet.lanes), now)  # a lane another host owns: the reload fails, nothing changes
         except (LanectlError, OSError) as exc:
             msg = exc.message if isinstance(exc, LanectlError) else str(exc)
             if isinstance(exc, LanectlError) and exc.problems:
@@ -438,6 +445,8 @@ class Supervisor:
                 "ledger_ok": o is None, "ledger_unreachable_since": None if o is None else round(o.since, 3),
                 "ledger_error": None if o is None else o.error,
                 "generation": self.generation, "reloads": self.reloads, "reload_error": self.reload_error,
+                "host": self.host.name, "incarnation": self.host.incarnation,
+                "fenced": self.host.fenced_since is not None, "fence_reason": self.host.fence_reason,
                 **self.summary}
 
     def refresh_summary(self) -> None:
@@ -469,6 +478,7 @@ class Supervisor:
     def start(self, now: float) -> None:
         """Before the first turn: what every lane holds, the outage forgiven, reconciliation, READY=1."""
         self.watch.started_at = now
+        self.host.started(now)
 
         def take_over() -> int:
             self.watch.observe(now)  # what every lane holds, before anything is reaped
@@ -529,6 +539,7 @@ class Supervisor:
         leaves attempts that the lane never got, which its restart reconciles against each lane's ``/healthz``.
         """
         ok = True
+        self.host.check(now)  # the fence holds whether the ledger answers or not
         if self.outage is not None and now < self.outage.next_try:
             self.callbacks.refuse_pending(self.outage.error)  # 503 at once: the lanes keep them and retry
             ok = False
@@ -631,6 +642,7 @@ class Supervisor:
         to retry, WATCHDOG=1, a retention pass, the summary. Everything else wakes the loop itself."""
         s = self.settings
         due = [self.watch.next_observe(), self.last_tick + s.supervisor.tick_sec, self.history.next_rollup,
+               self.host.next_due(),
                self.last_ping + self.ping_every, self.last_summary + SUMMARY_EVERY_S,
                self.dispatcher.next_cancel_due(), self.endpoints.next_tcp_try()]
         if s.ledger.retention is not None:
@@ -656,6 +668,7 @@ class Supervisor:
     def ledger_turn(self, now: float) -> None:
         """Steps 1-7 of :meth:`turn`: everything that reads or writes the ledger."""
         s = self.shared
+        self.host.turn(now)  # before anything else: a fence lifts as soon as the lease is back; lost hosts reaped
         self.watch.reap(now)
         if self.reload_requested:
             self.reload_requested = False
@@ -677,8 +690,16 @@ class Supervisor:
         self.history.maybe_roll_up(now)
 
     def tick(self, now: float) -> None:
-        """One policy pass and its POSTs, cancels forwarded, drains settled, rollback triggers when due."""
-        self.dispatcher.dispatch(now)
+        """One policy pass and its POSTs (none while the host is fenced), cancels forwarded, drains settled,
+        rollback triggers when due."""
+        if self.host.fenced(now):
+            self.dispatcher.last_tick = now  # the pass's cadence goes on; it claims nothing
+        else:
+            self.dispatcher.dispatch(now)
+            if self.dispatcher.lost_hold:  # the record changed hands after this turn's renewal
+                self.dispatcher.lost_hold = False
+                if self.host.superseded is None:
+                    self.host.lost(now)
         self.dispatcher.forward_cancels(now)
         self.settle_drains(now)
         self.governor.maybe_govern(now)
@@ -710,6 +731,11 @@ class Supervisor:
                 self.watch.pid_exited(key.data)
 
     def close(self) -> None:
+        if self.shared.ledger is not None and self.outage is None:
+            try:
+                self.host.stop(self.clock.now())
+            except (LedgerError, LanectlError, OSError) as exc:
+                log.warning("host %s: could not record the stop: %s", self.host.name, exc)
         self.endpoints.close()
         self.dispatcher.close()
         self.watch.close()

@@ -157,6 +157,8 @@ SCRIPT: list[tuple[str, ...]] = [
     ("lane", "remove", "gamma", "--reroute-to", "alpha"),
     ("events", "--limit", "1000"),
     ("missions", "--limit", "100"),
+    ("hosts",),
+    ("host", "forget", "nobody"),
 ]
 """The script: each step's {root}/{batch} is the world's own directory / batch file."""
 
@@ -168,6 +170,7 @@ EXPECTED_CODES: list[int] = [
     0, 0, 7, 0, 0, 0, 0, 0, 8, 0,  # drain (--wait: in flight, 7), reroute, undrain, promote (no evidence: 8), dispatch
     0, 0, 6, 3, 6, 0, 6,  # lane show/list, status/probe/top/drill without systemd (probe: UNKNOWN), snapshot
     0, 0, 5, 0, 5, 0, 0,  # prune, lane remove (work in flight: 5), events, missions
+    0, 4,  # hosts (none registered: no supervisor ran), host forget of a host never recorded
 ]
 """Each step's exit code (the same on both engines): that the script does what it says, not only alike."""
 NO_LEDGER_OPTION = {("status",), ("lane", "list"), ("lane", "show", "alpha")}
@@ -222,7 +225,7 @@ def test_the_script_covers_the_commands_that_use_the_ledger() -> None:
 
     from tests.test_docs import command_paths
 
-    covered = {step[:2] if step[0] in ("mission", "ledger", "lane") else step[:1] for step in SCRIPT}
+    covered = {step[:2] if step[0] in ("mission", "ledger", "lane", "host") else step[:1] for step in SCRIPT}
     click_app = typer.main.get_command(app)
     takes_ledger = set()
     for path in command_paths(app):

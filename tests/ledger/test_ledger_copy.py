@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from lanectl.errors import ExitCode, LanectlError
 from lanectl.states import MISSION_STATES
-from lanectl.ledger import Ledger, lanes as lane_ops, missions as ms, retention, rollups, schema, tick, transfer
+from lanectl.ledger import Ledger, hosts, lanes as lane_ops, missions as ms, retention, rollups, schema, tick, transfer
 from tests.ledger.conftest import T0, make_fleet, open_ledger
 
 
@@ -26,10 +26,11 @@ def _dispatch(led: Ledger, fleet: Any, now: float) -> list[ms.Dispatch]:
 
 
 def build_world(led: Ledger, fleet: Any, tmp: Path) -> None:
-    """A ledger with a row in every table: missions in every state, attempts, sessions, lanes, events, usage,
-    queue waits, rollups, and a prune behind it (the retention row moved, an archive written)."""
+    """A ledger with a row in every table: missions in every state, attempts, sessions, lanes, hosts, events,
+    usage, queue waits, rollups, and a prune behind it (the retention row moved, an archive written)."""
     now = T0
     sub = lambda **kw: ms.submit(led, fleet, now=now, **kw).mission.id  # noqa: E731
+    hosts.register(led, "web-1", "a" * 32, "boot-1", 4242, now, 10.0, sorted(fleet.lanes))  # lanes.host too
     # old history that the prune below archives and deletes
     old = sub(cls="interactive", payload={"old": True})
     d = {x.mission: x for x in _dispatch(led, fleet, now)}
