@@ -75,12 +75,15 @@ class Client:
 
     def submit(self, cls: str, payload: Any, *, deadline: float | str | None = None, lane: str | None = None,
                tags: Iterable[str] = (), session: str | None = None, idempotency_key: str | None = None,
-               max_attempts: int | None = None, now: float | None = None) -> ms.Mission:
+               max_attempts: int | None = None, now: float | None = None,
+               session_stays: bool | None = None) -> ms.Mission:
         """Queue a mission (or return the one already submitted with this idempotency key). ``deadline`` is seconds
-        since the epoch or a relative text such as ``"+30m"``, which a retry with the same key may repeat as is."""
+        since the epoch or a relative text such as ``"+30m"``, which a retry with the same key may repeat as is.
+        ``session_stays``: the session waits for its lane when the lane's host is dead or drained (True) or moves
+        (False; a new session's default)."""
         return ms.submit(self.ledger, self.fleet, cls=cls, payload=payload, deadline=deadline, lane=lane,
                          tags=tags, session=session, idempotency_key=idempotency_key, max_attempts=max_attempts,
-                         now=self.ledger.clock() if now is None else now).mission
+                         now=self.ledger.clock() if now is None else now, session_stays=session_stays).mission
 
     def submit_many(self, requests: list[ms.SubmitRequest], now: float | None = None) -> list[ms.SubmitResult]:
         """Queue up to ``missions.MAX_BATCH`` missions in one transaction, all or nothing (one commit: the way to

@@ -736,7 +736,8 @@ def load(path: str | Path | None = None, *, check_host_ports: bool = False, requ
                 lanes[file.stem] = lane
         # a file with an error of its own still takes part in the cross-file checks, in the same run
         problems.extend(cross_check_invalid(lanes, {n: d for n, d in raw.items() if n not in lanes}, lanes_dir))
-    problems.extend(cross_check(lanes, lanes_dir, check_host_ports=check_host_ports))
+    problems.extend(cross_check(lanes, lanes_dir, check_host_ports=check_host_ports,
+                                shared_ledger=shared_ledger(settings)))
     problems.extend(check_control_dirs(lanes, lanes_dir, settings, config_dir))
     problems.extend(check_restart_windows(lanes, lanes_dir, settings))
     if check_host:
@@ -834,7 +835,18 @@ def cross_check_invalid(lanes: dict[str, Lane], invalid: dict[str, dict[str, Any
     return out
 
 
-def cross_check(lanes: dict[str, Lane], lanes_dir: Path, *, check_host_ports: bool = False) -> list[Problem]:
+def shared_ledger(settings: Settings) -> bool:
+    """The ledger is PostgreSQL (``ledger`` in lanectl.toml, or ``$LANECTL_LEDGER``): other hosts may share it."""
+    from lanectl import ledgerurl
+
+    return any(ledgerurl.is_url(v) for v in (settings.ledger.path, os.environ.get("LANECTL_LEDGER")) if v)
+
+
+def cross_check(lanes: dict[str, Lane], lanes_dir: Path, *, check_host_ports: bool = False,
+                shared_ledger: bool = False) -> list[Problem]:
+    """Checks across lane files. ``shared_ledger`` (PostgreSQL): a ``fallback`` that is not a lane of this
+    ``lanes.d/`` may be another host's lane; the supervisor checks it against the ledger when it starts or reloads
+    (``fallback_unknown`` there when no host runs it: ``lanectl.ledger.hosts.check_fallbacks``)."""
     out: list[Problem] = []
 
     def where(name: str) -> str:
@@ -871,7 +883,7 @@ def cross_check(lanes: dict[str, Lane], lanes_dir: Path, *, check_host_ports: bo
             if lane.fallback == name:
                 out.append(Problem("lane falls back to itself", where(name), "fallback",
                                    "name another lane or remove the field", "fallback_self", name))
-            elif lane.fallback not in lanes:
+            elif lane.fallback not in lanes and not shared_ledger:
                 out.append(Problem(f"fallback {lane.fallback!r} is not a lane", where(name), "fallback",
                                    f"use one of: {', '.join(sorted(set(lanes) - {name})) or 'none'}",
                                    "fallback_unknown", name))

@@ -15,6 +15,13 @@ result. Rules (DESIGN.md, "Dispatch policy"):
   active or not healthy, or its daily budget for the class is spent) it follows the ``fallback`` chain to the first available lane, and a session moves with
   it (recorded). A session with missions still active on one lane is kept there. With no lane it waits, and the
   reason is returned (recorded as a ``waiting`` event).
+- Several hosts (issue 13): the snapshot holds every host's lanes; this host may assign only to its own
+  (``local``). A mission that only another host's lane can take now is left to that host (neither assigned nor
+  waiting), so every host computes the same routes and the same waits. A lane whose host cannot run it (``away``:
+  the host is dead, forgotten, stopped or drained) is unavailable, and its fallback chain applies. A session whose
+  lane's host is dead or drained (``away_moves``) follows the chain and, with no lane on it, moves to any lane that
+  can take its mission (``session_move``, with the reason); a session that chose to wait for its lane
+  (``session_stays``) waits instead.
 - Among eligible lanes: smooth weighted round-robin (nginx's SWRR) by ``weight`` over the lanes eligible for this
   mission, ties broken by least in flight, then name. Lanes of weight 0 are used only when no lane with weight is
   eligible. The SWRR state is part of the snapshot and of the result, so a plan is deterministic.
@@ -48,10 +55,18 @@ class LaneView:
     quarantine: bool = False
     """It runs a suspect mission (one that was in flight when a lane died), which runs alone: nothing else goes
     there until it ends."""
+    host: str | None = None
+    local: bool = True
+    """This host runs the lane: the pass may assign to it. Another host's lane is in the snapshot so that routes
+    (fallback chains, sessions) are the same on every host, but only its own host assigns to it."""
+    away: str | None = None
+    """Why the lane's host cannot run it now (its host is dead, forgotten, stopped or drained); None: it can."""
+    away_moves: bool = False
+    """Its host is dead, forgotten or drained: the lane's sessions move elsewhere (unless they chose to wait)."""
 
     @property
     def available(self) -> bool:
-        return self.state == AVAILABLE_STATE and self.healthy
+        return self.state == AVAILABLE_STATE and self.healthy and self.away is None
 
 
 @dataclass(frozen=True)
@@ -66,6 +81,7 @@ class QueuedMission:
     session_lane: str | None = None  # the session's owner lane
     session_active_lane: str | None = None  # lane where the session has missions in flight
     suspect: int = 0  # lane deaths it was in flight for: it runs alone, on an idle lane
+    session_stays: bool = False  # its session waits for its lane when the lane's host is dead or drained
 
 
 @dataclass(frozen=True)
@@ -87,6 +103,7 @@ class Assignment:
     session: str | None = None
     session_move: tuple[str, str] | None = None  # (from lane, to lane)
     budget_spent: bool = False  # fell back because the bound lane's daily budget is spent (not because it is away)
+    move_reason: str | None = None  # why the session moves: fallback, or its lane's host is dead or drained
 
 
 @dataclass
@@ -138,6 +155,10 @@ def route(m: QueuedMission, lanes: Mapping[str, LaneView]) -> tuple[str | None, 
     pin = m.session_lane or m.lane
     if pin is None:
         return None, None, None
+    owner = lanes.get(m.session_lane) if m.session_lane is not None else None
+    host_lost = owner is not None and owner.away is not None and owner.away_moves
+    if host_lost and m.session_stays:
+        return None, None, f"session {m.session} waits for its lane {pin!r}: {owner.away}"  # type: ignore[union-attr]
     seen: list[str] = []
     current: str | None = pin
     while current is not None and current not in seen:
@@ -146,8 +167,21 @@ def route(m: QueuedMission, lanes: Mapping[str, LaneView]) -> tuple[str | None, 
         if view is not None and view.available and not budget_spent(view, m.cls):
             return current, (pin if current != pin else None), None
         current = view.fallback if view is not None else None
+    if host_lost:
+        return None, None, None  # the session moves to any lane that can take the mission
+    first = lanes.get(pin)
+    if first is not None and first.away is not None:
+        return None, None, (f"lane {pin!r} is unavailable ({first.away}) and no fallback lane is available (tried "
+                            f"{', '.join(seen)})")
     return None, None, (f"lane {pin!r} is unavailable (or its daily budget for {m.cls} is spent) and no fallback "
                         f"lane is available (tried {', '.join(seen)})")
+
+
+def moves_anywhere(target: str, lanes: Mapping[str, LaneView]) -> bool:
+    """Work bound to ``target`` may go to any lane: its host is dead or drained, so its sessions move (those that
+    chose to wait excepted)."""
+    view = lanes.get(target)
+    return view is not None and view.away is not None and view.away_moves
 
 
 def budget_spent(lane: LaneView, cls: str) -> bool:
@@ -157,12 +191,16 @@ def budget_spent(lane: LaneView, cls: str) -> bool:
     return budget is not None and lane.used_day.get(cls, 0) >= budget
 
 
-def group_room(target: str | None, tags: frozenset[str], cls: str, lanes: Mapping[str, LaneView]) -> int:
+def group_room(target: str | None, tags: frozenset[str], cls: str, lanes: Mapping[str, LaneView], *,
+               local_only: bool = False) -> int:
     """How many missions of one queue group (one class, one target lane or none, one tag set) this pass could
     place at most: the free slots, within quota, of the lanes that could take them (``verdict``'s rules, without
     sessions). 0 means that none of the group can be placed now, however many it holds: the tick then reads only a
-    sample of it, for its wait reason, so an unplaceable backlog never keeps placeable work from being read."""
-    if target:
+    sample of it, for its wait reason, so an unplaceable backlog never keeps placeable work from being read.
+    ``local_only``: count only this host's lanes (what this host could place)."""
+    if target and moves_anywhere(target, lanes):
+        candidates: Iterable[LaneView] = lanes.values()  # an upper bound: its sessions may move anywhere
+    elif target:
         pinned, _, wait = route(QueuedMission(0, cls, 0.0, lane=target, tags=tags), lanes)
         if wait is not None or pinned is None:
             return 0
@@ -173,10 +211,10 @@ def group_room(target: str | None, tags: frozenset[str], cls: str, lanes: Mappin
         while current is not None and current in lanes and all(c.name != current for c in chain):
             chain.append(lanes[current])
             current = lanes[current].fallback
-        candidates: Iterable[LaneView] = chain
+        candidates = chain
     else:
         candidates = lanes.values()
-    return sum(_room(ln, cls, tags) for ln in candidates)
+    return sum(_room(ln, cls, tags) for ln in candidates if ln.local or not local_only)
 
 
 def _room(lane: LaneView, cls: str, tags: frozenset[str]) -> int:
@@ -198,6 +236,8 @@ def verdict(m: QueuedMission, lane: LaneView, pinned: str | None, route_wait: st
         return route_wait
     if pinned is not None and lane.name != pinned:
         return f"mission is bound to lane {pinned!r}"
+    if lane.away is not None:
+        return f"lane is unavailable: {lane.away}"
     if lane.state != AVAILABLE_STATE:
         return f"lane is {lane.state}"
     if not lane.healthy:
@@ -248,24 +288,29 @@ def decide(snapshot: Snapshot, now: float) -> Decision:
         pinned, fallback_from, wait = route(m, lanes)
         reasons = {name: verdict(m, ln, pinned, wait) for name, ln in lanes.items()}
         eligible = [lanes[n] for n, r in reasons.items() if r is None]
-        if not eligible:
-            waiting[m.id] = _summary(m, reasons, wait)
-            continue
-        best = swrr_pick(eligible, swrr)
+        mine = [ln for ln in eligible if ln.local]
+        if not mine:
+            if not eligible:
+                waiting[m.id] = _summary(m, reasons, wait)
+            continue  # else another host's lane takes it: that host's pass assigns it
+        best = swrr_pick(mine, swrr)
         used_min = dict(best.used_minute)
         used_day = dict(best.used_day)
         used_min[m.cls] = used_min.get(m.cls, 0) + 1
         used_day[m.cls] = used_day.get(m.cls, 0) + 1
         lanes[best.name] = replace(best, in_flight=best.in_flight + 1, used_minute=used_min, used_day=used_day,
                                    quarantine=best.quarantine or m.suspect > 0)
-        move = None
+        move = why = None
         if m.session is not None:
             session_lane[m.session] = best.name
             if m.session_lane is not None and m.session_lane != best.name:
                 move = (m.session_lane, best.name)
+                owner = lanes.get(m.session_lane)
+                why = (owner.away if owner is not None and owner.away is not None and owner.away_moves
+                       else "fallback" if fallback_from else "reroute")
         spent = fallback_from is not None and fallback_from in lanes and lanes[fallback_from].available
         out.append(Assignment(m.id, best.name, m.cls, is_aged(m, snapshot.max_wait, now), fallback_from,
-                              m.session, move, spent))
+                              m.session, move, spent, why))
     return Decision(out, expired, waiting, swrr)
 
 
@@ -296,5 +341,7 @@ def explain(mission: QueuedMission, snapshot: Snapshot, now: float) -> list[Lane
             reason_text = f"eligible (fallback for {fallback_from!r})"
         else:
             reason_text = reason or "eligible"
+        if reason is None and not lanes[name].local:
+            reason_text += f" (on host {lanes[name].host}: its supervisor takes it)"
         out.append(LaneVerdict(name, reason is None, reason_text))
     return out

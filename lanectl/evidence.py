@@ -47,7 +47,7 @@ ROUTINE_KINDS: Final = frozenset({
     EventKind.SUBMITTED, EventKind.SUBMIT_REFUSED, EventKind.DISPATCHED, EventKind.STARTED, EventKind.SUCCEEDED,
     EventKind.FAILED, EventKind.REQUEUED, EventKind.DEAD, EventKind.CANCELLED, EventKind.RETRIED,
     EventKind.EXPIRED, EventKind.CALLBACK_REJECTED, EventKind.WAITING, EventKind.SESSION_CREATED,
-    EventKind.SESSION_MOVED, EventKind.REROUTED,
+    EventKind.SESSION_MOVED, EventKind.SESSION_CHOICE, EventKind.REROUTED,
 })
 """Mission-level traffic: counted by metrics, not listed one by one in the report."""
 DECISION_KINDS: Final = tuple(k for k in EventKind if k not in ROUTINE_KINDS)

@@ -56,7 +56,8 @@ def add(name: str, config_path: str | Path | None = None, *, port: int | None = 
         if not isinstance(exc, ValidationError):
             raise
         raise config_error(config.problems_from(exc, str(path), Lane, name)) from exc
-    problems += [p for p in config.cross_check({**fleet.lanes, name: lane}, fleet.lanes_dir) if p.lane == name
+    problems += [p for p in config.cross_check({**fleet.lanes, name: lane}, fleet.lanes_dir,
+                                                 shared_ledger=config.shared_ledger(fleet.settings)) if p.lane == name
                  or name in p.message]
     if [p for p in problems if p.severity == "error"]:
         raise config_error(problems)

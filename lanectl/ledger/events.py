@@ -33,7 +33,8 @@ class EventKind(StrEnum):
     CALLBACK_REJECTED = "callback_rejected"  #: a stale or foreign callback was refused (fencing)
     WAITING = "waiting"  #: no lane can take it now; data.reason says why (on a change; data.group: a queue group)
     SESSION_CREATED = "session_created"  #: a session got its owner lane
-    SESSION_MOVED = "session_moved"  #: a session moved to another lane (fallback or reroute)
+    SESSION_MOVED = "session_moved"  #: a session moved to another lane (data: from_lane, reason: fallback, reroute, or its lane's host is dead or drained; from_host, to_host)
+    SESSION_CHOICE = "session_choice"  #: a session's choice when its lane's host is dead or drained changed (data: stays: true waits for its lane, false moves)
     LANE_STATE = "lane_state"  #: a lane's dispatch state or health changed
     LANE_INVOCATION = "lane_invocation"  #: new InvocationID (data: restarts, automatic ones only)
     DRAIN = "drain"  #: a lane was drained, by an operator or a rollback (data: actor, reason, taken_over)
@@ -56,6 +57,8 @@ class EventKind(StrEnum):
     HOST_UNFENCED = "host_unfenced"  #: a fenced host renewed its lease and claims work again (data: host, incarnation, fenced_s)
     HOST_FORGOTTEN = "host_forgotten"  #: an operator forgot a host: its lanes may be claimed by another (data: host, incarnation, lanes, actor)
     HOST_DEAD = "host_dead"  #: a host's lease ran out: another host declared it dead and took back its lanes' work (data: host, incarnation, by, lease_expires, lanes, missions)
+    HOST_DRAINED = "host_drained"  #: an operator drained a host: its lanes take no new work, its sessions move (data: host, actor, reason, state, lanes, in_flight)
+    HOST_UNDRAINED = "host_undrained"  #: an operator put a drained host back into service (data: host, actor, reason, drained_s, drained_by)
     LANE_HOST = "lane_host"  #: a lane's owning host changed (data: host, previous)
 
 

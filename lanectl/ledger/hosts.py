@@ -14,6 +14,8 @@ Every time is the ledger's clock (``Ledger.clock``: on PostgreSQL the database s
 """
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -24,7 +26,9 @@ from lanectl.ledger import missions as ms
 from lanectl.ledger.events import EventKind, append
 from lanectl.states import RELEASED
 
-_COLUMNS = "name, incarnation, boot_id, pid, started_at, heartbeat_at, lease_expires, state"
+_RECORD = "name, incarnation, boot_id, pid, started_at, heartbeat_at, lease_expires, state"
+"""What a supervisor's start writes (``register``)."""
+_COLUMNS = _RECORD + ", drained_at, drained_by"
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,10 @@ class Host:
     heartbeat_at: float
     lease_expires: float
     state: str
+    drained_at: float | None = None
+    """When an operator drained the host (``lanectl host drain``): its lanes take no new work. None: not drained.
+    A flag beside ``state``: it outlives restarts of the host's supervisor (``register`` leaves it alone)."""
+    drained_by: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -79,8 +87,13 @@ def owned_elsewhere(name: str, found: list[tuple[str, str]]) -> LanectlError:
         "lane_owned_by_other_host", ExitCode.CONFIG)
 
 
+Specs = Mapping[str, Mapping[str, Any]]
+"""Each lane's published policy view (``lanectl.ledger.tick.lane_spec``), for other hosts' passes."""
+
+
 def register(ledger: Ledger, name: str, incarnation: str, boot_id: str, pid: int, now: float, lease_sec: float,
-             lanes: list[str] | tuple[str, ...] | set[str] = (), *, exclusive: bool = False) -> Host | None:
+             lanes: list[str] | tuple[str, ...] | set[str] = (), *, exclusive: bool = False,
+             specs: Specs | None = None) -> Host | None:
     """A supervisor starts: record its new ``incarnation`` (state ``up``, lease until ``now + lease_sec``) and
     claim ``lanes`` for host ``name``, in one transaction with a ``host_started`` event (``previous``: the
     incarnation it replaces) and a ``lane_host`` event per lane whose owner changes. Returns the record it
@@ -94,7 +107,7 @@ def register(ledger: Ledger, name: str, incarnation: str, boot_id: str, pid: int
         if found and not exclusive:
             raise owned_elsewhere(name, found)
         old = get(conn, name)
-        conn.execute(f"INSERT INTO hosts ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, 'up') ON CONFLICT (name) DO UPDATE "
+        conn.execute(f"INSERT INTO hosts ({_RECORD}) VALUES (?, ?, ?, ?, ?, ?, ?, 'up') ON CONFLICT (name) DO UPDATE "
                      "SET incarnation = excluded.incarnation, boot_id = excluded.boot_id, pid = excluded.pid, "
                      "started_at = excluded.started_at, heartbeat_at = excluded.heartbeat_at, "
                      "lease_expires = excluded.lease_expires, state = 'up'",
@@ -103,15 +116,19 @@ def register(ledger: Ledger, name: str, incarnation: str, boot_id: str, pid: int
                previous=None if old is None else old.incarnation,
                previous_state=None if old is None else old.state, boot_id=boot_id,
                rebooted=None if old is None else old.boot_id != boot_id, pid=pid, lease_sec=lease_sec)
-        claim_in(conn, name, lanes, now=now)
+        claim_in(conn, name, lanes, now=now, specs=specs)
         return old
 
 
-def claim_in(conn: Any, name: str, lanes: list[str] | tuple[str, ...] | set[str], *, now: float) -> list[str]:
+def claim_in(conn: Any, name: str, lanes: list[str] | tuple[str, ...] | set[str], *, now: float,
+             specs: Specs | None = None) -> list[str]:
     """Host ``name`` owns exactly ``lanes`` (inside the caller's transaction, after :func:`conflicts` was checked):
     it claims those it did not own and releases those it owned that are no longer among them (a lane removed from
     its ``lanes.d/`` may then be added on another host). The lanes whose owner changed, each with a ``lane_host``
-    event (``host`` absent: released)."""
+    event (``host`` absent: released). ``specs``: what other hosts' passes need of each lane, published with it.
+    A lane's ``fallback`` that no host of the ledger has is refused (``fallback_unknown``, exit 3)."""
+    if specs:
+        check_fallbacks(conn, name, lanes, specs)
     owners = lane_ops.owners(conn)
     changed = []
     for lane in sorted(lanes):
@@ -124,11 +141,28 @@ def claim_in(conn: Any, name: str, lanes: list[str] | tuple[str, ...] | set[str]
             lane_ops.set_host(conn, lane, None, now=now)
             append(conn, EventKind.LANE_HOST, now, lane=lane, host=None, previous=name)
             changed.append(lane)
+    for lane in sorted(lanes):
+        if specs and lane in specs:
+            lane_ops.set_spec(conn, lane, json.dumps(specs[lane], sort_keys=True, separators=(",", ":")))
     return changed
 
 
+def check_fallbacks(conn: Any, name: str, lanes: Any, specs: Specs) -> None:
+    """Each lane's fallback is one of ``lanes`` or a lane another host of this ledger runs (a lane on another
+    host is known once that host's supervisor has started with it); else ``fallback_unknown`` (exit 3)."""
+    known = set(lanes) | set(lane_ops.owners(conn))
+    bad = sorted((lane, spec["fallback"]) for lane, spec in specs.items()
+                 if lane in lanes and spec.get("fallback") and spec["fallback"] not in known)
+    if bad:
+        lane, fb = bad[0]
+        raise LanectlError(
+            f"host {name!r}: lane {lane!r} falls back to {fb!r}, which no host of the ledger runs (lanes.d/{lane}.toml, "
+            "field fallback)", f"start the host that runs {fb!r} first (its supervisor publishes its lanes), fix "
+            "the name, or remove the field", "fallback_unknown", ExitCode.CONFIG)
+
+
 def claim(ledger: Ledger, name: str, incarnation: str, lanes: list[str] | tuple[str, ...] | set[str], *,
-          now: float, exclusive: bool = False) -> list[str]:
+          now: float, exclusive: bool = False, specs: Specs | None = None) -> list[str]:
     """A running supervisor adopts lanes (a reload): the same refusal as :func:`register`, and only while
     ``incarnation`` is still the host's current one (else ``host_superseded``, exit 5)."""
     with ledger.transaction() as conn:
@@ -139,7 +173,7 @@ def claim(ledger: Ledger, name: str, incarnation: str, lanes: list[str] | tuple[
         found = conflicts(conn, name, lanes)
         if found and not exclusive:
             raise owned_elsewhere(name, found)
-        return claim_in(conn, name, lanes, now=now)
+        return claim_in(conn, name, lanes, now=now, specs=specs)
 
 
 def renew(ledger: Ledger, name: str, incarnation: str, now: float, lease_sec: float, *,
@@ -225,6 +259,67 @@ def reap(ledger: Ledger, now: float, *, by: str) -> list[dict[str, Any]]:
     return out
 
 
+def away(conn: Any) -> dict[str, tuple[str, bool]]:
+    """Each host whose lanes cannot take new work now, with why and whether their sessions move elsewhere (dead,
+    forgotten, drained: yes; stopped: no, it is expected back)."""
+    out: dict[str, tuple[str, bool]] = {}
+    for h in all_hosts(conn):
+        if h.state in RELEASED:
+            out[h.name] = (f"its host {h.name} is {h.state}", True)
+        elif h.drained_at is not None:
+            out[h.name] = (f"its host {h.name} is drained", True)
+        elif h.state == "stopped":
+            out[h.name] = (f"its host {h.name} is stopped", False)
+    return out
+
+
+def _known(conn: Any, name: str) -> Host:
+    cur = get(conn, name)
+    if cur is None:
+        known = ", ".join(h.name for h in all_hosts(conn)) or "none"
+        raise NotFound(f"no host {name!r} in the ledger (hosts: {known})", "see 'lanectl hosts'", "host_unknown")
+    return cur
+
+
+def lanes_of(conn: Any, name: str) -> list[str]:
+    return sorted(lane for lane, host in lane_ops.owners(conn).items() if host == name)
+
+
+def in_flight(conn: Any, name: str) -> list[int]:
+    """The missions dispatched or running on host ``name``'s lanes."""
+    return [r[0] for r in conn.execute(
+        "SELECT m.id FROM missions m JOIN lanes l ON l.name = m.current_lane WHERE l.host = ? "
+        "AND m.state IN ('dispatched', 'running') ORDER BY m.id", (name,))]
+
+
+def drain(ledger: Ledger, name: str, *, now: float, who: str, reason: str | None = None) -> bool:
+    """``lanectl host drain NAME``: host ``name``'s lanes take no new work (every host's policy pass sees it: its
+    own claims nothing for them, sessions bound to them move), what they run finishes. A flag, not a ``state``:
+    it outlives restarts of the host's supervisor. ``host_drained`` event; False when it was drained already;
+    ``host_unknown`` (exit 4)."""
+    with ledger.transaction() as conn:
+        cur = _known(conn, name)
+        if cur.drained_at is not None:
+            return False
+        conn.execute("UPDATE hosts SET drained_at = ?, drained_by = ? WHERE name = ?", (now, who, name))
+        append(conn, EventKind.HOST_DRAINED, now, host=name, actor=who, reason=reason, state=cur.state,
+               lanes=lanes_of(conn, name), in_flight=len(in_flight(conn, name)))
+        return True
+
+
+def undrain(ledger: Ledger, name: str, *, now: float, who: str, reason: str | None = None) -> bool:
+    """``lanectl host undrain NAME``: its lanes take work again (``host_undrained``); False when it was not
+    drained; ``host_unknown`` (exit 4). Sessions that moved away meanwhile stay where they went."""
+    with ledger.transaction() as conn:
+        cur = _known(conn, name)
+        if cur.drained_at is None:
+            return False
+        conn.execute("UPDATE hosts SET drained_at = NULL, drained_by = NULL WHERE name = ?", (name,))
+        append(conn, EventKind.HOST_UNDRAINED, now, host=name, actor=who, reason=reason,
+               drained_s=round(now - cur.drained_at, 3), drained_by=cur.drained_by)
+        return True
+
+
 def listing(ledger: Ledger, now: float) -> list[dict[str, Any]]:
     """``lanectl hosts``: every host with its state, lease and lanes, and how many missions are in flight
     (dispatched or running) on its lanes; ``lease_left_s`` is negative once the lease has run out."""
@@ -237,7 +332,7 @@ def listing(ledger: Ledger, now: float) -> list[dict[str, Any]]:
     for h in all_hosts(conn):
         out.append({**h.as_dict(), "heartbeat_age_s": round(now - h.heartbeat_at, 3),
                     "lease_left_s": round(h.lease_expires - now, 3),
-                    "expired": h.state == "up" and h.lease_expires <= now,
+                    "expired": h.state == "up" and h.lease_expires <= now, "drained": h.drained_at is not None,
                     "lanes": sorted(lane for lane, host in owners.items() if host == h.name),
                     "in_flight": int(flying.get(h.name, 0))})
     return out

@@ -6,12 +6,13 @@ operator's verb takes effect at its next turn even if it was down when the verb 
 from __future__ import annotations
 
 import getpass
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from lanectl.errors import Conflict
+from lanectl.errors import Conflict, NotFound
 from lanectl.ledger import Ledger
 from lanectl.ledger import missions as ms
 from lanectl.ledger.events import EventKind, append
@@ -113,14 +114,41 @@ def mark_drained(conn: Any, lane: str, *, now: float) -> bool:
     return bool(cur.rowcount)
 
 
+def host_of(ledger: Ledger, fleet: LaneSet, lane: str) -> str | None:
+    """Where the verbs on ``lane`` act: None for a lane of this host's ``lanes.d/``, else the other host that runs
+    it as the ledger knows (issue 13: drain, undrain and reroute act through the ledger, from any host). A lane
+    neither knows is ``lane_not_found`` (exit 4), naming both."""
+    if lane in fleet.lanes:
+        return None
+    host, _ = spec_of(ledger.conn, lane)
+    if host is not None:
+        return host
+    others = sorted(set(owners(ledger.conn)) - set(fleet.lanes))
+    raise NotFound(f"no lane named {lane!r} in {fleet.lanes_dir} nor on another host of the ledger",
+                   f"lanes here: {', '.join(sorted(fleet.lanes)) or 'none'}; on other hosts: "
+                   f"{', '.join(others) or 'none'} ('lanectl hosts')", "lane_not_found")
+
+
+def classes_of(ledger: Ledger, fleet: LaneSet, lane: str) -> list[str]:
+    """The classes ``lane`` serves: from this host's ``lanes.d/``, else as its host published them."""
+    if host_of(ledger, fleet, lane) is None:
+        return list(fleet.lanes[lane].classes)
+    _, spec = spec_of(ledger.conn, lane)
+    if spec is None:
+        raise Conflict(f"lane {lane!r} runs on another host whose supervisor has not published what it serves yet",
+                       "restart that host's supervisor with this lanectl version", "lane_spec_unknown")
+    return list(spec["classes"])
+
+
 def drain(ledger: Ledger, fleet: LaneSet, lane: str, *, now: float, reason: str | None = None,
           who: str | None = None, take_over: bool = False) -> bool:
     """No new work for the lane; what it runs finishes. False when it was draining or drained already.
 
     With ``take_over`` (an operator's ``lanectl drain``), draining a lane the supervisor drained (a rollback) takes
     that drain over: the state stays, a ``drain`` event records the operator (``taken_over``), and ``lanectl
-    probe`` stops alarming about it. Other callers (a graceful restart) never take a drain over."""
-    fleet.get(lane)
+    probe`` stops alarming about it. Other callers (a graceful restart) never take a drain over. ``lane`` may run
+    on another host (``host_of``)."""
+    host_of(ledger, fleet, lane)
     who = who or actor()
     with ledger.transaction() as conn:
         old = state_of(ledger, lane)
@@ -139,8 +167,8 @@ def drain(ledger: Ledger, fleet: LaneSet, lane: str, *, now: float, reason: str 
 
 def undrain(ledger: Ledger, fleet: LaneSet, lane: str, *, now: float, reason: str | None = None,
             who: str | None = None) -> bool:
-    """Back into service. False when it was taking work already."""
-    fleet.get(lane)
+    """Back into service. False when it was taking work already. ``lane`` may run on another host."""
+    host_of(ledger, fleet, lane)
     with ledger.transaction() as conn:
         old = state_of(ledger, lane)
         if old == "active":
@@ -232,16 +260,16 @@ def reroute(ledger: Ledger, fleet: LaneSet, lane: str, to: str, *, now: float, c
     Missions of a class ``to`` does not serve stay (and are listed in ``skipped``); running missions are never
     moved. Every move is an event; running it again moves nothing more. ``lane`` may be one that is gone from
     the fleet but still known to the ledger (removed or renamed with work bound to it): its sessions are then
-    always moved, since nothing else could ever serve them.
+    always moved, since nothing else could ever serve them. Either lane may run on another host (``host_of``).
     """
-    if lane not in fleet.lanes:
+    if lane not in fleet.lanes and spec_of(ledger.conn, lane)[0] is None:
         if not known_in_ledger(ledger, lane):
-            fleet.get(lane)  # NotFound, naming the known lanes
+            host_of(ledger, fleet, lane)  # NotFound, naming the known lanes
         sessions = True
-    target = fleet.get(to)
+    served = classes_of(ledger, fleet, to)
     if lane == to:
         raise Conflict(f"cannot reroute lane {lane!r} to itself", "name another lane with --to", "reroute_self")
-    if cls is not None and cls not in target.classes:
+    if cls is not None and cls not in served:
         raise Conflict(f"lane {to!r} does not serve class {cls!r}", "pick a lane that serves it", "class_not_served")
     who = who or actor()
     res = RerouteResult(lane, to)
@@ -250,7 +278,7 @@ def reroute(ledger: Ledger, fleet: LaneSet, lane: str, to: str, *, now: float, c
                             + (" AND class = ?" if cls else "") + " ORDER BY id",
                             (lane, cls) if cls else (lane,)).fetchall()
         for mission, mcls in rows:
-            if mcls not in target.classes:
+            if mcls not in served:
                 res.skipped[str(mission)] = f"{to} does not serve {mcls}"
                 continue
             conn.execute("UPDATE missions SET lane = ?, updated_at = ? WHERE id = ? AND state = 'queued'",
@@ -262,7 +290,7 @@ def reroute(ledger: Ledger, fleet: LaneSet, lane: str, to: str, *, now: float, c
                 # a session goes only where its queued missions can run: moved elsewhere they would wait for ever
                 unserved = sorted({c for (c,) in conn.execute(
                     "SELECT DISTINCT class FROM missions WHERE session = ? AND state = 'queued'", (sid,))}
-                    - set(target.classes))
+                    - set(served))
                 if unserved:
                     res.skipped[sid] = f"{to} does not serve {', '.join(unserved)} (its queued missions)"
                     continue
@@ -345,3 +373,17 @@ def set_host(conn: Any, lane: str, host: str | None, *, now: float) -> None:
     event); a new row's ``updated_at`` is ``now``, an old one keeps its own (its dispatch state did not change)."""
     conn.execute("INSERT INTO lanes (name, host, updated_at) VALUES (?, ?, ?) "
                  "ON CONFLICT (name) DO UPDATE SET host = excluded.host", (lane, host, now))
+
+
+def set_spec(conn: Any, lane: str, spec: str) -> None:
+    """Publish what other hosts' policy passes need of ``lane`` (JSON: ``lanectl.ledger.tick.lane_spec``), inside
+    its host's claim (``lanectl.ledger.hosts.claim_in``)."""
+    conn.execute("UPDATE lanes SET spec = ? WHERE name = ? AND spec IS NOT ?", (spec, lane, spec))
+
+
+def spec_of(conn: Any, lane: str) -> tuple[str | None, dict[str, Any] | None]:
+    """``lane``'s owning host and its published spec, as the ledger knows them ((None, None): no host has it)."""
+    row = conn.execute("SELECT host, spec FROM lanes WHERE name = ? AND host IS NOT NULL", (lane,)).fetchone()
+    if row is None:
+        return None, None
+    return row[0], (None if row[1] is None else json.loads(row[1]))

@@ -160,6 +160,7 @@ class _Request:
     key: str | None
     max_attempts: int
     hash: str = field(default="")
+    session_stays: bool | None = None
 
 
 def _validate(fleet: LaneSet, *, cls: str, payload: Any, deadline: float | str | None, lane: str | None,
@@ -277,6 +278,10 @@ class SubmitRequest:
     session: str | None = None
     idempotency_key: str | None = None
     max_attempts: int | None = None
+    session_stays: bool | None = None
+    """The session's choice when its lane's host is dead or drained: True, it waits for its lane; False, it moves
+    to a lane that can take it (a new session's default); None: a new session gets the default, an existing one
+    keeps its choice. Not part of the idempotency fingerprint: it is the session's, not the mission's."""
 
 
 MAX_BATCH: Final = 1000
@@ -289,9 +294,11 @@ _MISSION_INSERT: Final = ("INSERT INTO missions (class, rank, state, payload, re
 def submit(ledger: Ledger, fleet: LaneSet, *, cls: str, payload: Any, now: float,
            deadline: float | str | None = None,
            lane: str | None = None, tags: Iterable[str] = (), session: str | None = None,
-           idempotency_key: str | None = None, max_attempts: int | None = None) -> SubmitResult:
+           idempotency_key: str | None = None, max_attempts: int | None = None,
+           session_stays: bool | None = None) -> SubmitResult:
     """Queue a mission; the same idempotency key and request returns the existing one (``created=False``)."""
-    req = SubmitRequest(cls, payload, deadline, lane, tuple(tags), session, idempotency_key, max_attempts)
+    req = SubmitRequest(cls, payload, deadline, lane, tuple(tags), session, idempotency_key, max_attempts,
+                        session_stays)
     return submit_many(ledger, fleet, [req], now=now)[0]
 
 
@@ -398,6 +405,10 @@ def _validate_all(fleet: LaneSet, requests: Sequence[SubmitRequest], now: float,
             out.append(_validate(fleet, cls=r.cls, payload=r.payload, deadline=r.deadline, lane=r.lane,
                                  tags=r.tags, session=r.session, key=r.idempotency_key,
                                  max_attempts=r.max_attempts, now=now, known_sessions=known))
+            out[-1].session_stays = r.session_stays
+            if r.session_stays is not None and r.session is None:
+                raise invalid("session_stays", "is a choice of a session, and the mission has none",
+                              "add --session, or drop the choice", "session_missing")
         except LanectlError as exc:
             if len(requests) > 1:
                 exc.message = f"request {i}: {exc.message}"
@@ -432,22 +443,31 @@ def _insert_new(conn: Any, reqs: list[_Request], creating: list[int], results: l
             raise RuntimeError("mission ids did not follow insertion order")  # rolls the batch back
         ids += [r[0] for r in rows]
     created: dict[str, str] = {}
-    new_sessions: list[tuple[str, str, float, float]] = []
+    new_sessions: list[tuple[str, str, float, float, int]] = []
     evs: list[events.EventRow] = []
+    chosen: dict[str, bool] = {}  # an existing session's choice, as the batch last gives it
     for i, mission_id in zip(creating, ids):
         r = reqs[i]
         if r.session is not None and r.session not in known and r.session not in created:
             created[r.session] = r.session_owner  # type: ignore[assignment]
-            new_sessions.append((r.session, r.session_owner, now, now))  # type: ignore[arg-type]
-            evs.append(events.row(EventKind.SESSION_CREATED, now, lane=r.session_owner, session=r.session))
+            new_sessions.append((r.session, r.session_owner, now, now, int(bool(r.session_stays))))  # type: ignore
+            evs.append(events.row(EventKind.SESSION_CREATED, now, lane=r.session_owner, session=r.session,
+                                  stays=bool(r.session_stays) or None))
+        elif r.session is not None and r.session_stays is not None and r.session not in created:
+            chosen[r.session] = r.session_stays
         evs.append(events.row(EventKind.SUBMITTED, now, mission=mission_id, lane=r.lane, session=r.session,
                               cls=r.cls, deadline=r.deadline))
         results[i] = SubmitResult(Mission(mission_id, r.cls, "queued", json.loads(r.payload_json), r.key, r.lane,
                                           list(r.tags), r.session, r.deadline, r.max_attempts, 0, 0, None, None,
                                           now, now), True)
     if new_sessions:
-        conn.executemany("INSERT INTO sessions (id, lane, created_at, updated_at) VALUES (?, ?, ?, ?)",
+        conn.executemany("INSERT INTO sessions (id, lane, created_at, updated_at, stays) VALUES (?, ?, ?, ?, ?)",
                          new_sessions)
+    for session, stays in sorted(chosen.items()):
+        row = conn.execute("UPDATE sessions SET stays = ?, updated_at = ? WHERE id = ? AND stays <> ? RETURNING lane",
+                           (int(stays), now, session, int(stays))).fetchone()
+        if row is not None:
+            evs.append(events.row(EventKind.SESSION_CHOICE, now, lane=row[0], session=session, stays=stays))
     events.append_many(conn, evs)
 
 
@@ -585,6 +605,8 @@ def assign_in(conn: Any, assignments: Sequence[Assignment], *, now: float, lease
                                 "AND current_lane <> ? LIMIT 1", (a.session, a.lane)).fetchone()
             if busy or (owner and owner[0] != a.lane and a.session_move is None):
                 continue  # would put one session on two lanes: the plan was stale
+            if owner and a.session_move is not None and owner[0] != a.session_move[0]:
+                continue  # the session moved meanwhile (another host's pass, an operator): the plan was stale
             found = conn.execute(claim.format("?"), (a.lane, now, a.mission)).fetchone()
             row = None if found is None else found[1:]
         else:
@@ -595,8 +617,10 @@ def assign_in(conn: Any, assignments: Sequence[Assignment], *, now: float, lease
         if a.session_move is not None and session is not None:
             old, new = a.session_move
             conn.execute("UPDATE sessions SET lane = ?, updated_at = ? WHERE id = ?", (new, now, session))
+            hosts = dict(conn.execute("SELECT name, host FROM lanes WHERE name IN (?, ?)", (old, new)).fetchall())
             evs.append(events.row(EventKind.SESSION_MOVED, now, lane=new, session=session, from_lane=old,
-                                  reason="fallback" if a.fallback_from else "reroute"))
+                                  reason=a.move_reason or ("fallback" if a.fallback_from else "reroute"),
+                                  from_host=hosts.get(old), to_host=hosts.get(new)))
         token = next(tokens)
         invocation = invocations.get(a.lane)
         attempts.append((a.mission, n, a.lane, cls, invocation, token_hash(token), now, now + lease_sec))

@@ -352,6 +352,26 @@ CREATE INDEX lanes_host ON lanes (host) WHERE host IS NOT NULL;
 """
 
 
+# Several hosts, continued (issue 13): a host an operator drained (a flag beside its lifecycle ``state``: a drained
+# host stays drained across restarts of its supervisor), what other hosts' policy passes need to know of a lane
+# (``spec``: its classes, tags, capacity, fallback, session prefix, as JSON, written by its host at start and
+# reload), and a session's choice when its lane's host is dead or drained (``stays`` 1: it waits for its lane;
+# 0, the default: it moves to a lane that can take it).
+_V9: Final = """
+ALTER TABLE hosts ADD COLUMN drained_at REAL;
+ALTER TABLE hosts ADD COLUMN drained_by TEXT;
+ALTER TABLE lanes ADD COLUMN spec TEXT;
+ALTER TABLE sessions ADD COLUMN stays INTEGER NOT NULL DEFAULT 0 CHECK (stays IN (0, 1));
+"""
+
+_V9_PG: Final = """
+ALTER TABLE hosts ADD COLUMN drained_at double precision;
+ALTER TABLE hosts ADD COLUMN drained_by text;
+ALTER TABLE lanes ADD COLUMN spec text;
+ALTER TABLE sessions ADD COLUMN stays integer NOT NULL DEFAULT 0 CHECK (stays IN (0, 1));
+"""
+
+
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration("0001_missions_attempts_events_sessions_lanes", _V1),
     Migration("0002_lane_weight_override", _V2),
@@ -361,6 +381,7 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration("0006_metric_rollups", _V_ROLLUPS),
     Migration("0007_lane_death_suspects", _V6),
     Migration("0008_hosts", _V8, pg=_V8_PG),
+    Migration("0009_host_drain_lane_specs_session_stays", _V9, pg=_V9_PG),
 )
 LATEST: Final = len(MIGRATIONS)
 

@@ -37,7 +37,7 @@ HEAD_MAX: Final = 256
 WAIT_SWEEP: Final = 1000
 """Most missions of blocked groups that one pass writes the group's wait reason onto (with a waiting event)."""
 RATE_WINDOW_S: Final = 60.0
-_QCOLS: Final = ("m.id, m.class, m.created_at, m.deadline, m.lane, m.tags, m.session, s.lane, m.suspect")
+_QCOLS: Final = ("m.id, m.class, m.created_at, m.deadline, m.lane, m.tags, m.session, s.lane, m.suspect, s.stays")
 
 
 @dataclass
@@ -59,11 +59,22 @@ class TickResult:
         }
 
 
-def lane_views(conn: sqlite3.Connection, fleet: LaneSet, now: float, full: frozenset[str] = frozenset()
-               ) -> tuple[tuple[LaneView, ...], dict[str, int]]:
+def lane_views(conn: sqlite3.Connection, fleet: LaneSet, now: float, full: frozenset[str] = frozenset(),
+               host: str | None = None) -> tuple[tuple[LaneView, ...], dict[str, int]]:
     """Every lane as the policy sees it; a lane in ``full`` (it refused a dispatch as full since its last health
-    report) counts as having no room, whatever the ledger says it holds."""
+    report) counts as having no room, whatever the ledger says it holds.
+
+    ``host``, this host's name (a supervisor's pass): the lanes of other hosts are in the snapshot too, as their
+    hosts published them (``lanes.spec``), not ``local`` (this pass never assigns to them), and a lane whose host
+    is dead, forgotten, stopped or drained is ``away`` (this host's own lanes when it is drained)."""
+    from lanectl.ledger import hosts
+
     rows = {r[0]: r[1:] for r in conn.execute("SELECT name, state, healthy, invocation, swrr, weight FROM lanes")}
+    away = hosts.away(conn) if host is not None else {}
+    remote = {} if host is None else {
+        r[0]: (r[1], json.loads(r[2])) for r in conn.execute(
+            "SELECT name, host, spec FROM lanes WHERE host IS NOT NULL AND host <> ? AND spec IS NOT NULL", (host,))
+        if r[0] not in fleet.lanes}
     flight: dict[str, int] = {}
     quarantined: set[str] = set()
     for lane_name, n, suspects in conn.execute("SELECT current_lane, count(*), max(suspect) FROM missions "
@@ -75,34 +86,52 @@ def lane_views(conn: sqlite3.Connection, fleet: LaneSet, now: float, full: froze
     daily: dict[tuple[str, str], int] = {(r[0], r[1]): r[2] for r in conn.execute(
         "SELECT lane, class, n FROM usage_daily WHERE day = ?", (day,))}
     views, swrr = [], {}
-    for name, lane in sorted(fleet.lanes.items()):
+    specs = [(name, host, lane_spec(name, lane)) for name, lane in fleet.lanes.items()]
+    specs += [(name, owner, spec) for name, (owner, spec) in remote.items()]
+    for name, owner, spec in sorted(specs, key=lambda x: x[0]):
         state, healthy, invocation, weight_state, promoted = rows.get(name, ("active", 1, None, 0, None))
-        if not lane.enabled:
+        if not spec["enabled"]:
             state = "disabled"
-        rate = {c: q.rate_per_minute for c, q in lane.quotas.items() if q.rate_per_minute is not None}
-        budget = {c: q.daily_budget for c, q in lane.quotas.items() if q.daily_budget is not None}
+        quotas = spec.get("quotas") or {}
+        rate = {c: q["rate_per_minute"] for c, q in quotas.items() if q.get("rate_per_minute") is not None}
+        budget = {c: q["daily_budget"] for c, q in quotas.items() if q.get("daily_budget") is not None}
         used_min = {c: conn.execute("SELECT count(*) FROM attempts WHERE lane = ? AND class = ? "
                                     "AND dispatched_at > ?", (name, c, now - RATE_WINDOW_S)).fetchone()[0]
                     for c in rate}
-        views.append(LaneView(name=name, capacity=lane.capacity, classes=frozenset(lane.classes), state=state,
+        local = name in fleet.lanes
+        gone = away.get(owner) if owner is not None else None
+        views.append(LaneView(name=name, capacity=spec["capacity"], classes=frozenset(spec["classes"]), state=state,
                               healthy=bool(healthy),
-                              in_flight=max(flight.get(name, 0), lane.capacity if name in full else 0),
-                              weight=lane.weight if promoted is None else promoted,
-                              fallback=lane.fallback, tags=frozenset(lane.tags), rate_per_minute=rate,
-                              daily_budget=budget, used_minute=used_min,
+                              in_flight=max(flight.get(name, 0), spec["capacity"] if local and name in full else 0),
+                              weight=spec["weight"] if promoted is None else promoted,
+                              fallback=spec.get("fallback"), tags=frozenset(spec.get("tags") or ()),
+                              rate_per_minute=rate, daily_budget=budget, used_minute=used_min,
                               used_day={c: daily.get((name, c), 0) for c in budget}, invocation=invocation,
-                              quarantine=name in quarantined))
-        swrr[name] = weight_state
+                              quarantine=name in quarantined, host=owner, local=local,
+                              away=None if gone is None else gone[0], away_moves=gone is not None and gone[1]))
+        if local:
+            swrr[name] = weight_state
     return tuple(views), swrr
+
+
+def lane_spec(name: str, lane: Any) -> dict[str, Any]:
+    """What the policy needs of a lane (``lanectl.config.Lane``), as its host publishes it for other hosts' passes
+    (``lanes.spec``, written at start and reload: ``lanectl.ledger.hosts.claim_in``)."""
+    return {"capacity": lane.capacity, "classes": sorted(lane.classes), "tags": sorted(lane.tags),
+            "fallback": lane.fallback, "weight": lane.weight, "enabled": lane.enabled,
+            "session_prefix": lane.resolved_prefix(name),
+            "quotas": {c: {"rate_per_minute": q.rate_per_minute, "daily_budget": q.daily_budget}
+                       for c, q in sorted(lane.quotas.items())}}
 
 
 _NO_TAGS: Final = frozenset[str]()
 
 
 def _queued(row: tuple[Any, ...], active: dict[str, str]) -> QueuedMission:
-    mid, cls, created, deadline, lane, tags, session, owner, suspect = row
+    mid, cls, created, deadline, lane, tags, session, owner, suspect, stays = row
     return QueuedMission(mid, cls, created, deadline, lane, _NO_TAGS if tags == "[]" else frozenset(json.loads(tags)),
-                         session, owner, active.get(session) if session is not None else None, suspect)
+                         session, owner, active.get(session) if session is not None else None, suspect,
+                         bool(stays))
 
 
 BACKOFF_CAP_S: Final = 60.0
@@ -190,17 +219,20 @@ class QueueView:
     blocked: dict[GroupKey, int | None]
 
 
-def read_queue(conn: sqlite3.Connection, fleet: LaneSet, now: float, full: frozenset[str] = frozenset()) -> QueueView:
-    lanes, swrr = lane_views(conn, fleet, now, full)
+def read_queue(conn: sqlite3.Connection, fleet: LaneSet, now: float, full: frozenset[str] = frozenset(),
+               host: str | None = None) -> QueueView:
+    lanes, swrr = lane_views(conn, fleet, now, full, host)
     views = {ln.name: ln for ln in lanes}
     groups = queue_groups(conn)
     plan: list[tuple[GroupKey, int]] = []
     blocked: dict[GroupKey, int | None] = {}
     for key in groups:
         rank, target, tags = key
-        room = dispatch.group_room(target or None, _tagset(tags), CLASSES[rank], views)
+        room = dispatch.group_room(target or None, _tagset(tags), CLASSES[rank], views, local_only=True)
         if room:
             plan.append((key, min(HEAD_MAX, max(HEAD_MIN, 2 * room))))
+        elif dispatch.group_room(target or None, _tagset(tags), CLASSES[rank], views):
+            continue  # only another host's lanes can take from it now: that host reads it (and its waits)
         else:
             plan.append((key, 1))
             blocked[key] = None
@@ -208,6 +240,8 @@ def read_queue(conn: sqlite3.Connection, fleet: LaneSet, now: float, full: froze
     for session, lane in conn.execute("SELECT session, min(current_lane) FROM missions WHERE state IN "
                                       "('dispatched', 'running') AND session IS NOT NULL GROUP BY session"):
         view = views.get(lane)
+        if view is not None and not view.local and view.available:
+            continue  # it runs on another host's lane: that host takes the rest of it
         free = view.capacity - view.in_flight if view is not None and view.available else 0
         busy.append((session, min(HEAD_MAX, max(HEAD_MIN, 2 * free)) if free > 0 else 1))
     queue = queue_head(conn, plan, now=now, backoff_s=fleet.settings.leases.retry_backoff_sec, sessions=busy)
@@ -219,8 +253,8 @@ def read_queue(conn: sqlite3.Connection, fleet: LaneSet, now: float, full: froze
     return QueueView(Snapshot(lanes, tuple(queue), max_wait, swrr), groups, blocked)
 
 
-def snapshot(conn: sqlite3.Connection, fleet: LaneSet, now: float) -> Snapshot:
-    return read_queue(conn, fleet, now).snapshot
+def snapshot(conn: sqlite3.Connection, fleet: LaneSet, now: float, host: str | None = None) -> Snapshot:
+    return read_queue(conn, fleet, now, host=host).snapshot
 
 
 def _tagset(tags: str) -> frozenset[str]:
@@ -251,7 +285,7 @@ def run_once(ledger: Ledger, fleet: LaneSet, *, now: float, sweep: int = WAIT_SW
             return TickResult([], [], [], {}, held=False)
         leases = ms.expire_leases_in(conn, now=now)
         deadlines = ms.expire_deadlines_in(conn, now=now)
-        view = read_queue(conn, fleet, now, full)
+        view = read_queue(conn, fleet, now, full, None if holder is None else holder[0])
         snap = view.snapshot
         decision = dispatch.decide(snap, now)
         invocations = {ln.name: ln.invocation for ln in snap.lanes}
@@ -270,7 +304,7 @@ NOT_INSTALLED = "not installed: in lanes.d but it has no unit yet ('lanectl inst
 
 
 def explain(ledger: Ledger, fleet: LaneSet, mission_id: int, *, now: float,
-            installed: Collection[str] | None = None) -> dict[str, Any]:
+            installed: Collection[str] | None = None, host: str | None = None) -> dict[str, Any]:
     """Why a mission is (not) running: its state, and for a queued one every lane and why it is skipped.
 
     ``installed``: the lanes of the installed fleet (its manifest); a lane of lanes.d that is not among them
@@ -283,21 +317,23 @@ def explain(ledger: Ledger, fleet: LaneSet, mission_id: int, *, now: float,
                           else f"not queued: {m.state}")
         return out
     conn = ledger.conn
-    snap = snapshot(conn, fleet, now)
+    snap = snapshot(conn, fleet, now, host)
     owner = None
     active = None
+    stays = False
     if m.session is not None:
-        row = conn.execute("SELECT lane FROM sessions WHERE id = ?", (m.session,)).fetchone()
-        owner = row[0] if row else None
+        row = conn.execute("SELECT lane, stays FROM sessions WHERE id = ?", (m.session,)).fetchone()
+        owner, stays = (row[0], bool(row[1])) if row else (None, False)
         row = conn.execute("SELECT current_lane FROM missions WHERE session = ? AND state IN ('dispatched', "
                            "'running') LIMIT 1", (m.session,)).fetchone()
         active = row[0] if row else None
     suspect = conn.execute("SELECT suspect FROM missions WHERE id = ?", (m.id,)).fetchone()[0]
     q = QueuedMission(m.id, m.cls, m.created_at, m.deadline, m.lane, frozenset(m.tags), m.session, owner, active,
-                      suspect)
+                      suspect, stays)
     verdicts = dispatch.explain(q, snap, now)
     if installed is not None:
-        verdicts = [v if v.lane in installed else dispatch.LaneVerdict(v.lane, False, NOT_INSTALLED) for v in verdicts]
+        verdicts = [v if v.lane in installed or v.lane not in fleet.lanes
+                    else dispatch.LaneVerdict(v.lane, False, NOT_INSTALLED) for v in verdicts]
     out["lanes"] = [{"lane": v.lane, "eligible": v.eligible, "reason": v.reason} for v in verdicts]
     ahead = conn.execute("SELECT coalesce(sum(n), 0) FROM queue_depth WHERE rank < ?",  # kept by triggers
                          (RANK[m.cls],)).fetchone()[0]

@@ -54,7 +54,8 @@ def test_hosts_lists_state_lease_lanes_and_in_flight(app, env) -> None:  # type:
     assert sorted(rows) == ["web-1", "web-2"]
     one = rows["web-1"]
     assert set(one) == {"name", "incarnation", "boot_id", "pid", "started_at", "heartbeat_at", "lease_expires",
-                        "state", "heartbeat_age_s", "lease_left_s", "expired", "lanes", "in_flight"}
+                        "state", "heartbeat_age_s", "lease_left_s", "expired", "lanes", "in_flight", "drained",
+                        "drained_at", "drained_by"}
     assert (one["state"], one["incarnation"], one["pid"], one["lanes"], one["in_flight"]) == (
         "up", "a" * 32, 1234, ["alpha"], 0)
     assert 0 < one["lease_left_s"] <= LEASE and one["expired"] is False
