@@ -23,7 +23,10 @@ import os
 import secrets
 from pathlib import Path
 
-from lanectl.ledger import hosts
+from collections.abc import Mapping
+from typing import Any
+
+from lanectl.ledger import hosts, tick
 from lanectl.supervisor.shared import Shared
 
 log = logging.getLogger("lanectl.supervisor")
@@ -71,7 +74,8 @@ class HostLease:
     def register(self, now: float) -> None:
         """At start: a new incarnation, the lease, this host's lanes (``lane_owned_by_other_host``, exit 3)."""
         old = hosts.register(self.shared.db, self.name, self.incarnation, boot_id(), os.getpid(), now,
-                             self.lease_sec, sorted(self.shared.fleet.lanes), exclusive=self.exclusive())
+                             self.lease_sec, sorted(self.shared.fleet.lanes), exclusive=self.exclusive(),
+                             specs=self.specs(self.shared.fleet.lanes))
         self.last_renew = now
         log.info("host %s: incarnation %s%s, lease %gs", self.name, self.incarnation[:8],
                  "" if old is None else f" (was {old.incarnation[:8]}, {old.state})", self.lease_sec)
@@ -80,9 +84,16 @@ class HostLease:
         """The loop's first ``now``: the lease counts from it (the registration's time is the same instant)."""
         self.last_renew = now
 
-    def claim(self, lanes: list[str], now: float) -> None:
-        """A reload: this host owns exactly ``lanes`` from now on (refused like a start)."""
-        hosts.claim(self.shared.db, self.name, self.incarnation, lanes, now=now, exclusive=self.exclusive())
+    def claim(self, lanes: list[str], now: float, configs: Mapping[str, Any] | None = None) -> None:
+        """A reload: this host owns exactly ``lanes`` from now on (refused like a start); ``configs``, the lanes'
+        new configuration (``lanectl.config.Lane`` by name), is published for other hosts' passes."""
+        hosts.claim(self.shared.db, self.name, self.incarnation, lanes, now=now, exclusive=self.exclusive(),
+                    specs=None if configs is None else self.specs(configs))
+
+    @staticmethod
+    def specs(lanes: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+        """What other hosts' policy passes need of each of this host's lanes (``lanes.spec`` in the ledger)."""
+        return {name: tick.lane_spec(name, lane) for name, lane in lanes.items()}
 
     def fence_at(self) -> float:
         """From when on (the loop's clock) the host claims nothing unless it renews first."""

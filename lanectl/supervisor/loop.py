@@ -380,7 +380,7 @@ class Supervisor:
         try:
             fleet = config.load(self.config_source)
             lane_keys = keys.read_lane_keys(Path(fleet.settings.state_dir), sorted(fleet.lanes))
-            self.host.claim(sorted(fleet.lanes), now)  # a lane another host owns: the reload fails, nothing changes
+            self.host.claim(sorted(fleet.lanes), now, fleet.lanes)  # a lane another host owns: the reload fails
         except (LanectlError, OSError) as exc:
             msg = exc.message if isinstance(exc, LanectlError) else str(exc)
             if isinstance(exc, LanectlError) and exc.problems:
