@@ -45,6 +45,7 @@ class BatchLine(BaseModel):
     lane: Optional[str] = None
     tags: List[str] = []
     session: Optional[str] = None
+    session_stays: Optional[bool] = None
     idempotency_key: Optional[str] = None
     max_attempts: Optional[int] = None
 
@@ -131,15 +132,15 @@ def read_batch_stream(fh: BinaryIO, source: str, now: float) -> tuple[list[ms.Su
             err = exc.errors()[0]
             loc = ".".join(str(p) for p in err["loc"])
             raise batch_error(source, f"{where}.{loc}" if loc else where, err["msg"],
-                              "keys: class, payload or argv, deadline, lane, tags, session, idempotency_key, "
-                              "max_attempts") from exc
+                              "keys: class, payload or argv, deadline, lane, tags, session, session_stays, "
+                              "idempotency_key, max_attempts") from exc
         if (item.payload is None) == (item.argv is None):
             raise batch_error(source, where, "needs exactly one of payload and argv", "give one of them")
         deadline = item.deadline if isinstance(item.deadline, float) or item.deadline is None \
             else _line_deadline(source, where, item.deadline, now)
         out.append(ms.SubmitRequest(item.cls, item.payload if item.argv is None else {"argv": item.argv}, deadline,
                                     item.lane, tuple(item.tags), item.session, item.idempotency_key,
-                                    item.max_attempts))
+                                    item.max_attempts, item.session_stays))
         numbers.append(n)
     if not out:
         raise batch_error(source, "", "holds no missions", "write one JSON object per line")

@@ -164,6 +164,23 @@ def wait_drained(ledger_path: Any, lane: str, timeout: float, poll: float = 0.2,
                      progress=told)
 
 
+def wait_host_drained(ledger_path: Any, host: str, timeout: float, poll: float = 0.2,
+                      progress: Progress | None = None) -> list[int]:
+    """Wait until nothing is in flight on host ``host``'s lanes; what is still in flight at the deadline (empty:
+    done)."""
+    from lanectl.ledger import Ledger
+    from lanectl.ledger import hosts
+
+    def told(left: list[int], rest: float) -> None:
+        if progress is not None:
+            progress(f"draining host {host}: {len(left)} mission(s) in flight on its lanes (missions {_ids(left)}); "
+                     f"{rest:.0f}s left of the timeout")
+
+    with Ledger.open(ledger_path, migrate=False) as led:
+        return until(lambda: hosts.in_flight(led.conn, host), timeout, done=lambda left: not left, interval=poll,
+                     progress=told)
+
+
 def wait_up(lanes: dict[str, dict[str, Any]], name: str, timeout: float, poll: float = 0.1,
             progress: Progress | None = None) -> bool:
     """Wait until the lane's unit runs and its health endpoint answers."""

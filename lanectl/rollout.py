@@ -145,6 +145,11 @@ def drain(lane: str, *, wait: bool = False, stop: bool = False, timeout: float =
     ``timeout`` seconds; with ``stop``, then stop the lane's unit."""
     fleet = config.load(config_dir)
     with config.open_ledger(fleet, ledger) as led:
+        host = lane_ops.host_of(led, fleet, lane)
+        if stop and host is not None:
+            raise LanectlError(f"lane {lane!r} runs on host {host!r}: its unit cannot be stopped from this host",
+                               f"drain it from here without --stop, or run 'lanectl drain {lane} --stop' on {host}",
+                               "lane_on_other_host", ExitCode.CONFLICT)
         previous = lane_ops.state_of(led, lane)
         changed = lane_ops.drain(led, fleet, lane, now=led.clock(), reason=reason, take_over=True)
         path = led.path
@@ -160,6 +165,53 @@ def drain(lane: str, *, wait: bool = False, stop: bool = False, timeout: float =
         systemd.run("stop", units.unit_name(lane))
         res.stopped = True
     return res
+
+
+@dataclass
+class HostDrainResult:
+    """What ``host_drain`` / ``host_undrain`` did; ``in_flight`` and ``drained`` only when it waited."""
+
+    host: str
+    changed: bool
+    lanes: list[str] = field(default_factory=list)
+    in_flight: list[int] = field(default_factory=list)
+    drained: bool | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"host": self.host, "changed": self.changed, "lanes": self.lanes, "in_flight": self.in_flight,
+                "drained": self.drained}
+
+
+def host_drain(name: str, *, wait: bool = False, timeout: float = 300.0, reason: str | None = None,
+               config_dir: str | None = None, ledger: str | None = None,
+               progress: lifecycle.Progress | None = None) -> HostDrainResult:
+    """``lanectl host drain``: host ``name``'s lanes take no new work, from any host (through the ledger). With
+    ``wait``, wait until nothing is in flight on its lanes: ``Timeout`` (exit 7, ``host_drain_timeout``)."""
+    from lanectl.ledger import hosts
+
+    with config.open_ledger(config_dir, ledger) as led:
+        changed = hosts.drain(led, name, now=led.clock(), who=lane_ops.actor(), reason=reason)
+        res = HostDrainResult(name, changed, hosts.lanes_of(led.conn, name), hosts.in_flight(led.conn, name))
+        path = led.path
+    if wait:
+        res.in_flight = lifecycle.wait_host_drained(path, name, timeout, progress=progress)
+        res.drained = not res.in_flight
+        if res.in_flight:
+            left = res.in_flight
+            raise Timeout(f"host {name} still has {len(left)} mission(s) in flight on its lanes after {timeout:g}s: "
+                          f"{left[:10]}", "wait longer ('lanectl host drain NAME --wait' again), or cancel them "
+                          "('lanectl mission cancel ID')", "host_drain_timeout")
+    return res
+
+
+def host_undrain(name: str, *, reason: str | None = None, config_dir: str | None = None,
+                 ledger: str | None = None) -> HostDrainResult:
+    """``lanectl host undrain``: host ``name``'s lanes take work again."""
+    from lanectl.ledger import hosts
+
+    with config.open_ledger(config_dir, ledger) as led:
+        changed = hosts.undrain(led, name, now=led.clock(), who=lane_ops.actor(), reason=reason)
+        return HostDrainResult(name, changed, hosts.lanes_of(led.conn, name), hosts.in_flight(led.conn, name))
 
 
 @dataclass
@@ -186,6 +238,9 @@ def undrain(lane: str, *, reason: str | None = None, unit_dir: str | None = None
     --stop`` leaves it)."""
     fleet = config.load(config_dir)
     with config.open_ledger(fleet, ledger) as led:
+        host = lane_ops.host_of(led, fleet, lane)
         changed = lane_ops.undrain(led, fleet, lane, now=led.clock(), reason=reason)
+    if host is not None:  # its unit is another host's: that host's supervisor sees the ledger's change
+        return UndrainResult(lane, changed, {"note": f"its unit runs on host {host} (not started from here)"})
     unit = lifecycle.bring_back(lane, unit_dir, config_dir) if systemd.available() else None
     return UndrainResult(lane, changed, unit)

@@ -1,15 +1,16 @@
 """hosts, host forget: the hosts that share the ledger (issue 13; lanectl.ledger.hosts does the work)."""
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Optional
 
 import typer
 
-from lanectl import config
+from lanectl import config, rollout
 from lanectl.cli.options import CONFIG, JSON, LEDGER
 from lanectl.ledger import hosts as host_ops
 from lanectl.ledger.lanes import actor
-from lanectl.output import command, escape, finish, stdout_console
+from lanectl.output import command, escape, finish, stdout_console, waiting
 
 host_app = typer.Typer(help="Act on one host of the fleet (the hosts sharing this ledger).", no_args_is_help=True)
 
@@ -33,7 +34,8 @@ def _lease(row: dict[str, Any]) -> str:
 @command("hosts")
 def list_(config_dir: Optional[str] = CONFIG, ledger: Optional[str] = LEDGER, json_out: bool = JSON) -> None:
     """List the hosts whose supervisors share this ledger: state, incarnation, heartbeat age, lease left, lanes,
-    missions in flight on their lanes.
+    missions in flight on their lanes; a drained host ('host drain') shows draining, or drained once nothing is
+    in flight.
 
     An SQLite ledger has one host (this one, once its supervisor has started). Exit 6 when the ledger cannot be
     read.
@@ -51,7 +53,9 @@ def list_(config_dir: Optional[str] = CONFIG, ledger: Optional[str] = LEDGER, js
             return
         t = Table("host", "state", "incarnation", "heartbeat", "lease left", "lanes", "in flight")
         for r in rows:
-            t.add_row(escape(r["name"]), r["state"], r["incarnation"][:8], f"{_age(r['heartbeat_age_s'])} ago",
+            state = r["state"] + (f", [yellow]{'draining' if r['in_flight'] else 'drained'}[/]" if r["drained"]
+                                  else "")
+            t.add_row(escape(r["name"]), state, r["incarnation"][:8], f"{_age(r['heartbeat_age_s'])} ago",
                       _lease(r), escape(", ".join(r["lanes"]) or "-"), str(r["in_flight"]))
         out.print(t)
 
@@ -74,3 +78,48 @@ def forget(name: str = typer.Argument(..., metavar="HOST"),
     finish(["host", "forget"], {"host": name, "changed": changed}, json_mode=json_out,
            human=lambda: stdout_console().print(f"host {escape(name)}: " +
                                                 ("forgotten" if changed else "already forgotten")))
+
+
+@host_app.command("drain")
+@command("host", "drain")
+def drain(name: str = typer.Argument(..., metavar="HOST"),
+          wait: bool = typer.Option(False, "--wait", help="Wait until nothing is in flight on the host's lanes."),
+          timeout: float = typer.Option(300.0, help="Seconds --wait waits before exiting 7."),
+          reason: Optional[str] = typer.Option(None, "--reason", help="Why: recorded with the event and your user "
+                                               "name."),
+          config_dir: Optional[str] = CONFIG, ledger: Optional[str] = LEDGER, json_out: bool = JSON) -> None:
+    """Take no new work on any lane of a host; what they run finishes. Works from any host.
+
+    Sessions bound to its lanes move to lanes that can take their next mission (those created with
+    --session-wait wait instead); it stays drained across restarts of its supervisor until 'host undrain'.
+    Idempotent (draining a drained host changes nothing, exit 0). With --wait, returns when nothing is in
+    flight on its lanes (exit 7 at --timeout: it stays drained). Exit 4 for a host the ledger does not know.
+    """
+    with waiting(json_out) if wait else contextlib.nullcontext() as progress:
+        res = rollout.host_drain(name, wait=wait, timeout=timeout, reason=reason, config_dir=config_dir,
+                                 ledger=ledger, progress=progress)
+
+    def human() -> None:
+        word = "draining" if res.changed else "already drained"
+        left = ("; nothing in flight" if wait else
+                f"; {len(res.in_flight)} mission(s) in flight on its lanes" if res.in_flight else "; nothing in flight")
+        stdout_console().print(f"host {escape(name)}: {word}{left}")
+
+    finish(["host", "drain"], res.as_dict(), json_mode=json_out, human=human)
+
+
+@host_app.command("undrain")
+@command("host", "undrain")
+def undrain(name: str = typer.Argument(..., metavar="HOST"),
+            reason: Optional[str] = typer.Option(None, "--reason", help="Why: recorded with the event and your user "
+                                                 "name."),
+            config_dir: Optional[str] = CONFIG, ledger: Optional[str] = LEDGER, json_out: bool = JSON) -> None:
+    """Put a drained host's lanes back into service. Works from any host.
+
+    Sessions that moved away while it was drained stay where they went. Idempotent (exit 0 when it was not
+    drained); exit 4 for a host the ledger does not know.
+    """
+    res = rollout.host_undrain(name, reason=reason, config_dir=config_dir, ledger=ledger)
+    finish(["host", "undrain"], res.as_dict(), json_mode=json_out,
+           human=lambda: stdout_console().print(f"host {escape(name)}: "
+                                                + ("back in service" if res.changed else "was not drained")))

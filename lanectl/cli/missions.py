@@ -42,13 +42,17 @@ def submit(
                                        autocompletion=complete_lane_files),
     tag: Optional[List[str]] = typer.Option(None, "--tag", help="Require a lane with this tag (repeatable)."),
     session: Optional[str] = typer.Option(None, help="Session PREFIX:ID; runs on the lane owning it."),
+    session_stays: Optional[bool] = typer.Option(
+        None, "--session-wait/--session-move",
+        help="When the session's lane's host is dead or drained: wait for its lane, or move to a lane that can "
+             "take it (a new session's default: move; an existing session keeps its choice unless given)."),
     idempotency_key: Optional[str] = typer.Option(None, help="Resubmitting with this key returns the same mission."),
     max_attempts: Optional[int] = typer.Option(None, help="Attempts before the mission is dead (default per class)."),
     batch: Optional[str] = typer.Option(
         None, "--batch", metavar="FILE",
         help=f"Queue many missions at once, all or nothing: one JSON object per line ('-' for stdin), at most "
-             f"{ms.MAX_BATCH} and {BATCH_MAX_BYTES // 2**20} MiB; keys: class, payload or argv, deadline, lane, tags, session, idempotency_key, "
-             f"max_attempts."),
+             f"{ms.MAX_BATCH} and {BATCH_MAX_BYTES // 2**20} MiB; keys: class, payload or argv, deadline, lane, tags, session, "
+             f"session_stays, idempotency_key, max_attempts."),
     ledger: Optional[str] = LEDGER,
     config_dir: Optional[str] = CONFIG,
     json_out: bool = JSON,
@@ -76,7 +80,7 @@ def submit(
         raise ms.invalid("payload", "no payload", "give --payload JSON or '-- COMMAND ARGS'", "payload_missing")
     body: Any = payload if payload is not None else {"argv": list(argv or [])}
     req = ms.SubmitRequest(cls, body, deadline_request(deadline, now), lane, tuple(tag or ()), session,
-                           idempotency_key, max_attempts)
+                           idempotency_key, max_attempts, session_stays)
     res = batches.submit_one(req, config_dir=config_dir, ledger=ledger)  # timed by the ledger's clock
     data = {**res.mission.as_dict(), "changed": res.created}
 
@@ -192,7 +196,8 @@ def explain(mission_id: int = typer.Argument(..., metavar="ID"), ledger: Optiona
     """
     fleet = config.load(config_dir)
     with config.open_ledger(config_dir, ledger) as led:
-        data = tick.explain(led, fleet, mission_id, now=led.clock(), installed=_installed_lanes(fleet))
+        data = tick.explain(led, fleet, mission_id, now=led.clock(), installed=_installed_lanes(fleet),
+                            host=fleet.settings.host)
 
     def human() -> None:
         out = stdout_console()
