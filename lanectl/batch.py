@@ -193,7 +193,8 @@ def submit_batch(batch: str, *, now: float | None = None, config_dir: str | None
     read = read_file(batch, now, stdin)
     fleet = config.load(config_dir)
     try:
-        ms.check_requests(fleet, read.requests, now)  # every refusal before the ledger is opened (or created)
+        # every refusal before the ledger is opened (or created)
+        ms.check_requests(fleet, read.requests, now, shared=config.shared_ledger(fleet.settings))
         with config.open_ledger(config_dir, ledger) as led:
             results = ms.submit_many(led, fleet, read.requests, now=led.clock() if given is None else now)
     except LanectlError as exc:
@@ -214,6 +215,7 @@ def submit_one(request: ms.SubmitRequest, *, now: float | None = None, config_di
     it; ``created`` is false when its idempotency key found the mission it made before. ``now`` None: timed by
     the ledger's clock (``Ledger.clock``), checked first against this host's."""
     fleet = config.load(config_dir)
-    ms.check_requests(fleet, [request], time.time() if now is None else now)
+    ms.check_requests(fleet, [request], time.time() if now is None else now,
+                      shared=config.shared_ledger(fleet.settings))
     with config.open_ledger(config_dir, ledger) as led:
         return ms.submit_many(led, fleet, [request], now=led.clock() if now is None else now)[0]

@@ -165,7 +165,7 @@ class _Request:
 
 def _validate(fleet: LaneSet, *, cls: str, payload: Any, deadline: float | str | None, lane: str | None,
               tags: Iterable[str], session: str | None, key: str | None, max_attempts: int | None,
-              now: float, known_sessions: Mapping[str, str] | None) -> _Request:
+              now: float, known_sessions: Mapping[str, str] | None, all_lanes: bool = True) -> _Request:
     if cls not in RANK:
         raise invalid("class", f"{cls!r} is not a mission class", f"use {CLASS_NAMES}",
                       "unknown_class")
@@ -213,7 +213,7 @@ def _validate(fleet: LaneSet, *, cls: str, payload: Any, deadline: float | str |
         raise invalid("idempotency_key", "must be 1-200 printable ASCII characters without spaces",
                       "use e.g. a UUID or 'producer:job-42'", "bad_idempotency_key")
     tags = sorted(set(tags))
-    if lane is not None:
+    if lane is not None and (all_lanes or lane in fleet.lanes):  # else: another host's lane, checked with the ledger
         if lane not in fleet.lanes:
             known = ", ".join(sorted(fleet.lanes)) or "none"
             raise NotFound(f"lane: no lane named {lane!r}", f"use one of: {known}", "lane_not_found")
@@ -221,7 +221,7 @@ def _validate(fleet: LaneSet, *, cls: str, payload: Any, deadline: float | str |
         if cls not in served.classes:
             raise invalid("lane", f"lane {lane!r} does not serve the {cls} class",
                           f"it serves {', '.join(served.classes)}; pick another lane or class", "lane_class")
-    for tag in tags:
+    for tag in tags if all_lanes else ():
         if not any(tag in ln.tags for ln in fleet.lanes.values()):
             raise NotFound(f"tag: no lane carries the tag {tag!r}", "check the tags in lanes.d/*.toml",
                            "tag_not_found")
@@ -316,6 +316,7 @@ def submit_many(ledger: Ledger, fleet: LaneSet, requests: Sequence[SubmitRequest
     if len(requests) > MAX_BATCH:
         raise invalid("requests", f"{len(requests)} missions in one batch, more than {MAX_BATCH}",
                       f"split the batch into chunks of at most {MAX_BATCH}", "batch_too_large")
+    fleet = with_other_hosts(ledger.conn, fleet)
     sessions = sorted({r.session for r in requests if r.session is not None})
     known = _known_sessions(ledger.conn, sessions)
     reqs = _validate_all(fleet, requests, now, known)
@@ -388,23 +389,57 @@ def _known_sessions(conn: Any, sessions: Sequence[str]) -> dict[str, str]:
     return known
 
 
-def check_requests(fleet: LaneSet, requests: Sequence[SubmitRequest], now: float) -> None:
+def check_requests(fleet: LaneSet, requests: Sequence[SubmitRequest], now: float, *, shared: bool = False) -> None:
     """Every check of ``submit_many`` that needs no ledger (sessions' owners excepted), with the same errors: run
-    it before opening the ledger, so that a refused request creates no ledger file."""
+    it before opening the ledger, so that a refused request creates no ledger file. ``shared`` (a PostgreSQL
+    ledger other hosts may share): a lane or tag not in this host's ``lanes.d/`` may be another host's, so it is
+    left to ``submit_many``, which knows every host's lanes."""
     if len(requests) > MAX_BATCH:
         raise invalid("requests", f"{len(requests)} missions in one batch, more than {MAX_BATCH}",
                       f"split the batch into chunks of at most {MAX_BATCH}", "batch_too_large")
-    _validate_all(fleet, requests, now, None)
+    _validate_all(fleet, requests, now, None, all_lanes=not shared)
+
+
+@dataclass(frozen=True)
+class _Published:
+    """Another host's lane as the ledger knows it (its host's published spec): what a submit checks of it."""
+
+    classes: list[str]
+    tags: list[str]
+    session_prefix: str
+
+    def resolved_prefix(self, name: str) -> str:
+        return self.session_prefix or name
+
+
+@dataclass(frozen=True)
+class _Fleet:
+    lanes: Mapping[str, Any]
+    settings: Any
+    lanes_dir: Any = None
+
+
+def with_other_hosts(conn: Any, fleet: LaneSet) -> LaneSet:
+    """``fleet`` and the lanes other hosts of the ledger run (their published specs), for a submit's checks:
+    ``--lane``, ``--tag`` and ``--session`` may name them (issue 13). The same fleet when there are none (SQLite)."""
+    other: dict[str, Any] = {}
+    for name, spec in conn.execute("SELECT name, spec FROM lanes WHERE host IS NOT NULL AND spec IS NOT NULL"):
+        if name not in fleet.lanes:
+            doc = json.loads(spec)
+            other[name] = _Published(list(doc["classes"]), list(doc.get("tags") or ()), doc.get("session_prefix") or name)
+    if not other:
+        return fleet
+    return _Fleet({**fleet.lanes, **other}, fleet.settings, fleet.lanes_dir)  # type: ignore[return-value]
 
 
 def _validate_all(fleet: LaneSet, requests: Sequence[SubmitRequest], now: float,
-                  known: Mapping[str, str] | None) -> list[_Request]:
+                  known: Mapping[str, str] | None, all_lanes: bool = True) -> list[_Request]:
     out = []
     for i, r in enumerate(requests):
         try:
             out.append(_validate(fleet, cls=r.cls, payload=r.payload, deadline=r.deadline, lane=r.lane,
                                  tags=r.tags, session=r.session, key=r.idempotency_key,
-                                 max_attempts=r.max_attempts, now=now, known_sessions=known))
+                                 max_attempts=r.max_attempts, now=now, known_sessions=known, all_lanes=all_lanes))
             out[-1].session_stays = r.session_stays
             if r.session_stays is not None and r.session is None:
                 raise invalid("session_stays", "is a choice of a session, and the mission has none",

@@ -200,6 +200,32 @@ def test_the_sessions_choice_is_set_at_creation_and_changed_by_a_later_submit(tw
     assert err.value.code == "session_missing" and err.value.exit_code == ExitCode.USAGE
 
 
+def test_a_submit_on_one_host_may_name_another_hosts_lane_and_sessions(two) -> None:  # type: ignore[no-untyped-def]
+    led, fa, fb = two
+    assert "a1" not in fb.lanes
+    # from host b: a session of a1's prefix, and --lane a1, as the ledger knows a1 (its host published it)
+    s = ms.submit(led, fb, cls="interactive", payload={}, session="a1:from-b", now=T0).mission.id
+    p = ms.submit(led, fb, cls="background", payload={}, lane="a1", now=T0).mission.id
+    assert session_lane(led, "a1:from-b") == "a1"
+    assert run(led, fb, "b", T0 + 1).dispatches == []  # a1 is a's: b leaves it
+    assert sorted(d.mission for d in run(led, fa, "a", T0 + 1).dispatches) == [s, p]
+    # a session that moved to b1 takes submits from host a too (b1 is not in a's lanes.d/)
+    ms.submit(led, fb, cls="interactive", payload={}, session="a1:moved", now=T0 + 2)
+    lane_ops.reroute(led, fb, "a1", "b1", now=T0 + 2, sessions=True)
+    assert session_lane(led, "a1:moved") == "b1"
+    again = ms.submit(led, fa, cls="interactive", payload={}, session="a1:moved", now=T0 + 3).mission.id
+    assert ms.get(led, again).session == "a1:moved"
+    for bad, code in (({"lane": "nowhere"}, "lane_not_found"), ({"session": "zz:1"}, "session_not_found"),
+                      ({"tags": ["gpu"]}, "tag_not_found")):
+        with pytest.raises(LanectlError) as err:
+            ms.submit(led, fb, cls="background", payload={}, now=T0 + 4, **bad)
+        assert err.value.code == code
+    # checked before the ledger is opened: on a shared ledger another host's lane is left to the ledger's check
+    ms.check_requests(fb, [ms.SubmitRequest("background", {}, lane="a1")], T0, shared=True)
+    with pytest.raises(LanectlError, match="no lane named 'a1'"):
+        ms.check_requests(fb, [ms.SubmitRequest("background", {}, lane="a1")], T0)
+
+
 # ------------------------------------------------------------------------------------------------- fallback
 
 
