@@ -316,17 +316,20 @@ def submit_many(ledger: Ledger, fleet: LaneSet, requests: Sequence[SubmitRequest
     if len(requests) > MAX_BATCH:
         raise invalid("requests", f"{len(requests)} missions in one batch, more than {MAX_BATCH}",
                       f"split the batch into chunks of at most {MAX_BATCH}", "batch_too_large")
-    fleet = with_other_hosts(ledger.conn, fleet)
     sessions = sorted({r.session for r in requests if r.session is not None})
     known = _known_sessions(ledger.conn, sessions)
-    reqs = _validate_all(fleet, requests, now, known)
+    deferred: LanectlError | None = None
+    try:
+        reqs: list[_Request] | None = _validate_all(fleet, requests, now, known)
+    except LanectlError as exc:  # it may name another host's lane, tag or session: checked with theirs below
+        deferred, reqs = exc, None
     refused: LanectlError | None = None
     with ledger.transaction() as conn:
-        if sessions:
-            again = _known_sessions(conn, sessions)  # a session may have appeared or moved since the first read
-            if again != known:
-                known = again
-                reqs = _validate_all(fleet, requests, now, known)
+        again = _known_sessions(conn, sessions) if sessions else known  # a session may have appeared or moved
+        if reqs is None or again != known:
+            known = again
+            full = with_other_hosts(conn, fleet) if deferred is not None else fleet
+            reqs = _validate_all(full, requests, now, known)
         results: list[SubmitResult | None] = [None] * len(reqs)
         keys = [r.key for r in reqs if r.key is not None]
         existing: dict[str, tuple[Any, ...]] = {}

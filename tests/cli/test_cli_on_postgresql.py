@@ -159,6 +159,8 @@ SCRIPT: list[tuple[str, ...]] = [
     ("missions", "--limit", "100"),
     ("hosts",),
     ("host", "forget", "nobody"),
+    ("host", "drain", "nobody"),
+    ("host", "undrain", "nobody"),
 ]
 """The script: each step's {root}/{batch} is the world's own directory / batch file."""
 
@@ -171,6 +173,7 @@ EXPECTED_CODES: list[int] = [
     0, 0, 6, 3, 6, 0, 6,  # lane show/list, status/probe/top/drill without systemd (probe: UNKNOWN), snapshot
     0, 0, 5, 0, 5, 0, 0,  # prune, lane remove (work in flight: 5), events, missions
     0, 4,  # hosts (none registered: no supervisor ran), host forget of a host never recorded
+    4, 4,  # host drain, host undrain of a host never recorded
 ]
 """Each step's exit code (the same on both engines): that the script does what it says, not only alike."""
 NO_LEDGER_OPTION = {("status",), ("lane", "list"), ("lane", "show", "alpha")}
