@@ -51,8 +51,8 @@ def submit(
     batch: Optional[str] = typer.Option(
         None, "--batch", metavar="FILE",
         help=f"Queue many missions at once, all or nothing: one JSON object per line ('-' for stdin), at most "
-             f"{ms.MAX_BATCH} and {BATCH_MAX_BYTES // 2**20} MiB; keys: class, payload or argv, deadline, lane, tags, session, "
-             f"session_stays, idempotency_key, max_attempts."),
+             f"{ms.MAX_BATCH} and {BATCH_MAX_BYTES // 2**20} MiB; keys: class, payload or argv, deadline, lane, "
+             f"tags, session, session_stays, idempotency_key, max_attempts."),
     ledger: Optional[str] = LEDGER,
     config_dir: Optional[str] = CONFIG,
     json_out: bool = JSON,

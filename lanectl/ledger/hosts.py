@@ -156,8 +156,8 @@ def check_fallbacks(conn: Any, name: str, lanes: Any, specs: Specs) -> None:
     if bad:
         lane, fb = bad[0]
         raise LanectlError(
-            f"host {name!r}: lane {lane!r} falls back to {fb!r}, which no host of the ledger runs (lanes.d/{lane}.toml, "
-            "field fallback)", f"start the host that runs {fb!r} first (its supervisor publishes its lanes), fix "
+            f"host {name!r}: lane {lane!r} falls back to {fb!r}, which no host of the ledger runs "
+            f"(lanes.d/{lane}.toml, field fallback)", f"start the host that runs {fb!r} first (its supervisor publishes its lanes), fix "
             "the name, or remove the field", "fallback_unknown", ExitCode.CONFIG)
 
 

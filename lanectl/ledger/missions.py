@@ -429,7 +429,8 @@ def with_other_hosts(conn: Any, fleet: LaneSet) -> LaneSet:
     for name, spec in conn.execute("SELECT name, spec FROM lanes WHERE host IS NOT NULL AND spec IS NOT NULL"):
         if name not in fleet.lanes:
             doc = json.loads(spec)
-            other[name] = _Published(list(doc["classes"]), list(doc.get("tags") or ()), doc.get("session_prefix") or name)
+            other[name] = _Published(list(doc["classes"]), list(doc.get("tags") or ()),
+                                     doc.get("session_prefix") or name)
     if not other:
         return fleet
     return _Fleet({**fleet.lanes, **other}, fleet.settings, fleet.lanes_dir)  # type: ignore[return-value]
