@@ -165,7 +165,7 @@ class _Request:
 
 def _validate(fleet: LaneSet, *, cls: str, payload: Any, deadline: float | str | None, lane: str | None,
               tags: Iterable[str], session: str | None, key: str | None, max_attempts: int | None,
-              now: float, known_sessions: Mapping[str, str] | None, all_lanes: bool = True) -> _Request:
+              now: float, known_sessions: Mapping[str, str] | None) -> _Request:
     if cls not in RANK:
         raise invalid("class", f"{cls!r} is not a mission class", f"use {CLASS_NAMES}",
                       "unknown_class")
@@ -213,7 +213,7 @@ def _validate(fleet: LaneSet, *, cls: str, payload: Any, deadline: float | str |
         raise invalid("idempotency_key", "must be 1-200 printable ASCII characters without spaces",
                       "use e.g. a UUID or 'producer:job-42'", "bad_idempotency_key")
     tags = sorted(set(tags))
-    if lane is not None and (all_lanes or lane in fleet.lanes):  # else: another host's lane, checked with the ledger
+    if lane is not None:
         if lane not in fleet.lanes:
             known = ", ".join(sorted(fleet.lanes)) or "none"
             raise NotFound(f"lane: no lane named {lane!r}", f"use one of: {known}", "lane_not_found")
@@ -221,7 +221,7 @@ def _validate(fleet: LaneSet, *, cls: str, payload: Any, deadline: float | str |
         if cls not in served.classes:
             raise invalid("lane", f"lane {lane!r} does not serve the {cls} class",
                           f"it serves {', '.join(served.classes)}; pick another lane or class", "lane_class")
-    for tag in tags if all_lanes else ():
+    for tag in tags:
         if not any(tag in ln.tags for ln in fleet.lanes.values()):
             raise NotFound(f"tag: no lane carries the tag {tag!r}", "check the tags in lanes.d/*.toml",
                            "tag_not_found")
@@ -400,7 +400,13 @@ def check_requests(fleet: LaneSet, requests: Sequence[SubmitRequest], now: float
     if len(requests) > MAX_BATCH:
         raise invalid("requests", f"{len(requests)} missions in one batch, more than {MAX_BATCH}",
                       f"split the batch into chunks of at most {MAX_BATCH}", "batch_too_large")
-    _validate_all(fleet, requests, now, None, all_lanes=not shared)
+    try:
+        _validate_all(fleet, requests, now, None)
+    except LanectlError as exc:
+        if not (shared and exc.code in ("lane_not_found", "tag_not_found")):
+            raise
+        # the first refusal may be another host's lane or tag: from that request on, the batch is checked in
+        # order by submit_many, against every host's lanes (a PostgreSQL ledger is never created by a submit)
 
 
 @dataclass(frozen=True)
@@ -437,13 +443,13 @@ def with_other_hosts(conn: Any, fleet: LaneSet) -> LaneSet:
 
 
 def _validate_all(fleet: LaneSet, requests: Sequence[SubmitRequest], now: float,
-                  known: Mapping[str, str] | None, all_lanes: bool = True) -> list[_Request]:
+                  known: Mapping[str, str] | None) -> list[_Request]:
     out = []
     for i, r in enumerate(requests):
         try:
             out.append(_validate(fleet, cls=r.cls, payload=r.payload, deadline=r.deadline, lane=r.lane,
                                  tags=r.tags, session=r.session, key=r.idempotency_key,
-                                 max_attempts=r.max_attempts, now=now, known_sessions=known, all_lanes=all_lanes))
+                                 max_attempts=r.max_attempts, now=now, known_sessions=known))
             out[-1].session_stays = r.session_stays
             if r.session_stays is not None and r.session is None:
                 raise invalid("session_stays", "is a choice of a session, and the mission has none",

@@ -100,7 +100,8 @@ def test_a_fallback_outside_lanes_d_is_left_to_the_ledger_on_postgresql(tmp_path
 
 def test_a_start_is_refused_a_fallback_no_host_runs_and_accepted_once_one_does(tmp_path: Path,
                                                                                 pg_server: PgServer) -> None:
-    url = pg_server.url(pg_server.create_db("fallback"))
+    db = pg_server.create_db("fallback")
+    url = pg_server.url(db)
     etc = write_config(tmp_path, {"alpha": free_port()})
     f = etc / "lanes.d" / "alpha.toml"
     f.write_text(f.read_text().replace("capacity = 1", 'capacity = 1\nfallback = "zeta"'))
@@ -115,7 +116,7 @@ def test_a_start_is_refused_a_fallback_no_host_runs_and_accepted_once_one_does(t
     with pytest.raises(LanectlError) as err:
         refused.open()
     assert refused.locks == []  # the start ended cleanly
-    refused.shared.ledger.close()  # type: ignore[union-attr]
+    refused.close()  # its ledger connection, LISTEN thread and read pool (opened before the refusal)
     assert err.value.code == "fallback_unknown" and err.value.exit_code == ExitCode.CONFIG
     assert "'alpha' falls back to 'zeta'" in err.value.message
     with Ledger.open(url) as led:
@@ -130,4 +131,4 @@ def test_a_start_is_refused_a_fallback_no_host_runs_and_accepted_once_one_does(t
         assert s.ledger is not None and spec(s.ledger, "alpha")["fallback"] == "zeta"
     finally:
         s.close()
-    pg_server.drop_db("fallback")
+    pg_server.drop_db(db)
