@@ -17,11 +17,11 @@ result. Rules (DESIGN.md, "Dispatch policy"):
   reason is returned (recorded as a ``waiting`` event).
 - Several hosts (issue 13): the snapshot holds every host's lanes; this host may assign only to its own
   (``local``). A mission that only another host's lane can take now is left to that host (neither assigned nor
-  waiting), so every host computes the same routes and the same waits. A lane whose host cannot run it (``away``:
-  the host is dead, forgotten, stopped or drained) is unavailable, and its fallback chain applies. A session whose
-  lane's host is dead or drained (``away_moves``) follows the chain and, with no lane on it, moves to any lane that
-  can take its mission (``session_move``, with the reason); a session that chose to wait for its lane
-  (``session_stays``) waits instead.
+  waiting): every host computes the same routes and records a wait only for what no host's lane can take. A lane
+  whose host cannot run it (``away``: the host is dead, forgotten, stopped or drained) is unavailable, and its
+  fallback chain applies. A session whose lane's host is dead or drained (``away_moves``) follows the chain and,
+  with no lane on it, moves to any lane that can take its mission (``session_move``, with the reason); a session
+  that chose to wait for its lane (``session_stays``) waits instead.
 - Among eligible lanes: smooth weighted round-robin (nginx's SWRR) by ``weight`` over the lanes eligible for this
   mission, ties broken by least in flight, then name. Lanes of weight 0 are used only when no lane with weight is
   eligible. The SWRR state is part of the snapshot and of the result, so a plan is deterministic.
