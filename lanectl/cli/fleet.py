@@ -125,8 +125,9 @@ def status(lanes: Optional[List[str]] = LANES, unit_dir: Optional[str] = UNIT_DI
     from lanectl.status import collect, installed_fleet
 
     data = installed_fleet(paths.unit_dir(unit_dir), config_dir)
+    fleet: dict[str, Any] = {}
     run_status(collect(data["lanes"], lanes or None, data.get("supervisor"), ledger=manifest.ledger(data),
-                       unit_dir=paths.unit_dir(unit_dir)), json_out)
+                       unit_dir=paths.unit_dir(unit_dir), host=data.get("host"), fleet=fleet), json_out, fleet)
 
 
 @command("top")
