@@ -23,13 +23,13 @@ def run_status(rows: list[LaneStatus], json_out: bool, fleet: dict[str, Any] | N
     code = ExitCode.OK if all(r.ok for r in rows) else ExitCode.UNHEALTHY
     unread = next((r.dispatch_error for r in rows if r.kind == "lane" and r.dispatch_error), None)
     warnings = []
-    down = ledger_down(rows)
-    if down is not None:
-        warnings.append(down)
     if unread:
         warnings.append(dispatch_unknown(unread))
         if code == ExitCode.OK:
             code = ExitCode.UNAVAILABLE
+    down = ledger_down(rows)
+    if down is not None:
+        warnings.append(down)
     data = {"lanes": [r.as_dict() for r in rows if r.kind == "lane"], "ok": code == ExitCode.OK,
             "host": fleet.get("host"), "hosts": fleet.get("hosts")}
     sup = [r.as_dict() for r in rows if r.kind == "supervisor"]
@@ -43,17 +43,22 @@ def run_status(rows: list[LaneStatus], json_out: bool, fleet: dict[str, Any] | N
 
 def ledger_down(rows: list[LaneStatus]) -> Problem | None:
     """This host's supervisor cannot reach the ledger (``ledger_ok`` false in its /healthz): since when, and
-    what the host does meanwhile (docs/multihost.md, "The database is down")."""
+    what the host does meanwhile (docs/multihost.md, "The database is down"); or it is fenced (``fenced`` in its
+    /healthz: it claims no new work)."""
     import time
 
     sup = next((r for r in rows if r.kind == "supervisor"), None)
     body = sup.health.body if sup is not None and isinstance(sup.health.body, dict) else {}
+    who = f"host {sup.host}" if sup is not None and sup.host else "this host"
     if body.get("ledger_ok") is not False:
+        if body.get("fenced"):  # it reaches the ledger but holds no lease (superseded, declared dead, forgotten)
+            return Problem(f"{who} is fenced: {body.get('fence_reason') or 'no reason given'}",
+                           hint="it claims no new work; its lanes run what they hold (docs/multihost.md)",
+                           code="host_fenced", severity="warning")
         return None
     since = body.get("ledger_unreachable_since")
     when = (f" since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(since))} ({time.time() - since:.0f}s)"
             if isinstance(since, (int, float)) else "")
-    who = f"host {sup.host}" if sup is not None and sup.host else "this host"
     return Problem(f"ledger unreachable{when} from {who} (its supervisor says: {body.get('ledger_error') or '?'})",
                    hint="meanwhile its lanes run what they hold, their outcomes are kept and delivered when the "
                         "ledger answers again, and nothing new is claimed (docs/multihost.md, 'The database is "

@@ -165,6 +165,13 @@ def test_status_names_the_host_and_since_when_its_supervisor_cannot_reach_the_le
     [down] = [w for w in doc["errors"] if w["code"] == "ledger_unreachable"]
     assert down["message"].startswith("ledger unreachable since 2026-09-21T") and "from host web-1" in down["message"]
     assert "connection refused" in down["message"] and "nothing new is claimed" in down["hint"]
+    assert doc["errors"][0]["code"] == "ledger_unreadable"  # what this run could not read comes first
+    # a supervisor that reaches the ledger but is fenced (its record changed hands): a warning, nothing else
+    body = {"host": "web-1", "ledger_ok": True, "fenced": True, "fence_reason": "the host's record is dead"}
+    rows, seen = status_of(str(tmp_path / "absent.db"), host=None, body=body)
+    code, doc = rendered(rows, seen, capsys)
+    assert [(w["code"], w["message"]) for w in doc["errors"] if w["code"] == "host_fenced"] == [
+        ("host_fenced", "host web-1 is fenced: the host's record is dead")]
 
 
 def test_probe_is_critical_for_a_lost_host_with_work_and_warns_for_a_fenced_one(led, fleet) -> None:  # type: ignore[no-untyped-def]
