@@ -55,6 +55,8 @@ class HostLease:
         self.superseded: str | None = None
         """Why this incarnation lost its record for good (None: it holds it)."""
         self.last_reap = float("-inf")
+        self.reap_from = float("-inf")
+        """No reaping before this (the loop's clock): one lease after the ledger came back from an outage."""
         self.name = shared.settings.host
         """The host's name, taken once at start (a reload cannot change it: ``bound_settings``)."""
 
@@ -115,14 +117,22 @@ class HostLease:
         """The next renewal, or (PostgreSQL, unfenced) the next look for lost hosts, on the loop's clock."""
         due = self.next_renew()
         if not self.exclusive() and self.superseded is None:
-            due = min(due, self.last_reap + REAP_EVERY_S)
+            due = min(due, max(self.last_reap + REAP_EVERY_S, self.reap_from))
         return due
+
+    def ledger_returned(self, now: float) -> None:
+        """The ledger answers again after an outage (the loop's ``resume_ledger``): reap nobody for one lease.
+        While the database was down no host could renew, so on its clock every lease ran out; the other hosts
+        come back at the same time (each within its reconnect backoff) and renew at their first turn. Reaping at
+        once would declare them all dead, and lose every attempt their lanes are running, for an outage that
+        they survived; a host that is really gone is still reaped a lease later."""
+        self.reap_from = now + self.lease_sec
 
     def maybe_reap(self, now: float) -> None:
         """PostgreSQL, while this host holds its lease: every REAP_EVERY_S, declare dead the hosts whose lease ran
         out and re-queue their lanes' work (the policy pass that follows in this turn can take it). SQLite has one
         host: nothing to reap."""
-        if self.exclusive() or self.fenced(now) or now - self.last_reap < REAP_EVERY_S:
+        if self.exclusive() or self.fenced(now) or now - self.last_reap < REAP_EVERY_S or now < self.reap_from:
             return
         self.last_reap = now
         for dead in hosts.reap(self.shared.db, now, by=self.name):

@@ -191,6 +191,35 @@ def test_a_live_host_reaps_a_host_whose_lease_ran_out(tmp_path: Path, pg: PgServ
 
 
 @needs_pg
+def test_after_a_ledger_outage_nobody_is_reaped_for_one_lease(tmp_path: Path, pg: PgServer) -> None:
+    """The database was down longer than the host lease: on its clock every host's lease ran out. The host that
+    is back first must not declare the others dead (they come back at the same time and renew); one that does not
+    renew within a lease after the outage is reaped as usual."""
+    from lanectl.dispatch import Assignment
+
+    fleet = config.load(write_config(tmp_path, {"alpha": free_port(), "beta": free_port()}))
+    sup = Supervisor(fleet, pg.url(pg.create_db("outage")), use_systemd=False,
+                     callback_socket=str(tmp_path / "cb.sock"), lane_uids={"alpha": os.getuid(), "beta": os.getuid()})
+    sup.open()
+    try:
+        sup.start(T0)
+        assert sup.ledger is not None
+        hosts.register(sup.ledger, "web-9", "9" * 32, "boot", 1, T0, HOST_LEASE, ["zeta"])
+        m = ms.submit(sup.ledger, sup.fleet, cls="background", payload={}, now=T0).mission.id
+        ms.assign(sup.ledger, [Assignment(m, "zeta", "background")], now=T0, lease_sec=60)
+        sup.ledger_failed(RuntimeError("server closed the connection unexpectedly"), T0 + 1)  # the outage
+        assert sup.turn(T0 + 20) and sup.outage is None  # back, 10 s after web-9's lease ran out
+        assert hosts.get(sup.ledger.conn, "web-9").state == "up" and ms.get(sup.ledger, m).state == "dispatched"  # type: ignore[union-attr]
+        assert hosts.renew(sup.ledger, "web-9", "9" * 32, T0 + 22, HOST_LEASE)  # web-9 is back too and renews
+        assert sup.turn(T0 + 31)
+        assert hosts.get(sup.ledger.conn, "web-9").state == "up"  # type: ignore[union-attr]
+        assert sup.turn(T0 + 33)  # web-9 renewed no more: its lease ran out at T0 + 32, the grace is over
+        assert hosts.get(sup.ledger.conn, "web-9").state == "dead" and ms.get(sup.ledger, m).state == "queued"  # type: ignore[union-attr]
+    finally:
+        sup.close()
+
+
+@needs_pg
 def test_a_start_is_refused_lanes_another_host_owns(tmp_path: Path, pg: PgServer) -> None:
     server = pg
     if True:
