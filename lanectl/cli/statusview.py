@@ -78,7 +78,7 @@ def host_notes(hosts: list[dict[str, Any]] | None, here: str | None) -> list[str
                 f"{', ...' if h['in_flight'] > len(h['missions']) else ''})" if h["in_flight"] else "")
         if st == "fenced":
             since = time.strftime("%H:%M:%SZ", time.gmtime(h["heartbeat_at"]))
-            out.append(f"[yellow]host {name} fenced:[/] no lease renewal since {since} ({h['heartbeat_age_s']:.0f}s, "
+            out.append(f"[yellow]host {name} fenced:[/] no lease renewal since {since} ({h['heartbeat_age_s']:.1f}s, "
                        f"lease {h['lease_s']:g}s): its supervisor cannot reach the ledger or is frozen; it claims "
                        f"nothing new, its lanes run what they hold{work}")
         elif st == "expired":
@@ -134,8 +134,9 @@ def print_table(rows: list[LaneStatus], fleet: dict[str, Any] | None = None) -> 
         if r.remote:
             style = HOST_STYLE.get(r.host_status or "", "dim")
             where = f"[{style}]{where}[/]" if style else where
-            t.add_row(name, where, state, dispatch, weight, "-", "-", "-", "-", "-", "-", "-", "-",
-                      "ok (recorded)" if r.recorded_healthy else "unhealthy (recorded)", escape(remote_text(r)))
+            recorded = {True: "ok (recorded)", False: "unhealthy (recorded)"}.get(r.recorded_healthy, "-")
+            t.add_row(name, where, state, dispatch, weight, "-", "-", "-", "-", "-", "-", "-", "-", recorded,
+                      escape(remote_text(r)))
             continue
         t.add_row(name, where, state, dispatch, weight, f"{r.active_state}/{r.sub_state}", str(r.main_pid or "-"),
                   human_duration(r.uptime_s),
