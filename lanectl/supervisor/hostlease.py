@@ -18,6 +18,7 @@ drives the fence with chosen ``now`` values.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
@@ -151,13 +152,21 @@ class HostLease:
         if self.superseded is not None or (now < self.next_renew() and self.fenced_since is None):
             return
         fenced_for = None if self.fenced_since is None else now - self.fenced_since
-        if hosts.renew(self.shared.db, self.name, self.incarnation, now, self.lease_sec, unfenced_after=fenced_for):
+        if hosts.renew(self.shared.db, self.name, self.incarnation, now, self.lease_sec, unfenced_after=fenced_for,
+                       lane_units=self.lane_units()):
             self.last_renew = now
             if self.fenced_since is not None:
                 log.warning("host %s unfenced after %.1fs: lease renewed", self.name, fenced_for)
                 self.fenced_since = self.fence_reason = None
             return
         self.lost(now)
+
+    def lane_units(self) -> str:
+        """What this supervisor last saw of its lanes' units (systemd's state, main PID, restarts; the health
+        flag), written with each renewal so that other hosts' ``status`` can show it (``hosts.lane_units``)."""
+        return json.dumps({n: {"unit": f"{w.active}/{w.sub}" if w.sub else w.active, "pid": w.main_pid or None,
+                               "restarts": max(w.restarts, 0), "healthy": w.healthy}
+                           for n, w in sorted(self.shared.lanes.items())}, sort_keys=True, separators=(",", ":"))
 
     def turn(self, now: float) -> None:
         """A turn that reaches the ledger, before anything else of it: renew when due, then look for lost hosts."""

@@ -83,6 +83,24 @@ def test_the_lease_is_renewed_every_third_of_it(sup: Supervisor) -> None:
     assert sup.next_due() <= T0 + 2 * every  # the loop wakes up for the next renewal
 
 
+def test_each_renewal_publishes_what_the_supervisor_saw_of_its_lanes_units(sup: Supervisor) -> None:
+    """Other hosts' ``status`` shows this host's lanes from what the renewal writes (hosts.lane_units)."""
+    from lanectl.ledger import fleetview
+
+    assert sup.ledger is not None
+    assert fleetview.lane_units(sup.ledger) == {}  # nothing before the first renewal
+    w = sup.lanes["alpha"]
+    w.active, w.sub, w.main_pid, w.restarts, w.healthy = "active", "running", 4321, 2, True
+    assert sup.turn(T0 + HOST_LEASE / 3)
+    seen = fleetview.lane_units(sup.ledger)[sup.host.name]
+    assert seen["alpha"] == {"unit": "active/running", "pid": 4321, "restarts": 2, "healthy": True}
+    assert set(seen) == {"alpha", "beta"}
+    w.active, w.sub, w.main_pid, w.healthy = "failed", "failed", 0, False
+    assert sup.turn(T0 + 2 * HOST_LEASE / 3)
+    assert fleetview.lane_units(sup.ledger)[sup.host.name]["alpha"] == {
+        "unit": "failed/failed", "pid": None, "restarts": 2, "healthy": False}
+
+
 def test_the_fence_comes_a_margin_before_the_lease_runs_out(sup: Supervisor) -> None:
     margin = sup.settings.hosts.fence_margin_s()
     assert margin == 1.0
