@@ -87,9 +87,10 @@ class LaneStatus:
     install manifest does not name it), the owner the ledger records for another host's; None when neither is
     known (the ledger could not be read and the supervisor did not answer)."""
     remote: bool = False
-    """A lane of another host sharing the ledger: systemd's details of its unit are that host's to read; its state
-    comes from what its supervisor records in the ledger (``recorded_healthy``, ``invocation_id``) and from its
-    host's lease (``host_status``)."""
+    """A lane of another host sharing the ledger: its state comes from what its supervisor records in the ledger
+    (``recorded_healthy``, ``invocation_id``; ``active_state``, ``sub_state``, ``main_pid`` and ``restarts`` as it
+    saw the unit at its last lease renewal, ``unknown`` before one) and from its host's lease (``host_status``);
+    systemd's live details (uptime, memory, CPU, watchdog, the health check) are that host's to read."""
     host_status: str | None = None
     """The lane's host as the ledger has it now: up, fenced, expired, stopped, dead, forgotten
     (lanectl.ledger.fleetview); None when the ledger could not be read."""
@@ -144,7 +145,7 @@ class LaneStatus:
                 return True
             if self.dispatch in ("draining", "drained"):
                 return not self.automatic
-            return self.host_alive and bool(self.recorded_healthy)
+            return self.host_alive and bool(self.recorded_healthy) and self.active_state != "failed"
         if not self.enabled:
             return True
         if self.dispatch in ("draining", "drained"):
@@ -164,8 +165,9 @@ class LaneStatus:
     def state(self) -> str:
         """One word for people: up, degraded (running but unhealthy), down, failed, starting, disabled;
         ``orphan`` for a lane unit whose lane is not installed. Another host's lane (``remote``): up or unhealthy
-        as its supervisor records it while its host holds its lease, disabled, else ``lost`` (its host's lease ran
-        out, or it was declared dead), ``down`` (its host stopped cleanly) or ``released`` (its host forgotten)."""
+        (``failed`` when its unit failed) as its supervisor records it while its host holds its lease, disabled,
+        else ``lost`` (its host's lease ran out, or it was declared dead), ``down`` (its host stopped cleanly) or
+        ``released`` (its host forgotten)."""
         if self.kind == "orphan":
             return "orphan"
         if self.remote:
@@ -173,6 +175,8 @@ class LaneStatus:
                 return {"stopped": "down", "forgotten": "released"}.get(self.host_status or "", "lost")
             if self.dispatch == "disabled":
                 return "disabled"
+            if self.active_state == "failed":  # as its supervisor saw the unit at its last renewal
+                return "failed"
             return "up" if self.recorded_healthy else "unhealthy"
         if self.running:
             return "up" if self.health.ok else "degraded"
@@ -341,6 +345,13 @@ def place(rows: list[LaneStatus], fleet: dict[str, Any], host: str | None, insta
                        in_flight=len(flying.get(name, ())), recorded_healthy=rec["healthy"],
                        invocation_id=rec["invocation"] or "")
         r.set_dispatch(view["views"].get(name))
+        seen = view.get("units", {}).get(owner, {}).get(name)
+        if seen:  # what its supervisor saw of the unit at its last lease renewal
+            unit = str(seen.get("unit") or "unknown")
+            r.active_state, _, r.sub_state = unit.partition("/")
+            r.sub_state = r.sub_state or "unknown"
+            r.main_pid = seen.get("pid") if isinstance(seen.get("pid"), int) else None
+            r.restarts = seen.get("restarts") if isinstance(seen.get("restarts"), int) else 0
         remote.append(r)
     at = sum(1 for r in rows if r.kind == "lane")
     rows[at:at] = sorted(remote, key=lambda r: (r.host or "", r.name))

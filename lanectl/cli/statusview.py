@@ -135,8 +135,9 @@ def print_table(rows: list[LaneStatus], fleet: dict[str, Any] | None = None) -> 
             style = HOST_STYLE.get(r.host_status or "", "dim")
             where = f"[{style}]{where}[/]" if style else where
             recorded = {True: "ok (recorded)", False: "unhealthy (recorded)"}.get(r.recorded_healthy, "-")
-            t.add_row(name, where, state, dispatch, weight, "-", "-", "-", "-", "-", "-", "-", "-", recorded,
-                      escape(remote_text(r)))
+            unit = "-" if r.active_state == "unknown" else f"{r.active_state}/{r.sub_state}"
+            t.add_row(name, where, state, dispatch, weight, escape(unit), str(r.main_pid or "-"), "-",
+                      str(r.restarts) if unit != "-" else "-", "-", "-", "-", "-", recorded, escape(remote_text(r)))
             continue
         t.add_row(name, where, state, dispatch, weight, f"{r.active_state}/{r.sub_state}", str(r.main_pid or "-"),
                   human_duration(r.uptime_s),

@@ -17,6 +17,7 @@ Light imports only: ``lanectl probe`` and ``lanectl status`` import this on thei
 """
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from lanectl.ledger.windows import Source, _c
@@ -38,6 +39,33 @@ def has_hosts(src: Source) -> bool:
     if getattr(conn, "dialect", None) == "postgresql":
         return bool(conn.execute("SELECT to_regclass('hosts') IS NOT NULL").fetchone()[0])
     return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'hosts'").fetchone() is not None
+
+
+def has_lane_units(src: Source) -> bool:
+    """Whether ``hosts`` has ``lane_units`` (0010_host_lane_units), asked of the catalog like :func:`has_hosts`."""
+    conn = _c(src)
+    if getattr(conn, "dialect", None) == "postgresql":
+        return conn.execute("SELECT 1 FROM information_schema.columns WHERE table_schema = current_schema() "
+                            "AND table_name = 'hosts' AND column_name = 'lane_units'").fetchone() is not None
+    return conn.execute("SELECT 1 FROM pragma_table_info('hosts') WHERE name = 'lane_units'").fetchone() is not None
+
+
+def lane_units(src: Source) -> dict[str, dict[str, dict[str, Any]]]:
+    """Host -> lane -> what that host's supervisor last saw of the lane's unit, written with its last lease renewal
+    (``hosts.renew``; as of its ``heartbeat_at``): ``unit`` (systemd's ActiveState/SubState), ``pid``,
+    ``restarts`` (systemd's NRestarts), ``healthy``. Hosts that have not renewed since they started this version
+    (or a ledger older than 0010_host_lane_units) are left out."""
+    if not has_hosts(src) or not has_lane_units(src):
+        return {}
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for name, text in _c(src).execute("SELECT name, lane_units FROM hosts WHERE lane_units IS NOT NULL"):
+        try:
+            doc = json.loads(text)
+        except ValueError:
+            continue
+        if isinstance(doc, dict):
+            out[name] = {k: v for k, v in doc.items() if isinstance(v, dict)}
+    return out
 
 
 def lane_hosts(src: Source) -> dict[str, str]:
@@ -101,8 +129,8 @@ def hosts(src: Source, now: float, flying: dict[str, list[int]] | None = None,
 
 def view(src: Source, now: float) -> dict[str, Any]:
     """One read of the fleet: ``hosts`` (:func:`hosts`; empty on a ledger without them), ``lanes``
-    (:func:`lane_rows`) and ``in_flight`` (lane -> mission ids)."""
+    (:func:`lane_rows`), ``in_flight`` (lane -> mission ids) and ``units`` (:func:`lane_units`)."""
     flying = in_flight(src)
     lanes = lane_rows(src)
     owners = {k: v["host"] for k, v in lanes.items() if v["host"]}
-    return {"hosts": hosts(src, now, flying, owners), "lanes": lanes, "in_flight": flying}
+    return {"hosts": hosts(src, now, flying, owners), "lanes": lanes, "in_flight": flying, "units": lane_units(src)}

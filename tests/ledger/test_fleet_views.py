@@ -141,6 +141,31 @@ def test_status_shows_the_lanes_of_other_hosts_from_the_ledger(backend, fleet, c
     led.close()
 
 
+def test_another_hosts_lane_shows_its_unit_as_its_supervisor_last_saw_it(backend, fleet, capsys) -> None:  # type: ignore[no-untyped-def]
+    led = backend.open()
+    now = led.clock()
+    hosts.register(led, "a", "inc-a", "boot", 1, now, LEASE, ["alpha", "beta"])
+    hosts.register(led, "b", "inc-b", "boot", 2, now, LEASE, ["gamma"])
+    rows, _ = status_of(backend.location())
+    assert (rows[2].name, rows[2].active_state, rows[2].main_pid) == ("gamma", "unknown", None)  # not renewed yet
+    units = {"gamma": {"unit": "active/running", "pid": 777, "restarts": 3, "healthy": True}}
+    assert hosts.renew(led, "b", "inc-b", now, LEASE, lane_units=json.dumps(units))
+    assert hosts.renew(led, "b", "inc-b", now, LEASE)  # a renewal without it keeps the last one
+    assert fleetview.lane_units(led) == {"b": units}
+    rows, seen = status_of(backend.location())
+    gamma = rows[2]
+    assert (gamma.active_state, gamma.sub_state, gamma.main_pid, gamma.restarts, gamma.state) == (
+        "active", "running", 777, 3, "up")
+    code, text = rendered(rows, seen, capsys, json_out=False)
+    assert code == 0 and re.search(r"gamma\s+b\s+up\s+active\s+-\s+active/running\s+777\s+-\s+3\s", text), text
+    units["gamma"].update(unit="failed/failed", pid=None, healthy=False)
+    assert hosts.renew(led, "b", "inc-b", now, LEASE, lane_units=json.dumps(units))
+    rows, seen = status_of(backend.location())
+    assert (rows[2].state, rows[2].gave_up, rows[2].ok) == ("failed", True, False)
+    assert rendered(rows, seen, capsys)[1]["data"]["lanes"][2]["active_state"] == "failed"
+    led.close()
+
+
 def test_status_of_one_host_adds_the_host_and_nothing_else(backend, fleet, capsys) -> None:  # type: ignore[no-untyped-def]
     led = backend.open()
     hosts.register(led, "a", "inc-a", "boot", 1, led.clock(), LEASE, ["alpha", "beta"], exclusive=True)
