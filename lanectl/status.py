@@ -251,12 +251,11 @@ def collect(lanes: dict[str, dict[str, Any]], names: list[str] | None = None,
     fleet = {} if fleet is None else fleet
     installed = set(lanes)
     wanted = names or sorted(lanes)
-    for n in wanted:
-        if n not in lanes:
-            raise NotFound(f"no lane named {n!r} is installed", f"known lanes: {', '.join(sorted(lanes)) or 'none'}",
-                           "lane_not_found")
+    foreign = [n for n in wanted if n not in lanes]  # another host's, if the ledger knows them (read below)
+    if foreign and ledger is None:
+        raise not_found(foreign[0], lanes)
     out = [LaneStatus(n, lanes[n]["unit"], bool(lanes[n].get("enabled", True)), int(lanes[n]["port"]),
-                      weight=lanes[n].get("weight")) for n in wanted]
+                      weight=lanes[n].get("weight")) for n in wanted if n in lanes]
     if supervisor and not names:
         out.append(LaneStatus("supervisor", supervisor["unit"], True, int(supervisor["port"]), kind="supervisor"))
         lanes = {**lanes, "supervisor": {"health_path": "/healthz"}}
@@ -300,15 +299,27 @@ def collect(lanes: dict[str, dict[str, Any]], names: list[str] | None = None,
             s.watchdog_ping_age_s = round((now_us - ping) / 1e6, 3)
         if usage:
             _usage(s, props, since, now_us)
-    place(out, fleet, host, installed, with_remote=not names)
+    place(out, fleet, host, installed, with_remote=not names, only=foreign)
+    missing = [n for n in foreign if n not in {r.name for r in out}]
+    if missing:
+        raise not_found(missing[0], lanes, fleet.get("error"))
     return out
 
 
+def not_found(name: str, lanes: dict[str, Any], unread: str | None = None) -> NotFound:
+    """``lane_not_found`` for a lane neither installed here nor owned by another host in the ledger."""
+    hint = f"known lanes: {', '.join(sorted(lanes)) or 'none'}"
+    if unread:
+        hint += f" (another host's lanes are unknown: the ledger could not be read: {unread})"
+    return NotFound(f"no lane named {name!r} is installed", hint, "lane_not_found")
+
+
 def place(rows: list[LaneStatus], fleet: dict[str, Any], host: str | None, installed: set[str], *,
-          with_remote: bool) -> None:
+          with_remote: bool, only: list[str] | tuple[str, ...] = ()) -> None:
     """Each lane row's host, its host's status, what it holds in flight and its recorded health, from the fleet
     view ``_dispatch`` read (``fleet["view"]``); with ``with_remote``, another host's lanes are inserted after
-    this host's (sorted by host, then name; lanes of a forgotten host are left out: they are nobody's)."""
+    this host's (sorted by host, then name; lanes of a forgotten host are left out: they are nobody's), and
+    with ``only`` those of them (lanes named on the command line that are not installed here)."""
     sup = next((r for r in rows if r.kind == "supervisor"), None)
     body = sup.health.body if sup is not None and isinstance(sup.health.body, dict) else {}
     if host is None and isinstance(body.get("host"), str):
@@ -332,10 +343,12 @@ def place(rows: list[LaneStatus], fleet: dict[str, Any], host: str | None, insta
         if r.kind == "lane":
             r.in_flight = len(flying.get(r.name, ()))
             r.recorded_healthy = recorded[r.name]["healthy"] if r.name in recorded else None
-    if not with_remote:
+    if not with_remote and not only:
         return
     remote = []
     for name, rec in recorded.items():
+        if only and name not in only:
+            continue
         owner = rec["host"]
         if name in installed or owner is None or owner == host or owner not in hosts \
                 or hosts[owner]["status"] == "forgotten":

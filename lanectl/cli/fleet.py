@@ -122,9 +122,10 @@ def status(lanes: Optional[List[str]] = LANES, unit_dir: Optional[str] = UNIT_DI
     cannot be read (dispatch "unknown (ledger unreadable)", a warning on stderr: run it as root).
 
     Several hosts on one ledger: every row has its host, and without lane names the other hosts' lanes follow,
-    from what their supervisors record in the ledger (health, invocation, in flight, their host's lease); they
-    count for the exit code too. A line under the table for each other host that is fenced, lost, dead or
-    stopped; a warning when this host's supervisor cannot reach the ledger, saying since when (docs/multihost.md).
+    from what their supervisors record in the ledger (health, unit state, PID and restarts as of their last lease
+    renewal, in flight, their host's lease); they count for the exit code too, and may be named. A line under the
+    table for each other host that is fenced, lost, dead or stopped; a warning when this host's supervisor cannot
+    reach the ledger, saying since when (docs/multihost.md).
     """
     from lanectl import manifest
     from lanectl.status import collect, installed_fleet

@@ -27,7 +27,8 @@ from lanectl.cli.statusview import run_status
 from lanectl.healthcheck import Health
 from lanectl.ledger import fleetview, hosts, tick
 from lanectl.ledger import missions as ms
-from lanectl.status import LaneStatus, _dispatch, place
+from lanectl.errors import NotFound
+from lanectl.status import LaneStatus, _dispatch, collect, place
 
 T0 = 1_800_000_000.0
 LEASE = 10.0
@@ -138,6 +139,16 @@ def test_status_shows_the_lanes_of_other_hosts_from_the_ledger(backend, fleet, c
     # naming lanes shows those alone (this host's), still with their host
     rows, _ = status_of(backend.location(), names=["alpha"])
     assert [(r.name, r.host) for r in rows] == [("alpha", "a")]
+    # another host's lane by name ('lanectl status gamma' on host a: nothing to ask systemd here)
+    manifest = {n: {"unit": f"lanectl-lane@{n}.service", "port": 9001 + i} for i, n in enumerate(("alpha", "beta"))}
+    [row] = collect(manifest, ["gamma"], ledger=backend.location(), host="a")
+    assert (row.name, row.remote, row.host, row.state, row.in_flight) == ("gamma", True, "b", "lost", 1)
+    with pytest.raises(NotFound) as err:  # neither this host's nor another's
+        collect(manifest, ["nope"], ledger=backend.location(), host="a")
+    assert err.value.code == "lane_not_found" and "known lanes: alpha, beta" in (err.value.hint or "")
+    with pytest.raises(NotFound) as err:  # the ledger cannot say: the hint says so
+        collect(manifest, ["gamma"], ledger=backend.location() + "-absent", host="a")
+    assert "another host's lanes are unknown: the ledger could not be read" in (err.value.hint or "")
     led.close()
 
 
