@@ -111,6 +111,7 @@ def print_table(rows: list[LaneStatus], fleet: dict[str, Any] | None = None) -> 
 
     t = Table("lane", "host", "state", "dispatch", "weight", "unit", "pid", "up", "restarts", "watchdog", "mem", "cpu",
               "port", "health", "status", box=box.SIMPLE_HEAD)
+    t.columns[1].min_width = max((len(r.host or "-") for r in rows), default=1)  # a host name is never cut short
     for r in rows:
         style = STATE_STYLE.get(r.state, "")
         state = f"[{style}]{r.state}[/]" if style else r.state
