@@ -50,8 +50,9 @@ def fast(command: str, argv: list[str]) -> bool:
     from lanectl.status import collect
 
     try:
+        fleet: dict = {}
         run_status(collect(data["lanes"], names or None, data.get("supervisor"), ledger=data.get("ledger"),
-                           unit_dir=paths.unit_dir(unit_dir)), json_out)
+                           unit_dir=paths.unit_dir(unit_dir), host=data.get("host"), fleet=fleet), json_out, fleet)
     except LanectlError as exc:
         fail(["status"], exc, json_out)
     return True

@@ -108,20 +108,33 @@ def _row(row: Sequence[Any]) -> dict[str, Any]:
 
 def events(ledger: Ledgerish, *, lane: str | None = None, mission: int | None = None, session: str | None = None,
            kind: str | Iterable[str] | None = None, since: float | None = None, until: float | None = None,
-           limit: int = 1000, after_id: int = 0, latest: bool = False) -> list[dict[str, Any]]:
-    """Events matching every filter, oldest first (``at`` RFC 3339, ``ts`` epoch seconds, ``data`` a dict).
+           limit: int = 1000, after_id: int = 0, latest: bool = False, host: str | None = None) -> list[dict[str, Any]]:
+    """Events matching every filter, oldest first (``at`` RFC 3339, ``ts`` epoch seconds, ``data`` a dict,
+    ``host``: ``with_host``).
 
     ``latest``: the last ``limit`` matches instead of the first (still returned oldest first). The query is the
     ledger's one event-query builder (``lanectl.ledger.events.select``), which says which index each filter uses.
+    ``host``: the events of that host's lanes and about the host itself.
     """
+    from lanectl.ledger import fleetview
+
     src, own = reads.open_source(ledger)
     try:
         rows = reads.events(src, lane=lane, mission=mission, session=session, kind=kind, since=since, until=until,
-                            after_id=after_id, limit=limit, latest=latest)
+                            after_id=after_id, limit=limit, latest=latest, host=host)
+        owners = fleetview.lane_hosts(src)
     finally:
         if own:
             reads.close(src)
-    return [_row(r) for r in rows]
+    return [with_host(_row(r), owners) for r in rows]
+
+
+def with_host(ev: dict[str, Any], owners: Mapping[str, str]) -> dict[str, Any]:
+    """The event's ``host``: for an event of a lane, the host that owns the lane now (``owners``); for one
+    without a lane (host_started, host_dead, ...), the host it is about (``data.host``); else None."""
+    host = owners.get(ev["lane"]) if ev["lane"] is not None else ev["data"].get("host")
+    ev["host"] = host if isinstance(host, str) else None
+    return ev
 
 
 def last_id(ledger: Ledgerish) -> int:
@@ -136,7 +149,7 @@ def last_id(ledger: Ledgerish) -> int:
 def follow(ledger: Ledgerish, *, after_id: int | None = None, lane: str | None = None, mission: int | None = None,
            session: str | None = None, kind: str | Iterable[str] | None = None, poll_s: float = FOLLOW_POLL_S,
            max_poll_s: float = FOLLOW_MAX_POLL_S, batch: int = 1000, sleep: Callable[[float], None] = time.sleep,
-           stop: Callable[[], bool] = lambda: False) -> Iterator[dict[str, Any]]:
+           stop: Callable[[], bool] = lambda: False, host: str | None = None) -> Iterator[dict[str, Any]]:
     """Yield new matching events as they are appended (``after_id`` None: from now on), polling by id.
 
     Each poll reads ``id > last`` through the rowid alone (``reads.poll_events``): the new tail is small, while a
@@ -150,10 +163,13 @@ def follow(ledger: Ledgerish, *, after_id: int | None = None, lane: str | None =
         wait = poll_s
         while not stop():
             rows = reads.poll_events(src, last, lane=lane, mission=mission, session=session, kind=kinds,
-                                     limit=batch)
+                                     limit=batch, host=host)
             if rows:
+                from lanectl.ledger import fleetview
+
+                owners = fleetview.lane_hosts(src)  # per batch: a lane may have moved meanwhile
                 for r in rows:
-                    yield _row(r)
+                    yield with_host(_row(r), owners)
                 last = rows[-1][0]
                 wait = poll_s
                 if len(rows) == batch:
@@ -275,7 +291,45 @@ def metrics_conn(conn: reads.Source, *, window_s: float, now: float, lane: str |
     out = _assemble(groups, in_flight, _restarts(conn, t0, t1, lane), _capacities(fleet, capacity), window_s, now,
                     lane)
     out["now_state"] = state_now(conn, now=now, fleet=fleet, lane=lane)
+    with_hosts(conn, out, now)
     return out
+
+
+def lanes_of_fleet(ledger: Ledgerish) -> set[str]:
+    """Every lane some host has claimed in the ledger (another host's lane may be named by ``metrics --lane``)."""
+    from lanectl.ledger import fleetview
+
+    src, own = reads.open_source(ledger)
+    try:
+        return set(fleetview.lane_hosts(src))
+    finally:
+        if own:
+            reads.close(src)
+
+
+def with_hosts(conn: reads.Source, m: dict[str, Any], now: float) -> None:
+    """Several hosts on one ledger (issue 13): each lane's row (per lane, per lane and class, now) gets its
+    ``host`` (the owner the ledger records; None: no host claimed it), and ``hosts`` lists every host not
+    forgotten (lanectl.ledger.fleetview.hosts, judged at ``now``: the ledger's clock, as the supervisor's and
+    ``lanectl metrics`` pass it) with the window's figures of its
+    lanes: ``finished``, ``failed`` (failed + dead), ``failure_rate``, ``dispatched``, ``restarts``."""
+    from lanectl.ledger import fleetview
+
+    owners = fleetview.lane_hosts(conn)
+    for rows in (m["groups"], m["lanes"], m["now_state"]["lanes"]):
+        for r in rows:
+            r["host"] = owners.get(r["lane"])
+    hosts = []
+    for h in fleetview.hosts(conn, now):
+        if h["status"] == "forgotten":
+            continue
+        mine = [r for r in m["lanes"] if r["host"] == h["name"]]
+        finished = sum(r["finished"] for r in mine)
+        failed = sum(r["failed"] + r["dead"] for r in mine)
+        hosts.append({**h, "finished": finished, "failed": failed,
+                      "failure_rate": failed / finished if finished else None,
+                      "dispatched": sum(r["dispatched"] for r in mine), "restarts": sum(r["restarts"] for r in mine)})
+    m["hosts"] = hosts
 
 
 def _in_flight(conn: reads.Source, t0: float, t1: float,
@@ -540,8 +594,9 @@ def _label_value(v: str) -> str:
     return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
-def _labels(**kv: str) -> str:
-    return "{" + ",".join(f'{k}="{_label_value(str(v))}"' for k, v in kv.items()) + "}"
+def _labels(**kv: str | None) -> str:
+    """A label set; a label whose value is None is left out (a lane no host has claimed has no ``host``)."""
+    return "{" + ",".join(f'{k}="{_label_value(str(v))}"' for k, v in kv.items() if v is not None) + "}"
 
 
 def _num(v: float) -> str:
@@ -553,7 +608,9 @@ def _num(v: float) -> str:
 
 
 def prometheus_text(m: Mapping[str, Any], *, generated: float | None = None) -> str:
-    """The metrics in the Prometheus text exposition format (0.0.4): labels lane and class (and quantile).
+    """The metrics in the Prometheus text exposition format (0.0.4): labels lane and class (and quantile); every
+    series of a lane has its ``host`` too once a host has claimed the lane, and the ``lanectl_host_*`` gauges one
+    series per host (issue 13).
 
     Every series describes the window (``lanectl_window_seconds``) and is recomputed from the ledger each time,
     so the counts are gauges, not counters. Durations are summaries with quantiles and ``_count`` but no
@@ -573,39 +630,65 @@ def prometheus_text(m: Mapping[str, Any], *, generated: float | None = None) -> 
             s = g[key]
             for q in QUANTILES:
                 if s[f"p{q}"] is not None:
-                    out.append(f"{name}{_labels(lane=g['lane'], **{'class': g['class']}, quantile=str(q / 100))} "
-                               f"{_num(s[f'p{q}'])}")
-            out.append(f"{name}_count{_labels(lane=g['lane'], **{'class': g['class']})} {s['count']}")
+                    labels = _labels(lane=g['lane'], host=g.get('host'), **{'class': g['class']},
+                                     quantile=str(q / 100))
+                    out.append(f"{name}{labels} {_num(s[f'p{q}'])}")
+            out.append(f"{name}_count{_labels(lane=g['lane'], host=g.get('host'), **{'class': g['class']})} "
+                       f"{s['count']}")
     for key, name, help_ in _GROUP_GAUGES:
         head(name, help_)
         for g in m["groups"]:
             if g[key] is not None:
-                out.append(f"{name}{_labels(lane=g['lane'], **{'class': g['class']})} {_num(g[key])}")
+                out.append(f"{name}{_labels(lane=g['lane'], host=g.get('host'), **{'class': g['class']})} "
+                           f"{_num(g[key])}")
     for key, name, help_ in _LANE_GAUGES:
         head(name, help_)
         for r in m["lanes"]:
             if r[key] is not None:
-                out.append(f"{name}{_labels(lane=r['lane'])} {_num(r[key])}")
+                out.append(f"{name}{_labels(lane=r['lane'], host=r.get('host'))} {_num(r[key])}")
     state = m.get("now_state") or {"lanes": [], "classes": []}
     head("lanectl_lane_healthy", "1 when the supervisor last found the lane's unit running and its health endpoint "
          "answering as the lane, else 0.")
     for r in state["lanes"]:
         if r["healthy"] is not None:
-            out.append(f"lanectl_lane_healthy{_labels(lane=r['lane'])} {_num(r['healthy'])}")
+            out.append(f"lanectl_lane_healthy{_labels(lane=r['lane'], host=r.get('host'))} {_num(r['healthy'])}")
     head("lanectl_lane_state", "The lane's dispatch state in the ledger: 1 for the current one, 0 for the others.")
     for r in state["lanes"]:
         if r["state"] is not None:
             for st in LANE_STATES:
-                out.append(f"lanectl_lane_state{_labels(lane=r['lane'], state=st)} {_num(st == r['state'])}")
+                out.append(f"lanectl_lane_state{_labels(lane=r['lane'], host=r.get('host'), state=st)} "
+                           f"{_num(st == r['state'])}")
     head("lanectl_lane_drained_by_lanectl", "1 while lanectl itself (a rollback) holds the lane draining or drained: "
          "an alarm until an operator undrains it or takes the drain over ('lanectl drain'), as lanectl probe says.")
     for r in state["lanes"]:
         if r["state"] is not None:
-            out.append(f"lanectl_lane_drained_by_lanectl{_labels(lane=r['lane'])} {_num(bool(r.get('automatic')))}")
+            out.append(f"lanectl_lane_drained_by_lanectl{_labels(lane=r['lane'], host=r.get('host'))} "
+                       f"{_num(bool(r.get('automatic')))}")
     head("lanectl_lane_enabled", "1 when lanes.d enables the lane (it should run), 0 when it is disabled there.")
     for r in state["lanes"]:
         if r["enabled"] is not None:
-            out.append(f"lanectl_lane_enabled{_labels(lane=r['lane'])} {_num(r['enabled'])}")
+            out.append(f"lanectl_lane_enabled{_labels(lane=r['lane'], host=r.get('host'))} {_num(r['enabled'])}")
+    hosts = m.get("hosts") or []
+    head("lanectl_host_up", "1 while the host holds its lease in the ledger (up, or fenced: running what it holds, "
+         "claiming nothing), else 0 (lease run out, stopped, dead).")
+    for h in hosts:
+        out.append(f"lanectl_host_up{_labels(host=h['name'])} {_num(h['status'] in ('up', 'fenced'))}")
+    head("lanectl_host_fenced", "1 while the host's lease runs but was not renewed for lease - margin: its "
+         "supervisor claims no new work (it cannot reach the ledger, or it is frozen).")
+    for h in hosts:
+        out.append(f"lanectl_host_fenced{_labels(host=h['name'])} {_num(h['status'] == 'fenced')}")
+    head("lanectl_host_expired", "1 while the host is recorded up with its lease run out: a live host declares it "
+         "dead and re-queues its lanes' work within a second; lanectl probe is CRITICAL while work is in flight on "
+         "it.")
+    for h in hosts:
+        out.append(f"lanectl_host_expired{_labels(host=h['name'])} {_num(h['status'] == 'expired')}")
+    head("lanectl_host_lease_left_seconds", "Seconds until the host's lease runs out (negative: since it ran out), "
+         "on the ledger's clock.")
+    for h in hosts:
+        out.append(f"lanectl_host_lease_left_seconds{_labels(host=h['name'])} {_num(float(h['lease_left_s']))}")
+    head("lanectl_host_in_flight", "Missions dispatched to or running on the host's lanes now.")
+    for h in hosts:
+        out.append(f"lanectl_host_in_flight{_labels(host=h['name'])} {_num(h['in_flight'])}")
     head("lanectl_queued", "Missions queued now.")
     for c in state["classes"]:
         out.append(f"lanectl_queued{_labels(**{'class': c['class']})} {_num(c['queued'])}")
@@ -702,15 +785,26 @@ def _report(conn: reads.Source, since: float, until: float, now: float, capacity
               f"Over the period: {tot['finished']} finished, failure rate {_pct(tot['failure_rate'])}, p95 queue "
               f"wait {_secs(tot['queue_wait_p95'])}, p95 end-to-end {_secs(tot['end_to_end_p95'])}, "
               f"{tot['in_flight']} in flight now.", "",
-              "| lane | state | healthy | in flight | finished | failure rate | fallback received | p95 queue wait "
-              "| p95 run time | restarts | utilization |",
-              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+              "| lane | host | state | healthy | in flight | finished | failure rate | fallback received "
+              "| p95 queue wait | p95 run time | restarts | utilization |",
+              "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    from lanectl.ledger import fleetview
+
+    owners = fleetview.lane_hosts(conn)
     for r in period["lanes"].values():
         state, healthy = states.get(r["lane"], ("active", True))
-        lines.append(f"| {_md(r['lane'])} | {state} | {'yes' if healthy else 'no'} | {r['in_flight']} | "
+        lines.append(f"| {_md(r['lane'])} | {_md(owners.get(r['lane']))} | {state} | {'yes' if healthy else 'no'} | "
+                     f"{r['in_flight']} | "
                      f"{r['finished']} | {_pct(r['failure_rate'])} | {_pct(r['fallback_received_rate'])} | "
                      f"{_secs(r['queue_wait_p95'])} | {_secs(r['run_time_p95'])} | {r['restarts']} | "
                      f"{_pct(r['utilization'])} |")
+    hosts = [h for h in fleetview.hosts(conn, now) if h["status"] != "forgotten"]
+    if len(hosts) > 1:  # several hosts on one ledger: each one's state now
+        lines += ["", "## Hosts", "", "| host | status | heartbeat | lease left | lanes | in flight |",
+                  "| --- | --- | --- | ---: | --- | ---: |"]
+        for h in hosts:
+            lines.append(f"| {_md(h['name'])} | {h['status']} | {rfc3339(h['heartbeat_at'])} | "
+                         f"{h['lease_left_s']:.1f}s | {_md(', '.join(h['lanes']))} | {h['in_flight']} |")
     evs = decisions(conn, since, until)
     lines += ["", "## Decisions", ""]
     if not evs:

@@ -207,7 +207,7 @@ def manifest(fleet: LaneSet) -> dict:
 
     from lanectl.config import ledger_path
 
-    return {"lanectl_manifest": 1, "config_dir": str(fleet.config_dir), "lanes": lanes,
+    return {"lanectl_manifest": 1, "config_dir": str(fleet.config_dir), "host": fleet.settings.host, "lanes": lanes,
             "supervisor": {"unit": SUPERVISOR, "port": fleet.settings.supervisor.port},
             "ledger": str(ledger_path(fleet)), "probe": fleet.settings.probe.model_dump()}
 

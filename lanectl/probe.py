@@ -140,6 +140,18 @@ def read_lane_views(path: str) -> dict[str, dict[str, Any]]:
         conn.close()
 
 
+def read_fleet(path: str) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """``lane_views`` and the fleet as the ledger has it (``lanectl.ledger.fleetview.view``, at the ledger's
+    clock: on PostgreSQL the database server's, as the hosts' leases are), in one read-only opening."""
+    from lanectl.ledger import fleetview
+
+    conn = _ledger(path)
+    try:
+        return lane_views(conn), fleetview.view(conn, conn.clock())
+    finally:
+        conn.close()
+
+
 def run(manifest: dict[str, Any], lanes: list[str] | None = None, now: float | None = None,
         unit_dir: Path | None = None) -> ProbeResult:
     from lanectl.errors import LanectlError
@@ -160,6 +172,9 @@ def run(manifest: dict[str, Any], lanes: list[str] | None = None, now: float | N
                 ledger["views"] = lane_views(conn)
                 ledger["queue"] = queue_figures(conn, th, now)
                 ledger["stranded"] = stranded(conn, manifest["lanes"])
+                from lanectl.ledger import fleetview
+
+                ledger["hosts"] = fleetview.hosts(conn, conn.clock())
             finally:
                 conn.close()
         except (OSError, LedgerError, LanectlError) as exc:  # LanectlError: a PostgreSQL server not answering
@@ -176,15 +191,74 @@ def run(manifest: dict[str, Any], lanes: list[str] | None = None, now: float | N
         res.add("ledger", UNKNOWN, ledger["error"])
     judge_lanes(res, [r for r in rows if r.kind == "lane"], ledger.get("views", {}), manifest["lanes"],
                 known="error" not in ledger)
+    sup = None
     for r in rows:
         if r.kind == "supervisor":
             judge_supervisor(res, r)
+            sup = r.health.body if isinstance(r.health.body, dict) else None
+    judge_ledger_link(res, sup or {})
+    if "hosts" in ledger:
+        here = manifest.get("host") or (sup or {}).get("host")
+        judge_hosts(res, ledger["hosts"], here if isinstance(here, str) else None)
     judge_orphans(res, [r for r in rows if r.kind == "orphan"])
     if "queue" in ledger:
         judge_queue(res, ledger["queue"], th)
     if "stranded" in ledger:
         judge_stranded(res, ledger["stranded"], lane_files(manifest.get("config_dir")))
     return res
+
+
+def judge_ledger_link(res: ProbeResult, body: dict[str, Any]) -> None:
+    """What this host's supervisor says of its own link to the ledger (its /healthz): WARNING while it cannot
+    reach the ledger (since when: its lanes run what they hold, outcomes wait, nothing is claimed) and while it is
+    fenced (it claims no new work: the lease could not be renewed in time, or another incarnation holds the
+    host's record)."""
+    if body.get("ledger_ok") is False:
+        since = body.get("ledger_unreachable_since")
+        when = (f" since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(since))} ({time.time() - since:.0f}s)"
+                if isinstance(since, (int, float)) else "")
+        res.add("ledger_link", WARNING, f"host {body.get('host') or '?'}: ledger unreachable{when}: its lanes run "
+                                        f"what they hold, outcomes wait, nothing new is claimed "
+                                        f"({body.get('ledger_error') or 'no error given'})")
+    elif body.get("fenced"):
+        res.add(f"host:{body.get('host') or '?'}", WARNING,
+                f"host {body.get('host') or '?'} fenced: {body.get('fence_reason') or 'no reason given'}; it "
+                "claims no new work")
+
+
+def judge_hosts(res: ProbeResult, hosts: list[dict[str, Any]], here: str | None) -> None:
+    """The other hosts sharing the ledger, from their records (lanectl.ledger.fleetview.hosts): CRITICAL for a
+    host whose lease ran out with missions in flight on its lanes (they wait until a live host declares it dead
+    and re-queues them: none is alive, or the reaper fails); WARNING for one whose lease ran out with nothing in
+    flight, for a fenced one (no renewal for lease - margin: it claims nothing) and for a stopped or dead one
+    that still owns lanes (they take no work). This host is judged by its supervisor (``judge_supervisor``,
+    ``judge_ledger_link``). Perfdata ``hosts_up`` (up or fenced) of the hosts recorded, forgotten ones left out,
+    when the ledger records more than one."""
+    counted = [h for h in hosts if h["status"] != "forgotten"]
+    for h in counted:
+        name, st = h["name"], h["status"]
+        if name == here or st == "up":
+            continue
+        ids = ", ".join(map(str, h["missions"])) + (", ..." if h["in_flight"] > len(h["missions"]) else "")
+        lanes = ", ".join(h["lanes"]) or "none"
+        if st == "expired" and h["in_flight"]:
+            res.add(f"host:{name}", CRITICAL, f"host {name} lease expired {-h['lease_left_s']:.1f}s ago with "
+                                              f"{h['in_flight']} mission(s) in flight on its lanes ({ids})")
+        elif st == "expired":
+            res.add(f"host:{name}", WARNING, f"host {name} lease expired {-h['lease_left_s']:.1f}s ago (nothing "
+                                             f"in flight on its lanes: {lanes})")
+        elif st == "fenced":
+            res.add(f"host:{name}", WARNING, f"host {name} fenced: no lease renewal for {h['heartbeat_age_s']:.1f}s "
+                                             f"(lease {h['lease_s']:g}s), it claims no new work"
+                                             + (f"; {h['in_flight']} mission(s) in flight ({ids})" if h["in_flight"]
+                                                else ""))
+        elif st in ("dead", "stopped") and h["lanes"]:
+            fix = (f"restart its supervisor, or 'lanectl host forget {name}' if it is gone for good" if st == "dead"
+                   else "start its supervisor again")
+            res.add(f"host:{name}", WARNING, f"host {name} {st}: its lanes take no work ({lanes}); {fix}")
+    if len(counted) > 1:
+        res.perf.append(Perf("hosts_up", sum(h["status"] in ("up", "fenced") for h in counted), None, None, 0,
+                             len(counted)))
 
 
 def judge_orphans(res: ProbeResult, rows: list[Any]) -> None:

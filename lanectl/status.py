@@ -82,6 +82,22 @@ class LaneStatus:
     weight: int | None = None
     """The traffic weight in force: a promoted one (``lanectl promote``), else the lane file's."""
     promoted: bool = False
+    host: str | None = None
+    """The host that runs the lane (issue 13): this host's name for its own lanes (the supervisor's one when the
+    install manifest does not name it), the owner the ledger records for another host's; None when neither is
+    known (the ledger could not be read and the supervisor did not answer)."""
+    remote: bool = False
+    """A lane of another host sharing the ledger: its state comes from what its supervisor records in the ledger
+    (``recorded_healthy``, ``invocation_id``; ``active_state``, ``sub_state``, ``main_pid`` and ``restarts`` as it
+    saw the unit at its last lease renewal, ``unknown`` before one) and from its host's lease (``host_status``);
+    systemd's live details (uptime, memory, CPU, watchdog, the health check) are that host's to read."""
+    host_status: str | None = None
+    """The lane's host as the ledger has it now: up, fenced, expired, stopped, dead, forgotten
+    (lanectl.ledger.fleetview); None when the ledger could not be read."""
+    in_flight: int | None = None
+    """Missions dispatched to or running on the lane now, as the ledger has it (None: not read)."""
+    recorded_healthy: bool | None = None
+    """The lane's health as its supervisor last recorded it in the ledger (None: not read)."""
 
     DERIVED: ClassVar[tuple[str, ...]] = ("ok", "state", "gave_up")
     """Keys of ``as_dict`` computed from the fields (properties of the same names)."""
@@ -103,6 +119,11 @@ class LaneStatus:
             self.weight, self.promoted = int(view["weight"]), True
 
     @property
+    def host_alive(self) -> bool:
+        """The lane's host holds its lease (up, or fenced: running what it holds, claiming nothing)."""
+        return self.host_status in ("up", "fenced")
+
+    @property
     def gave_up(self) -> bool:
         """systemd stopped restarting the lane: its unit (Restart=on-failure) is ``failed``, which happens when its
         start limit is hit; ``result`` says how its last run ended. ``lanectl restart`` or ``up`` clears it."""
@@ -119,6 +140,12 @@ class LaneStatus:
         lanectl drained by itself is not ok until an operator acts."""
         if self.kind == "orphan":
             return False
+        if self.remote:  # another host's: what its supervisor records, while its host holds its lease
+            if self.dispatch == "disabled":
+                return True
+            if self.dispatch in ("draining", "drained"):
+                return not self.automatic
+            return self.host_alive and bool(self.recorded_healthy) and self.active_state != "failed"
         if not self.enabled:
             return True
         if self.dispatch in ("draining", "drained"):
@@ -137,9 +164,20 @@ class LaneStatus:
     @property
     def state(self) -> str:
         """One word for people: up, degraded (running but unhealthy), down, failed, starting, disabled;
-        ``orphan`` for a lane unit whose lane is not installed."""
+        ``orphan`` for a lane unit whose lane is not installed. Another host's lane (``remote``): up or unhealthy
+        (``failed`` when its unit failed) as its supervisor records it while its host holds its lease, disabled,
+        else ``lost`` (its host's lease ran out, or it was declared dead), ``down`` (its host stopped cleanly) or
+        ``released`` (its host forgotten)."""
         if self.kind == "orphan":
             return "orphan"
+        if self.remote:
+            if not self.host_alive:
+                return {"stopped": "down", "forgotten": "released"}.get(self.host_status or "", "lost")
+            if self.dispatch == "disabled":
+                return "disabled"
+            if self.active_state == "failed":  # as its supervisor saw the unit at its last renewal
+                return "failed"
+            return "up" if self.recorded_healthy else "unhealthy"
         if self.running:
             return "up" if self.health.ok else "degraded"
         if self.active_state in ("activating", "reloading"):
@@ -196,20 +234,28 @@ def _num(value: str | None) -> int:
 def collect(lanes: dict[str, dict[str, Any]], names: list[str] | None = None,
             supervisor: dict[str, Any] | None = None,
             meanwhile: Callable[[], None] | None = None, ledger: str | None = None,
-            unit_dir: Path | None = None, usage: bool = True) -> list[LaneStatus]:
+            unit_dir: Path | None = None, usage: bool = True, host: str | None = None,
+            fleet: dict[str, Any] | None = None) -> list[LaneStatus]:
     """Status of the named lanes (default: all, and the supervisor when given), from one burst of unit reads
     (systemd.show_start: D-Bus, else one systemctl) and health checks in flight meanwhile (HealthRound);
     ``meanwhile`` runs while both answer (the probe reads the ledger then). With
     ``ledger`` (a path), each lane's dispatch state, drain and weight are read from it (read-only) meanwhile.
     With ``unit_dir`` and no names, lane units with no installed lane follow (kind ``orphan``, never ok).
-    ``usage=False`` leaves memory, CPU and tasks unread (None, 0): the probe judges none of them."""
+    ``usage=False`` leaves memory, CPU and tasks unread (None, 0): the probe judges none of them.
+
+    Several hosts on one ledger (issue 13): each lane row carries its ``host`` (``host``: this host's name, from
+    the install manifest; else the supervisor's /healthz; else the owner the ledger records for these lanes),
+    and without names the lanes of the other hosts the ledger knows follow this host's (``remote``: their state
+    from the ledger, see LaneStatus). ``fleet`` (a dict) receives ``host`` (this host's name) and ``hosts``
+    (lanectl.ledger.fleetview.hosts; absent when the ledger could not be read)."""
+    fleet = {} if fleet is None else fleet
+    installed = set(lanes)
     wanted = names or sorted(lanes)
-    for n in wanted:
-        if n not in lanes:
-            raise NotFound(f"no lane named {n!r} is installed", f"known lanes: {', '.join(sorted(lanes)) or 'none'}",
-                           "lane_not_found")
+    foreign = [n for n in wanted if n not in lanes]  # another host's, if the ledger knows them (read below)
+    if foreign and ledger is None:
+        raise not_found(foreign[0], lanes)
     out = [LaneStatus(n, lanes[n]["unit"], bool(lanes[n].get("enabled", True)), int(lanes[n]["port"]),
-                      weight=lanes[n].get("weight")) for n in wanted]
+                      weight=lanes[n].get("weight")) for n in wanted if n in lanes]
     if supervisor and not names:
         out.append(LaneStatus("supervisor", supervisor["unit"], True, int(supervisor["port"]), kind="supervisor"))
         lanes = {**lanes, "supervisor": {"health_path": "/healthz"}}
@@ -225,7 +271,7 @@ def collect(lanes: dict[str, dict[str, Any]], names: list[str] | None = None,
         if meanwhile is not None:
             meanwhile()
         if ledger is not None:
-            _dispatch(out, ledger)
+            _dispatch(out, ledger, fleet)
         shown = systemd.show_finish(proc, units)
     except BaseException:
         checks.close()
@@ -253,7 +299,75 @@ def collect(lanes: dict[str, dict[str, Any]], names: list[str] | None = None,
             s.watchdog_ping_age_s = round((now_us - ping) / 1e6, 3)
         if usage:
             _usage(s, props, since, now_us)
+    place(out, fleet, host, installed, with_remote=not names, only=foreign)
+    missing = [n for n in foreign if n not in {r.name for r in out}]
+    if missing:
+        raise not_found(missing[0], lanes, fleet.get("error"))
     return out
+
+
+def not_found(name: str, lanes: dict[str, Any], unread: str | None = None) -> NotFound:
+    """``lane_not_found`` for a lane neither installed here nor owned by another host in the ledger."""
+    hint = f"known lanes: {', '.join(sorted(lanes)) or 'none'}"
+    if unread:
+        hint += f" (another host's lanes are unknown: the ledger could not be read: {unread})"
+    return NotFound(f"no lane named {name!r} is installed", hint, "lane_not_found")
+
+
+def place(rows: list[LaneStatus], fleet: dict[str, Any], host: str | None, installed: set[str], *,
+          with_remote: bool, only: list[str] | tuple[str, ...] = ()) -> None:
+    """Each lane row's host, its host's status, what it holds in flight and its recorded health, from the fleet
+    view ``_dispatch`` read (``fleet["view"]``); with ``with_remote``, another host's lanes are inserted after
+    this host's (sorted by host, then name; lanes of a forgotten host are left out: they are nobody's), and
+    with ``only`` those of them (lanes named on the command line that are not installed here)."""
+    sup = next((r for r in rows if r.kind == "supervisor"), None)
+    body = sup.health.body if sup is not None and isinstance(sup.health.body, dict) else {}
+    if host is None and isinstance(body.get("host"), str):
+        host = body["host"]
+    view = fleet.pop("view", None)
+    if view is None:
+        for r in rows:
+            r.host = host
+        fleet["host"] = host
+        return
+    recorded, flying = view["lanes"], view["in_flight"]
+    hosts = {h["name"]: h for h in view["hosts"]}
+    if host is None:
+        owners = [recorded[r.name]["host"] for r in rows
+                  if r.kind == "lane" and r.name in recorded and recorded[r.name]["host"]]
+        host = max(sorted(set(owners)), key=owners.count) if owners else None
+    fleet["host"], fleet["hosts"] = host, view["hosts"]
+    for r in rows:
+        r.host = host
+        r.host_status = hosts[host]["status"] if host in hosts else None
+        if r.kind == "lane":
+            r.in_flight = len(flying.get(r.name, ()))
+            r.recorded_healthy = recorded[r.name]["healthy"] if r.name in recorded else None
+    if not with_remote and not only:
+        return
+    remote = []
+    for name, rec in recorded.items():
+        if only and name not in only:
+            continue
+        owner = rec["host"]
+        if name in installed or owner is None or owner == host or owner not in hosts \
+                or hosts[owner]["status"] == "forgotten":
+            continue
+        r = LaneStatus(name, f"{LANE_UNIT_PREFIX}{name}{LANE_UNIT_SUFFIX}", rec["state"] != "disabled", 0,
+                       remote=True, host=owner, host_status=hosts[owner]["status"],
+                       in_flight=len(flying.get(name, ())), recorded_healthy=rec["healthy"],
+                       invocation_id=rec["invocation"] or "")
+        r.set_dispatch(view["views"].get(name))
+        seen = view.get("units", {}).get(owner, {}).get(name)
+        if seen:  # what its supervisor saw of the unit at its last lease renewal
+            unit = str(seen.get("unit") or "unknown")
+            r.active_state, _, r.sub_state = unit.partition("/")
+            r.sub_state = r.sub_state or "unknown"
+            r.main_pid = seen.get("pid") if isinstance(seen.get("pid"), int) else None
+            r.restarts = seen.get("restarts") if isinstance(seen.get("restarts"), int) else 0
+        remote.append(r)
+    at = sum(1 for r in rows if r.kind == "lane")
+    rows[at:at] = sorted(remote, key=lambda r: (r.host or "", r.name))
 
 
 def dispatch_unknown(error: str, lane: str | None = None) -> Problem:
@@ -269,17 +383,21 @@ def dispatch_unknown(error: str, lane: str | None = None) -> Problem:
                    severity="warning")
 
 
-def _dispatch(rows: list[LaneStatus], ledger: str) -> None:
+def _dispatch(rows: list[LaneStatus], ledger: str, fleet: dict[str, Any] | None = None) -> None:
     from lanectl.errors import LanectlError
     from lanectl.ledger import Error as LedgerError
-    from lanectl.probe import read_lane_views
+    from lanectl.probe import read_fleet
 
     try:
-        views = read_lane_views(ledger)
+        views, view = read_fleet(ledger)
     except (OSError, LedgerError, LanectlError) as exc:  # LanectlError: a PostgreSQL server that cannot be used
         for r in rows:
             r.dispatch_error = f"ledger {ledger} unreadable: {exc}"
+        if fleet is not None:
+            fleet["error"] = str(exc)
         return
+    if fleet is not None:
+        fleet["view"] = {**view, "views": views}
     for r in rows:
         if r.kind == "lane":
             r.set_dispatch(views.get(r.name))

@@ -28,7 +28,7 @@ def _ledger(config_dir: Optional[str], ledger: Optional[str]) -> Ledger:
 
 
 def _line(ev: dict[str, Any]) -> str:
-    ids = " ".join(f"{k}={ev[k]}" for k in ("lane", "mission", "attempt", "session") if ev[k] is not None)
+    ids = " ".join(f"{k}={ev[k]}" for k in ("host", "lane", "mission", "attempt", "session") if ev.get(k) is not None)
     data = json.dumps(ev["data"], sort_keys=True, separators=(",", ":")) if ev["data"] else ""
     return " ".join(x for x in (ev["at"], f"#{ev['id']}", ev["kind"], ids, data) if x)
 
@@ -43,6 +43,8 @@ def events_(
     lane: Optional[str] = typer.Option(None, help="Only events of this lane.", autocompletion=complete_lanes),
     mission: Optional[int] = typer.Option(None, help="Only events of this mission."),
     session: Optional[str] = typer.Option(None, help="Only events of this session."),
+    host: Optional[str] = typer.Option(None, help="Only events of the lanes this host owns now, and about the host "
+                                                  "itself (several hosts on one ledger)."),
     kind: Optional[List[str]] = typer.Option(None, "--kind", help="Only this kind (repeatable)."),
     since: Optional[str] = typer.Option(None, help="From: 1h, 7d, an RFC 3339 time or epoch seconds."),
     until: Optional[str] = typer.Option(None, help="Before: same forms as --since."),
@@ -73,11 +75,11 @@ def events_(
     with _ledger(config_dir, ledger) as led:
         # one more than asked tells whether more match (older ones for the last LIMIT, newer ones for a page)
         rows = evidence.events(led, lane=lane, mission=mission, session=session, kind=kind or None,
-                               since=t_since, until=t_until, limit=limit + 1, after_id=after, latest=latest)
+                               since=t_since, until=t_until, limit=limit + 1, after_id=after, latest=latest, host=host)
         more = len(rows) > limit
         rows = rows[1:] if more and latest else rows[:limit]
         if follow:
-            _follow(led, rows, json_out, lane=lane, mission=mission, session=session, kind=kind or None)
+            _follow(led, rows, json_out, lane=lane, mission=mission, session=session, kind=kind or None, host=host)
             return
     data = {"events": rows, "count": len(rows), "next_after": rows[-1]["id"] if len(rows) == limit else None,
             "more": more}
@@ -133,13 +135,19 @@ def _human_metrics(m: dict[str, Any]) -> None:
                   s(g["queue_wait_s"]["p95"]), s(g["queue_wait_s"]["p99"]), s(g["run_time_s"]["p50"]),
                   s(g["run_time_s"]["p95"]), s(g["end_to_end_s"]["p95"]), str(g["in_flight"]))
     con.print(t)
-    lt = Table("lane", "finished", "fail", "fallback in", "wait p95", "restarts", "capacity", "utilization",
+    lt = Table("lane", "host", "finished", "fail", "fallback in", "wait p95", "restarts", "capacity", "utilization",
                "in flight")
     for r in m["lanes"]:
-        lt.add_row(escape(r["lane"]), str(r["finished"]), pct(r["failure_rate"]), pct(r["fallback_received_rate"]),
+        lt.add_row(escape(r["lane"]), escape(r.get("host") or "-"), str(r["finished"]), pct(r["failure_rate"]), pct(r["fallback_received_rate"]),
                    s(r["queue_wait_s"]["p95"]), str(r["restarts"]), str(r["capacity"] or "-"), pct(r["utilization"]),
                    str(r["in_flight"]))
     con.print(lt)
+    if len(m.get("hosts") or []) > 1:  # several hosts on one ledger: each one's lease and its lanes' figures
+        ht = Table("host", "status", "lease left", "lanes", "finished", "fail", "restarts", "in flight")
+        for h in m["hosts"]:
+            ht.add_row(escape(h["name"]), h["status"], f"{h['lease_left_s']:.1f}s", escape(", ".join(h["lanes"]) or "-"),
+                       str(h["finished"]), pct(h["failure_rate"]), str(h["restarts"]), str(h["in_flight"]))
+        con.print(ht)
 
 
 @command("metrics")
@@ -157,14 +165,16 @@ def metrics_(
 
     Per lane and class over the window: queue wait, run time and end-to-end p50/p95/p99 (nearest rank),
     throughput, failure rate, fallback received rate (work a lane took as another's fallback), restarts, utilization (against each lane's capacity) and what is
-    in flight now. Definitions: docs/observability.md.
+    in flight now; each lane with its host, and per host (several hosts on one ledger) its lease and its lanes'
+    figures. --lane may name another host's lane. Definitions: docs/observability.md.
     """
     now = time.time()
     window_s = parse_duration(window)
     fleet = config.load(config_dir)
-    if lane is not None:
-        fleet.get(lane)
     with config.open_ledger(fleet, ledger) as led:
+        now = led.clock()  # the ledger's (on PostgreSQL the server's) clock: the hosts' leases are measured on it
+        if lane is not None and lane not in fleet.lanes and lane not in evidence.lanes_of_fleet(led):
+            fleet.get(lane)  # neither this host's nor another host's: the usual error, with the known lanes
         m = evidence.metrics(led, window_s, now, lane, fleet=fleet)
     if textfile:
         evidence.write_textfile(textfile, evidence.prometheus_text(m, generated=now))

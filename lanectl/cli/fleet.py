@@ -120,13 +120,20 @@ def status(lanes: Optional[List[str]] = LANES, unit_dir: Optional[str] = UNIT_DI
     failed: systemd gave up on it, or drained by lanectl itself), when the supervisor's last reload failed, or
     when a lane unit is enabled or running with no installed lane; 6 when systemd is unreachable or the ledger
     cannot be read (dispatch "unknown (ledger unreadable)", a warning on stderr: run it as root).
+
+    Several hosts on one ledger: every row has its host, and without lane names the other hosts' lanes follow,
+    from what their supervisors record in the ledger (health, unit state, PID and restarts as of their last lease
+    renewal, in flight, their host's lease); they count for the exit code too, and may be named. A line under the
+    table for each other host that is fenced, lost, dead or stopped; a warning when this host's supervisor cannot
+    reach the ledger, saying since when (docs/multihost.md).
     """
     from lanectl import manifest
     from lanectl.status import collect, installed_fleet
 
     data = installed_fleet(paths.unit_dir(unit_dir), config_dir)
+    fleet: dict[str, Any] = {}
     run_status(collect(data["lanes"], lanes or None, data.get("supervisor"), ledger=manifest.ledger(data),
-                       unit_dir=paths.unit_dir(unit_dir)), json_out)
+                       unit_dir=paths.unit_dir(unit_dir), host=data.get("host"), fleet=fleet), json_out, fleet)
 
 
 @command("top")
@@ -166,7 +173,10 @@ def probe(lanes: Optional[List[str]] = LANES, unit_dir: Optional[str] = UNIT_DIR
     lane an operator drained is not an alarm (WARNING if its unit failed); a ledger or systemd that cannot be
     read is UNKNOWN. Queued missions bound to a lane that is gone (no lane can ever take
     them) are CRITICAL. A lane unit enabled or running with no installed lane (its file deleted by hand), or a
-    supervisor whose last reload failed, is a WARNING.
+    supervisor whose last reload failed, is a WARNING. Several hosts on one ledger: a host whose lease ran out with
+    missions in flight on its lanes is CRITICAL; a fenced host, one whose lease ran out with nothing in flight, a
+    stopped or dead one that owns lanes, and this host's supervisor while it cannot reach the ledger (since when)
+    are WARNINGs (docs/multihost.md).
     """
     from lanectl import manifest
     from lanectl.cli.probeview import run_probe, unknown

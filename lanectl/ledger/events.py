@@ -125,10 +125,16 @@ _SELECT = f"SELECT {', '.join(COLUMNS)} FROM events"
 
 
 def _where(lane: str | None, mission: int | None, session: str | None, kind: str | Iterable[str] | None,
-           since: float | None, until: float | None, after_id: int) -> tuple[list[str], list[Any]]:
-    """The WHERE terms and parameters of an event filter (the one builder of event queries)."""
+           since: float | None, until: float | None, after_id: int,
+           host: str | None = None) -> tuple[list[str], list[Any]]:
+    """The WHERE terms and parameters of an event filter (the one builder of event queries). ``host``: events of
+    the lanes that host owns now (``lanes.host``) and events about the host itself (``data.host``: host_* and
+    lane_host events); no index of its own (the lane list is small, the other terms and the limit bound it)."""
     where: list[str] = []
     params: list[Any] = []
+    if host is not None:
+        where.append("(lane IN (SELECT name FROM lanes WHERE host = ?) OR json_extract(data, '$.host') = ?)")
+        params += [host, host]
     if after_id:
         where.append("id > ?")
         params.append(after_id)
@@ -151,12 +157,13 @@ def _where(lane: str | None, mission: int | None, session: str | None, kind: str
 
 def select(conn: sqlite3.Connection, *, lane: str | None = None, mission: int | None = None,
            session: str | None = None, kind: str | Iterable[str] | None = None, since: float | None = None,
-           until: float | None = None, after_id: int = 0, limit: int = 1000, latest: bool = False) -> list[Row]:
+           until: float | None = None, after_id: int = 0, limit: int = 1000, latest: bool = False,
+           host: str | None = None) -> list[Row]:
     """Stored events matching every filter, oldest first; ``latest``: the last ``limit`` matches (still oldest
     first). Filters go through the ledger's indexes: mission (``events_mission``), lane and session with time
     (``events_lane``, ``events_session``), kind with time (``events_kind``), time alone (``events_at``),
     ``after_id`` (rowid)."""
-    where, params = _where(lane, mission, session, kind, since, until, after_id)
+    where, params = _where(lane, mission, session, kind, since, until, after_id, host)
     # ORDER BY id tempts the planner into a rowid scan from the first event; a time bound with no other
     # indexed filter must seek through events_at instead (then sort the window, small next to the history).
     hint = " INDEXED BY events_at" if since is not None and mission is None and lane is None \
@@ -170,10 +177,11 @@ def select(conn: sqlite3.Connection, *, lane: str | None = None, mission: int | 
 
 
 def poll(conn: sqlite3.Connection, after_id: int, *, lane: str | None = None, mission: int | None = None,
-         session: str | None = None, kind: str | Iterable[str] | None = None, limit: int = 1000) -> list[Row]:
+         session: str | None = None, kind: str | Iterable[str] | None = None, limit: int = 1000,
+         host: str | None = None) -> list[Row]:
     """The next matching events after ``after_id``, oldest first, through the rowid alone (``NOT INDEXED``): a
     follower's new tail is small, while a lane or kind index would walk that lane's whole history every poll."""
-    where, params = _where(lane, mission, session, kind, None, None, 0)
+    where, params = _where(lane, mission, session, kind, None, None, 0, host)
     return conn.execute(f"{_SELECT} NOT INDEXED WHERE id > ?" + "".join(f" AND {w}" for w in where)
                         + " ORDER BY id LIMIT ?", (after_id, *params, limit)).fetchall()
 

@@ -177,13 +177,16 @@ def claim(ledger: Ledger, name: str, incarnation: str, lanes: list[str] | tuple[
 
 
 def renew(ledger: Ledger, name: str, incarnation: str, now: float, lease_sec: float, *,
-          unfenced_after: float | None = None) -> bool:
+          unfenced_after: float | None = None, lane_units: str | None = None) -> bool:
     """Extend the lease of host ``name`` to ``now + lease_sec`` if ``incarnation`` is still its current one and
     it is ``up``; False (nothing written) when another incarnation holds the record or it was forgotten or
-    stopped. ``unfenced_after`` (seconds fenced): a successful renew also records ``host_unfenced``."""
+    stopped. ``unfenced_after`` (seconds fenced): a successful renew also records ``host_unfenced``.
+    ``lane_units``: what the supervisor last saw of its lanes' units (JSON text, ``lanectl.ledger.fleetview``),
+    stored with the lease in the same row write; None keeps the one stored."""
     with ledger.transaction() as conn:
-        cur = conn.execute("UPDATE hosts SET heartbeat_at = ?, lease_expires = ? WHERE name = ? AND incarnation = ? "
-                           "AND state = 'up'", (now, now + lease_sec, name, incarnation))
+        cur = conn.execute("UPDATE hosts SET heartbeat_at = ?, lease_expires = ?, lane_units = coalesce(?, lane_units) "
+                           "WHERE name = ? AND incarnation = ? AND state = 'up'",
+                           (now, now + lease_sec, lane_units, name, incarnation))
         ok = cur.rowcount == 1
         if ok and unfenced_after is not None:
             append(conn, EventKind.HOST_UNFENCED, now, host=name, incarnation=incarnation,

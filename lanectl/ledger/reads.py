@@ -45,21 +45,21 @@ def close(src: Source) -> None:
 
 def events(src: Source, *, lane: str | None = None, mission: int | None = None, session: str | None = None,
            kind: str | Iterable[str] | None = None, since: float | None = None, until: float | None = None,
-           after_id: int = 0, limit: int = 1000, latest: bool = False) -> list[EventRow]:
+           after_id: int = 0, limit: int = 1000, latest: bool = False, host: str | None = None) -> list[EventRow]:
     """Stored events matching every filter, oldest first (``lanectl.ledger.events.select``)."""
     from lanectl.ledger import events as ev
 
     return ev.select(_c(src), lane=lane, mission=mission, session=session, kind=kind, since=since, until=until,
-                     after_id=after_id, limit=limit, latest=latest)
+                     after_id=after_id, limit=limit, latest=latest, host=host)
 
 
 def poll_events(src: Source, after_id: int, *, lane: str | None = None, mission: int | None = None,
                 session: str | None = None, kind: str | Iterable[str] | None = None,
-                limit: int = 1000) -> list[EventRow]:
+                limit: int = 1000, host: str | None = None) -> list[EventRow]:
     """The next matching events after ``after_id`` (``lanectl.ledger.events.poll``: a follower's poll)."""
     from lanectl.ledger import events as ev
 
-    return ev.poll(_c(src), after_id, lane=lane, mission=mission, session=session, kind=kind, limit=limit)
+    return ev.poll(_c(src), after_id, lane=lane, mission=mission, session=session, kind=kind, limit=limit, host=host)
 
 
 def last_event_id(src: Source) -> int:

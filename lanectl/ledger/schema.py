@@ -372,6 +372,17 @@ ALTER TABLE sessions ADD COLUMN stays integer NOT NULL DEFAULT 0 CHECK (stays IN
 """
 
 
+# What each host's supervisor last saw of its lanes' units (issue 13, fleet-wide views): written with the host's
+# lease renewal (lanectl/ledger/hosts.py), read by other hosts' ``status`` (lanectl/ledger/fleetview.py). JSON text:
+# {lane: {"unit": "active/running", "pid": N, "restarts": N, "healthy": bool}}; NULL until the first renewal.
+_V10: Final = """
+ALTER TABLE hosts ADD COLUMN lane_units TEXT;
+"""
+_V10_PG: Final = """
+ALTER TABLE hosts ADD COLUMN lane_units text;
+"""
+
+
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration("0001_missions_attempts_events_sessions_lanes", _V1),
     Migration("0002_lane_weight_override", _V2),
@@ -382,6 +393,7 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration("0007_lane_death_suspects", _V6),
     Migration("0008_hosts", _V8, pg=_V8_PG),
     Migration("0009_host_drain_lane_specs_session_stays", _V9, pg=_V9_PG),
+    Migration("0010_host_lane_units", _V10, pg=_V10_PG),
 )
 LATEST: Final = len(MIGRATIONS)
 

@@ -18,6 +18,7 @@ drives the fence with chosen ``now`` values.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
@@ -58,6 +59,8 @@ class HostLease:
         self.superseded: str | None = None
         """Why this incarnation lost its record for good (None: it holds it)."""
         self.last_reap = float("-inf")
+        self.reap_from = float("-inf")
+        """No reaping before this (the loop's clock): one lease after the ledger came back from an outage."""
         self.name = shared.settings.host
         """The host's name, taken once at start (a reload cannot change it: ``bound_settings``)."""
 
@@ -126,14 +129,22 @@ class HostLease:
         """The next renewal, or (PostgreSQL, unfenced) the next look for lost hosts, on the loop's clock."""
         due = self.next_renew()
         if not self.exclusive() and self.superseded is None:
-            due = min(due, self.last_reap + REAP_EVERY_S)
+            due = min(due, max(self.last_reap + REAP_EVERY_S, self.reap_from))
         return due
+
+    def ledger_returned(self, now: float) -> None:
+        """The ledger answers again after an outage (the loop's ``resume_ledger``): reap nobody for one lease.
+        While the database was down no host could renew, so on its clock every lease ran out; the other hosts
+        come back at the same time (each within its reconnect backoff) and renew at their first turn. Reaping at
+        once would declare them all dead, and lose every attempt their lanes are running, for an outage that
+        they survived; a host that is really gone is still reaped a lease later."""
+        self.reap_from = now + self.lease_sec
 
     def maybe_reap(self, now: float) -> None:
         """PostgreSQL, while this host holds its lease: every REAP_EVERY_S, declare dead the hosts whose lease ran
         out and re-queue their lanes' work (the policy pass that follows in this turn can take it). SQLite has one
         host: nothing to reap."""
-        if self.exclusive() or self.fenced(now) or now - self.last_reap < REAP_EVERY_S:
+        if self.exclusive() or self.fenced(now) or now - self.last_reap < REAP_EVERY_S or now < self.reap_from:
             return
         self.last_reap = now
         for dead in hosts.reap(self.shared.db, now, by=self.name):
@@ -152,13 +163,21 @@ class HostLease:
         if self.superseded is not None or (now < self.next_renew() and self.fenced_since is None):
             return
         fenced_for = None if self.fenced_since is None else now - self.fenced_since
-        if hosts.renew(self.shared.db, self.name, self.incarnation, now, self.lease_sec, unfenced_after=fenced_for):
+        if hosts.renew(self.shared.db, self.name, self.incarnation, now, self.lease_sec, unfenced_after=fenced_for,
+                       lane_units=self.lane_units()):
             self.last_renew = now
             if self.fenced_since is not None:
                 log.warning("host %s unfenced after %.1fs: lease renewed", self.name, fenced_for)
                 self.fenced_since = self.fence_reason = None
             return
         self.lost(now)
+
+    def lane_units(self) -> str:
+        """What this supervisor last saw of its lanes' units (systemd's state, main PID, restarts; the health
+        flag), written with each renewal so that other hosts' ``status`` can show it (``hosts.lane_units``)."""
+        return json.dumps({n: {"unit": f"{w.active}/{w.sub}" if w.sub else w.active, "pid": w.main_pid or None,
+                               "restarts": max(w.restarts, 0), "healthy": w.healthy}
+                           for n, w in sorted(self.shared.lanes.items())}, sort_keys=True, separators=(",", ":"))
 
     def turn(self, now: float) -> None:
         """A turn that reaches the ledger, before anything else of it: renew when due, then look for lost hosts."""

@@ -623,6 +623,7 @@ class Supervisor:
         supervisor restart forgives its own: lanes' heartbeats were refused meanwhile, so every lease runs from
         now (a lane that died meanwhile is found by its pidfd and systemd, not by a lease)."""
         self.shared.db.reconnect()
+        self.host.ledger_returned(now)  # the other hosts renew first: nobody is reaped for one host lease
         moved = ms.extend_leases(self.shared.db, until=now + self.settings.leases.lease_sec)
         if moved:
             log.info("%d leases restarted from now (the ledger was unreachable)", moved)

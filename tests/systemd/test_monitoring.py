@@ -69,7 +69,7 @@ def exported(text: str) -> set[str]:
 def test_supervisor_metrics_pass_promtool_and_carry_every_series_contrib_uses(fleet: Fleet) -> None:
     # a refused callback (POSTed to the read-only TCP port) so that the refusal counter has a series too
     curl(fleet, "http://127.0.0.1:8700/callbacks", "-X", "POST", "-d", "{}")
-    text = wait_for(lambda: (lambda t: t if 'lanectl_lane_healthy{lane="gamma"} 1' in t
+    text = wait_for(lambda: (lambda t: t if re.search(r'^lanectl_lane_healthy\{lane="gamma",host="[^"]+"\} 1$', t, re.M)
                              and 'reason="tcp"' in t else None)(supervisor_metrics(fleet)), 30, interval=0.5,
                     what="/metrics with every lane's health and the refused callback")
     proc = subprocess.run([promtool(), "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
@@ -77,9 +77,12 @@ def test_supervisor_metrics_pass_promtool_and_carry_every_series_contrib_uses(fl
     names = exported(text)
     used = {n for _, e in rule_exprs() + dashboard_exprs() for n in NAME.findall(e)}
     assert used - names == set(), f"used by contrib/ but not on the supervisor's /metrics: {sorted(used - names)}"
+    # one host (SQLite): its gauges, and its name as the host label of every lane's series
+    [host] = re.findall(r'^lanectl_host_up\{host="([^"]+)"\} 1$', text, re.M)
+    assert f'lanectl_host_expired{{host="{host}"}} 0' in text and f'lanectl_host_fenced{{host="{host}"}} 0' in text
     for lane in LANES:
-        assert f'lanectl_lane_state{{lane="{lane}",state="active"}} 1' in text
-        assert f'lanectl_lane_enabled{{lane="{lane}"}} 1' in text
+        assert f'lanectl_lane_state{{lane="{lane}",host="{host}",state="active"}} 1' in text
+        assert f'lanectl_lane_enabled{{lane="{lane}",host="{host}"}} 1' in text
     assert re.search(r'^lanectl_queued\{class="interactive"\} 0$', text, re.M)
 
 
@@ -204,7 +207,7 @@ def test_textfile_timer_writes_metrics_node_exporter_can_read(fleet: Fleet) -> N
         proc = subprocess.run([promtool(), "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0 and not (proc.stdout + proc.stderr).strip(), proc.stdout + proc.stderr
         for lane in LANES:
-            assert f'lanectl_lane_healthy{{lane="{lane}"}} 1' in text
+            assert re.search(rf'^lanectl_lane_healthy\{{lane="{lane}",host="[^"]+"\}} 1$', text, re.M), text
         assert "lanectl_metrics_generated_timestamp_seconds " in text
         assert fleet.show("lanectl-metrics-textfile.timer", "ActiveState")["ActiveState"] == "active"
     finally:

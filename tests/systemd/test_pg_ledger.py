@@ -164,12 +164,18 @@ def test_server_down_longer_than_lease_sec(fleet: Fleet) -> None:
             "cannot reach" in err["message"] and "database is down" in err["hint"] and "root" not in err["hint"], err
         assert doc["data"]["lanes"] and all(ln["active_state"] == "active" and ln["dispatch"] == "unknown"
                                             for ln in doc["data"]["lanes"]), doc
+        # and since when, for this host, from its supervisor (docs/multihost.md, "The database is down")
+        down = [w for w in doc["errors"] if w["code"] == "ledger_unreachable"]
+        assert down and down[0]["message"].startswith("ledger unreachable since ") and \
+            "cannot reach" in down[0]["message"] and "nothing new is claimed" in down[0]["hint"], doc["errors"]
+        assert all(ln["host"] == h["host"] for ln in doc["data"]["lanes"]), doc
         code = fleet.sb.exec(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
                               "http://127.0.0.1:8700/metrics"], check=False).stdout
         assert code == "503", code  # no figures without the ledger, and no traceback per scrape
         proc = fleet.sb.exec([LANECTL, "probe"], check=False)  # the monitoring check: UNKNOWN, saying why
         assert proc.returncode == 3 and "ledger unreadable" in proc.stdout and "cannot reach" in proc.stdout, \
             proc.stdout + proc.stderr
+        assert f"host {h['host']}: ledger unreachable since " in proc.stdout, proc.stdout
         proc = fleet.sb.exec([LANECTL, "submit", "-c", str(fleet.config_dir), "--class", "interactive", "--json",
                               "--", "/bin/true"], check=False)
         assert proc.returncode == 6 and json.loads(proc.stdout)["errors"][0]["code"] == "ledger_unavailable", \

@@ -94,7 +94,8 @@ def test_rules_pass_their_promtool_unit_tests() -> None:
 def test_rules_cover_the_probe_and_rollback_conditions() -> None:
     alerts = {name for name, _ in rule_exprs()}
     for name in ("LanectlLaneDown", "LanectlLaneDegraded", "LanectlInteractiveStarvation", "LanectlLaneFailureSpike",
-                 "LanectlFallbackSpike", "LanectlMetricsStale", "LanectlSupervisorDown"):
+                 "LanectlFallbackSpike", "LanectlMetricsStale", "LanectlSupervisorDown", "LanectlHostLost",
+                 "LanectlHostDown"):
         assert name in alerts
 
 

@@ -288,7 +288,7 @@ def test_report_lists_decisions_with_who_when_why_and_evidence(led: Ledger, tmp_
     assert "fixed \\| config" in rows[1]  # a pipe in the reason does not break the table
     assert "zed" not in text
     assert "detect_s=0.2" in rows[4] and "no traffic in the hour before" in rows[4]
-    assert "## Status" in text and "| alpha | active | yes |" in text
+    assert "## Status" in text and "| alpha | - | active | yes |" in text
 
 
 def test_every_event_kind_is_either_routine_or_a_decision() -> None:
@@ -381,9 +381,10 @@ def test_state_now_in_metrics_and_prometheus(led: Ledger, tmp_path: Path) -> Non
         ms.submit(led, fleet, cls=cls, payload={}, now=at)
     m = evidence.metrics(led, window_s=60, now=T0 + 100, fleet=fleet)
     st = m["now_state"]
-    assert st["lanes"] == [{"lane": "alpha", "state": "active", "healthy": True, "enabled": True, "automatic": False},
+    assert st["lanes"] == [{"lane": "alpha", "state": "active", "healthy": True, "enabled": True, "automatic": False,
+                            "host": None},
                            {"lane": "beta", "state": "drained", "healthy": False, "enabled": True,
-                            "automatic": False}]
+                            "automatic": False, "host": None}]  # no host claimed them: no host label
     assert {c["class"]: (c["queued"], c["oldest_wait_s"]) for c in st["classes"]} == {
         "interactive": (2, 90.0), "deadline": (0, 0.0), "background": (1, 50.0)}
     got = {(n, tuple(sorted(lb.items()))): v for n, lb, v in

@@ -83,6 +83,24 @@ def test_the_lease_is_renewed_every_third_of_it(sup: Supervisor) -> None:
     assert sup.next_due() <= T0 + 2 * every  # the loop wakes up for the next renewal
 
 
+def test_each_renewal_publishes_what_the_supervisor_saw_of_its_lanes_units(sup: Supervisor) -> None:
+    """Other hosts' ``status`` shows this host's lanes from what the renewal writes (hosts.lane_units)."""
+    from lanectl.ledger import fleetview
+
+    assert sup.ledger is not None
+    assert fleetview.lane_units(sup.ledger) == {}  # nothing before the first renewal
+    w = sup.lanes["alpha"]
+    w.active, w.sub, w.main_pid, w.restarts, w.healthy = "active", "running", 4321, 2, True
+    assert sup.turn(T0 + HOST_LEASE / 3)
+    seen = fleetview.lane_units(sup.ledger)[sup.host.name]
+    assert seen["alpha"] == {"unit": "active/running", "pid": 4321, "restarts": 2, "healthy": True}
+    assert set(seen) == {"alpha", "beta"}
+    w.active, w.sub, w.main_pid, w.healthy = "failed", "failed", 0, False
+    assert sup.turn(T0 + 2 * HOST_LEASE / 3)
+    assert fleetview.lane_units(sup.ledger)[sup.host.name]["alpha"] == {
+        "unit": "failed/failed", "pid": None, "restarts": 2, "healthy": False}
+
+
 def test_the_fence_comes_a_margin_before_the_lease_runs_out(sup: Supervisor) -> None:
     margin = sup.settings.hosts.fence_margin_s()
     assert margin == 1.0
@@ -186,6 +204,35 @@ def test_a_live_host_reaps_a_host_whose_lease_ran_out(tmp_path: Path, pg: PgServ
         [ev] = host_events(sup, "host_dead")
         assert (ev["host"], ev["by"], ev["missions"], ev["lanes"]) == ("web-9", sup.host.name, [m], ["zeta"])
         assert record(sup).state == "up" and sup.host.superseded is None
+    finally:
+        sup.close()
+
+
+@needs_pg
+def test_after_a_ledger_outage_nobody_is_reaped_for_one_lease(tmp_path: Path, pg: PgServer) -> None:
+    """The database was down longer than the host lease: on its clock every host's lease ran out. The host that
+    is back first must not declare the others dead (they come back at the same time and renew); one that does not
+    renew within a lease after the outage is reaped as usual."""
+    from lanectl.dispatch import Assignment
+
+    fleet = config.load(write_config(tmp_path, {"alpha": free_port(), "beta": free_port()}))
+    sup = Supervisor(fleet, pg.url(pg.create_db("outage")), use_systemd=False,
+                     callback_socket=str(tmp_path / "cb.sock"), lane_uids={"alpha": os.getuid(), "beta": os.getuid()})
+    sup.open()
+    try:
+        sup.start(T0)
+        assert sup.ledger is not None
+        hosts.register(sup.ledger, "web-9", "9" * 32, "boot", 1, T0, HOST_LEASE, ["zeta"])
+        m = ms.submit(sup.ledger, sup.fleet, cls="background", payload={}, now=T0).mission.id
+        ms.assign(sup.ledger, [Assignment(m, "zeta", "background")], now=T0, lease_sec=60)
+        sup.ledger_failed(RuntimeError("server closed the connection unexpectedly"), T0 + 1)  # the outage
+        assert sup.turn(T0 + 20) and sup.outage is None  # back, 10 s after web-9's lease ran out
+        assert hosts.get(sup.ledger.conn, "web-9").state == "up" and ms.get(sup.ledger, m).state == "dispatched"  # type: ignore[union-attr]
+        assert hosts.renew(sup.ledger, "web-9", "9" * 32, T0 + 22, HOST_LEASE)  # web-9 is back too and renews
+        assert sup.turn(T0 + 31)
+        assert hosts.get(sup.ledger.conn, "web-9").state == "up"  # type: ignore[union-attr]
+        assert sup.turn(T0 + 33)  # web-9 renewed no more: its lease ran out at T0 + 32, the grace is over
+        assert hosts.get(sup.ledger.conn, "web-9").state == "dead" and ms.get(sup.ledger, m).state == "queued"  # type: ignore[union-attr]
     finally:
         sup.close()
 
