@@ -11,7 +11,10 @@ applied, lanes run what they hold, cancels are forwarded) while :meth:`HostLease
   or the loop was frozen); the next successful renew lifts it (``host_unfenced``);
 - or a renew found another incarnation in the host's record, or the record forgotten or stopped: another
   supervisor runs under this host's name, or an operator forgot the host. That lasts until this supervisor
-  restarts (it then registers a new incarnation, and is refused lanes that moved meanwhile).
+  restarts (it then registers a new incarnation, and is refused lanes that moved meanwhile);
+- or the record names this incarnation ``dead``: another host reaped it while it could not renew (frozen, cut off
+  from the database). Then the supervisor exits (5, ``host_reaped``, :attr:`HostLease.reaped`) and systemd starts
+  it again as a new incarnation.
 
 Times are the loop's ``now`` (the supervisor's clock, which follows the ledger's clock on PostgreSQL), so a test
 drives the fence with chosen ``now`` values.
@@ -55,6 +58,9 @@ class HostLease:
         self.superseded: str | None = None
         """Why this incarnation lost its record for good (None: it holds it)."""
         self.last_reap = float("-inf")
+        self.reaped = False
+        """The ledger declared this incarnation dead (another host reaped it while it could not renew: frozen, cut
+        off from the database): the supervisor exits so that systemd starts it again as a new incarnation."""
         self.name = shared.settings.host
         """The host's name, taken once at start (a reload cannot change it: ``bound_settings``)."""
 
@@ -158,12 +164,14 @@ class HostLease:
         """The host's record is not this incarnation's any more (a renewal or a policy pass found it): fenced
         until the supervisor restarts, with a ``host_fenced`` event."""
         cur = hosts.get(self.shared.db.conn, self.name)
+        self.reaped = cur is not None and cur.incarnation == self.incarnation and cur.state == "dead"
         self.superseded = ("the host's record is gone" if cur is None else
                            f"the host's record names incarnation {cur.incarnation[:8]} ({cur.state}), not this "
                            f"supervisor's {self.incarnation[:8]}" if cur.incarnation != self.incarnation else
+                           "another host declared this host dead: its lease ran out" if self.reaped else
                            f"the host's record is {cur.state}")
-        log.error("host %s: this supervisor lost the host's record: %s; it claims no new work (restart it)", self.name,
-                  self.superseded)
+        log.error("host %s: this supervisor lost the host's record: %s; it claims no new work (%s)", self.name,
+                  self.superseded, "it exits, to start again as a new incarnation" if self.reaped else "restart it")
         self.fenced_since, self.fence_recorded = None, False
         self.check(now)
         hosts.record_fenced(self.shared.db, self.name, self.incarnation, now, self.fence_reason or "")

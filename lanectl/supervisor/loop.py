@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 from lanectl import __version__, config, keys
 from lanectl.config import LaneSet, Settings
-from lanectl.errors import LanectlError
+from lanectl.errors import ExitCode, LanectlError
 from lanectl.ledger import Checkpointer, Ledger, reads
 from lanectl.ledger import Error as LedgerError
 from lanectl.ledger import lanes as lane_ops
@@ -173,6 +173,8 @@ class Supervisor:
         """Set while the ledger is unreachable (docs/supervisor.md, "the ledger's database fails")."""
         self.ping_every = 1.0
         self.last_ping = self.last_summary = float("-inf")
+        self.exit_code = 0
+        """What :meth:`run` returns: 5 (``host_reaped``) when another host declared this one dead meanwhile."""
 
     # ------------------------------------------------------------------------------------------ shared state
     @property
@@ -511,10 +513,12 @@ class Supervisor:
         self.ping_every = Notifier.watchdog_interval() or 1.0
         while not self.stop.is_set():
             self.turn(self.clock.now())
-            self.wait(self.idle_timeout(self.clock.now()))
-        self.notify("STOPPING=1\nSTATUS=stopping")
+            if not self.stop.is_set():
+                self.wait(self.idle_timeout(self.clock.now()))
+        self.notify("STOPPING=1\nSTATUS=" + ("stopping: this host was declared dead; restarting as a new incarnation"
+                                             if self.exit_code else "stopping"))
         self.close()
-        return 0
+        return self.exit_code
 
     def turn(self, now: float) -> bool:
         """One turn of the main loop at ``now`` (the supervisor's clock); False when the ledger failed it.
@@ -555,6 +559,8 @@ class Supervisor:
                     raise
                 self.ledger_failed(exc, now)
                 ok = False
+        if self.host.reaped and not self.stop.is_set():
+            self.reaped_exit()
         self.endpoints.maybe_bind_tcp(now)
         if now - self.last_ping >= self.ping_every:
             self.notify("WATCHDOG=1")
@@ -564,6 +570,18 @@ class Supervisor:
         if now - self.last_summary >= SUMMARY_EVERY_S:
             self.publish_summary(now)
         return ok
+
+    def reaped_exit(self) -> None:
+        """Another host declared this one dead while it could not renew its lease (frozen, cut off from the
+        database): its lanes' attempts were lost and re-run elsewhere, and this incarnation may never claim again.
+        The supervisor ends with exit 5 (``host_reaped``); systemd (``Restart=on-failure``) starts it again at
+        once, as a new incarnation that registers the host ``up``, takes its lanes back unless another host took
+        them, and whose lanes are told to stop what the ledger no longer gives them (their reports are fenced).
+        docs/decisions.md, "A reaped host restarts itself"."""
+        log.error("host %s was declared dead by another host (it could not renew its lease in time); exiting so "
+                  "that the supervisor starts again as a new incarnation", self.host.name)
+        self.exit_code = int(ExitCode.CONFLICT)
+        self.stop.set()
 
     def publish_summary(self, now: float) -> None:
         """The /healthz summary read again (not while the ledger is unreachable: the last one stands) and

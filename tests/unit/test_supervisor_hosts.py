@@ -226,3 +226,52 @@ def test_a_pass_after_the_record_changed_hands_claims_nothing(sup: Supervisor) -
     assert sup.host.superseded is not None and "eeeeeeee" in sup.host.superseded
     assert "eeeeeeee" in host_events(sup, "host_fenced")[0]["reason"]
     assert sup.host.fenced(T0 + 1.5)
+
+
+@needs_pg
+def test_a_reaped_supervisor_exits_to_start_again_as_a_new_incarnation(tmp_path: Path, pg: PgServer) -> None:
+    """Another host declared this one dead while it was frozen: its first turn back finds the record dead, records
+    host_fenced, claims nothing, and the supervisor stops with exit 5 so that systemd starts a new incarnation;
+    a record taken by another incarnation (not dead) keeps it fenced but running (a restart would take the record
+    back from a supervisor that runs)."""
+    url = pg.url(pg.create_db("reaped"))
+    fleet = config.load(write_config(tmp_path, {"alpha": free_port(), "beta": free_port()}))
+    sup = Supervisor(fleet, url, use_systemd=False, callback_socket=str(tmp_path / "cb.sock"),
+                     lane_uids={"alpha": os.getuid(), "beta": os.getuid()})
+    sup.open()
+    try:
+        sup.start(T0)
+        assert sup.ledger is not None
+        m = ms.submit(sup.ledger, sup.fleet, cls="background", payload={}, now=T0).mission.id
+        # this host is frozen past its lease: the other host's reaper declares it dead (its clock is the ledger's)
+        with sup.ledger.transaction() as conn:
+            conn.execute("UPDATE hosts SET lease_expires = ? WHERE name = ?", (T0 - 1, sup.host.name))
+        [dead] = hosts.reap(sup.ledger, T0, by="other")
+        assert dead["host"] == sup.host.name
+        sup.dirty = True
+        sup.turn(T0 + HOST_LEASE + 5)  # resumed: fenced by its own clock, the renewal finds the record dead
+        assert sup.host.reaped and sup.stop.is_set() and sup.exit_code == ExitCode.CONFLICT == 5
+        assert kinds_of(sup, m) == ["submitted"]  # it claimed nothing
+        reasons = [e["reason"] for e in host_events(sup, "host_fenced")]
+        assert "no lease renewal" in reasons[0] and "declared this host dead" in reasons[-1], reasons
+    finally:
+        sup.close()
+    from lanectl.ledger import Ledger
+
+    with Ledger.open(url) as led:  # close() records no stop for a reaped incarnation
+        assert hosts.get(led.conn, sup.host.name).state == "dead"  # type: ignore[union-attr]
+    # another incarnation took the record: fenced for good, but no exit
+    second = Supervisor(config.load(tmp_path / "etc"), url, use_systemd=False, callback_socket=str(tmp_path / "cb.sock"),
+                        lane_uids={"alpha": os.getuid(), "beta": os.getuid()})
+    second.open()
+    try:
+        second.start(T0 + 20)
+        assert second.ledger is not None
+        hosts.register(second.ledger, second.host.name, "d" * 32, "boot", 1, second.ledger.clock(), HOST_LEASE,
+                       ["alpha", "beta"])
+        second.turn(T0 + 25)
+        assert second.host.superseded is not None and not second.host.reaped and not second.stop.is_set()
+        assert second.exit_code == 0
+    finally:
+        second.close()
+
