@@ -16,6 +16,9 @@ applied, lanes run what they hold, cancels are forwarded) while :meth:`HostLease
   from the database). Then the supervisor exits (5, ``host_reaped``, :attr:`HostLease.reaped`) and systemd starts
   it again as a new incarnation.
 
+After this supervisor's own ledger outage (or a start that had to wait for the ledger) it reaps no one for
+``lease_sec`` plus the slowest retry of a supervisor in an outage: the database may have been down for every host.
+
 Times are the loop's ``now`` (the supervisor's clock, which follows the ledger's clock on PostgreSQL), so a test
 drives the fence with chosen ``now`` values.
 """
@@ -58,6 +61,9 @@ class HostLease:
         self.superseded: str | None = None
         """Why this incarnation lost its record for good (None: it holds it)."""
         self.last_reap = float("-inf")
+        self.reap_from = float("-inf")
+        """No reaping before this (the loop's clock): after this supervisor's own ledger outage, every other host
+        gets a lease to renew first (:meth:`ledger_back`)."""
         self.reaped = False
         """The ledger declared this incarnation dead (another host reaped it while it could not renew: frozen, cut
         off from the database): the supervisor exits so that systemd starts it again as a new incarnation."""
@@ -121,14 +127,14 @@ class HostLease:
         """The next renewal, or (PostgreSQL, unfenced) the next look for lost hosts, on the loop's clock."""
         due = self.next_renew()
         if not self.exclusive() and self.superseded is None:
-            due = min(due, self.last_reap + REAP_EVERY_S)
+            due = min(due, max(self.last_reap + REAP_EVERY_S, self.reap_from))
         return due
 
     def maybe_reap(self, now: float) -> None:
         """PostgreSQL, while this host holds its lease: every REAP_EVERY_S, declare dead the hosts whose lease ran
         out and re-queue their lanes' work (the policy pass that follows in this turn can take it). SQLite has one
         host: nothing to reap."""
-        if self.exclusive() or self.fenced(now) or now - self.last_reap < REAP_EVERY_S:
+        if self.exclusive() or self.fenced(now) or now - self.last_reap < REAP_EVERY_S or now < self.reap_from:
             return
         self.last_reap = now
         for dead in hosts.reap(self.shared.db, now, by=self.name):
@@ -136,6 +142,15 @@ class HostLease:
                         "re-queued or dead", dead["host"], dead["incarnation"][:8], len(dead["missions"]),
                         ", ".join(dead["lanes"]) or "(none)")
             self.shared.dirty = True
+
+    def ledger_back(self, now: float, slowest_retry_s: float) -> None:
+        """This supervisor reaches the ledger again after an outage. The outage may have been the database's own,
+        which every host saw: their leases ran out in the ledger too, and each notices the database is back at its
+        next try (up to ``slowest_retry_s`` later). Reaping them now would declare dead hosts that are alive and
+        merely slower to reconnect, losing the work their lanes still run; so this host reaps no one until
+        ``lease_sec + slowest_retry_s`` from now, by which time every live host has renewed (docs/multihost.md,
+        "Database outage")."""
+        self.reap_from = now + self.lease_sec + slowest_retry_s
 
     def maybe_renew(self, now: float) -> None:
         """In a turn that reaches the ledger, before the policy pass: renew when due (or while fenced); a fence

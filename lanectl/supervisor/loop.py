@@ -175,6 +175,8 @@ class Supervisor:
         self.last_ping = self.last_summary = float("-inf")
         self.exit_code = 0
         """What :meth:`run` returns: 5 (``host_reaped``) when another host declared this one dead meanwhile."""
+        self.waited_for_ledger = False
+        """PostgreSQL: the start had to wait for the ledger (the database was down or busy)."""
 
     # ------------------------------------------------------------------------------------------ shared state
     @property
@@ -307,6 +309,7 @@ class Supervisor:
             except LanectlError as exc:
                 if exc.code not in ("ledger_unavailable", "ledger_busy") or self.stop.is_set():
                     raise
+                self.waited_for_ledger = True
                 waited = time.monotonic() - since
                 if time.monotonic() - reminded >= LEDGER_REMIND_S:
                     log.error("ledger unusable%s: %s; waiting for it (retrying up to every %gs)",
@@ -495,6 +498,8 @@ class Supervisor:
         moved = (self.waiting_for_ledger if self.on_pg else _now)(take_over)
         if moved:
             log.info("%d leases restarted from now (the supervisor was away)", moved)
+        if self.on_pg and self.waited_for_ledger:  # the database was down: so it was for the other hosts
+            self.host.ledger_back(now, LEDGER_BACKOFF_S[1])
         self.refresh_summary()
         self.history.start(now)
         self.last_ping = self.last_summary = now
@@ -641,6 +646,8 @@ class Supervisor:
         supervisor restart forgives its own: lanes' heartbeats were refused meanwhile, so every lease runs from
         now (a lane that died meanwhile is found by its pidfd and systemd, not by a lease)."""
         self.shared.db.reconnect()
+        if self.on_pg:  # every host may have been cut off: none is declared dead before it could renew (this turn on)
+            self.host.ledger_back(now, LEDGER_BACKOFF_S[1])
         moved = ms.extend_leases(self.shared.db, until=now + self.settings.leases.lease_sec)
         if moved:
             log.info("%d leases restarted from now (the ledger was unreachable)", moved)

@@ -275,3 +275,30 @@ def test_a_reaped_supervisor_exits_to_start_again_as_a_new_incarnation(tmp_path:
     finally:
         second.close()
 
+
+@needs_pg
+def test_after_its_own_ledger_outage_a_host_reaps_no_one_for_a_lease(tmp_path: Path, pg: PgServer) -> None:
+    """The database was down for every host: when it is back, the first host to reconnect must not declare dead
+    the hosts that have not reconnected yet (they retry up to every LEDGER_BACKOFF_S[1]); it reaps only after
+    lease_sec plus that, by which time a live host has renewed."""
+    from lanectl.supervisor.loop import LEDGER_BACKOFF_S
+
+    url = pg.url(pg.create_db("outage"))
+    fleet = config.load(write_config(tmp_path, {"alpha": free_port()}))
+    sup = Supervisor(fleet, url, use_systemd=False, callback_socket=str(tmp_path / "cb.sock"),
+                     lane_uids={"alpha": os.getuid()})
+    sup.open()
+    try:
+        sup.start(T0)
+        assert sup.ledger is not None
+        hosts.register(sup.ledger, "slow", "5" * 32, "boot", 1, T0 - 2 * HOST_LEASE, HOST_LEASE, ["zeta"])
+        sup.host.ledger_back(T0 + 1, LEDGER_BACKOFF_S[1])  # what the end of an outage does
+        grace = HOST_LEASE + LEDGER_BACKOFF_S[1]
+        assert sup.next_due() <= T0 + 1 + HOST_LEASE / 3  # the renewals go on meanwhile
+        for at in (T0 + 2, T0 + 5, T0 + 1 + grace - 0.1):
+            assert sup.turn(at)
+            assert hosts.get(sup.ledger.conn, "slow").state == "up"  # type: ignore[union-attr]
+        assert sup.turn(T0 + 1 + grace)  # the lease plus the slowest retry: it would have renewed by now
+        assert hosts.get(sup.ledger.conn, "slow").state == "dead"  # type: ignore[union-attr]
+    finally:
+        sup.close()
