@@ -101,6 +101,14 @@ class HostLease:
         s = self.shared.settings.hosts
         return self.last_renew + s.lease_sec - s.fence_margin_s()
 
+    def fence_began(self) -> float | None:
+        """When the current fence began on the loop's clock: for want of a renewal, the moment the lease stopped
+        allowing claims (``fence_at``: a frozen supervisor notices only when it runs again, but it claimed nothing
+        after it); otherwise when it was noticed."""
+        if self.fenced_since is None:
+            return None
+        return self.fenced_since if self.superseded is not None else min(self.fenced_since, self.fence_at())
+
     def fenced(self, now: float) -> bool:
         return self.superseded is not None or now >= self.fence_at()
 
@@ -157,7 +165,8 @@ class HostLease:
         not yet recorded gets its ``host_fenced`` event first."""
         self.check(now)
         if self.fenced_since is not None and not self.fence_recorded:
-            hosts.record_fenced(self.shared.db, self.name, self.incarnation, now, self.fence_reason or "")
+            hosts.record_fenced(self.shared.db, self.name, self.incarnation, now, self.fence_reason or "",
+                                since=self.fence_began())
             self.fence_recorded = True
         if self.superseded is not None or (now < self.next_renew() and self.fenced_since is None):
             return

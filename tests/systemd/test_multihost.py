@@ -336,6 +336,7 @@ def test_a_frozen_host_is_reaped_fenced_and_comes_back_as_a_new_incarnation(host
     fenced = events(host_a, "host_fenced", mark, host="a", incarnation=old)
     assert fenced and any("declared this host dead" in e["reason"] for e in fenced), fenced
     assert fenced[0]["id"] > dead["id"]  # recorded when a was back (it could not write while frozen)
+    assert fenced[0]["since"] < dead["at"]  # but it had stopped claiming (on its own clock) before b took over
     # the old incarnation claimed nothing after the reap: no dispatch to a's lanes before the new one started
     assert not [e for e in events(host_a, "dispatched", dead["id"]) if e["lane"] in ("a1", "a2")
                 and e["id"] < started["id"]]

@@ -111,6 +111,7 @@ def test_a_host_that_cannot_renew_claims_nothing_until_it_does(tmp_path: Path) -
         assert s.turn(T0 + 12) and s.outage is None and s.host.fenced_since is None
         assert [e["reason"] for e in host_events(s, "host_fenced")] == [
             "no lease renewal for 9.0s (lease 10s, margin 1s)"]
+        assert host_events(s, "host_fenced")[0]["since"] == T0 + HOST_LEASE - 1  # when it began, not when written
         assert host_events(s, "host_unfenced")[0]["fenced_s"] == 3.0
         assert record(s).lease_expires == T0 + 12 + HOST_LEASE
         assert "waiting" in kinds_of(s, m)  # the policy pass ran in the turn that renewed
