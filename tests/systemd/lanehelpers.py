@@ -218,3 +218,21 @@ def kill_sandbox(sandbox: Any) -> None:
     finally:
         os.close(fd)
     wait_for(lambda: not sandbox.running(), 30, interval=0.05, what="the sandbox to be gone")
+    # the kernel kills the rest of the pid namespace with its init, in its own time: until the last of them is
+    # gone, ``down`` would find them there and fail
+    wait_for(lambda: not pidns_members(st["pidns"]), 60, interval=0.05, what="every process of the sandbox gone")
+
+
+def pidns_members(ns: str) -> list[int]:
+    """The processes (host pids) in the pid namespace ``ns`` (``pid:[...]`` as ``/proc/PID/ns/pid`` names it)."""
+    import os
+
+    out = []
+    for n in os.listdir("/proc"):
+        if n.isdigit():
+            try:
+                if os.readlink(f"/proc/{n}/ns/pid") == ns:
+                    out.append(int(n))
+            except OSError:
+                pass
+    return out
