@@ -336,7 +336,9 @@ class Supervisor:
             self.commits = commit_watch(self.ledger_path)
             if self.commits is not None:
                 self.sel.register(self.commits.fd, selectors.EVENT_READ, "commit")
-        self.host.register(self.clock.now())  # lanes another host owns end the start here (exit 3)
+        # lanes another host owns end the start here (exit 3); PostgreSQL: a ledger whose lock is held elsewhere, or
+        # that went away since it was opened, is waited for like the open itself
+        (self.waiting_for_ledger if self.on_pg else _now)(lambda: self.host.register(self.clock.now()))
         self.dispatcher.holder = (self.host.name, self.host.incarnation)
         self.dispatcher.cancel_cursor = reads.last_event_id(led)
         lane_keys = keys.read_lane_keys(Path(self.settings.state_dir), sorted(self.fleet.lanes))
