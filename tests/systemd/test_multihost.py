@@ -30,6 +30,7 @@ from typing import Any
 
 import pytest
 
+from lanectl.states import CLASSES, FINISHED
 from tests.systemd.conftest import _boot
 from tests.systemd.lanehelpers import (LANECTL, Fleet, executions, host_config, kill_sandbox, lane_toml, sql,
                                        submit_many, up_fleet, wait_for, wait_terminal)
@@ -42,10 +43,9 @@ LEASE = 30
 EXTRA = (f"[hosts]\nlease_sec = {HOST_LEASE}\n[leases]\nlease_sec = {LEASE}\nheartbeat_sec = 1\n"
          "[rollback]\nenabled = false\n")
 A_LANES = {"a1": lane_toml(8701, ["interactive", "deadline"], 3), "a2": lane_toml(8702, ["interactive", "deadline"], 3)}
-B_LANES = {"b1": lane_toml(8701, ["interactive", "deadline", "background"], 4),
-           "b2": lane_toml(8702, ["interactive", "deadline", "background"], 4)}
+B_LANES = {"b1": lane_toml(8701, list(CLASSES), 4), "b2": lane_toml(8702, list(CLASSES), 4)}  # every class
 D_LANES = {"d1": lane_toml(8701, ["interactive", "deadline"], 3), "d2": lane_toml(8702, ["interactive", "deadline"], 3)}
-TERMINAL_KINDS = ("succeeded", "failed", "dead", "cancelled", "expired")
+TERMINAL_KINDS = tuple(FINISHED)  # a mission's end: each is also the event that records it
 
 
 @pytest.fixture(scope="module")
