@@ -268,10 +268,11 @@ def test_postgresql_down_for_longer_than_the_host_lease(host_a: Fleet, host_b: F
         wait_for(lambda: health(host_a).get("fenced") is False and health(host_a).get("ledger_ok") is True, 60,
                  interval=0.2, what="host a to renew its lease")
         beat = hosts(host_a)["a"]["heartbeat_at"]
-        # a renews twice more, and so runs its reaper every second meanwhile: b's lease in the ledger ran out long
-        # ago, but b has had no chance to renew since the database came back, so a declares nothing
-        wait_for(lambda: hosts(host_a)["a"]["heartbeat_at"] >= beat + 2 * HOST_LEASE / 3 - 0.01, 60, interval=0.2,
-                 what="two more renewals of a")
+        # a renews once more and so has run its reaper (in the turn it reconnected, then every second): b's lease in
+        # the ledger ran out long ago, but b has had no chance to renew since the database came back (b must be
+        # back well within lease + 5 s of a's reconnection: the renewal is awaited, not more)
+        wait_for(lambda: hosts(host_a)["a"]["heartbeat_at"] >= beat + HOST_LEASE / 3 - 0.01, 60, interval=0.2,
+                 what="another renewal of a")
         assert hosts(host_a)["b"]["state"] == "up" and events(host_a, "host_dead", mark) == []
     finally:
         if stopped:
