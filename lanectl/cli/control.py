@@ -40,8 +40,9 @@ def supervise(config_dir: Optional[str] = CONFIG, ledger: Optional[str] = LEDGER
     Dispatches missions, takes callbacks on 127.0.0.1:PORT/callbacks, watches lanes and fails over. Sends
     READY=1 after the ledger is migrated and the lanes are loaded, WATCHDOG=1 from its main loop. SIGTERM stops
     it. Exits 3 when the configuration or the ledger is invalid, 5 (supervisor_running, naming its pid and unit)
-    when a supervisor already runs on this ledger or callback socket, 6 (ledger_missing) when the ledger named by
-    --ledger or $LANECTL_LEDGER does not exist.
+    when a supervisor already runs on this ledger or callback socket, 5 (host_reaped) when another host declared
+    this host dead while it could not renew its lease (systemd starts it again, as a new incarnation), 6
+    (ledger_missing) when the ledger named by --ledger or $LANECTL_LEDGER does not exist.
     """
     import os
 

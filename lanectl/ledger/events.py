@@ -53,7 +53,7 @@ class EventKind(StrEnum):
     PRUNE = "prune"  #: finished history older than a cutoff was archived and deleted (data: cutoff, counts, archive)
     HOST_STARTED = "host_started"  #: a host's supervisor started a new incarnation (data: host, incarnation, previous, boot_id, pid)
     HOST_STOPPED = "host_stopped"  #: a host's supervisor stopped cleanly (data: host, incarnation)
-    HOST_FENCED = "host_fenced"  #: a host stopped claiming new work: its lease could not be renewed in time, or another incarnation holds its record (data: host, incarnation, reason)
+    HOST_FENCED = "host_fenced"  #: a host stopped claiming new work: its lease could not be renewed in time, or another incarnation holds its record (data: host, incarnation, reason, since: when the fence began, on the host's clock)
     HOST_UNFENCED = "host_unfenced"  #: a fenced host renewed its lease and claims work again (data: host, incarnation, fenced_s)
     HOST_FORGOTTEN = "host_forgotten"  #: an operator forgot a host: its lanes may be claimed by another (data: host, incarnation, lanes, actor)
     HOST_DEAD = "host_dead"  #: a host's lease ran out: another host declared it dead and took back its lanes' work (data: host, incarnation, by, lease_expires, lanes, missions)

@@ -194,10 +194,14 @@ def renew(ledger: Ledger, name: str, incarnation: str, now: float, lease_sec: fl
         return ok
 
 
-def record_fenced(ledger: Ledger, name: str, incarnation: str, now: float, reason: str) -> None:
-    """The supervisor of ``name`` stopped claiming new work (``reason``): a ``host_fenced`` event."""
+def record_fenced(ledger: Ledger, name: str, incarnation: str, now: float, reason: str,
+                  since: float | None = None) -> None:
+    """The supervisor of ``name`` stopped claiming new work (``reason``) from ``since`` (default ``now``): a
+    ``host_fenced`` event, written at ``now`` (a fence for want of a renewal is recorded when the ledger answers
+    again, after it began)."""
     with ledger.transaction() as conn:
-        append(conn, EventKind.HOST_FENCED, now, host=name, incarnation=incarnation, reason=reason)
+        append(conn, EventKind.HOST_FENCED, now, host=name, incarnation=incarnation, reason=reason,
+               since=round(now if since is None else since, 3))
 
 
 def stop(ledger: Ledger, name: str, incarnation: str, now: float) -> bool:

@@ -11,7 +11,13 @@ applied, lanes run what they hold, cancels are forwarded) while :meth:`HostLease
   or the loop was frozen); the next successful renew lifts it (``host_unfenced``);
 - or a renew found another incarnation in the host's record, or the record forgotten or stopped: another
   supervisor runs under this host's name, or an operator forgot the host. That lasts until this supervisor
-  restarts (it then registers a new incarnation, and is refused lanes that moved meanwhile).
+  restarts (it then registers a new incarnation, and is refused lanes that moved meanwhile);
+- or the record names this incarnation ``dead``: another host reaped it while it could not renew (frozen, cut off
+  from the database). Then the supervisor exits (5, ``host_reaped``, :attr:`HostLease.reaped`) and systemd starts
+  it again as a new incarnation.
+
+After this supervisor's own ledger outage (or a start that had to wait for the ledger) it reaps no one for
+``lease_sec`` plus the slowest retry of a supervisor in an outage: the database may have been down for every host.
 
 Times are the loop's ``now`` (the supervisor's clock, which follows the ledger's clock on PostgreSQL), so a test
 drives the fence with chosen ``now`` values.
@@ -60,7 +66,11 @@ class HostLease:
         """Why this incarnation lost its record for good (None: it holds it)."""
         self.last_reap = float("-inf")
         self.reap_from = float("-inf")
-        """No reaping before this (the loop's clock): one lease after the ledger came back from an outage."""
+        """No reaping before this (the loop's clock): after this supervisor's own ledger outage, every other host
+        gets a lease to renew first (:meth:`ledger_back`)."""
+        self.reaped = False
+        """The ledger declared this incarnation dead (another host reaped it while it could not renew: frozen, cut
+        off from the database): the supervisor exits so that systemd starts it again as a new incarnation."""
         self.name = shared.settings.host
         """The host's name, taken once at start (a reload cannot change it: ``bound_settings``)."""
 
@@ -103,6 +113,14 @@ class HostLease:
         s = self.shared.settings.hosts
         return self.last_renew + s.lease_sec - s.fence_margin_s()
 
+    def fence_began(self) -> float | None:
+        """When the current fence began on the loop's clock: for want of a renewal, the moment the lease stopped
+        allowing claims (``fence_at``: a frozen supervisor notices only when it runs again, but it claimed nothing
+        after it); otherwise when it was noticed."""
+        if self.fenced_since is None:
+            return None
+        return self.fenced_since if self.superseded is not None else min(self.fenced_since, self.fence_at())
+
     def fenced(self, now: float) -> bool:
         return self.superseded is not None or now >= self.fence_at()
 
@@ -132,14 +150,6 @@ class HostLease:
             due = min(due, max(self.last_reap + REAP_EVERY_S, self.reap_from))
         return due
 
-    def ledger_returned(self, now: float) -> None:
-        """The ledger answers again after an outage (the loop's ``resume_ledger``): reap nobody for one lease.
-        While the database was down no host could renew, so on its clock every lease ran out; the other hosts
-        come back at the same time (each within its reconnect backoff) and renew at their first turn. Reaping at
-        once would declare them all dead, and lose every attempt their lanes are running, for an outage that
-        they survived; a host that is really gone is still reaped a lease later."""
-        self.reap_from = now + self.lease_sec
-
     def maybe_reap(self, now: float) -> None:
         """PostgreSQL, while this host holds its lease: every REAP_EVERY_S, declare dead the hosts whose lease ran
         out and re-queue their lanes' work (the policy pass that follows in this turn can take it). SQLite has one
@@ -153,12 +163,22 @@ class HostLease:
                         ", ".join(dead["lanes"]) or "(none)")
             self.shared.dirty = True
 
+    def ledger_back(self, now: float, slowest_retry_s: float) -> None:
+        """This supervisor reaches the ledger again after an outage. The outage may have been the database's own,
+        which every host saw: their leases ran out in the ledger too, and each notices the database is back at its
+        next try (up to ``slowest_retry_s`` later). Reaping them now would declare dead hosts that are alive and
+        merely slower to reconnect, losing the work their lanes still run; so this host reaps no one until
+        ``lease_sec + slowest_retry_s`` from now, by which time every live host has renewed (docs/multihost.md,
+        "Database outage")."""
+        self.reap_from = now + self.lease_sec + slowest_retry_s
+
     def maybe_renew(self, now: float) -> None:
         """In a turn that reaches the ledger, before the policy pass: renew when due (or while fenced); a fence
         not yet recorded gets its ``host_fenced`` event first."""
         self.check(now)
         if self.fenced_since is not None and not self.fence_recorded:
-            hosts.record_fenced(self.shared.db, self.name, self.incarnation, now, self.fence_reason or "")
+            hosts.record_fenced(self.shared.db, self.name, self.incarnation, now, self.fence_reason or "",
+                                since=self.fence_began())
             self.fence_recorded = True
         if self.superseded is not None or (now < self.next_renew() and self.fenced_since is None):
             return
@@ -188,12 +208,14 @@ class HostLease:
         """The host's record is not this incarnation's any more (a renewal or a policy pass found it): fenced
         until the supervisor restarts, with a ``host_fenced`` event."""
         cur = hosts.get(self.shared.db.conn, self.name)
+        self.reaped = cur is not None and cur.incarnation == self.incarnation and cur.state == "dead"
         self.superseded = ("the host's record is gone" if cur is None else
                            f"the host's record names incarnation {cur.incarnation[:8]} ({cur.state}), not this "
                            f"supervisor's {self.incarnation[:8]}" if cur.incarnation != self.incarnation else
+                           "another host declared this host dead: its lease ran out" if self.reaped else
                            f"the host's record is {cur.state}")
-        log.error("host %s: this supervisor lost the host's record: %s; it claims no new work (restart it)", self.name,
-                  self.superseded)
+        log.error("host %s: this supervisor lost the host's record: %s; it claims no new work (%s)", self.name,
+                  self.superseded, "it exits, to start again as a new incarnation" if self.reaped else "restart it")
         self.fenced_since, self.fence_recorded = None, False
         self.check(now)
         hosts.record_fenced(self.shared.db, self.name, self.incarnation, now, self.fence_reason or "")

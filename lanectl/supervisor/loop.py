@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 from lanectl import __version__, config, keys
 from lanectl.config import LaneSet, Settings
-from lanectl.errors import LanectlError
+from lanectl.errors import ExitCode, LanectlError
 from lanectl.ledger import Checkpointer, Ledger, reads
 from lanectl.ledger import Error as LedgerError
 from lanectl.ledger import lanes as lane_ops
@@ -173,6 +173,10 @@ class Supervisor:
         """Set while the ledger is unreachable (docs/supervisor.md, "the ledger's database fails")."""
         self.ping_every = 1.0
         self.last_ping = self.last_summary = float("-inf")
+        self.exit_code = 0
+        """What :meth:`run` returns: 5 (``host_reaped``) when another host declared this one dead meanwhile."""
+        self.waited_for_ledger = False
+        """PostgreSQL: the start had to wait for the ledger (the database was down or busy)."""
 
     # ------------------------------------------------------------------------------------------ shared state
     @property
@@ -305,6 +309,7 @@ class Supervisor:
             except LanectlError as exc:
                 if exc.code not in ("ledger_unavailable", "ledger_busy") or self.stop.is_set():
                     raise
+                self.waited_for_ledger = True
                 waited = time.monotonic() - since
                 if time.monotonic() - reminded >= LEDGER_REMIND_S:
                     log.error("ledger unusable%s: %s; waiting for it (retrying up to every %gs)",
@@ -331,7 +336,9 @@ class Supervisor:
             self.commits = commit_watch(self.ledger_path)
             if self.commits is not None:
                 self.sel.register(self.commits.fd, selectors.EVENT_READ, "commit")
-        self.host.register(self.clock.now())  # lanes another host owns end the start here (exit 3)
+        # lanes another host owns end the start here (exit 3); PostgreSQL: a ledger whose lock is held elsewhere, or
+        # that went away since it was opened, is waited for like the open itself
+        (self.waiting_for_ledger if self.on_pg else _now)(lambda: self.host.register(self.clock.now()))
         self.dispatcher.holder = (self.host.name, self.host.incarnation)
         self.dispatcher.cancel_cursor = reads.last_event_id(led)
         lane_keys = keys.read_lane_keys(Path(self.settings.state_dir), sorted(self.fleet.lanes))
@@ -493,6 +500,8 @@ class Supervisor:
         moved = (self.waiting_for_ledger if self.on_pg else _now)(take_over)
         if moved:
             log.info("%d leases restarted from now (the supervisor was away)", moved)
+        if self.on_pg and self.waited_for_ledger:  # the database was down: so it was for the other hosts
+            self.host.ledger_back(now, LEDGER_BACKOFF_S[1])
         self.refresh_summary()
         self.history.start(now)
         self.last_ping = self.last_summary = now
@@ -511,10 +520,12 @@ class Supervisor:
         self.ping_every = Notifier.watchdog_interval() or 1.0
         while not self.stop.is_set():
             self.turn(self.clock.now())
-            self.wait(self.idle_timeout(self.clock.now()))
-        self.notify("STOPPING=1\nSTATUS=stopping")
+            if not self.stop.is_set():
+                self.wait(self.idle_timeout(self.clock.now()))
+        self.notify("STOPPING=1\nSTATUS=" + ("stopping: this host was declared dead; restarting as a new incarnation"
+                                             if self.exit_code else "stopping"))
         self.close()
-        return 0
+        return self.exit_code
 
     def turn(self, now: float) -> bool:
         """One turn of the main loop at ``now`` (the supervisor's clock); False when the ledger failed it.
@@ -555,6 +566,8 @@ class Supervisor:
                     raise
                 self.ledger_failed(exc, now)
                 ok = False
+        if self.host.reaped and not self.stop.is_set():
+            self.reaped_exit()
         self.endpoints.maybe_bind_tcp(now)
         if now - self.last_ping >= self.ping_every:
             self.notify("WATCHDOG=1")
@@ -564,6 +577,18 @@ class Supervisor:
         if now - self.last_summary >= SUMMARY_EVERY_S:
             self.publish_summary(now)
         return ok
+
+    def reaped_exit(self) -> None:
+        """Another host declared this one dead while it could not renew its lease (frozen, cut off from the
+        database): its lanes' attempts were lost and re-run elsewhere, and this incarnation may never claim again.
+        The supervisor ends with exit 5 (``host_reaped``); systemd (``Restart=on-failure``) starts it again at
+        once, as a new incarnation that registers the host ``up``, takes its lanes back unless another host took
+        them, and whose lanes are told to stop what the ledger no longer gives them (their reports are fenced).
+        docs/decisions.md, "A reaped host restarts itself"."""
+        log.error("host %s was declared dead by another host (it could not renew its lease in time); exiting so "
+                  "that the supervisor starts again as a new incarnation", self.host.name)
+        self.exit_code = int(ExitCode.CONFLICT)
+        self.stop.set()
 
     def publish_summary(self, now: float) -> None:
         """The /healthz summary read again (not while the ledger is unreachable: the last one stands) and
@@ -623,7 +648,8 @@ class Supervisor:
         supervisor restart forgives its own: lanes' heartbeats were refused meanwhile, so every lease runs from
         now (a lane that died meanwhile is found by its pidfd and systemd, not by a lease)."""
         self.shared.db.reconnect()
-        self.host.ledger_returned(now)  # the other hosts renew first: nobody is reaped for one host lease
+        if self.on_pg:  # every host may have been cut off: none is declared dead before it could renew (this turn on)
+            self.host.ledger_back(now, LEDGER_BACKOFF_S[1])
         moved = ms.extend_leases(self.shared.db, until=now + self.settings.leases.lease_sec)
         if moved:
             log.info("%d leases restarted from now (the ledger was unreachable)", moved)

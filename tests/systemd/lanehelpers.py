@@ -163,3 +163,76 @@ def history(fleet: Fleet, ids: list[int], unless: str = "succeeded") -> str:
                       f"({','.join('?' * len(bad))}) ORDER BY id", *bad)
     return "\n" + "\n".join(f"  mission {m} {at:.3f} {kind} lane={lane} attempt={n} {data}"
                             for m, at, kind, lane, n, data in rows)
+
+
+# ------------------------------------------------------------------------------------------ several hosts (issue 13)
+def lane_toml(port: int, classes: list[str], capacity: int = 4, tags: list[str] | tuple[str, ...] = ()) -> str:
+    """A small lane definition (the lane's name is its file's name)."""
+    return (f'description = "multi-host test lane"\nport = {port}\nclasses = {json.dumps(classes)}\n'
+            f"capacity = {capacity}\ntags = {json.dumps(list(tags))}\nwatchdog_sec = 5\n[restart]\nrestart_sec = 0.5\n")
+
+
+def host_config(dest: Path, host: str, lanes: dict[str, str], ledger: str, extra_toml: str = "", *,
+                watchdog_sec: float = 10) -> Path:
+    """The configuration of one host of a fleet sharing ``ledger``: ``host = NAME``, its own ``lanes.d/`` (``lanes``:
+    name -> lane_toml text; names unique across the hosts; each lane's workspace /var/lib/lanes/NAME, private to
+    the sandbox), the example's classes, the supervisor's
+    ``watchdog_sec``, ``extra_toml`` appended."""
+    dest.mkdir(parents=True, exist_ok=True)
+    text = (f'host = "{host}"\nledger = "{ledger}"\nworkspace_root = "/var/lib/lanes"\n'
+            '[supervisor]\nhost = "127.0.0.1"\nport = 8700\ntick_sec = 1.0\n'
+            f"watchdog_sec = {watchdog_sec:g}\n[classes.interactive]\nmax_wait_sec = 30\n[classes.deadline]\nmax_wait_sec = 120\n"
+            "[classes.background]\nmax_wait_sec = 600\n" + extra_toml)
+    (dest / "lanectl.toml").write_text(text)
+    (dest / "lanes.d").mkdir(exist_ok=True)
+    for name, body in lanes.items():
+        (dest / "lanes.d" / f"{name}.toml").write_text(f'workspace = "/var/lib/lanes/{name}"\n' + body)
+    return dest
+
+
+def up_fleet(sandbox: Any, cfg: Path) -> Fleet:
+    """``lanectl install`` and ``up`` of the configuration ``cfg`` in ``sandbox``, its supervisor active."""
+    f = Fleet(sandbox, cfg)
+    code, doc = f.json("install")
+    assert code == 0, doc
+    code, doc = f.json("up")
+    assert code == 0, doc
+    wait_for(lambda: sandbox.exec(["systemctl", "is-active", "lanectl-supervisor.service"], check=False).stdout.strip()
+             == "active", 30, what="the supervisor")
+    return f
+
+
+def kill_sandbox(sandbox: Any) -> None:
+    """The whole host dies at once: SIGKILL to the sandbox's PID 1 (through a pidfd, after its start time was checked
+    against what ``up`` recorded), which ends its pid namespace, every process in it. ``down`` cleans up after."""
+    import os
+    import signal
+
+    st = sandbox.state()
+    pid = st["pid1"]
+    fd = os.pidfd_open(pid)  # pinned: the check below and the signal are about the same process
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            assert int(fh.read().rsplit(")", 1)[1].split()[19]) == st["pid1_start"], "not the sandbox's PID 1"
+        signal.pidfd_send_signal(fd, signal.SIGKILL)
+    finally:
+        os.close(fd)
+    wait_for(lambda: not sandbox.running(), 30, interval=0.05, what="the sandbox to be gone")
+    # the kernel kills the rest of the pid namespace with its init, in its own time: until the last of them is
+    # gone, ``down`` would find them there and fail
+    wait_for(lambda: not pidns_members(st["pidns"]), 60, interval=0.05, what="every process of the sandbox gone")
+
+
+def pidns_members(ns: str) -> list[int]:
+    """The processes (host pids) in the pid namespace ``ns`` (``pid:[...]`` as ``/proc/PID/ns/pid`` names it)."""
+    import os
+
+    out = []
+    for n in os.listdir("/proc"):
+        if n.isdigit():
+            try:
+                if os.readlink(f"/proc/{n}/ns/pid") == ns:
+                    out.append(int(n))
+            except OSError:
+                pass
+    return out

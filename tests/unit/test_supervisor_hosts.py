@@ -129,6 +129,7 @@ def test_a_host_that_cannot_renew_claims_nothing_until_it_does(tmp_path: Path) -
         assert s.turn(T0 + 12) and s.outage is None and s.host.fenced_since is None
         assert [e["reason"] for e in host_events(s, "host_fenced")] == [
             "no lease renewal for 9.0s (lease 10s, margin 1s)"]
+        assert host_events(s, "host_fenced")[0]["since"] == T0 + HOST_LEASE - 1  # when it began, not when written
         assert host_events(s, "host_unfenced")[0]["fenced_s"] == 3.0
         assert record(s).lease_expires == T0 + 12 + HOST_LEASE
         assert "waiting" in kinds_of(s, m)  # the policy pass ran in the turn that renewed
@@ -209,10 +210,10 @@ def test_a_live_host_reaps_a_host_whose_lease_ran_out(tmp_path: Path, pg: PgServ
 
 
 @needs_pg
-def test_after_a_ledger_outage_nobody_is_reaped_for_one_lease(tmp_path: Path, pg: PgServer) -> None:
+def test_after_a_ledger_outage_nobody_is_reaped_for_a_lease_and_the_slowest_retry(tmp_path: Path, pg: PgServer) -> None:
     """The database was down longer than the host lease: on its clock every host's lease ran out. The host that
     is back first must not declare the others dead (they come back at the same time and renew); one that does not
-    renew within a lease after the outage is reaped as usual."""
+    renew within a lease and the slowest reconnect retry (5 s) after the outage is reaped as usual."""
     from lanectl.dispatch import Assignment
 
     fleet = config.load(write_config(tmp_path, {"alpha": free_port(), "beta": free_port()}))
@@ -231,7 +232,9 @@ def test_after_a_ledger_outage_nobody_is_reaped_for_one_lease(tmp_path: Path, pg
         assert hosts.renew(sup.ledger, "web-9", "9" * 32, T0 + 22, HOST_LEASE)  # web-9 is back too and renews
         assert sup.turn(T0 + 31)
         assert hosts.get(sup.ledger.conn, "web-9").state == "up"  # type: ignore[union-attr]
-        assert sup.turn(T0 + 33)  # web-9 renewed no more: its lease ran out at T0 + 32, the grace is over
+        assert sup.turn(T0 + 33)  # web-9 renewed no more: its lease ran out at T0 + 32, the grace runs to T0 + 35
+        assert hosts.get(sup.ledger.conn, "web-9").state == "up"  # type: ignore[union-attr]
+        assert sup.turn(T0 + 36)  # the grace is over
         assert hosts.get(sup.ledger.conn, "web-9").state == "dead" and ms.get(sup.ledger, m).state == "queued"  # type: ignore[union-attr]
     finally:
         sup.close()
@@ -273,3 +276,79 @@ def test_a_pass_after_the_record_changed_hands_claims_nothing(sup: Supervisor) -
     assert sup.host.superseded is not None and "eeeeeeee" in sup.host.superseded
     assert "eeeeeeee" in host_events(sup, "host_fenced")[0]["reason"]
     assert sup.host.fenced(T0 + 1.5)
+
+
+@needs_pg
+def test_a_reaped_supervisor_exits_to_start_again_as_a_new_incarnation(tmp_path: Path, pg: PgServer) -> None:
+    """Another host declared this one dead while it was frozen: its first turn back finds the record dead, records
+    host_fenced, claims nothing, and the supervisor stops with exit 5 so that systemd starts a new incarnation;
+    a record taken by another incarnation (not dead) keeps it fenced but running (a restart would take the record
+    back from a supervisor that runs)."""
+    url = pg.url(pg.create_db("reaped"))
+    fleet = config.load(write_config(tmp_path, {"alpha": free_port(), "beta": free_port()}))
+    sup = Supervisor(fleet, url, use_systemd=False, callback_socket=str(tmp_path / "cb.sock"),
+                     lane_uids={"alpha": os.getuid(), "beta": os.getuid()})
+    sup.open()
+    try:
+        sup.start(T0)
+        assert sup.ledger is not None
+        m = ms.submit(sup.ledger, sup.fleet, cls="background", payload={}, now=T0).mission.id
+        # this host is frozen past its lease: the other host's reaper declares it dead (its clock is the ledger's)
+        with sup.ledger.transaction() as conn:
+            conn.execute("UPDATE hosts SET lease_expires = ? WHERE name = ?", (T0 - 1, sup.host.name))
+        [dead] = hosts.reap(sup.ledger, T0, by="other")
+        assert dead["host"] == sup.host.name
+        sup.dirty = True
+        sup.turn(T0 + HOST_LEASE + 5)  # resumed: fenced by its own clock, the renewal finds the record dead
+        assert sup.host.reaped and sup.stop.is_set() and sup.exit_code == ExitCode.CONFLICT == 5
+        assert kinds_of(sup, m) == ["submitted"]  # it claimed nothing
+        reasons = [e["reason"] for e in host_events(sup, "host_fenced")]
+        assert "no lease renewal" in reasons[0] and "declared this host dead" in reasons[-1], reasons
+    finally:
+        sup.close()
+    from lanectl.ledger import Ledger
+
+    with Ledger.open(url) as led:  # close() records no stop for a reaped incarnation
+        assert hosts.get(led.conn, sup.host.name).state == "dead"  # type: ignore[union-attr]
+    # another incarnation took the record: fenced for good, but no exit
+    second = Supervisor(config.load(tmp_path / "etc"), url, use_systemd=False, callback_socket=str(tmp_path / "cb.sock"),
+                        lane_uids={"alpha": os.getuid(), "beta": os.getuid()})
+    second.open()
+    try:
+        second.start(T0 + 20)
+        assert second.ledger is not None
+        hosts.register(second.ledger, second.host.name, "d" * 32, "boot", 1, second.ledger.clock(), HOST_LEASE,
+                       ["alpha", "beta"])
+        second.turn(T0 + 25)
+        assert second.host.superseded is not None and not second.host.reaped and not second.stop.is_set()
+        assert second.exit_code == 0
+    finally:
+        second.close()
+
+
+@needs_pg
+def test_after_its_own_ledger_outage_a_host_reaps_no_one_for_a_lease(tmp_path: Path, pg: PgServer) -> None:
+    """The database was down for every host: when it is back, the first host to reconnect must not declare dead
+    the hosts that have not reconnected yet (they retry up to every LEDGER_BACKOFF_S[1]); it reaps only after
+    lease_sec plus that, by which time a live host has renewed."""
+    from lanectl.supervisor.loop import LEDGER_BACKOFF_S
+
+    url = pg.url(pg.create_db("outage"))
+    fleet = config.load(write_config(tmp_path, {"alpha": free_port()}))
+    sup = Supervisor(fleet, url, use_systemd=False, callback_socket=str(tmp_path / "cb.sock"),
+                     lane_uids={"alpha": os.getuid()})
+    sup.open()
+    try:
+        sup.start(T0)
+        assert sup.ledger is not None
+        hosts.register(sup.ledger, "slow", "5" * 32, "boot", 1, T0 - 2 * HOST_LEASE, HOST_LEASE, ["zeta"])
+        sup.host.ledger_back(T0 + 1, LEDGER_BACKOFF_S[1])  # what the end of an outage does
+        grace = HOST_LEASE + LEDGER_BACKOFF_S[1]
+        assert sup.next_due() <= T0 + 1 + HOST_LEASE / 3  # the renewals go on meanwhile
+        for at in (T0 + 2, T0 + 5, T0 + 1 + grace - 0.1):
+            assert sup.turn(at)
+            assert hosts.get(sup.ledger.conn, "slow").state == "up"  # type: ignore[union-attr]
+        assert sup.turn(T0 + 1 + grace)  # the lease plus the slowest retry: it would have renewed by now
+        assert hosts.get(sup.ledger.conn, "slow").state == "dead"  # type: ignore[union-attr]
+    finally:
+        sup.close()
