@@ -70,8 +70,9 @@ def forget(name: str = typer.Argument(..., metavar="HOST"),
     """Forget a host that is gone for good: other hosts may then claim its lanes.
 
     Refused while the host's lease runs (exit 5: its supervisor may still run them) unless --force; exit 4 for a
-    host the ledger never knew; exit 0 when it was forgotten already. What its lanes still hold is not moved
-    (no host-loss reaper yet: docs/multihost.md).
+    host the ledger never knew; exit 0 when it was forgotten already. A host whose lease ran out was declared
+    dead by a live host already (its lanes' work re-queued then); what the lanes of a stopped host still hold
+    runs again elsewhere when those missions' leases run out.
     """
     with config.open_ledger(config_dir, ledger) as led:
         changed = host_ops.forget(led, name, now=led.clock(), who=actor(), force=force)
