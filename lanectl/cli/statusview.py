@@ -66,12 +66,18 @@ def ledger_down(rows: list[LaneStatus]) -> Problem | None:
 
 
 def host_notes(hosts: list[dict[str, Any]] | None, here: str | None) -> list[str]:
-    """One line (rich markup) per other host that is not up: what it means and what to do."""
+    """One line (rich markup) per other host that is not up, and per drained host (this one included): what it
+    means and what to do."""
     import time
 
     out = []
     for h in hosts or []:
         name, st = escape(h["name"]), h["status"]
+        if h.get("drained") and st != "forgotten":
+            since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(h["drained_at"]))
+            left = f", {h['in_flight']} mission(s) still in flight" if h["in_flight"] else ""
+            out.append(f"[yellow]host {name} drained[/] since {since} by {escape(str(h['drained_by'] or '?'))}: its "
+                       f"lanes take no new work{left}; 'lanectl host undrain {name}' takes it back")
         if h["name"] == here or st in ("up", "forgotten"):
             continue
         work = (f" with {h['in_flight']} mission(s) in flight ({', '.join(map(str, h['missions']))}"

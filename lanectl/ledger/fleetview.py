@@ -41,13 +41,14 @@ def has_hosts(src: Source) -> bool:
     return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'hosts'").fetchone() is not None
 
 
-def has_lane_units(src: Source) -> bool:
-    """Whether ``hosts`` has ``lane_units`` (0010_host_lane_units), asked of the catalog like :func:`has_hosts`."""
+def has_column(src: Source, column: str) -> bool:
+    """Whether ``hosts`` has ``column`` (a later migration's: ``drained_at`` 0009, ``lane_units`` 0010), asked of
+    the catalog like :func:`has_hosts`."""
     conn = _c(src)
     if getattr(conn, "dialect", None) == "postgresql":
         return conn.execute("SELECT 1 FROM information_schema.columns WHERE table_schema = current_schema() "
-                            "AND table_name = 'hosts' AND column_name = 'lane_units'").fetchone() is not None
-    return conn.execute("SELECT 1 FROM pragma_table_info('hosts') WHERE name = 'lane_units'").fetchone() is not None
+                            "AND table_name = 'hosts' AND column_name = ?", (column,)).fetchone() is not None
+    return conn.execute("SELECT 1 FROM pragma_table_info('hosts') WHERE name = ?", (column,)).fetchone() is not None
 
 
 def lane_units(src: Source) -> dict[str, dict[str, dict[str, Any]]]:
@@ -55,7 +56,7 @@ def lane_units(src: Source) -> dict[str, dict[str, dict[str, Any]]]:
     (``hosts.renew``; as of its ``heartbeat_at``): ``unit`` (systemd's ActiveState/SubState), ``pid``,
     ``restarts`` (systemd's NRestarts), ``healthy``. Hosts that have not renewed since they started this version
     (or a ledger older than 0010_host_lane_units) are left out."""
-    if not has_hosts(src) or not has_lane_units(src):
+    if not has_hosts(src) or not has_column(src, "lane_units"):
         return {}
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for name, text in _c(src).execute("SELECT name, lane_units FROM hosts WHERE lane_units IS NOT NULL"):
@@ -109,21 +110,24 @@ def hosts(src: Source, now: float, flying: dict[str, list[int]] | None = None,
     """Every host recorded, by name: ``name``, ``state`` (as recorded), ``status`` (module docstring),
     ``incarnation``, ``pid``, ``heartbeat_at``, ``heartbeat_age_s``, ``lease_s``, ``lease_expires``,
     ``lease_left_s`` (negative once run out), ``lanes``, ``in_flight`` (missions dispatched or running on its
-    lanes) and ``missions`` (the first MISSIONS_NAMED of their ids)."""
+    lanes), ``missions`` (the first MISSIONS_NAMED of their ids) and ``drained``, ``drained_at``, ``drained_by``
+    (``lanectl host drain``: its lanes take no new work, whatever its status)."""
     conn = _c(src)
     if not has_hosts(src):
         return []
     flying = in_flight(src) if flying is None else flying
     owners = lane_hosts(src) if owners is None else owners
+    drain = "drained_at, drained_by" if has_column(src, "drained_at") else "NULL, NULL"
     out = []
-    for name, inc, pid, hb, lease, state in conn.execute(
-            "SELECT name, incarnation, pid, heartbeat_at, lease_expires, state FROM hosts ORDER BY name"):
+    for name, inc, pid, hb, lease, state, drained_at, drained_by in conn.execute(
+            f"SELECT name, incarnation, pid, heartbeat_at, lease_expires, state, {drain} FROM hosts ORDER BY name"):
         lanes = sorted(lane for lane, h in owners.items() if h == name)
         ids = sorted(m for lane in lanes for m in flying.get(lane, []))
         out.append({"name": name, "state": state, "status": status_of(state, hb, lease, now), "incarnation": inc,
                     "pid": pid, "heartbeat_at": hb, "heartbeat_age_s": round(now - hb, 3),
                     "lease_s": round(lease - hb, 3), "lease_expires": lease, "lease_left_s": round(lease - now, 3),
-                    "lanes": lanes, "in_flight": len(ids), "missions": ids[:MISSIONS_NAMED]})
+                    "lanes": lanes, "in_flight": len(ids), "missions": ids[:MISSIONS_NAMED],
+                    "drained": drained_at is not None, "drained_at": drained_at, "drained_by": drained_by})
     return out
 
 

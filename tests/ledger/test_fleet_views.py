@@ -191,6 +191,30 @@ def test_status_of_one_host_adds_the_host_and_nothing_else(backend, fleet, capsy
     led.close()
 
 
+def test_status_says_which_hosts_are_drained_this_one_included(backend, fleet, capsys) -> None:  # type: ignore[no-untyped-def]
+    """A drained host is up (its lease runs) but its lanes take no new work: the operator who looks at status must
+    see it, on that host as on the others, with who drained it and how to take it back."""
+    led = backend.open()
+    now = led.clock()
+    hosts.register(led, "a", "inc-a", "boot", 1, now, LEASE, ["alpha", "beta"])
+    hosts.register(led, "b", "inc-b", "boot", 2, now, LEASE, ["gamma"])
+    rows, seen = status_of(backend.location())
+    code, doc = rendered(rows, seen, capsys)
+    assert [(h["name"], h["drained"], h["drained_by"]) for h in doc["data"]["hosts"]] == [("a", False, None),
+                                                                                          ("b", False, None)]
+    assert hosts.drain(led, "b", now=now, who="ops", reason="kernel") and hosts.drain(led, "a", now=now, who="ops")
+    rows, seen = status_of(backend.location())
+    code, doc = rendered(rows, seen, capsys)
+    assert code == 0 and [(h["name"], h["status"], h["drained"]) for h in doc["data"]["hosts"]] == [
+        ("a", "up", True), ("b", "up", True)]
+    code, text = rendered(rows, seen, capsys, json_out=False)
+    assert code == 0
+    for name in ("a", "b"):
+        assert re.search(rf"host {name} drained since \S+ by ops: its lanes take no new work; 'lanectl host "
+                         rf"undrain {name}' takes it back", " ".join(text.split())), text
+    led.close()
+
+
 def test_probe_is_critical_for_a_lost_host_with_work_and_warns_for_a_fenced_one(led, fleet) -> None:  # type: ignore[no-untyped-def]
     hosts.register(led, "a", "inc-a", "boot", 1, T0, LEASE, ["alpha", "beta"])
     hosts.register(led, "b", "inc-b", "boot", 2, T0 + 3, LEASE, ["gamma"])
