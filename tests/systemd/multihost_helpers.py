@@ -85,6 +85,9 @@ def supervisor_pid(f: Fleet) -> int:
     return int(f.show(SUP, "MainPID")["MainPID"])
 
 
+
+
+
 def overlay_executions(f: Fleet, lanes: list[str], root: str = "/var/lib/lanes") -> list[dict[str, Any]]:
     """What the lanes of a host whose sandbox is dead (killed, ``down`` not run yet) had logged: their executions
     logs, read on the host's side from the sandbox's /var overlay (which ``down`` discards)."""
