@@ -22,7 +22,9 @@ import collections
 from collections.abc import Callable, Iterable
 from typing import Any
 
-TERMINAL = ("succeeded", "failed", "dead", "cancelled", "expired")
+from lanectl.states import FINISHED
+
+TERMINAL = tuple(FINISHED)
 
 
 def reconcile(ids: list[int], rows: Callable[..., Iterable[Iterable[Any]]], executions: list[dict[str, Any]], *,
@@ -33,9 +35,8 @@ def reconcile(ids: list[int], rows: Callable[..., Iterable[Iterable[Any]]], exec
                 rows("SELECT id, class, state, attempts, created_at FROM missions WHERE id BETWEEN ? AND ?", lo, hi)
                 if r[0] in wanted}
     term_ev: collections.Counter[int] = collections.Counter()
-    for m, n in rows("SELECT mission, count(*) FROM events WHERE kind IN "
-                     "('succeeded','failed','dead','cancelled','expired') AND mission BETWEEN ? AND ? "
-                     "GROUP BY mission", lo, hi):
+    for m, n in rows(f"SELECT mission, count(*) FROM events WHERE kind IN ({','.join('?' * len(TERMINAL))}) "
+                     "AND mission BETWEEN ? AND ? GROUP BY mission", *TERMINAL, lo, hi):
         term_ev[m] = n
     first_dispatch = {m: t for m, t in rows("SELECT mission, min(dispatched_at) FROM attempts "
                                            "WHERE mission BETWEEN ? AND ? GROUP BY mission", lo, hi)}

@@ -44,7 +44,7 @@ from typing import Any
 
 import pytest
 
-from lanectl.states import CLASSES
+from lanectl.states import CLASSES, FINISHED
 from tests.chaos_invariants import reconcile
 from tests.systemd import multihost_helpers as mh
 from tests.systemd.lanehelpers import Fleet, executions, kill_sandbox, lane_toml, wait_for
@@ -391,7 +391,7 @@ def test_chaos_across_two_hosts_nothing_lost_duplicated_or_orphaned(
         wait_for(lambda h=h: mh.all_up(h.fleet) and mh.health(h.fleet).get("fenced") is False, 180, interval=0.5,
                  what=f"host {h.name} up")
     ids = sorted(set(prod.ids))
-    terminal = ("succeeded", "failed", "dead", "cancelled", "expired")
+    terminal = set(FINISHED)
 
     def open_missions() -> list[tuple[int, str]]:
         return [(m, s) for m, s in rows("SELECT id, state FROM missions WHERE id BETWEEN ? AND ?", ids[0], ids[-1])
