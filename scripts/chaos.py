@@ -761,48 +761,10 @@ def pct(values: list[float], q: float) -> float:
 
 
 def reconcile(ids: list[int]) -> dict[str, Any]:
-    wanted = set(ids)
-    lo, hi = (min(ids), max(ids)) if ids else (0, -1)
-    rows = ledger_rows("SELECT id, class, state, attempts, created_at FROM missions WHERE id BETWEEN ? AND ?", lo, hi)
-    missions = {r[0]: {"class": r[1], "state": r[2], "attempts": r[3], "created": r[4]} for r in rows
-                if r[0] in wanted}
-    term_ev = collections.Counter()
-    for m, n in ledger_rows("SELECT mission, count(*) FROM events WHERE kind IN "
-                            "('succeeded','failed','dead','cancelled','expired') AND mission BETWEEN ? AND ? "
-                            "GROUP BY mission", lo, hi):
-        term_ev[m] = n
-    first_dispatch = {m: t for m, t in ledger_rows("SELECT mission, min(dispatched_at) FROM attempts "
-                                                  "WHERE mission BETWEEN ? AND ? GROUP BY mission", lo, hi)}
-    other_orphans = ledger_rows("SELECT id, state, current_lane FROM missions WHERE state IN ('dispatched','running')")
-    ex = executions()
-    starts = collections.Counter(e["mission"] for e in ex if e.get("event") == "start")
-    completed = collections.Counter(e["mission"] for e in ex if e.get("event") == "end"
-                                    and e.get("outcome") in ("succeeded", "failed"))
-    ok_exec = collections.Counter(e["mission"] for e in ex if e.get("event") == "end"
-                                  and e.get("outcome") == "succeeded")
-    corrupt = [e for e in ex if e.get("event") == "corrupt"]
+    """The chaos runs' one invariant checker (tests/chaos_invariants.py) on this run's ledger and lanes' logs."""
+    from tests.chaos_invariants import reconcile as check
 
-    states = collections.Counter(m["state"] for m in missions.values())
-    missing = sorted(wanted - set(missions))
-    not_terminal = sorted(i for i, m in missions.items() if m["state"] not in TERMINAL)
-    no_exec = sorted(i for i, m in missions.items() if m["state"] == "succeeded" and not ok_exec[i])
-    lost_ids = sorted(set(missing) | set(not_terminal) | set(no_exec))
-    dup_ledger = sorted(i for i in wanted if term_ev[i] > 1)
-    dup_exec = sorted(i for i in wanted if completed[i] > 1)
-    dup_ids = sorted(set(dup_ledger) | set(dup_exec))
-    orphan_ids = sorted({r[0] for r in other_orphans})
-    waits = [(first_dispatch[i] - m["created"]) * 1000 for i, m in missions.items()
-             if m["class"] == "interactive" and first_dispatch.get(i) is not None]
-    reran = sum(1 for i in wanted if starts[i] > 1)
-    return {
-        "missions": missions, "states": states, "missing": missing, "not_terminal": not_terminal,
-        "succeeded_no_exec": no_exec, "lost_ids": lost_ids, "dup_ledger": dup_ledger, "dup_exec": dup_exec,
-        "dup_ids": dup_ids, "orphan_ids": orphan_ids, "waits": waits, "reran": reran,
-        "executions": len([e for e in ex if e.get("event") == "start"]), "corrupt_exec_lines": len(corrupt),
-        "retried": sum(1 for m in missions.values() if m["attempts"] > 1),
-        "swallowed": len(swallowed()),
-        "no_terminal_event": sorted(i for i, m in missions.items() if m["state"] in TERMINAL and not term_ev[i]),
-    }
+    return {**check(ids, ledger_rows, executions()), "swallowed": len(swallowed())}
 
 
 def detail(ids: list[int], limit: int = 3) -> None:
@@ -858,10 +820,10 @@ def main() -> int:
         print("chaos.py: run as root inside the sandbox (scripts/chaos does that)", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # finally: blocks run (the private server stops)
+    sys.path.insert(0, str(Path(a.src)))  # tests/chaos_invariants.py (the checker), tests/pgserver.py (--pg)
     if a.ledger:
         LEDGER_URL = a.ledger
     elif a.pg:
-        sys.path.insert(0, str(Path(a.src)))
         from tests.pgserver import PgServer
 
         PG_SERVER = PgServer().start()

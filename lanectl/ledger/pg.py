@@ -154,6 +154,16 @@ def _args(params: Any, order: tuple[int, ...] | None) -> Any:
     return [params[i] for i in order]
 
 
+class _Many:
+    """What ``PgConn.executemany`` leaves: the rows it changed, no result set (as sqlite3's executemany)."""
+
+    __slots__ = ("rowcount",)
+    description = None
+
+    def __init__(self, rowcount: int) -> None:
+        self.rowcount = rowcount
+
+
 class PgCursor:
     """What the ledger's code uses of an sqlite3 cursor: fetchone/fetchall/iteration/description/rowcount."""
 
@@ -200,13 +210,22 @@ class PgConn:
         return PgCursor(cur)
 
     def executemany(self, sql: str, seq: Any) -> PgCursor:
+        """One statement per row, each its own protocol exchange, not psycopg's ``executemany``: that one runs in
+        pipeline mode, where the server does not say ReadyForQuery until the client syncs at the end of the batch,
+        and a backend that has not said it never starts ``idle_in_transaction_session_timeout``: a process stopped
+        inside a batch (SIGSTOP, a stalled VM) held the ledger's write lock, which every host's lease renewal needs,
+        for as long as it stayed stopped (found by tests/systemd/test_multihost_chaos.py). The rowcount is the sum,
+        as sqlite3's ``executemany`` gives it."""
         text, order = translate(sql)
+        total = 0
         try:
             cur = self.raw.cursor()
-            cur.executemany(text, [_args(p, order) for p in seq])
+            for p in seq:
+                cur.execute(text, _args(p, order))
+                total += max(cur.rowcount, 0)
         except Exception as exc:
             raise as_dbapi(exc) from exc
-        return PgCursor(cur)
+        return PgCursor(_Many(total))
 
     def script(self, sql: str) -> None:
         """A script of PostgreSQL statements as it is (the schema's migrations)."""

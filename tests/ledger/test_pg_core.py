@@ -255,6 +255,64 @@ def test_a_frozen_transaction_cannot_hold_the_ledger_lock_for_ever(backend, flee
         assert look.execute("SELECT count(*) FROM events").fetchone()[0] == 1  # only the other's submit
 
 
+FROZEN_IN_A_BATCH = r"""
+import sys
+from lanectl.ledger import Ledger, pg
+pg.IDLE_IN_TRANSACTION_S = 1
+open_ = getattr(Ledger, "open")  # another process's own connection to the backend's ledger (argv[1])
+led = open_(sys.argv[1], migrate=False)
+print(led.conn.backend_pid, flush=True)
+with led.transaction():
+    led.conn.executemany("UPDATE missions SET updated_at = updated_at WHERE id = ?", [(int(sys.argv[2]),)] * 3)
+print("done", flush=True)
+"""
+
+
+@PG
+def test_a_process_frozen_inside_a_batch_cannot_hold_the_ledger_lock_for_ever(backend, fleet):
+    """A process stopped (SIGSTOP: a stalled VM, a frozen supervisor) while one of its write transactions runs a
+    batch (``executemany``: the callback batches, the events of a turn) is disconnected by the server after
+    ``idle_in_transaction_session_timeout`` like any idle transaction, so the ledger's write lock, which every
+    host's lease renewal needs, is free again. Found by the chaos run across hosts: psycopg runs ``executemany``
+    in pipeline mode, whose batch the server does not end with ReadyForQuery until the client syncs, and a
+    backend that has not said ReadyForQuery never starts that timeout: a supervisor frozen inside a batch held the
+    lock until its watchdog killed it, and no other host could renew its lease or reap it. Here the frozen
+    process is a real one: its batch waits on a row lock this test holds, the process is stopped, the lock
+    released; its batch then completes on the server, and its session must end within the timeout (1 s)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    mid = ms.submit(backend.open(), fleet, cls="interactive", payload={}, now=T0).mission.id
+    with raw(backend, autocommit=False) as holder:
+        holder.execute("SELECT id FROM missions WHERE id = %s FOR UPDATE", (mid,)).fetchall()
+        proc = subprocess.Popen([sys.executable, "-c", FROZEN_IN_A_BATCH, backend.location(), str(mid)],
+                                stdout=subprocess.PIPE, text=True)
+        try:
+            pid = int(proc.stdout.readline())
+            with raw(backend) as look:
+                deadline = time.monotonic() + 60
+                while look.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s AND wait_event_type = 'Lock'",
+                                   (pid,)).fetchone() is None:
+                    assert time.monotonic() < deadline, "the batch never waited for the row lock"
+                    time.sleep(0.02)
+                os.kill(proc.pid, signal.SIGSTOP)
+                holder.commit()  # the batch goes on in the server; its client is stopped
+                deadline = time.monotonic() + 30
+                while look.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone():
+                    state = look.execute("SELECT state, wait_event FROM pg_stat_activity WHERE pid = %s",
+                                         (pid,)).fetchone()
+                    assert time.monotonic() < deadline, f"the frozen batch's session was never ended: {state}"
+                    time.sleep(0.05)
+        finally:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+    led = backend.open()
+    with led.transaction():  # the lock is free
+        led.conn.execute("SELECT 1").fetchone()
+
+
 @PG
 def test_a_killed_backend_is_ledger_unavailable_then_reconnect_works(backend, fleet):
     led = backend.open()

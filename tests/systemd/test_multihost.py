@@ -26,17 +26,17 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from lanectl.states import CLASSES, FINISHED
-from tests.systemd.conftest import _boot
-from tests.systemd.lanehelpers import (LANECTL, Fleet, executions, host_config, kill_sandbox, lane_toml, sql,
-                                       submit_many, up_fleet, wait_for, wait_terminal)
+from tests.systemd import multihost_helpers as mh
+from tests.systemd.lanehelpers import LANECTL, Fleet, executions, kill_sandbox, lane_toml, sql, submit_many, wait_for, \
+    wait_terminal
+from tests.systemd.multihost_helpers import (SUP, all_up, events, health, hosts, in_flight_on, last_event, nrestarts,
+                                             stop_host, supervisor_pid)
 
 pytestmark = pytest.mark.systemd
-SUP = "lanectl-supervisor.service"
 HOST_LEASE = 4
 LEASE = 30
 # the supervisor's watchdog is longer than a freeze here lasts (the test resumes it; systemd must not kill it first)
@@ -54,18 +54,7 @@ def url(pg_server) -> str:  # type: ignore[no-untyped-def]
 
 
 def start_host(request: pytest.FixtureRequest, tmp: Path, name: str, lanes: dict[str, str], url: str) -> Fleet:
-    """A host of its own: a new sandbox (torn down by the request's finalizer), its configuration, installed, up."""
-    sb = _boot(request)
-    f = up_fleet(sb, host_config(tmp / f"host-{name}", name, lanes, url, EXTRA, watchdog_sec=60))
-    f.host = name  # type: ignore[attr-defined]
-    f.lane_names = sorted(lanes)  # type: ignore[attr-defined]
-    wait_for(lambda: all_up(f), 90, interval=0.5, what=f"host {name}'s lanes healthy")
-    return f
-
-
-def stop_host(f: Fleet) -> None:
-    if f.sb.running():
-        f.lanectl("down")
+    return mh.start_host(request, tmp, name, lanes, url, EXTRA)
 
 
 @pytest.fixture(scope="module")
@@ -84,47 +73,6 @@ def host_a(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 
 
 # ------------------------------------------------------------------------------------------ reading the fleet
-def health(f: Fleet) -> dict[str, Any]:
-    proc = f.sb.exec(["curl", "-s", "http://127.0.0.1:8700/healthz"], check=False)
-    try:
-        return json.loads(proc.stdout) if proc.returncode == 0 and proc.stdout else {}
-    except ValueError:
-        return {}
-
-
-def all_up(f: Fleet) -> bool:
-    h = health(f)
-    return bool(h.get("lanes")) and all(ln["healthy"] and ln["state"] == "active" for ln in h["lanes"].values())
-
-
-def hosts(f: Fleet) -> dict[str, dict[str, Any]]:
-    code, doc = f.json("hosts")
-    assert code == 0, doc
-    return {h["name"]: h for h in doc["data"]["hosts"]}
-
-
-def last_event(f: Fleet) -> int:
-    return int(sql(f, "SELECT coalesce(max(id), 0) FROM events")[0][0])
-
-
-def events(f: Fleet, kind: str, after: int = 0, **match: Any) -> list[dict[str, Any]]:
-    """Events of ``kind`` after event id ``after`` whose data has every ``match`` key equal: id, at, mission, lane,
-    attempt and the data's keys."""
-    out = []
-    for eid, at, mission, lane, attempt, data in sql(f, "SELECT id, at, mission, lane, attempt, data FROM events "
-                                                       "WHERE kind = ? AND id > ? ORDER BY id", kind, after):
-        d = data if isinstance(data, dict) else json.loads(data)
-        if all(d.get(k) == v for k, v in match.items()):
-            out.append({**d, "id": eid, "at": at, "mission": mission, "lane": lane, "attempt": attempt})
-    return out
-
-
-def in_flight_on(f: Fleet, ids: list[int], lanes: list[str], state: str = "running") -> int:
-    rows = sql(f, f"SELECT count(*) FROM missions WHERE state = ? AND id BETWEEN ? AND ? AND current_lane IN "
-                  f"({','.join('?' * len(lanes))})", state, min(ids), max(ids), *lanes)
-    return int(rows[0][0])
-
-
 def mission_history(f: Fleet, ids: list[int]) -> str:
     rows = sql(f, "SELECT mission, at, kind, lane, attempt, data FROM events WHERE mission BETWEEN ? AND ? "
                   "ORDER BY id", min(ids), max(ids))
@@ -173,14 +121,6 @@ def cli_submit(f: Fleet, cls: str, *argv: str) -> int:
                      check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return int(json.loads(proc.stdout)["data"]["id"])
-
-
-def nrestarts(f: Fleet) -> int:
-    return int(f.show(SUP, "NRestarts")["NRestarts"])
-
-
-def supervisor_pid(f: Fleet) -> int:
-    return int(f.show(SUP, "MainPID")["MainPID"])
 
 
 def sleeper(seconds: float) -> list[str]:
