@@ -72,7 +72,7 @@ def forget(name: str = typer.Argument(..., metavar="HOST"),
     Refused while the host's lease runs (exit 5: its supervisor may still run them) unless --force; exit 4 for a
     host the ledger never knew; exit 0 when it was forgotten already. A host whose lease ran out was declared
     dead by a live host already (its lanes' work re-queued then); what the lanes of a stopped host still hold
-    runs again elsewhere when those missions' leases run out.
+    (their leases wait for it while it is stopped) runs again elsewhere from the next policy pass.
     """
     with config.open_ledger(config_dir, ledger) as led:
         changed = host_ops.forget(led, name, now=led.clock(), who=actor(), force=force)

@@ -981,16 +981,23 @@ def _return(conn: Any, mission_id: int, attempt: int, lane: str, reason: str, no
 
 
 def extend_leases(ledger: Ledger, *, until: float, lane: str | None = None,
-                  missions: Sequence[int] | None = None, below: float | None = None) -> int:
-    """Push the lease of active attempts out to ``until``: every one (the supervisor's start: an outage is
-    forgiven, measured from its return), or those of ``lane`` among ``missions`` (what the lane says it holds);
-    only leases that end before ``below`` (default ``until``) move. Returns how many did."""
+                  missions: Sequence[int] | None = None, below: float | None = None,
+                  lanes: Sequence[str] | None = None) -> int:
+    """Push the lease of active attempts out to ``until``: every one, or those of ``lanes`` (the supervisor's
+    start and the end of its ledger outage: an outage is forgiven, measured from its return; on a shared ledger
+    only its own host's lanes), or those of ``lane`` among ``missions`` (what the lane says it holds); only
+    leases that end before ``below`` (default ``until``) move. Returns how many did."""
     sql = ("UPDATE attempts SET lease_expires = ? WHERE state IN ('dispatched', 'running') AND lease_expires < ? "
            "AND EXISTS (SELECT 1 FROM missions m WHERE m.id = attempts.mission AND m.attempts = attempts.n)")
     args: list[Any] = [until, until if below is None else below]
     if lane is not None:
         sql += " AND lane = ?"
         args.append(lane)
+    if lanes is not None:
+        if not lanes:
+            return 0
+        sql += f" AND lane IN ({','.join('?' * len(lanes))})"
+        args.extend(lanes)
     with ledger.transaction() as conn:
         if missions is None:
             return conn.execute(sql, args).rowcount
@@ -1091,11 +1098,17 @@ def lose_lane_in(conn: Any, lane: str, reason: str, *, now: float) -> list[int]:
 
 
 def expire_leases_in(conn: Any, *, now: float) -> list[int]:
+    """Attempts whose lease ran out are lost, except on the lanes of a host whose supervisor was stopped cleanly
+    (``hosts.state = 'stopped'``): their lanes go on running what they hold, the heartbeats have nowhere to go
+    until the supervisor is back, and its start restarts those leases (an upgrade or a restart re-runs nothing, as
+    on one host). Another host's pass must not lose them meanwhile: that would run them twice at once. A host that
+    does not come back is forgotten (``lanectl host forget``), and then they expire here."""
     # CROSS JOIN keeps attempts (its lease index) the outer loop: with statistics for missions and none yet for
     # attempts (ANALYZE on a young ledger), the planner would otherwise scan every mission on every pass
     rows = conn.execute("SELECT a.mission, a.n, a.lane FROM attempts a CROSS JOIN missions m ON m.id = a.mission "
-                        "AND m.attempts = a.n WHERE a.state IN ('dispatched', 'running') AND a.lease_expires < ?",
-                        (now,)).fetchall()
+                        "AND m.attempts = a.n WHERE a.state IN ('dispatched', 'running') AND a.lease_expires < ? "
+                        "AND NOT EXISTS (SELECT 1 FROM lanes l JOIN hosts h ON h.name = l.host "
+                        "WHERE l.name = a.lane AND h.state = 'stopped')", (now,)).fetchall()
     for mission_id, n, lane in rows:
         _lose(conn, mission_id, n, lane, "lease expired", now)
     return [r[0] for r in rows]

@@ -492,7 +492,8 @@ class Supervisor:
             self.watch.last_observe = now
             # the outage is forgiven: every lease runs from the supervisor's return; what a lane holds is kept alive
             # by its heartbeats and health reports, what it does not hold is reconciled below
-            moved = ms.extend_leases(self.shared.db, until=now + self.settings.leases.lease_sec)
+            moved = ms.extend_leases(self.shared.db, until=now + self.settings.leases.lease_sec,
+                                     lanes=self.own_lanes())
             self.watch.reconcile(now)
             return moved
 
@@ -643,6 +644,12 @@ class Supervisor:
         self.callbacks.refuse_pending(msg)
         self.dirty = True
 
+    def own_lanes(self) -> list[str] | None:
+        """Whose leases this supervisor forgives at its start and after its ledger outage: on a shared ledger its
+        own lanes only (another host's lanes are that host's to vouch for: a hung one must still expire); on SQLite
+        (one host) every lease, as before (None)."""
+        return sorted(self.fleet.lanes) if self.on_pg else None
+
     def resume_ledger(self, now: float) -> None:
         """Before the first turn after a failure: a new connection (PostgreSQL), and the outage forgiven as a
         supervisor restart forgives its own: lanes' heartbeats were refused meanwhile, so every lease runs from
@@ -650,7 +657,7 @@ class Supervisor:
         self.shared.db.reconnect()
         if self.on_pg:  # every host may have been cut off: none is declared dead before it could renew (this turn on)
             self.host.ledger_back(now, LEDGER_BACKOFF_S[1])
-        moved = ms.extend_leases(self.shared.db, until=now + self.settings.leases.lease_sec)
+        moved = ms.extend_leases(self.shared.db, until=now + self.settings.leases.lease_sec, lanes=self.own_lanes())
         if moved:
             log.info("%d leases restarted from now (the ledger was unreachable)", moved)
         self.data_version = -1  # a policy pass at once: whatever others committed meanwhile

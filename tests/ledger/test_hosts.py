@@ -167,3 +167,26 @@ def test_a_host_that_renewed_in_time_is_not_reaped(led) -> None:  # type: ignore
     assert hosts.get(led.conn, "a").state == "up"  # type: ignore[union-attr]
     assert hosts.stop(led, "a", "inc-a", T0 + 12)
     assert hosts.reap(led, T0 + 100, by="c") == []  # stopped: its lease is not a promise any more
+
+
+def test_the_leases_of_a_stopped_hosts_lanes_wait_for_it_and_run_out_once_it_is_forgotten(led, fleet) -> None:  # type: ignore[no-untyped-def]
+    """A supervisor stopped cleanly (an upgrade: docs/runbooks.md) leaves its lanes running what they hold; their
+    heartbeats wait for it. Another host's policy pass must not lose those attempts meanwhile (they would run twice
+    at once, and the first one's outcome be refused): its own start restarts their leases. Forgotten (gone for
+    good), they expire as usual. Another host's start forgives its own lanes' leases only."""
+    hosts.register(led, "a", "inc-a", "boot", 1, T0, LEASE, ["alpha", "beta"])
+    hosts.register(led, "b", "inc-b", "boot", 2, T0, LEASE, ["gamma"])
+    [m] = [ms.submit(led, fleet, cls="interactive", payload={"argv": ["x"]}, lane="alpha", now=T0).mission.id]
+    assert [d.mission for d in tick.run_once(led, fleet, now=T0 + 1, holder=("a", "inc-a")).dispatches] == [m]
+    lease_end = led.conn.execute("SELECT lease_expires FROM attempts WHERE mission = ?", (m,)).fetchone()[0]
+    assert hosts.stop(led, "a", "inc-a", T0 + 2)
+    later = lease_end + 60
+    assert hosts.renew(led, "b", "inc-b", later - 1, LEASE)
+    assert ms.extend_leases(led, until=later + 30, lanes=["gamma"]) == 0  # b's start: its own lanes only
+    res = tick.run_once(led, fleet, now=later, holder=("b", "inc-b"))
+    assert res.expired_leases == [] and ms.get(led, m).state == "dispatched"  # waits for a
+    assert ms.extend_leases(led, until=later + 30, lanes=["alpha", "beta"]) == 1  # a is back: restarted from then
+    assert hosts.forget(led, "a", now=later, who="ops")
+    res = tick.run_once(led, fleet, now=later + 31, holder=("b", "inc-b"))
+    assert res.expired_leases == [m]  # lost (and placed again by the same pass, where the policy can)
+    assert led.conn.execute("SELECT state FROM attempts WHERE mission = ? AND n = 1", (m,)).fetchone()[0] == "lost"
