@@ -284,11 +284,18 @@ def judge_supervisor(res: ProbeResult, r: Any) -> None:
 
 
 def stranded(conn: Source, lanes: dict[str, Any]) -> dict[str, int]:
-    """Queued missions bound (pinned, or through a session) to a lane that is not installed: no lane can ever take
-    them. One pass over the queue index's targets (the queue is bounded by admission control)."""
-    from lanectl.ledger import reads
+    """Queued missions bound (pinned, or through a session) to a lane that is not installed here and that no other
+    host of the ledger owns (a forgotten host's lanes are nobody's): no lane can ever take them. A lane of another
+    host is that host's to run, to fall back from, or to move sessions off (docs/multihost.md); its host's lease is
+    judged on its own. One pass over the queue index's targets (the queue is bounded by admission control)."""
+    from lanectl.ledger import fleetview, reads
 
-    return {t: n for t, n in reads.queued_targets(conn) if t not in lanes}
+    gone = {t: n for t, n in reads.queued_targets(conn) if t not in lanes}
+    if gone:
+        owners = fleetview.lane_hosts(conn)
+        kept = {h["name"] for h in fleetview.hosts(conn, 0.0) if h["state"] != "forgotten"}
+        gone = {t: n for t, n in gone.items() if owners.get(t) not in kept}
+    return gone
 
 
 def judge_stranded(res: ProbeResult, gone: dict[str, int], pending: set[str] | frozenset[str] = frozenset()) -> None:

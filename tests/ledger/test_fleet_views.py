@@ -344,3 +344,17 @@ def test_metrics_and_report_show_each_lanes_host(cli) -> None:  # type: ignore[n
     md = doc["data"]["markdown"]
     assert "| lane | host | state |" in md and "## Hosts" in md
     assert re.search(r"\| web-2 \| up \| [0-9T:.\-]+Z \| [0-9.]+s \| gamma \| 0 \|", md)
+
+
+def test_work_bound_to_another_hosts_lane_is_not_stranded_until_that_host_is_forgotten(led, fleet) -> None:  # type: ignore[no-untyped-def]
+    """probe on host a: missions pinned to host b's lane are b's to run (or to fall back from); only once b is
+    forgotten is its lane nobody's, and the work bound to it stranded (CRITICAL)."""
+    hosts.register(led, "a", "inc-a", "boot", 1, T0, LEASE, ["alpha", "beta"])
+    hosts.register(led, "b", "inc-b", "boot", 2, T0, LEASE, ["gamma"])
+    m = ms.submit(led, fleet, cls="background", payload={"argv": ["x"]}, lane="gamma", now=T0).mission.id
+    here = {"alpha": {}, "beta": {}}
+    assert probe.stranded(led, here) == {}
+    hosts.stop(led, "b", "inc-b", T0 + 1)  # stopped (expected back): still b's
+    assert probe.stranded(led, here) == {}
+    hosts.forget(led, "b", now=T0 + 2, who="ops")
+    assert probe.stranded(led, here) == {"gamma": 1} and ms.get(led, m).state == "queued"
