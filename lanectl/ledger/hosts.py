@@ -93,7 +93,7 @@ Specs = Mapping[str, Mapping[str, Any]]
 
 def register(ledger: Ledger, name: str, incarnation: str, boot_id: str, pid: int, now: float, lease_sec: float,
              lanes: list[str] | tuple[str, ...] | set[str] = (), *, exclusive: bool = False,
-             specs: Specs | None = None) -> Host | None:
+             specs: Specs | None = None, machine: str | None = None) -> Host | None:
     """A supervisor starts: record its new ``incarnation`` (state ``up``, lease until ``now + lease_sec``) and
     claim ``lanes`` for host ``name``, in one transaction with a ``host_started`` event (``previous``: the
     incarnation it replaces) and a ``lane_host`` event per lane whose owner changes. Returns the record it
@@ -101,17 +101,38 @@ def register(ledger: Ledger, name: str, incarnation: str, boot_id: str, pid: int
 
     A lane owned by another host that is not dead or forgotten refuses the whole start (``lane_owned_by_other_host``,
     exit 3; nothing written). ``exclusive`` (an SQLite ledger, which one host alone can open) takes such lanes
-    over instead: the file cannot be shared, so another name in it is this same machine renamed."""
+    over instead: the file cannot be shared, so another name in it is this same machine renamed.
+
+    ``machine`` (the supervisor's machine id, kept in its state directory): on a shared ledger, a record that is
+    ``up`` with its lease running, written from another machine, refuses the start (``host_name_in_use``, exit 5;
+    nothing written): a second machine was given this host's name (a copied ``lanectl.toml``, cloned machines
+    with one host name). Taking the record over would fence the real host's supervisor for good and release its
+    lanes. Once that lease has run out (the other machine is gone) the start goes through; the same machine (its
+    supervisor restarted) always does."""
     with ledger.transaction() as conn:
         found = conflicts(conn, name, lanes)
         if found and not exclusive:
             raise owned_elsewhere(name, found)
         old = get(conn, name)
+        if old is not None and not exclusive and machine is not None and old.state == "up" \
+                and old.lease_expires > now:
+            other = conn.execute("SELECT machine FROM hosts WHERE name = ?", (name,)).fetchone()[0]
+            if other is not None and other != machine:
+                raise Conflict(f"host {name!r} is up on another machine: incarnation {old.incarnation[:8]} (pid "
+                               f"{old.pid}) renewed its lease {now - old.heartbeat_at:.1f}s ago, it runs for "
+                               f"{old.lease_expires - now:.1f}s more; this machine's id differs from the one "
+                               "that runs it",
+                               f"give this machine its own name ('host = \"NAME\"' in lanectl.toml; names must "
+                               f"be unique across the fleet); if the machine that ran {name!r} is gone for good, "
+                               f"this start goes through once its lease has run out (systemd retries it)",
+                               "host_name_in_use")
         conn.execute(f"INSERT INTO hosts ({_RECORD}) VALUES (?, ?, ?, ?, ?, ?, ?, 'up') ON CONFLICT (name) DO UPDATE "
                      "SET incarnation = excluded.incarnation, boot_id = excluded.boot_id, pid = excluded.pid, "
                      "started_at = excluded.started_at, heartbeat_at = excluded.heartbeat_at, "
                      "lease_expires = excluded.lease_expires, state = 'up'",
                      (name, incarnation, boot_id, pid, now, now, now + lease_sec))
+        if machine is not None:
+            conn.execute("UPDATE hosts SET machine = ? WHERE name = ?", (machine, name))
         append(conn, EventKind.HOST_STARTED, now, host=name, incarnation=incarnation,
                previous=None if old is None else old.incarnation,
                previous_state=None if old is None else old.state, boot_id=boot_id,

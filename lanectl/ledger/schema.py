@@ -383,6 +383,17 @@ ALTER TABLE hosts ADD COLUMN lane_units text;
 """
 
 
+# Which machine runs a host's supervisor (issue 13, a second machine started under a host's name): a random id the
+# supervisor keeps in its state directory (``lanectl.supervisor.hostlease.machine_id``), written at every start; a
+# start under the same name from another machine is refused while the record's lease runs (``hosts.register``).
+_V11: Final = """
+ALTER TABLE hosts ADD COLUMN machine TEXT;
+"""
+_V11_PG: Final = """
+ALTER TABLE hosts ADD COLUMN machine text;
+"""
+
+
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration("0001_missions_attempts_events_sessions_lanes", _V1),
     Migration("0002_lane_weight_override", _V2),
@@ -394,6 +405,7 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration("0008_hosts", _V8, pg=_V8_PG),
     Migration("0009_host_drain_lane_specs_session_stays", _V9, pg=_V9_PG),
     Migration("0010_host_lane_units", _V10, pg=_V10_PG),
+    Migration("0011_host_machine", _V11, pg=_V11_PG),
 )
 LATEST: Final = len(MIGRATIONS)
 

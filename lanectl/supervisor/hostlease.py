@@ -51,6 +51,26 @@ def boot_id() -> str:
         return "unknown"
 
 
+MACHINE_ID_FILE = "machine-id"
+"""In the supervisor's state directory: this machine's id as lanectl knows it (``machine_id``)."""
+
+
+def machine_id(state_dir: str | Path) -> str:
+    """A random id for this machine, made at the supervisor's first start and kept in its state directory (which
+    no other machine shares): what tells a restart of this host's supervisor from a second machine started under
+    the same host name (``hosts.register``). Not ``/etc/machine-id``: cloned images share it, and a rebuilt
+    machine with a new one would look like a stranger to its own record."""
+    from lanectl.fsutil import atomic_write, read_text_or_none
+
+    path = Path(state_dir) / MACHINE_ID_FILE
+    known = (read_text_or_none(path) or "").strip()
+    if len(known) == 32 and all(c in "0123456789abcdef" for c in known):
+        return known
+    made = secrets.token_hex(16)
+    atomic_write(path, made + "\n", mode=0o644)
+    return made
+
+
 class HostLease:
     def __init__(self, shared: Shared) -> None:
         self.shared = shared
@@ -88,7 +108,8 @@ class HostLease:
         """At start: a new incarnation, the lease, this host's lanes (``lane_owned_by_other_host``, exit 3)."""
         old = hosts.register(self.shared.db, self.name, self.incarnation, boot_id(), os.getpid(), now,
                              self.lease_sec, sorted(self.shared.fleet.lanes), exclusive=self.exclusive(),
-                             specs=self.specs(self.shared.fleet.lanes))
+                             specs=self.specs(self.shared.fleet.lanes),
+                             machine=None if self.exclusive() else machine_id(self.shared.settings.state_dir))
         self.last_renew = now
         log.info("host %s: incarnation %s%s, lease %gs", self.name, self.incarnation[:8],
                  "" if old is None else f" (was {old.incarnation[:8]}, {old.state})", self.lease_sec)

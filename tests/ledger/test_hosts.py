@@ -190,3 +190,25 @@ def test_the_leases_of_a_stopped_hosts_lanes_wait_for_it_and_run_out_once_it_is_
     res = tick.run_once(led, fleet, now=later + 31, holder=("b", "inc-b"))
     assert res.expired_leases == [m]  # lost (and placed again by the same pass, where the policy can)
     assert led.conn.execute("SELECT state FROM attempts WHERE mission = ? AND n = 1", (m,)).fetchone()[0] == "lost"
+
+
+def test_a_second_machine_under_a_hosts_name_is_refused_while_that_host_holds_its_lease(backend) -> None:  # type: ignore[no-untyped-def]
+    """A copied lanectl.toml (or cloned machines) gives a second machine host a's name: its start must not take
+    a's record (that fences a's supervisor for good and releases a's lanes). The same machine restarting its
+    supervisor goes through at once; another machine once a's lease has run out (a is gone)."""
+    if backend.name == "sqlite":
+        pytest.skip("SQLite: one machine's file, a second name is the same machine renamed")
+    led = backend.open()
+    hosts.register(led, "a", "inc-a", "boot", 1, T0, LEASE, ["alpha"], machine="1" * 32)
+    with pytest.raises(LanectlError) as err:
+        hosts.register(led, "a", "inc-x", "boot", 9, T0 + 2, LEASE, ["imp"], machine="2" * 32)
+    assert (err.value.code, err.value.exit_code) == ("host_name_in_use", ExitCode.CONFLICT)
+    assert "up on another machine" in err.value.message and "host = " in (err.value.hint or "")
+    a = hosts.get(led.conn, "a")
+    assert a is not None and (a.incarnation, a.state) == ("inc-a", "up")  # nothing written
+    assert lane_ops.owners(led.conn) == {"alpha": "a"} and events(led, "host_started")[-1]["incarnation"] == "inc-a"
+    # the same machine (its supervisor killed and restarted within the lease): at once
+    assert hosts.register(led, "a", "inc-a2", "boot", 2, T0 + 3, LEASE, ["alpha"], machine="1" * 32) is not None
+    # another machine after the lease ran out (the first one is gone): goes through
+    hosts.register(led, "a", "inc-y", "boot", 3, T0 + 3 + LEASE, LEASE, ["alpha"], machine="2" * 32)
+    assert hosts.get(led.conn, "a").incarnation == "inc-y"  # type: ignore[union-attr]

@@ -352,3 +352,14 @@ def test_after_its_own_ledger_outage_a_host_reaps_no_one_for_a_lease(tmp_path: P
         assert hosts.get(sup.ledger.conn, "slow").state == "dead"  # type: ignore[union-attr]
     finally:
         sup.close()
+
+
+def test_the_machine_id_is_made_once_and_kept_in_the_state_directory(tmp_path: Path) -> None:
+    from lanectl.supervisor.hostlease import MACHINE_ID_FILE, machine_id
+
+    first = machine_id(tmp_path)
+    assert len(first) == 32 and machine_id(tmp_path) == first
+    assert (tmp_path / MACHINE_ID_FILE).read_text().strip() == first
+    (tmp_path / MACHINE_ID_FILE).write_text("not an id\n")  # damaged: a new one, written whole
+    again = machine_id(tmp_path)
+    assert again != first and len(again) == 32 and machine_id(tmp_path) == again
