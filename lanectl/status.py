@@ -356,7 +356,7 @@ def place(rows: list[LaneStatus], fleet: dict[str, Any], host: str | None, insta
         r = LaneStatus(name, f"{LANE_UNIT_PREFIX}{name}{LANE_UNIT_SUFFIX}", rec["state"] != "disabled", 0,
                        remote=True, host=owner, host_status=hosts[owner]["status"],
                        in_flight=len(flying.get(name, ())), recorded_healthy=rec["healthy"],
-                       invocation_id=rec["invocation"] or "")
+                       invocation_id=rec["invocation"] or "", weight=rec.get("weight"))
         r.set_dispatch(view["views"].get(name))
         seen = view.get("units", {}).get(owner, {}).get(name)
         if seen:  # what its supervisor saw of the unit at its last lease renewal

@@ -41,14 +41,14 @@ def has_hosts(src: Source) -> bool:
     return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'hosts'").fetchone() is not None
 
 
-def has_column(src: Source, column: str) -> bool:
-    """Whether ``hosts`` has ``column`` (a later migration's: ``drained_at`` 0009, ``lane_units`` 0010), asked of
-    the catalog like :func:`has_hosts`."""
+def has_column(src: Source, column: str, table: str = "hosts") -> bool:
+    """Whether ``table`` has ``column`` (a later migration's: ``hosts.drained_at`` and ``lanes.spec`` 0009,
+    ``hosts.lane_units`` 0010), asked of the catalog like :func:`has_hosts`."""
     conn = _c(src)
     if getattr(conn, "dialect", None) == "postgresql":
         return conn.execute("SELECT 1 FROM information_schema.columns WHERE table_schema = current_schema() "
-                            "AND table_name = 'hosts' AND column_name = ?", (column,)).fetchone() is not None
-    return conn.execute("SELECT 1 FROM pragma_table_info('hosts') WHERE name = ?", (column,)).fetchone() is not None
+                            "AND table_name = ? AND column_name = ?", (table, column)).fetchone() is not None
+    return conn.execute("SELECT 1 FROM pragma_table_info(?) WHERE name = ?", (table, column)).fetchone() is not None
 
 
 def lane_units(src: Source) -> dict[str, dict[str, dict[str, Any]]]:
@@ -87,11 +87,21 @@ def in_flight(src: Source) -> dict[str, list[int]]:
 
 def lane_rows(src: Source) -> dict[str, dict[str, Any]]:
     """Lane -> what its supervisor last recorded of it: dispatch ``state``, ``healthy``, ``invocation`` (systemd's
-    InvocationID of its unit), ``updated_at`` and ``host``."""
+    InvocationID of its unit), ``updated_at``, ``host`` and ``weight`` (its lane file's, as its host published
+    it; None when not published)."""
     host = "host" if has_hosts(src) else "NULL"
-    rows = _c(src).execute(f"SELECT name, state, healthy, invocation, updated_at, {host} FROM lanes").fetchall()
+    spec = "spec" if has_column(src, "spec", "lanes") else "NULL"
+    rows = _c(src).execute(f"SELECT name, state, healthy, invocation, updated_at, {host}, {spec} FROM lanes").fetchall()
     return {r[0]: {"state": r[1], "healthy": None if r[2] is None else bool(r[2]), "invocation": r[3],
-                   "updated_at": r[4], "host": r[5]} for r in rows}
+                   "updated_at": r[4], "host": r[5], "weight": _spec_weight(r[6])} for r in rows}
+
+
+def _spec_weight(text: str | None) -> int | None:
+    try:
+        weight = json.loads(text).get("weight") if text else None
+    except (ValueError, AttributeError):
+        return None
+    return weight if isinstance(weight, int) and not isinstance(weight, bool) else None
 
 
 def status_of(state: str, heartbeat_at: float, lease_expires: float, now: float) -> str:

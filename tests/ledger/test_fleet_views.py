@@ -358,3 +358,15 @@ def test_work_bound_to_another_hosts_lane_is_not_stranded_until_that_host_is_for
     assert probe.stranded(led, here) == {}
     hosts.forget(led, "b", now=T0 + 2, who="ops")
     assert probe.stranded(led, here) == {"gamma": 1} and ms.get(led, m).state == "queued"
+
+
+def test_another_hosts_lane_shows_the_weight_its_host_published(backend, fleet) -> None:  # type: ignore[no-untyped-def]
+    led = backend.open()
+    now = led.clock()
+    hosts.register(led, "a", "inc-a", "boot", 1, now, LEASE, ["alpha", "beta"])
+    hosts.register(led, "b", "inc-b", "boot", 2, now, LEASE, ["gamma"],
+                   specs={"gamma": tick.lane_spec("gamma", fleet.lanes["gamma"])})
+    rows, _ = status_of(backend.location())
+    [gamma] = [r for r in rows if r.name == "gamma"]
+    assert gamma.remote and gamma.weight == fleet.lanes["gamma"].weight and not gamma.promoted
+    led.close()
