@@ -58,7 +58,12 @@ def _boot(request: pytest.FixtureRequest) -> Sandbox:
     if reason:
         pytest.skip(reason)
     _sigterm_as_interrupt()
-    sb = Sandbox(f"/tmp/sdbox/pytest-{os.getpid()}-{next(_serial)}")
+    # a state dir no other sandbox of this run uses: a module that imports this one as tests.systemd.conftest has
+    # a counter of its own (two sandboxes named alike: the first one's teardown would take the other down with it)
+    while True:
+        sb = Sandbox(f"/tmp/sdbox/pytest-{os.getpid()}-{next(_serial)}")
+        if not sb.state_dir.exists():
+            break
 
     def finish() -> None:
         sb.down()  # raises if anything of the sandbox is left: the state dir stays for inspection
