@@ -262,7 +262,9 @@ def reroute(ledger: Ledger, fleet: LaneSet, lane: str, to: str, *, now: float, c
     the fleet but still known to the ledger (removed or renamed with work bound to it): its sessions are then
     always moved, since nothing else could ever serve them. Either lane may run on another host (``host_of``).
     """
-    if lane not in fleet.lanes and spec_of(ledger.conn, lane)[0] is None:
+    owner = spec_of(ledger.conn, lane)[0]
+    if lane not in fleet.lanes and (owner is None or owner == getattr(fleet.settings, "host", None)):
+        # gone from this host's lanes.d/ (its spec may still be in the ledger): nobody else runs it
         if not known_in_ledger(ledger, lane):
             host_of(ledger, fleet, lane)  # NotFound, naming the known lanes
         sessions = True

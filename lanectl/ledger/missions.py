@@ -430,9 +430,14 @@ class _Fleet:
 
 def with_other_hosts(conn: Any, fleet: LaneSet) -> LaneSet:
     """``fleet`` and the lanes other hosts of the ledger run (their published specs), for a submit's checks:
-    ``--lane``, ``--tag`` and ``--session`` may name them (issue 13). The same fleet when there are none (SQLite)."""
+    ``--lane``, ``--tag`` and ``--session`` may name them (issue 13). Not this host's own lanes (one removed from
+    its lanes.d/ is gone, ``session_lane_gone``, even though its spec is still in the ledger), nor a forgotten
+    host's (nobody runs them). The same fleet when there are none (SQLite)."""
     other: dict[str, Any] = {}
-    for name, spec in conn.execute("SELECT name, spec FROM lanes WHERE host IS NOT NULL AND spec IS NOT NULL"):
+    here = getattr(fleet.settings, "host", None)
+    for name, spec in conn.execute("SELECT l.name, l.spec FROM lanes l JOIN hosts h ON h.name = l.host "
+                                   "WHERE l.spec IS NOT NULL AND h.state <> 'forgotten' AND l.host <> ?",
+                                   (here or "",)):
         if name not in fleet.lanes:
             doc = json.loads(spec)
             other[name] = _Published(list(doc["classes"]), list(doc.get("tags") or ()),
