@@ -161,6 +161,35 @@ def test_missions_only_b_can_take_run_on_b(host_a: Fleet, host_b: Fleet) -> None
 
 
 # ------------------------------------------------------------------------------------------ 5: the database restarts
+def test_a_second_machine_under_a_hosts_name_takes_nothing(request: pytest.FixtureRequest, tmp_path: Path,
+                                                          host_a: Fleet, host_b: Fleet, url: str) -> None:
+    """A third machine configured with host a's name (a copied lanectl.toml, a cloned image): its supervisor is
+    refused at start (exit 5, host_name_in_use, systemd retries it) while a holds its lease. a's record, its lanes
+    and its supervisor are untouched: same incarnation, not fenced, still claiming."""
+    before = hosts(host_b)["a"]
+    from tests.systemd.conftest import _boot
+
+    sb = _boot(request)
+    cfg = mh.host_config(tmp_path / "impostor", "a", {"imp1": lane_toml(8711, ["interactive"], 1)}, url, EXTRA,
+                         watchdog_sec=60)
+    imp = Fleet(sb, cfg)
+    code, doc = imp.json("install")
+    assert code == 0, doc
+    imp.lanectl("up")  # its supervisor cannot start: 'up' says so; what matters is what it did to the ledger
+    journal = lambda: sb.exec(["journalctl", "-u", SUP, "--no-pager"], check=False).stdout  # noqa: E731
+    wait_for(lambda: "host_name_in_use" in journal() or "up on another machine" in journal(), 60, interval=0.5,
+             what="the impostor's start to be refused")
+    assert "up on another machine" in journal(), journal()
+    after = hosts(host_b)["a"]
+    assert (after["incarnation"], after["state"], after["lanes"]) == (before["incarnation"], "up", before["lanes"])
+    assert "imp1" not in {ln for h in hosts(host_b).values() for ln in h["lanes"]}
+    assert not health(host_a).get("fenced"), health(host_a)
+    # a still claims: a mission only a's lanes can take (pinned) runs there
+    [m] = submit_many(host_b, [{"cls": "interactive", "lane": "a1", "argv": ["/bin/true"]}])
+    assert wait_terminal(host_b, [m], 60)[m] == "succeeded"
+    sb.exec(["systemctl", "stop", SUP], check=False)
+
+
 def test_postgresql_restarted_mid_run(host_a: Fleet, host_b: Fleet, pg_server) -> None:  # type: ignore[no-untyped-def]
     """A restart (``pg_ctl restart -m fast``) with missions in flight on both hosts: every mission ends once, no
     host is declared dead (the outage is shorter than the lease), neither supervisor is restarted."""
