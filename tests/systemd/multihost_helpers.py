@@ -16,11 +16,15 @@ SUP = "lanectl-supervisor.service"
 
 
 def start_host(request: pytest.FixtureRequest, tmp: Path, name: str, lanes: dict[str, str], url: str, extra: str,
-               *, watchdog_sec: float = 60, config: Path | None = None) -> Fleet:
+               *, watchdog_sec: float = 60, config: Path | None = None, machine_id: str | None = None) -> Fleet:
     """A host of its own: a new sandbox (torn down by the request's finalizer), its configuration (``config``: one
     written before, e.g. the same host's again after it was torn down; else a new one under ``tmp``), installed,
-    up, its lanes healthy."""
+    up, its lanes healthy. ``machine_id``: the supervisor's machine id to find on its disk (a machine that boots
+    again keeps /var/lib/lanectl, which the harness discards with a sandbox)."""
     sb = _boot(request)
+    if machine_id:
+        sb.exec(["install", "-D", "-m", "0644", "/dev/stdin", "/var/lib/lanectl/machine-id"], input=machine_id + "\n",
+                check=True)
     cfg = config or host_config(tmp / f"host-{name}", name, lanes, url, extra, watchdog_sec=watchdog_sec)
     f = up_fleet(sb, cfg)
     f.host = name  # type: ignore[attr-defined]
@@ -86,6 +90,13 @@ def supervisor_pid(f: Fleet) -> int:
 
 
 
+
+
+def overlay_machine_id(f: Fleet) -> str | None:
+    """The machine id a dead sandbox's supervisor kept (lanectl.supervisor.hostlease.machine_id), read from its /var
+    overlay like :func:`overlay_executions`."""
+    p = f.sb.state_dir / "run" / "ovl" / "var.upper" / "lib" / "lanectl" / "machine-id"
+    return p.read_text().strip() if p.is_file() else None
 
 
 def overlay_executions(f: Fleet, lanes: list[str], root: str = "/var/lib/lanes") -> list[dict[str, Any]]:

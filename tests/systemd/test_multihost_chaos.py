@@ -349,12 +349,14 @@ class Faults:
         h.up.clear()
         kill_sandbox(h.fleet.sb)
         h.evidence += mh.overlay_executions(h.fleet, h.lanes)
+        machine = mh.overlay_machine_id(h.fleet)  # its disk survives the power loss; the harness's /var does not
         self.record("teardown", h.name, "sandbox killed (PID 1 SIGKILL); back " +
                     ("after it was declared dead" if wait_reap else "at once"))
         if wait_reap:
             self.reaped(h, mark, at, "teardown")
         h.fleet.sb.down()
-        h.fleet = mh.start_host(self.request, self.tmp, h.name, LANES[h.name], self.url, EXTRA, config=h.config)
+        h.fleet = mh.start_host(self.request, self.tmp, h.name, LANES[h.name], self.url, EXTRA, config=h.config,
+                                machine_id=machine)
         h.up.set()
         say(f"  {h.name} booted again: incarnation {mh.health(h.fleet).get('incarnation')}")
 
