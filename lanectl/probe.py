@@ -293,7 +293,7 @@ def stranded(conn: Source, lanes: dict[str, Any]) -> dict[str, int]:
     gone = {t: n for t, n in reads.queued_targets(conn) if t not in lanes}
     if gone:
         owners = fleetview.lane_hosts(conn)
-        kept = {h["name"] for h in fleetview.hosts(conn, 0.0) if h["state"] != "forgotten"}
+        kept = {h["name"] for h in fleetview.hosts(conn, 0.0, flying={}, owners=owners) if h["state"] != "forgotten"}
         gone = {t: n for t, n in gone.items() if owners.get(t) not in kept}
     return gone
 
